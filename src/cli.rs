@@ -1,0 +1,5 @@
+//! CLI (stub, being written).
+
+pub fn main() -> std::process::ExitCode {
+    std::process::ExitCode::SUCCESS
+}

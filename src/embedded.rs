@@ -1,0 +1,1 @@
+//! Embedded redis-server (stub, being written).

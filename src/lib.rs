@@ -1,0 +1,31 @@
+//! agentplane: a multi-tenant, WebAssembly-sandboxed agent execution host with
+//! a Redis control plane.
+//!
+//! Decision is separated from execution. The control plane (Redis + Lua)
+//! decides which job runs where, who pays and what happens when a worker
+//! dies; worker hosts only execute what they were handed, under the limits
+//! they were handed, and may vanish at any instant.
+//!
+//! # Layout
+//! - [`model`]: the shared vocabulary — job states, error kinds, limits, usage.
+//! - [`control`]: the control plane. Owns every job/tenant transition, each one
+//!   an atomic Lua script from `lua/`, and the Redis key schema.
+//! - [`host`]: the Wasm host. Owns the wasmtime engine, admission of uploaded
+//!   components, the sandbox (WASI with nothing granted) and per-tenant limits.
+//! - [`context`]: the heavy-context cache. Owns the read-only, node-wide copy of
+//!   each tenant context (documents, embeddings, BM25 index, tool registry).
+//! - [`worker`]: the worker loop. Owns slots, claiming, lease renewal, draining.
+//! - [`scheduler`]: promotion of delayed jobs and the lease reaper.
+//! - [`api`]: the HTTP API (axum). Owns authentication, validation, JSON errors.
+//! - [`embedded`]: the `redis-server` that `serve` starts when given no `--redis`.
+//! - [`cli`]: command-line parsing and the client commands over the API.
+
+pub mod api;
+pub mod cli;
+pub mod context;
+pub mod control;
+pub mod embedded;
+pub mod host;
+pub mod model;
+pub mod scheduler;
+pub mod worker;

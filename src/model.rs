@@ -1,0 +1,258 @@
+//! The types every box shares: job states, error kinds, limits, usage and the
+//! job/tenant records the API returns. They serialize exactly as the contract
+//! (`CONTRACT.md` §3) spells them.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+
+/// Life cycle of a job (contract §3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Queued,
+    Delayed,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub const ALL: [JobState; 6] = [
+        JobState::Queued,
+        JobState::Delayed,
+        JobState::Running,
+        JobState::Succeeded,
+        JobState::Failed,
+        JobState::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Delayed => "delayed",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
+    /// Terminal states never change again.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled
+        )
+    }
+}
+
+impl fmt::Display for JobState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for JobState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        JobState::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| format!("unknown job state `{s}`"))
+    }
+}
+
+/// Why an attempt or a job failed (contract §3 "Error kinds").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// `run` returned `Err`: retried up to `max_attempts`.
+    AgentError,
+    /// The guest trapped (unreachable, out-of-bounds, stack overflow): retried.
+    Trap,
+    /// The attempt used its fuel: final.
+    FuelExhausted,
+    /// The instance or the tenant's node budget refused more memory: final.
+    MemoryLimit,
+    /// Wall-clock deadline: final.
+    Timeout,
+    /// Attempts lost to dead workers used up `max_attempts`.
+    LeaseExpired,
+    /// Cancelled by the tenant.
+    Cancelled,
+}
+
+impl ErrorKind {
+    pub const ALL: [ErrorKind; 7] = [
+        ErrorKind::AgentError,
+        ErrorKind::Trap,
+        ErrorKind::FuelExhausted,
+        ErrorKind::MemoryLimit,
+        ErrorKind::Timeout,
+        ErrorKind::LeaseExpired,
+        ErrorKind::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::AgentError => "agent_error",
+            ErrorKind::Trap => "trap",
+            ErrorKind::FuelExhausted => "fuel_exhausted",
+            ErrorKind::MemoryLimit => "memory_limit",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::LeaseExpired => "lease_expired",
+            ErrorKind::Cancelled => "cancelled",
+        }
+    }
+
+    /// Whether another attempt may succeed. Limits are final: running the
+    /// same code under the same limits would hit them again and bill again.
+    pub fn is_retryable(self) -> bool {
+        matches!(self, ErrorKind::AgentError | ErrorKind::Trap)
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for ErrorKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        ErrorKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| format!("unknown error kind `{s}`"))
+    }
+}
+
+/// Per-attempt resource limits. A tenant has defaults; a job may only lower them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Wasm fuel (roughly instructions) one attempt may burn.
+    pub fuel: u64,
+    /// Linear memory one instance may grow to.
+    pub memory_bytes: u64,
+    /// Wall-clock time one attempt may hold a slot.
+    pub timeout_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            fuel: 1_000_000_000,
+            memory_bytes: 64 << 20,
+            timeout_ms: 30_000,
+        }
+    }
+}
+
+/// What an attempt (or the whole job) consumed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub fuel: u64,
+    pub wall_ms: u64,
+    pub credits: i64,
+}
+
+/// `{"kind", "message"}` of a failed job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+/// A job as the API shows it (contract §3 "Job").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    pub id: String,
+    pub tenant: String,
+    pub state: JobState,
+    pub component: String,
+    pub attempts: u32,
+    pub output: Option<String>,
+    pub error: Option<JobError>,
+    pub usage: Usage,
+    pub created_at: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_id: Option<String>,
+    #[serde(default)]
+    pub gpus: u32,
+    #[serde(default)]
+    pub max_attempts: u32,
+}
+
+/// Tenant identifiers appear inside Redis keys and tokens, so they are kept
+/// to a small, unambiguous alphabet.
+pub fn valid_tenant_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+/// Agent ids and context names share the same bound: printable, no
+/// separators that could forge another key.
+pub fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.' || b == b'/'
+        })
+}
+
+/// Milliseconds since the Unix epoch, formatted as RFC 3339 UTC with milliseconds.
+pub fn rfc3339_ms(ms: u64) -> String {
+    let t = time::OffsetDateTime::UNIX_EPOCH + time::Duration::milliseconds(ms as i64);
+    let fmt = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    t.format(&fmt).unwrap_or_else(|_| ms.to_string())
+}
+
+/// The wall clock in ms since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_and_kinds_round_trip_through_their_names() {
+        for s in JobState::ALL {
+            assert_eq!(s.as_str().parse::<JobState>().unwrap(), s);
+            assert_eq!(serde_json::to_string(&s).unwrap(), format!("\"{s}\""));
+        }
+        for k in ErrorKind::ALL {
+            assert_eq!(k.as_str().parse::<ErrorKind>().unwrap(), k);
+        }
+        assert!("running2".parse::<JobState>().is_err());
+    }
+
+    #[test]
+    fn rfc3339_has_milliseconds() {
+        assert_eq!(rfc3339_ms(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339_ms(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
+    }
+
+    #[test]
+    fn tenant_ids_are_key_safe() {
+        assert!(valid_tenant_id("acme-01"));
+        assert!(!valid_tenant_id("Acme"));
+        assert!(!valid_tenant_id("a:b"));
+        assert!(!valid_tenant_id("a{b}"));
+        assert!(!valid_tenant_id(""));
+    }
+}

@@ -1,0 +1,1 @@
+//! Worker loop (stub, being written).
