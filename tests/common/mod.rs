@@ -1,0 +1,7 @@
+//! Helpers shared by the integration tests: real `redis-server` processes
+//! (standalone and cluster) started per test, and the guest components built
+//! from `guest-examples/`.
+#![allow(dead_code)]
+
+pub mod guests;
+pub mod redis;
