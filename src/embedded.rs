@@ -1,1 +1,252 @@
-//! Embedded redis-server (stub, being written).
+//! The `redis-server` that `serve` starts when it is given no `--redis`.
+//!
+//! It listens only on a unix socket inside the data dir (no TCP port, so
+//! nothing else on the machine can reach it), keeps an append-only file there
+//! (`appendfsync everysec`: a crash loses at most about one second of
+//! acknowledged writes) and is stopped with SIGTERM — which makes Redis flush
+//! the AOF — when `serve` exits.
+
+use anyhow::{Context, bail};
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How to get `redis-server` when it is missing.
+pub const INSTALL_HINT: &str = "redis-server was not found on PATH. Install it \
+(Debian/Ubuntu: `sudo apt-get install redis-server`; macOS: `brew install redis`) \
+or point agentplane at an existing Redis with `--redis redis://HOST:PORT`.";
+
+/// A running `redis-server` child.
+pub struct EmbeddedRedis {
+    child: Option<Child>,
+    /// The unix socket it listens on.
+    pub socket: PathBuf,
+    /// `redis+unix://` URL of the socket.
+    pub url: String,
+}
+
+impl EmbeddedRedis {
+    /// Starts `redis-server` with its data in `data_dir` and waits until it
+    /// answers PING.
+    pub fn start(data_dir: &Path) -> anyhow::Result<EmbeddedRedis> {
+        ensure_dir(data_dir)?;
+        let data_dir = data_dir
+            .canonicalize()
+            .with_context(|| format!("resolving {}", data_dir.display()))?;
+        let socket = data_dir.join("redis.sock");
+        // Unix socket paths are limited to ~107 bytes by the kernel.
+        if socket.as_os_str().len() > 100 {
+            bail!(
+                "the data dir path is too long for a unix socket ({}); use a shorter --data",
+                socket.display()
+            );
+        }
+        if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+            bail!(
+                "a Redis already listens on {} (another `agentplane serve` on this data dir?). \
+                 Stop it, or use it with --redis redis+unix://{}",
+                socket.display(),
+                socket.display()
+            );
+        }
+        let _ = std::fs::remove_file(&socket);
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--port", "0", "--unixsocket"])
+            .arg(&socket)
+            .args(["--unixsocketperm", "700"])
+            .args(["--appendonly", "yes", "--appendfsync", "everysec"])
+            // The AOF is the persistence; periodic RDB snapshots would only
+            // add fork pauses.
+            .args(["--save", ""])
+            .arg("--dir")
+            .arg(&data_dir)
+            .arg("--logfile")
+            .arg(data_dir.join("redis.log"))
+            .arg("--pidfile")
+            .arg(data_dir.join("redis.pid"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        // Its own process group: a Ctrl-C in the terminal reaches only us,
+        // so Redis stays up while the worker drains and releases its leases.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        die_with_parent(&mut cmd);
+        let child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!("{INSTALL_HINT}"),
+            Err(e) => return Err(e).context("starting redis-server"),
+        };
+        let url = format!("redis+unix://{}", socket.display());
+        let mut me = EmbeddedRedis {
+            child: Some(child),
+            socket,
+            url,
+        };
+        me.wait_ready(Duration::from_secs(30))?;
+        Ok(me)
+    }
+
+    fn wait_ready(&mut self, within: Duration) -> anyhow::Result<()> {
+        let start = Instant::now();
+        loop {
+            if let Some(c) = self.child.as_mut()
+                && let Some(status) = c.try_wait()?
+            {
+                self.child = None;
+                bail!(
+                    "redis-server exited at start ({status}); see {}",
+                    self.socket.with_file_name("redis.log").display()
+                );
+            }
+            if ping(&self.socket) {
+                return Ok(());
+            }
+            if start.elapsed() > within {
+                bail!("redis-server did not answer within {within:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM (Redis flushes the AOF and exits), then wait for it; SIGKILL
+    /// if it takes longer than 10 s.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let start = Instant::now();
+        loop {
+            match child.try_wait() {
+                Ok(Some(_)) => break,
+                Ok(None) if start.elapsed() < Duration::from_secs(10) => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+            }
+        }
+        tracing::info!("embedded redis-server stopped");
+    }
+}
+
+impl Drop for EmbeddedRedis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// If we die without stopping it (SIGKILL), the kernel sends the child
+/// SIGTERM, so it flushes the AOF and does not linger as an orphan.
+#[cfg(target_os = "linux")]
+fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs between fork and exec; prctl is
+    // async-signal-safe and the closure touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn die_with_parent(_cmd: &mut Command) {}
+
+/// A PING over the socket, in RESP, without a client library.
+fn ping(socket: &Path) -> bool {
+    use std::io::Read;
+    let Ok(mut s) = std::os::unix::net::UnixStream::connect(socket) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    if s.write_all(b"PING\r\n").is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 7];
+    s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+}
+
+/// Creates the data dir (mode 0700: it holds the admin token and the data).
+pub fn ensure_dir(dir: &Path) -> anyhow::Result<()> {
+    if !dir.exists() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+/// The admin token: `AGENTPLANE_ADMIN_TOKEN` if set, else the one in
+/// `<data>/admin-token`, generated (mode 0600) on first use. Answers the
+/// token and whether it came from the file.
+pub fn admin_token(data_dir: &Path) -> anyhow::Result<(String, Option<PathBuf>)> {
+    if let Ok(t) = std::env::var("AGENTPLANE_ADMIN_TOKEN")
+        && !t.trim().is_empty()
+    {
+        return Ok((t.trim().to_string(), None));
+    }
+    ensure_dir(data_dir)?;
+    let path = data_dir.join("admin-token");
+    match std::fs::read_to_string(&path) {
+        Ok(t) if !t.trim().is_empty() => return Ok((t.trim().to_string(), Some(path))),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+    let mut secret = [0u8; 32];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut secret);
+    let token = format!("admin.{}", hex::encode(secret));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    writeln!(f, "{token}")?;
+    f.sync_all()?;
+    Ok((token, Some(path)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admin_token_is_generated_once_and_private() {
+        let dir = tempfile::tempdir().unwrap();
+        if std::env::var("AGENTPLANE_ADMIN_TOKEN").is_ok() {
+            // The variable wins by design; nothing of the file to test.
+            return;
+        }
+        let (a, path) = admin_token(dir.path()).unwrap();
+        let path = path.unwrap();
+        let (b, _) = admin_token(dir.path()).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+
+    #[test]
+    fn embedded_redis_starts_persists_and_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = EmbeddedRedis::start(dir.path()).unwrap();
+        assert!(ping(&r.socket));
+        // A second start on the same dir is refused, not a second server.
+        assert!(EmbeddedRedis::start(dir.path()).is_err());
+        r.stop();
+        assert!(!ping(&r.socket));
+        assert!(dir.path().join("appendonlydir").exists());
+    }
+}

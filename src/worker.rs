@@ -1,1 +1,521 @@
-//! Worker loop (stub, being written).
+//! The worker loop: claims jobs from the control plane and runs them in the
+//! Wasm host, one slot per run.
+//!
+//! - Slots are a [`Semaphore`]; GPU slots a counter returned by a drop guard,
+//!   so a panicking run still gives its capacity back.
+//! - Beside each run a renew task extends the lease every `lease/3`. RENEW
+//!   answering `LeaseLost` stops the instance and the worker changes nothing
+//!   more (the job belongs to someone else now); `Cancelled` stops the
+//!   instance and finalizes the attempt as cancelled.
+//! - Shutdown: stop claiming, let runs finish for up to the drain timeout,
+//!   then stop the rest and RELEASE their leases, which puts the jobs back
+//!   in the queue uncharged.
+
+use crate::control::{AttemptOutcome, Claim, ControlPlane, CpError, Finalized, Finish, Lease};
+use crate::host::{Host, HostError, RunOutcome, RunReport, RunRequest};
+use crate::model::JobState;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+/// Settings of one worker process.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Stable-for-the-process identity shown in leases and logs.
+    pub id: String,
+    /// Runs at once.
+    pub slots: u32,
+    /// GPU slots this node offers.
+    pub gpus: u32,
+    /// How long running jobs may keep going after shutdown is asked.
+    pub drain_timeout: Duration,
+    /// Longest sleep between claims when the queues look empty (a wake-up
+    /// signal usually cuts it short).
+    pub idle_wait: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            id: worker_id(),
+            slots: std::thread::available_parallelism().map_or(2, |n| n.get() as u32),
+            gpus: 0,
+            drain_timeout: Duration::from_secs(30),
+            idle_wait: Duration::from_secs(1),
+        }
+    }
+}
+
+/// `hostname-pid-random`: unique per process even when a pid is reused
+/// after a restart on the same machine.
+pub fn worker_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "host".into());
+    let host: String = host
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!(
+        "{host}-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    )
+}
+
+/// What a run task reports back to the loop (for logs and tests).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunEnd {
+    /// FINALIZE accepted the attempt.
+    Finalized(Finalized),
+    /// The lease was lost: the attempt changed nothing.
+    LeaseLost,
+    /// Handed back to the queue (drain, or a transient failure before the run).
+    Released,
+    /// FINALIZE or RELEASE could not reach Redis; the reaper will recover it.
+    Abandoned,
+}
+
+struct Shared {
+    cfg: WorkerConfig,
+    control: ControlPlane,
+    host: Arc<Host>,
+    free_gpus: AtomicU32,
+}
+
+/// Returns GPU slots when a run ends, however it ends.
+struct GpuGuard {
+    shared: Arc<Shared>,
+    n: u32,
+}
+
+impl Drop for GpuGuard {
+    fn drop(&mut self) {
+        self.shared.free_gpus.fetch_add(self.n, Ordering::SeqCst);
+    }
+}
+
+/// A worker: owns its slots and its runs.
+pub struct Worker {
+    shared: Arc<Shared>,
+}
+
+impl Worker {
+    pub fn new(cfg: WorkerConfig, control: ControlPlane, host: Arc<Host>) -> Worker {
+        let gpus = cfg.gpus;
+        Worker {
+            shared: Arc::new(Shared {
+                cfg,
+                control,
+                host,
+                free_gpus: AtomicU32::new(gpus),
+            }),
+        }
+    }
+
+    /// Runs until `shutdown` is cancelled and the drain is over.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let shared = self.shared;
+        let cfg = &shared.cfg;
+        let slots = Arc::new(Semaphore::new(cfg.slots.max(1) as usize));
+        // Cancelled only when the drain timeout is over: stops what still runs.
+        let hard_stop = CancellationToken::new();
+        let mut runs: JoinSet<RunEnd> = JoinSet::new();
+        let mut backoff = Duration::from_millis(100);
+        tracing::info!(worker = %cfg.id, slots = cfg.slots, gpus = cfg.gpus, "worker started");
+
+        while !shutdown.is_cancelled() {
+            while let Some(done) = runs.try_join_next() {
+                log_join(done);
+            }
+            let free = slots.available_permits() as u32;
+            if free == 0 {
+                tokio::select! {
+                    done = runs.join_next() => {
+                        if let Some(done) = done {
+                            log_join(done);
+                        }
+                    }
+                    _ = shutdown.cancelled() => break,
+                }
+                continue;
+            }
+            let free_gpus = shared.free_gpus.load(Ordering::SeqCst);
+            // Not raced against shutdown: a CLAIM dropped mid-flight could
+            // have leased jobs nobody would run until the reaper noticed.
+            let t0 = Instant::now();
+            let claimed = shared.control.claim(&cfg.id, free, free_gpus).await;
+            metrics::histogram!("agentplane_claim_seconds").record(t0.elapsed().as_secs_f64());
+            let claims = match claimed {
+                Ok(c) => {
+                    backoff = Duration::from_millis(100);
+                    c
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "claim failed");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.cancelled() => break,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            if claims.is_empty() {
+                tokio::select! {
+                    r = shared.control.wait_for_work(cfg.idle_wait) => {
+                        if let Err(e) = r {
+                            tracing::debug!(error = %e, "wait_for_work failed");
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                    }
+                    done = runs.join_next(), if !runs.is_empty() => {
+                        if let Some(done) = done { log_join(done) }
+                    }
+                    _ = shutdown.cancelled() => {}
+                }
+                continue;
+            }
+            metrics::counter!("agentplane_claimed_total").increment(claims.len() as u64);
+            for claim in claims {
+                // CLAIM never hands out more than `free`, and only this loop
+                // takes permits, so this cannot fail; if it somehow does, the
+                // job is handed back rather than run over capacity.
+                let Ok(permit) = slots.clone().try_acquire_owned() else {
+                    tracing::error!(job = %claim.lease.job_id, "claimed beyond free slots");
+                    let _ = shared.control.release(&claim.lease).await;
+                    continue;
+                };
+                // Saturating: CLAIM respects `free_gpus`, but a control-plane
+                // bug must not wrap the counter into "billions free".
+                let _ = shared
+                    .free_gpus
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |g| {
+                        Some(g.saturating_sub(claim.gpus))
+                    });
+                let guard = GpuGuard {
+                    shared: shared.clone(),
+                    n: claim.gpus,
+                };
+                let shared = shared.clone();
+                let stop = hard_stop.child_token();
+                let span = tracing::info_span!(
+                    "run",
+                    job = %claim.lease.job_id,
+                    tenant = %claim.lease.tenant,
+                    attempt = claim.attempt
+                );
+                runs.spawn(
+                    async move {
+                        let end = run_claim(&shared, claim, stop).await;
+                        drop(guard);
+                        drop(permit);
+                        end
+                    }
+                    .instrument(span),
+                );
+            }
+        }
+
+        // Drain.
+        if !runs.is_empty() {
+            tracing::info!(running = runs.len(), timeout = ?cfg.drain_timeout, "draining");
+            let drained = tokio::time::timeout(cfg.drain_timeout, async {
+                while let Some(done) = runs.join_next().await {
+                    log_join(done);
+                }
+            })
+            .await;
+            if drained.is_err() {
+                tracing::info!(
+                    left = runs.len(),
+                    "drain timeout: stopping the remaining runs and releasing their jobs"
+                );
+                hard_stop.cancel();
+                while let Some(done) = runs.join_next().await {
+                    log_join(done);
+                }
+            }
+        }
+        tracing::info!(worker = %cfg.id, "worker stopped");
+        Ok(())
+    }
+}
+
+/// Runs a worker until `shutdown` is cancelled and its drain is over.
+pub async fn run_worker(
+    cfg: WorkerConfig,
+    control: ControlPlane,
+    host: Arc<Host>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    Worker::new(cfg, control, host).run(shutdown).await
+}
+
+fn log_join(done: Result<RunEnd, tokio::task::JoinError>) {
+    match done {
+        Ok(end) => tracing::debug!(?end, "run ended"),
+        Err(e) => tracing::error!(error = %e, "run task panicked"),
+    }
+}
+
+/// What the renew task learned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Held,
+    Lost,
+    Cancelled,
+}
+
+/// Renews `lease` every `lease/3` until `stop`; on `LeaseLost` or
+/// `Cancelled` cancels `run` and says which. If Redis cannot be reached for
+/// a whole lease, the lease has expired for sure: treated as lost.
+async fn renew_loop(
+    control: ControlPlane,
+    lease: Lease,
+    run: CancellationToken,
+    stop: CancellationToken,
+) -> Verdict {
+    let lease_len = Duration::from_millis(control.config().lease_ms.max(3));
+    let period = lease_len / 3;
+    let mut last_ok = Instant::now();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            _ = stop.cancelled() => return Verdict::Held,
+        }
+        match control.renew(&lease).await {
+            Ok(()) => {
+                last_ok = Instant::now();
+                metrics::counter!("agentplane_lease_renewals_total").increment(1);
+            }
+            Err(CpError::LeaseLost) => {
+                metrics::counter!("agentplane_lease_lost_total").increment(1);
+                tracing::warn!(job = %lease.job_id, "lease lost: stopping the run");
+                run.cancel();
+                return Verdict::Lost;
+            }
+            Err(CpError::Cancelled) => {
+                tracing::info!(job = %lease.job_id, "job cancelled: stopping the run");
+                run.cancel();
+                return Verdict::Cancelled;
+            }
+            Err(e) => {
+                tracing::warn!(job = %lease.job_id, error = %e, "renew failed");
+                if last_ok.elapsed() >= lease_len {
+                    metrics::counter!("agentplane_lease_lost_total").increment(1);
+                    run.cancel();
+                    return Verdict::Lost;
+                }
+            }
+        }
+    }
+}
+
+/// Loads what the claim needs from the host caches.
+async fn prepare(
+    shared: &Shared,
+    claim: &Claim,
+    cancel: CancellationToken,
+) -> Result<RunRequest, PrepError> {
+    let control = shared.control.clone();
+    let digest = claim.component.clone();
+    let component = shared
+        .host
+        .component(&claim.component, || async move {
+            control
+                .component_bytes(&digest)
+                .await
+                .map_err(anyhow::Error::from)
+        })
+        .await
+        .map_err(|e| match e {
+            HostError::NotFound(d) => PrepError::Fatal(format!("component {d} not found")),
+            HostError::Other(e) => PrepError::Transient(format!("loading the component: {e:#}")),
+        })?;
+    let mut contexts = Vec::with_capacity(claim.contexts.len());
+    for (name, digest) in &claim.contexts {
+        let control = shared.control.clone();
+        let d = digest.clone();
+        let ctx = shared
+            .host
+            .context(digest, || async move {
+                control
+                    .context_bytes(&d)
+                    .await?
+                    .ok_or_else(|| anyhow::anyhow!("context {d} not found"))
+            })
+            .await
+            .map_err(|e| PrepError::Transient(format!("loading context `{name}`: {e:#}")))?;
+        contexts.push((name.clone(), ctx));
+    }
+    Ok(RunRequest {
+        tenant: claim.lease.tenant.clone(),
+        job_id: claim.lease.job_id.clone(),
+        component,
+        input: claim.input.clone(),
+        limits: claim.limits,
+        contexts,
+        state: claim.state.clone(),
+        cancel,
+    })
+}
+
+enum PrepError {
+    /// Will not get better by retrying on this node soon (Redis hiccup,
+    /// cache pressure): give the job back uncharged.
+    Transient(String),
+    /// The job cannot run at all: fail the attempt.
+    Fatal(String),
+}
+
+/// One attempt, from claim to FINALIZE (or to giving the job back).
+async fn run_claim(shared: &Shared, claim: Claim, hard_stop: CancellationToken) -> RunEnd {
+    let lease = claim.lease.clone();
+    let tenant = lease.tenant.clone();
+    tracing::info!("claimed");
+
+    // `run` stops the instance: lease lost, cancelled, or the drain is over.
+    let run = hard_stop.child_token();
+    let renew_stop = CancellationToken::new();
+    let renewer = tokio::spawn(renew_loop(
+        shared.control.clone(),
+        lease.clone(),
+        run.clone(),
+        renew_stop.clone(),
+    ));
+
+    let started = Instant::now();
+    let report = match prepare(shared, &claim, run.clone()).await {
+        Ok(req) => shared.host.run(req).await,
+        Err(PrepError::Transient(msg)) => {
+            tracing::warn!(error = %msg, "could not prepare the run; releasing");
+            renew_stop.cancel();
+            let _ = renewer.await;
+            return release(shared, &lease).await;
+        }
+        Err(PrepError::Fatal(msg)) => RunReport {
+            outcome: RunOutcome::Failed {
+                kind: crate::model::ErrorKind::Trap,
+                message: msg,
+            },
+            fuel_used: 0,
+            wall_ms: started.elapsed().as_millis() as u64,
+            log: String::new(),
+            new_state: None,
+        },
+    };
+    renew_stop.cancel();
+    let verdict = renewer.await.unwrap_or(Verdict::Held);
+    metrics::histogram!("agentplane_run_seconds", "tenant" => tenant.clone())
+        .record(report.wall_ms as f64 / 1000.0);
+    metrics::counter!("agentplane_fuel_total", "tenant" => tenant.clone())
+        .increment(report.fuel_used);
+
+    let outcome = match (verdict, report.outcome) {
+        (Verdict::Lost, _) => {
+            // Someone else owns the job now; FINALIZE would be refused anyway.
+            tracing::warn!("lease lost; attempt discarded");
+            return RunEnd::LeaseLost;
+        }
+        (Verdict::Cancelled, _) => AttemptOutcome::Cancelled,
+        (Verdict::Held, RunOutcome::Interrupted) => {
+            // Only the drain's hard stop interrupts a run whose lease is held.
+            tracing::info!("stopped by shutdown; releasing");
+            return release(shared, &lease).await;
+        }
+        (Verdict::Held, RunOutcome::Ok(output)) => AttemptOutcome::Succeeded { output },
+        (Verdict::Held, RunOutcome::Failed { kind, message }) => {
+            AttemptOutcome::Failed { kind, message }
+        }
+    };
+    let finish = Finish {
+        outcome,
+        fuel: report.fuel_used,
+        wall_ms: report.wall_ms,
+        log: report.log,
+        new_state: report.new_state,
+    };
+    finalize(shared, &lease, &finish).await
+}
+
+/// FINALIZE, retried through transient Redis errors for up to one lease
+/// (after that the reaper owns the job and FINALIZE would be refused).
+async fn finalize(shared: &Shared, lease: &Lease, finish: &Finish) -> RunEnd {
+    let give_up = Instant::now() + Duration::from_millis(shared.control.config().lease_ms);
+    let mut pause = Duration::from_millis(50);
+    loop {
+        match shared.control.finalize(lease, finish).await {
+            Ok(f) => {
+                tracing::info!(result = ?f, "finalized");
+                record_terminal(shared, lease, &f).await;
+                return RunEnd::Finalized(f);
+            }
+            Err(CpError::LeaseLost) => {
+                metrics::counter!("agentplane_lease_lost_total").increment(1);
+                tracing::warn!("finalize refused: lease lost");
+                return RunEnd::LeaseLost;
+            }
+            Err(e) if Instant::now() < give_up => {
+                tracing::warn!(error = %e, "finalize failed; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "finalize failed; leaving it to the reaper");
+                return RunEnd::Abandoned;
+            }
+        }
+    }
+}
+
+/// Counts a job that reached a terminal state, with what it cost in all.
+async fn record_terminal(shared: &Shared, lease: &Lease, f: &Finalized) {
+    let state = match f {
+        Finalized::Succeeded => JobState::Succeeded,
+        Finalized::Failed => JobState::Failed,
+        Finalized::Cancelled => JobState::Cancelled,
+        Finalized::Retrying { .. } | Finalized::StateConflict => return,
+    };
+    metrics::counter!(
+        "agentplane_jobs_finished_total",
+        "tenant" => lease.tenant.clone(),
+        "state" => state.as_str()
+    )
+    .increment(1);
+    // The settled total is the control plane's to compute; read it back
+    // rather than re-deriving prices here.
+    if let Ok(Some(job)) = shared.control.job(&lease.tenant, &lease.job_id).await
+        && job.usage.credits > 0
+    {
+        metrics::counter!("agentplane_credits_total", "tenant" => lease.tenant.clone())
+            .increment(job.usage.credits as u64);
+    }
+}
+
+async fn release(shared: &Shared, lease: &Lease) -> RunEnd {
+    match shared.control.release(lease).await {
+        Ok(()) => {
+            metrics::counter!("agentplane_jobs_released_total").increment(1);
+            RunEnd::Released
+        }
+        Err(CpError::LeaseLost) => RunEnd::LeaseLost,
+        Err(e) => {
+            tracing::warn!(job = %lease.job_id, error = %e, "release failed; the reaper will requeue it");
+            RunEnd::Abandoned
+        }
+    }
+}

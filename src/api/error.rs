@@ -1,0 +1,140 @@
+//! The one error type of the HTTP API and its mapping to the contract's JSON
+//! body `{"error": {"code", "message"}}`.
+//!
+//! Messages that reach the client are written for the client. Internal causes
+//! (Redis errors, host failures) are logged with `tracing` and answered with a
+//! generic sentence, so no connection string, key name or stack detail leaks.
+
+use crate::control::CpError;
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+/// An error answer of the API.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 400: the request is malformed; the message names the field.
+    #[error("{0}")]
+    Invalid(String),
+    /// 400: the uploaded component was refused by admission.
+    #[error("{0}")]
+    InvalidComponent(String),
+    /// 401: no token, or a token that matches nothing.
+    #[error("missing or invalid bearer token")]
+    Unauthorized,
+    /// 403: a valid token without the right to this route.
+    #[error("{0}")]
+    Forbidden(&'static str),
+    /// 404: absent, or owned by another tenant (indistinguishable on purpose).
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    /// 402: the tenant's credits do not cover the job's reservation.
+    #[error("credits below the job's reservation")]
+    InsufficientCredits,
+    /// 409: `POST /v1/tenants` with an id that exists.
+    #[error("tenant already exists")]
+    TenantExists,
+    /// 413: a body or the job input is larger than allowed.
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    /// 405: the path exists with other methods.
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// 422: an `Idempotency-Key` reused with another body.
+    #[error("idempotency key was used with a different request body")]
+    IdempotencyConflict,
+    /// 429: the tenant's `max_queued` is reached.
+    #[error("the tenant's max_queued is reached; retry later")]
+    QueueFull,
+    /// 503: Redis is unreachable (cause logged, not shown).
+    #[error("the control plane is unavailable; retry later")]
+    Unavailable,
+    /// 500: anything else (cause logged, not shown).
+    #[error("internal error")]
+    Internal,
+}
+
+impl ApiError {
+    /// Status and contract code of this error.
+    pub fn parts(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+            ApiError::InvalidComponent(_) => (StatusCode::BAD_REQUEST, "invalid_component"),
+            ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::InsufficientCredits => (StatusCode::PAYMENT_REQUIRED, "insufficient_credits"),
+            ApiError::TenantExists => (StatusCode::CONFLICT, "tenant_exists"),
+            ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            ApiError::IdempotencyConflict => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_conflict")
+            }
+            ApiError::QueueFull => (StatusCode::TOO_MANY_REQUESTS, "queue_full"),
+            ApiError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+
+    /// Maps a control-plane error met while handling `what` (used in the
+    /// 404 message). Internal causes are logged here, once.
+    pub fn from_cp(err: CpError, what: &'static str) -> ApiError {
+        match err {
+            CpError::NotFound => ApiError::NotFound(what),
+            CpError::TenantExists => ApiError::TenantExists,
+            CpError::QueueFull => ApiError::QueueFull,
+            CpError::InsufficientCredits => ApiError::InsufficientCredits,
+            CpError::IdempotencyConflict => ApiError::IdempotencyConflict,
+            CpError::Invalid(msg) => ApiError::Invalid(msg),
+            CpError::Redis(e) => {
+                tracing::error!(error = %e, "redis error in API request");
+                ApiError::Unavailable
+            }
+            other @ (CpError::LeaseLost | CpError::Cancelled | CpError::Internal(_)) => {
+                tracing::error!(error = %other, "control-plane error in API request");
+                ApiError::Internal
+            }
+        }
+    }
+}
+
+impl From<CpError> for ApiError {
+    fn from(err: CpError) -> Self {
+        ApiError::from_cp(err, "resource")
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.parts();
+        let body = json!({"error": {"code": code, "message": self.to_string()}});
+        (status, Json(body)).into_response()
+    }
+}
+
+/// Result of a handler.
+pub type ApiResult<T> = Result<T, ApiError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redis_errors_do_not_leak() {
+        let e = redis::RedisError::from((
+            redis::ErrorKind::Io,
+            "connection refused",
+            "redis+unix:///secret/path".to_string(),
+        ));
+        let api = ApiError::from(CpError::Redis(e));
+        assert_eq!(
+            api.parts(),
+            (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+        );
+        assert!(!api.to_string().contains("secret"));
+        let api = ApiError::from(CpError::Internal("key ap:{0}:x".into()));
+        assert_eq!(api.parts().1, "internal");
+        assert!(!api.to_string().contains("ap:"));
+    }
+}

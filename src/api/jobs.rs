@@ -1,0 +1,434 @@
+//! `/v1/jobs`: submission (with idempotency), inspection with long-poll,
+//! logs, listing and cancellation.
+
+use super::auth::authenticate;
+use super::error::{ApiError, ApiResult};
+use super::{AppState, read_body, valid_digest};
+use crate::control::{JobRequest, SubmitSpec, TenantInfo};
+use crate::model::{Job, JobState, valid_name};
+use axum::Json;
+use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::header::CONTENT_TYPE;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Default `max_attempts` when the request names none.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+/// Upper bound of `max_attempts`: retries cost credits and queue space.
+pub const MAX_ATTEMPTS_CAP: u32 = 100;
+/// Upper bound of `delay_ms` (30 days): a typo of a few zeros should be
+/// refused, not parked forever.
+pub const MAX_DELAY_MS: u64 = 30 * 24 * 3600 * 1000;
+/// Upper bound of the contexts one job mounts.
+pub const MAX_CONTEXTS: usize = 32;
+/// `Idempotency-Key` length bound (it becomes part of a Redis key).
+pub const MAX_IDEMPOTENCY_KEY: usize = 255;
+/// `GET /v1/jobs` page sizes.
+pub const DEFAULT_PAGE: usize = 100;
+pub const MAX_PAGE: usize = 10_000;
+
+fn job_id_ok(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// Checks a request against the tenant's settings; names the field at fault.
+fn validate(req: &JobRequest, tenant: &TenantInfo, max_input: usize) -> ApiResult<()> {
+    if !valid_digest(&req.component) {
+        return Err(ApiError::Invalid(
+            "`component` must be a digest `sha256:<64 lowercase hex>`".into(),
+        ));
+    }
+    if req.input.len() > max_input {
+        return Err(ApiError::PayloadTooLarge(format!(
+            "`input` is larger than the limit of {max_input} bytes"
+        )));
+    }
+    if let Some(a) = &req.agent_id
+        && !valid_name(a)
+    {
+        return Err(ApiError::Invalid(
+            "`agent_id` must be 1-128 characters of letters, digits, `-`, `_`, `.` and `/`".into(),
+        ));
+    }
+    if req.contexts.len() > MAX_CONTEXTS {
+        return Err(ApiError::Invalid(format!(
+            "`contexts` may name at most {MAX_CONTEXTS} contexts"
+        )));
+    }
+    let mut seen = HashSet::new();
+    for c in &req.contexts {
+        if !valid_name(c) {
+            return Err(ApiError::Invalid(format!(
+                "`contexts` has an invalid name `{}`",
+                c.escape_default()
+            )));
+        }
+        if !seen.insert(c) {
+            return Err(ApiError::Invalid(format!("`contexts` names `{c}` twice")));
+        }
+    }
+    if req.gpus > tenant.max_gpus {
+        return Err(ApiError::Invalid(format!(
+            "`gpus` is {} but the tenant may use at most {}",
+            req.gpus, tenant.max_gpus
+        )));
+    }
+    if let Some(a) = req.max_attempts
+        && !(1..=MAX_ATTEMPTS_CAP).contains(&a)
+    {
+        return Err(ApiError::Invalid(format!(
+            "`max_attempts` must be between 1 and {MAX_ATTEMPTS_CAP}"
+        )));
+    }
+    for (name, asked, cap) in [
+        ("timeout_ms", req.timeout_ms, tenant.limits.timeout_ms),
+        ("fuel", req.fuel, tenant.limits.fuel),
+    ] {
+        match asked {
+            Some(0) => return Err(ApiError::Invalid(format!("`{name}` must be positive"))),
+            Some(v) if v > cap => {
+                return Err(ApiError::Invalid(format!(
+                    "`{name}` is {v} but the tenant's limit is {cap}; a job may only lower it"
+                )));
+            }
+            _ => {}
+        }
+    }
+    if req.delay_ms > MAX_DELAY_MS {
+        return Err(ApiError::Invalid(format!(
+            "`delay_ms` must be at most {MAX_DELAY_MS}"
+        )));
+    }
+    Ok(())
+}
+
+fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
+    let Some(v) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let bad = || {
+        ApiError::Invalid(format!(
+            "`Idempotency-Key` must be 1-{MAX_IDEMPOTENCY_KEY} printable ASCII characters"
+        ))
+    };
+    let s = v.to_str().map_err(|_| bad())?;
+    if s.is_empty() || s.len() > MAX_IDEMPOTENCY_KEY || !s.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(bad());
+    }
+    Ok(Some(s.to_string()))
+}
+
+/// `POST /v1/jobs` → 201 `{"id","state"}`, or 200 for an idempotent replay.
+pub(super) async fn submit(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let caller = authenticate(&state, &headers).await?;
+    let tenant = caller.tenant()?.to_string();
+    let idem = idempotency_key(&headers)?;
+    let cfg = state.config();
+    let bytes = read_body(&headers, body, cfg.max_job_body_bytes(), "the job body").await?;
+    let req: JobRequest = super::parse_json(&bytes)?;
+    let cp = state.control();
+    let info = cp
+        .tenant(&tenant)
+        .await
+        .map_err(|e| ApiError::from_cp(e, "tenant"))?
+        // The token was valid a moment ago; the tenant is gone only if it
+        // was deleted in between.
+        .ok_or(ApiError::Unauthorized)?;
+    validate(&req, &info, cfg.max_input_bytes)?;
+    cp.component_meta(&tenant, &req.component)
+        .await
+        .map_err(|e| ApiError::from_cp(e, "component"))?
+        .ok_or(ApiError::NotFound("component"))?;
+    let mut contexts = Vec::with_capacity(req.contexts.len());
+    for name in &req.contexts {
+        let meta = cp
+            .context_meta(&tenant, name)
+            .await
+            .map_err(|e| ApiError::from_cp(e, "context"))?
+            .ok_or(ApiError::NotFound("context"))?;
+        contexts.push((name.clone(), meta.digest));
+    }
+    let spec = SubmitSpec {
+        component: req.component,
+        input: req.input,
+        agent_id: req.agent_id,
+        contexts,
+        gpus: req.gpus,
+        max_attempts: req.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS),
+        timeout_ms: req.timeout_ms,
+        fuel: req.fuel,
+        delay_ms: req.delay_ms,
+        // The raw body is hashed, so a replay must repeat it byte for byte.
+        idempotency: idem.map(|k| (k, hex::encode(Sha256::digest(&bytes)))),
+    };
+    let submitted = cp
+        .submit(&tenant, &spec)
+        .await
+        .map_err(|e| ApiError::from_cp(e, "job"))?;
+    let status = if submitted.created {
+        metrics::counter!("agentplane_jobs_submitted_total", "tenant" => tenant.clone())
+            .increment(1);
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((
+        status,
+        Json(json!({"id": submitted.id, "state": submitted.state})),
+    ))
+}
+
+async fn fetch_job(state: &AppState, tenant: &str, id: &str) -> ApiResult<Job> {
+    if !job_id_ok(id) {
+        return Err(ApiError::NotFound("job"));
+    }
+    state
+        .control()
+        .job(tenant, id)
+        .await
+        .map_err(|e| ApiError::from_cp(e, "job"))?
+        .ok_or(ApiError::NotFound("job"))
+}
+
+fn query_map(
+    q: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> ApiResult<HashMap<String, String>> {
+    q.map(|Query(m)| m)
+        .map_err(|e| ApiError::Invalid(format!("invalid query string: {e}")))
+}
+
+fn only_params(q: &HashMap<String, String>, allowed: &[&str]) -> ApiResult<()> {
+    for k in q.keys() {
+        if !allowed.contains(&k.as_str()) {
+            return Err(ApiError::Invalid(format!(
+                "unknown query parameter `{k}`; expected one of: {}",
+                allowed.join(", ")
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// `GET /v1/jobs/{id}?wait=SECONDS`: the job, held until it is terminal or
+/// the wait (capped) is over.
+pub(super) async fn get(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> ApiResult<Json<Job>> {
+    let caller = authenticate(&state, &headers).await?;
+    let tenant = caller.tenant()?;
+    let q = query_map(query)?;
+    only_params(&q, &["wait"])?;
+    let wait = match q.get("wait") {
+        None => Duration::ZERO,
+        Some(s) => {
+            let secs: f64 = s
+                .parse()
+                .ok()
+                .filter(|v: &f64| v.is_finite() && *v >= 0.0)
+                .ok_or_else(|| {
+                    ApiError::Invalid("`wait` must be a non-negative number of seconds".into())
+                })?;
+            Duration::from_secs_f64(secs.min(state.config().max_wait.as_secs_f64()))
+        }
+    };
+    let deadline = Instant::now() + wait;
+    loop {
+        let job = fetch_job(&state, tenant, &id).await?;
+        let now = Instant::now();
+        if job.state.is_terminal() || now >= deadline {
+            return Ok(Json(job));
+        }
+        let step = state.config().wait_poll.min(deadline - now);
+        tokio::time::sleep(step).await;
+    }
+}
+
+/// `GET /v1/jobs/{id}/log`: the last attempt's log as `text/plain`.
+pub(super) async fn log(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    let caller = authenticate(&state, &headers).await?;
+    let tenant = caller.tenant()?;
+    if !job_id_ok(&id) {
+        return Err(ApiError::NotFound("job"));
+    }
+    let text = state
+        .control()
+        .job_log(tenant, &id)
+        .await
+        .map_err(|e| ApiError::from_cp(e, "job"))?
+        .ok_or(ApiError::NotFound("job"))?;
+    Ok(([(CONTENT_TYPE, "text/plain; charset=utf-8")], text))
+}
+
+/// `POST /v1/jobs/{id}/cancel` → `{"id","state"}`.
+pub(super) async fn cancel(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let caller = authenticate(&state, &headers).await?;
+    let tenant = caller.tenant()?;
+    if !job_id_ok(&id) {
+        return Err(ApiError::NotFound("job"));
+    }
+    let answered = state
+        .control()
+        .cancel(tenant, &id)
+        .await
+        .map_err(|e| ApiError::from_cp(e, "job"))?;
+    // Answer the state as it is now (`cancelled` for a job that was waiting,
+    // `running` for one that stops at its next lease check), whatever the
+    // script reported.
+    let now = match state.control().job(tenant, &id).await {
+        Ok(Some(job)) => job.state,
+        _ => match answered {
+            JobState::Queued | JobState::Delayed => JobState::Cancelled,
+            other => other,
+        },
+    };
+    Ok(Json(json!({"id": id, "state": now})))
+}
+
+/// `GET /v1/jobs?state=&limit=&cursor=` → `{"jobs":[…],"next_cursor"}`.
+pub(super) async fn list(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> ApiResult<Json<Value>> {
+    let caller = authenticate(&state, &headers).await?;
+    let tenant = caller.tenant()?;
+    let q = query_map(query)?;
+    only_params(&q, &["state", "limit", "cursor"])?;
+    let st = match q.get("state").filter(|s| !s.is_empty()) {
+        None => None,
+        Some(s) => Some(s.parse::<JobState>().map_err(|_| {
+            ApiError::Invalid(
+                "`state` must be one of queued, delayed, running, succeeded, failed, cancelled"
+                    .into(),
+            )
+        })?),
+    };
+    let limit = match q.get("limit") {
+        None => DEFAULT_PAGE,
+        Some(s) => s
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=MAX_PAGE).contains(n))
+            .ok_or_else(|| {
+                ApiError::Invalid(format!("`limit` must be an integer from 1 to {MAX_PAGE}"))
+            })?,
+    };
+    let cursor = q.get("cursor").filter(|s| !s.is_empty());
+    if let Some(c) = cursor
+        && !job_id_ok(c)
+    {
+        return Err(ApiError::Invalid("`cursor` is not a job id".into()));
+    }
+    let (jobs, next) = state
+        .control()
+        .list_jobs(tenant, st, limit, cursor.map(String::as_str))
+        .await
+        .map_err(|e| ApiError::from_cp(e, "job"))?;
+    Ok(Json(json!({"jobs": jobs, "next_cursor": next})))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::Credits;
+    use crate::model::Limits;
+
+    fn tenant() -> TenantInfo {
+        TenantInfo {
+            id: "t".into(),
+            weight: 1,
+            max_running: 10,
+            max_queued: 10,
+            max_gpus: 1,
+            limits: Limits::default(),
+            credits: Credits {
+                balance: 0,
+                reserved: 0,
+            },
+            running: 0,
+            queued: 0,
+            gpus_in_use: 0,
+            granted: 0,
+            settled: 0,
+        }
+    }
+
+    fn req() -> JobRequest {
+        serde_json::from_value(json!({
+            "component": format!("sha256:{}", "0".repeat(64)),
+            "input": "hi",
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_job_may_only_lower_the_tenants_limits() {
+        let t = tenant();
+        assert!(validate(&req(), &t, 10).is_ok());
+        let mut r = req();
+        r.fuel = Some(t.limits.fuel + 1);
+        let e = validate(&r, &t, 10).unwrap_err();
+        assert!(e.to_string().contains("`fuel`"), "{e}");
+        let mut r = req();
+        r.timeout_ms = Some(t.limits.timeout_ms);
+        assert!(validate(&r, &t, 10).is_ok());
+        let mut r = req();
+        r.gpus = 2;
+        assert!(
+            validate(&r, &t, 10)
+                .unwrap_err()
+                .to_string()
+                .contains("`gpus`")
+        );
+        let mut r = req();
+        r.input = "x".repeat(11);
+        assert!(matches!(
+            validate(&r, &t, 10).unwrap_err(),
+            ApiError::PayloadTooLarge(_)
+        ));
+        let mut r = req();
+        r.component = "sha256:nothex".into();
+        assert!(
+            validate(&r, &t, 10)
+                .unwrap_err()
+                .to_string()
+                .contains("`component`")
+        );
+        let mut r = req();
+        r.contexts = vec!["a".into(), "a".into()];
+        assert!(validate(&r, &t, 10).is_err());
+    }
+
+    #[test]
+    fn unknown_job_fields_are_named() {
+        let e = super::super::parse_json::<JobRequest>(br#"{"component":"x","input":"","gpu":1}"#)
+            .unwrap_err();
+        assert!(e.to_string().contains("`gpu`"), "{e}");
+    }
+}

@@ -1,0 +1,75 @@
+//! Prometheus exposition. Every part of the process records with the
+//! `metrics` macros; this module installs the one global recorder and renders
+//! it at `GET /metrics`.
+//!
+//! Names (all prefixed `agentplane_`):
+//! - `jobs_submitted_total{tenant}`, `jobs_finished_total{tenant,state}`
+//!   (terminal states as workers settle them), `jobs_released_total`
+//! - `claim_seconds` (CLAIM round trip), `claimed_total`
+//! - `run_seconds{tenant}` (wall time of an attempt), `fuel_total{tenant}`,
+//!   `credits_total{tenant}` (settled credits of finished jobs)
+//! - `lease_renewals_total`, `lease_lost_total`, `scheduler_moved_total{step}`
+
+use super::AppState;
+use axum::extract::State;
+use axum::http::header::CONTENT_TYPE;
+use axum::response::IntoResponse;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use std::sync::OnceLock;
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the Prometheus recorder once per process. A second call (tests
+/// build many apps in one process) answers the first handle; if another
+/// recorder was installed by someone else, metrics are not exposed.
+pub fn install_metrics() -> Option<PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| match PrometheusBuilder::new().install_recorder() {
+            Ok(h) => Some(h),
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics recorder not installed");
+                None
+            }
+        })
+        .clone()
+}
+
+pub(super) fn handle() -> Option<PrometheusHandle> {
+    install_metrics()
+}
+
+pub(super) async fn render(State(state): State<AppState>) -> impl IntoResponse {
+    let text = match &state.inner.metrics {
+        Some(h) => {
+            // Upkeep drains histogram buffers; the scrape is a natural,
+            // bounded moment to do it.
+            h.run_upkeep();
+            h.render()
+        }
+        None => String::new(),
+    };
+    ([(CONTENT_TYPE, "text/plain; version=0.0.4")], text)
+}
+
+/// `/metrics` and `/healthz` alone, for processes without the API (`worker`,
+/// `scheduler`) so every part of a deployment can be scraped.
+pub fn metrics_app() -> axum::Router {
+    let handle = install_metrics();
+    axum::Router::new()
+        .route("/healthz", axum::routing::get(|| async { "ok\n" }))
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let handle = handle.clone();
+                async move {
+                    let text = handle
+                        .map(|h| {
+                            h.run_upkeep();
+                            h.render()
+                        })
+                        .unwrap_or_default();
+                    ([(CONTENT_TYPE, "text/plain; version=0.0.4")], text)
+                }
+            }),
+        )
+}

@@ -1,0 +1,184 @@
+//! `/v1/tenants`: creation, inspection, quota changes and credit grants.
+
+use super::auth::{Caller, authenticate, new_tenant_token, token_hash};
+use super::error::{ApiError, ApiResult};
+use super::{AppState, check_keys, read_body};
+use crate::control::{LimitsPatch, TenantPatch, TenantSpec};
+use crate::model::valid_tenant_id;
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use serde_json::{Value, json};
+
+/// Admin bodies are small; 64 KiB is plenty and bounds a hostile one.
+const MAX_ADMIN_BODY: usize = 64 << 10;
+
+const SPEC_KEYS: &[&str] = &[
+    "id",
+    "weight",
+    "credits",
+    "max_running",
+    "max_queued",
+    "max_gpus",
+    "limits",
+];
+const PATCH_KEYS: &[&str] = &["weight", "max_running", "max_queued", "max_gpus", "limits"];
+const LIMIT_KEYS: &[&str] = &["fuel", "memory_bytes", "timeout_ms"];
+
+fn parse_value(bytes: &[u8]) -> ApiResult<Value> {
+    super::parse_json(bytes)
+}
+
+fn check_limits(value: &Value) -> ApiResult<()> {
+    if let Some(l) = value.get("limits").filter(|l| !l.is_null()) {
+        check_keys(l, LIMIT_KEYS, "`limits`")?;
+    }
+    Ok(())
+}
+
+fn validate_limits(l: &Option<LimitsPatch>) -> ApiResult<()> {
+    if let Some(l) = l {
+        for (name, v) in [
+            ("limits.fuel", l.fuel),
+            ("limits.memory_bytes", l.memory_bytes),
+            ("limits.timeout_ms", l.timeout_ms),
+        ] {
+            if v == Some(0) {
+                return Err(ApiError::Invalid(format!("`{name}` must be positive")));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn validate_weight(w: Option<u32>) -> ApiResult<()> {
+    if w == Some(0) {
+        return Err(ApiError::Invalid(
+            "`weight` must be at least 1 (a zero weight would never run)".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// `POST /v1/tenants` (admin) → 201 `{"id","token"}`.
+pub(super) async fn create(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    authenticate(&state, &headers).await?.admin()?;
+    let bytes = read_body(&headers, body, MAX_ADMIN_BODY, "the tenant body").await?;
+    let value = parse_value(&bytes)?;
+    check_keys(&value, SPEC_KEYS, "the tenant body")?;
+    check_limits(&value)?;
+    let spec: TenantSpec = serde_json::from_value(value)
+        .map_err(|e| ApiError::Invalid(format!("invalid tenant body: {e}")))?;
+    if !valid_tenant_id(&spec.id) {
+        return Err(ApiError::Invalid(
+            "`id` must be 1-64 characters of a-z, 0-9, `-` and `_`".into(),
+        ));
+    }
+    validate_weight(Some(spec.weight))?;
+    validate_limits(&spec.limits)?;
+    if spec.credits < 0 {
+        return Err(ApiError::Invalid("`credits` must not be negative".into()));
+    }
+    let token = new_tenant_token(&spec.id);
+    state
+        .control()
+        .create_tenant(&spec, &token_hash(&token))
+        .await
+        .map_err(|e| ApiError::from_cp(e, "tenant"))?;
+    tracing::info!(tenant = %spec.id, "tenant created");
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"id": spec.id, "token": token})),
+    ))
+}
+
+/// `GET /v1/tenants/{id}` (admin, or that tenant).
+pub(super) async fn get(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let caller = authenticate(&state, &headers).await?;
+    if let Caller::Tenant(t) = &caller
+        && *t != id
+    {
+        // Another tenant's existence is not revealed.
+        return Err(ApiError::NotFound("tenant"));
+    }
+    let info = state
+        .control()
+        .tenant(&id)
+        .await
+        .map_err(|e| ApiError::from_cp(e, "tenant"))?
+        .ok_or(ApiError::NotFound("tenant"))?;
+    Ok(Json(
+        serde_json::to_value(info).map_err(|_| ApiError::Internal)?,
+    ))
+}
+
+/// `PATCH /v1/tenants/{id}` (admin) → the updated tenant.
+pub(super) async fn patch(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Body,
+) -> ApiResult<Json<Value>> {
+    authenticate(&state, &headers).await?.admin()?;
+    let bytes = read_body(&headers, body, MAX_ADMIN_BODY, "the patch body").await?;
+    let value = parse_value(&bytes)?;
+    check_keys(&value, PATCH_KEYS, "the patch body")?;
+    check_limits(&value)?;
+    let patch: TenantPatch = serde_json::from_value(value)
+        .map_err(|e| ApiError::Invalid(format!("invalid patch body: {e}")))?;
+    validate_weight(patch.weight)?;
+    validate_limits(&patch.limits)?;
+    if !valid_tenant_id(&id) {
+        return Err(ApiError::NotFound("tenant"));
+    }
+    state
+        .control()
+        .update_tenant(&id, &patch)
+        .await
+        .map_err(|e| ApiError::from_cp(e, "tenant"))?;
+    let info = state
+        .control()
+        .tenant(&id)
+        .await
+        .map_err(|e| ApiError::from_cp(e, "tenant"))?
+        .ok_or(ApiError::NotFound("tenant"))?;
+    Ok(Json(
+        serde_json::to_value(info).map_err(|_| ApiError::Internal)?,
+    ))
+}
+
+/// `POST /v1/tenants/{id}/credits` (admin), body `{"amount": n}` →
+/// `{"id","balance"}`.
+pub(super) async fn credits(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Body,
+) -> ApiResult<Json<Value>> {
+    authenticate(&state, &headers).await?.admin()?;
+    let bytes = read_body(&headers, body, MAX_ADMIN_BODY, "the credits body").await?;
+    let value = parse_value(&bytes)?;
+    check_keys(&value, &["amount"], "the credits body")?;
+    let amount = value
+        .get("amount")
+        .and_then(Value::as_i64)
+        .ok_or_else(|| ApiError::Invalid("`amount` must be an integer".into()))?;
+    if !valid_tenant_id(&id) {
+        return Err(ApiError::NotFound("tenant"));
+    }
+    let balance = state
+        .control()
+        .grant_credits(&id, amount)
+        .await
+        .map_err(|e| ApiError::from_cp(e, "tenant"))?;
+    Ok(Json(json!({"id": id, "balance": balance})))
+}

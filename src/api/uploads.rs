@@ -1,0 +1,150 @@
+//! `/v1/components` and `/v1/contexts`: uploads of a tenant's code and heavy
+//! context. Both are content-addressed; the metadata is per tenant, so a
+//! tenant only ever sees what it uploaded itself.
+
+use super::auth::authenticate;
+use super::error::{ApiError, ApiResult};
+use super::{AppState, check_keys, read_body, valid_digest};
+use crate::context::{ContextError, ContextUpload, encode};
+use crate::control::ContextMeta;
+use crate::model::valid_name;
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use serde_json::{Value, json};
+
+/// `POST /v1/components`: raw bytes → 201 `{"digest","size",…}`.
+pub(super) async fn push_component(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let caller = authenticate(&state, &headers).await?;
+    let tenant = caller.tenant()?.to_string();
+    let limit = state.config().max_component_bytes;
+    let bytes = read_body(&headers, body, limit, "the component").await?;
+    // Admission parses (and may compile) the component: CPU work that must
+    // not stall the async workers serving other requests.
+    let host = state.host().clone();
+    let admitted = {
+        let bytes = bytes.clone();
+        tokio::task::spawn_blocking(move || host.admit(&bytes))
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "admission task failed");
+                ApiError::Internal
+            })?
+    }
+    .map_err(|e| ApiError::InvalidComponent(format!("component refused: {e}")))?;
+    let meta = state
+        .control()
+        .put_component(&tenant, &admitted.digest, &bytes)
+        .await
+        .map_err(|e| ApiError::from_cp(e, "component"))?;
+    tracing::info!(%tenant, digest = %meta.digest, size = meta.size, "component stored");
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::to_value(meta).map_err(|_| ApiError::Internal)?),
+    ))
+}
+
+/// `GET /v1/components/{digest}`: metadata, 404 unless this tenant uploaded it.
+pub(super) async fn get_component(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(digest): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let caller = authenticate(&state, &headers).await?;
+    let tenant = caller.tenant()?;
+    if !valid_digest(&digest) {
+        return Err(ApiError::NotFound("component"));
+    }
+    let meta = state
+        .control()
+        .component_meta(tenant, &digest)
+        .await
+        .map_err(|e| ApiError::from_cp(e, "component"))?
+        .ok_or(ApiError::NotFound("component"))?;
+    Ok(Json(
+        serde_json::to_value(meta).map_err(|_| ApiError::Internal)?,
+    ))
+}
+
+/// `POST /v1/contexts`: JSON upload → 201 `{"name","digest","documents","dim"}`.
+pub(super) async fn push_context(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let caller = authenticate(&state, &headers).await?;
+    let tenant = caller.tenant()?.to_string();
+    let limit = state.config().max_context_bytes;
+    let bytes = read_body(&headers, body, limit, "the context").await?;
+    // Parsing and indexing up to hundreds of MiB is CPU work: off the
+    // async workers.
+    let encoded = tokio::task::spawn_blocking(move || -> ApiResult<_> {
+        let value: Value = super::parse_json(&bytes)?;
+        check_keys(&value, &["name", "documents", "tools"], "the context body")?;
+        let upload: ContextUpload = serde_json::from_value(value)
+            .map_err(|e| ApiError::Invalid(format!("invalid context body: {e}")))?;
+        if !valid_name(&upload.name) {
+            return Err(ApiError::Invalid(
+                "`name` must be 1-128 characters of letters, digits, `-`, `_`, `.` and `/`".into(),
+            ));
+        }
+        let encoded = encode(&upload).map_err(|e| match e {
+            ContextError::Invalid(m) | ContextError::Corrupt(m) => ApiError::Invalid(m),
+        })?;
+        Ok((upload.name, encoded))
+    })
+    .await
+    .map_err(|e| {
+        tracing::error!(error = %e, "context encoding task failed");
+        ApiError::Internal
+    })?;
+    let (name, encoded) = encoded?;
+    let meta = ContextMeta {
+        name,
+        digest: encoded.digest.clone(),
+        documents: encoded.documents as u64,
+        dim: encoded.dim as u64,
+    };
+    state
+        .control()
+        .put_context(&tenant, &meta, &encoded.bytes)
+        .await
+        .map_err(|e| ApiError::from_cp(e, "context"))?;
+    tracing::info!(%tenant, name = %meta.name, digest = %meta.digest, "context stored");
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "name": meta.name,
+            "digest": meta.digest,
+            "documents": meta.documents,
+            "dim": meta.dim,
+        })),
+    ))
+}
+
+/// `GET /v1/contexts/{name}`: metadata of this tenant's context.
+pub(super) async fn get_context(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let caller = authenticate(&state, &headers).await?;
+    let tenant = caller.tenant()?;
+    if !valid_name(&name) {
+        return Err(ApiError::NotFound("context"));
+    }
+    let meta = state
+        .control()
+        .context_meta(tenant, &name)
+        .await
+        .map_err(|e| ApiError::from_cp(e, "context"))?
+        .ok_or(ApiError::NotFound("context"))?;
+    Ok(Json(
+        serde_json::to_value(meta).map_err(|_| ApiError::Internal)?,
+    ))
+}

@@ -1,5 +1,0 @@
-//! CLI (stub, being written).
-
-pub fn main() -> std::process::ExitCode {
-    std::process::ExitCode::SUCCESS
-}

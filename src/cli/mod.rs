@@ -1,0 +1,270 @@
+//! Command-line interface (contract §4): the server parts (`serve`, `worker`,
+//! `api`, `scheduler`) and the client commands over the HTTP API.
+
+mod client;
+mod server;
+
+use clap::{Args, Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// agentplane: run tenants' WebAssembly agents under limits, with a Redis
+/// control plane.
+#[derive(Debug, Parser)]
+#[command(name = "agentplane", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Every subcommand.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// API, scheduler, reaper and a worker in one process; starts its own
+    /// redis-server (unix socket, AOF on) unless given `--redis`.
+    Serve(ServeArgs),
+    /// A worker only: claims and runs jobs.
+    Worker(WorkerArgs),
+    /// The HTTP API only.
+    Api(ApiArgs),
+    /// Promotion of delayed jobs and the lease reaper only.
+    Scheduler(SchedulerArgs),
+    /// Tenants (admin token).
+    #[command(subcommand)]
+    Tenant(client::TenantCmd),
+    /// Components (tenant token).
+    #[command(subcommand)]
+    Component(client::ComponentCmd),
+    /// Contexts (tenant token).
+    #[command(subcommand)]
+    Context(client::ContextCmd),
+    /// Jobs (tenant token).
+    #[command(subcommand)]
+    Job(client::JobCmd),
+}
+
+/// Control-plane settings every process of one deployment must agree on.
+#[derive(Debug, Clone, Args)]
+pub struct ControlArgs {
+    /// Tenants are spread over this many hash-tagged shards (Redis Cluster).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16384))]
+    pub shards: u32,
+    /// Prefix of every Redis key.
+    #[arg(long, default_value = "ap")]
+    pub prefix: String,
+}
+
+/// The lease length.
+#[derive(Debug, Clone, Args)]
+pub struct LeaseArgs {
+    /// Lease length in ms: a dead worker's job runs again within about this.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(100..))]
+    pub lease_ms: u64,
+}
+
+/// Worker slots.
+#[derive(Debug, Clone, Args)]
+pub struct SlotArgs {
+    /// Jobs run at once (default: the number of CPUs).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub slots: Option<u32>,
+    /// GPU slots this node offers to jobs that ask for GPUs.
+    #[arg(long, default_value_t = 0)]
+    pub gpus: u32,
+    /// On shutdown, how long running jobs may finish before they are stopped
+    /// and handed back to the queue uncharged.
+    #[arg(long, default_value_t = 30_000)]
+    pub drain_ms: u64,
+}
+
+/// `agentplane serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Redis URL (`redis://`, `rediss://`, `redis+unix://`, `redis+cluster://h:p,h:p`);
+    /// without it, a redis-server is started in the data dir.
+    #[arg(long)]
+    pub redis: Option<String>,
+    /// Address of the HTTP API.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Data dir: embedded Redis data, admin token, compiled-component cache.
+    #[arg(long, default_value = "./data")]
+    pub data: PathBuf,
+    #[command(flatten)]
+    pub slots: SlotArgs,
+    #[command(flatten)]
+    pub lease: LeaseArgs,
+    #[command(flatten)]
+    pub control: ControlArgs,
+}
+
+/// `agentplane worker`.
+#[derive(Debug, Clone, Args)]
+pub struct WorkerArgs {
+    /// Redis URL of the deployment.
+    #[arg(long)]
+    pub redis: String,
+    #[command(flatten)]
+    pub slots: SlotArgs,
+    #[command(flatten)]
+    pub lease: LeaseArgs,
+    #[command(flatten)]
+    pub control: ControlArgs,
+    /// Where compiled components are cached on disk (none by default).
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+    /// Serve `/metrics` and `/healthz` on this address.
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+/// `agentplane api`.
+#[derive(Debug, Clone, Args)]
+pub struct ApiArgs {
+    /// Redis URL of the deployment.
+    #[arg(long)]
+    pub redis: String,
+    /// Address of the HTTP API.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    #[command(flatten)]
+    pub control: ControlArgs,
+}
+
+/// `agentplane scheduler`.
+#[derive(Debug, Clone, Args)]
+pub struct SchedulerArgs {
+    /// Redis URL of the deployment.
+    #[arg(long)]
+    pub redis: String,
+    #[command(flatten)]
+    pub lease: LeaseArgs,
+    #[command(flatten)]
+    pub control: ControlArgs,
+    /// Serve `/metrics` and `/healthz` on this address.
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Runs a parsed command to its exit code.
+pub fn run(cli: Cli) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async move {
+        match cli.command {
+            Command::Serve(a) => server::serve(a).await.map(|()| ExitCode::SUCCESS),
+            Command::Worker(a) => server::worker(a).await.map(|()| ExitCode::SUCCESS),
+            Command::Api(a) => server::api(a).await.map(|()| ExitCode::SUCCESS),
+            Command::Scheduler(a) => server::scheduler(a).await.map(|()| ExitCode::SUCCESS),
+            Command::Tenant(c) => client::tenant(c).await,
+            Command::Component(c) => client::component(c).await,
+            Command::Context(c) => client::context(c).await,
+            Command::Job(c) => client::job(c).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Parse, set up tracing, run: what `main` does.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    run(cli)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn contract_flags_parse() {
+        let c = Cli::try_parse_from([
+            "agentplane",
+            "serve",
+            "--listen",
+            "0.0.0.0:9000",
+            "--data",
+            "/tmp/x",
+            "--slots",
+            "4",
+            "--lease-ms",
+            "1000",
+        ])
+        .unwrap();
+        let Command::Serve(s) = c.command else {
+            panic!()
+        };
+        assert_eq!(s.slots.slots, Some(4));
+        assert_eq!(s.lease.lease_ms, 1000);
+        assert!(s.redis.is_none());
+        let c = Cli::try_parse_from([
+            "agentplane",
+            "worker",
+            "--redis",
+            "redis://h:1",
+            "--slots",
+            "2",
+            "--gpus",
+            "1",
+        ])
+        .unwrap();
+        assert!(matches!(c.command, Command::Worker(_)));
+        assert!(Cli::try_parse_from(["agentplane", "worker"]).is_err());
+        assert!(
+            Cli::try_parse_from([
+                "agentplane",
+                "scheduler",
+                "--redis",
+                "r",
+                "--lease-ms",
+                "5000"
+            ])
+            .is_ok()
+        );
+        assert!(
+            Cli::try_parse_from([
+                "agentplane",
+                "job",
+                "submit",
+                "--component",
+                "sha256:x",
+                "--input",
+                "hi",
+                "--wait"
+            ])
+            .is_ok()
+        );
+        assert!(Cli::try_parse_from(["agentplane", "tenant", "credits", "acme", "-5"]).is_ok());
+    }
+}

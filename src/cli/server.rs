@@ -1,0 +1,275 @@
+//! The server commands: `serve` (all parts in one process) and the parts one
+//! per process (`worker`, `api`, `scheduler`).
+
+use super::{ApiArgs, ControlArgs, SchedulerArgs, ServeArgs, SlotArgs, WorkerArgs};
+use crate::api::{self, ApiConfig, AppState};
+use crate::control::{ControlConfig, ControlPlane};
+use crate::embedded::{self, EmbeddedRedis};
+use crate::host::{Host, HostConfig};
+use crate::scheduler::run_scheduler;
+use crate::worker::{WorkerConfig, run_worker};
+use anyhow::Context;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// How long the API may take to finish requests in flight (long-polls
+/// included) once shutdown starts.
+const API_GRACE: Duration = Duration::from_secs(5);
+
+fn control_config(c: &ControlArgs, lease_ms: u64) -> ControlConfig {
+    ControlConfig {
+        prefix: c.prefix.clone(),
+        shards: c.shards,
+        lease_ms,
+        ..ControlConfig::default()
+    }
+}
+
+async fn connect(url: &str, cfg: ControlConfig) -> anyhow::Result<ControlPlane> {
+    ControlPlane::connect(url, cfg)
+        .await
+        .with_context(|| format!("connecting to Redis at {}", redact(url)))
+}
+
+/// A Redis URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}***{}", &url[..s + 3], &url[at..]),
+        _ => url.to_string(),
+    }
+}
+
+fn worker_config(s: &SlotArgs) -> WorkerConfig {
+    let d = WorkerConfig::default();
+    WorkerConfig {
+        slots: s.slots.unwrap_or(d.slots),
+        gpus: s.gpus,
+        drain_timeout: Duration::from_millis(s.drain_ms),
+        ..d
+    }
+}
+
+fn worker_host(slots: u32, cache_dir: Option<std::path::PathBuf>) -> anyhow::Result<Host> {
+    Host::new(HostConfig {
+        // A few spare instance slots beyond the job slots: an instance is
+        // torn down just after its slot is given back.
+        max_instances: slots.saturating_mul(2).max(8),
+        cache_dir,
+        ..HostConfig::default()
+    })
+    .context("starting the Wasm host")
+}
+
+/// A token cancelled by the first SIGINT/SIGTERM; a second one exits at once.
+fn shutdown_on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot watch SIGTERM");
+                    return;
+                }
+            };
+        for n in 0.. {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            if n == 0 {
+                tracing::info!("shutdown requested; draining (signal again to stop at once)");
+                t.cancel();
+            } else {
+                tracing::warn!("second signal: exiting now");
+                std::process::exit(130);
+            }
+        }
+    });
+    token
+}
+
+/// `agentplane serve`.
+pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let shutdown = shutdown_on_signals();
+    embedded::ensure_dir(&args.data)?;
+    // Dropped last, after every part stopped: the worker needs Redis to
+    // release its leases while it drains.
+    let mut embedded_redis = None;
+    let url = match &args.redis {
+        Some(u) => u.clone(),
+        None => {
+            let r = EmbeddedRedis::start(&args.data)?;
+            tracing::info!(socket = %r.socket.display(), "embedded redis-server started");
+            let url = r.url.clone();
+            embedded_redis = Some(r);
+            url
+        }
+    };
+    let result = serve_parts(&args, &url, shutdown).await;
+    if let Some(mut r) = embedded_redis {
+        r.stop();
+    }
+    result
+}
+
+async fn serve_parts(
+    args: &ServeArgs,
+    url: &str,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    api::install_metrics();
+    let control = connect(url, control_config(&args.control, args.lease.lease_ms)).await?;
+    let wcfg = worker_config(&args.slots);
+    let host = Arc::new(worker_host(wcfg.slots, Some(args.data.join("cache")))?);
+    let (token, token_file) = embedded::admin_token(&args.data)?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    let base = format!("http://{addr}");
+    println!("agentplane is listening on {base}");
+    match &token_file {
+        Some(p) => println!("admin token (stored in {}): {token}", p.display()),
+        None => println!("admin token: from AGENTPLANE_ADMIN_TOKEN"),
+    }
+    println!(
+        "try: curl -s -H 'Authorization: Bearer {}' -d '{{\"id\":\"demo\",\"credits\":1000000}}' {base}/v1/tenants",
+        if token_file.is_some() {
+            token.as_str()
+        } else {
+            "$AGENTPLANE_ADMIN_TOKEN"
+        }
+    );
+
+    let state = AppState::new(control.clone(), host.clone(), token, ApiConfig::default());
+    let api = tokio::spawn(api_until(listener, state, shutdown.clone()));
+    let sched = tokio::spawn(run_scheduler(control.clone(), shutdown.clone()));
+    let worker = tokio::spawn(run_worker(wcfg, control, host, shutdown.clone()));
+    // Any part ending early (it failed) stops the others.
+    let (a, s, w) = tokio::join!(
+        stop_all_on_exit(api, shutdown.clone()),
+        stop_all_on_exit(sched, shutdown.clone()),
+        stop_all_on_exit(worker, shutdown.clone()),
+    );
+    a.and(s).and(w)
+}
+
+async fn stop_all_on_exit(
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let r = match task.await {
+        Ok(r) => r,
+        Err(e) => Err(anyhow::anyhow!("task panicked: {e}")),
+    };
+    if let Err(e) = &r {
+        tracing::error!(error = %format!("{e:#}"), "a part failed; shutting down");
+    }
+    shutdown.cancel();
+    r
+}
+
+/// Serves until `shutdown`, then gives requests in flight [`API_GRACE`].
+async fn api_until(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let stop = shutdown.clone();
+    let server = api::serve(listener, state, async move { stop.cancelled().await });
+    tokio::pin!(server);
+    tokio::select! {
+        r = &mut server => return r.context("HTTP server"),
+        _ = shutdown.cancelled() => {}
+    }
+    match tokio::time::timeout(API_GRACE, server).await {
+        Ok(r) => r.context("HTTP server"),
+        Err(_) => {
+            tracing::info!("requests still open after the grace period; closing");
+            Ok(())
+        }
+    }
+}
+
+/// `agentplane worker`.
+pub async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
+    let shutdown = shutdown_on_signals();
+    let control = connect(
+        &args.redis,
+        control_config(&args.control, args.lease.lease_ms),
+    )
+    .await?;
+    let wcfg = worker_config(&args.slots);
+    let host = Arc::new(worker_host(wcfg.slots, args.cache_dir.clone())?);
+    spawn_metrics(args.metrics_listen, shutdown.clone()).await?;
+    run_worker(wcfg, control, host, shutdown).await
+}
+
+/// Serves the metrics-only app when asked to.
+async fn spawn_metrics(
+    listen: Option<std::net::SocketAddr>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let Some(addr) = listen else { return Ok(()) };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    tracing::info!(%addr, "serving /metrics");
+    tokio::spawn(async move {
+        let r = axum::serve(listener, api::metrics_app())
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "metrics server failed");
+        }
+    });
+    Ok(())
+}
+
+/// `agentplane api`.
+pub async fn api(args: ApiArgs) -> anyhow::Result<()> {
+    let shutdown = shutdown_on_signals();
+    api::install_metrics();
+    let token = std::env::var("AGENTPLANE_ADMIN_TOKEN")
+        .ok()
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
+        .context("`agentplane api` needs the admin token in AGENTPLANE_ADMIN_TOKEN")?;
+    let control = connect(&args.redis, control_config(&args.control, 10_000)).await?;
+    let host = Arc::new(api::admission_host().context("starting the admission host")?);
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    println!(
+        "agentplane api is listening on http://{}",
+        listener.local_addr()?
+    );
+    let state = AppState::new(control, host, token, ApiConfig::default());
+    api_until(listener, state, shutdown).await
+}
+
+/// `agentplane scheduler`.
+pub async fn scheduler(args: SchedulerArgs) -> anyhow::Result<()> {
+    let shutdown = shutdown_on_signals();
+    let control = connect(
+        &args.redis,
+        control_config(&args.control, args.lease.lease_ms),
+    )
+    .await?;
+    spawn_metrics(args.metrics_listen, shutdown.clone()).await?;
+    run_scheduler(control, shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(redact("redis://:pw@h:1"), "redis://***@h:1");
+        assert_eq!(redact("redis+unix:///tmp/s"), "redis+unix:///tmp/s");
+    }
+}

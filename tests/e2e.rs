@@ -1,0 +1,899 @@
+//! End-to-end: real HTTP over a socket, a real `redis-server` per test, the
+//! real guest components, and for process-level faults the real
+//! `agentplane` binary as child processes (SIGKILL, SIGSTOP, SIGTERM).
+
+mod common;
+
+use agentplane::api::{self, ApiConfig, AppState};
+use agentplane::control::{ControlConfig, ControlPlane};
+use agentplane::host::{Host, HostConfig};
+use agentplane::worker::{WorkerConfig, run_worker};
+use common::guests::{guest_bytes, guest_wasm};
+use common::redis::RedisServer;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+const ADMIN: &str = "test-admin-token";
+
+/// API + scheduler (+ optionally a worker) in this process, over a fresh
+/// `redis-server`.
+struct Stack {
+    redis: RedisServer,
+    base: String,
+    http: reqwest::Client,
+    lease_ms: u64,
+    shutdown: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+struct Opts {
+    worker_slots: Option<u32>,
+    lease_ms: u64,
+    api: ApiConfig,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Opts {
+            worker_slots: Some(2),
+            lease_ms: 1500,
+            api: ApiConfig::default(),
+        }
+    }
+}
+
+impl Stack {
+    async fn start(opts: Opts) -> Stack {
+        let redis = RedisServer::start();
+        let cfg = ControlConfig {
+            lease_ms: opts.lease_ms,
+            ..ControlConfig::default()
+        };
+        let control = ControlPlane::connect(&redis.url, cfg)
+            .await
+            .expect("connect control plane");
+        let shutdown = CancellationToken::new();
+        let mut tasks = Vec::new();
+        let api_host = Arc::new(api::admission_host().expect("admission host"));
+        let state = AppState::new(control.clone(), api_host, ADMIN.into(), opts.api);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let stop = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            api::serve(listener, state, async move { stop.cancelled().await })
+                .await
+                .unwrap();
+        }));
+        let (c, s) = (control.clone(), shutdown.clone());
+        tasks.push(tokio::spawn(async move {
+            agentplane::scheduler::run_scheduler(c, s).await.unwrap();
+        }));
+        if let Some(slots) = opts.worker_slots {
+            let host = Arc::new(
+                Host::new(HostConfig {
+                    max_instances: 16,
+                    ..HostConfig::default()
+                })
+                .expect("host"),
+            );
+            let wcfg = WorkerConfig {
+                slots,
+                drain_timeout: Duration::from_secs(2),
+                ..WorkerConfig::default()
+            };
+            let s = shutdown.clone();
+            tasks.push(tokio::spawn(async move {
+                run_worker(wcfg, control, host, s).await.unwrap();
+            }));
+        }
+        Stack {
+            redis,
+            base,
+            http: reqwest::Client::new(),
+            lease_ms: opts.lease_ms,
+            shutdown,
+            tasks,
+        }
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut req = self.http.request(method, format!("{}{}", self.base, path));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.expect("request");
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        let v = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, v)
+    }
+
+    async fn get(&self, path: &str, token: &str) -> (StatusCode, Value) {
+        self.call(reqwest::Method::GET, path, Some(token), None)
+            .await
+    }
+
+    async fn post(&self, path: &str, token: &str, body: Value) -> (StatusCode, Value) {
+        self.call(reqwest::Method::POST, path, Some(token), Some(body))
+            .await
+    }
+
+    /// Creates a tenant with generous limits; answers its token.
+    async fn tenant(&self, id: &str) -> String {
+        self.tenant_with(id, json!({})).await
+    }
+
+    async fn tenant_with(&self, id: &str, extra: Value) -> String {
+        let mut body = json!({
+            "id": id,
+            "credits": 1_000_000_000i64,
+            "limits": {"fuel": 1_000_000_000_000u64, "timeout_ms": 120_000}
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let (st, v) = self.post("/v1/tenants", ADMIN, body).await;
+        assert_eq!(st, StatusCode::CREATED, "{v}");
+        v["token"].as_str().unwrap().to_string()
+    }
+
+    async fn push(&self, token: &str, guest: &str) -> String {
+        let resp = self
+            .http
+            .post(format!("{}/v1/components", self.base))
+            .bearer_auth(token)
+            .body(guest_bytes(guest))
+            .send()
+            .await
+            .unwrap();
+        let st = resp.status();
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(st, StatusCode::CREATED, "{v}");
+        v["digest"].as_str().unwrap().to_string()
+    }
+
+    async fn submit(&self, token: &str, body: Value) -> String {
+        let (st, v) = self.post("/v1/jobs", token, body).await;
+        assert_eq!(st, StatusCode::CREATED, "{v}");
+        v["id"].as_str().unwrap().to_string()
+    }
+
+    /// Long-polls until the job is terminal (fails the test after `secs`).
+    async fn wait_terminal(&self, token: &str, id: &str, secs: u64) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let (st, job) = self.get(&format!("/v1/jobs/{id}?wait=5"), token).await;
+            assert_eq!(st, StatusCode::OK, "{job}");
+            if ["succeeded", "failed", "cancelled"].contains(&job["state"].as_str().unwrap()) {
+                return job;
+            }
+            assert!(Instant::now() < deadline, "job {id} not terminal: {job}");
+        }
+    }
+
+    /// Polls until `pred(job)` holds.
+    async fn wait_for(
+        &self,
+        token: &str,
+        id: &str,
+        secs: u64,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let (_, job) = self.get(&format!("/v1/jobs/{id}"), token).await;
+            if pred(&job) {
+                return job;
+            }
+            assert!(Instant::now() < deadline, "condition not reached: {job}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn tenant_info(&self, id: &str) -> Value {
+        let (st, v) = self.get(&format!("/v1/tenants/{id}"), ADMIN).await;
+        assert_eq!(st, StatusCode::OK, "{v}");
+        v
+    }
+
+    /// The money invariants of contract §5.3 for one tenant at rest.
+    async fn assert_books_balance(&self, id: &str) -> Value {
+        let t = self.tenant_info(id).await;
+        let granted = t["granted"].as_i64().unwrap();
+        let settled = t["settled"].as_i64().unwrap();
+        assert_eq!(
+            t["credits"]["balance"].as_i64().unwrap(),
+            granted - settled,
+            "{t}"
+        );
+        assert_eq!(t["credits"]["reserved"].as_i64().unwrap(), 0, "{t}");
+        t
+    }
+}
+
+fn state(job: &Value) -> &str {
+    job["state"].as_str().unwrap_or("")
+}
+
+fn error_code(v: &Value) -> &str {
+    v["error"]["code"].as_str().unwrap_or("")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn echo_round_trip_over_http_and_cli() {
+    let s = Stack::start(Opts::default()).await;
+    let (st, _) = s.call(reqwest::Method::GET, "/healthz", None, None).await;
+    assert_eq!(st, StatusCode::OK);
+    let (st, _) = s.call(reqwest::Method::GET, "/readyz", None, None).await;
+    assert_eq!(st, StatusCode::OK);
+
+    let token = s.tenant("acme").await;
+    let digest = s.push(&token, "echo").await;
+    assert!(
+        digest.starts_with("sha256:") && digest.len() == 71,
+        "{digest}"
+    );
+    let (st, meta) = s.get(&format!("/v1/components/{digest}"), &token).await;
+    assert_eq!(st, StatusCode::OK, "{meta}");
+    assert_eq!(meta["digest"], digest.as_str());
+
+    let id = s
+        .submit(&token, json!({"component": digest, "input": "hello"}))
+        .await;
+    let job = s.wait_terminal(&token, &id, 60).await;
+    assert_eq!(state(&job), "succeeded", "{job}");
+    assert_eq!(job["output"], "hello");
+    assert_eq!(job["tenant"], "acme");
+    assert_eq!(job["attempts"], 1);
+    assert!(job["error"].is_null());
+    assert!(job["usage"]["fuel"].as_u64().unwrap() > 0, "{job}");
+    for t in ["created_at", "started_at", "finished_at"] {
+        let ts = job[t].as_str().unwrap();
+        assert!(
+            ts.ends_with('Z') && ts.contains('.') && ts.len() == 24,
+            "{t}: {ts}"
+        );
+    }
+    let log = s
+        .http
+        .get(format!("{}/v1/jobs/{id}/log", s.base))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(log.status(), StatusCode::OK);
+    assert!(
+        log.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    let log = log.text().await.unwrap();
+    assert!(log.contains("echo got 5 bytes"), "{log}");
+
+    // An agent error is a failed job with its kind and message.
+    let id2 = s
+        .submit(
+            &token,
+            json!({"component": digest, "input": "fail:boom", "max_attempts": 1}),
+        )
+        .await;
+    let job = s.wait_terminal(&token, &id2, 60).await;
+    assert_eq!(state(&job), "failed", "{job}");
+    assert_eq!(job["error"]["kind"], "agent_error");
+    assert!(job["error"]["message"].as_str().unwrap().contains("boom"));
+
+    // Listing: newest first, filtered by state, paged.
+    let (st, list) = s.get("/v1/jobs", &token).await;
+    assert_eq!(st, StatusCode::OK);
+    let ids: Vec<&str> = list["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec![id2.as_str(), id.as_str()]);
+    let (_, list) = s.get("/v1/jobs?state=succeeded", &token).await;
+    assert_eq!(list["jobs"].as_array().unwrap().len(), 1);
+    let (_, page) = s.get("/v1/jobs?limit=1", &token).await;
+    assert_eq!(page["jobs"].as_array().unwrap().len(), 1);
+    let cursor = page["next_cursor"].as_str().expect("a next cursor");
+    let (_, page2) = s
+        .get(&format!("/v1/jobs?limit=1&cursor={cursor}"), &token)
+        .await;
+    assert_eq!(page2["jobs"][0]["id"], id.as_str());
+
+    // Metrics are exposed in Prometheus text.
+    let (st, m) = s.call(reqwest::Method::GET, "/metrics", None, None).await;
+    assert_eq!(st, StatusCode::OK);
+    assert!(
+        m.as_str()
+            .unwrap()
+            .contains("agentplane_jobs_submitted_total"),
+        "{m}"
+    );
+
+    // The CLI over the same API.
+    let base = s.base.clone();
+    let wasm = guest_wasm("echo");
+    let tok = token.clone();
+    let (pushed, submitted) = tokio::task::spawn_blocking(move || {
+        let cli = |args: &[&str]| {
+            Command::new(env!("CARGO_BIN_EXE_agentplane"))
+                .args(args)
+                .env("AGENTPLANE_URL", &base)
+                .env("AGENTPLANE_TOKEN", &tok)
+                .output()
+                .unwrap()
+        };
+        let pushed = cli(&["component", "push", wasm.to_str().unwrap()]);
+        let d = serde_json::from_slice::<Value>(&pushed.stdout).unwrap()["digest"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let submitted = cli(&[
+            "job",
+            "submit",
+            "--component",
+            &d,
+            "--input",
+            "from cli",
+            "--wait",
+        ]);
+        (pushed, submitted)
+    })
+    .await
+    .unwrap();
+    assert!(pushed.status.success());
+    assert!(submitted.status.success(), "{submitted:?}");
+    let job: Value = serde_json::from_slice(&submitted.stdout).unwrap();
+    assert_eq!(job["output"], "from cli");
+    assert_eq!(job["state"], "succeeded");
+
+    s.assert_books_balance("acme").await;
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idempotency_key_replays_and_conflicts() {
+    let s = Stack::start(Opts {
+        worker_slots: None,
+        ..Opts::default()
+    })
+    .await;
+    let token = s.tenant("acme").await;
+    let digest = s.push(&token, "echo").await;
+    let body = json!({"component": digest, "input": "once"});
+    let send = |b: Value| {
+        s.http
+            .post(format!("{}/v1/jobs", s.base))
+            .bearer_auth(&token)
+            .header("Idempotency-Key", "k-1")
+            .json(&b)
+            .send()
+    };
+    let r1 = send(body.clone()).await.unwrap();
+    assert_eq!(r1.status(), StatusCode::CREATED);
+    let v1: Value = r1.json().await.unwrap();
+    let r2 = send(body.clone()).await.unwrap();
+    assert_eq!(r2.status(), StatusCode::OK);
+    let v2: Value = r2.json().await.unwrap();
+    assert_eq!(v1["id"], v2["id"]);
+    let r3 = send(json!({"component": digest, "input": "twice"}))
+        .await
+        .unwrap();
+    assert_eq!(r3.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let v3: Value = r3.json().await.unwrap();
+    assert_eq!(error_code(&v3), "idempotency_conflict");
+    // Only one job exists.
+    let (_, list) = s.get("/v1/jobs", &token).await;
+    assert_eq!(list["jobs"].as_array().unwrap().len(), 1);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tenants_see_only_their_own_things() {
+    let s = Stack::start(Opts {
+        worker_slots: None,
+        ..Opts::default()
+    })
+    .await;
+    let a = s.tenant("alice").await;
+    let b = s.tenant("bob").await;
+    let digest = s.push(&a, "echo").await;
+    let (st, ctx) = s
+        .post(
+            "/v1/contexts",
+            &a,
+            json!({"name": "kb", "documents": [{"id": "d1", "text": "hello world"}], "tools": []}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{ctx}");
+    assert_eq!(ctx["name"], "kb");
+    assert_eq!(ctx["documents"], 1);
+    let job = s
+        .submit(
+            &a,
+            json!({"component": digest, "input": "x", "contexts": ["kb"]}),
+        )
+        .await;
+
+    for path in [
+        format!("/v1/jobs/{job}"),
+        format!("/v1/jobs/{job}/log"),
+        format!("/v1/components/{digest}"),
+        "/v1/contexts/kb".to_string(),
+        "/v1/tenants/alice".to_string(),
+    ] {
+        let (st, v) = s.get(&path, &b).await;
+        assert_eq!(st, StatusCode::NOT_FOUND, "{path}: {v}");
+        assert_eq!(error_code(&v), "not_found");
+    }
+    let (st, _) = s
+        .post(&format!("/v1/jobs/{job}/cancel"), &b, json!({}))
+        .await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+    // Bob cannot run Alice's component nor mount her context.
+    let (st, v) = s
+        .post("/v1/jobs", &b, json!({"component": digest, "input": "x"}))
+        .await;
+    assert_eq!(st, StatusCode::NOT_FOUND, "{v}");
+    let bd = s.push(&b, "echo").await;
+    let (st, v) = s
+        .post(
+            "/v1/jobs",
+            &b,
+            json!({"component": bd, "input": "x", "contexts": ["kb"]}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::NOT_FOUND, "{v}");
+    let (_, list) = s.get("/v1/jobs", &b).await;
+    assert!(list["jobs"].as_array().unwrap().is_empty());
+    // Alice still sees hers.
+    let (st, _) = s.get(&format!("/v1/jobs/{job}"), &a).await;
+    assert_eq!(st, StatusCode::OK);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_requests_get_clear_errors_and_lose_nothing() {
+    let s = Stack::start(Opts {
+        worker_slots: None,
+        api: ApiConfig {
+            max_component_bytes: 4 << 20,
+            ..ApiConfig::default()
+        },
+        ..Opts::default()
+    })
+    .await;
+    use reqwest::Method;
+    // 401 without or with a wrong token.
+    let (st, v) = s.call(Method::GET, "/v1/jobs", None, None).await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+    assert_eq!(error_code(&v), "unauthorized");
+    let (st, _) = s.get("/v1/jobs", "nobody.abc").await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+    let token = s.tenant_with("acme", json!({"max_queued": 2})).await;
+    let forged = format!("acme.{}", "0".repeat(64));
+    let (st, _) = s.get("/v1/jobs", &forged).await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+    // 403: a tenant on an admin route, the admin on a tenant route.
+    let (st, v) = s.post("/v1/tenants", &token, json!({"id": "evil"})).await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+    assert_eq!(error_code(&v), "forbidden");
+    let (st, _) = s.get("/v1/jobs", ADMIN).await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+    // 409 on a second creation.
+    let (st, v) = s.post("/v1/tenants", ADMIN, json!({"id": "acme"})).await;
+    assert_eq!(st, StatusCode::CONFLICT);
+    assert_eq!(error_code(&v), "tenant_exists");
+    let (st, v) = s
+        .post("/v1/tenants", ADMIN, json!({"id": "x", "wieght": 2}))
+        .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("wieght"),
+        "{v}"
+    );
+
+    // Component admission.
+    let r = s
+        .http
+        .post(format!("{}/v1/components", s.base))
+        .bearer_auth(&token)
+        .body(b"not wasm at all".to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(error_code(&v), "invalid_component");
+    let r = s
+        .http
+        .post(format!("{}/v1/components", s.base))
+        .bearer_auth(&token)
+        .body(vec![0u8; 5 << 20])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+
+    let digest = s.push(&token, "echo").await;
+    // 400s naming the field.
+    let r = s
+        .http
+        .post(format!("{}/v1/jobs", s.base))
+        .bearer_auth(&token)
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    for (body, field) in [
+        (
+            json!({"component": digest, "input": "x", "colour": 1}),
+            "colour",
+        ),
+        (json!({"component": "sha256:zz", "input": "x"}), "component"),
+        (
+            json!({"component": digest, "input": "x", "fuel": 1_000_000_000_001u64}),
+            "fuel",
+        ),
+        (
+            json!({"component": digest, "input": "x", "timeout_ms": 999_999_999u64}),
+            "timeout_ms",
+        ),
+        (
+            json!({"component": digest, "input": "x", "gpus": 1}),
+            "gpus",
+        ),
+        (json!({"component": digest}), "input"),
+    ] {
+        let (st, v) = s.post("/v1/jobs", &token, body).await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
+        assert_eq!(error_code(&v), "invalid_request");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(field),
+            "{field}: {v}"
+        );
+    }
+    // 404 for an unknown component or context.
+    let unknown = format!("sha256:{}", "ab".repeat(32));
+    let (st, _) = s
+        .post(
+            "/v1/jobs",
+            &token,
+            json!({"component": unknown, "input": "x"}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+    let (st, _) = s
+        .post(
+            "/v1/jobs",
+            &token,
+            json!({"component": digest, "input": "x", "contexts": ["nope"]}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+    // 413 for an input over 1 MiB.
+    let big = "x".repeat((1 << 20) + 1);
+    let (st, v) = s
+        .post(
+            "/v1/jobs",
+            &token,
+            json!({"component": digest, "input": big}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::PAYLOAD_TOO_LARGE, "{v}");
+    // 429 at max_queued (no worker runs here).
+    s.submit(&token, json!({"component": digest, "input": "1"}))
+        .await;
+    s.submit(&token, json!({"component": digest, "input": "2"}))
+        .await;
+    let (st, v) = s
+        .post(
+            "/v1/jobs",
+            &token,
+            json!({"component": digest, "input": "3"}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::TOO_MANY_REQUESTS, "{v}");
+    assert_eq!(error_code(&v), "queue_full");
+    // 402 when credits do not cover the reservation.
+    let poor = s.tenant_with("poor", json!({"credits": 0})).await;
+    let pd = s.push(&poor, "echo").await;
+    let (st, v) = s
+        .post("/v1/jobs", &poor, json!({"component": pd, "input": "x"}))
+        .await;
+    assert_eq!(st, StatusCode::PAYMENT_REQUIRED, "{v}");
+    assert_eq!(error_code(&v), "insufficient_credits");
+    // Bad query values.
+    let (st, _) = s.get("/v1/jobs?limit=10001", &token).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    let (st, _) = s.get("/v1/jobs?state=sleeping", &token).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+
+    // Nothing lost, the process is up.
+    let (_, list) = s.get("/v1/jobs", &token).await;
+    assert_eq!(list["jobs"].as_array().unwrap().len(), 2);
+    let (st, _) = s.call(Method::GET, "/healthz", None, None).await;
+    assert_eq!(st, StatusCode::OK);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn readyz_fails_when_redis_is_down() {
+    let mut s = Stack::start(Opts {
+        worker_slots: None,
+        ..Opts::default()
+    })
+    .await;
+    let (st, _) = s.call(reqwest::Method::GET, "/readyz", None, None).await;
+    assert_eq!(st, StatusCode::OK);
+    s.redis.kill();
+    let (st, v) = s.call(reqwest::Method::GET, "/readyz", None, None).await;
+    assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert_eq!(error_code(&v), "unavailable");
+    let (st, v) = s.get("/v1/jobs", "acme.abc").await;
+    assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert!(
+        !v.to_string().contains("redis.sock"),
+        "leaks internals: {v}"
+    );
+    let (st, _) = s.call(reqwest::Method::GET, "/healthz", None, None).await;
+    assert_eq!(st, StatusCode::OK);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cancel_stops_a_running_job_within_a_renewal() {
+    let s = Stack::start(Opts::default()).await;
+    let token = s.tenant("acme").await;
+    let runaway = s.push(&token, "runaway").await;
+    let id = s
+        .submit(&token, json!({"component": runaway, "input": ""}))
+        .await;
+    s.wait_for(&token, &id, 30, |j| state(j) == "running").await;
+    // Let it burn a little so the instance is really executing.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t0 = Instant::now();
+    let (st, v) = s
+        .post(&format!("/v1/jobs/{id}/cancel"), &token, json!({}))
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let job = s.wait_terminal(&token, &id, 30).await;
+    let took = t0.elapsed();
+    assert_eq!(state(&job), "cancelled", "{job}");
+    // One renewal period is lease/3; allow scheduling slack on a busy box.
+    assert!(
+        took < Duration::from_millis(s.lease_ms / 3 + 1500),
+        "cancel took {took:?}"
+    );
+    // The slot is free again: a new job runs.
+    let echo = s.push(&token, "echo").await;
+    let id2 = s
+        .submit(&token, json!({"component": echo, "input": "after"}))
+        .await;
+    let job2 = s.wait_terminal(&token, &id2, 30).await;
+    assert_eq!(state(&job2), "succeeded", "{job2}");
+    // Queued jobs cancel at once.
+    let id3 = s
+        .submit(
+            &token,
+            json!({"component": echo, "input": "later", "delay_ms": 60_000}),
+        )
+        .await;
+    let (st, v) = s
+        .post(&format!("/v1/jobs/{id3}/cancel"), &token, json!({}))
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(v["state"], "cancelled");
+    s.assert_books_balance("acme").await;
+    s.stop().await;
+}
+
+// ---- process-level faults, with the real binary ----
+
+const PROC_LEASE_MS: u64 = 1000;
+
+/// An `agentplane worker` child process.
+struct WorkerProc {
+    child: Child,
+}
+
+impl WorkerProc {
+    fn spawn(redis_url: &str, slots: u32, drain_ms: u64, log: &std::path::Path) -> WorkerProc {
+        let log = std::fs::File::create(log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_agentplane"))
+            .args(["worker", "--redis", redis_url])
+            .args(["--slots", &slots.to_string()])
+            .args(["--lease-ms", &PROC_LEASE_MS.to_string()])
+            .args(["--drain-ms", &drain_ms.to_string()])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn agentplane worker");
+        WorkerProc { child }
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        // SAFETY: kill(2) on our own child's pid.
+        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
+        assert_eq!(rc, 0);
+    }
+
+    /// Waits for the process to exit; answers its status.
+    fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let t0 = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(t0.elapsed() < within, "worker did not exit in {within:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for WorkerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn proc_opts() -> Opts {
+    Opts {
+        worker_slots: None,
+        lease_ms: PROC_LEASE_MS,
+        ..Opts::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkilled_worker_job_finishes_elsewhere_charged_once() {
+    let s = Stack::start(proc_opts()).await;
+    let token = s.tenant("acme").await;
+    let hold = s.push(&token, "hold").await;
+    let dir = s.redis.dir.path().to_path_buf();
+    let mut w1 = WorkerProc::spawn(&s.redis.url, 1, 5_000, &dir.join("w1.log"));
+    let before = s.assert_books_balance("acme").await;
+
+    // `hold` busy-works for the given ms: long enough to be killed mid-run.
+    let id = s
+        .submit(&token, json!({"component": hold, "input": "0,3000"}))
+        .await;
+    s.wait_for(&token, &id, 30, |j| state(j) == "running").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    w1.signal(libc::SIGKILL);
+    w1.wait_exit(Duration::from_secs(5));
+    let killed_at = Instant::now();
+
+    let _w2 = WorkerProc::spawn(&s.redis.url, 1, 5_000, &dir.join("w2.log"));
+    let job = s.wait_terminal(&token, &id, 60).await;
+    assert_eq!(state(&job), "succeeded", "{job}");
+    assert!(job["attempts"].as_u64().unwrap() >= 2, "{job}");
+    // Reclaimed within lease + a reaper period, then a full run.
+    assert!(killed_at.elapsed() < Duration::from_secs(20));
+    let after = s.assert_books_balance("acme").await;
+    let charged = after["settled"].as_i64().unwrap() - before["settled"].as_i64().unwrap();
+    assert_eq!(
+        charged,
+        job["usage"]["credits"].as_i64().unwrap(),
+        "{job} {after}"
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stopped_worker_past_its_lease_cannot_finalize() {
+    let s = Stack::start(proc_opts()).await;
+    let token = s.tenant("acme").await;
+    let hold = s.push(&token, "hold").await;
+    let dir = s.redis.dir.path().to_path_buf();
+    let w1 = WorkerProc::spawn(&s.redis.url, 1, 5_000, &dir.join("w1.log"));
+    let before = s.assert_books_balance("acme").await;
+
+    let id = s
+        .submit(&token, json!({"component": hold, "input": "0,2000"}))
+        .await;
+    s.wait_for(&token, &id, 30, |j| state(j) == "running").await;
+    w1.signal(libc::SIGSTOP);
+    // Past the lease and a reaper period: the job is reclaimed.
+    let _w2 = WorkerProc::spawn(&s.redis.url, 1, 5_000, &dir.join("w2.log"));
+    s.wait_for(&token, &id, 30, |j| {
+        j["attempts"].as_u64().unwrap_or(0) >= 2 && state(j) == "running"
+    })
+    .await;
+    // The stale worker wakes while the new attempt runs: its RENEW and
+    // FINALIZE must be refused.
+    w1.signal(libc::SIGCONT);
+    let job = s.wait_terminal(&token, &id, 60).await;
+    assert_eq!(state(&job), "succeeded", "{job}");
+    // Give the stale worker time to try whatever it would.
+    tokio::time::sleep(Duration::from_millis(3 * PROC_LEASE_MS)).await;
+    let (_, again) = s.get(&format!("/v1/jobs/{id}"), &token).await;
+    assert_eq!(again, job, "a stale worker changed a finished job");
+    let after = s.assert_books_balance("acme").await;
+    let charged = after["settled"].as_i64().unwrap() - before["settled"].as_i64().unwrap();
+    assert_eq!(charged, job["usage"]["credits"].as_i64().unwrap());
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_drains_then_hands_back_unfinished_jobs_uncharged() {
+    let s = Stack::start(proc_opts()).await;
+    let token = s.tenant("acme").await;
+    let echo = s.push(&token, "echo").await;
+    let runaway = s.push(&token, "runaway").await;
+    let hold = s.push(&token, "hold").await;
+    let dir = s.redis.dir.path().to_path_buf();
+    let mut w = WorkerProc::spawn(&s.redis.url, 3, 2_000, &dir.join("w.log"));
+
+    let done = s
+        .submit(&token, json!({"component": echo, "input": "early"}))
+        .await;
+    assert_eq!(
+        state(&s.wait_terminal(&token, &done, 60).await),
+        "succeeded"
+    );
+    let before = s.assert_books_balance("acme").await;
+
+    let stuck = s
+        .submit(&token, json!({"component": runaway, "input": ""}))
+        .await;
+    // Finishes inside the 2 s drain.
+    let short = s
+        .submit(&token, json!({"component": hold, "input": "0,800"}))
+        .await;
+    s.wait_for(&token, &stuck, 30, |j| state(j) == "running")
+        .await;
+    s.wait_for(&token, &short, 30, |j| state(j) == "running")
+        .await;
+    w.signal(libc::SIGTERM);
+    let status = w.wait_exit(Duration::from_secs(15));
+    assert!(status.success(), "{status:?}");
+
+    // Finished before or during the drain: finished.
+    let (_, j) = s.get(&format!("/v1/jobs/{done}"), &token).await;
+    assert_eq!(state(&j), "succeeded");
+    let (_, j) = s.get(&format!("/v1/jobs/{short}"), &token).await;
+    assert_eq!(state(&j), "succeeded", "{j}");
+    // Unfinished at the drain timeout: back in the queue, uncharged.
+    let (_, j) = s.get(&format!("/v1/jobs/{stuck}"), &token).await;
+    assert_eq!(state(&j), "queued", "{j}");
+    assert_eq!(j["usage"]["credits"].as_i64().unwrap_or(0), 0, "{j}");
+    let after = s.assert_books_balance("acme").await;
+    let (_, short_job) = s.get(&format!("/v1/jobs/{short}"), &token).await;
+    assert_eq!(
+        after["settled"].as_i64().unwrap() - before["settled"].as_i64().unwrap(),
+        short_job["usage"]["credits"].as_i64().unwrap(),
+        "only the finished job is charged"
+    );
+    let (st, _) = s
+        .post(&format!("/v1/jobs/{stuck}/cancel"), &token, json!({}))
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    s.stop().await;
+}
