@@ -214,3 +214,52 @@ impl ContextCache {
         self.state().lru.contains(digest)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::context::{ContextUpload, Document, encode};
+
+    fn blob(text: &str) -> (String, Vec<u8>) {
+        let enc = encode(&ContextUpload {
+            name: "c".into(),
+            documents: vec![Document {
+                id: "d".into(),
+                text: text.into(),
+                embedding: None,
+            }],
+            tools: vec![],
+        })
+        .unwrap();
+        (enc.digest, enc.bytes)
+    }
+
+    #[tokio::test]
+    async fn the_get_or_load_future_is_send() {
+        // The worker spawns runs on a multi-threaded runtime: a guard held
+        // across an await would make this fail to compile.
+        fn assert_send<T: Send>(t: T) -> T {
+            t
+        }
+        let cache = ContextCache::new(1 << 20);
+        let (digest, bytes) = blob("x");
+        let ctx = assert_send(cache.get_or_load(&digest, || async move { Ok(bytes) }))
+            .await
+            .unwrap();
+        assert_eq!(ctx.digest(), digest);
+    }
+
+    #[tokio::test]
+    async fn a_replaced_entry_keeps_the_byte_count_exact() {
+        let cache = ContextCache::new(1 << 20);
+        let (digest, bytes) = blob("x");
+        let ctx = Arc::new(HeavyContext::decode(&digest, &bytes).unwrap());
+        {
+            let mut st = cache.state();
+            cache.insert(&mut st, &digest, ctx.clone());
+            cache.insert(&mut st, &digest, ctx.clone());
+        }
+        assert_eq!(cache.len(), 1);
+        assert_eq!(cache.bytes(), ctx.size_bytes());
+    }
+}

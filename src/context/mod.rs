@@ -334,3 +334,166 @@ pub fn encode(upload: &ContextUpload) -> Result<Encoded, ContextError> {
         dim,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doc(id: &str, text: &str, embedding: Option<Vec<f32>>) -> Document {
+        Document {
+            id: id.into(),
+            text: text.into(),
+            embedding,
+        }
+    }
+
+    fn upload(documents: Vec<Document>) -> ContextUpload {
+        ContextUpload {
+            name: "kb".into(),
+            documents,
+            tools: vec![],
+        }
+    }
+
+    fn invalid(u: &ContextUpload) -> String {
+        match encode(u) {
+            Err(ContextError::Invalid(m)) => m,
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn encode_names_each_problem() {
+        let mut u = upload(vec![]);
+        u.name = "bad name!".into();
+        assert!(invalid(&u).contains("context name"));
+
+        let m = invalid(&upload(vec![doc("a", "x", None), doc("a", "y", None)]));
+        assert!(
+            m.contains("document 1") && m.contains("repeats an id"),
+            "{m}"
+        );
+
+        let m = invalid(&upload(vec![doc("", "x", None)]));
+        assert!(m.contains("empty id"), "{m}");
+
+        let m = invalid(&upload(vec![
+            doc("a", "x", Some(vec![1.0, 2.0])),
+            doc("b", "y", Some(vec![1.0])),
+        ]));
+        assert!(m.contains("dimension 1, expected 2"), "{m}");
+
+        let m = invalid(&upload(vec![
+            doc("a", "x", Some(vec![1.0])),
+            doc("b", "y", None),
+        ]));
+        assert!(m.contains("\"b\"") && m.contains("all or none"), "{m}");
+
+        let m = invalid(&upload(vec![doc("a", "x", Some(vec![f32::NAN]))]));
+        assert!(m.contains("non-finite"), "{m}");
+
+        let m = invalid(&upload(vec![doc("a", "x", Some(vec![0.0, 0.0]))]));
+        assert!(m.contains("all-zero"), "{m}");
+
+        let m = invalid(&upload(vec![doc("a", "x", Some(vec![1.0; MAX_DIM + 1]))]));
+        assert!(m.contains("dimension 4097"), "{m}");
+
+        let m = invalid(&upload(vec![doc(
+            "a",
+            &"x".repeat(MAX_TEXT_BYTES + 1),
+            None,
+        )]));
+        assert!(m.contains("text of"), "{m}");
+
+        let tool = |name: &str| Tool {
+            name: name.into(),
+            description: String::new(),
+            schema: "{}".into(),
+        };
+        let mut u = upload(vec![]);
+        u.tools = vec![tool("t"), tool("t")];
+        assert!(invalid(&u).contains("tool 1 (name \"t\") repeats"));
+        u.tools = vec![tool("")];
+        assert!(invalid(&u).contains("empty name"));
+    }
+
+    #[test]
+    fn round_trip_keeps_documents_tools_and_metadata() {
+        let mut u = upload(vec![
+            doc("a", "first text", Some(vec![3.0, 4.0])),
+            doc("b", "", Some(vec![0.0, -1.0])),
+        ]);
+        u.tools = vec![Tool {
+            name: "lookup".into(),
+            description: "looks things up".into(),
+            schema: r#"{"type":"object"}"#.into(),
+        }];
+        let enc = encode(&u).unwrap();
+        assert_eq!((enc.documents, enc.dim), (2, 2));
+        assert!(enc.digest.starts_with("sha256:") && enc.digest.len() == 7 + 64);
+        let ctx = HeavyContext::decode(&enc.digest, &enc.bytes).unwrap();
+        assert_eq!(ctx.digest(), enc.digest);
+        assert_eq!((ctx.documents(), ctx.dim()), (2, 2));
+        assert_eq!(ctx.document(0), Some(("a", "first text")));
+        assert_eq!(ctx.document(1), Some(("b", "")));
+        assert_eq!(ctx.document(2), None);
+        assert_eq!(ctx.tools(), &u.tools[..]);
+        // Stored normalized: the query equal to doc a scores exactly ~1.
+        let hits = ctx.search(&[3.0, 4.0], 1).unwrap();
+        assert_eq!(hits[0].id, "a");
+        assert!((hits[0].score - 1.0).abs() < 1e-6);
+        assert!(ctx.size_bytes() >= enc.bytes.len() / 2);
+    }
+
+    #[test]
+    fn search_refuses_what_it_cannot_rank() {
+        let with = encode(&upload(vec![doc("a", "x", Some(vec![1.0, 0.0]))])).unwrap();
+        let ctx = HeavyContext::decode(&with.digest, &with.bytes).unwrap();
+        assert!(ctx.search(&[1.0], 1).unwrap_err().contains("dimension 1"));
+        assert!(ctx.search(&[0.0, 0.0], 1).is_err());
+        assert!(ctx.search(&[f32::INFINITY, 0.0], 1).is_err());
+        assert!(ctx.search(&[1.0, 0.0], 0).unwrap().is_empty());
+
+        let without = encode(&upload(vec![doc("a", "x", None)])).unwrap();
+        let ctx = HeavyContext::decode(&without.digest, &without.bytes).unwrap();
+        assert_eq!(ctx.dim(), 0);
+        assert!(ctx.search(&[1.0], 1).unwrap_err().contains("no embeddings"));
+    }
+
+    #[test]
+    fn k_is_clamped_to_documents_and_max_k() {
+        let docs = (0..MAX_K + 5)
+            .map(|i| doc(&i.to_string(), "same words", Some(vec![1.0, i as f32])))
+            .collect();
+        let enc = encode(&upload(docs)).unwrap();
+        let ctx = HeavyContext::decode(&enc.digest, &enc.bytes).unwrap();
+        assert_eq!(ctx.search(&[1.0, 0.0], usize::MAX).unwrap().len(), MAX_K);
+        assert_eq!(ctx.search_text("words", usize::MAX).len(), MAX_K);
+        // Equal BM25 scores: document order decides.
+        assert_eq!(ctx.search_text("same", 2)[1].id, "1");
+
+        let enc = encode(&upload(vec![doc("a", "w", Some(vec![1.0]))])).unwrap();
+        let ctx = HeavyContext::decode(&enc.digest, &enc.bytes).unwrap();
+        assert_eq!(ctx.search(&[1.0], 10).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn decode_checks_the_digest() {
+        let enc = encode(&upload(vec![doc("a", "x", None)])).unwrap();
+        let other = format!("sha256:{}", "0".repeat(64));
+        let err = HeavyContext::decode(&other, &enc.bytes).unwrap_err();
+        assert!(matches!(err, ContextError::Corrupt(m) if m.contains("digest mismatch")));
+    }
+
+    #[test]
+    fn decode_refuses_a_zero_embedding_with_a_valid_digest() {
+        let enc = encode(&upload(vec![doc("a", "x", Some(vec![1.0]))])).unwrap();
+        let mut bytes = enc.bytes;
+        // The single f32 sits just before the (empty) tool section, at the end.
+        let at = bytes.len() - 4;
+        bytes[at..].copy_from_slice(&0f32.to_le_bytes());
+        let digest = format::digest_of(&bytes);
+        let err = HeavyContext::decode(&digest, &bytes).unwrap_err();
+        assert!(matches!(err, ContextError::Corrupt(m) if m.contains("all-zero")));
+    }
+}
