@@ -128,6 +128,27 @@ impl Stack {
         (status, v)
     }
 
+    /// Sends `head` on a raw connection and answers what comes back
+    /// (until the server closes it or 2 s pass).
+    async fn raw_head(&self, head: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = self.base.trim_start_matches("http://");
+        let mut sock = tokio::net::TcpStream::connect(addr).await.unwrap();
+        sock.write_all(head.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            match tokio::time::timeout(Duration::from_millis(200), sock.read(&mut chunk)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+                Err(_) if !buf.is_empty() => break,
+                Err(_) => {}
+            }
+        }
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+
     async fn get(&self, path: &str, token: &str) -> (StatusCode, Value) {
         self.call(reqwest::Method::GET, path, Some(token), None)
             .await
@@ -528,15 +549,17 @@ async fn bad_requests_get_clear_errors_and_lose_nothing() {
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     let v: Value = r.json().await.unwrap();
     assert_eq!(error_code(&v), "invalid_component");
-    let r = s
-        .http
-        .post(format!("{}/v1/components", s.base))
-        .bearer_auth(&token)
-        .body(vec![0u8; 5 << 20])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    // Over the limit: refused on the declared length, before the body is
+    // sent (a raw socket, since the answer comes while the client would
+    // still be writing).
+    let head = s
+        .raw_head(&format!(
+            "POST /v1/components HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {token}\r\ncontent-length: {}\r\n\r\n",
+            5 << 20
+        ))
+        .await;
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+    assert!(head.contains("payload_too_large"), "{head}");
 
     let digest = s.push(&token, "echo").await;
     // 400s naming the field.
@@ -719,10 +742,12 @@ const PROC_LEASE_MS: u64 = 1000;
 /// An `agentplane worker` child process.
 struct WorkerProc {
     child: Child,
+    log: std::path::PathBuf,
 }
 
 impl WorkerProc {
     fn spawn(redis_url: &str, slots: u32, drain_ms: u64, log: &std::path::Path) -> WorkerProc {
+        let log_path = log.to_path_buf();
         let log = std::fs::File::create(log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_agentplane"))
             .args(["worker", "--redis", redis_url])
@@ -734,7 +759,10 @@ impl WorkerProc {
             .stderr(log)
             .spawn()
             .expect("spawn agentplane worker");
-        WorkerProc { child }
+        WorkerProc {
+            child,
+            log: log_path,
+        }
     }
 
     fn signal(&self, sig: libc::c_int) {
@@ -758,6 +786,20 @@ impl WorkerProc {
 
 impl Drop for WorkerProc {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // The temp dir goes with the test: show what the worker said.
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let tail: String = log
+                .lines()
+                .rev()
+                .take(40)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("\n");
+            eprintln!("--- {} ---\n{tail}", self.log.display());
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
