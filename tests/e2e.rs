@@ -939,3 +939,146 @@ async fn sigterm_drains_then_hands_back_unfinished_jobs_uncharged() {
     assert_eq!(st, StatusCode::OK);
     s.stop().await;
 }
+
+/// `agentplane serve` as a user runs it: its own redis-server in the data
+/// dir, the admin token written once, everything stopped on SIGTERM, the
+/// data still there on the next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn serve_runs_its_own_redis_and_keeps_data_across_restarts() {
+    use std::io::BufRead;
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (data_dir, logs) = (data.clone(), dir.path().to_path_buf());
+    let start = move |log: &str| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_agentplane"))
+            .arg("serve")
+            .arg("--data")
+            .arg(&data_dir)
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--slots",
+                "1",
+                "--lease-ms",
+                "1000",
+            ])
+            .env_remove("AGENTPLANE_ADMIN_TOKEN")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(logs.join(log)).unwrap())
+            .spawn()
+            .expect("spawn agentplane serve");
+        // The banner's first line names the address it bound.
+        let out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut lines = out.lines();
+        let mut base = None;
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            if let Some(rest) = line.strip_prefix("agentplane is listening on ") {
+                base = Some(rest.trim().to_string());
+                break;
+            }
+        }
+        // Keep reading what else it prints, as a terminal would.
+        std::thread::spawn(move || lines.for_each(drop));
+        (child, base.expect("serve printed its address"))
+    };
+    let (mut child, base) = tokio::task::spawn_blocking({
+        let start = start.clone();
+        move || start("serve1.log")
+    })
+    .await
+    .unwrap();
+    let token_file = data.join("admin-token");
+    let admin = std::fs::read_to_string(&token_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    assert_eq!(
+        std::fs::metadata(&token_file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let http = reqwest::Client::new();
+    let r = http
+        .post(format!("{base}/v1/tenants"))
+        .bearer_auth(&admin)
+        .json(&json!({"id": "acme", "credits": 1_000_000_000i64}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let token = r.json::<Value>().await.unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = http
+        .post(format!("{base}/v1/components"))
+        .bearer_auth(&token)
+        .body(guest_bytes("echo"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let digest = r.json::<Value>().await.unwrap()["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = http
+        .post(format!("{base}/v1/jobs"))
+        .bearer_auth(&token)
+        .json(&json!({"component": digest, "input": "embedded"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let id = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let job: Value = http
+        .get(format!("{base}/v1/jobs/{id}?wait=30"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(job["output"], "embedded", "{job}");
+
+    // SIGTERM: everything stops, Redis included.
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "serve did not stop");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status:?}");
+    let socket = data.join("redis.sock");
+    assert!(std::os::unix::net::UnixStream::connect(&socket).is_err());
+    assert!(data.join("appendonlydir").exists());
+
+    // Restart on the same dir: same admin token, the tenant and job are there.
+    let (mut child, base) = tokio::task::spawn_blocking(move || start("serve2.log"))
+        .await
+        .unwrap();
+    let admin2 = std::fs::read_to_string(&token_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    assert_eq!(admin, admin2);
+    let r = http
+        .get(format!("{base}/v1/jobs/{id}"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.json::<Value>().await.unwrap()["state"], "succeeded");
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -13,6 +13,16 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
+/// Prints a banner line to stdout, ignoring a closed stdout: a server must
+/// not die because whoever started it stopped reading (`println!` would
+/// panic on EPIPE).
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 /// How long the API may take to finish requests in flight (long-polls
 /// included) once shutdown starts.
 const API_GRACE: Duration = Duration::from_secs(5);
@@ -130,12 +140,12 @@ async fn serve_parts(
         .with_context(|| format!("binding {}", args.listen))?;
     let addr = listener.local_addr()?;
     let base = format!("http://{addr}");
-    println!("agentplane is listening on {base}");
+    say!("agentplane is listening on {base}");
     match &token_file {
-        Some(p) => println!("admin token (stored in {}): {token}", p.display()),
-        None => println!("admin token: from AGENTPLANE_ADMIN_TOKEN"),
+        Some(p) => say!("admin token (stored in {}): {token}", p.display()),
+        None => say!("admin token: from AGENTPLANE_ADMIN_TOKEN"),
     }
-    println!(
+    say!(
         "try: curl -s -H 'Authorization: Bearer {}' -d '{{\"id\":\"demo\",\"credits\":1000000}}' {base}/v1/tenants",
         if token_file.is_some() {
             token.as_str()
@@ -243,7 +253,7 @@ pub async fn api(args: ApiArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
-    println!(
+    say!(
         "agentplane api is listening on http://{}",
         listener.local_addr()?
     );
