@@ -358,7 +358,7 @@ async fn echo_round_trip_over_http_and_cli() {
     let base = s.base.clone();
     let wasm = guest_wasm("echo");
     let tok = token.clone();
-    let (pushed, submitted) = tokio::task::spawn_blocking(move || {
+    let (pushed, submitted, missing) = tokio::task::spawn_blocking(move || {
         let cli = |args: &[&str]| {
             Command::new(env!("CARGO_BIN_EXE_agentplane"))
                 .args(args)
@@ -381,10 +381,14 @@ async fn echo_round_trip_over_http_and_cli() {
             "from cli",
             "--wait",
         ]);
-        (pushed, submitted)
+        let missing = cli(&["job", "get", "01ARZ3NDEKTSV4RRFFQ69G5FAV"]);
+        (pushed, submitted, missing)
     })
     .await
     .unwrap();
+    // A non-2xx answer: the error on stderr, exit status 1.
+    assert_eq!(missing.status.code(), Some(1), "{missing:?}");
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("not_found"));
     assert!(pushed.status.success());
     assert!(submitted.status.success(), "{submitted:?}");
     let job: Value = serde_json::from_slice(&submitted.stdout).unwrap();
