@@ -154,6 +154,10 @@ impl ContextCache {
         self.loads.fetch_add(1, Ordering::Relaxed);
         let bytes = load().await?;
         let owned = digest.to_owned();
+        // If this caller is cancelled now, the decode still runs to the end on
+        // its blocking thread and its result is dropped; a waiter that takes
+        // over decodes again. Rare (a cancelled first mounter) and bounded by
+        // one extra decode, which is simpler than detaching the load.
         let ctx = tokio::task::spawn_blocking(move || HeavyContext::decode(&owned, &bytes))
             .await
             .context("the context decode task failed")??;

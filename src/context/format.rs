@@ -22,7 +22,9 @@
 //! The blob ends exactly after the last tool: trailing bytes are corruption.
 //! The context's name is not in the blob: the name → digest mapping belongs
 //! to the control plane, and identical content gets one digest and so one
-//! cached copy per node however it is named.
+//! cached copy per node however it is named. (Sharing across tenants leaks
+//! at most, through load latency, whether the exact same bytes are already
+//! cached on a node, which needs the whole content to ask.)
 
 use super::{
     ContextError, ContextUpload, Document, MAX_BLOB_BYTES, MAX_DIM, MAX_DOCUMENTS, MAX_ID_BYTES,

@@ -93,7 +93,10 @@ pub struct RunRequest {
 #[derive(Debug, Clone, PartialEq)]
 pub enum RunOutcome {
     Ok(String),
-    Failed { kind: ErrorKind, message: String },
+    Failed {
+        kind: ErrorKind,
+        message: String,
+    },
     /// Stopped through `RunRequest::cancel`.
     Interrupted,
 }
@@ -140,7 +143,11 @@ impl Host {
     {
         Err(HostError::Other(anyhow::anyhow!("not implemented")))
     }
-    pub async fn context<F, Fut>(&self, _digest: &str, _fetch: F) -> anyhow::Result<Arc<HeavyContext>>
+    pub async fn context<F, Fut>(
+        &self,
+        _digest: &str,
+        _fetch: F,
+    ) -> anyhow::Result<Arc<HeavyContext>>
     where
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = anyhow::Result<Vec<u8>>>,
