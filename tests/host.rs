@@ -333,6 +333,41 @@ async fn cancellation_interrupts_a_runaway_at_once() {
 }
 
 #[tokio::test]
+async fn a_guest_parked_in_a_host_call_still_meets_its_deadline() {
+    let host = Host::new(cfg()).unwrap();
+    let sleeper = load(&host, "sleeper").await;
+    let r = host.run(request(&sleeper, "20", limits())).await;
+    assert_eq!(r.outcome, RunOutcome::Ok("slept 20 ms".into()));
+    let lim = Limits {
+        timeout_ms: 300,
+        ..limits()
+    };
+    let r = host.run(request(&sleeper, "60000", lim)).await;
+    assert_eq!(failed(&r).0, ErrorKind::Timeout);
+    assert!(r.wall_ms < 2_000, "stopped after {} ms", r.wall_ms);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancellation_interrupts_a_guest_parked_in_a_host_call() {
+    let host = Host::new(cfg()).unwrap();
+    let sleeper = load(&host, "sleeper").await;
+    let req = request(&sleeper, "60000", limits());
+    let cancel = req.cancel.clone();
+    let canceller = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        cancel.cancel();
+        Instant::now()
+    });
+    let r = host.run(req).await;
+    let lag = Instant::now() - canceller.await.unwrap();
+    assert_eq!(r.outcome, RunOutcome::Interrupted);
+    assert!(
+        lag < Duration::from_millis(100),
+        "stopped {lag:?} after cancel"
+    );
+}
+
+#[tokio::test]
 async fn the_escape_guest_finds_no_file_no_env_and_no_network() {
     let host = Host::new(cfg()).unwrap();
     let escape = load(&host, "escape").await;
@@ -340,6 +375,7 @@ async fn the_escape_guest_finds_no_file_no_env_and_no_network() {
     let RunOutcome::Ok(out) = &r.outcome else {
         panic!("escape guest failed: {:?}\n{}", r.outcome, r.log);
     };
+    eprintln!("escape report: {out}");
     let v: serde_json::Value = serde_json::from_str(out).unwrap();
     for probe in ["passwd", "list_root", "list_cwd", "tcp", "udp", "dns"] {
         assert_eq!(v[probe]["ok"], false, "{probe} must fail: {}", v[probe]);
