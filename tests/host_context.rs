@@ -88,7 +88,6 @@ fn request_without_context(c: &Arc<LoadedComponent>, input: &str) -> RunRequest 
 }
 
 #[tokio::test]
-#[ignore = "needs the context module (branch ctx): HeavyContext is still a stub here"]
 async fn rag_qa_searches_the_mounted_index_and_lists_tools() {
     let _serial = SERIAL.lock().await;
     let host = Host::new(HostConfig {
@@ -185,7 +184,6 @@ async fn a_thousand_concurrent_instances_fit_the_pool() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs the context module (branch ctx): HeavyContext is still a stub here"]
 async fn a_thousand_instances_share_one_context() {
     let _serial = SERIAL.lock().await;
     let host = thousand_slot_host();
