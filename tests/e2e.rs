@@ -19,6 +19,15 @@ use tokio_util::sync::CancellationToken;
 
 const ADMIN: &str = "test-admin-token";
 
+/// The `agentplane` binary under test. `AGENTPLANE_BIN` overrides the one
+/// cargo built, for checkouts that share a target dir (where another
+/// checkout's build may replace `target/debug/agentplane` mid-run).
+fn bin() -> std::path::PathBuf {
+    std::env::var_os("AGENTPLANE_BIN")
+        .map(Into::into)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_agentplane").into())
+}
+
 /// API + scheduler (+ optionally a worker) in this process, over a fresh
 /// `redis-server`.
 struct Stack {
@@ -360,7 +369,7 @@ async fn echo_round_trip_over_http_and_cli() {
     let tok = token.clone();
     let (pushed, submitted, missing) = tokio::task::spawn_blocking(move || {
         let cli = |args: &[&str]| {
-            Command::new(env!("CARGO_BIN_EXE_agentplane"))
+            Command::new(bin())
                 .args(args)
                 .env("AGENTPLANE_URL", &base)
                 .env("AGENTPLANE_TOKEN", &tok)
@@ -753,7 +762,7 @@ impl WorkerProc {
     fn spawn(redis_url: &str, slots: u32, drain_ms: u64, log: &std::path::Path) -> WorkerProc {
         let log_path = log.to_path_buf();
         let log = std::fs::File::create(log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_agentplane"))
+        let child = Command::new(bin())
             .args(["worker", "--redis", redis_url])
             .args(["--slots", &slots.to_string()])
             .args(["--lease-ms", &PROC_LEASE_MS.to_string()])
@@ -955,7 +964,7 @@ async fn serve_runs_its_own_redis_and_keeps_data_across_restarts() {
     let data = dir.path().join("data");
     let (data_dir, logs) = (data.clone(), dir.path().to_path_buf());
     let start = move |log: &str| {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_agentplane"))
+        let mut child = Command::new(bin())
             .arg("serve")
             .arg("--data")
             .arg(&data_dir)
