@@ -9,7 +9,7 @@ use agentplane::control::{ControlConfig, ControlPlane};
 use agentplane::host::{Host, HostConfig};
 use agentplane::worker::{WorkerConfig, run_worker};
 use common::guests::{guest_bytes, guest_wasm};
-use common::redis::RedisServer;
+use common::redis::{RedisCluster, RedisServer};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use std::process::{Child, Command, Stdio};
@@ -29,9 +29,13 @@ fn bin() -> std::path::PathBuf {
 }
 
 /// API + scheduler (+ optionally a worker) in this process, over a fresh
-/// `redis-server`.
+/// `redis-server` (or a fresh Redis Cluster).
 struct Stack {
-    redis: RedisServer,
+    redis: Option<RedisServer>,
+    _cluster: Option<RedisCluster>,
+    /// The Redis URL every part uses.
+    url: String,
+    dir: std::path::PathBuf,
     base: String,
     http: reqwest::Client,
     lease_ms: u64,
@@ -43,6 +47,8 @@ struct Opts {
     worker_slots: Option<u32>,
     lease_ms: u64,
     api: ApiConfig,
+    /// Run on a Redis Cluster of this many masters, tenants over `shards`.
+    cluster: Option<(usize, u32)>,
 }
 
 impl Default for Opts {
@@ -51,18 +57,31 @@ impl Default for Opts {
             worker_slots: Some(2),
             lease_ms: 1500,
             api: ApiConfig::default(),
+            cluster: None,
         }
     }
 }
 
 impl Stack {
     async fn start(opts: Opts) -> Stack {
-        let redis = RedisServer::start();
+        let (redis, cluster, url, dir, shards) = match opts.cluster {
+            None => {
+                let r = RedisServer::start();
+                let (url, dir) = (r.url.clone(), r.dir.path().to_path_buf());
+                (Some(r), None, url, dir, 1)
+            }
+            Some((masters, shards)) => {
+                let c = RedisCluster::start(masters);
+                let (url, dir) = (c.url.clone(), c.dir.path().to_path_buf());
+                (None, Some(c), url, dir, shards)
+            }
+        };
         let cfg = ControlConfig {
             lease_ms: opts.lease_ms,
+            shards,
             ..ControlConfig::default()
         };
-        let control = ControlPlane::connect(&redis.url, cfg)
+        let control = ControlPlane::connect(&url, cfg)
             .await
             .expect("connect control plane");
         let shutdown = CancellationToken::new();
@@ -101,6 +120,9 @@ impl Stack {
         }
         Stack {
             redis,
+            _cluster: cluster,
+            url,
+            dir,
             base,
             http: reqwest::Client::new(),
             lease_ms: opts.lease_ms,
@@ -686,7 +708,7 @@ async fn readyz_fails_when_redis_is_down() {
     .await;
     let (st, _) = s.call(reqwest::Method::GET, "/readyz", None, None).await;
     assert_eq!(st, StatusCode::OK);
-    s.redis.kill();
+    s.redis.as_mut().unwrap().kill();
     let (st, v) = s.call(reqwest::Method::GET, "/readyz", None, None).await;
     assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE, "{v}");
     assert_eq!(error_code(&v), "unavailable");
@@ -760,6 +782,16 @@ struct WorkerProc {
 
 impl WorkerProc {
     fn spawn(redis_url: &str, slots: u32, drain_ms: u64, log: &std::path::Path) -> WorkerProc {
+        Self::spawn_with(redis_url, slots, drain_ms, &[], log)
+    }
+
+    fn spawn_with(
+        redis_url: &str,
+        slots: u32,
+        drain_ms: u64,
+        extra: &[&str],
+        log: &std::path::Path,
+    ) -> WorkerProc {
         let log_path = log.to_path_buf();
         let log = std::fs::File::create(log).unwrap();
         let child = Command::new(bin())
@@ -767,6 +799,7 @@ impl WorkerProc {
             .args(["--slots", &slots.to_string()])
             .args(["--lease-ms", &PROC_LEASE_MS.to_string()])
             .args(["--drain-ms", &drain_ms.to_string()])
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
@@ -831,8 +864,8 @@ async fn sigkilled_worker_job_finishes_elsewhere_charged_once() {
     let s = Stack::start(proc_opts()).await;
     let token = s.tenant("acme").await;
     let hold = s.push(&token, "hold").await;
-    let dir = s.redis.dir.path().to_path_buf();
-    let mut w1 = WorkerProc::spawn(&s.redis.url, 1, 5_000, &dir.join("w1.log"));
+    let dir = s.dir.clone();
+    let mut w1 = WorkerProc::spawn(&s.url, 1, 5_000, &dir.join("w1.log"));
     let before = s.assert_books_balance("acme").await;
 
     // `hold` busy-works for the given ms: long enough to be killed mid-run.
@@ -845,7 +878,7 @@ async fn sigkilled_worker_job_finishes_elsewhere_charged_once() {
     w1.wait_exit(Duration::from_secs(5));
     let killed_at = Instant::now();
 
-    let _w2 = WorkerProc::spawn(&s.redis.url, 1, 5_000, &dir.join("w2.log"));
+    let _w2 = WorkerProc::spawn(&s.url, 1, 5_000, &dir.join("w2.log"));
     let job = s.wait_terminal(&token, &id, 60).await;
     assert_eq!(state(&job), "succeeded", "{job}");
     assert!(job["attempts"].as_u64().unwrap() >= 2, "{job}");
@@ -866,8 +899,8 @@ async fn stopped_worker_past_its_lease_cannot_finalize() {
     let s = Stack::start(proc_opts()).await;
     let token = s.tenant("acme").await;
     let hold = s.push(&token, "hold").await;
-    let dir = s.redis.dir.path().to_path_buf();
-    let w1 = WorkerProc::spawn(&s.redis.url, 1, 5_000, &dir.join("w1.log"));
+    let dir = s.dir.clone();
+    let w1 = WorkerProc::spawn(&s.url, 1, 5_000, &dir.join("w1.log"));
     let before = s.assert_books_balance("acme").await;
 
     let id = s
@@ -876,7 +909,7 @@ async fn stopped_worker_past_its_lease_cannot_finalize() {
     s.wait_for(&token, &id, 30, |j| state(j) == "running").await;
     w1.signal(libc::SIGSTOP);
     // Past the lease and a reaper period: the job is reclaimed.
-    let _w2 = WorkerProc::spawn(&s.redis.url, 1, 5_000, &dir.join("w2.log"));
+    let _w2 = WorkerProc::spawn(&s.url, 1, 5_000, &dir.join("w2.log"));
     s.wait_for(&token, &id, 30, |j| {
         j["attempts"].as_u64().unwrap_or(0) >= 2 && state(j) == "running"
     })
@@ -903,8 +936,8 @@ async fn sigterm_drains_then_hands_back_unfinished_jobs_uncharged() {
     let echo = s.push(&token, "echo").await;
     let runaway = s.push(&token, "runaway").await;
     let hold = s.push(&token, "hold").await;
-    let dir = s.redis.dir.path().to_path_buf();
-    let mut w = WorkerProc::spawn(&s.redis.url, 3, 2_000, &dir.join("w.log"));
+    let dir = s.dir.clone();
+    let mut w = WorkerProc::spawn(&s.url, 3, 2_000, &dir.join("w.log"));
 
     let done = s
         .submit(&token, json!({"component": echo, "input": "early"}))
@@ -1094,4 +1127,73 @@ async fn serve_runs_its_own_redis_and_keeps_data_across_restarts() {
     assert_eq!(r.json::<Value>().await.unwrap()["state"], "succeeded");
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// GPU jobs go only to workers that offer free GPU slots, and a tenant
+/// waiting for a GPU does not hold up another tenant's CPU jobs. (Within one
+/// tenant jobs start in order, so the test uses two tenants.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn gpu_jobs_wait_for_a_worker_with_free_gpus() {
+    let s = Stack::start(proc_opts()).await;
+    let gpu_t = s.tenant_with("gpu-t", json!({"max_gpus": 1})).await;
+    let cpu_t = s.tenant("cpu-t").await;
+    let echo_g = s.push(&gpu_t, "echo").await;
+    let echo_c = s.push(&cpu_t, "echo").await;
+    let dir = s.dir.clone();
+    let _cpu = WorkerProc::spawn(&s.url, 2, 1_000, &dir.join("cpu.log"));
+    let gpu_job = s
+        .submit(
+            &gpu_t,
+            json!({"component": echo_g, "input": "on a gpu", "gpus": 1}),
+        )
+        .await;
+    let cpu_job = s
+        .submit(&cpu_t, json!({"component": echo_c, "input": "on a cpu"}))
+        .await;
+    let job = s.wait_terminal(&cpu_t, &cpu_job, 60).await;
+    assert_eq!(state(&job), "succeeded", "{job}");
+    tokio::time::sleep(Duration::from_millis(2 * PROC_LEASE_MS)).await;
+    let (_, job) = s.get(&format!("/v1/jobs/{gpu_job}"), &gpu_t).await;
+    assert_eq!(
+        state(&job),
+        "queued",
+        "a worker without GPUs took it: {job}"
+    );
+
+    let _gpu = WorkerProc::spawn_with(&s.url, 1, 1_000, &["--gpus", "1"], &dir.join("gpu.log"));
+    let job = s.wait_terminal(&gpu_t, &gpu_job, 60).await;
+    assert_eq!(state(&job), "succeeded", "{job}");
+    assert_eq!(job["output"], "on a gpu");
+    assert_eq!(job["gpus"], 1);
+    s.assert_books_balance("gpu-t").await;
+    s.assert_books_balance("cpu-t").await;
+    s.stop().await;
+}
+
+/// The same service on a Redis Cluster: tenants spread over shards, API,
+/// scheduler and worker against `redis+cluster://`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_service_runs_on_a_redis_cluster() {
+    let s = Stack::start(Opts {
+        cluster: Some((3, 4)),
+        ..Opts::default()
+    })
+    .await;
+    assert!(s.url.starts_with("redis+cluster://"));
+    let mut jobs = Vec::new();
+    for t in ["t-a", "t-b", "t-c", "t-d"] {
+        let token = s.tenant(t).await;
+        let echo = s.push(&token, "echo").await;
+        let id = s
+            .submit(&token, json!({"component": echo, "input": t}))
+            .await;
+        jobs.push((t, token, id));
+    }
+    for (t, token, id) in &jobs {
+        let job = s.wait_terminal(token, id, 60).await;
+        assert_eq!(state(&job), "succeeded", "{job}");
+        assert_eq!(job["output"], *t);
+        s.assert_books_balance(t).await;
+    }
+    s.stop().await;
 }
