@@ -5,6 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/ensure-deps.sh
-(cd guest-examples && cargo build --release --target wasm32-wasip2)
+# The agents always land in guest-examples/target (where the README points),
+# whatever CARGO_TARGET_DIR says for the host build.
+(cd guest-examples && env -u CARGO_TARGET_DIR cargo build --release --target wasm32-wasip2 --target-dir target)
 echo "example agents: guest-examples/target/wasm32-wasip2/release/*.wasm" >&2
 exec cargo run --locked -- serve "$@"
