@@ -250,14 +250,16 @@ pub(super) async fn get(
         }
     };
     let deadline = Instant::now() + wait;
+    let base = state.config().wait_poll;
+    let mut period = base;
     loop {
         let job = fetch_job(&state, tenant, &id).await?;
         let now = Instant::now();
         if job.state.is_terminal() || now >= deadline {
             return Ok(Json(job));
         }
-        let step = state.config().wait_poll.min(deadline - now);
-        tokio::time::sleep(step).await;
+        tokio::time::sleep(period.min(deadline - now)).await;
+        period = (period * 2).min(base * 5);
     }
 }
 

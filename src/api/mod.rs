@@ -45,8 +45,14 @@ pub struct ApiConfig {
     /// Longest `?wait=` honoured; longer requests are cut to it so a client
     /// cannot pin a connection forever.
     pub max_wait: Duration,
-    /// How often a long-poll re-reads the job.
+    /// How often a long-poll first re-reads the job; the period doubles up
+    /// to 5× this while the job stays unfinished, so many waiting clients
+    /// on long jobs cost Redis little.
     pub wait_poll: Duration,
+    /// Uploads (components, contexts) handled at once. Each may buffer up to
+    /// its size limit and then burn CPU on admission or indexing: without a
+    /// bound, a burst of large uploads could exhaust the API's memory.
+    pub max_concurrent_uploads: usize,
 }
 
 impl Default for ApiConfig {
@@ -57,6 +63,7 @@ impl Default for ApiConfig {
             max_context_bytes: 512 << 20,
             max_wait: Duration::from_secs(60),
             wait_poll: Duration::from_millis(100),
+            max_concurrent_uploads: 4,
         }
     }
 }
@@ -78,6 +85,7 @@ struct Inner {
     admin_token: String,
     cfg: ApiConfig,
     metrics: Option<PrometheusHandle>,
+    uploads: Arc<tokio::sync::Semaphore>,
 }
 
 /// What every handler shares; cheap to clone.
@@ -100,6 +108,9 @@ impl AppState {
                 control,
                 host,
                 admin_token,
+                uploads: Arc::new(tokio::sync::Semaphore::new(
+                    cfg.max_concurrent_uploads.max(1),
+                )),
                 cfg,
                 metrics: prom::handle(),
             }),
@@ -119,6 +130,17 @@ impl AppState {
     /// Size limits and wait cap.
     pub fn config(&self) -> &ApiConfig {
         &self.inner.cfg
+    }
+
+    /// A permit to buffer and process one upload (see
+    /// [`ApiConfig::max_concurrent_uploads`]); waits while others run.
+    pub(crate) async fn upload_permit(&self) -> ApiResult<tokio::sync::OwnedSemaphorePermit> {
+        self.inner
+            .uploads
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| ApiError::Internal)
     }
 
     pub(crate) fn admin_token(&self) -> &str {

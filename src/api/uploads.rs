@@ -23,6 +23,7 @@ pub(super) async fn push_component(
     let caller = authenticate(&state, &headers).await?;
     let tenant = caller.tenant()?.to_string();
     let limit = state.config().max_component_bytes;
+    let _permit = state.upload_permit().await?;
     let bytes = read_body(&headers, body, limit, "the component").await?;
     // Admission parses (and may compile) the component: CPU work that must
     // not stall the async workers serving other requests.
@@ -80,6 +81,7 @@ pub(super) async fn push_context(
     let caller = authenticate(&state, &headers).await?;
     let tenant = caller.tenant()?.to_string();
     let limit = state.config().max_context_bytes;
+    let _permit = state.upload_permit().await?;
     let bytes = read_body(&headers, body, limit, "the context").await?;
     // Parsing and indexing up to hundreds of MiB is CPU work: off the
     // async workers.
