@@ -1029,12 +1029,14 @@ async fn serve_runs_its_own_redis_and_keeps_data_across_restarts() {
         std::thread::spawn(move || lines.for_each(drop));
         (child, base.expect("serve printed its address"))
     };
-    let (mut child, base) = tokio::task::spawn_blocking({
+    let (child, base) = tokio::task::spawn_blocking({
         let start = start.clone();
         move || start("serve1.log")
     })
     .await
     .unwrap();
+    let mut guard = KillOnDrop(vec![child]);
+    let child = &mut guard.0[0];
     let token_file = data.join("admin-token");
     let admin = std::fs::read_to_string(&token_file)
         .unwrap()
@@ -1109,9 +1111,10 @@ async fn serve_runs_its_own_redis_and_keeps_data_across_restarts() {
     assert!(data.join("appendonlydir").exists());
 
     // Restart on the same dir: same admin token, the tenant and job are there.
-    let (mut child, base) = tokio::task::spawn_blocking(move || start("serve2.log"))
+    let (child, base) = tokio::task::spawn_blocking(move || start("serve2.log"))
         .await
         .unwrap();
+    let _guard2 = KillOnDrop(vec![child]);
     let admin2 = std::fs::read_to_string(&token_file)
         .unwrap()
         .trim()
@@ -1125,8 +1128,6 @@ async fn serve_runs_its_own_redis_and_keeps_data_across_restarts() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(r.json::<Value>().await.unwrap()["state"], "succeeded");
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 /// GPU jobs go only to workers that offer free GPU slots, and a tenant
@@ -1196,4 +1197,147 @@ async fn the_service_runs_on_a_redis_cluster() {
         s.assert_books_balance(t).await;
     }
     s.stop().await;
+}
+
+/// The parts one per process, as on many machines: `api`, `scheduler` and
+/// two `worker`s against one Redis, each its own `agentplane` process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn parts_run_as_separate_processes() {
+    use std::io::BufRead;
+    let redis = RedisServer::start();
+    let dir = redis.dir.path().to_path_buf();
+    let free_port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let mut api = Command::new(bin())
+        .args(["api", "--redis", &redis.url, "--listen", "127.0.0.1:0"])
+        .env("AGENTPLANE_ADMIN_TOKEN", ADMIN)
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(dir.join("api.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let out = api.stdout.take().unwrap();
+    let base = tokio::task::spawn_blocking(move || {
+        let mut lines = std::io::BufReader::new(out).lines();
+        let line = lines.next().unwrap().unwrap();
+        std::thread::spawn(move || lines.for_each(drop));
+        line.strip_prefix("agentplane api is listening on ")
+            .expect("api banner")
+            .trim()
+            .to_string()
+    })
+    .await
+    .unwrap();
+    let metrics_port = free_port();
+    let mut children = KillOnDrop(vec![api]);
+    children.0.push(
+        Command::new(bin())
+            .args(["scheduler", "--redis", &redis.url, "--lease-ms", "1000"])
+            .stderr(std::fs::File::create(dir.join("sched.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    for (i, extra) in [
+        vec![
+            "--metrics-listen".to_string(),
+            format!("127.0.0.1:{metrics_port}"),
+        ],
+        vec![],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        children.0.push(
+            Command::new(bin())
+                .args(["worker", "--redis", &redis.url, "--slots", "2"])
+                .args(extra)
+                .stderr(std::fs::File::create(dir.join(format!("w{i}.log"))).unwrap())
+                .spawn()
+                .unwrap(),
+        );
+    }
+
+    let http = reqwest::Client::new();
+    let r = http
+        .post(format!("{base}/v1/tenants"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"id": "acme", "credits": 1_000_000_000i64}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let token = r.json::<Value>().await.unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let digest = http
+        .post(format!("{base}/v1/components"))
+        .bearer_auth(&token)
+        .body(guest_bytes("echo"))
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap()["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut ids = Vec::new();
+    for i in 0..8 {
+        let r = http
+            .post(format!("{base}/v1/jobs"))
+            .bearer_auth(&token)
+            .json(&json!({"component": digest, "input": format!("job {i}")}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::CREATED);
+        ids.push(
+            r.json::<Value>().await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    for (i, id) in ids.iter().enumerate() {
+        let job: Value = http
+            .get(format!("{base}/v1/jobs/{id}?wait=30"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(job["state"], "succeeded", "{job}");
+        assert_eq!(job["output"], format!("job {i}"));
+    }
+    // The worker's own metrics endpoint counts what it ran.
+    let m = http
+        .get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(m.contains("agentplane_claim_seconds"), "{m}");
+    drop(children);
+}
+
+/// Child processes killed when the test ends, even by a failed assertion.
+struct KillOnDrop(Vec<Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }

@@ -227,7 +227,7 @@ async fn spawn_metrics(
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding {addr}"))?;
-    tracing::info!(%addr, "serving /metrics");
+    tracing::info!(addr = %listener.local_addr()?, "serving /metrics");
     tokio::spawn(async move {
         let r = axum::serve(listener, api::metrics_app())
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
