@@ -142,6 +142,7 @@ impl Worker {
                 log_join(done);
             }
             let free = slots.available_permits() as u32;
+            metrics::gauge!("agentplane_worker_busy_slots").set((cfg.slots.max(1) - free) as f64);
             if free == 0 {
                 tokio::select! {
                     done = runs.join_next() => {

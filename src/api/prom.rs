@@ -8,7 +8,8 @@
 //! - `claim_seconds` (CLAIM round trip), `claimed_total`
 //! - `run_seconds{tenant}` (wall time of an attempt), `fuel_total{tenant}`,
 //!   `credits_total{tenant}` (settled credits of finished jobs)
-//! - `lease_renewals_total`, `lease_lost_total`, `scheduler_moved_total{step}`
+//! - `lease_renewals_total`, `lease_lost_total`, `scheduler_moved_total{step}`,
+//!   `worker_busy_slots`
 
 use super::AppState;
 use axum::extract::State;

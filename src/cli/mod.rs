@@ -78,6 +78,32 @@ pub struct SlotArgs {
     pub drain_ms: u64,
 }
 
+/// Request-size limits of the API (413 beyond them).
+#[derive(Debug, Clone, Args)]
+pub struct ApiLimitArgs {
+    /// Largest component upload, in bytes.
+    #[arg(long, default_value_t = 32 << 20)]
+    pub max_component_bytes: usize,
+    /// Largest job input, in bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    pub max_input_bytes: usize,
+    /// Largest context upload (JSON), in bytes.
+    #[arg(long, default_value_t = 512 << 20)]
+    pub max_context_bytes: usize,
+}
+
+impl ApiLimitArgs {
+    /// The API configuration these flags describe.
+    pub fn api_config(&self) -> crate::api::ApiConfig {
+        crate::api::ApiConfig {
+            max_component_bytes: self.max_component_bytes,
+            max_input_bytes: self.max_input_bytes,
+            max_context_bytes: self.max_context_bytes,
+            ..crate::api::ApiConfig::default()
+        }
+    }
+}
+
 /// `agentplane serve`.
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
@@ -97,6 +123,8 @@ pub struct ServeArgs {
     pub lease: LeaseArgs,
     #[command(flatten)]
     pub control: ControlArgs,
+    #[command(flatten)]
+    pub limits: ApiLimitArgs,
 }
 
 /// `agentplane worker`.
@@ -130,6 +158,8 @@ pub struct ApiArgs {
     pub listen: SocketAddr,
     #[command(flatten)]
     pub control: ControlArgs,
+    #[command(flatten)]
+    pub limits: ApiLimitArgs,
 }
 
 /// `agentplane scheduler`.

@@ -2,7 +2,7 @@
 //! per process (`worker`, `api`, `scheduler`).
 
 use super::{ApiArgs, ControlArgs, SchedulerArgs, ServeArgs, SlotArgs, WorkerArgs};
-use crate::api::{self, ApiConfig, AppState};
+use crate::api::{self, AppState};
 use crate::control::{ControlConfig, ControlPlane};
 use crate::embedded::{self, EmbeddedRedis};
 use crate::host::{Host, HostConfig};
@@ -154,7 +154,12 @@ async fn serve_parts(
         }
     );
 
-    let state = AppState::new(control.clone(), host.clone(), token, ApiConfig::default());
+    let state = AppState::new(
+        control.clone(),
+        host.clone(),
+        token,
+        args.limits.api_config(),
+    );
     let api = tokio::spawn(api_until(listener, state, shutdown.clone()));
     let sched = tokio::spawn(run_scheduler(control.clone(), shutdown.clone()));
     let worker = tokio::spawn(run_worker(wcfg, control, host, shutdown.clone()));
@@ -257,7 +262,7 @@ pub async fn api(args: ApiArgs) -> anyhow::Result<()> {
         "agentplane api is listening on http://{}",
         listener.local_addr()?
     );
-    let state = AppState::new(control, host, token, ApiConfig::default());
+    let state = AppState::new(control, host, token, args.limits.api_config());
     api_until(listener, state, shutdown).await
 }
 
