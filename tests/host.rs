@@ -368,6 +368,17 @@ async fn cancellation_interrupts_a_guest_parked_in_a_host_call() {
 }
 
 #[tokio::test]
+async fn a_request_cancelled_before_it_starts_does_not_run() {
+    let host = Host::new(cfg()).unwrap();
+    let counter = load(&host, "counter").await;
+    let req = request(&counter, "", limits());
+    req.cancel.cancel();
+    let r = host.run(req).await;
+    assert_eq!(r.outcome, RunOutcome::Interrupted);
+    assert_eq!((r.fuel_used, r.new_state), (0, None));
+}
+
+#[tokio::test]
 async fn the_escape_guest_finds_no_file_no_env_and_no_network() {
     let host = Host::new(cfg()).unwrap();
     let escape = load(&host, "escape").await;

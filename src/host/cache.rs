@@ -89,6 +89,7 @@ impl Compiler {
         {
             Ok(l) => {
                 self.disk_loads.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("agentplane_host_component_disk_loads_total").increment(1);
                 Some(l)
             }
             Err(e) => {
@@ -106,6 +107,7 @@ impl Compiler {
         let component = Component::new(&self.engine, bytes)
             .map_err(|e| anyhow::anyhow!("{digest}: {}", admission::compile_error(&e)))?;
         self.compiles.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("agentplane_host_component_compiles_total").increment(1);
         if let Some(path) = self.disk_path(hex) {
             // A failed write only costs a compile next time.
             if let Err(e) = write_atomically(&path, &component) {

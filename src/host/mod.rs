@@ -8,10 +8,15 @@
 //! - `Host::context(digest, fetch)` gives a shared heavy context.
 //! - `Host::run(RunRequest)` runs one attempt and reports what happened.
 //!
-//! Inside: [`engine`](self) builds the wasmtime engine and the epoch ticker,
-//! `bindings` the `agent` world, `sandbox` WASI with nothing granted,
-//! `limits` the memory limiter and tenant budgets, `admission` the upload
-//! checks, `cache` the compiled-component cache, `run` one attempt.
+//! Inside: `engine` builds the wasmtime engine and the epoch ticker,
+//! `bindings` the `agent` world and its host imports, `sandbox` WASI with
+//! nothing granted, `limits` the memory limiter and tenant budgets,
+//! `admission` the upload checks, `cache` the compiled-component cache, and
+//! `run` one attempt and the classification of how it ended.
+//!
+//! Metrics: `agentplane_host_runs_total{outcome}`, `agentplane_host_run_seconds`,
+//! `agentplane_host_component_compiles_total`,
+//! `agentplane_host_component_disk_loads_total`.
 
 mod admission;
 mod bindings;

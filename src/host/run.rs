@@ -67,7 +67,36 @@ pub(crate) struct RunEnv {
 
 /// Runs `req` to its end; never panics on anything the guest does.
 pub(crate) async fn run(env: RunEnv, req: RunRequest) -> RunReport {
+    let span = tracing::debug_span!("run", tenant = %req.tenant, job = %req.job_id);
+    let report = tracing::Instrument::instrument(run_inner(env, req), span).await;
+    let outcome = match &report.outcome {
+        RunOutcome::Ok(_) => "ok",
+        RunOutcome::Failed { kind, .. } => kind.as_str(),
+        RunOutcome::Interrupted => "interrupted",
+    };
+    tracing::debug!(
+        outcome,
+        fuel = report.fuel_used,
+        wall_ms = report.wall_ms,
+        "run ended"
+    );
+    metrics::counter!("agentplane_host_runs_total", "outcome" => outcome).increment(1);
+    metrics::histogram!("agentplane_host_run_seconds").record(report.wall_ms as f64 / 1000.0);
+    report
+}
+
+async fn run_inner(env: RunEnv, req: RunRequest) -> RunReport {
     let started = Instant::now();
+    if req.cancel.is_cancelled() {
+        // Cancelled before it started (lease already lost): don't run at all.
+        return RunReport {
+            outcome: RunOutcome::Interrupted,
+            fuel_used: 0,
+            wall_ms: 0,
+            log: String::new(),
+            new_state: None,
+        };
+    }
     let timeout = Duration::from_millis(req.limits.timeout_ms);
     let cancel = req.cancel.clone();
     let stdout = Capture::new(env.capture_bytes);
