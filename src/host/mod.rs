@@ -246,8 +246,8 @@ impl Host {
 
     /// Runs one attempt under its limits and reports how it ended. Never
     /// panics or hangs on anything the guest does; stops within ~10 ms of
-    /// `req.cancel` while guest code runs (at most ~50 ms when the guest is
-    /// parked in a host call).
+    /// `req.cancel` while guest code runs (~20 ms when the guest is parked
+    /// in a host call).
     pub async fn run(&self, req: RunRequest) -> RunReport {
         let env = run::RunEnv {
             fuel: self.cfg.fuel,

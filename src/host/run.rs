@@ -26,8 +26,11 @@ const CHECK_EVERY: Duration = Duration::from_millis(10);
 const BACKSTOP_GRACE: Duration = Duration::from_millis(200);
 
 /// After `cancel`, how long the run gets to stop through its epoch check
-/// (which keeps its fuel count) before it is dropped outright.
-const CANCEL_GRACE: Duration = Duration::from_millis(50);
+/// (which keeps its fuel count) before it is dropped outright. Running wasm
+/// stops within one check (`CHECK_EVERY`); only a guest parked in a host
+/// call (a WASI sleep or poll) waits this long. Kept well under the ~100 ms
+/// the worker relies on.
+const CANCEL_GRACE: Duration = Duration::from_millis(20);
 
 /// Longest trap message kept in the report; backtraces of deep recursion
 /// can be megabytes.
