@@ -415,6 +415,20 @@ fn admission_accepts_a_guest_and_answers_its_digest() {
         format!("sha256:{}", hex::encode(Sha256::digest(&bytes)))
     );
     assert_eq!(a.size, bytes.len());
+    assert_eq!(host.compile_count(), 1);
+}
+
+#[tokio::test]
+async fn an_admitted_component_runs_without_a_second_compile() {
+    let host = Host::new(cfg()).unwrap();
+    let digest = host.admit(&guest_bytes("echo")).unwrap().digest;
+    let echo = host
+        .component(&digest, || async { panic!("must not fetch") })
+        .await
+        .unwrap();
+    assert_eq!(host.compile_count(), 1);
+    let r = host.run(request(&echo, "hi", limits())).await;
+    assert_eq!(r.outcome, RunOutcome::Ok("hi".into()));
 }
 
 #[test]
@@ -497,7 +511,8 @@ async fn bytes_that_do_not_match_their_digest_are_refused() {
 async fn concurrent_misses_compile_once() {
     let host = Arc::new(Host::new(cfg()).unwrap());
     let bytes = guest_bytes("echo");
-    let digest = host.admit(&bytes).unwrap().digest;
+    // Not admitted here (admission would already cache it): a cold node.
+    let digest = format!("sha256:{}", hex::encode(Sha256::digest(&bytes)));
     let tasks: Vec<_> = (0..8)
         .map(|_| {
             let (host, bytes, digest) = (host.clone(), bytes.clone(), digest.clone());

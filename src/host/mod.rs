@@ -206,18 +206,19 @@ impl Host {
 
     /// Validates an upload: a component (not a core module), at most 32 MiB,
     /// importing only WASI 0.2 and `agentplane:agent`, exporting `run` with
-    /// the world's type. Answers its digest. This compiles the component, so
-    /// it is CPU-bound for up to seconds: call it from a blocking context
+    /// the world's type. Answers its digest. The compiled result is kept (in
+    /// memory and in the disk cache), so running it on this node, or on any
+    /// node sharing `cache_dir`, needs no second compile. Compiling is
+    /// CPU-bound for up to seconds: call this from a blocking context
     /// (`tokio::task::spawn_blocking`).
     pub fn admit(&self, bytes: &[u8]) -> Result<Admitted, AdmissionError> {
-        admission::check_bytes(bytes)?;
-        let component = wasmtime::component::Component::new(&self.compiler.engine, bytes)
-            .map_err(|e| admission::compile_error(&e))?;
-        admission::check_component(&self.compiler.engine, &self.compiler.linker, &component)?;
-        Ok(Admitted {
-            digest: cache::digest_of(bytes),
+        let loaded = self.compiler.compile_checked(bytes)?;
+        let admitted = Admitted {
+            digest: loaded.digest.clone(),
             size: bytes.len(),
-        })
+        };
+        self.components.insert(Arc::new(loaded));
+        Ok(admitted)
     }
 
     /// The compiled component of `digest`, from memory, the disk cache, or
