@@ -203,9 +203,8 @@ pub fn valid_tenant_id(id: &str) -> bool {
 pub fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 128
-        && s.bytes().all(|b| {
-            b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.' || b == b'/'
-        })
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.' || b == b'/')
 }
 
 /// Milliseconds since the Unix epoch, formatted as RFC 3339 UTC with milliseconds.

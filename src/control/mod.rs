@@ -1,11 +1,24 @@
 //! The control plane: job state, fairness, quotas, credits, leases and
 //! recovery, every transition one atomic Lua script (`lua/`).
 //!
-//! INTERFACE (fixed; the implementation is being written). Callers branch on
-//! [`CpError`]; everything else is plain data.
+//! The Rust side is thin: one typed function per script ([`ControlPlane`]),
+//! plain reads for what the API shows, and [`CpError`] for what callers
+//! branch on. The key schema is [`keys::KeySpace`], documented in
+//! `lua/README.md`.
 
-use crate::model::{ErrorKind, Job, JobState, Limits};
+mod conn;
+pub mod keys;
+mod scripts;
+
+use crate::model::{ErrorKind, Job, JobError, JobState, Limits, Usage, now_ms, rfc3339_ms};
+use conn::{Conn, Target};
+use keys::KeySpace;
+use redis::{AsyncCommands, Value};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
 
 /// Prices turn usage into integer credits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -210,8 +223,13 @@ pub struct Claim {
 /// How an attempt ended, as the worker reports it to FINALIZE.
 #[derive(Debug, Clone, PartialEq)]
 pub enum AttemptOutcome {
-    Succeeded { output: String },
-    Failed { kind: ErrorKind, message: String },
+    Succeeded {
+        output: String,
+    },
+    Failed {
+        kind: ErrorKind,
+        message: String,
+    },
     /// The worker stopped the run because RENEW answered `Cancelled`.
     Cancelled,
 }
@@ -234,7 +252,9 @@ pub enum Finalized {
     Failed,
     Cancelled,
     /// Back in the delayed queue for another attempt.
-    Retrying { delay_ms: u64 },
+    Retrying {
+        delay_ms: u64,
+    },
     /// The agent's state moved on since this attempt read it: runs again.
     StateConflict,
 }
@@ -283,93 +303,513 @@ pub struct ContextMeta {
     pub dim: u64,
 }
 
+/// Attempts a job may lose to agent-state conflicts before it fails: each
+/// conflicting attempt did run (and was charged), so this bounds the bill.
+const MAX_STATE_CONFLICTS: u32 = 16;
+/// Tenants with GPU jobs scanned per pick when their jobs need more GPUs
+/// than the worker has free; bounds CLAIM's work under a GPU backlog.
+const GPU_SCAN_WINDOW: u32 = 16;
+
 /// Handle to the control plane; cheap to clone.
 #[derive(Clone)]
 pub struct ControlPlane {
-    cfg: std::sync::Arc<ControlConfig>,
+    cfg: Arc<ControlConfig>,
+    keys: KeySpace,
+    target: Target,
+    conn: Conn,
+    /// Dedicated connection for blocking waits, opened on first use.
+    waiter: Arc<tokio::sync::Mutex<Option<Conn>>>,
 }
 
-#[allow(unused_variables)]
+fn bad(msg: impl Into<String>) -> CpError {
+    CpError::Internal(msg.into())
+}
+
+fn v_str(v: &Value) -> String {
+    match v {
+        Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+        Value::SimpleString(s) => s.clone(),
+        Value::Int(i) => i.to_string(),
+        Value::Double(d) => d.to_string(),
+        Value::Okay => "OK".into(),
+        _ => String::new(),
+    }
+}
+
+fn v_bytes(v: &Value) -> Vec<u8> {
+    match v {
+        Value::BulkString(b) => b.clone(),
+        other => v_str(other).into_bytes(),
+    }
+}
+
+fn v_u64(v: &Value) -> u64 {
+    match v {
+        Value::Int(i) => (*i).max(0) as u64,
+        other => v_str(other).parse::<f64>().map(|f| f as u64).unwrap_or(0),
+    }
+}
+
+fn v_i64(v: &Value) -> i64 {
+    match v {
+        Value::Int(i) => *i,
+        other => v_str(other).parse::<f64>().map(|f| f as i64).unwrap_or(0),
+    }
+}
+
+fn v_arr(v: &Value) -> &[Value] {
+    match v {
+        Value::Array(a) => a,
+        _ => &[],
+    }
+}
+
+/// `[status, ...]` answers of the scripts.
+fn status(v: &Value) -> (String, &[Value]) {
+    let a = v_arr(v);
+    match a.split_first() {
+        Some((s, rest)) => (v_str(s), rest),
+        None => (String::new(), &[]),
+    }
+}
+
+fn num(h: &HashMap<String, String>, k: &str) -> i64 {
+    h.get(k)
+        .and_then(|s| s.parse::<f64>().ok())
+        .map(|f| f as i64)
+        .unwrap_or(0)
+}
+
+fn opt_time(h: &HashMap<String, String>, k: &str) -> Option<String> {
+    let ms = num(h, k);
+    (ms > 0).then(|| rfc3339_ms(ms as u64))
+}
+
+/// sha256 hex, used for idempotency keys and state blobs.
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
 impl ControlPlane {
     /// Connects to `redis://`, `rediss://`, `redis+unix://` or
     /// `redis+cluster://h:p,h:p`.
     pub async fn connect(url: &str, cfg: ControlConfig) -> Result<Self, CpError> {
-        Err(CpError::Internal("not implemented".into()))
+        if cfg.prefix.is_empty() || cfg.prefix.contains(['{', '}', ':']) {
+            return Err(CpError::Invalid(
+                "prefix must be non-empty without `{`, `}` or `:`".into(),
+            ));
+        }
+        let target = Target::parse(url)?;
+        let conn = target.connect().await?;
+        Ok(ControlPlane {
+            keys: KeySpace::new(&cfg.prefix, cfg.shards),
+            cfg: Arc::new(cfg),
+            target,
+            conn,
+            waiter: Arc::new(tokio::sync::Mutex::new(None)),
+        })
     }
+
     pub fn config(&self) -> &ControlConfig {
         &self.cfg
     }
+
+    /// The key schema, for tools and tests that inspect Redis directly.
+    pub fn keys(&self) -> &KeySpace {
+        &self.keys
+    }
+
+    fn conn(&self) -> Conn {
+        self.conn.clone()
+    }
+
+    fn prices(&self) -> [u64; 3] {
+        let p = self.cfg.prices;
+        [
+            p.credits_per_mfuel,
+            p.credits_per_gpu_second,
+            p.gpu_slot_weight,
+        ]
+    }
+
     pub async fn ping(&self) -> Result<(), CpError> {
-        Err(CpError::Internal("not implemented".into()))
+        // Any shard's key routes a cluster PING to a live node.
+        let _: u64 = redis::cmd("EXISTS")
+            .arg(self.keys.wake(0))
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(())
     }
 
     // --- tenants (admin) ---
+
+    fn tenant_fields(limits: Option<&LimitsPatch>, out: &mut Vec<(String, u64)>) {
+        if let Some(l) = limits {
+            if let Some(v) = l.fuel {
+                out.push(("fuel".into(), v));
+            }
+            if let Some(v) = l.memory_bytes {
+                out.push(("memory_bytes".into(), v));
+            }
+            if let Some(v) = l.timeout_ms {
+                out.push(("timeout_ms".into(), v));
+            }
+        }
+    }
+
+    async fn tenant_script(
+        &self,
+        tenant: &str,
+        op: &str,
+        extra: &[String],
+    ) -> Result<Value, CpError> {
+        let mut inv = scripts::TENANT.prepare_invoke();
+        inv.key(self.keys.tenant_tag(tenant))
+            .key(self.keys.tenant(tenant))
+            .arg(op)
+            .arg(tenant);
+        for p in self.prices() {
+            inv.arg(p);
+        }
+        for e in extra {
+            inv.arg(e);
+        }
+        Ok(inv.invoke_async(&mut self.conn()).await?)
+    }
+
     pub async fn create_tenant(&self, spec: &TenantSpec, token_hash: &str) -> Result<(), CpError> {
-        Err(CpError::Internal("not implemented".into()))
+        if !crate::model::valid_tenant_id(&spec.id) {
+            return Err(CpError::Invalid(
+                "tenant id must be 1-64 characters of a-z, 0-9, `-` and `_`".into(),
+            ));
+        }
+        if spec.weight == 0 {
+            return Err(CpError::Invalid("weight must be at least 1".into()));
+        }
+        if spec.credits < 0 {
+            return Err(CpError::Invalid("credits must not be negative".into()));
+        }
+        let d = self.cfg.default_limits;
+        let mut fields: Vec<(String, u64)> = vec![
+            ("weight".into(), spec.weight as u64),
+            ("max_running".into(), spec.max_running as u64),
+            ("max_queued".into(), spec.max_queued as u64),
+            ("max_gpus".into(), spec.max_gpus as u64),
+            ("fuel".into(), d.fuel),
+            ("memory_bytes".into(), d.memory_bytes),
+            ("timeout_ms".into(), d.timeout_ms),
+        ];
+        Self::tenant_fields(spec.limits.as_ref(), &mut fields);
+        let mut extra = vec![token_hash.to_string(), spec.credits.to_string()];
+        for (k, v) in fields {
+            extra.push(k);
+            extra.push(v.to_string());
+        }
+        let v = self.tenant_script(&spec.id, "create", &extra).await?;
+        match status(&v).0.as_str() {
+            "ok" => Ok(()),
+            "exists" => Err(CpError::TenantExists),
+            other => Err(bad(format!("TENANT create answered {other}"))),
+        }
     }
+
     pub async fn update_tenant(&self, id: &str, patch: &TenantPatch) -> Result<(), CpError> {
-        Err(CpError::Internal("not implemented".into()))
+        if patch.weight == Some(0) {
+            return Err(CpError::Invalid("weight must be at least 1".into()));
+        }
+        let mut fields: Vec<(String, u64)> = Vec::new();
+        for (k, v) in [
+            ("weight", patch.weight),
+            ("max_running", patch.max_running),
+            ("max_queued", patch.max_queued),
+            ("max_gpus", patch.max_gpus),
+        ] {
+            if let Some(v) = v {
+                fields.push((k.into(), v as u64));
+            }
+        }
+        Self::tenant_fields(patch.limits.as_ref(), &mut fields);
+        let extra: Vec<String> = fields
+            .into_iter()
+            .flat_map(|(k, v)| [k, v.to_string()])
+            .collect();
+        let v = self.tenant_script(id, "update", &extra).await?;
+        match status(&v).0.as_str() {
+            "ok" => Ok(()),
+            "not_found" => Err(CpError::NotFound),
+            other => Err(bad(format!("TENANT update answered {other}"))),
+        }
     }
-    /// Adds `amount` (may be negative) and answers the new balance.
+
+    /// Adds `amount` (may be negative) and answers the new balance. A
+    /// negative grant may not take the balance below what is reserved.
     pub async fn grant_credits(&self, id: &str, amount: i64) -> Result<i64, CpError> {
-        Err(CpError::Internal("not implemented".into()))
+        let v = self
+            .tenant_script(id, "grant", &[amount.to_string()])
+            .await?;
+        let (s, rest) = status(&v);
+        match s.as_str() {
+            "ok" => Ok(rest.first().map(v_i64).unwrap_or(0)),
+            "not_found" => Err(CpError::NotFound),
+            "insufficient" => Err(CpError::InsufficientCredits),
+            other => Err(bad(format!("TENANT grant answered {other}"))),
+        }
     }
+
+    async fn hgetall(&self, key: &str) -> Result<HashMap<String, String>, CpError> {
+        Ok(self.conn().hgetall(key).await?)
+    }
+
     pub async fn tenant(&self, id: &str) -> Result<Option<TenantInfo>, CpError> {
-        Err(CpError::Internal("not implemented".into()))
+        if !crate::model::valid_tenant_id(id) {
+            return Ok(None);
+        }
+        let h = self.hgetall(&self.keys.tenant(id)).await?;
+        if h.is_empty() {
+            return Ok(None);
+        }
+        let granted = num(&h, "granted");
+        let settled = num(&h, "settled");
+        Ok(Some(TenantInfo {
+            id: id.to_string(),
+            weight: num(&h, "weight") as u32,
+            max_running: num(&h, "max_running") as u32,
+            max_queued: num(&h, "max_queued") as u32,
+            max_gpus: num(&h, "max_gpus") as u32,
+            limits: Limits {
+                fuel: num(&h, "fuel") as u64,
+                memory_bytes: num(&h, "memory_bytes") as u64,
+                timeout_ms: num(&h, "timeout_ms") as u64,
+            },
+            credits: Credits {
+                balance: granted - settled,
+                reserved: num(&h, "reserved"),
+            },
+            running: num(&h, "running") as u32,
+            queued: num(&h, "queued") as u32,
+            gpus_in_use: num(&h, "gpus") as u32,
+            granted,
+            settled,
+        }))
     }
+
     /// The stored sha256 hex of the tenant's token, for authentication.
     pub async fn tenant_token_hash(&self, id: &str) -> Result<Option<String>, CpError> {
-        Err(CpError::Internal("not implemented".into()))
+        if !crate::model::valid_tenant_id(id) {
+            return Ok(None);
+        }
+        Ok(self.conn().hget(self.keys.tenant(id), "token_hash").await?)
     }
 
     // --- components and contexts ---
+
     pub async fn put_component(
         &self,
         tenant: &str,
         digest: &str,
         bytes: &[u8],
     ) -> Result<ComponentMeta, CpError> {
-        Err(CpError::Internal("not implemented".into()))
+        let mut c = self.conn();
+        // The blob first: metadata must never point at missing bytes.
+        let blob = self.keys.blob("comp", digest);
+        let _: () = c.set(&blob, bytes).await?;
+        let meta = ComponentMeta {
+            digest: digest.to_string(),
+            size: bytes.len() as u64,
+            created_at: rfc3339_ms(now_ms()),
+        };
+        let key = self.keys.component(tenant, digest);
+        let _: () = c
+            .hset_multiple(
+                &key,
+                &[
+                    ("size", meta.size.to_string()),
+                    ("created_at", meta.created_at.clone()),
+                ],
+            )
+            .await?;
+        Ok(meta)
     }
+
     pub async fn component_meta(
         &self,
         tenant: &str,
         digest: &str,
     ) -> Result<Option<ComponentMeta>, CpError> {
-        Err(CpError::Internal("not implemented".into()))
+        let h = self.hgetall(&self.keys.component(tenant, digest)).await?;
+        if h.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(ComponentMeta {
+            digest: digest.to_string(),
+            size: num(&h, "size") as u64,
+            created_at: h.get("created_at").cloned().unwrap_or_default(),
+        }))
     }
+
     pub async fn component_bytes(&self, digest: &str) -> Result<Option<Vec<u8>>, CpError> {
-        Err(CpError::Internal("not implemented".into()))
+        Ok(self.conn().get(self.keys.blob("comp", digest)).await?)
     }
+
     pub async fn put_context(
         &self,
         tenant: &str,
         meta: &ContextMeta,
         bytes: &[u8],
     ) -> Result<(), CpError> {
-        Err(CpError::Internal("not implemented".into()))
+        let mut c = self.conn();
+        let _: () = c.set(self.keys.blob("ctx", &meta.digest), bytes).await?;
+        let _: () = c
+            .hset_multiple(
+                self.keys.context(tenant, &meta.name),
+                &[
+                    ("digest", meta.digest.clone()),
+                    ("documents", meta.documents.to_string()),
+                    ("dim", meta.dim.to_string()),
+                ],
+            )
+            .await?;
+        Ok(())
     }
+
     pub async fn context_meta(
         &self,
         tenant: &str,
         name: &str,
     ) -> Result<Option<ContextMeta>, CpError> {
-        Err(CpError::Internal("not implemented".into()))
+        let h = self.hgetall(&self.keys.context(tenant, name)).await?;
+        if h.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(ContextMeta {
+            name: name.to_string(),
+            digest: h.get("digest").cloned().unwrap_or_default(),
+            documents: num(&h, "documents") as u64,
+            dim: num(&h, "dim") as u64,
+        }))
     }
+
     pub async fn context_bytes(&self, digest: &str) -> Result<Option<Vec<u8>>, CpError> {
-        Err(CpError::Internal("not implemented".into()))
+        Ok(self.conn().get(self.keys.blob("ctx", digest)).await?)
     }
 
     // --- jobs ---
+
     pub async fn submit(&self, tenant: &str, spec: &SubmitSpec) -> Result<Submitted, CpError> {
-        Err(CpError::Internal("not implemented".into()))
+        if !crate::model::valid_tenant_id(tenant) {
+            return Err(CpError::NotFound);
+        }
+        if spec.max_attempts == 0 {
+            return Err(CpError::Invalid("max_attempts must be at least 1".into()));
+        }
+        let id = ulid::Ulid::new().to_string();
+        let (idem_key, body_hash) = match &spec.idempotency {
+            Some((k, h)) => (
+                self.keys.idempotency(tenant, &sha256_hex(k.as_bytes())),
+                h.clone(),
+            ),
+            None => (self.keys.idempotency(tenant, "-"), String::new()),
+        };
+        let contexts = serde_json::to_string(&spec.contexts).map_err(|e| bad(e.to_string()))?;
+        let mut inv = scripts::SUBMIT.prepare_invoke();
+        inv.key(self.keys.tenant_tag(tenant))
+            .key(self.keys.tenant(tenant))
+            .key(self.keys.job(tenant, &id))
+            .key(idem_key)
+            .arg(tenant)
+            .arg(&id)
+            .arg(&spec.component)
+            .arg(&spec.input)
+            .arg(spec.agent_id.clone().unwrap_or_default())
+            .arg(contexts)
+            .arg(spec.gpus)
+            .arg(spec.max_attempts)
+            .arg(spec.timeout_ms.map(|v| v.to_string()).unwrap_or_default())
+            .arg(spec.fuel.map(|v| v.to_string()).unwrap_or_default())
+            .arg(spec.delay_ms)
+            .arg(body_hash)
+            .arg(self.cfg.idempotency_ttl_s);
+        for p in self.prices() {
+            inv.arg(p);
+        }
+        let v: Value = inv.invoke_async(&mut self.conn()).await?;
+        let (s, rest) = status(&v);
+        let state_of = |v: Option<&Value>| {
+            v.map(v_str)
+                .and_then(|s| s.parse::<JobState>().ok())
+                .unwrap_or(JobState::Queued)
+        };
+        match s.as_str() {
+            "created" | "exists" => Ok(Submitted {
+                id: rest.first().map(v_str).unwrap_or_default(),
+                state: state_of(rest.get(1)),
+                created: s == "created",
+            }),
+            "conflict" => Err(CpError::IdempotencyConflict),
+            "no_tenant" => Err(CpError::NotFound),
+            "queue_full" => Err(CpError::QueueFull),
+            "credits" => Err(CpError::InsufficientCredits),
+            other => Err(bad(format!("SUBMIT answered {other}"))),
+        }
     }
+
+    fn job_from_hash(id: &str, h: &HashMap<String, String>) -> Option<Job> {
+        let state = h.get("state")?.parse::<JobState>().ok()?;
+        let kind = h
+            .get("ekind")
+            .filter(|k| !k.is_empty())
+            .and_then(|k| k.parse::<ErrorKind>().ok());
+        // A job shows its last error only while it is not succeeded; a
+        // retrying (delayed/queued) job shows why its last attempt failed.
+        let error = kind
+            .filter(|_| state != JobState::Succeeded)
+            .map(|kind| JobError {
+                kind,
+                message: h.get("emsg").cloned().unwrap_or_default(),
+            });
+        Some(Job {
+            id: id.to_string(),
+            tenant: h.get("tenant").cloned().unwrap_or_default(),
+            state,
+            component: h.get("component").cloned().unwrap_or_default(),
+            attempts: num(h, "attempts") as u32,
+            output: (state == JobState::Succeeded)
+                .then(|| h.get("output").cloned().unwrap_or_default()),
+            error,
+            usage: Usage {
+                fuel: num(h, "u_fuel") as u64,
+                wall_ms: num(h, "u_wall") as u64,
+                credits: num(h, "u_credits"),
+            },
+            created_at: rfc3339_ms(num(h, "created") as u64),
+            started_at: opt_time(h, "started"),
+            finished_at: opt_time(h, "finished"),
+            agent_id: h.get("agent_id").filter(|a| !a.is_empty()).cloned(),
+            gpus: num(h, "gpus") as u32,
+            max_attempts: num(h, "max_attempts") as u32,
+        })
+    }
+
+    /// The tenant's job `id`; `None` when absent or another tenant's.
     pub async fn job(&self, tenant: &str, id: &str) -> Result<Option<Job>, CpError> {
-        Err(CpError::Internal("not implemented".into()))
+        if !crate::model::valid_tenant_id(tenant) || ulid::Ulid::from_string(id).is_err() {
+            return Ok(None);
+        }
+        let h = self.hgetall(&self.keys.job(tenant, id)).await?;
+        if h.get("tenant").map(String::as_str) != Some(tenant) {
+            return Ok(None);
+        }
+        Ok(Self::job_from_hash(id, &h))
     }
+
     pub async fn job_log(&self, tenant: &str, id: &str) -> Result<Option<String>, CpError> {
-        Err(CpError::Internal("not implemented".into()))
+        if self.job(tenant, id).await?.is_none() {
+            return Ok(None);
+        }
+        let log: Option<String> = self.conn().get(self.keys.job_log(tenant, id)).await?;
+        Ok(Some(log.unwrap_or_default()))
     }
+
     /// Newest first; `cursor` is the last id of the previous page.
     pub async fn list_jobs(
         &self,
@@ -378,47 +818,381 @@ impl ControlPlane {
         limit: usize,
         cursor: Option<&str>,
     ) -> Result<(Vec<Job>, Option<String>), CpError> {
-        Err(CpError::Internal("not implemented".into()))
+        if !crate::model::valid_tenant_id(tenant) {
+            return Ok((Vec::new(), None));
+        }
+        if let Some(c) = cursor
+            && ulid::Ulid::from_string(c).is_err()
+        {
+            return Err(CpError::Invalid("cursor is not a job id".into()));
+        }
+        let limit = limit.clamp(1, 10_000);
+        let index = match state {
+            Some(s) => self.keys.jobs_in_state(tenant, s.as_str()),
+            None => self.keys.jobs(tenant),
+        };
+        let max = cursor
+            .map(|c| format!("({c}"))
+            .unwrap_or_else(|| "+".into());
+        let ids: Vec<String> = redis::cmd("ZRANGE")
+            .arg(&index)
+            .arg(&max)
+            .arg("-")
+            .arg("BYLEX")
+            .arg("REV")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit + 1)
+            .query_async(&mut self.conn())
+            .await?;
+        let more = ids.len() > limit;
+        let ids = &ids[..ids.len().min(limit)];
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.hgetall(self.keys.job(tenant, id));
+        }
+        let hashes: Vec<HashMap<String, String>> = if ids.is_empty() {
+            Vec::new()
+        } else {
+            pipe.query_async(&mut self.conn()).await?
+        };
+        let jobs: Vec<Job> = ids
+            .iter()
+            .zip(hashes.iter())
+            .filter_map(|(id, h)| Self::job_from_hash(id, h))
+            .collect();
+        let next = if more { ids.last().cloned() } else { None };
+        Ok((jobs, next))
     }
-    /// Queued/delayed → cancelled now; running → cancelled at the next lease check.
+
+    /// Queued/delayed → cancelled now; running → cancelled at the next
+    /// lease check. Answers the state the job was in.
     pub async fn cancel(&self, tenant: &str, id: &str) -> Result<JobState, CpError> {
-        Err(CpError::Internal("not implemented".into()))
+        if !crate::model::valid_tenant_id(tenant) || ulid::Ulid::from_string(id).is_err() {
+            return Err(CpError::NotFound);
+        }
+        let mut inv = scripts::CANCEL.prepare_invoke();
+        inv.key(self.keys.tenant_tag(tenant))
+            .key(self.keys.job(tenant, id))
+            .arg(tenant)
+            .arg(id);
+        for p in self.prices() {
+            inv.arg(p);
+        }
+        let v: Value = inv.invoke_async(&mut self.conn()).await?;
+        let (s, rest) = status(&v);
+        match s.as_str() {
+            "ok" => rest
+                .first()
+                .map(v_str)
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| bad("CANCEL answered no state")),
+            "not_found" => Err(CpError::NotFound),
+            other => Err(bad(format!("CANCEL answered {other}"))),
+        }
     }
 
     // --- workers ---
-    /// Up to `max` jobs for worker `worker` with `free_gpus` GPU slots free.
+
+    /// Up to `max` jobs for worker `worker` with `free_gpus` GPU slots free,
+    /// taken from the shards in turn starting at a random one (so workers
+    /// spread over shards and none is favoured).
     pub async fn claim(
         &self,
         worker: &str,
         max: u32,
         free_gpus: u32,
     ) -> Result<Vec<Claim>, CpError> {
-        Err(CpError::Internal("not implemented".into()))
+        let shards = self.keys.shards();
+        let start = rand::random::<u32>() % shards;
+        let mut out = Vec::new();
+        let mut gpus_left = free_gpus;
+        for i in 0..shards {
+            if out.len() as u32 >= max {
+                break;
+            }
+            let shard = (start + i) % shards;
+            let got = self
+                .claim_shard(shard, worker, max - out.len() as u32, gpus_left)
+                .await?;
+            for c in got {
+                gpus_left = gpus_left.saturating_sub(c.gpus);
+                out.push(c);
+            }
+        }
+        Ok(out)
     }
+
+    async fn claim_shard(
+        &self,
+        shard: u32,
+        worker: &str,
+        max: u32,
+        free_gpus: u32,
+    ) -> Result<Vec<Claim>, CpError> {
+        let mut inv = scripts::CLAIM.prepare_invoke();
+        inv.key(self.keys.tag(shard))
+            .arg(worker)
+            .arg(max)
+            .arg(free_gpus)
+            .arg(self.cfg.lease_ms);
+        for p in self.prices() {
+            inv.arg(p);
+        }
+        inv.arg(GPU_SCAN_WINDOW);
+        let v: Value = inv.invoke_async(&mut self.conn()).await?;
+        let mut out = Vec::new();
+        for c in v_arr(&v) {
+            let f = v_arr(c);
+            if f.len() < 15 {
+                return Err(bad("CLAIM answered a short record"));
+            }
+            let contexts: Vec<(String, String)> =
+                serde_json::from_str(&v_str(&f[6])).unwrap_or_default();
+            let agent_id = Some(v_str(&f[11])).filter(|a| !a.is_empty());
+            let inline = v_bytes(&f[12]);
+            let ptr = v_str(&f[13]);
+            let state = if !ptr.is_empty() {
+                let blob: Option<Vec<u8>> = self.conn().get(self.keys.blob("state", &ptr)).await?;
+                Some(blob.ok_or_else(|| bad(format!("agent state blob {ptr} missing")))?)
+            } else if agent_id.is_some() && v_u64(&f[14]) > 0 {
+                Some(inline)
+            } else {
+                None
+            };
+            out.push(Claim {
+                lease: Lease {
+                    job_id: v_str(&f[0]),
+                    tenant: v_str(&f[1]),
+                    token: v_u64(&f[2]),
+                },
+                attempt: v_u64(&f[3]) as u32,
+                component: v_str(&f[4]),
+                input: v_str(&f[5]),
+                contexts,
+                gpus: v_u64(&f[7]) as u32,
+                limits: Limits {
+                    fuel: v_u64(&f[8]),
+                    memory_bytes: v_u64(&f[9]),
+                    timeout_ms: v_u64(&f[10]),
+                },
+                agent_id,
+                state,
+                state_version: v_u64(&f[14]),
+            });
+        }
+        Ok(out)
+    }
+
     /// Extends the lease; `LeaseLost` or `Cancelled` tell the worker to stop.
     pub async fn renew(&self, lease: &Lease) -> Result<(), CpError> {
-        Err(CpError::Internal("not implemented".into()))
+        let v: Value = scripts::RENEW
+            .key(self.keys.tenant_tag(&lease.tenant))
+            .key(self.keys.job(&lease.tenant, &lease.job_id))
+            .arg(&lease.job_id)
+            .arg(lease.token)
+            .arg(self.cfg.lease_ms)
+            .invoke_async(&mut self.conn())
+            .await?;
+        match status(&v).0.as_str() {
+            "ok" => Ok(()),
+            "lost" => Err(CpError::LeaseLost),
+            "cancelled" => Err(CpError::Cancelled),
+            other => Err(bad(format!("RENEW answered {other}"))),
+        }
     }
+
     pub async fn finalize(&self, lease: &Lease, finish: &Finish) -> Result<Finalized, CpError> {
-        Err(CpError::Internal("not implemented".into()))
+        let (outcome, kind, text) = match &finish.outcome {
+            AttemptOutcome::Succeeded { output } => ("ok", "", output.as_str()),
+            AttemptOutcome::Failed { kind, message } => ("failed", kind.as_str(), message.as_str()),
+            AttemptOutcome::Cancelled => ("cancelled", "", ""),
+        };
+        if matches!(kind, "lease_expired" | "cancelled") {
+            return Err(CpError::Invalid(format!(
+                "`{kind}` is decided by the control plane, not reported by a worker"
+            )));
+        }
+        // Large states go to the blob tier first; only the pointer is
+        // committed by the script, so a lost race leaves only an orphan blob.
+        let (smode, svalue) = match (&finish.new_state, &finish.outcome) {
+            (Some(s), AttemptOutcome::Succeeded { .. }) if s.len() > self.cfg.state_inline_max => {
+                let ptr = sha256_hex(s);
+                let _: () = self
+                    .conn()
+                    .set(self.keys.blob("state", &ptr), s.as_slice())
+                    .await?;
+                ("ptr", ptr.into_bytes())
+            }
+            (Some(s), AttemptOutcome::Succeeded { .. }) => ("inline", s.clone()),
+            _ => ("none", Vec::new()),
+        };
+        let log = truncate_utf8(&finish.log, self.cfg.log_max_bytes);
+        let mut inv = scripts::FINALIZE.prepare_invoke();
+        inv.key(self.keys.tenant_tag(&lease.tenant))
+            .key(self.keys.job(&lease.tenant, &lease.job_id))
+            .arg(&lease.job_id)
+            .arg(lease.token)
+            .arg(outcome)
+            .arg(kind)
+            .arg(text)
+            .arg(finish.fuel)
+            .arg(finish.wall_ms)
+            .arg(log)
+            .arg(smode)
+            .arg(svalue)
+            .arg(self.cfg.retry_base_ms)
+            .arg(self.cfg.retry_max_ms)
+            .arg(rand::random::<u32>() % 1000)
+            .arg(MAX_STATE_CONFLICTS);
+        for p in self.prices() {
+            inv.arg(p);
+        }
+        let v: Value = inv.invoke_async(&mut self.conn()).await?;
+        let (s, rest) = status(&v);
+        match s.as_str() {
+            "succeeded" => {
+                let old = rest.first().map(v_str).unwrap_or_default();
+                if !old.is_empty() {
+                    // The superseded blob; a failure here only leaks storage.
+                    let _: Result<(), _> = self.conn().del(self.keys.blob("state", &old)).await;
+                }
+                Ok(Finalized::Succeeded)
+            }
+            "failed" => Ok(Finalized::Failed),
+            "cancelled" => Ok(Finalized::Cancelled),
+            "retry" => Ok(Finalized::Retrying {
+                delay_ms: rest.first().map(v_u64).unwrap_or(0),
+            }),
+            "conflict" => Ok(Finalized::StateConflict),
+            "lost" => Err(CpError::LeaseLost),
+            other => Err(bad(format!("FINALIZE answered {other}"))),
+        }
     }
+
     /// Hands a claimed job back to the queue uncharged (worker draining).
     pub async fn release(&self, lease: &Lease) -> Result<(), CpError> {
-        Err(CpError::Internal("not implemented".into()))
+        let mut inv = scripts::RELEASE.prepare_invoke();
+        inv.key(self.keys.tenant_tag(&lease.tenant))
+            .key(self.keys.job(&lease.tenant, &lease.job_id))
+            .arg(&lease.job_id)
+            .arg(lease.token);
+        for p in self.prices() {
+            inv.arg(p);
+        }
+        let v: Value = inv.invoke_async(&mut self.conn()).await?;
+        match status(&v).0.as_str() {
+            "ok" => Ok(()),
+            "lost" => Err(CpError::LeaseLost),
+            other => Err(bad(format!("RELEASE answered {other}"))),
+        }
     }
-    /// Waits until work may be there (a wake-up signal) or `timeout` passes.
-    pub async fn wait_for_work(&self, timeout: std::time::Duration) -> Result<(), CpError> {
-        tokio::time::sleep(timeout).await;
+
+    /// Waits until work may be there (a wake-up signal on any shard's list)
+    /// or `timeout` passes. A lost signal costs at most `timeout`.
+    pub async fn wait_for_work(&self, timeout: Duration) -> Result<(), CpError> {
+        let mut guard = match self.waiter.try_lock() {
+            Ok(g) => g,
+            // Another task of this process is already waiting; just sleep.
+            Err(_) => {
+                tokio::time::sleep(timeout).await;
+                return Ok(());
+            }
+        };
+        if guard.is_none() {
+            *guard = Some(self.target.connect_blocking(timeout).await?);
+        }
+        let conn = guard.as_mut().expect("set above");
+        // BLPOP takes one slot's keys on a cluster: wait on one shard, picked
+        // at random, and let the timeout cover the others.
+        let shard = rand::random::<u32>() % self.keys.shards();
+        let secs = timeout.as_secs_f64().max(0.01);
+        let r: Result<Option<(String, String)>, _> = redis::cmd("BLPOP")
+            .arg(self.keys.wake(shard))
+            .arg(secs)
+            .query_async(conn)
+            .await;
+        if let Err(e) = r {
+            *guard = None;
+            return Err(e.into());
+        }
         Ok(())
     }
 
     // --- scheduler ---
-    /// Moves due delayed jobs to their queues; answers how many.
+
+    /// Moves due delayed jobs to their queues on every shard; answers how many.
     pub async fn promote(&self, batch: u32) -> Result<u32, CpError> {
-        Err(CpError::Internal("not implemented".into()))
+        let mut total = 0;
+        for shard in 0..self.keys.shards() {
+            let mut inv = scripts::PROMOTE.prepare_invoke();
+            inv.key(self.keys.tag(shard)).arg(batch.max(1));
+            for p in self.prices() {
+                inv.arg(p);
+            }
+            let n: u32 = inv.invoke_async(&mut self.conn()).await?;
+            total += n;
+        }
+        Ok(total)
     }
-    /// Reclaims expired leases; answers how many.
+
+    /// Reclaims expired leases on every shard; answers how many.
     pub async fn reap(&self, batch: u32) -> Result<u32, CpError> {
-        Err(CpError::Internal("not implemented".into()))
+        let mut total = 0;
+        for shard in 0..self.keys.shards() {
+            let mut inv = scripts::REAP.prepare_invoke();
+            inv.key(self.keys.tag(shard))
+                .arg(batch.max(1))
+                .arg(self.cfg.retry_base_ms)
+                .arg(self.cfg.retry_max_ms)
+                .arg(rand::random::<u32>() % 1000);
+            for p in self.prices() {
+                inv.arg(p);
+            }
+            let n: u32 = inv.invoke_async(&mut self.conn()).await?;
+            total += n;
+        }
+        Ok(total)
     }
+
+    /// The tenant's credit ledger, oldest first: `(op, job, attempt, amount)`.
+    pub async fn ledger(&self, tenant: &str) -> Result<Vec<LedgerEntry>, CpError> {
+        let entries: redis::streams::StreamRangeReply =
+            self.conn().xrange_all(self.keys.ledger(tenant)).await?;
+        Ok(entries
+            .ids
+            .into_iter()
+            .map(|e| {
+                let get = |k: &str| e.map.get(k).map(v_str).unwrap_or_default();
+                LedgerEntry {
+                    op: get("op"),
+                    job: get("job"),
+                    attempt: get("attempt").parse().unwrap_or(0),
+                    amount: get("amount").parse().unwrap_or(0),
+                }
+            })
+            .collect())
+    }
+}
+
+/// One entry of a tenant's credit ledger.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LedgerEntry {
+    /// `grant`, `reserve`, `settle` or `release`.
+    pub op: String,
+    pub job: String,
+    pub attempt: u32,
+    pub amount: i64,
+}
+
+/// Cuts `s` to at most `max` bytes on a character boundary, marking the cut.
+pub fn truncate_utf8(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }

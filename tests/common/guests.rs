@@ -17,7 +17,13 @@ pub fn guest_wasm(name: &str) -> PathBuf {
         let dir = root().join("guest-examples");
         let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
         cmd.current_dir(&dir)
-            .args(["build", "--release", "--target", "wasm32-wasip2", "--target-dir"])
+            .args([
+                "build",
+                "--release",
+                "--target",
+                "wasm32-wasip2",
+                "--target-dir",
+            ])
             .arg(dir.join("target"));
         // The outer `cargo test` must not leak its flags into the guest build.
         for var in [

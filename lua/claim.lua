@@ -1,0 +1,113 @@
+-- CLAIM: hand up to N ready jobs to a worker, fairly.
+--
+-- Weighted fair queuing over slot-time: each eligible tenant sits in an
+-- active set scored by its virtual time; the lowest goes first. Claiming
+-- advances it by the estimated slot-time (tenant's average wall ms, GPUs
+-- weighted) divided by its weight; FINALIZE corrects by the actual time.
+-- Each pick is O(log n) in tenants: parked tenants are in no set.
+--
+-- KEYS[1]  shard tag (all other keys derive from it: act:cpu, act:gpu,
+--          vclock, fence, leases, t:<tenant>, q:<tenant>, j:<job>, js:*,
+--          ledger:<tenant>, agent:<tenant>:<agent>)
+-- ARGV[1]  worker id (the consumer name in each tenant's group)
+-- ARGV[2]  max jobs             ARGV[3]  free GPU slots of the worker
+-- ARGV[4]  lease ms             ARGV[5..7] prices (see SUBMIT)
+-- ARGV[8]  GPU-tenant scan window (bounds work when heads need more GPUs than free)
+-- Returns: array of claims, each an array:
+--   {job, tenant, token, attempt, component, input, contexts, gpus, fuel,
+--    memory_bytes, timeout_ms, agent_id, state_inline|'', state_ptr|'', state_version}
+-- Errors: malformed arguments (nothing written).
+local worker = ARGV[1]
+local max_n, free_gpus, lease = uint(ARGV[2]), uint(ARGV[3]), uint(ARGV[4])
+local P = prices(ARGV[5], ARGV[6], ARGV[7])
+local window = uint(ARGV[8])
+if worker == '' or max_n == nil or free_gpus == nil or lease == nil or lease == 0 or P == nil or window == nil then
+  return fail('malformed arguments')
+end
+local now = now_ms()
+local out = {}
+local gpus_left = free_gpus
+
+-- The eligible tenant with the lowest virtual time whose next job fits.
+local function pick()
+  local best, best_v = nil, nil
+  local c = redis.call('ZRANGE', ACT_CPU, 0, 0, 'WITHSCORES')
+  if #c > 0 then best, best_v = c[1], tonumber(c[2]) end
+  if gpus_left > 0 then
+    local g = redis.call('ZRANGE', ACT_GPU, 0, window - 1, 'WITHSCORES')
+    for i = 1, #g, 2 do
+      local v = tonumber(g[i + 1])
+      if best_v ~= nil and v >= best_v then break end
+      local T = hgetall(tkey(g[i]))
+      local _, jid = head(g[i], T)
+      if jid and n(hgetall(jkey(jid)), 'gpus') <= gpus_left then
+        best, best_v = g[i], v
+        break
+      end
+    end
+  end
+  return best
+end
+
+while #out < max_n do
+  local t = pick()
+  if t == nil then break end
+  local T = hgetall(tkey(t))
+  local sid, jid = head(t, T)
+  local J = jid and hgetall(jkey(jid)) or nil
+  local ok = J ~= nil and J.state == 'queued'
+  if ok then
+    local got = redis.call('XREADGROUP', 'GROUP', GROUP, worker, 'COUNT', 1, 'STREAMS', qkey(t), '>')
+    ok = got and got[1] and got[1][2][1] and got[1][2][1][1] == sid
+    if not ok then return fail('stream of ' .. t .. ' out of step with its head') end
+  end
+  if not ok then
+    -- A stale head (should not happen: CANCEL deletes its entry). Drop it
+    -- from the tenant's view and re-decide, so CLAIM can never spin.
+    if sid then
+      redis.call('XDEL', qkey(t), sid)
+    end
+    refresh(t, T, P)
+  else
+    local g = n(J, 'gpus')
+    local fuel, timeout, memory = effective(J, T)
+    local r = reservation(fuel, timeout, g, P)
+    local token = redis.call('INCR', FENCE)
+    local attempt = n(J, 'attempts') + 1
+    local est = math.max(n(T, 'avg_ms'), 1) * (1 + g * P.gpuw)
+    local weight = math.max(n(T, 'weight'), 1)
+    local v = n(T, 'vtime')
+    -- The shard's clock follows the lowest virtual time actually served.
+    local vclock = tonumber(redis.call('GET', VCLOCK) or 0) or 0
+    if v > vclock then redis.call('SET', VCLOCK, v) end
+    T.vtime = v + est / weight
+    T.qlast = sid
+    T.running = n(T, 'running') + 1
+    T.gpus = n(T, 'gpus') + g
+    T.reserved = n(T, 'reserved') + r
+    T.queued = n(T, 'queued') - 1
+    redis.call('HSET', tkey(t), 'vtime', T.vtime, 'qlast', sid, 'running', T.running,
+      'gpus', T.gpus, 'reserved', T.reserved, 'queued', T.queued)
+    local started = J.started
+    if started == nil or started == '' then started = now end
+    redis.call('HSET', jkey(jid), 'attempts', attempt, 'token', token, 'worker', worker,
+      'lease_until', now + lease, 'reserved', r, 'est', est, 'started', started, 'sid', sid)
+    set_state(jid, J, 'running')
+    redis.call('ZADD', LEASES, now + lease, jid)
+    ledger(t, 'reserve', jid, attempt, r, T)
+    -- Re-score or park the tenant for its next job.
+    local set = (redis.call('ZSCORE', ACT_GPU, t) and ACT_GPU) or ACT_CPU
+    redis.call('ZREM', set, t)
+    refresh(t, T, P)
+    gpus_left = gpus_left - g
+    local sinline, sptr, sver = '', '', 0
+    if (J.agent_id or '') ~= '' then
+      local A = hgetall(agentkey(t, J.agent_id))
+      sinline, sptr, sver = A.inline or '', A.ptr or '', n(A, 'version')
+      redis.call('HSET', jkey(jid), 'sver', sver)
+    end
+    out[#out + 1] = { jid, t, token, attempt, J.component, J.input, J.contexts or '[]', g,
+      fuel, memory, timeout, J.agent_id or '', sinline, sptr, sver }
+  end
+end
+return out

@@ -1,0 +1,221 @@
+-- lib.lua: helpers prepended to every script (the Rust side concatenates
+-- this file with each script, so a script is still one atomic EVAL).
+--
+-- Conventions shared by all scripts:
+--   KEYS[1] is the shard's hash tag, e.g. `{ap:s0}`. It is never written; it
+--   routes the script to the shard's slot, and every key a script touches is
+--   `KEYS[1] .. ':' .. suffix`, so all of them hash to that one slot (the same
+--   script runs unchanged on a single Redis and on a Redis Cluster).
+--   Expected outcomes are answered as arrays whose first element is a status
+--   word ('ok', 'lost', 'exists', ...). Malformed arguments raise an error
+--   (`error_reply`) before anything is written.
+
+local B = KEYS[1] .. ':'
+local GROUP = 'g'
+
+local function tkey(t) return B .. 't:' .. t end
+local function jkey(j) return B .. 'j:' .. j end
+local function qkey(t) return B .. 'q:' .. t end
+local function ledgerkey(t) return B .. 'ledger:' .. t end
+local function jobskey(t) return B .. 'jobs:' .. t end
+local function statekey(t, s) return B .. 'js:' .. t .. ':' .. s end
+local function agentkey(t, a) return B .. 'agent:' .. t .. ':' .. a end
+local ACT_CPU = B .. 'act:cpu'   -- eligible tenants whose next job needs no GPU
+local ACT_GPU = B .. 'act:gpu'   -- eligible tenants whose next job needs GPUs
+local VCLOCK = B .. 'vclock'
+local FENCE = B .. 'fence'
+local DELAYED = B .. 'delayed'
+local LEASES = B .. 'leases'
+local WAKE = B .. 'wake'
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function fail(msg)
+  return redis.error_reply('ERR agentplane: ' .. msg)
+end
+
+-- A non-negative integer argument, or nil.
+local function uint(v)
+  local n = tonumber(v)
+  if n == nil or n < 0 or n ~= math.floor(n) then return nil end
+  return n
+end
+
+local function int(v)
+  local n = tonumber(v)
+  if n == nil or n ~= math.floor(n) then return nil end
+  return n
+end
+
+local function hgetall(key)
+  local flat = redis.call('HGETALL', key)
+  local h = {}
+  for i = 1, #flat, 2 do h[flat[i]] = flat[i + 1] end
+  return h
+end
+
+local function n(h, field)
+  return tonumber(h[field] or 0) or 0
+end
+
+-- Prices travel with each call (ARGV), so every script agrees with the
+-- process configuration without a round trip. P = {fuel=..., gpu=..., gpuw=...}
+local function reservation(fuel, timeout_ms, gpus, P)
+  return math.ceil(fuel * P.fuel / 1000000) + math.ceil(timeout_ms * gpus * P.gpu / 1000)
+end
+
+local function effective(J, T)
+  local fuel = n(T, 'fuel')
+  if (J.fuel or '') ~= '' then fuel = math.min(fuel, tonumber(J.fuel)) end
+  local timeout = n(T, 'timeout_ms')
+  if (J.timeout_ms or '') ~= '' then timeout = math.min(timeout, tonumber(J.timeout_ms)) end
+  return fuel, timeout, n(T, 'memory_bytes')
+end
+
+local function ledger(t, op, job, attempt, amount, T)
+  redis.call('XADD', ledgerkey(t), '*', 'op', op, 'job', job, 'attempt', tostring(attempt),
+    'amount', tostring(amount),
+    'balance', tostring(n(T, 'granted') - n(T, 'settled')),
+    'reserved', tostring(n(T, 'reserved')))
+end
+
+-- Moves a job between the per-state indexes and records the new state.
+local function set_state(jid, J, state)
+  local t = J.tenant
+  if J.state ~= nil and J.state ~= '' then
+    redis.call('ZREM', statekey(t, J.state), jid)
+  end
+  redis.call('ZADD', statekey(t, state), 0, jid)
+  redis.call('HSET', jkey(jid), 'state', state)
+  J.state = state
+end
+
+-- The next undelivered entry of a tenant's stream: entry id and job id.
+local function head(t, T)
+  local last = T.qlast
+  if last == nil or last == '' then last = '0-0' end
+  local e = redis.call('XRANGE', qkey(t), '(' .. last, '+', 'COUNT', 1)
+  if #e == 0 then return nil, nil end
+  return e[1][1], e[1][2][2]
+end
+
+-- Re-decides whether tenant t may be claimed from: it has a ready job, is
+-- below max_running and max_gpus for that job, and its free credits cover the
+-- job's reservation. Eligible tenants sit in one of the two active sets
+-- scored by virtual time; all others are parked (in neither set) so CLAIM
+-- never rescans them. A tenant that becomes eligible again starts no earlier
+-- than the shard's virtual clock: idle time banks nothing.
+local function refresh(t, T, P)
+  local reason = ''
+  local sid, jid = head(t, T)
+  local set = nil
+  if sid == nil then
+    reason = 'empty'
+  elseif n(T, 'running') >= n(T, 'max_running') then
+    reason = 'max_running'
+  else
+    local J = hgetall(jkey(jid))
+    local g = n(J, 'gpus')
+    local fuel, timeout = effective(J, T)
+    local r = reservation(fuel, timeout, g, P)
+    if n(T, 'gpus') + g > n(T, 'max_gpus') then
+      reason = 'max_gpus'
+    elseif n(T, 'granted') - n(T, 'settled') - n(T, 'reserved') < r then
+      reason = 'credits'
+    elseif g > 0 then
+      set = ACT_GPU
+    else
+      set = ACT_CPU
+    end
+  end
+  local other = (set == ACT_GPU) and ACT_CPU or ACT_GPU
+  if set == nil then
+    redis.call('ZREM', ACT_CPU, t)
+    redis.call('ZREM', ACT_GPU, t)
+  else
+    redis.call('ZREM', other, t)
+    if not redis.call('ZSCORE', set, t) then
+      local vclock = tonumber(redis.call('GET', VCLOCK) or 0) or 0
+      local v = math.max(n(T, 'vtime'), vclock)
+      T.vtime = v
+      redis.call('HSET', tkey(t), 'vtime', v)
+      redis.call('ZADD', set, v, t)
+    end
+  end
+  if (T.parked or '') ~= reason then
+    redis.call('HSET', tkey(t), 'parked', reason)
+    T.parked = reason
+  end
+  return set ~= nil
+end
+
+-- Wakes waiting workers (a bounded blocking list: a lost signal only costs
+-- one poll interval).
+local function wake()
+  redis.call('LPUSH', WAKE, '1')
+  redis.call('LTRIM', WAKE, 0, 63)
+end
+
+local function prices(a, b, c)
+  local P = { fuel = uint(a), gpu = uint(b), gpuw = uint(c) }
+  if P.fuel == nil or P.gpu == nil or P.gpuw == nil then return nil end
+  return P
+end
+
+-- Exponential backoff with jitter in [50%, 100%] of the step.
+local function backoff(attempt, base, maxd, jitter)
+  local d = base * (2 ^ math.max(attempt - 1, 0))
+  if d > maxd then d = maxd end
+  return math.floor(d * (0.5 + 0.5 * (jitter % 1000) / 1000))
+end
+
+-- Puts a job whose attempt ended back into the delayed queue.
+local function to_delayed(jid, J, T, due)
+  set_state(jid, J, 'delayed')
+  redis.call('ZADD', DELAYED, due, jid)
+  redis.call('HINCRBY', tkey(J.tenant), 'queued', 1)
+  T.queued = n(T, 'queued') + 1
+end
+
+-- Appends a job to its tenant's ready stream.
+local function to_ready(jid, J, T)
+  local sid = redis.call('XADD', qkey(J.tenant), '*', 'j', jid)
+  redis.call('HSET', jkey(jid), 'sid', sid)
+  set_state(jid, J, 'queued')
+end
+
+-- Ends an attempt's hold on the worker: PEL entry, lease, running count,
+-- GPU slots. Shared by FINALIZE, REAP and RELEASE.
+local function end_attempt(jid, J, T)
+  local t = J.tenant
+  if (J.sid or '') ~= '' then
+    redis.call('XACK', qkey(t), GROUP, J.sid)
+    redis.call('XDEL', qkey(t), J.sid)
+  end
+  redis.call('ZREM', LEASES, jid)
+  local g = n(J, 'gpus')
+  T.running = n(T, 'running') - 1
+  T.gpus = n(T, 'gpus') - g
+  -- HSET, not HINCRBY: Lua renders -0 as "-0", which HINCRBY refuses.
+  redis.call('HSET', tkey(t), 'running', T.running, 'gpus', T.gpus)
+  redis.call('HSET', jkey(jid), 'sid', '', 'worker', '', 'lease_until', 0)
+end
+
+-- Releases the attempt's whole reservation uncharged.
+local function release_reservation(jid, J, T)
+  local r = n(J, 'reserved')
+  if r > 0 then
+    redis.call('HINCRBY', tkey(J.tenant), 'reserved', -r)
+    T.reserved = n(T, 'reserved') - r
+    ledger(J.tenant, 'release', jid, n(J, 'attempts'), r, T)
+  end
+  redis.call('HSET', jkey(jid), 'reserved', 0)
+end
+
+local function finish(jid, J, state, now)
+  set_state(jid, J, state)
+  redis.call('HSET', jkey(jid), 'finished', now)
+end

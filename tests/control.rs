@@ -1,0 +1,872 @@
+//! Control-plane conformance suite. Every test runs twice: against a
+//! standalone `redis-server` and against a 3-master Redis Cluster (with the
+//! tenants spread over 4 shards), both real processes started here.
+
+mod common;
+
+use agentplane::control::{
+    AttemptOutcome, Claim, ControlConfig, ControlPlane, CpError, Finalized, Finish, SubmitSpec,
+    TenantPatch, TenantSpec,
+};
+use agentplane::model::{ErrorKind, JobState};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Starts the backend, runs `$body(url, shards)` under it.
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod standalone {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    let r = crate::common::redis::RedisServer::start();
+                    super::$name(&r.url, 1).await;
+                }
+            )*
+        }
+        mod cluster {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    let c = crate::common::redis::RedisCluster::start(3);
+                    super::$name(&c.url, 4).await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    exactly_once_with_8_claimers,
+    reaped_lease_fences_the_old_token,
+    credit_invariant_under_random_operations,
+    weights_share_capacity,
+    idle_tenant_gets_no_burst,
+    tenant_at_max_running_does_not_slow_others,
+    light_tenant_is_not_stuck_behind_a_flood,
+    quotas_and_gpu_slots_hold_at_every_claim,
+    idempotency_keys,
+    failing_job_returns_after_backoff,
+    racing_schedulers_promote_once,
+    cancel_queued_and_running,
+    agent_state_commits_only_on_current_version,
+    released_job_goes_back_uncharged,
+    malformed_arguments_write_nothing,
+);
+
+fn cfg(shards: u32) -> ControlConfig {
+    ControlConfig {
+        shards,
+        lease_ms: 2_000,
+        retry_base_ms: 100,
+        retry_max_ms: 1_000,
+        ..ControlConfig::default()
+    }
+}
+
+async fn connect(url: &str, cfg: ControlConfig) -> ControlPlane {
+    ControlPlane::connect(url, cfg).await.expect("connect")
+}
+
+fn tenant(id: &str, credits: i64) -> TenantSpec {
+    TenantSpec {
+        id: id.into(),
+        weight: 1,
+        credits,
+        max_running: 1_000_000,
+        max_queued: 1_000_000,
+        max_gpus: 0,
+        limits: None,
+    }
+}
+
+fn job(input: &str) -> SubmitSpec {
+    SubmitSpec {
+        component: format!("sha256:{}", "0".repeat(64)),
+        input: input.into(),
+        agent_id: None,
+        contexts: vec![],
+        gpus: 0,
+        max_attempts: 3,
+        timeout_ms: None,
+        fuel: None,
+        delay_ms: 0,
+        idempotency: None,
+    }
+}
+
+fn ok(output: &str, wall_ms: u64) -> Finish {
+    Finish {
+        outcome: AttemptOutcome::Succeeded {
+            output: output.into(),
+        },
+        fuel: 1_000_000,
+        wall_ms,
+        log: String::new(),
+        new_state: None,
+    }
+}
+
+fn failed(kind: ErrorKind) -> Finish {
+    Finish {
+        outcome: AttemptOutcome::Failed {
+            kind,
+            message: "boom".into(),
+        },
+        fuel: 2_000_000,
+        wall_ms: 5,
+        log: "log line".into(),
+        new_state: None,
+    }
+}
+
+/// Claims one job, panicking if none is there.
+async fn claim_one(cp: &ControlPlane) -> Claim {
+    let mut c = cp.claim("w1", 1, 0).await.unwrap();
+    assert_eq!(c.len(), 1, "expected a job to claim");
+    c.pop().unwrap()
+}
+
+async fn exactly_once_with_8_claimers(url: &str, shards: u32) {
+    let cp = connect(url, cfg(shards)).await;
+    let tenants: Vec<String> = (0..20).map(|i| format!("t{i}")).collect();
+    for t in &tenants {
+        cp.create_tenant(&tenant(t, 1_000_000_000), "h")
+            .await
+            .unwrap();
+    }
+    let mut submitted = Vec::new();
+    for i in 0..5000 {
+        let t = &tenants[i % tenants.len()];
+        let s = cp.submit(t, &job(&format!("job {i}"))).await.unwrap();
+        submitted.push((t.clone(), s.id));
+    }
+    let claims: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+    let finals: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+    let mut tasks = Vec::new();
+    for w in 0..8 {
+        let cp = cp.clone();
+        let claims = claims.clone();
+        let finals = finals.clone();
+        tasks.push(tokio::spawn(async move {
+            let worker = format!("worker-{w}");
+            let mut idle = 0;
+            while idle < 3 {
+                let got = cp.claim(&worker, 4, 0).await.unwrap();
+                if got.is_empty() {
+                    idle += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+                idle = 0;
+                for c in got {
+                    *claims
+                        .lock()
+                        .unwrap()
+                        .entry(c.lease.job_id.clone())
+                        .or_default() += 1;
+                    let r = cp.finalize(&c.lease, &ok(&c.input, 3)).await.unwrap();
+                    assert_eq!(r, Finalized::Succeeded);
+                    *finals
+                        .lock()
+                        .unwrap()
+                        .entry(c.lease.job_id.clone())
+                        .or_default() += 1;
+                    // A second FINALIZE of the same attempt changes nothing.
+                    assert!(matches!(
+                        cp.finalize(&c.lease, &ok("again", 3)).await,
+                        Err(CpError::LeaseLost)
+                    ));
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let claims = claims.lock().unwrap().clone();
+    let finals = finals.lock().unwrap().clone();
+    assert_eq!(claims.len(), 5000, "every job claimed");
+    assert!(claims.values().all(|&n| n == 1), "no job claimed twice");
+    assert!(finals.values().all(|&n| n == 1), "no job finalized twice");
+    for (t, id) in submitted.iter().step_by(97) {
+        let j = cp.job(t, id).await.unwrap().unwrap();
+        assert_eq!(j.state, JobState::Succeeded);
+        assert_eq!(j.attempts, 1);
+        assert!(j.output.as_deref().unwrap().starts_with("job "));
+    }
+    for t in &tenants {
+        let info = cp.tenant(t).await.unwrap().unwrap();
+        assert_eq!(info.running, 0);
+        assert_eq!(info.queued, 0);
+        assert_eq!(info.credits.reserved, 0);
+        // 250 jobs × 1 Mfuel × 1 credit/Mfuel.
+        assert_eq!(info.settled, 250);
+    }
+}
+
+async fn reaped_lease_fences_the_old_token(url: &str, shards: u32) {
+    let cp = connect(
+        url,
+        ControlConfig {
+            lease_ms: 300,
+            ..cfg(shards)
+        },
+    )
+    .await;
+    cp.create_tenant(&tenant("a", 1_000_000), "h")
+        .await
+        .unwrap();
+    let s = cp.submit("a", &job("x")).await.unwrap();
+    let c = claim_one(&cp).await;
+    assert_eq!(c.lease.job_id, s.id);
+    cp.renew(&c.lease).await.unwrap();
+    let before = cp.tenant("a").await.unwrap().unwrap();
+    assert!(before.credits.reserved > 0);
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    assert_eq!(cp.reap(100).await.unwrap(), 1);
+    let after = cp.tenant("a").await.unwrap().unwrap();
+    assert_eq!(after.credits.reserved, 0, "reservation released");
+    assert_eq!(after.settled, 0, "lost attempt not charged");
+    assert!(matches!(cp.renew(&c.lease).await, Err(CpError::LeaseLost)));
+    assert!(matches!(
+        cp.finalize(&c.lease, &ok("late", 10)).await,
+        Err(CpError::LeaseLost)
+    ));
+    let t2 = cp.tenant("a").await.unwrap().unwrap();
+    assert_eq!(t2, after, "a stale token changes nothing");
+    let j = cp.job("a", &s.id).await.unwrap().unwrap();
+    assert_eq!(j.state, JobState::Delayed);
+    assert_eq!(j.usage.credits, 0);
+    // It runs again after its backoff, with a newer token.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(cp.promote(100).await.unwrap(), 1);
+    let c2 = claim_one(&cp).await;
+    assert_eq!(c2.lease.job_id, s.id);
+    assert!(c2.lease.token > c.lease.token);
+    assert_eq!(c2.attempt, 2);
+    assert_eq!(
+        cp.finalize(&c2.lease, &ok("done", 10)).await.unwrap(),
+        Finalized::Succeeded
+    );
+    // Attempts lost to dead workers fail the job once max_attempts are spent.
+    let mut spec = job("y");
+    spec.max_attempts = 1;
+    let s = cp.submit("a", &spec).await.unwrap();
+    let _c = claim_one(&cp).await;
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    assert_eq!(cp.reap(100).await.unwrap(), 1);
+    let j = cp.job("a", &s.id).await.unwrap().unwrap();
+    assert_eq!(j.state, JobState::Failed);
+    assert_eq!(j.error.unwrap().kind, ErrorKind::LeaseExpired);
+}
+
+/// balance = granted − settled, 0 ≤ reserved ≤ balance, and the ledger
+/// accounts for both, checked after every step.
+async fn check_credits(cp: &ControlPlane, t: &str) {
+    let info = cp.tenant(t).await.unwrap().unwrap();
+    assert_eq!(info.credits.balance, info.granted - info.settled);
+    assert!(info.credits.reserved >= 0, "{info:?}");
+    assert!(info.credits.reserved <= info.credits.balance, "{info:?}");
+    let ledger = cp.ledger(t).await.unwrap();
+    let sum = |op: &str| -> i64 { ledger.iter().filter(|e| e.op == op).map(|e| e.amount).sum() };
+    assert_eq!(sum("grant"), info.granted, "grants in the ledger");
+    assert_eq!(sum("settle"), info.settled, "settles in the ledger");
+    assert_eq!(
+        sum("reserve") - sum("settle") - sum("release"),
+        info.credits.reserved,
+        "reservations in the ledger"
+    );
+    for e in ledger.iter().filter(|e| e.op != "grant") {
+        assert!(
+            !e.job.is_empty() && e.attempt >= 1,
+            "{e:?} names job and attempt"
+        );
+    }
+}
+
+async fn credit_invariant_under_random_operations(url: &str, shards: u32) {
+    use rand::{Rng, SeedableRng};
+    let cp = connect(
+        url,
+        ControlConfig {
+            lease_ms: 50,
+            retry_base_ms: 1,
+            retry_max_ms: 5,
+            ..cfg(shards)
+        },
+    )
+    .await;
+    for seed in 0..12u64 {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let t = format!("p{seed}");
+        let mut spec = tenant(&t, 40);
+        spec.max_gpus = 2;
+        spec.limits = Some(agentplane::control::LimitsPatch {
+            fuel: Some(10_000_000),
+            memory_bytes: None,
+            timeout_ms: Some(1_000),
+        });
+        cp.create_tenant(&spec, "h").await.unwrap();
+        let mut held: Vec<Claim> = Vec::new();
+        let mut jobs: Vec<String> = Vec::new();
+        for _step in 0..60 {
+            match rng.random_range(0..8) {
+                0 | 1 => {
+                    let mut j = job("p");
+                    j.gpus = rng.random_range(0..2);
+                    j.fuel = Some(rng.random_range(1..10) * 1_000_000);
+                    if let Ok(s) = cp.submit(&t, &j).await {
+                        jobs.push(s.id);
+                    }
+                }
+                2 => held.extend(cp.claim("w", 2, rng.random_range(0..3)).await.unwrap()),
+                3 if !held.is_empty() => {
+                    let c = held.swap_remove(rng.random_range(0..held.len()));
+                    let _ = cp.renew(&c.lease).await;
+                    held.push(c);
+                }
+                4 if !held.is_empty() => {
+                    let c = held.swap_remove(rng.random_range(0..held.len()));
+                    let mut f = ok("o", rng.random_range(0..3000));
+                    f.fuel = rng.random_range(0..20_000_000);
+                    if rng.random_bool(0.3) {
+                        f.outcome = AttemptOutcome::Failed {
+                            kind: ErrorKind::Trap,
+                            message: "t".into(),
+                        };
+                    }
+                    let _ = cp.finalize(&c.lease, &f).await;
+                }
+                5 => {
+                    tokio::time::sleep(Duration::from_millis(60)).await;
+                    cp.reap(10).await.unwrap();
+                    cp.promote(10).await.unwrap();
+                }
+                6 if !jobs.is_empty() => {
+                    let id = &jobs[rng.random_range(0..jobs.len())];
+                    cp.cancel(&t, id).await.unwrap();
+                }
+                7 => {
+                    let amount = rng.random_range(-20..30);
+                    match cp.grant_credits(&t, amount).await {
+                        Ok(_) | Err(CpError::InsufficientCredits) => {}
+                        Err(e) => panic!("grant: {e}"),
+                    }
+                }
+                _ => {}
+            }
+            check_credits(&cp, &t).await;
+        }
+    }
+}
+
+/// Runs `n` sequential claim → finalize cycles; answers claims per tenant.
+async fn serve_sequentially(cp: &ControlPlane, n: usize, wall_ms: u64) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for _ in 0..n {
+        let c = claim_one(cp).await;
+        *counts.entry(c.lease.tenant.clone()).or_default() += 1;
+        cp.finalize(&c.lease, &ok("", wall_ms)).await.unwrap();
+    }
+    counts
+}
+
+async fn backlog(cp: &ControlPlane, t: &str, weight: u32, jobs: usize) {
+    let mut spec = tenant(t, 1_000_000_000);
+    spec.weight = weight;
+    cp.create_tenant(&spec, "h").await.unwrap();
+    for i in 0..jobs {
+        cp.submit(t, &job(&i.to_string())).await.unwrap();
+    }
+}
+
+async fn weights_share_capacity(url: &str, _shards: u32) {
+    // One shard: fairness is decided per shard.
+    let cp = connect(url, cfg(1)).await;
+    for (t, w) in [("w1", 1), ("w2", 2), ("w3", 3)] {
+        backlog(&cp, t, w, 400).await;
+    }
+    let counts = serve_sequentially(&cp, 600, 100).await;
+    for (t, want) in [("w1", 1.0 / 6.0), ("w2", 2.0 / 6.0), ("w3", 3.0 / 6.0)] {
+        let share = counts[t] as f64 / 600.0;
+        assert!(
+            (share - want).abs() <= 0.05 * want,
+            "{t}: share {share:.3}, want {want:.3} ± 5% ({counts:?})"
+        );
+    }
+}
+
+async fn idle_tenant_gets_no_burst(url: &str, _shards: u32) {
+    let cp = connect(url, cfg(1)).await;
+    backlog(&cp, "a", 1, 400).await;
+    backlog(&cp, "b", 1, 400).await;
+    cp.create_tenant(&tenant("c", 1_000_000_000), "h")
+        .await
+        .unwrap();
+    serve_sequentially(&cp, 200, 50).await;
+    for i in 0..100 {
+        cp.submit("c", &job(&i.to_string())).await.unwrap();
+    }
+    let counts = serve_sequentially(&cp, 30, 50).await;
+    let c = counts.get("c").copied().unwrap_or(0);
+    // A fair third of 30 is 10; the idle time must not buy more than one extra.
+    assert!((9..=11).contains(&c), "c got {c} of 30 ({counts:?})");
+}
+
+async fn tenant_at_max_running_does_not_slow_others(url: &str, _shards: u32) {
+    let cp = connect(url, cfg(1)).await;
+    backlog(&cp, "x", 1, 100).await;
+    cp.update_tenant(
+        "x",
+        &TenantPatch {
+            max_running: Some(1),
+            ..TenantPatch::default()
+        },
+    )
+    .await
+    .unwrap();
+    backlog(&cp, "y", 1, 100).await;
+    backlog(&cp, "z", 1, 100).await;
+    let mut held = Vec::new();
+    for _ in 0..40 {
+        // Every claim finds work while y and z have some: x's quota costs nothing.
+        let c = claim_one(&cp).await;
+        let info = cp.tenant(&c.lease.tenant).await.unwrap().unwrap();
+        assert!(info.running <= info.max_running);
+        held.push(c);
+    }
+    let x = held.iter().filter(|c| c.lease.tenant == "x").count();
+    assert_eq!(x, 1, "x holds exactly its max_running");
+    // When x's job ends, x is unparked and served again.
+    let xc = held.iter().find(|c| c.lease.tenant == "x").unwrap();
+    cp.finalize(&xc.lease, &ok("", 1)).await.unwrap();
+    assert_eq!(cp.tenant("x").await.unwrap().unwrap().running, 0);
+    let mut seen_x = false;
+    for _ in 0..3 {
+        seen_x |= claim_one(&cp).await.lease.tenant == "x";
+    }
+    assert!(seen_x, "x was unparked when its job ended");
+}
+
+async fn light_tenant_is_not_stuck_behind_a_flood(url: &str, _shards: u32) {
+    let cp = connect(url, cfg(1)).await;
+    backlog(&cp, "heavy", 1, 1000).await;
+    serve_sequentially(&cp, 50, 20).await;
+    cp.create_tenant(&tenant("light", 1_000_000_000), "h")
+        .await
+        .unwrap();
+    let s = cp.submit("light", &job("me")).await.unwrap();
+    let mut waited = 0;
+    loop {
+        let c = claim_one(&cp).await;
+        cp.finalize(&c.lease, &ok("", 20)).await.unwrap();
+        if c.lease.job_id == s.id {
+            break;
+        }
+        waited += 1;
+    }
+    assert!(
+        waited <= 1,
+        "light waited {waited} jobs behind a flood of 950"
+    );
+}
+
+async fn quotas_and_gpu_slots_hold_at_every_claim(url: &str, shards: u32) {
+    use rand::{Rng, SeedableRng};
+    let cp = connect(url, cfg(shards)).await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    for t in ["g1", "g2", "g3"] {
+        let mut spec = tenant(t, 1_000_000_000);
+        spec.max_running = 3;
+        spec.max_gpus = 2;
+        spec.max_queued = 60;
+        cp.create_tenant(&spec, "h").await.unwrap();
+        for _ in 0..60 {
+            let mut j = job("g");
+            j.gpus = rng.random_range(0..3);
+            cp.submit(t, &j).await.unwrap();
+        }
+        // max_queued holds at submission.
+        assert!(matches!(
+            cp.submit(t, &job("over")).await,
+            Err(CpError::QueueFull)
+        ));
+    }
+    let mut held: Vec<Claim> = Vec::new();
+    let mut finished = 0;
+    while finished < 180 {
+        let free = rng.random_range(0..4u32);
+        let got = cp.claim("gw", 3, free).await.unwrap();
+        let used: u32 = got.iter().map(|c| c.gpus).sum();
+        assert!(used <= free, "worker with {free} free GPUs got {used}");
+        held.extend(got);
+        for t in ["g1", "g2", "g3"] {
+            let info = cp.tenant(t).await.unwrap().unwrap();
+            assert!(info.running <= 3, "{t} running {}", info.running);
+            assert!(info.gpus_in_use <= 2, "{t} gpus {}", info.gpus_in_use);
+            let mine: u32 = held
+                .iter()
+                .filter(|c| c.lease.tenant == t)
+                .map(|c| c.gpus)
+                .sum();
+            assert_eq!(mine, info.gpus_in_use);
+        }
+        if !held.is_empty() && (rng.random_bool(0.5) || held.len() > 6) {
+            let c = held.swap_remove(rng.random_range(0..held.len()));
+            cp.finalize(&c.lease, &ok("", 10)).await.unwrap();
+            finished += 1;
+        }
+    }
+    // Credits: a job whose reservation exceeds the balance is refused.
+    cp.create_tenant(&tenant("poor", 1), "h").await.unwrap();
+    let mut j = job("expensive");
+    j.fuel = Some(50_000_000);
+    assert!(matches!(
+        cp.submit("poor", &j).await,
+        Err(CpError::InsufficientCredits)
+    ));
+}
+
+async fn idempotency_keys(url: &str, shards: u32) {
+    let cp = connect(
+        url,
+        ControlConfig {
+            idempotency_ttl_s: 1,
+            ..cfg(shards)
+        },
+    )
+    .await;
+    cp.create_tenant(&tenant("i", 1_000_000), "h")
+        .await
+        .unwrap();
+    let mut j = job("same");
+    j.idempotency = Some(("key-1".into(), "bodyhash-A".into()));
+    let first = cp.submit("i", &j).await.unwrap();
+    assert!(first.created);
+    let again = cp.submit("i", &j).await.unwrap();
+    assert!(!again.created);
+    assert_eq!(again.id, first.id);
+    let mut other = j.clone();
+    other.idempotency = Some(("key-1".into(), "bodyhash-B".into()));
+    assert!(matches!(
+        cp.submit("i", &other).await,
+        Err(CpError::IdempotencyConflict)
+    ));
+    // Keys are per tenant.
+    cp.create_tenant(&tenant("i2", 1_000_000), "h")
+        .await
+        .unwrap();
+    assert!(cp.submit("i2", &j).await.unwrap().created);
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let later = cp.submit("i", &j).await.unwrap();
+    assert!(later.created);
+    assert_ne!(later.id, first.id);
+}
+
+async fn failing_job_returns_after_backoff(url: &str, shards: u32) {
+    let cp = connect(url, cfg(shards)).await;
+    cp.create_tenant(&tenant("f", 1_000_000), "h")
+        .await
+        .unwrap();
+    let s = cp.submit("f", &job("x")).await.unwrap();
+    let c = claim_one(&cp).await;
+    let r = cp
+        .finalize(&c.lease, &failed(ErrorKind::AgentError))
+        .await
+        .unwrap();
+    let Finalized::Retrying { delay_ms } = r else {
+        panic!("expected a retry, got {r:?}")
+    };
+    assert!((50..=100).contains(&delay_ms), "first backoff {delay_ms}");
+    let j = cp.job("f", &s.id).await.unwrap().unwrap();
+    assert_eq!(j.state, JobState::Delayed);
+    assert_eq!(j.error.as_ref().unwrap().kind, ErrorKind::AgentError);
+    assert!(cp.claim("w", 1, 0).await.unwrap().is_empty());
+    tokio::time::sleep(Duration::from_millis(delay_ms + 20)).await;
+    assert_eq!(cp.promote(10).await.unwrap(), 1);
+    let c2 = claim_one(&cp).await;
+    assert_eq!((c2.lease.job_id.as_str(), c2.attempt), (s.id.as_str(), 2));
+    // A trap also retries; the last attempt's failure is final.
+    assert!(matches!(
+        cp.finalize(&c2.lease, &failed(ErrorKind::Trap))
+            .await
+            .unwrap(),
+        Finalized::Retrying { .. }
+    ));
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    cp.promote(10).await.unwrap();
+    let c3 = claim_one(&cp).await;
+    assert_eq!(
+        cp.finalize(&c3.lease, &failed(ErrorKind::AgentError))
+            .await
+            .unwrap(),
+        Finalized::Failed
+    );
+    let j = cp.job("f", &s.id).await.unwrap().unwrap();
+    assert_eq!((j.state, j.attempts), (JobState::Failed, 3));
+    assert_eq!(j.usage.credits, 6, "three attempts of 2 Mfuel each");
+    // Limits are final at once.
+    for kind in [
+        ErrorKind::FuelExhausted,
+        ErrorKind::MemoryLimit,
+        ErrorKind::Timeout,
+    ] {
+        let s = cp.submit("f", &job("y")).await.unwrap();
+        let c = claim_one(&cp).await;
+        assert_eq!(
+            cp.finalize(&c.lease, &failed(kind)).await.unwrap(),
+            Finalized::Failed
+        );
+        let j = cp.job("f", &s.id).await.unwrap().unwrap();
+        assert_eq!(j.error.unwrap().kind, kind);
+    }
+    assert_eq!(cp.job_log("f", &s.id).await.unwrap().unwrap(), "log line");
+}
+
+async fn racing_schedulers_promote_once(url: &str, shards: u32) {
+    let cp = connect(url, cfg(shards)).await;
+    let mut ids = Vec::new();
+    for t in ["r1", "r2", "r3", "r4"] {
+        cp.create_tenant(&tenant(t, 1_000_000), "h").await.unwrap();
+        for _ in 0..50 {
+            let mut j = job("d");
+            j.delay_ms = 300;
+            let s = cp.submit(t, &j).await.unwrap();
+            assert_eq!(s.state, JobState::Delayed);
+            ids.push(s.id);
+        }
+    }
+    assert_eq!(cp.promote(1000).await.unwrap(), 0, "nothing due yet");
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let mut tasks = Vec::new();
+    for _ in 0..2 {
+        let cp = cp.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut total = 0;
+            loop {
+                let n = cp.promote(7).await.unwrap();
+                if n == 0 {
+                    return total;
+                }
+                total += n;
+            }
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap();
+    }
+    assert_eq!(total, 200, "each job promoted exactly once");
+    let mut claimed = std::collections::HashSet::new();
+    loop {
+        let got = cp.claim("w", 50, 0).await.unwrap();
+        if got.is_empty() {
+            break;
+        }
+        for c in got {
+            assert!(claimed.insert(c.lease.job_id.clone()), "claimed twice");
+        }
+    }
+    assert_eq!(claimed.len(), 200);
+}
+
+async fn cancel_queued_and_running(url: &str, shards: u32) {
+    let cp = connect(url, cfg(shards)).await;
+    cp.create_tenant(&tenant("c", 1_000_000), "h")
+        .await
+        .unwrap();
+    cp.create_tenant(&tenant("other", 1_000_000), "h")
+        .await
+        .unwrap();
+    let queued = cp.submit("c", &job("q")).await.unwrap();
+    assert!(matches!(
+        cp.cancel("other", &queued.id).await,
+        Err(CpError::NotFound)
+    ));
+    assert!(cp.job("other", &queued.id).await.unwrap().is_none());
+    assert_eq!(cp.cancel("c", &queued.id).await.unwrap(), JobState::Queued);
+    let j = cp.job("c", &queued.id).await.unwrap().unwrap();
+    assert_eq!(j.state, JobState::Cancelled);
+    assert_eq!(j.error.unwrap().kind, ErrorKind::Cancelled);
+    assert!(cp.claim("w", 5, 0).await.unwrap().is_empty());
+    assert_eq!(cp.tenant("c").await.unwrap().unwrap().queued, 0);
+
+    let running = cp.submit("c", &job("r")).await.unwrap();
+    let c = claim_one(&cp).await;
+    assert_eq!(
+        cp.cancel("c", &running.id).await.unwrap(),
+        JobState::Running
+    );
+    assert!(matches!(cp.renew(&c.lease).await, Err(CpError::Cancelled)));
+    let f = Finish {
+        outcome: AttemptOutcome::Cancelled,
+        ..ok("", 40)
+    };
+    assert_eq!(
+        cp.finalize(&c.lease, &f).await.unwrap(),
+        Finalized::Cancelled
+    );
+    let j = cp.job("c", &running.id).await.unwrap().unwrap();
+    assert_eq!(j.state, JobState::Cancelled);
+    let info = cp.tenant("c").await.unwrap().unwrap();
+    assert_eq!((info.running, info.credits.reserved), (0, 0));
+    assert_eq!(info.settled, 1, "the cancelled attempt pays what it used");
+
+    let delayed = cp
+        .submit(
+            "c",
+            &SubmitSpec {
+                delay_ms: 60_000,
+                ..job("d")
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        cp.cancel("c", &delayed.id).await.unwrap(),
+        JobState::Delayed
+    );
+    assert_eq!(
+        cp.job("c", &delayed.id).await.unwrap().unwrap().state,
+        JobState::Cancelled
+    );
+    let (list, next) = cp
+        .list_jobs("c", Some(JobState::Cancelled), 2, None)
+        .await
+        .unwrap();
+    assert_eq!(list.len(), 2);
+    assert_eq!(list[0].id, delayed.id, "newest first");
+    let (rest, _) = cp
+        .list_jobs("c", Some(JobState::Cancelled), 2, next.as_deref())
+        .await
+        .unwrap();
+    assert_eq!(rest.len(), 1);
+    assert_eq!(rest[0].id, queued.id);
+}
+
+async fn agent_state_commits_only_on_current_version(url: &str, shards: u32) {
+    let cp = connect(url, cfg(shards)).await;
+    cp.create_tenant(&tenant("s", 1_000_000), "h")
+        .await
+        .unwrap();
+    let with_agent = |input: &str| SubmitSpec {
+        agent_id: Some("bot".into()),
+        ..job(input)
+    };
+    let a = cp.submit("s", &with_agent("a")).await.unwrap();
+    let b = cp.submit("s", &with_agent("b")).await.unwrap();
+    let ca = claim_one(&cp).await;
+    let cb = claim_one(&cp).await;
+    assert_eq!((ca.state.clone(), cb.state.clone()), (None, None));
+    let set = |s: &[u8]| Finish {
+        new_state: Some(s.to_vec()),
+        ..ok("", 5)
+    };
+    assert_eq!(
+        cp.finalize(&ca.lease, &set(b"1")).await.unwrap(),
+        Finalized::Succeeded
+    );
+    // b read version 0, a committed version 1 since: b must run again.
+    assert_eq!(
+        cp.finalize(&cb.lease, &set(b"1")).await.unwrap(),
+        Finalized::StateConflict
+    );
+    assert_eq!(
+        cp.job("s", &b.id).await.unwrap().unwrap().state,
+        JobState::Queued
+    );
+    let cb2 = claim_one(&cp).await;
+    assert_eq!(cb2.lease.job_id, b.id);
+    assert_eq!(cb2.state.as_deref(), Some(&b"1"[..]));
+    assert_eq!(cb2.attempt, 1, "a conflict does not use up an attempt");
+    // A large state goes to the blob tier and comes back whole.
+    let big = vec![7u8; 200_000];
+    assert_eq!(
+        cp.finalize(&cb2.lease, &set(&big)).await.unwrap(),
+        Finalized::Succeeded
+    );
+    cp.submit("s", &with_agent("c")).await.unwrap();
+    let cc = claim_one(&cp).await;
+    assert_eq!(cc.state.as_deref(), Some(&big[..]));
+    assert_eq!(cc.state_version, 2);
+    // A failed job commits nothing.
+    let f = Finish {
+        new_state: Some(b"nope".to_vec()),
+        ..failed(ErrorKind::FuelExhausted)
+    };
+    cp.finalize(&cc.lease, &f).await.unwrap();
+    cp.submit("s", &with_agent("d")).await.unwrap();
+    assert_eq!(claim_one(&cp).await.state.as_deref(), Some(&big[..]));
+    assert_eq!(
+        cp.job("s", &a.id).await.unwrap().unwrap().state,
+        JobState::Succeeded
+    );
+}
+
+async fn released_job_goes_back_uncharged(url: &str, shards: u32) {
+    let cp = connect(url, cfg(shards)).await;
+    cp.create_tenant(&tenant("d", 1_000_000), "h")
+        .await
+        .unwrap();
+    let s = cp.submit("d", &job("x")).await.unwrap();
+    let c = claim_one(&cp).await;
+    cp.release(&c.lease).await.unwrap();
+    assert!(matches!(
+        cp.release(&c.lease).await,
+        Err(CpError::LeaseLost)
+    ));
+    let j = cp.job("d", &s.id).await.unwrap().unwrap();
+    assert_eq!(
+        (j.state, j.attempts, j.usage.credits),
+        (JobState::Queued, 0, 0)
+    );
+    let info = cp.tenant("d").await.unwrap().unwrap();
+    assert_eq!(
+        (info.running, info.credits.reserved, info.settled),
+        (0, 0, 0)
+    );
+    let c2 = claim_one(&cp).await;
+    assert_eq!((c2.lease.job_id.as_str(), c2.attempt), (s.id.as_str(), 1));
+}
+
+async fn malformed_arguments_write_nothing(url: &str, shards: u32) {
+    let cp = connect(url, cfg(shards)).await;
+    cp.create_tenant(&tenant("m", 100), "h").await.unwrap();
+    assert!(matches!(
+        cp.create_tenant(&tenant("m", 100), "h").await,
+        Err(CpError::TenantExists)
+    ));
+    assert!(matches!(
+        cp.create_tenant(&tenant("Bad:Id", 1), "h").await,
+        Err(CpError::Invalid(_))
+    ));
+    let before = cp.tenant("m").await.unwrap().unwrap();
+    let mut j = job("x");
+    j.max_attempts = 0;
+    assert!(matches!(cp.submit("m", &j).await, Err(CpError::Invalid(_))));
+    assert!(matches!(
+        cp.submit("nobody", &job("x")).await,
+        Err(CpError::NotFound)
+    ));
+    assert!(matches!(
+        cp.update_tenant(
+            "m",
+            &TenantPatch {
+                weight: Some(0),
+                ..TenantPatch::default()
+            }
+        )
+        .await,
+        Err(CpError::Invalid(_))
+    ));
+    assert!(matches!(
+        cp.grant_credits("m", -101).await,
+        Err(CpError::InsufficientCredits)
+    ));
+    assert_eq!(cp.tenant("m").await.unwrap().unwrap(), before);
+    assert_eq!(cp.grant_credits("m", -40).await.unwrap(), 60);
+    let (jobs, _) = cp.list_jobs("m", None, 10, None).await.unwrap();
+    assert!(jobs.is_empty());
+}
