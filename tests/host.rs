@@ -381,6 +381,44 @@ async fn a_request_cancelled_before_it_starts_does_not_run() {
 }
 
 #[tokio::test]
+async fn extreme_limits_do_not_break_the_host() {
+    let host = Host::new(cfg()).unwrap();
+    let echo = load(&host, "echo").await;
+    let r = host
+        .run(request(
+            &echo,
+            "max",
+            Limits {
+                fuel: u64::MAX,
+                memory_bytes: u64::MAX,
+                timeout_ms: u64::MAX,
+            },
+        ))
+        .await;
+    assert_eq!(r.outcome, RunOutcome::Ok("max".into()));
+    let no_memory = Limits {
+        memory_bytes: 0,
+        ..limits()
+    };
+    let r = host.run(request(&echo, "m", no_memory)).await;
+    assert_eq!(failed(&r).0, ErrorKind::MemoryLimit, "{}", r.log);
+    let no_fuel = Limits {
+        fuel: 0,
+        ..limits()
+    };
+    let r = host.run(request(&echo, "f", no_fuel)).await;
+    assert_eq!(failed(&r).0, ErrorKind::FuelExhausted, "{}", r.log);
+    let no_time = Limits {
+        fuel: u64::MAX,
+        timeout_ms: 0,
+        ..limits()
+    };
+    let runaway = load(&host, "runaway").await;
+    let r = host.run(request(&runaway, "t", no_time)).await;
+    assert_eq!(failed(&r).0, ErrorKind::Timeout, "{}", r.log);
+}
+
+#[tokio::test]
 async fn the_escape_guest_finds_no_file_no_env_and_no_network() {
     let host = Host::new(cfg()).unwrap();
     let escape = load(&host, "escape").await;

@@ -32,6 +32,11 @@ const BACKSTOP_GRACE: Duration = Duration::from_millis(200);
 /// the worker relies on.
 const CANCEL_GRACE: Duration = Duration::from_millis(20);
 
+/// Longest wall clock honoured, whatever the limits say. Keeps the deadline
+/// arithmetic (`Instant + timeout`) far from overflowing on a tenant's
+/// `u64::MAX`, and no agent job legitimately holds a slot for a week.
+const MAX_TIMEOUT_MS: u64 = 7 * 24 * 3600 * 1000;
+
 /// Longest trap message kept in the report; backtraces of deep recursion
 /// can be megabytes.
 const MAX_MESSAGE: usize = 4 << 10;
@@ -88,8 +93,9 @@ pub(crate) async fn run(env: RunEnv, req: RunRequest) -> RunReport {
     report
 }
 
-async fn run_inner(env: RunEnv, req: RunRequest) -> RunReport {
+async fn run_inner(env: RunEnv, mut req: RunRequest) -> RunReport {
     let started = Instant::now();
+    req.limits.timeout_ms = req.limits.timeout_ms.min(MAX_TIMEOUT_MS);
     if req.cancel.is_cancelled() {
         // Cancelled before it started (lease already lost): don't run at all.
         return RunReport {
