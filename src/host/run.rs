@@ -37,6 +37,11 @@ const CANCEL_GRACE: Duration = Duration::from_millis(20);
 /// `u64::MAX`, and no agent job legitimately holds a slot for a week.
 const MAX_TIMEOUT_MS: u64 = 7 * 24 * 3600 * 1000;
 
+/// Host-side resources (streams, pollables, sockets...) one run may hold at
+/// once. Each lives in host memory, outside the guest's memory limit: a guest
+/// leaking pollables in a loop would otherwise grow the host by ~100 B each.
+const MAX_HOST_RESOURCES: usize = 10_000;
+
 /// Longest trap message kept in the report; backtraces of deep recursion
 /// can be megabytes.
 const MAX_MESSAGE: usize = 4 << 10;
@@ -174,7 +179,11 @@ async fn attempt(
     let flags = Arc::new(RunFlags::default());
     let data = RunState {
         wasi: sandbox::wasi_ctx(stdout, stderr),
-        table: ResourceTable::new(),
+        table: {
+            let mut t = ResourceTable::new();
+            t.set_max_capacity(MAX_HOST_RESOURCES);
+            t
+        },
         limiter: MemoryLimiter::new(
             limits.memory_bytes.min(env.max_memory_per_instance),
             env.tenant,
