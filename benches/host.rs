@@ -1,1 +1,127 @@
-fn main() {}
+//! Host benchmarks: instantiate-and-run per job (pooling vs on-demand), fuel
+//! metering's cost on a CPU-bound agent, and loading a precompiled component
+//! from the disk cache vs compiling it.
+//!
+//! `cargo bench --bench host -- --warm-up-time 1 --measurement-time 3`
+
+use agentplane::host::{Host, HostConfig, LoadedComponent, RunOutcome, RunRequest};
+use agentplane::model::Limits;
+use criterion::{Criterion, criterion_group, criterion_main};
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use tokio::runtime::Runtime;
+use tokio_util::sync::CancellationToken;
+
+/// Builds `guest-examples/` (as the tests do) and reads component `name`.
+fn guest(name: &str) -> Vec<u8> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest-examples");
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(&dir)
+        .args(["build", "--release", "--target", "wasm32-wasip2"]);
+    for var in ["RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", "CARGO_TARGET_DIR"] {
+        cmd.env_remove(var);
+    }
+    assert!(cmd.status().unwrap().success(), "building guest-examples");
+    std::fs::read(dir.join(format!(
+        "target/wasm32-wasip2/release/{}.wasm",
+        name.replace('-', "_")
+    )))
+    .unwrap()
+}
+
+fn host(pooling: bool, fuel: bool, cache_dir: Option<&Path>) -> Host {
+    Host::new(HostConfig {
+        max_instances: 64,
+        pooling,
+        fuel,
+        cache_dir: cache_dir.map(Path::to_path_buf),
+        ..HostConfig::default()
+    })
+    .unwrap()
+}
+
+fn load(rt: &Runtime, host: &Host, bytes: &[u8]) -> Arc<LoadedComponent> {
+    let digest = host.admit(bytes).unwrap().digest;
+    let bytes = bytes.to_vec();
+    rt.block_on(host.component(&digest, || async move { Ok(Some(bytes)) }))
+        .unwrap()
+}
+
+fn request(c: &Arc<LoadedComponent>, input: &str) -> RunRequest {
+    RunRequest {
+        tenant: "bench".into(),
+        job_id: "j".into(),
+        component: c.clone(),
+        input: input.into(),
+        limits: Limits {
+            fuel: u64::MAX / 2,
+            memory_bytes: 64 << 20,
+            timeout_ms: 60_000,
+        },
+        contexts: Vec::new(),
+        state: None,
+        cancel: CancellationToken::new(),
+    }
+}
+
+fn run_ok(rt: &Runtime, host: &Host, c: &Arc<LoadedComponent>, input: &str) {
+    let r = rt.block_on(host.run(request(c, input)));
+    assert!(matches!(r.outcome, RunOutcome::Ok(_)), "{:?}", r.outcome);
+}
+
+fn per_job(c: &mut Criterion) {
+    let rt = Runtime::new().unwrap();
+    let echo = guest("echo");
+    let mut g = c.benchmark_group("echo_per_job");
+    for (name, pooling) in [("pooling", true), ("on_demand", false)] {
+        let h = host(pooling, true, None);
+        let comp = load(&rt, &h, &echo);
+        g.bench_function(name, |b| b.iter(|| run_ok(&rt, &h, &comp, "hello")));
+    }
+    g.finish();
+}
+
+fn fuel(c: &mut Criterion) {
+    let rt = Runtime::new().unwrap();
+    let compute = guest("compute");
+    let mut g = c.benchmark_group("compute_100k_rounds");
+    for (name, fuel) in [("fuel_on", true), ("fuel_off", false)] {
+        let h = host(true, fuel, None);
+        let comp = load(&rt, &h, &compute);
+        g.bench_function(name, |b| b.iter(|| run_ok(&rt, &h, &comp, "100000")));
+    }
+    g.finish();
+}
+
+fn disk_cache(c: &mut Criterion) {
+    let rt = Runtime::new().unwrap();
+    let bytes = guest("rag-qa");
+    let dir = tempfile::tempdir().unwrap();
+    let digest = host(true, true, None).admit(&bytes).unwrap().digest;
+    // Fill the disk cache once.
+    load(&rt, &host(true, true, Some(dir.path())), &bytes);
+    let mut g = c.benchmark_group("component_load_rag_qa");
+    g.sample_size(10);
+    g.bench_function("compile", |b| {
+        b.iter(|| {
+            let h = host(false, true, None);
+            let bytes = bytes.clone();
+            rt.block_on(h.component(&digest, || async move { Ok(Some(bytes)) }))
+                .unwrap();
+            assert_eq!(h.compile_count(), 1);
+        })
+    });
+    g.bench_function("disk_cache", |b| {
+        b.iter(|| {
+            let h = host(false, true, Some(dir.path()));
+            rt.block_on(h.component(&digest, || async { Ok(None) }))
+                .unwrap();
+            assert_eq!(h.compile_count(), 0);
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, per_job, fuel, disk_cache);
+criterion_main!(benches);

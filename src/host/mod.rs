@@ -1,19 +1,39 @@
 //! The Wasm host: tenants' agents as components under per-tenant fuel, memory
 //! and wall-clock limits.
 //!
-//! INTERFACE (fixed; the implementation is being written):
 //! - `Host::new(HostConfig)` builds the engine (pooling allocator, fuel, epochs).
 //! - `Host::admit(&[u8])` validates an upload and answers its digest.
 //! - `Host::component(digest, fetch)` gives a compiled, pre-instantiated
 //!   component from the LRU / disk cache, fetching bytes on a miss.
 //! - `Host::context(digest, fetch)` gives a shared heavy context.
 //! - `Host::run(RunRequest)` runs one attempt and reports what happened.
+//!
+//! Inside: `engine` builds the wasmtime engine and the epoch ticker,
+//! `bindings` the `agent` world and its host imports, `sandbox` WASI with
+//! nothing granted, `limits` the memory limiter and tenant budgets,
+//! `admission` the upload checks, `cache` the compiled-component cache, and
+//! `run` one attempt and the classification of how it ended.
+//!
+//! Metrics: `agentplane_host_runs_total{outcome}`, `agentplane_host_run_seconds`,
+//! `agentplane_host_component_compiles_total`,
+//! `agentplane_host_component_disk_loads_total`.
 
-use crate::context::HeavyContext;
+mod admission;
+mod bindings;
+mod cache;
+mod engine;
+mod limits;
+mod run;
+mod sandbox;
+
+use crate::context::{ContextCache, HeavyContext};
 use crate::model::{ErrorKind, Limits};
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use tokio_util::sync::CancellationToken;
+use wasmtime::component::{HasSelf, Linker};
 
 /// Node-wide host settings.
 #[derive(Debug, Clone)]
@@ -54,6 +74,7 @@ impl Default for HostConfig {
     }
 }
 
+/// Why an upload was refused (`POST /v1/components` answers 400 with it).
 #[derive(Debug, thiserror::Error)]
 pub enum AdmissionError {
     /// Not a component, bad imports/exports, garbage: the message names the problem.
@@ -66,20 +87,41 @@ pub enum AdmissionError {
 pub struct Admitted {
     /// `sha256:<hex>` of the bytes.
     pub digest: String,
+    /// Bytes uploaded.
     pub size: usize,
 }
 
 /// A compiled component ready to instantiate.
 pub struct LoadedComponent {
-    _private: (),
+    digest: String,
+    pre: bindings::AgentPre<run::RunState>,
+    /// Bytes it holds in memory (what the component cache budget counts).
+    size: usize,
+}
+
+impl LoadedComponent {
+    /// `sha256:<hex>` of the uploaded bytes it was compiled from.
+    pub fn digest(&self) -> &str {
+        &self.digest
+    }
+
+    /// Approximate bytes of compiled code and metadata held in memory.
+    pub fn size_bytes(&self) -> usize {
+        self.size
+    }
 }
 
 /// One attempt to run.
 pub struct RunRequest {
+    /// Whose job: its instances share the tenant's node memory budget.
     pub tenant: String,
+    /// For the log and traces only.
     pub job_id: String,
+    /// What to run, from [`Host::component`].
     pub component: Arc<LoadedComponent>,
+    /// The argument of the guest's `run`.
     pub input: String,
+    /// Fuel, memory and wall clock of this attempt.
     pub limits: Limits,
     /// Mounted contexts by name (the names the job gave).
     pub contexts: Vec<(String, Arc<HeavyContext>)>,
@@ -92,11 +134,10 @@ pub struct RunRequest {
 /// How an attempt ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RunOutcome {
+    /// `run` returned `Ok` with this output.
     Ok(String),
-    Failed {
-        kind: ErrorKind,
-        message: String,
-    },
+    /// `run` returned `Err` (`AgentError`), trapped or hit a limit.
+    Failed { kind: ErrorKind, message: String },
     /// Stopped through `RunRequest::cancel`.
     Interrupted,
 }
@@ -104,66 +145,148 @@ pub enum RunOutcome {
 /// Everything the worker needs to finalize an attempt.
 #[derive(Debug, Clone)]
 pub struct RunReport {
+    /// How it ended.
     pub outcome: RunOutcome,
+    /// Fuel burnt (0 with fuel off, or when the run had to be dropped from
+    /// outside while parked in a host call).
     pub fuel_used: u64,
+    /// Wall-clock time from the start of instantiation to the end.
     pub wall_ms: u64,
     /// `log.write` lines and captured stdout/stderr, bounded.
     pub log: String,
-    /// `Some` when the guest called `state.set`.
+    /// `Some` when the guest called `state.set` and the run succeeded.
     pub new_state: Option<Vec<u8>>,
 }
 
+/// Why [`Host::component`] could not give a component.
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
+    /// `fetch` did not know the digest (or the digest is malformed).
     #[error("component {0} not found")]
     NotFound(String),
+    /// Fetching, verifying or compiling failed.
     #[error(transparent)]
     Other(#[from] anyhow::Error),
 }
 
+/// One node's Wasm host: the engine, the caches and the tenants' budgets.
+/// Shared by every slot of a worker (`Arc<Host>`); all methods take `&self`.
 pub struct Host {
-    _private: (),
+    cfg: HostConfig,
+    compiler: Arc<cache::Compiler>,
+    components: cache::ComponentCache,
+    contexts: ContextCache,
+    /// Memory in use per tenant on this node (`tenant_memory_budget` each).
+    tenants: Mutex<HashMap<String, Arc<limits::TenantBudget>>>,
 }
 
+/// Tenants remembered before idle ones (nothing running) are forgotten:
+/// stops the map of budgets from growing with every tenant ever seen.
+const TENANT_MAP_PRUNE_AT: usize = 1024;
+
 impl Host {
-    pub fn new(_cfg: HostConfig) -> anyhow::Result<Host> {
-        anyhow::bail!("not implemented")
+    /// Builds the engine under `cfg` and starts its epoch ticker.
+    pub fn new(cfg: HostConfig) -> anyhow::Result<Host> {
+        let engine = engine::build(&cfg)?;
+        engine::start_ticker(&engine)?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        bindings::Agent::add_to_linker::<_, HasSelf<run::RunState>>(&mut linker, |s| s)?;
+        let compiler = cache::Compiler::new(engine, linker, cfg.cache_dir.as_deref())?;
+        Ok(Host {
+            components: cache::ComponentCache::new(cfg.component_cache_bytes),
+            contexts: ContextCache::new(
+                usize::try_from(cfg.context_cache_bytes).unwrap_or(usize::MAX),
+            ),
+            compiler: Arc::new(compiler),
+            tenants: Mutex::new(HashMap::new()),
+            cfg,
+        })
     }
-    pub fn admit(&self, _bytes: &[u8]) -> Result<Admitted, AdmissionError> {
-        Err(AdmissionError::Invalid("not implemented".into()))
+
+    /// Validates an upload: a component (not a core module), at most 32 MiB,
+    /// importing only WASI 0.2 and `agentplane:agent`, exporting `run` with
+    /// the world's type. Answers its digest. The compiled result is kept (in
+    /// memory and in the disk cache), so running it on this node, or on any
+    /// node sharing `cache_dir`, needs no second compile. Compiling is
+    /// CPU-bound for up to seconds: call this from a blocking context
+    /// (`tokio::task::spawn_blocking`).
+    pub fn admit(&self, bytes: &[u8]) -> Result<Admitted, AdmissionError> {
+        let loaded = self.compiler.compile_checked(bytes)?;
+        let admitted = Admitted {
+            digest: loaded.digest.clone(),
+            size: bytes.len(),
+        };
+        self.components.insert(Arc::new(loaded));
+        Ok(admitted)
     }
+
+    /// The compiled component of `digest`, from memory, the disk cache, or
+    /// `fetch`ed and compiled (once, however many callers ask at once).
+    /// `fetch` answering `Ok(None)` gives [`HostError::NotFound`].
     pub async fn component<F, Fut>(
         &self,
-        _digest: &str,
-        _fetch: F,
+        digest: &str,
+        fetch: F,
     ) -> Result<Arc<LoadedComponent>, HostError>
     where
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = anyhow::Result<Option<Vec<u8>>>>,
     {
-        Err(HostError::Other(anyhow::anyhow!("not implemented")))
+        self.components.get(&self.compiler, digest, fetch).await
     }
-    pub async fn context<F, Fut>(
-        &self,
-        _digest: &str,
-        _fetch: F,
-    ) -> anyhow::Result<Arc<HeavyContext>>
+
+    /// The shared heavy context of `digest`, loaded once per node.
+    pub async fn context<F, Fut>(&self, digest: &str, fetch: F) -> anyhow::Result<Arc<HeavyContext>>
     where
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = anyhow::Result<Vec<u8>>>,
     {
-        anyhow::bail!("not implemented")
+        self.contexts.get_or_load(digest, fetch).await
     }
-    pub async fn run(&self, _req: RunRequest) -> RunReport {
-        RunReport {
-            outcome: RunOutcome::Failed {
-                kind: ErrorKind::Trap,
-                message: "not implemented".into(),
-            },
-            fuel_used: 0,
-            wall_ms: 0,
-            log: String::new(),
-            new_state: None,
+
+    /// Runs one attempt under its limits and reports how it ended. Never
+    /// panics or hangs on anything the guest does; stops within ~10 ms of
+    /// `req.cancel` while guest code runs (~20 ms when the guest is parked
+    /// in a host call).
+    pub async fn run(&self, req: RunRequest) -> RunReport {
+        let env = run::RunEnv {
+            fuel: self.cfg.fuel,
+            max_memory_per_instance: self.cfg.max_memory_per_instance,
+            capture_bytes: self.cfg.stdio_capture_bytes,
+            tenant: self.tenant_budget(&req.tenant),
+        };
+        run::run(env, req).await
+    }
+
+    /// Components compiled from bytes by this host (not loaded from the disk
+    /// cache): lets tests and metrics see the caches working.
+    pub fn compile_count(&self) -> u64 {
+        self.compiler.compiles.load(Ordering::Relaxed)
+    }
+
+    /// Components loaded from the precompiled disk cache by this host.
+    pub fn disk_load_count(&self) -> u64 {
+        self.compiler.disk_loads.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of linear memory `tenant`'s live instances hold on this node.
+    pub fn tenant_memory_in_use(&self, tenant: &str) -> u64 {
+        self.tenants
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(tenant)
+            .map_or(0, |b| b.used.load(Ordering::Acquire))
+    }
+
+    fn tenant_budget(&self, tenant: &str) -> Arc<limits::TenantBudget> {
+        let mut map = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= TENANT_MAP_PRUNE_AT && !map.contains_key(tenant) {
+            // Only budgets nobody holds (no live store) may go; they are zero.
+            map.retain(|_, b| Arc::strong_count(b) > 1);
         }
+        map.entry(tenant.to_string())
+            .or_insert_with(|| Arc::new(limits::TenantBudget::new(self.cfg.tenant_memory_budget)))
+            .clone()
     }
 }

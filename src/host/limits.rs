@@ -1,0 +1,173 @@
+//! Per-run memory limits: one instance's own cap and its tenant's share of
+//! the node, both enforced when linear memory is created or grown.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+/// Table elements one store may hold. A table element costs the host a
+/// pointer or two; without a cap, `table.grow` is a way around the memory
+/// limit.
+const MAX_TABLE_ELEMENTS: usize = 1 << 20;
+
+/// Why a run was stopped from the outside, recorded where the stop happened
+/// so the outcome can be classified exactly afterwards.
+#[derive(Debug, Default)]
+pub(crate) struct RunFlags {
+    /// The memory limiter refused (or the allocator failed) a growth.
+    pub memory_denied: AtomicBool,
+    /// The epoch callback saw the wall-clock deadline pass.
+    pub timed_out: AtomicBool,
+    /// The epoch callback saw the cancellation token.
+    pub cancelled: AtomicBool,
+}
+
+/// Memory held by the live instances of one tenant on this node.
+#[derive(Debug)]
+pub(crate) struct TenantBudget {
+    pub used: AtomicU64,
+    pub limit: u64,
+}
+
+impl TenantBudget {
+    pub fn new(limit: u64) -> Self {
+        TenantBudget {
+            used: AtomicU64::new(0),
+            limit,
+        }
+    }
+
+    /// Takes `bytes` from the budget, or nothing if that would exceed it.
+    fn try_charge(&self, bytes: u64) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                u.checked_add(bytes).filter(|n| *n <= self.limit)
+            })
+            .is_ok()
+    }
+
+    fn release(&self, bytes: u64) {
+        // Never below zero, whatever the bookkeeping: a wrapped counter would
+        // lock the tenant out of the node for good.
+        let _ = self
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                Some(u.saturating_sub(bytes))
+            });
+    }
+}
+
+/// The `ResourceLimiter` of one store. Whatever it grants is charged to the
+/// tenant's budget and given back when the store (and so this) is dropped.
+pub(crate) struct MemoryLimiter {
+    /// Bytes all memories of this instance may hold together.
+    instance_limit: u64,
+    /// Bytes this instance holds now (all its memories).
+    used: u64,
+    /// Bytes charged to the tenant and not yet released.
+    charged: u64,
+    /// The last growth granted, refunded if the allocation then failed.
+    pending: u64,
+    tenant: Arc<TenantBudget>,
+    flags: Arc<RunFlags>,
+}
+
+impl MemoryLimiter {
+    pub fn new(instance_limit: u64, tenant: Arc<TenantBudget>, flags: Arc<RunFlags>) -> Self {
+        MemoryLimiter {
+            instance_limit,
+            used: 0,
+            charged: 0,
+            pending: 0,
+            tenant,
+            flags,
+        }
+    }
+
+    fn deny(&self) -> wasmtime::Result<bool> {
+        self.flags.memory_denied.store(true, Ordering::Release);
+        // `Ok(false)` makes `memory.grow` return -1: the guest sees an
+        // allocation failure (Rust aborts, which traps) and the flag turns
+        // that trap into `memory_limit`.
+        Ok(false)
+    }
+}
+
+impl wasmtime::ResourceLimiter for MemoryLimiter {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if maximum.is_some_and(|m| desired > m) {
+            // The module's own declared maximum: wasm semantics, not our limit.
+            return Ok(false);
+        }
+        let delta = desired.saturating_sub(current) as u64;
+        if self.used.saturating_add(delta) > self.instance_limit {
+            return self.deny();
+        }
+        if !self.tenant.try_charge(delta) {
+            return self.deny();
+        }
+        self.used += delta;
+        self.charged += delta;
+        self.pending = delta;
+        Ok(true)
+    }
+
+    fn memory_grow_failed(&mut self, _error: wasmtime::Error) -> wasmtime::Result<()> {
+        // We granted it but the allocator could not (pool slot smaller than
+        // asked, or the OS said no): give the charge back and count it as a
+        // memory limit, which is what the guest hit.
+        let refund = std::mem::take(&mut self.pending);
+        self.used -= refund;
+        self.charged -= refund;
+        self.tenant.release(refund);
+        self.flags.memory_denied.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if maximum.is_some_and(|m| desired > m) {
+            return Ok(false);
+        }
+        if desired > MAX_TABLE_ELEMENTS {
+            return self.deny();
+        }
+        Ok(true)
+    }
+}
+
+impl Drop for MemoryLimiter {
+    fn drop(&mut self) {
+        self.tenant.release(self.charged);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wasmtime::ResourceLimiter;
+
+    #[test]
+    fn tenant_budget_is_shared_and_released_on_drop() {
+        let tenant = Arc::new(TenantBudget::new(100));
+        let mut a = MemoryLimiter::new(80, tenant.clone(), Default::default());
+        let mut b = MemoryLimiter::new(80, tenant.clone(), Default::default());
+        assert!(a.memory_growing(0, 60, None).unwrap());
+        assert!(!b.memory_growing(0, 60, None).unwrap());
+        assert!(b.flags.memory_denied.load(Ordering::Acquire));
+        assert!(b.memory_growing(0, 40, None).unwrap());
+        assert!(!a.memory_growing(60, 90, None).unwrap(), "instance cap");
+        drop(a);
+        assert_eq!(tenant.used.load(Ordering::Acquire), 40);
+        drop(b);
+        assert_eq!(tenant.used.load(Ordering::Acquire), 0);
+    }
+}

@@ -1,0 +1,165 @@
+//! The WASI 0.2 environment of a run: everything linked, nothing granted.
+//! No preopened directories, no environment, no arguments, an empty stdin,
+//! every socket and name lookup denied; stdout/stderr go to bounded buffers.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use tokio::io::AsyncWrite;
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder};
+
+/// Appended where output was dropped, so a reader knows the log is partial.
+pub(crate) const TRUNCATED: &str = "[... output truncated]";
+
+/// Builds the WASI context of one run, with stdout and stderr captured.
+pub(crate) fn wasi_ctx(stdout: &Capture, stderr: &Capture) -> WasiCtx {
+    let mut b = WasiCtxBuilder::new();
+    // Stdin, env, args and preopens are empty by default; sockets are denied
+    // by default too, but the sandbox must not depend on a library default
+    // that may change, so every grant is refused explicitly.
+    b.allow_tcp(false)
+        .allow_udp(false)
+        .allow_ip_name_lookup(false)
+        .socket_addr_check(|_, _| Box::pin(async { false }))
+        .allow_blocking_current_thread(false)
+        .stdout(stdout.clone())
+        .stderr(stderr.clone());
+    b.build()
+}
+
+/// A bounded byte sink shared between the guest's stream and the host.
+/// Writes beyond the bound are accepted and dropped (failing them would make
+/// a chatty guest trap, turning a logging habit into a job failure).
+#[derive(Clone)]
+pub(crate) struct Capture {
+    inner: Arc<Mutex<CaptureBuf>>,
+}
+
+struct CaptureBuf {
+    bytes: Vec<u8>,
+    cap: usize,
+    truncated: bool,
+}
+
+impl Capture {
+    pub fn new(cap: usize) -> Self {
+        Capture {
+            inner: Arc::new(Mutex::new(CaptureBuf {
+                bytes: Vec::new(),
+                cap,
+                truncated: false,
+            })),
+        }
+    }
+
+    /// What was kept, as text, with the truncation marker if bytes were dropped.
+    pub fn text(&self) -> String {
+        let b = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = String::from_utf8_lossy(&b.bytes).into_owned();
+        if b.truncated {
+            if !s.is_empty() && !s.ends_with('\n') {
+                s.push('\n');
+            }
+            s.push_str(TRUNCATED);
+            s.push('\n');
+        }
+        s
+    }
+
+    fn write(&self, buf: &[u8]) {
+        let mut b = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let room = b.cap.saturating_sub(b.bytes.len());
+        let n = room.min(buf.len());
+        b.bytes.extend_from_slice(&buf[..n]);
+        if n < buf.len() {
+            b.truncated = true;
+        }
+    }
+}
+
+impl IsTerminal for Capture {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for Capture {
+    fn async_stream(&self) -> Box<dyn AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+}
+
+impl AsyncWrite for Capture {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.write(buf);
+        // Report everything as written, kept or not: see the type's doc.
+        Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// `log.write` lines of one run, bounded in bytes like stdout.
+pub(crate) struct LogLines {
+    text: String,
+    cap: usize,
+    truncated: bool,
+}
+
+impl LogLines {
+    pub fn new(cap: usize) -> Self {
+        LogLines {
+            text: String::new(),
+            cap,
+            truncated: false,
+        }
+    }
+
+    pub fn push(&mut self, level: &str, message: &str) {
+        if self.truncated {
+            return;
+        }
+        let line = format!("[{level}] {message}\n");
+        if self.text.len() + line.len() > self.cap {
+            self.truncated = true;
+            return;
+        }
+        self.text.push_str(&line);
+    }
+
+    pub fn text(&self) -> String {
+        let mut s = self.text.clone();
+        if self.truncated {
+            s.push_str(TRUNCATED);
+            s.push('\n');
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capture_keeps_the_bound_and_marks_the_cut() {
+        let c = Capture::new(5);
+        c.write(b"abc");
+        c.write(b"defgh");
+        assert_eq!(c.text(), format!("abcde\n{TRUNCATED}\n"));
+        let mut l = LogLines::new(20);
+        l.push("info", "hello");
+        l.push("info", "a long line that does not fit");
+        l.push("info", "x");
+        assert_eq!(l.text(), format!("[info] hello\n{TRUNCATED}\n"));
+    }
+}

@@ -1,0 +1,643 @@
+//! The Wasm host against real guest components from `guest-examples/`: each
+//! guest's exact outcome, each limit's exact error kind, the sandbox, the
+//! admission checks and the component caches.
+
+mod common;
+
+use agentplane::host::{
+    AdmissionError, Host, HostConfig, HostError, LoadedComponent, RunOutcome, RunReport, RunRequest,
+};
+use agentplane::model::{ErrorKind, Limits};
+use common::guests::guest_bytes;
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+const MIB: u64 = 1 << 20;
+
+/// A small pool: every test builds its own host, and tests run in parallel.
+fn cfg() -> HostConfig {
+    HostConfig {
+        max_instances: 32,
+        max_memory_per_instance: 128 * MIB,
+        tenant_memory_budget: 1 << 30,
+        ..HostConfig::default()
+    }
+}
+
+async fn load(host: &Host, name: &str) -> Arc<LoadedComponent> {
+    let bytes = guest_bytes(name);
+    let digest = host.admit(&bytes).expect("guest admitted").digest;
+    host.component(&digest, || async move { Ok(Some(bytes)) })
+        .await
+        .expect("guest compiles")
+}
+
+fn limits() -> Limits {
+    Limits {
+        fuel: 5_000_000_000,
+        memory_bytes: 64 * MIB,
+        timeout_ms: 20_000,
+    }
+}
+
+fn request(c: &Arc<LoadedComponent>, input: &str, limits: Limits) -> RunRequest {
+    RunRequest {
+        tenant: "t1".into(),
+        job_id: "job-1".into(),
+        component: c.clone(),
+        input: input.into(),
+        limits,
+        contexts: Vec::new(),
+        state: None,
+        cancel: CancellationToken::new(),
+    }
+}
+
+fn failed(r: &RunReport) -> (ErrorKind, &str) {
+    match &r.outcome {
+        RunOutcome::Failed { kind, message } => (*kind, message.as_str()),
+        other => panic!("expected a failure, got {other:?}; log:\n{}", r.log),
+    }
+}
+
+#[tokio::test]
+async fn echo_returns_its_input_and_logs_and_prints() {
+    let host = Host::new(cfg()).unwrap();
+    let echo = load(&host, "echo").await;
+    let r = host.run(request(&echo, "hello", limits())).await;
+    assert_eq!(r.outcome, RunOutcome::Ok("hello".into()), "log:\n{}", r.log);
+    assert!(r.log.contains("[info] echo got 5 bytes"), "log:\n{}", r.log);
+    assert!(
+        r.log.contains("[stdout] echo stdout: hello"),
+        "log:\n{}",
+        r.log
+    );
+    assert!(r.fuel_used > 0 && r.fuel_used < limits().fuel);
+    assert_eq!(r.new_state, None);
+}
+
+#[tokio::test]
+async fn echo_fail_prefix_is_an_agent_error_with_its_message() {
+    let host = Host::new(cfg()).unwrap();
+    let echo = load(&host, "echo").await;
+    let r = host.run(request(&echo, "fail:bad input", limits())).await;
+    assert_eq!(failed(&r), (ErrorKind::AgentError, "bad input"));
+}
+
+#[tokio::test]
+async fn on_demand_allocation_runs_the_same() {
+    let host = Host::new(HostConfig {
+        pooling: false,
+        ..cfg()
+    })
+    .unwrap();
+    let echo = load(&host, "echo").await;
+    let r = host.run(request(&echo, "x", limits())).await;
+    assert_eq!(r.outcome, RunOutcome::Ok("x".into()));
+}
+
+#[tokio::test]
+async fn stdout_beyond_the_bound_is_dropped_with_a_marker() {
+    let host = Host::new(HostConfig {
+        stdio_capture_bytes: 64,
+        ..cfg()
+    })
+    .unwrap();
+    let echo = load(&host, "echo").await;
+    let input = "y".repeat(10_000);
+    let r = host.run(request(&echo, &input, limits())).await;
+    assert_eq!(
+        r.outcome,
+        RunOutcome::Ok(input),
+        "a chatty guest still succeeds"
+    );
+    assert!(r.log.contains("[... output truncated]"), "log:\n{}", r.log);
+    assert!(
+        r.log.len() < 400,
+        "log kept to its bound: {} bytes",
+        r.log.len()
+    );
+}
+
+#[tokio::test]
+async fn counter_increments_its_state_and_sets_it() {
+    let host = Host::new(cfg()).unwrap();
+    let counter = load(&host, "counter").await;
+    let r = host.run(request(&counter, "", limits())).await;
+    assert_eq!(r.outcome, RunOutcome::Ok("1".into()));
+    assert_eq!(r.new_state.as_deref(), Some(&b"1"[..]));
+    let mut req = request(&counter, "", limits());
+    req.state = Some(b"41".to_vec());
+    let r = host.run(req).await;
+    assert_eq!(r.outcome, RunOutcome::Ok("42".into()));
+    assert_eq!(r.new_state.as_deref(), Some(&b"42"[..]));
+}
+
+#[tokio::test]
+async fn rag_qa_without_a_mounted_context_gets_an_error_answer_not_a_trap() {
+    let host = Host::new(cfg()).unwrap();
+    let rag = load(&host, "rag-qa").await;
+    let r = host
+        .run(request(
+            &rag,
+            r#"{"question":"what?","index":"docs"}"#,
+            limits(),
+        ))
+        .await;
+    assert_eq!(
+        failed(&r),
+        (ErrorKind::AgentError, "no context is mounted for this job")
+    );
+}
+
+#[tokio::test]
+async fn a_panicking_guest_is_a_trap_with_its_stderr_in_the_log() {
+    let host = Host::new(cfg()).unwrap();
+    let trap = load(&host, "trap").await;
+    let r = host.run(request(&trap, "boom", limits())).await;
+    let (kind, message) = failed(&r);
+    assert_eq!(kind, ErrorKind::Trap);
+    assert!(message.contains("unreachable"), "{message}");
+    assert!(
+        r.log.contains("[stderr]") && r.log.contains("trap guest panics on purpose: boom"),
+        "log:\n{}",
+        r.log
+    );
+}
+
+#[tokio::test]
+async fn runaway_with_little_fuel_is_fuel_exhausted() {
+    let host = Host::new(cfg()).unwrap();
+    let runaway = load(&host, "runaway").await;
+    let lim = Limits {
+        fuel: 50_000_000,
+        ..limits()
+    };
+    let r = host.run(request(&runaway, "", lim)).await;
+    assert_eq!(failed(&r).0, ErrorKind::FuelExhausted);
+    assert_eq!(r.fuel_used, lim.fuel, "all the fuel was used");
+}
+
+#[tokio::test]
+async fn runaway_with_ample_fuel_and_a_short_deadline_is_a_timeout() {
+    let host = Host::new(cfg()).unwrap();
+    let runaway = load(&host, "runaway").await;
+    let lim = Limits {
+        fuel: u64::MAX / 2,
+        timeout_ms: 300,
+        ..limits()
+    };
+    let r = host.run(request(&runaway, "", lim)).await;
+    assert_eq!(failed(&r).0, ErrorKind::Timeout);
+    assert!(
+        (300..2_000).contains(&r.wall_ms),
+        "stopped near its deadline: {} ms",
+        r.wall_ms
+    );
+    assert!(r.fuel_used > 0);
+}
+
+#[tokio::test]
+async fn fuel_off_still_has_the_deadline() {
+    let host = Host::new(HostConfig {
+        fuel: false,
+        ..cfg()
+    })
+    .unwrap();
+    let runaway = load(&host, "runaway").await;
+    let lim = Limits {
+        timeout_ms: 200,
+        ..limits()
+    };
+    let r = host.run(request(&runaway, "", lim)).await;
+    assert_eq!(failed(&r).0, ErrorKind::Timeout);
+    assert_eq!(r.fuel_used, 0);
+}
+
+#[tokio::test]
+async fn hog_is_a_memory_limit() {
+    let host = Host::new(cfg()).unwrap();
+    let hog = load(&host, "hog").await;
+    let lim = Limits {
+        memory_bytes: 32 * MIB,
+        ..limits()
+    };
+    let r = host.run(request(&hog, "", lim)).await;
+    assert_eq!(failed(&r).0, ErrorKind::MemoryLimit, "log:\n{}", r.log);
+    assert_eq!(
+        host.tenant_memory_in_use("t1"),
+        0,
+        "released with the store"
+    );
+}
+
+#[tokio::test]
+async fn the_node_cap_bounds_a_tenant_that_asks_for_more() {
+    let host = Host::new(HostConfig {
+        max_memory_per_instance: 16 * MIB,
+        ..cfg()
+    })
+    .unwrap();
+    let hog = load(&host, "hog").await;
+    let lim = Limits {
+        memory_bytes: 1 << 40,
+        ..limits()
+    };
+    let r = host.run(request(&hog, "", lim)).await;
+    assert_eq!(failed(&r).0, ErrorKind::MemoryLimit, "log:\n{}", r.log);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tenant_over_its_node_budget_gets_memory_limit_and_others_are_unaffected() {
+    let host = Arc::new(
+        Host::new(HostConfig {
+            tenant_memory_budget: 100 * MIB,
+            ..cfg()
+        })
+        .unwrap(),
+    );
+    let hold = load(&host, "hold").await;
+    let lim = limits();
+    let spawn = |tenant: &str, input: &str| {
+        let mut req = request(&hold, input, lim);
+        req.tenant = tenant.into();
+        let host = host.clone();
+        tokio::spawn(async move { host.run(req).await })
+    };
+    // Two instances of t1 hold 40 MiB each (41 MiB with stack and data)...
+    let holding: Vec<_> = (0..2).map(|_| spawn("t1", "40,2500")).collect();
+    let waited = Instant::now();
+    while host.tenant_memory_in_use("t1") < 80 * MIB {
+        assert!(
+            waited.elapsed() < Duration::from_secs(10),
+            "holds never grew"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // ...so a third cannot get its 40 MiB within t1's 100 MiB, while a small
+    // echo still fits and t2, with its own budget, is unaffected.
+    let third = spawn("t1", "40,10").await.unwrap();
+    assert_eq!(
+        failed(&third).0,
+        ErrorKind::MemoryLimit,
+        "log:\n{}",
+        third.log
+    );
+    let echo = load(&host, "echo").await;
+    let mut req = request(&echo, "small", lim);
+    req.tenant = "t1".into();
+    assert_eq!(host.run(req).await.outcome, RunOutcome::Ok("small".into()));
+    let other = spawn("t2", "40,10").await.unwrap();
+    assert_eq!(
+        other.outcome,
+        RunOutcome::Ok("held 40 MiB for 10 ms".into())
+    );
+    for h in holding {
+        let r = h.await.unwrap();
+        assert_eq!(r.outcome, RunOutcome::Ok("held 40 MiB for 2500 ms".into()));
+    }
+    assert_eq!(host.tenant_memory_in_use("t1"), 0);
+    assert_eq!(host.tenant_memory_in_use("t2"), 0);
+    // The budget is back: t1 runs again.
+    let r = host.run(request(&hold, "40,10", limits())).await;
+    assert_eq!(r.outcome, RunOutcome::Ok("held 40 MiB for 10 ms".into()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancellation_interrupts_a_runaway_at_once() {
+    let host = Host::new(cfg()).unwrap();
+    let runaway = load(&host, "runaway").await;
+    let lim = Limits {
+        fuel: u64::MAX / 2,
+        ..limits()
+    };
+    let req = request(&runaway, "", lim);
+    let cancel = req.cancel.clone();
+    let canceller = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        cancel.cancel();
+        Instant::now()
+    });
+    let r = host.run(req).await;
+    let stopped = Instant::now();
+    let cancelled_at = canceller.await.unwrap();
+    assert_eq!(r.outcome, RunOutcome::Interrupted);
+    let lag = stopped - cancelled_at;
+    eprintln!("stopped {lag:?} after cancel");
+    assert!(
+        lag < Duration::from_millis(100),
+        "stopped {lag:?} after cancel"
+    );
+    assert!(r.fuel_used > 0, "stopped from inside, fuel still counted");
+}
+
+#[tokio::test]
+async fn a_guest_parked_in_a_host_call_still_meets_its_deadline() {
+    let host = Host::new(cfg()).unwrap();
+    let sleeper = load(&host, "sleeper").await;
+    let r = host.run(request(&sleeper, "20", limits())).await;
+    assert_eq!(r.outcome, RunOutcome::Ok("slept 20 ms".into()));
+    let lim = Limits {
+        timeout_ms: 300,
+        ..limits()
+    };
+    let r = host.run(request(&sleeper, "60000", lim)).await;
+    assert_eq!(failed(&r).0, ErrorKind::Timeout);
+    assert!(r.wall_ms < 2_000, "stopped after {} ms", r.wall_ms);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancellation_interrupts_a_guest_parked_in_a_host_call() {
+    let host = Host::new(cfg()).unwrap();
+    let sleeper = load(&host, "sleeper").await;
+    let req = request(&sleeper, "60000", limits());
+    let cancel = req.cancel.clone();
+    let canceller = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        cancel.cancel();
+        Instant::now()
+    });
+    let r = host.run(req).await;
+    let lag = Instant::now() - canceller.await.unwrap();
+    assert_eq!(r.outcome, RunOutcome::Interrupted);
+    eprintln!("stopped {lag:?} after cancel");
+    assert!(
+        lag < Duration::from_millis(100),
+        "stopped {lag:?} after cancel"
+    );
+}
+
+#[tokio::test]
+async fn a_request_cancelled_before_it_starts_does_not_run() {
+    let host = Host::new(cfg()).unwrap();
+    let counter = load(&host, "counter").await;
+    let req = request(&counter, "", limits());
+    req.cancel.cancel();
+    let r = host.run(req).await;
+    assert_eq!(r.outcome, RunOutcome::Interrupted);
+    assert_eq!((r.fuel_used, r.new_state), (0, None));
+}
+
+#[tokio::test]
+async fn extreme_limits_do_not_break_the_host() {
+    let host = Host::new(cfg()).unwrap();
+    let echo = load(&host, "echo").await;
+    let r = host
+        .run(request(
+            &echo,
+            "max",
+            Limits {
+                fuel: u64::MAX,
+                memory_bytes: u64::MAX,
+                timeout_ms: u64::MAX,
+            },
+        ))
+        .await;
+    assert_eq!(r.outcome, RunOutcome::Ok("max".into()));
+    let no_memory = Limits {
+        memory_bytes: 0,
+        ..limits()
+    };
+    let r = host.run(request(&echo, "m", no_memory)).await;
+    assert_eq!(failed(&r).0, ErrorKind::MemoryLimit, "{}", r.log);
+    let no_fuel = Limits {
+        fuel: 0,
+        ..limits()
+    };
+    let r = host.run(request(&echo, "f", no_fuel)).await;
+    assert_eq!(failed(&r).0, ErrorKind::FuelExhausted, "{}", r.log);
+    let no_time = Limits {
+        fuel: u64::MAX,
+        timeout_ms: 0,
+        ..limits()
+    };
+    let runaway = load(&host, "runaway").await;
+    let r = host.run(request(&runaway, "t", no_time)).await;
+    assert_eq!(failed(&r).0, ErrorKind::Timeout, "{}", r.log);
+}
+
+#[tokio::test]
+async fn the_escape_guest_finds_no_file_no_env_and_no_network() {
+    let host = Host::new(cfg()).unwrap();
+    let escape = load(&host, "escape").await;
+    let r = host.run(request(&escape, "", limits())).await;
+    let RunOutcome::Ok(out) = &r.outcome else {
+        panic!("escape guest failed: {:?}\n{}", r.outcome, r.log);
+    };
+    eprintln!("escape report: {out}");
+    let v: serde_json::Value = serde_json::from_str(out).unwrap();
+    for probe in ["passwd", "list_root", "list_cwd", "tcp", "udp", "dns"] {
+        assert_eq!(v[probe]["ok"], false, "{probe} must fail: {}", v[probe]);
+    }
+    assert_eq!(v["env"], serde_json::json!([]), "no environment");
+    assert_eq!(v["args"], serde_json::json!([]), "no arguments");
+    assert_eq!(v["stdin_bytes"], 0, "empty stdin");
+}
+
+fn refusal(host: &Host, bytes: &[u8]) -> String {
+    match host.admit(bytes) {
+        Err(AdmissionError::Invalid(m)) => m,
+        Ok(a) => panic!("admitted {}", a.digest),
+    }
+}
+
+#[test]
+fn admission_accepts_a_guest_and_answers_its_digest() {
+    let host = Host::new(cfg()).unwrap();
+    let bytes = guest_bytes("echo");
+    let a = host.admit(&bytes).unwrap();
+    assert_eq!(
+        a.digest,
+        format!("sha256:{}", hex::encode(Sha256::digest(&bytes)))
+    );
+    assert_eq!(a.size, bytes.len());
+    assert_eq!(host.compile_count(), 1);
+}
+
+#[tokio::test]
+async fn an_admitted_component_runs_without_a_second_compile() {
+    let host = Host::new(cfg()).unwrap();
+    let digest = host.admit(&guest_bytes("echo")).unwrap().digest;
+    let echo = host
+        .component(&digest, || async { panic!("must not fetch") })
+        .await
+        .unwrap();
+    assert_eq!(host.compile_count(), 1);
+    let r = host.run(request(&echo, "hi", limits())).await;
+    assert_eq!(r.outcome, RunOutcome::Ok("hi".into()));
+}
+
+#[test]
+fn admission_refuses_what_is_not_an_agent_and_says_why() {
+    let host = Host::new(cfg()).unwrap();
+    let m = refusal(&host, b"definitely not wasm");
+    assert!(m.contains("not a WebAssembly component"), "{m}");
+    let m = refusal(&host, b"");
+    assert!(m.contains("empty"), "{m}");
+
+    let core = wat::parse_str(r#"(module (func (export "run")))"#).unwrap();
+    let m = refusal(&host, &core);
+    assert!(
+        m.contains("core WebAssembly module, not a component"),
+        "{m}"
+    );
+
+    let foreign = wat::parse_str(
+        r#"(component
+             (import "evil:thing/x" (instance))
+           )"#,
+    )
+    .unwrap();
+    let m = refusal(&host, &foreign);
+    assert!(
+        m.contains("`evil:thing/x`") && m.contains("not WASI 0.2"),
+        "{m}"
+    );
+
+    let no_run = wat::parse_str("(component)").unwrap();
+    let m = refusal(&host, &no_run);
+    assert!(m.contains("does not export `run"), "{m}");
+
+    let wrong_run = wat::parse_str(
+        r#"(component
+             (core module $m (func (export "f")))
+             (core instance $i (instantiate $m))
+             (func (export "run") (canon lift (core func $i "f")))
+           )"#,
+    )
+    .unwrap();
+    let m = refusal(&host, &wrong_run);
+    assert!(m.contains("`run` has the wrong type"), "{m}");
+
+    let mut truncated = guest_bytes("echo");
+    truncated.truncate(truncated.len() / 2);
+    let m = refusal(&host, &truncated);
+    assert!(m.contains("invalid component"), "{m}");
+
+    let mut huge = b"\0asm\x0d\0\x01\0".to_vec();
+    huge.resize(33 << 20, 0);
+    let m = refusal(&host, &huge);
+    assert!(m.contains("at most"), "{m}");
+}
+
+#[tokio::test]
+async fn unknown_bytes_are_not_found() {
+    let host = Host::new(cfg()).unwrap();
+    let digest = format!("sha256:{}", "ab".repeat(32));
+    let r = host.component(&digest, || async { Ok(None) }).await;
+    assert!(matches!(r, Err(HostError::NotFound(d)) if d == digest));
+    let r = host
+        .component("sha256:../../etc/passwd", || async { Ok(None) })
+        .await;
+    assert!(matches!(r, Err(HostError::NotFound(_))));
+}
+
+#[tokio::test]
+async fn bytes_that_do_not_match_their_digest_are_refused() {
+    let host = Host::new(cfg()).unwrap();
+    let digest = format!("sha256:{}", "cd".repeat(32));
+    let r = host
+        .component(&digest, || async { Ok(Some(guest_bytes("echo"))) })
+        .await;
+    assert!(matches!(r, Err(HostError::Other(_))));
+    assert_eq!(host.compile_count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_misses_compile_once() {
+    let host = Arc::new(Host::new(cfg()).unwrap());
+    let bytes = guest_bytes("echo");
+    // Not admitted here (admission would already cache it): a cold node.
+    let digest = format!("sha256:{}", hex::encode(Sha256::digest(&bytes)));
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let (host, bytes, digest) = (host.clone(), bytes.clone(), digest.clone());
+            tokio::spawn(async move {
+                host.component(&digest, || async move { Ok(Some(bytes)) })
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap().digest(), digest);
+    }
+    assert_eq!(host.compile_count(), 1);
+    // And later calls are memory hits.
+    host.component(&digest, || async { panic!("must not fetch") })
+        .await
+        .unwrap();
+    assert_eq!(host.compile_count(), 1);
+}
+
+#[tokio::test]
+async fn a_second_host_on_the_same_cache_dir_loads_without_compiling() {
+    let dir = tempfile::tempdir().unwrap();
+    let with_dir = || HostConfig {
+        cache_dir: Some(dir.path().to_path_buf()),
+        ..cfg()
+    };
+    let bytes = guest_bytes("echo");
+    let first = Host::new(with_dir()).unwrap();
+    let digest = first.admit(&bytes).unwrap().digest;
+    first
+        .component(&digest, || async move { Ok(Some(bytes)) })
+        .await
+        .unwrap();
+    assert_eq!(first.compile_count(), 1);
+    drop(first);
+
+    let second = Host::new(with_dir()).unwrap();
+    let echo = second
+        .component(&digest, || async { panic!("must not fetch") })
+        .await
+        .unwrap();
+    assert_eq!(second.compile_count(), 0);
+    assert_eq!(second.disk_load_count(), 1);
+    let r = second.run(request(&echo, "from disk", limits())).await;
+    assert_eq!(r.outcome, RunOutcome::Ok("from disk".into()));
+}
+
+#[tokio::test]
+async fn a_corrupt_cache_file_is_recompiled_not_trusted() {
+    let dir = tempfile::tempdir().unwrap();
+    let with_dir = || HostConfig {
+        cache_dir: Some(dir.path().to_path_buf()),
+        ..cfg()
+    };
+    let bytes = guest_bytes("echo");
+    let first = Host::new(with_dir()).unwrap();
+    let digest = first.admit(&bytes).unwrap().digest;
+    let b = bytes.clone();
+    first
+        .component(&digest, || async move { Ok(Some(b)) })
+        .await
+        .unwrap();
+    drop(first);
+    for entry in walk(dir.path()) {
+        std::fs::write(entry, b"not an artifact").unwrap();
+    }
+    let second = Host::new(with_dir()).unwrap();
+    let echo = second
+        .component(&digest, || async move { Ok(Some(bytes)) })
+        .await
+        .unwrap();
+    assert_eq!(second.compile_count(), 1);
+    let r = second.run(request(&echo, "ok", limits())).await;
+    assert_eq!(r.outcome, RunOutcome::Ok("ok".into()));
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}

@@ -1,0 +1,199 @@
+//! Agents over a mounted heavy context: rag-qa's search and tools, and a
+//! thousand concurrent instances sharing one context without copying it.
+//! Its own binary, so the RSS measurement sees only this test.
+
+mod common;
+
+use agentplane::context::{ContextUpload, Document, HeavyContext, Tool, encode};
+use agentplane::host::{Host, HostConfig, LoadedComponent, RunOutcome, RunRequest};
+use agentplane::model::Limits;
+use common::guests::guest_bytes;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+const MIB: u64 = 1 << 20;
+
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+    let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+    pages * 4096
+}
+
+/// A context of `n` documents; document 0 is the one about lighthouses.
+fn upload(n: usize) -> ContextUpload {
+    let mut documents = vec![Document {
+        id: "lighthouse".into(),
+        text: "The lighthouse keeper lights the lamp at dusk".into(),
+        embedding: None,
+    }];
+    for i in 1..n {
+        documents.push(Document {
+            id: format!("doc-{i}"),
+            text: format!(
+                "filler document number {i} about nothing in particular {}",
+                "word ".repeat(20)
+            ),
+            embedding: None,
+        });
+    }
+    ContextUpload {
+        name: "docs".into(),
+        documents,
+        tools: vec![Tool {
+            name: "calculator".into(),
+            description: "adds numbers".into(),
+            schema: "{}".into(),
+        }],
+    }
+}
+
+async fn mounted(host: &Host, n: usize) -> Arc<HeavyContext> {
+    let enc = encode(&upload(n)).expect("context encodes");
+    let bytes = enc.bytes.clone();
+    host.context(&enc.digest, || async move { Ok(bytes) })
+        .await
+        .expect("context loads")
+}
+
+async fn load(host: &Host, name: &str) -> Arc<LoadedComponent> {
+    let bytes = guest_bytes(name);
+    let digest = host.admit(&bytes).unwrap().digest;
+    host.component(&digest, || async move { Ok(Some(bytes)) })
+        .await
+        .unwrap()
+}
+
+fn request(c: &Arc<LoadedComponent>, input: &str, ctx: &Arc<HeavyContext>) -> RunRequest {
+    RunRequest {
+        contexts: vec![("docs".into(), ctx.clone())],
+        ..request_without_context(c, input)
+    }
+}
+
+fn request_without_context(c: &Arc<LoadedComponent>, input: &str) -> RunRequest {
+    RunRequest {
+        tenant: "rag".into(),
+        job_id: "j".into(),
+        component: c.clone(),
+        input: input.into(),
+        limits: Limits {
+            fuel: 10_000_000_000,
+            memory_bytes: 64 * MIB,
+            timeout_ms: 120_000,
+        },
+        contexts: Vec::new(),
+        state: None,
+        cancel: CancellationToken::new(),
+    }
+}
+
+#[tokio::test]
+async fn rag_qa_searches_the_mounted_index_and_lists_tools() {
+    let _serial = SERIAL.lock().await;
+    let host = Host::new(HostConfig {
+        max_instances: 16,
+        ..HostConfig::default()
+    })
+    .unwrap();
+    let ctx = mounted(&host, 50).await;
+    let rag = load(&host, "rag-qa").await;
+    for input in [
+        r#"{"question":"who lights the lamp?","index":"docs","k":2}"#,
+        r#"{"question":"lighthouse keeper"}"#,
+    ] {
+        let r = host.run(request(&rag, input, &ctx)).await;
+        let RunOutcome::Ok(out) = &r.outcome else {
+            panic!("{:?}\n{}", r.outcome, r.log);
+        };
+        let v: serde_json::Value = serde_json::from_str(out).unwrap();
+        assert_eq!(v["hits"][0]["id"], "lighthouse", "{v}");
+        assert_eq!(v["tools"], serde_json::json!(["calculator"]));
+    }
+    let r = host
+        .run(request(&rag, r#"{"question":"x","index":"nope"}"#, &ctx))
+        .await;
+    match &r.outcome {
+        RunOutcome::Failed { message, .. } => assert!(message.contains("`nope`"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// The tests of this binary measure RSS: one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Runs 1000 instances at once (every tenth one a rag-qa search when a
+/// context is given) and answers how much the process's RSS peaked above
+/// where it started.
+async fn thousand_at_once(ctx: Option<Arc<HeavyContext>>, host: Arc<Host>) -> u64 {
+    let hold = load(&host, "hold").await;
+    let rag = load(&host, "rag-qa").await;
+    let before = rss_bytes();
+    let mut tasks = Vec::new();
+    for i in 0..1000 {
+        let host = host.clone();
+        // Every instance stays alive ~3 s so all 1000 overlap; with a
+        // context, all of them mount it.
+        let mut req = match &ctx {
+            Some(ctx) if i % 10 == 0 => request(&rag, r#"{"question":"lighthouse keeper"}"#, ctx),
+            _ => request_without_context(&hold, "0,3000"),
+        };
+        if let Some(ctx) = &ctx {
+            req.contexts = vec![("docs".into(), ctx.clone())];
+        }
+        tasks.push(tokio::spawn(async move { host.run(req).await }));
+    }
+    let mut peak = 0;
+    while tasks.iter().any(|t| !t.is_finished()) {
+        peak = peak.max(rss_bytes());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    for t in tasks {
+        let r = t.await.unwrap();
+        assert!(
+            matches!(r.outcome, RunOutcome::Ok(_)),
+            "{:?}\n{}",
+            r.outcome,
+            r.log
+        );
+    }
+    eprintln!("rss before {} MiB, peak {} MiB", before / MIB, peak / MIB);
+    peak.saturating_sub(before)
+}
+
+fn thousand_slot_host() -> Arc<Host> {
+    Arc::new(
+        Host::new(HostConfig {
+            max_instances: 1100,
+            max_memory_per_instance: 64 * MIB,
+            tenant_memory_budget: 64 << 30,
+            ..HostConfig::default()
+        })
+        .unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_thousand_concurrent_instances_fit_the_pool() {
+    let _serial = SERIAL.lock().await;
+    let growth = thousand_at_once(None, thousand_slot_host()).await;
+    assert!(
+        growth < 1024 * MIB,
+        "1000 instances added {} MiB",
+        growth / MIB
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_thousand_instances_share_one_context() {
+    let _serial = SERIAL.lock().await;
+    let host = thousand_slot_host();
+    // ~20k documents: tens of MB decoded, far more than 1000 instances
+    // could afford if each one held its own copy.
+    let ctx = mounted(&host, 20_000).await;
+    let growth = thousand_at_once(Some(ctx), host).await;
+    assert!(
+        growth < 1024 * MIB,
+        "1000 instances added {} MiB",
+        growth / MIB
+    );
+}
