@@ -325,6 +325,7 @@ async fn cancellation_interrupts_a_runaway_at_once() {
     let cancelled_at = canceller.await.unwrap();
     assert_eq!(r.outcome, RunOutcome::Interrupted);
     let lag = stopped - cancelled_at;
+    eprintln!("stopped {lag:?} after cancel");
     assert!(
         lag < Duration::from_millis(100),
         "stopped {lag:?} after cancel"
@@ -361,10 +362,60 @@ async fn cancellation_interrupts_a_guest_parked_in_a_host_call() {
     let r = host.run(req).await;
     let lag = Instant::now() - canceller.await.unwrap();
     assert_eq!(r.outcome, RunOutcome::Interrupted);
+    eprintln!("stopped {lag:?} after cancel");
     assert!(
         lag < Duration::from_millis(100),
         "stopped {lag:?} after cancel"
     );
+}
+
+#[tokio::test]
+async fn a_request_cancelled_before_it_starts_does_not_run() {
+    let host = Host::new(cfg()).unwrap();
+    let counter = load(&host, "counter").await;
+    let req = request(&counter, "", limits());
+    req.cancel.cancel();
+    let r = host.run(req).await;
+    assert_eq!(r.outcome, RunOutcome::Interrupted);
+    assert_eq!((r.fuel_used, r.new_state), (0, None));
+}
+
+#[tokio::test]
+async fn extreme_limits_do_not_break_the_host() {
+    let host = Host::new(cfg()).unwrap();
+    let echo = load(&host, "echo").await;
+    let r = host
+        .run(request(
+            &echo,
+            "max",
+            Limits {
+                fuel: u64::MAX,
+                memory_bytes: u64::MAX,
+                timeout_ms: u64::MAX,
+            },
+        ))
+        .await;
+    assert_eq!(r.outcome, RunOutcome::Ok("max".into()));
+    let no_memory = Limits {
+        memory_bytes: 0,
+        ..limits()
+    };
+    let r = host.run(request(&echo, "m", no_memory)).await;
+    assert_eq!(failed(&r).0, ErrorKind::MemoryLimit, "{}", r.log);
+    let no_fuel = Limits {
+        fuel: 0,
+        ..limits()
+    };
+    let r = host.run(request(&echo, "f", no_fuel)).await;
+    assert_eq!(failed(&r).0, ErrorKind::FuelExhausted, "{}", r.log);
+    let no_time = Limits {
+        fuel: u64::MAX,
+        timeout_ms: 0,
+        ..limits()
+    };
+    let runaway = load(&host, "runaway").await;
+    let r = host.run(request(&runaway, "t", no_time)).await;
+    assert_eq!(failed(&r).0, ErrorKind::Timeout, "{}", r.log);
 }
 
 #[tokio::test]
@@ -402,6 +453,20 @@ fn admission_accepts_a_guest_and_answers_its_digest() {
         format!("sha256:{}", hex::encode(Sha256::digest(&bytes)))
     );
     assert_eq!(a.size, bytes.len());
+    assert_eq!(host.compile_count(), 1);
+}
+
+#[tokio::test]
+async fn an_admitted_component_runs_without_a_second_compile() {
+    let host = Host::new(cfg()).unwrap();
+    let digest = host.admit(&guest_bytes("echo")).unwrap().digest;
+    let echo = host
+        .component(&digest, || async { panic!("must not fetch") })
+        .await
+        .unwrap();
+    assert_eq!(host.compile_count(), 1);
+    let r = host.run(request(&echo, "hi", limits())).await;
+    assert_eq!(r.outcome, RunOutcome::Ok("hi".into()));
 }
 
 #[test]
@@ -484,7 +549,8 @@ async fn bytes_that_do_not_match_their_digest_are_refused() {
 async fn concurrent_misses_compile_once() {
     let host = Arc::new(Host::new(cfg()).unwrap());
     let bytes = guest_bytes("echo");
-    let digest = host.admit(&bytes).unwrap().digest;
+    // Not admitted here (admission would already cache it): a cold node.
+    let digest = format!("sha256:{}", hex::encode(Sha256::digest(&bytes)));
     let tasks: Vec<_> = (0..8)
         .map(|_| {
             let (host, bytes, digest) = (host.clone(), bytes.clone(), digest.clone());

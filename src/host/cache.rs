@@ -5,7 +5,7 @@
 use super::admission;
 use super::bindings::AgentPre;
 use super::run::RunState;
-use super::{HostError, LoadedComponent};
+use super::{AdmissionError, HostError, LoadedComponent};
 use lru::LruCache;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -89,6 +89,7 @@ impl Compiler {
         {
             Ok(l) => {
                 self.disk_loads.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("agentplane_host_component_disk_loads_total").increment(1);
                 Some(l)
             }
             Err(e) => {
@@ -99,20 +100,34 @@ impl Compiler {
         }
     }
 
-    /// Compiles `bytes` (already checked to hash to `digest`) and writes the
-    /// artifact to disk for next time.
-    fn compile(&self, digest: &str, hex: &str, bytes: &[u8]) -> Result<LoadedComponent, HostError> {
-        admission::check_bytes(bytes).map_err(|e| anyhow::anyhow!("{digest}: {e}"))?;
-        let component = Component::new(&self.engine, bytes)
-            .map_err(|e| anyhow::anyhow!("{digest}: {}", admission::compile_error(&e)))?;
+    /// Compiles `bytes` (already checked to hash to `digest`).
+    fn compile(&self, digest: &str, bytes: &[u8]) -> Result<LoadedComponent, HostError> {
+        self.compile_checked(bytes)
+            .map_err(|e| anyhow::anyhow!("{digest}: {e}").into())
+    }
+
+    /// Checks and compiles an upload as admission does, then writes the
+    /// artifact to disk so that no node on this disk compiles it again.
+    pub fn compile_checked(&self, bytes: &[u8]) -> Result<LoadedComponent, AdmissionError> {
+        admission::check_bytes(bytes)?;
+        let component =
+            Component::new(&self.engine, bytes).map_err(|e| admission::compile_error(&e))?;
+        let pre = admission::check_component(&self.engine, &self.linker, &component)?;
         self.compiles.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("agentplane_host_component_compiles_total").increment(1);
+        let digest = digest_of(bytes);
+        let hex = digest_hex(&digest).unwrap_or_default();
         if let Some(path) = self.disk_path(hex) {
             // A failed write only costs a compile next time.
             if let Err(e) = write_atomically(&path, &component) {
                 tracing::warn!(%digest, error = %e, "could not write precompiled component");
             }
         }
-        self.prepare(digest, component, bytes.len())
+        Ok(LoadedComponent {
+            size: in_memory_size(&component, bytes.len()),
+            digest,
+            pre,
+        })
     }
 
     fn prepare(
@@ -124,14 +139,19 @@ impl Compiler {
         let pre: AgentPre<RunState> =
             admission::check_component(&self.engine, &self.linker, &component)
                 .map_err(|e| anyhow::anyhow!("{digest}: {e}"))?;
-        let image = component.image_range();
-        let size = (image.end as usize - image.start as usize).max(upload_size);
         Ok(LoadedComponent {
             digest: digest.to_string(),
             pre,
-            size,
+            size: in_memory_size(&component, upload_size),
         })
     }
+}
+
+/// What the LRU budget counts for a component: its mapped code image, or
+/// the upload's size if that is larger (metadata grows with it).
+fn in_memory_size(component: &Component, upload_size: usize) -> usize {
+    let image = component.image_range();
+    (image.end as usize - image.start as usize).max(upload_size)
 }
 
 fn admission_text(e: &wasmtime::Error) -> String {
@@ -183,7 +203,8 @@ impl ComponentCache {
             .cloned()
     }
 
-    fn insert(&self, c: Arc<LoadedComponent>) {
+    /// Keeps `c`, evicting the least recently used beyond the budget.
+    pub fn insert(&self, c: Arc<LoadedComponent>) {
         let mut lru = self.lru.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(old) = lru.map.put(c.digest.clone(), c.clone()) {
             lru.bytes -= old.size as u64;
@@ -273,8 +294,8 @@ impl ComponentCache {
             // them under this name.
             return Err(anyhow::anyhow!("fetched bytes do not match {digest}").into());
         }
-        let (c, d, h) = (compiler.clone(), digest.to_string(), hex.to_string());
-        tokio::task::spawn_blocking(move || c.compile(&d, &h, &bytes))
+        let (c, d) = (compiler.clone(), digest.to_string());
+        tokio::task::spawn_blocking(move || c.compile(&d, &bytes))
             .await
             .map_err(|e| anyhow::anyhow!("compiling {digest}: {e}"))?
     }

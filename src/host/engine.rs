@@ -52,10 +52,12 @@ pub(crate) fn build(cfg: &HostConfig) -> anyhow::Result<Engine> {
         let mut p = PoolingAllocationConfig::default();
         p.total_component_instances(n)
             // Each component holds several core instances, memories and
-            // tables; the pool needs room for all of them at full occupancy.
-            .total_core_instances(n.saturating_mul(8))
+            // tables (a Rust agent a handful, a componentize-py one more);
+            // the pool needs room for all of them at full occupancy. Slots
+            // are address space reserved up front and committed on use.
+            .total_core_instances(n.saturating_mul(16))
             .total_memories(n.saturating_mul(2))
-            .total_tables(n.saturating_mul(4))
+            .total_tables(n.saturating_mul(8))
             .total_stacks(n)
             .max_core_instances_per_component(MAX_CORE_INSTANCES_PER_COMPONENT)
             .max_memories_per_component(MAX_MEMORIES_PER_COMPONENT)

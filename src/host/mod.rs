@@ -8,10 +8,15 @@
 //! - `Host::context(digest, fetch)` gives a shared heavy context.
 //! - `Host::run(RunRequest)` runs one attempt and reports what happened.
 //!
-//! Inside: [`engine`](self) builds the wasmtime engine and the epoch ticker,
-//! `bindings` the `agent` world, `sandbox` WASI with nothing granted,
-//! `limits` the memory limiter and tenant budgets, `admission` the upload
-//! checks, `cache` the compiled-component cache, `run` one attempt.
+//! Inside: `engine` builds the wasmtime engine and the epoch ticker,
+//! `bindings` the `agent` world and its host imports, `sandbox` WASI with
+//! nothing granted, `limits` the memory limiter and tenant budgets,
+//! `admission` the upload checks, `cache` the compiled-component cache, and
+//! `run` one attempt and the classification of how it ended.
+//!
+//! Metrics: `agentplane_host_runs_total{outcome}`, `agentplane_host_run_seconds`,
+//! `agentplane_host_component_compiles_total`,
+//! `agentplane_host_component_disk_loads_total`.
 
 mod admission;
 mod bindings;
@@ -201,18 +206,19 @@ impl Host {
 
     /// Validates an upload: a component (not a core module), at most 32 MiB,
     /// importing only WASI 0.2 and `agentplane:agent`, exporting `run` with
-    /// the world's type. Answers its digest. This compiles the component, so
-    /// it is CPU-bound for up to seconds: call it from a blocking context
+    /// the world's type. Answers its digest. The compiled result is kept (in
+    /// memory and in the disk cache), so running it on this node, or on any
+    /// node sharing `cache_dir`, needs no second compile. Compiling is
+    /// CPU-bound for up to seconds: call this from a blocking context
     /// (`tokio::task::spawn_blocking`).
     pub fn admit(&self, bytes: &[u8]) -> Result<Admitted, AdmissionError> {
-        admission::check_bytes(bytes)?;
-        let component = wasmtime::component::Component::new(&self.compiler.engine, bytes)
-            .map_err(|e| admission::compile_error(&e))?;
-        admission::check_component(&self.compiler.engine, &self.compiler.linker, &component)?;
-        Ok(Admitted {
-            digest: cache::digest_of(bytes),
+        let loaded = self.compiler.compile_checked(bytes)?;
+        let admitted = Admitted {
+            digest: loaded.digest.clone(),
             size: bytes.len(),
-        })
+        };
+        self.components.insert(Arc::new(loaded));
+        Ok(admitted)
     }
 
     /// The compiled component of `digest`, from memory, the disk cache, or
@@ -241,8 +247,8 @@ impl Host {
 
     /// Runs one attempt under its limits and reports how it ended. Never
     /// panics or hangs on anything the guest does; stops within ~10 ms of
-    /// `req.cancel` while guest code runs (at most ~50 ms when the guest is
-    /// parked in a host call).
+    /// `req.cancel` while guest code runs (~20 ms when the guest is parked
+    /// in a host call).
     pub async fn run(&self, req: RunRequest) -> RunReport {
         let env = run::RunEnv {
             fuel: self.cfg.fuel,

@@ -26,8 +26,21 @@ const CHECK_EVERY: Duration = Duration::from_millis(10);
 const BACKSTOP_GRACE: Duration = Duration::from_millis(200);
 
 /// After `cancel`, how long the run gets to stop through its epoch check
-/// (which keeps its fuel count) before it is dropped outright.
-const CANCEL_GRACE: Duration = Duration::from_millis(50);
+/// (which keeps its fuel count) before it is dropped outright. Running wasm
+/// stops within one check (`CHECK_EVERY`); only a guest parked in a host
+/// call (a WASI sleep or poll) waits this long. Kept well under the ~100 ms
+/// the worker relies on.
+const CANCEL_GRACE: Duration = Duration::from_millis(20);
+
+/// Longest wall clock honoured, whatever the limits say. Keeps the deadline
+/// arithmetic (`Instant + timeout`) far from overflowing on a tenant's
+/// `u64::MAX`, and no agent job legitimately holds a slot for a week.
+const MAX_TIMEOUT_MS: u64 = 7 * 24 * 3600 * 1000;
+
+/// Host-side resources (streams, pollables, sockets...) one run may hold at
+/// once. Each lives in host memory, outside the guest's memory limit: a guest
+/// leaking pollables in a loop would otherwise grow the host by ~100 B each.
+const MAX_HOST_RESOURCES: usize = 10_000;
 
 /// Longest trap message kept in the report; backtraces of deep recursion
 /// can be megabytes.
@@ -67,7 +80,37 @@ pub(crate) struct RunEnv {
 
 /// Runs `req` to its end; never panics on anything the guest does.
 pub(crate) async fn run(env: RunEnv, req: RunRequest) -> RunReport {
+    let span = tracing::debug_span!("run", tenant = %req.tenant, job = %req.job_id);
+    let report = tracing::Instrument::instrument(run_inner(env, req), span).await;
+    let outcome = match &report.outcome {
+        RunOutcome::Ok(_) => "ok",
+        RunOutcome::Failed { kind, .. } => kind.as_str(),
+        RunOutcome::Interrupted => "interrupted",
+    };
+    tracing::debug!(
+        outcome,
+        fuel = report.fuel_used,
+        wall_ms = report.wall_ms,
+        "run ended"
+    );
+    metrics::counter!("agentplane_host_runs_total", "outcome" => outcome).increment(1);
+    metrics::histogram!("agentplane_host_run_seconds").record(report.wall_ms as f64 / 1000.0);
+    report
+}
+
+async fn run_inner(env: RunEnv, mut req: RunRequest) -> RunReport {
     let started = Instant::now();
+    req.limits.timeout_ms = req.limits.timeout_ms.min(MAX_TIMEOUT_MS);
+    if req.cancel.is_cancelled() {
+        // Cancelled before it started (lease already lost): don't run at all.
+        return RunReport {
+            outcome: RunOutcome::Interrupted,
+            fuel_used: 0,
+            wall_ms: 0,
+            log: String::new(),
+            new_state: None,
+        };
+    }
     let timeout = Duration::from_millis(req.limits.timeout_ms);
     let cancel = req.cancel.clone();
     let stdout = Capture::new(env.capture_bytes);
@@ -136,7 +179,11 @@ async fn attempt(
     let flags = Arc::new(RunFlags::default());
     let data = RunState {
         wasi: sandbox::wasi_ctx(stdout, stderr),
-        table: ResourceTable::new(),
+        table: {
+            let mut t = ResourceTable::new();
+            t.set_max_capacity(MAX_HOST_RESOURCES);
+            t
+        },
         limiter: MemoryLimiter::new(
             limits.memory_bytes.min(env.max_memory_per_instance),
             env.tenant,
