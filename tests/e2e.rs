@@ -389,15 +389,24 @@ async fn echo_round_trip_over_http_and_cli() {
     let base = s.base.clone();
     let wasm = guest_wasm("echo");
     let tok = token.clone();
-    let (pushed, submitted, missing) = tokio::task::spawn_blocking(move || {
-        let cli = |args: &[&str]| {
+    let ctx_file = s.dir.join("kb.json");
+    std::fs::write(
+        &ctx_file,
+        json!({"name": "kb", "documents": [{"id": "d", "text": "some text"}]}).to_string(),
+    )
+    .unwrap();
+    let (pushed, submitted, missing, created, ctx) = tokio::task::spawn_blocking(move || {
+        let cli_as = |token: &str, args: &[&str]| {
             Command::new(bin())
                 .args(args)
                 .env("AGENTPLANE_URL", &base)
-                .env("AGENTPLANE_TOKEN", &tok)
+                .env("AGENTPLANE_TOKEN", token)
                 .output()
                 .unwrap()
         };
+        let cli = |args: &[&str]| cli_as(&tok, args);
+        let created = cli_as(ADMIN, &["tenant", "create", "cli-made", "--credits", "100"]);
+        let ctx = cli(&["context", "push", ctx_file.to_str().unwrap()]);
         let pushed = cli(&["component", "push", wasm.to_str().unwrap()]);
         let d = serde_json::from_slice::<Value>(&pushed.stdout).unwrap()["digest"]
             .as_str()
@@ -413,10 +422,16 @@ async fn echo_round_trip_over_http_and_cli() {
             "--wait",
         ]);
         let missing = cli(&["job", "get", "01ARZ3NDEKTSV4RRFFQ69G5FAV"]);
-        (pushed, submitted, missing)
+        (pushed, submitted, missing, created, ctx)
     })
     .await
     .unwrap();
+    assert!(created.status.success(), "{created:?}");
+    let t: Value = serde_json::from_slice(&created.stdout).unwrap();
+    assert!(t["token"].as_str().unwrap().starts_with("cli-made."));
+    assert!(ctx.status.success(), "{ctx:?}");
+    let c: Value = serde_json::from_slice(&ctx.stdout).unwrap();
+    assert_eq!(c["documents"], 1);
     // A non-2xx answer: the error on stderr, exit status 1.
     assert_eq!(missing.status.code(), Some(1), "{missing:?}");
     assert!(String::from_utf8_lossy(&missing.stderr).contains("not_found"));
