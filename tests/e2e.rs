@@ -1356,3 +1356,52 @@ impl Drop for KillOnDrop {
         }
     }
 }
+
+/// Workers SIGKILLed again and again while jobs run: every accepted job
+/// still ends, and the books show each job charged exactly what it reports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn repeated_worker_kills_lose_nothing_and_charge_once() {
+    let s = Stack::start(proc_opts()).await;
+    let token = s.tenant("acme").await;
+    let hold = s.push(&token, "hold").await;
+    let dir = s.dir.clone();
+    let mut ids = Vec::new();
+    for _ in 0..36 {
+        ids.push(
+            s.submit(
+                &token,
+                json!({"component": hold, "input": "0,300", "max_attempts": 20}),
+            )
+            .await,
+        );
+    }
+    let mut workers: Vec<WorkerProc> = (0..3)
+        .map(|i| WorkerProc::spawn(&s.url, 2, 1_000, &dir.join(format!("w{i}.log"))))
+        .collect();
+    // Kill one worker every 700 ms for a while, replacing it at once.
+    for round in 0..8 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let victim = round % workers.len();
+        workers[victim].signal(libc::SIGKILL);
+        workers[victim].wait_exit(Duration::from_secs(5));
+        workers[victim] = WorkerProc::spawn(
+            &s.url,
+            2,
+            1_000,
+            &dir.join(format!("w{victim}-{round}.log")),
+        );
+    }
+    let (mut charged, mut retried) = (0, 0);
+    for id in &ids {
+        let job = s.wait_terminal(&token, id, 120).await;
+        assert_eq!(state(&job), "succeeded", "{job}");
+        charged += job["usage"]["credits"].as_i64().unwrap();
+        retried += usize::from(job["attempts"].as_u64().unwrap() > 1);
+    }
+    // The kills did land on running jobs.
+    assert!(retried > 0, "no job was ever interrupted");
+    let t = s.assert_books_balance("acme").await;
+    assert_eq!(t["settled"].as_i64().unwrap(), charged, "{t}");
+    drop(workers);
+    s.stop().await;
+}
