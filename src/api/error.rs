@@ -38,6 +38,9 @@ pub enum ApiError {
     /// 413: a body or the job input is larger than allowed.
     #[error("{0}")]
     PayloadTooLarge(String),
+    /// 408: the client stopped sending its body.
+    #[error("the request body stalled; send it again")]
+    RequestTimeout,
     /// 405: the path exists with other methods.
     #[error("method not allowed")]
     MethodNotAllowed,
@@ -68,6 +71,7 @@ impl ApiError {
             ApiError::TenantExists => (StatusCode::CONFLICT, "tenant_exists"),
             ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            ApiError::RequestTimeout => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             ApiError::IdempotencyConflict => {
                 (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_conflict")
             }

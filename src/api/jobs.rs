@@ -139,7 +139,14 @@ pub(super) async fn submit(
     let tenant = caller.tenant()?.to_string();
     let idem = idempotency_key(&headers)?;
     let cfg = state.config();
-    let bytes = read_body(&headers, body, cfg.max_job_body_bytes(), "the job body").await?;
+    let bytes = read_body(
+        &headers,
+        body,
+        cfg.max_job_body_bytes(),
+        cfg.body_idle_timeout,
+        "the job body",
+    )
+    .await?;
     let req: JobRequest = super::parse_json(&bytes)?;
     let cp = state.control();
     let info = cp

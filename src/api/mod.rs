@@ -49,6 +49,8 @@ pub struct ApiConfig {
     /// to 5× this while the job stays unfinished, so many waiting clients
     /// on long jobs cost Redis little.
     pub wait_poll: Duration,
+    /// Longest pause between two chunks of a request body (408 beyond).
+    pub body_idle_timeout: Duration,
     /// Uploads (components, contexts) handled at once. Each may buffer up to
     /// its size limit and then burn CPU on admission or indexing: without a
     /// bound, a burst of large uploads could exhaust the API's memory.
@@ -64,6 +66,7 @@ impl Default for ApiConfig {
             max_wait: Duration::from_secs(60),
             wait_poll: Duration::from_millis(100),
             max_concurrent_uploads: 4,
+            body_idle_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -216,6 +219,7 @@ pub(crate) async fn read_body(
     headers: &HeaderMap,
     body: Body,
     limit: usize,
+    idle: Duration,
     what: &str,
 ) -> ApiResult<Bytes> {
     let too_large =
@@ -231,7 +235,13 @@ pub(crate) async fn read_body(
     // to send, so it must not make us reserve hundreds of MiB up front.
     let mut buf = Vec::with_capacity(declared.map_or(0, |n| n as usize).min(limit).min(1 << 20));
     let mut stream = body.into_data_stream();
-    while let Some(chunk) = stream.next().await {
+    // An idle bound per chunk rather than a total one: a large upload over a
+    // slow link may take long, but a client that stops sending must not
+    // hold its buffer (and an upload permit) forever.
+    while let Some(chunk) = tokio::time::timeout(idle, stream.next())
+        .await
+        .map_err(|_| ApiError::RequestTimeout)?
+    {
         let chunk =
             chunk.map_err(|e| ApiError::Invalid(format!("could not read the body: {e}")))?;
         if buf.len() + chunk.len() > limit {
@@ -286,20 +296,46 @@ mod tests {
         assert!(!valid_digest(&format!("md5:{}", "a".repeat(64))));
     }
 
+    const SEC: Duration = Duration::from_secs(1);
+
+    #[tokio::test]
+    async fn a_stalled_body_times_out() {
+        let stalled =
+            futures::stream::once(async { Ok::<_, std::io::Error>(Bytes::from_static(b"{")) })
+                .chain(futures::stream::pending());
+        let e = read_body(
+            &HeaderMap::new(),
+            Body::from_stream(stalled),
+            10,
+            Duration::from_millis(50),
+            "body",
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(e, ApiError::RequestTimeout));
+        assert_eq!(e.parts().1, "request_timeout");
+    }
+
     #[tokio::test]
     async fn body_limits_refuse_before_reading() {
         let mut h = HeaderMap::new();
         h.insert(CONTENT_LENGTH, "11".parse().unwrap());
-        let e = read_body(&h, Body::from("hello world"), 10, "body")
+        let e = read_body(&h, Body::from("hello world"), 10, SEC, "body")
             .await
             .unwrap_err();
         assert!(matches!(e, ApiError::PayloadTooLarge(_)));
         // Undeclared length: cut while streaming.
-        let e = read_body(&HeaderMap::new(), Body::from("hello world"), 10, "body")
-            .await
-            .unwrap_err();
+        let e = read_body(
+            &HeaderMap::new(),
+            Body::from("hello world"),
+            10,
+            SEC,
+            "body",
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(e, ApiError::PayloadTooLarge(_)));
-        let ok = read_body(&HeaderMap::new(), Body::from("hello"), 10, "body")
+        let ok = read_body(&HeaderMap::new(), Body::from("hello"), 10, SEC, "body")
             .await
             .unwrap();
         assert_eq!(&ok[..], b"hello");

@@ -68,7 +68,14 @@ pub(super) async fn create(
     body: Body,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     authenticate(&state, &headers).await?.admin()?;
-    let bytes = read_body(&headers, body, MAX_ADMIN_BODY, "the tenant body").await?;
+    let bytes = read_body(
+        &headers,
+        body,
+        MAX_ADMIN_BODY,
+        state.config().body_idle_timeout,
+        "the tenant body",
+    )
+    .await?;
     let value = parse_value(&bytes)?;
     check_keys(&value, SPEC_KEYS, "the tenant body")?;
     check_limits(&value)?;
@@ -129,7 +136,14 @@ pub(super) async fn patch(
     body: Body,
 ) -> ApiResult<Json<Value>> {
     authenticate(&state, &headers).await?.admin()?;
-    let bytes = read_body(&headers, body, MAX_ADMIN_BODY, "the patch body").await?;
+    let bytes = read_body(
+        &headers,
+        body,
+        MAX_ADMIN_BODY,
+        state.config().body_idle_timeout,
+        "the patch body",
+    )
+    .await?;
     let value = parse_value(&bytes)?;
     check_keys(&value, PATCH_KEYS, "the patch body")?;
     check_limits(&value)?;
@@ -165,7 +179,14 @@ pub(super) async fn credits(
     body: Body,
 ) -> ApiResult<Json<Value>> {
     authenticate(&state, &headers).await?.admin()?;
-    let bytes = read_body(&headers, body, MAX_ADMIN_BODY, "the credits body").await?;
+    let bytes = read_body(
+        &headers,
+        body,
+        MAX_ADMIN_BODY,
+        state.config().body_idle_timeout,
+        "the credits body",
+    )
+    .await?;
     let value = parse_value(&bytes)?;
     check_keys(&value, &["amount"], "the credits body")?;
     let amount = value

@@ -24,7 +24,14 @@ pub(super) async fn push_component(
     let tenant = caller.tenant()?.to_string();
     let limit = state.config().max_component_bytes;
     let _permit = state.upload_permit().await?;
-    let bytes = read_body(&headers, body, limit, "the component").await?;
+    let bytes = read_body(
+        &headers,
+        body,
+        limit,
+        state.config().body_idle_timeout,
+        "the component",
+    )
+    .await?;
     // Admission parses (and may compile) the component: CPU work that must
     // not stall the async workers serving other requests.
     let host = state.host().clone();
@@ -82,7 +89,14 @@ pub(super) async fn push_context(
     let tenant = caller.tenant()?.to_string();
     let limit = state.config().max_context_bytes;
     let _permit = state.upload_permit().await?;
-    let bytes = read_body(&headers, body, limit, "the context").await?;
+    let bytes = read_body(
+        &headers,
+        body,
+        limit,
+        state.config().body_idle_timeout,
+        "the context",
+    )
+    .await?;
     // Parsing and indexing up to hundreds of MiB is CPU work: off the
     // async workers.
     let encoded = tokio::task::spawn_blocking(move || -> ApiResult<_> {
