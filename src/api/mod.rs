@@ -32,7 +32,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Request-size bounds and long-poll cap.
+/// Request-size bounds, upload concurrency and long-poll settings.
 #[derive(Debug, Clone)]
 pub struct ApiConfig {
     /// Largest component upload.

@@ -25,15 +25,21 @@ pub struct Conn {
 pub enum TenantCmd {
     /// Creates a tenant and prints its token (shown once).
     Create {
+        /// Tenant id: 1-64 characters of a-z, 0-9, `-`, `_`.
         id: String,
+        /// Share of capacity relative to other tenants (default 1).
         #[arg(long)]
         weight: Option<u32>,
+        /// Initial credits.
         #[arg(long, allow_negative_numbers = true)]
         credits: Option<i64>,
+        /// Jobs running at once.
         #[arg(long)]
         max_running: Option<u32>,
+        /// Jobs waiting (queued or delayed) at once.
         #[arg(long)]
         max_queued: Option<u32>,
+        /// GPU slots in use at once.
         #[arg(long)]
         max_gpus: Option<u32>,
         /// Default fuel per attempt.
@@ -50,13 +56,16 @@ pub enum TenantCmd {
     },
     /// Shows a tenant's settings, credits and counters.
     Get {
+        /// Tenant id.
         id: String,
         #[command(flatten)]
         conn: Conn,
     },
     /// Grants credits (negative to take back) and prints the new balance.
     Credits {
+        /// Tenant id.
         id: String,
+        /// Credits to add (negative to take back).
         #[arg(allow_negative_numbers = true)]
         amount: i64,
         #[command(flatten)]
@@ -69,6 +78,7 @@ pub enum TenantCmd {
 pub enum ComponentCmd {
     /// Uploads a Wasm component (`.wasm`) and prints its digest.
     Push {
+        /// The `.wasm` component file.
         file: PathBuf,
         #[command(flatten)]
         conn: Conn,
@@ -80,6 +90,7 @@ pub enum ComponentCmd {
 pub enum ContextCmd {
     /// Uploads a context from a JSON file `{"name","documents","tools"}`.
     Push {
+        /// The JSON file.
         file: PathBuf,
         #[command(flatten)]
         conn: Conn,
@@ -93,6 +104,7 @@ pub enum JobCmd {
     Submit(SubmitArgs),
     /// Prints a job.
     Get {
+        /// Job id.
         id: String,
         /// Hold the answer until the job is terminal or this many seconds passed.
         #[arg(long)]
@@ -102,22 +114,27 @@ pub enum JobCmd {
     },
     /// Cancels a job.
     Cancel {
+        /// Job id.
         id: String,
         #[command(flatten)]
         conn: Conn,
     },
     /// Prints a job's log.
     Log {
+        /// Job id.
         id: String,
         #[command(flatten)]
         conn: Conn,
     },
     /// Lists jobs, newest first.
     List {
+        /// Only jobs in this state.
         #[arg(long)]
         state: Option<String>,
+        /// Page size (default 100, at most 10000).
         #[arg(long)]
         limit: Option<usize>,
+        /// `next_cursor` of the previous page.
         #[arg(long)]
         cursor: Option<String>,
         #[command(flatten)]
@@ -141,19 +158,25 @@ pub struct SubmitArgs {
     /// Read the input from a file instead.
     #[arg(long)]
     pub input_file: Option<PathBuf>,
+    /// The agent whose durable state the job reads and may set.
     #[arg(long)]
     pub agent_id: Option<String>,
     /// A context to mount (repeatable).
     #[arg(long = "context")]
     pub contexts: Vec<String>,
+    /// GPU slots the job needs (at most the tenant's `max_gpus`).
     #[arg(long)]
     pub gpus: Option<u32>,
+    /// Attempts before the job fails for good (default 3).
     #[arg(long)]
     pub max_attempts: Option<u32>,
+    /// Wall-clock limit per attempt (only lower than the tenant's).
     #[arg(long)]
     pub timeout_ms: Option<u64>,
+    /// Fuel limit per attempt (only lower than the tenant's).
     #[arg(long)]
     pub fuel: Option<u64>,
+    /// Start no earlier than this many ms from now.
     #[arg(long)]
     pub delay_ms: Option<u64>,
     /// Makes the submission safe to retry: the same key and body give the same job.
