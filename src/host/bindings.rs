@@ -18,7 +18,7 @@ wasmtime::component::bindgen!({
     exports: { default: async },
 });
 
-pub(crate) use agentplane::agent::{context, log, state};
+pub(crate) use self::agentplane::agent::{context, log, state};
 
 /// Results one search may ask for. Stops a guest from making the host sort
 /// and copy a whole index into its memory in one call.
