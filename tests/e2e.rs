@@ -787,7 +787,9 @@ async fn cancel_stops_a_running_job_within_a_renewal() {
 
 // ---- process-level faults, with the real binary ----
 
-const PROC_LEASE_MS: u64 = 1000;
+/// Short enough to keep the tests quick, long enough that renewals every
+/// third of it survive a loaded 2-core CI machine running tests in parallel.
+const PROC_LEASE_MS: u64 = 2000;
 
 /// An `agentplane worker` child process.
 struct WorkerProc {
