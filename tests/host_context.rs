@@ -20,11 +20,24 @@ fn rss_bytes() -> u64 {
 }
 
 /// A context of `n` documents; document 0 is the one about lighthouses.
-fn upload(n: usize) -> ContextUpload {
+/// With `dim > 0` every document carries an embedding of that dimension.
+fn upload(n: usize, dim: usize) -> ContextUpload {
+    // Deterministic, non-zero, varied vectors (a tiny LCG).
+    let mut seed = 0x2545_f491_u32;
+    let mut embedding = move || -> Option<Vec<f32>> {
+        (dim > 0).then(|| {
+            (0..dim)
+                .map(|_| {
+                    seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                    (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+                })
+                .collect()
+        })
+    };
     let mut documents = vec![Document {
         id: "lighthouse".into(),
         text: "The lighthouse keeper lights the lamp at dusk".into(),
-        embedding: None,
+        embedding: embedding(),
     }];
     for i in 1..n {
         documents.push(Document {
@@ -33,7 +46,7 @@ fn upload(n: usize) -> ContextUpload {
                 "filler document number {i} about nothing in particular {}",
                 "word ".repeat(20)
             ),
-            embedding: None,
+            embedding: embedding(),
         });
     }
     ContextUpload {
@@ -47,8 +60,8 @@ fn upload(n: usize) -> ContextUpload {
     }
 }
 
-async fn mounted(host: &Host, n: usize) -> Arc<HeavyContext> {
-    let enc = encode(&upload(n)).expect("context encodes");
+async fn mounted(host: &Host, n: usize, dim: usize) -> Arc<HeavyContext> {
+    let enc = encode(&upload(n, dim)).expect("context encodes");
     let bytes = enc.bytes.clone();
     host.context(&enc.digest, || async move { Ok(bytes) })
         .await
@@ -95,7 +108,7 @@ async fn rag_qa_searches_the_mounted_index_and_lists_tools() {
         ..HostConfig::default()
     })
     .unwrap();
-    let ctx = mounted(&host, 50).await;
+    let ctx = mounted(&host, 50, 0).await;
     let rag = load(&host, "rag-qa").await;
     for input in [
         r#"{"question":"who lights the lamp?","index":"docs","k":2}"#,
@@ -187,9 +200,14 @@ async fn a_thousand_concurrent_instances_fit_the_pool() {
 async fn a_thousand_instances_share_one_context() {
     let _serial = SERIAL.lock().await;
     let host = thousand_slot_host();
-    // ~20k documents: tens of MB decoded, far more than 1000 instances
-    // could afford if each one held its own copy.
-    let ctx = mounted(&host, 20_000).await;
+    // 70k documents with 384-dim embeddings: over 100 MB decoded. A copy
+    // per instance would need 100 GB for 1000 instances.
+    let ctx = mounted(&host, 70_000, 384).await;
+    assert!(
+        ctx.size_bytes() >= 100 * MIB as usize,
+        "context holds only {} MiB",
+        ctx.size_bytes() as u64 / MIB
+    );
     let growth = thousand_at_once(Some(ctx), host).await;
     assert!(
         growth < 1024 * MIB,
