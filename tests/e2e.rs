@@ -1407,3 +1407,44 @@ async fn repeated_worker_kills_lose_nothing_and_charge_once() {
     drop(workers);
     s.stop().await;
 }
+
+/// `agentplane bench` drives real load through the API and reports it: every
+/// job it submitted finished, spread over its tenants.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bench_load_generator_runs_jobs_through_the_api() {
+    let s = Stack::start(Opts {
+        worker_slots: Some(4),
+        ..Opts::default()
+    })
+    .await;
+    let echo = guest_wasm("echo");
+    let base = s.base.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(bin())
+            .args(["bench", "--url", &base, "--tenants", "3", "--jobs", "60"])
+            .args(["--concurrency", "8", "--timeout-s", "120", "--component"])
+            .arg(echo)
+            .env("AGENTPLANE_TOKEN", ADMIN)
+            .output()
+            .expect("run agentplane bench")
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).expect("a JSON report");
+    assert_eq!(report["succeeded"], 60, "{report}");
+    assert_eq!(report["unfinished"], 0, "{report}");
+    let per: Vec<u64> = report["per_tenant"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["succeeded"].as_u64().unwrap())
+        .collect();
+    assert_eq!(per, vec![20, 20, 20], "{report}");
+    assert!(report["end_to_end_ms"]["p99"].as_f64().unwrap() > 0.0);
+    s.stop().await;
+}

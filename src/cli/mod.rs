@@ -1,6 +1,7 @@
 //! Command-line interface (contract §4): the server parts (`serve`, `worker`,
 //! `api`, `scheduler`) and the client commands over the HTTP API.
 
+mod bench;
 mod client;
 mod server;
 
@@ -42,6 +43,9 @@ pub enum Command {
     /// Jobs (tenant token).
     #[command(subcommand)]
     Job(client::JobCmd),
+    /// Load generator over the API (admin token): creates tenants, submits
+    /// jobs, waits for them, prints rates and latencies as JSON.
+    Bench(bench::BenchArgs),
 }
 
 /// Control-plane settings every process of one deployment must agree on.
@@ -209,6 +213,7 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Component(c) => client::component(c).await,
             Command::Context(c) => client::context(c).await,
             Command::Job(c) => client::job(c).await,
+            Command::Bench(a) => bench::bench(a).await,
         }
     });
     match result {
