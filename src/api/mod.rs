@@ -253,6 +253,14 @@ pub(crate) async fn read_body(
 }
 
 /// Parses a JSON body into `T`, naming the offending field on failure.
+/// Serializes an answer; a value that cannot serialize is our bug, not the
+/// caller's, so it is a 500 without details.
+pub(crate) fn to_json<T: serde::Serialize>(v: &T) -> ApiResult<axum::Json<serde_json::Value>> {
+    serde_json::to_value(v)
+        .map(axum::Json)
+        .map_err(|_| ApiError::Internal)
+}
+
 pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
     serde_json::from_slice(bytes).map_err(|e| ApiError::Invalid(format!("invalid JSON body: {e}")))
 }

@@ -117,15 +117,7 @@ pub(super) async fn get(
         // Another tenant's existence is not revealed.
         return Err(ApiError::NotFound("tenant"));
     }
-    let info = state
-        .control()
-        .tenant(&id)
-        .await
-        .map_err(|e| ApiError::from_cp(e, "tenant"))?
-        .ok_or(ApiError::NotFound("tenant"))?;
-    Ok(Json(
-        serde_json::to_value(info).map_err(|_| ApiError::Internal)?,
-    ))
+    tenant_json(&state, &id).await
 }
 
 /// `PATCH /v1/tenants/{id}` (admin) → the updated tenant.
@@ -159,15 +151,7 @@ pub(super) async fn patch(
         .update_tenant(&id, &patch)
         .await
         .map_err(|e| ApiError::from_cp(e, "tenant"))?;
-    let info = state
-        .control()
-        .tenant(&id)
-        .await
-        .map_err(|e| ApiError::from_cp(e, "tenant"))?
-        .ok_or(ApiError::NotFound("tenant"))?;
-    Ok(Json(
-        serde_json::to_value(info).map_err(|_| ApiError::Internal)?,
-    ))
+    tenant_json(&state, &id).await
 }
 
 /// `POST /v1/tenants/{id}/credits` (admin), body `{"amount": n}` →
@@ -202,4 +186,15 @@ pub(super) async fn credits(
         .await
         .map_err(|e| ApiError::from_cp(e, "tenant"))?;
     Ok(Json(json!({"id": id, "balance": balance})))
+}
+
+/// The tenant as `GET /v1/tenants/{id}` shows it.
+async fn tenant_json(state: &AppState, id: &str) -> ApiResult<Json<Value>> {
+    let info = state
+        .control()
+        .tenant(id)
+        .await
+        .map_err(|e| ApiError::from_cp(e, "tenant"))?
+        .ok_or(ApiError::NotFound("tenant"))?;
+    super::to_json(&info)
 }

@@ -51,10 +51,7 @@ pub(super) async fn push_component(
         .await
         .map_err(|e| ApiError::from_cp(e, "component"))?;
     tracing::info!(%tenant, digest = %meta.digest, size = meta.size, "component stored");
-    Ok((
-        StatusCode::CREATED,
-        Json(serde_json::to_value(meta).map_err(|_| ApiError::Internal)?),
-    ))
+    Ok((StatusCode::CREATED, super::to_json(&meta)?))
 }
 
 /// `GET /v1/components/{digest}`: metadata, 404 unless this tenant uploaded it.
@@ -74,9 +71,7 @@ pub(super) async fn get_component(
         .await
         .map_err(|e| ApiError::from_cp(e, "component"))?
         .ok_or(ApiError::NotFound("component"))?;
-    Ok(Json(
-        serde_json::to_value(meta).map_err(|_| ApiError::Internal)?,
-    ))
+    super::to_json(&meta)
 }
 
 /// `POST /v1/contexts`: JSON upload → 201 `{"name","digest","documents","dim"}`.
@@ -160,7 +155,5 @@ pub(super) async fn get_context(
         .await
         .map_err(|e| ApiError::from_cp(e, "context"))?
         .ok_or(ApiError::NotFound("context"))?;
-    Ok(Json(
-        serde_json::to_value(meta).map_err(|_| ApiError::Internal)?,
-    ))
+    super::to_json(&meta)
 }
