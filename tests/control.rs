@@ -53,6 +53,7 @@ conformance!(
     agent_state_commits_only_on_current_version,
     released_job_goes_back_uncharged,
     malformed_arguments_write_nothing,
+    wake_up_signals_survive_an_abandoned_wait,
 );
 
 fn cfg(shards: u32) -> ControlConfig {
@@ -869,4 +870,46 @@ async fn malformed_arguments_write_nothing(url: &str, shards: u32) {
     assert_eq!(cp.grant_credits("m", -40).await.unwrap(), 60);
     let (jobs, _) = cp.list_jobs("m", None, 10, None).await.unwrap();
     assert!(jobs.is_empty());
+}
+
+async fn wake_up_signals_survive_an_abandoned_wait(url: &str, _shards: u32) {
+    // One shard: a waiter listens on one shard's list at a time.
+    let cp = connect(url, cfg(1)).await;
+    cp.create_tenant(&tenant("wk", 1_000_000), "h")
+        .await
+        .unwrap();
+    // Nothing to do: the wait runs to its timeout.
+    let t0 = std::time::Instant::now();
+    cp.wait_for_work(Duration::from_millis(300)).await.unwrap();
+    assert!(t0.elapsed() >= Duration::from_millis(250));
+    // A submission wakes a waiter at once.
+    let waiter = {
+        let cp = cp.clone();
+        tokio::spawn(async move {
+            let t0 = std::time::Instant::now();
+            cp.wait_for_work(Duration::from_secs(5)).await.unwrap();
+            t0.elapsed()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let c = cp.submit("wk", &job("a")).await.unwrap();
+    assert!(waiter.await.unwrap() < Duration::from_secs(2));
+    let claimed = claim_one(&cp).await;
+    assert_eq!(claimed.lease.job_id, c.id);
+    cp.finalize(&claimed.lease, &ok("", 1)).await.unwrap();
+    cp.wait_for_work(Duration::from_millis(10)).await.unwrap(); // drain FINALIZE's signal
+    // A waiter that gives up (a select! whose other branch won) must not
+    // swallow the next signal.
+    tokio::select! {
+        _ = cp.wait_for_work(Duration::from_secs(5)) => panic!("no work was signalled"),
+        _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+    }
+    cp.submit("wk", &job("b")).await.unwrap();
+    let t0 = std::time::Instant::now();
+    cp.wait_for_work(Duration::from_secs(5)).await.unwrap();
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "the signal was lost: waited {:?}",
+        t0.elapsed()
+    );
 }
