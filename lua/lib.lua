@@ -187,6 +187,16 @@ local function to_ready(jid, J, T)
   set_state(jid, J, 'queued')
 end
 
+-- A consumer goes from a tenant's group once it holds no entry: every
+-- worker process has its own consumer name, so without this the groups
+-- would collect one dead consumer per worker restart, forever. XREADGROUP
+-- recreates it on the worker's next claim.
+local function retire_consumer(t, consumer)
+  if consumer == nil or consumer == '' then return end
+  local p = redis.call('XPENDING', qkey(t), GROUP, '-', '+', 1, consumer)
+  if #p == 0 then redis.call('XGROUP', 'DELCONSUMER', qkey(t), GROUP, consumer) end
+end
+
 -- Ends an attempt's hold on the worker: PEL entry, lease, running count,
 -- GPU slots. Shared by FINALIZE, REAP and RELEASE.
 local function end_attempt(jid, J, T)
@@ -195,6 +205,7 @@ local function end_attempt(jid, J, T)
     redis.call('XACK', qkey(t), GROUP, J.sid)
     redis.call('XDEL', qkey(t), J.sid)
   end
+  retire_consumer(t, J.worker)
   redis.call('ZREM', LEASES, jid)
   local g = n(J, 'gpus')
   T.running = n(T, 'running') - 1

@@ -33,6 +33,7 @@ for _, jid in ipairs(due) do
     end
     release_reservation(jid, J, T)
     end_attempt(jid, J, T)
+    retire_consumer(t, 'reaper')
     local now_attempts = n(J, 'attempts')
     if J.cancel == '1' then
       redis.call('HSET', jkey(jid), 'ekind', 'cancelled', 'emsg', 'cancelled by the tenant')

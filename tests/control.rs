@@ -204,6 +204,8 @@ async fn exactly_once_with_8_claimers(url: &str, shards: u32) {
         assert_eq!(info.credits.reserved, 0);
         // 250 jobs × 1 Mfuel × 1 credit/Mfuel.
         assert_eq!(info.settled, 250);
+        // Nothing pending, and no consumer left behind by the 8 workers.
+        assert_eq!(cp.queue_group(t).await.unwrap(), (0, 0), "{t}");
     }
 }
 
@@ -237,6 +239,7 @@ async fn reaped_lease_fences_the_old_token(url: &str, shards: u32) {
     ));
     let t2 = cp.tenant("a").await.unwrap().unwrap();
     assert_eq!(t2, after, "a stale token changes nothing");
+    assert_eq!(cp.queue_group("a").await.unwrap(), (0, 0), "PEL reclaimed");
     let j = cp.job("a", &s.id).await.unwrap().unwrap();
     assert_eq!(j.state, JobState::Delayed);
     assert_eq!(j.usage.credits, 0);

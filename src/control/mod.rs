@@ -1174,6 +1174,18 @@ impl ControlPlane {
         Ok(total)
     }
 
+    /// Consumers and pending (delivered, unacknowledged) entries of the
+    /// tenant's ready-queue consumer group, for operators and tests.
+    pub async fn queue_group(&self, tenant: &str) -> Result<(usize, usize), CpError> {
+        let info: redis::streams::StreamInfoGroupsReply =
+            self.conn().xinfo_groups(self.keys.queue(tenant)).await?;
+        Ok(info
+            .groups
+            .first()
+            .map(|g| (g.consumers, g.pending))
+            .unwrap_or((0, 0)))
+    }
+
     /// The tenant's credit ledger, oldest first: `(op, job, attempt, amount)`.
     pub async fn ledger(&self, tenant: &str) -> Result<Vec<LedgerEntry>, CpError> {
         let entries: redis::streams::StreamRangeReply =
