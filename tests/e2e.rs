@@ -785,6 +785,37 @@ async fn cancel_stops_a_running_job_within_a_renewal() {
     s.stop().await;
 }
 
+/// Against a server this test spawned (not a [`Stack`]): creates tenant
+/// `acme` with the admin token and uploads `echo`; answers its token and
+/// the component's digest.
+async fn onboard_acme(http: &reqwest::Client, base: &str, admin: &str) -> (String, String) {
+    let r = http
+        .post(format!("{base}/v1/tenants"))
+        .bearer_auth(admin)
+        .json(&json!({"id": "acme", "credits": 1_000_000_000i64}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let token = r.json::<Value>().await.unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = http
+        .post(format!("{base}/v1/components"))
+        .bearer_auth(&token)
+        .body(guest_bytes("echo"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let digest = r.json::<Value>().await.unwrap()["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    (token, digest)
+}
+
 // ---- process-level faults, with the real binary ----
 
 /// Short enough to keep the tests quick, long enough that renewals every
@@ -1064,30 +1095,7 @@ async fn serve_runs_its_own_redis_and_keeps_data_across_restarts() {
         0o600
     );
     let http = reqwest::Client::new();
-    let r = http
-        .post(format!("{base}/v1/tenants"))
-        .bearer_auth(&admin)
-        .json(&json!({"id": "acme", "credits": 1_000_000_000i64}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::CREATED);
-    let token = r.json::<Value>().await.unwrap()["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let r = http
-        .post(format!("{base}/v1/components"))
-        .bearer_auth(&token)
-        .body(guest_bytes("echo"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::CREATED);
-    let digest = r.json::<Value>().await.unwrap()["digest"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (token, digest) = onboard_acme(&http, &base, &admin).await;
     let r = http
         .post(format!("{base}/v1/jobs"))
         .bearer_auth(&token)
@@ -1279,31 +1287,7 @@ async fn parts_run_as_separate_processes() {
     }
 
     let http = reqwest::Client::new();
-    let r = http
-        .post(format!("{base}/v1/tenants"))
-        .bearer_auth(ADMIN)
-        .json(&json!({"id": "acme", "credits": 1_000_000_000i64}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::CREATED);
-    let token = r.json::<Value>().await.unwrap()["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let digest = http
-        .post(format!("{base}/v1/components"))
-        .bearer_auth(&token)
-        .body(guest_bytes("echo"))
-        .send()
-        .await
-        .unwrap()
-        .json::<Value>()
-        .await
-        .unwrap()["digest"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (token, digest) = onboard_acme(&http, &base, ADMIN).await;
     let mut ids = Vec::new();
     for i in 0..8 {
         let r = http
