@@ -26,8 +26,26 @@ const SPEC_KEYS: &[&str] = &[
 const PATCH_KEYS: &[&str] = &["weight", "max_running", "max_queued", "max_gpus", "limits"];
 const LIMIT_KEYS: &[&str] = &["fuel", "memory_bytes", "timeout_ms"];
 
-fn parse_value(bytes: &[u8]) -> ApiResult<Value> {
-    super::parse_json(bytes)
+/// Reads an admin route's JSON object body (bounded, with the idle
+/// timeout) and refuses keys outside `allowed`, naming `what` in errors.
+async fn admin_json(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+    allowed: &[&str],
+    what: &str,
+) -> ApiResult<Value> {
+    let bytes = read_body(
+        headers,
+        body,
+        MAX_ADMIN_BODY,
+        state.config().body_idle_timeout,
+        what,
+    )
+    .await?;
+    let value: Value = super::parse_json(&bytes)?;
+    check_keys(&value, allowed, what)?;
+    Ok(value)
 }
 
 fn check_limits(value: &Value) -> ApiResult<()> {
@@ -68,16 +86,7 @@ pub(super) async fn create(
     body: Body,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     authenticate(&state, &headers).await?.admin()?;
-    let bytes = read_body(
-        &headers,
-        body,
-        MAX_ADMIN_BODY,
-        state.config().body_idle_timeout,
-        "the tenant body",
-    )
-    .await?;
-    let value = parse_value(&bytes)?;
-    check_keys(&value, SPEC_KEYS, "the tenant body")?;
+    let value = admin_json(&state, &headers, body, SPEC_KEYS, "the tenant body").await?;
     check_limits(&value)?;
     let spec: TenantSpec = serde_json::from_value(value)
         .map_err(|e| ApiError::Invalid(format!("invalid tenant body: {e}")))?;
@@ -128,16 +137,7 @@ pub(super) async fn patch(
     body: Body,
 ) -> ApiResult<Json<Value>> {
     authenticate(&state, &headers).await?.admin()?;
-    let bytes = read_body(
-        &headers,
-        body,
-        MAX_ADMIN_BODY,
-        state.config().body_idle_timeout,
-        "the patch body",
-    )
-    .await?;
-    let value = parse_value(&bytes)?;
-    check_keys(&value, PATCH_KEYS, "the patch body")?;
+    let value = admin_json(&state, &headers, body, PATCH_KEYS, "the patch body").await?;
     check_limits(&value)?;
     let patch: TenantPatch = serde_json::from_value(value)
         .map_err(|e| ApiError::Invalid(format!("invalid patch body: {e}")))?;
@@ -163,16 +163,7 @@ pub(super) async fn credits(
     body: Body,
 ) -> ApiResult<Json<Value>> {
     authenticate(&state, &headers).await?.admin()?;
-    let bytes = read_body(
-        &headers,
-        body,
-        MAX_ADMIN_BODY,
-        state.config().body_idle_timeout,
-        "the credits body",
-    )
-    .await?;
-    let value = parse_value(&bytes)?;
-    check_keys(&value, &["amount"], "the credits body")?;
+    let value = admin_json(&state, &headers, body, &["amount"], "the credits body").await?;
     let amount = value
         .get("amount")
         .and_then(Value::as_i64)
