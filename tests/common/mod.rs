@@ -5,3 +5,4 @@
 
 pub mod guests;
 pub mod redis;
+pub mod stack;

@@ -1,0 +1,423 @@
+//! The process stack the service-level tests drive: API + scheduler (+ a
+//! worker) over a fresh `redis-server` or Redis Cluster, the real
+//! `agentplane` binary as child processes, and the HTTP helpers that talk to
+//! them. One copy, shared by `e2e.rs`, `hostile.rs` and the rest.
+
+use super::guests::guest_bytes;
+use super::redis::{RedisCluster, RedisServer};
+use agentplane::api::{self, ApiConfig, AppState};
+use agentplane::control::{ControlConfig, ControlPlane};
+use agentplane::host::{Host, HostConfig};
+use agentplane::worker::{WorkerConfig, run_worker};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+pub const ADMIN: &str = "test-admin-token";
+
+/// The `agentplane` binary under test. `AGENTPLANE_BIN` overrides the one
+/// cargo built, for checkouts that share a target dir (where another
+/// checkout's build may replace `target/debug/agentplane` mid-run).
+pub fn bin() -> std::path::PathBuf {
+    std::env::var_os("AGENTPLANE_BIN")
+        .map(Into::into)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_agentplane").into())
+}
+
+/// API + scheduler (+ optionally a worker) in this process, over a fresh
+/// `redis-server` (or a fresh Redis Cluster).
+pub struct Stack {
+    pub redis: Option<RedisServer>,
+    pub cluster: Option<RedisCluster>,
+    /// The Redis URL every part uses.
+    pub url: String,
+    pub dir: std::path::PathBuf,
+    pub base: String,
+    pub http: reqwest::Client,
+    pub lease_ms: u64,
+    pub shutdown: CancellationToken,
+    pub tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+pub struct Opts {
+    pub worker_slots: Option<u32>,
+    pub lease_ms: u64,
+    pub api: ApiConfig,
+    /// Run on a Redis Cluster of this many masters, tenants over `shards`.
+    pub cluster: Option<(usize, u32)>,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Opts {
+            worker_slots: Some(2),
+            lease_ms: 1500,
+            api: ApiConfig::default(),
+            cluster: None,
+        }
+    }
+}
+
+impl Stack {
+    pub async fn start(opts: Opts) -> Stack {
+        let (redis, cluster, url, dir, shards) = match opts.cluster {
+            None => {
+                let r = RedisServer::start();
+                let (url, dir) = (r.url.clone(), r.dir.path().to_path_buf());
+                (Some(r), None, url, dir, 1)
+            }
+            Some((masters, shards)) => {
+                let c = RedisCluster::start(masters);
+                let (url, dir) = (c.url.clone(), c.dir.path().to_path_buf());
+                (None, Some(c), url, dir, shards)
+            }
+        };
+        let cfg = ControlConfig {
+            lease_ms: opts.lease_ms,
+            shards,
+            ..ControlConfig::default()
+        };
+        let control = ControlPlane::connect(&url, cfg)
+            .await
+            .expect("connect control plane");
+        let shutdown = CancellationToken::new();
+        let mut tasks = Vec::new();
+        let api_host = Arc::new(api::admission_host().expect("admission host"));
+        let state = AppState::new(control.clone(), api_host, ADMIN.into(), opts.api);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let stop = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            api::serve(listener, state, async move { stop.cancelled().await })
+                .await
+                .unwrap();
+        }));
+        let (c, s) = (control.clone(), shutdown.clone());
+        tasks.push(tokio::spawn(async move {
+            agentplane::scheduler::run_scheduler(c, s).await.unwrap();
+        }));
+        if let Some(slots) = opts.worker_slots {
+            let host = Arc::new(
+                Host::new(HostConfig {
+                    max_instances: 16,
+                    ..HostConfig::default()
+                })
+                .expect("host"),
+            );
+            let wcfg = WorkerConfig {
+                slots,
+                drain_timeout: Duration::from_secs(2),
+                ..WorkerConfig::default()
+            };
+            let s = shutdown.clone();
+            tasks.push(tokio::spawn(async move {
+                run_worker(wcfg, control, host, s).await.unwrap();
+            }));
+        }
+        Stack {
+            redis,
+            cluster,
+            url,
+            dir,
+            base,
+            http: reqwest::Client::new(),
+            lease_ms: opts.lease_ms,
+            shutdown,
+            tasks,
+        }
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
+    }
+
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut req = self.http.request(method, format!("{}{}", self.base, path));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.expect("request");
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        let v = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, v)
+    }
+
+    /// Sends `head` on a raw connection and answers what comes back
+    /// (until the server closes it or 2 s pass).
+    pub async fn raw_head(&self, head: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = self.base.trim_start_matches("http://");
+        let mut sock = tokio::net::TcpStream::connect(addr).await.unwrap();
+        sock.write_all(head.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            match tokio::time::timeout(Duration::from_millis(200), sock.read(&mut chunk)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+                Err(_) if !buf.is_empty() => break,
+                Err(_) => {}
+            }
+        }
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+
+    pub async fn get(&self, path: &str, token: &str) -> (StatusCode, Value) {
+        self.call(reqwest::Method::GET, path, Some(token), None)
+            .await
+    }
+
+    pub async fn post(&self, path: &str, token: &str, body: Value) -> (StatusCode, Value) {
+        self.call(reqwest::Method::POST, path, Some(token), Some(body))
+            .await
+    }
+
+    /// Creates a tenant with generous limits; answers its token.
+    pub async fn tenant(&self, id: &str) -> String {
+        self.tenant_with(id, json!({})).await
+    }
+
+    pub async fn tenant_with(&self, id: &str, extra: Value) -> String {
+        let mut body = json!({
+            "id": id,
+            "credits": 1_000_000_000i64,
+            "limits": {"fuel": 1_000_000_000_000u64, "timeout_ms": 120_000}
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let (st, v) = self.post("/v1/tenants", ADMIN, body).await;
+        assert_eq!(st, StatusCode::CREATED, "{v}");
+        v["token"].as_str().unwrap().to_string()
+    }
+
+    pub async fn push(&self, token: &str, guest: &str) -> String {
+        let resp = self
+            .http
+            .post(format!("{}/v1/components", self.base))
+            .bearer_auth(token)
+            .body(guest_bytes(guest))
+            .send()
+            .await
+            .unwrap();
+        let st = resp.status();
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(st, StatusCode::CREATED, "{v}");
+        v["digest"].as_str().unwrap().to_string()
+    }
+
+    pub async fn submit(&self, token: &str, body: Value) -> String {
+        let (st, v) = self.post("/v1/jobs", token, body).await;
+        assert_eq!(st, StatusCode::CREATED, "{v}");
+        v["id"].as_str().unwrap().to_string()
+    }
+
+    /// Long-polls until the job is terminal (fails the test after `secs`).
+    pub async fn wait_terminal(&self, token: &str, id: &str, secs: u64) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let (st, job) = self.get(&format!("/v1/jobs/{id}?wait=5"), token).await;
+            assert_eq!(st, StatusCode::OK, "{job}");
+            if ["succeeded", "failed", "cancelled"].contains(&job["state"].as_str().unwrap()) {
+                return job;
+            }
+            assert!(Instant::now() < deadline, "job {id} not terminal: {job}");
+        }
+    }
+
+    /// Polls until `pred(job)` holds.
+    pub async fn wait_for(
+        &self,
+        token: &str,
+        id: &str,
+        secs: u64,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let (_, job) = self.get(&format!("/v1/jobs/{id}"), token).await;
+            if pred(&job) {
+                return job;
+            }
+            assert!(Instant::now() < deadline, "condition not reached: {job}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn tenant_info(&self, id: &str) -> Value {
+        let (st, v) = self.get(&format!("/v1/tenants/{id}"), ADMIN).await;
+        assert_eq!(st, StatusCode::OK, "{v}");
+        v
+    }
+
+    /// The money invariants of contract §5.3 for one tenant at rest.
+    pub async fn assert_books_balance(&self, id: &str) -> Value {
+        let t = self.tenant_info(id).await;
+        let granted = t["granted"].as_i64().unwrap();
+        let settled = t["settled"].as_i64().unwrap();
+        assert_eq!(
+            t["credits"]["balance"].as_i64().unwrap(),
+            granted - settled,
+            "{t}"
+        );
+        assert_eq!(t["credits"]["reserved"].as_i64().unwrap(), 0, "{t}");
+        t
+    }
+}
+
+pub fn state(job: &Value) -> &str {
+    job["state"].as_str().unwrap_or("")
+}
+
+pub fn error_code(v: &Value) -> &str {
+    v["error"]["code"].as_str().unwrap_or("")
+}
+/// Against a server this test spawned (not a [`Stack`]): creates tenant
+/// `acme` with the admin token and uploads `echo`; answers its token and
+/// the component's digest.
+pub async fn onboard_acme(http: &reqwest::Client, base: &str, admin: &str) -> (String, String) {
+    let r = http
+        .post(format!("{base}/v1/tenants"))
+        .bearer_auth(admin)
+        .json(&json!({"id": "acme", "credits": 1_000_000_000i64}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let token = r.json::<Value>().await.unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = http
+        .post(format!("{base}/v1/components"))
+        .bearer_auth(&token)
+        .body(guest_bytes("echo"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let digest = r.json::<Value>().await.unwrap()["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    (token, digest)
+}
+
+// ---- process-level faults, with the real binary ----
+
+/// Short enough to keep the tests quick, long enough that renewals every
+/// third of it survive a loaded 2-core CI machine running tests in parallel.
+pub const PROC_LEASE_MS: u64 = 2000;
+
+/// An `agentplane worker` child process.
+pub struct WorkerProc {
+    pub child: Child,
+    pub log: std::path::PathBuf,
+}
+
+impl WorkerProc {
+    pub fn spawn(redis_url: &str, slots: u32, drain_ms: u64, log: &std::path::Path) -> WorkerProc {
+        Self::spawn_with(redis_url, slots, drain_ms, &[], log)
+    }
+
+    pub fn spawn_with(
+        redis_url: &str,
+        slots: u32,
+        drain_ms: u64,
+        extra: &[&str],
+        log: &std::path::Path,
+    ) -> WorkerProc {
+        let log_path = log.to_path_buf();
+        let log = std::fs::File::create(log).unwrap();
+        let child = Command::new(bin())
+            .args(["worker", "--redis", redis_url])
+            .args(["--slots", &slots.to_string()])
+            .args(["--lease-ms", &PROC_LEASE_MS.to_string()])
+            .args(["--drain-ms", &drain_ms.to_string()])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn agentplane worker");
+        WorkerProc {
+            child,
+            log: log_path,
+        }
+    }
+
+    pub fn signal(&self, sig: libc::c_int) {
+        // SAFETY: kill(2) on our own child's pid.
+        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
+        assert_eq!(rc, 0);
+    }
+
+    /// Waits for the process to exit; answers its status.
+    pub fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let t0 = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(t0.elapsed() < within, "worker did not exit in {within:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for WorkerProc {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            // The temp dir goes with the test: show what the worker said.
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let tail: String = log
+                .lines()
+                .rev()
+                .take(40)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("\n");
+            eprintln!("--- {} ---\n{tail}", self.log.display());
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn proc_opts() -> Opts {
+    Opts {
+        worker_slots: None,
+        lease_ms: PROC_LEASE_MS,
+        ..Opts::default()
+    }
+}
+/// Child processes killed when the test ends, even by a failed assertion.
+pub struct KillOnDrop(pub Vec<Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! Attacks on the HTTP edge: see `hostile.rs`.
