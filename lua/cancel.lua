@@ -9,7 +9,7 @@
 local t, jid = ARGV[1], ARGV[2]
 local P = prices(ARGV[3], ARGV[4], ARGV[5])
 if P == nil or KEYS[2] ~= jkey(jid) then return fail('malformed arguments') end
-local J = hgetall(KEYS[2])
+local J = job_meta(KEYS[2])
 if J.tenant ~= t then return { 'not_found' } end
 local now = now_ms()
 local was = J.state

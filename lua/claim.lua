@@ -40,7 +40,7 @@ local function pick()
       if best_v ~= nil and v >= best_v then break end
       local T = hgetall(tkey(g[i]))
       local _, jid = head(g[i], T)
-      if jid and n(hgetall(jkey(jid)), 'gpus') <= gpus_left then
+      if jid and n(job_meta(jkey(jid)), 'gpus') <= gpus_left then
         best, best_v = g[i], v
         break
       end
@@ -54,7 +54,7 @@ while #out < max_n do
   if t == nil then break end
   local T = hgetall(tkey(t))
   local sid, jid = head(t, T)
-  local J = jid and hgetall(jkey(jid)) or nil
+  local J = jid and job_meta(jkey(jid)) or nil
   local ok = J ~= nil and J.state == 'queued'
   if ok then
     local got = redis.call('XREADGROUP', 'GROUP', GROUP, worker, 'COUNT', 1, 'STREAMS', qkey(t), '>')
@@ -106,7 +106,7 @@ while #out < max_n do
       sinline, sptr, sver = A.inline or '', A.ptr or '', n(A, 'version')
       redis.call('HSET', jkey(jid), 'sver', sver)
     end
-    out[#out + 1] = { jid, t, token, attempt, J.component, J.input, J.contexts or '[]', g,
+    out[#out + 1] = { jid, t, token, attempt, J.component, redis.call('HGET', jkey(jid), 'input'), J.contexts or '[]', g,
       fuel, memory, timeout, J.agent_id or '', sinline, sptr, sver }
   end
 end

@@ -29,7 +29,7 @@ if outcome ~= 'ok' and outcome ~= 'failed' and outcome ~= 'cancelled' then retur
 if outcome == 'failed' and not kinds[kind] then return fail('unknown error kind') end
 if smode ~= 'none' and smode ~= 'inline' and smode ~= 'ptr' then return fail('unknown state mode') end
 
-local J = hgetall(KEYS[2])
+local J = job_meta(KEYS[2])
 if J.state ~= 'running' or n(J, 'token') ~= token then return { 'lost' } end
 local t = J.tenant
 local T = hgetall(tkey(t))

@@ -27,6 +27,7 @@ local FENCE = B .. 'fence'
 local DELAYED = B .. 'delayed'
 local LEASES = B .. 'leases'
 local WAKE = B .. 'wake'
+local DONE = B .. 'done'         -- finished jobs by finish time, for RETAIN
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -54,6 +55,24 @@ local function hgetall(key)
   local flat = redis.call('HGETALL', key)
   local h = {}
   for i = 1, #flat, 2 do h[flat[i]] = flat[i + 1] end
+  return h
+end
+
+-- A job hash without its bulky fields. A job's input may be 1 MiB (and its
+-- output and error message large too); HGETALL would copy them into Lua on
+-- every read, so a PROMOTE or CLAIM batch over such jobs held Redis for
+-- seconds. Every other field is read (HKEYS, then HMGET), so a field added
+-- later is never silently missing. CLAIM reads the input once, by itself.
+local BULKY = { input = true, output = true, emsg = true }
+local function job_meta(key)
+  local want = {}
+  for _, f in ipairs(redis.call('HKEYS', key)) do
+    if not BULKY[f] then want[#want + 1] = f end
+  end
+  local h = {}
+  if #want == 0 then return h end
+  local vals = redis.call('HMGET', key, unpack(want))
+  for i, f in ipairs(want) do h[f] = vals[i] end
   return h
 end
 
@@ -117,7 +136,7 @@ local function refresh(t, T, P)
   elseif n(T, 'running') >= n(T, 'max_running') then
     reason = 'max_running'
   else
-    local J = hgetall(jkey(jid))
+    local J = job_meta(jkey(jid))
     local g = n(J, 'gpus')
     local fuel, timeout = effective(J, T)
     local r = reservation(fuel, timeout, g, P)
@@ -229,4 +248,6 @@ end
 local function finish(jid, J, state, now)
   set_state(jid, J, state)
   redis.call('HSET', jkey(jid), 'finished', now)
+  -- RETAIN removes it (with its log and index entries) after the retention.
+  redis.call('ZADD', DONE, now, jid)
 end

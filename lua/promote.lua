@@ -13,7 +13,7 @@ local due = redis.call('ZRANGEBYSCORE', DELAYED, '-inf', now, 'LIMIT', 0, batch)
 local moved = 0
 for _, jid in ipairs(due) do
   redis.call('ZREM', DELAYED, jid)
-  local J = hgetall(jkey(jid))
+  local J = job_meta(jkey(jid))
   if J.state == 'delayed' then
     local T = hgetall(tkey(J.tenant))
     to_ready(jid, J, T)

@@ -22,7 +22,7 @@ local now = now_ms()
 local due = redis.call('ZRANGEBYSCORE', LEASES, '-inf', now, 'LIMIT', 0, batch)
 local reaped = 0
 for _, jid in ipairs(due) do
-  local J = hgetall(jkey(jid))
+  local J = job_meta(jkey(jid))
   if J.state ~= 'running' then
     redis.call('ZREM', LEASES, jid)
   elseif n(J, 'lease_until') <= now then

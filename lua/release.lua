@@ -9,7 +9,7 @@
 local jid, token = ARGV[1], uint(ARGV[2])
 local P = prices(ARGV[3], ARGV[4], ARGV[5])
 if token == nil or P == nil or KEYS[2] ~= jkey(jid) then return fail('malformed arguments') end
-local J = hgetall(KEYS[2])
+local J = job_meta(KEYS[2])
 if J.state ~= 'running' or n(J, 'token') ~= token then return { 'lost' } end
 local t = J.tenant
 local T = hgetall(tkey(t))

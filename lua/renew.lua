@@ -10,7 +10,7 @@ local jid, token, lease = ARGV[1], uint(ARGV[2]), uint(ARGV[3])
 if token == nil or lease == nil or lease == 0 or KEYS[2] ~= jkey(jid) then
   return fail('malformed arguments')
 end
-local J = hgetall(KEYS[2])
+local J = job_meta(KEYS[2])
 if J.state ~= 'running' or n(J, 'token') ~= token then return { 'lost' } end
 if J.cancel == '1' then return { 'cancelled' } end
 local now = now_ms()

@@ -1,4 +1,6 @@
-//! The scheduler: promotes due delayed jobs and reaps expired leases.
+//! The scheduler: promotes due delayed jobs, reaps expired leases and
+//! sweeps what is older than the retention (finished jobs, their logs and
+//! index entries; old ledger entries folded into a checkpoint).
 //!
 //! Both are single atomic control-plane scripts, so any number of schedulers
 //! may run at once (one per `serve`, or dedicated `scheduler` processes):
@@ -36,6 +38,7 @@ pub async fn run_scheduler(
         }
         drain(&control, Step::Promote).await;
         drain(&control, Step::Reap).await;
+        drain(&control, Step::Retain).await;
     }
     tracing::info!("scheduler stopped");
     Ok(())
@@ -45,6 +48,7 @@ pub async fn run_scheduler(
 enum Step {
     Promote,
     Reap,
+    Retain,
 }
 
 impl Step {
@@ -52,6 +56,7 @@ impl Step {
         match self {
             Step::Promote => "promote",
             Step::Reap => "reap",
+            Step::Retain => "retain",
         }
     }
 }
@@ -65,6 +70,7 @@ async fn drain(control: &ControlPlane, step: Step) {
         let moved = match step {
             Step::Promote => control.promote(BATCH).await,
             Step::Reap => control.reap(BATCH).await,
+            Step::Retain => control.retain(BATCH).await,
         };
         match moved {
             Ok(n) => {

@@ -53,6 +53,12 @@ pub enum ApiError {
     /// 503: Redis is unreachable (cause logged, not shown).
     #[error("the control plane is unavailable; retry later")]
     Unavailable,
+    /// 503: Redis is at its `maxmemory`; nothing was written.
+    #[error("the control plane's storage is full; nothing was written; retry later")]
+    StorageFull,
+    /// 413: a per-tenant byte quota would be exceeded (the message names it).
+    #[error("{0}")]
+    QuotaExceeded(String),
     /// 500: anything else (cause logged, not shown).
     #[error("internal error")]
     Internal,
@@ -77,6 +83,8 @@ impl ApiError {
             }
             ApiError::QueueFull => (StatusCode::TOO_MANY_REQUESTS, "queue_full"),
             ApiError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::StorageFull => (StatusCode::SERVICE_UNAVAILABLE, "storage_full"),
+            ApiError::QuotaExceeded(_) => (StatusCode::PAYLOAD_TOO_LARGE, "quota_exceeded"),
             ApiError::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -91,6 +99,11 @@ impl ApiError {
             CpError::InsufficientCredits => ApiError::InsufficientCredits,
             CpError::IdempotencyConflict => ApiError::IdempotencyConflict,
             CpError::Invalid(msg) => ApiError::Invalid(msg),
+            CpError::StorageFull => {
+                tracing::warn!("redis is at its maxmemory; refusing a write");
+                ApiError::StorageFull
+            }
+            CpError::QuotaExceeded(msg) => ApiError::QuotaExceeded(msg),
             CpError::Redis(e) => {
                 tracing::error!(error = %e, "redis error in API request");
                 ApiError::Unavailable

@@ -32,7 +32,7 @@ pub const MAX_CONTEXTS: usize = 32;
 pub const MAX_IDEMPOTENCY_KEY: usize = 255;
 /// `GET /v1/jobs` page sizes.
 pub const DEFAULT_PAGE: usize = 100;
-pub const MAX_PAGE: usize = 10_000;
+pub const MAX_PAGE: usize = crate::control::MAX_PAGE;
 
 fn job_id_ok(id: &str) -> bool {
     !id.is_empty()

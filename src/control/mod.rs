@@ -8,7 +8,10 @@
 
 mod conn;
 pub mod keys;
+mod retain;
 mod scripts;
+
+pub use retain::{LEDGER_FOLD_BATCH, LedgerCheckpoint, Retained};
 
 use crate::model::{ErrorKind, Job, JobError, JobState, Limits, Usage, now_ms, rfc3339_ms};
 use conn::{Conn, Target};
@@ -59,6 +62,10 @@ pub struct ControlConfig {
     pub default_limits: Limits,
     /// Bytes of an attempt's log kept.
     pub log_max_bytes: usize,
+    /// How long finished jobs (with their logs and idempotency keys) and
+    /// ledger entries are kept before the scheduler's sweep removes them
+    /// (ledger entries are folded into the tenant's checkpoint).
+    pub retention_ms: u64,
 }
 
 impl Default for ControlConfig {
@@ -74,6 +81,7 @@ impl Default for ControlConfig {
             state_inline_max: 64 << 10,
             default_limits: Limits::default(),
             log_max_bytes: 128 << 10,
+            retention_ms: 7 * 24 * 3600 * 1000,
         }
     }
 }
@@ -280,10 +288,31 @@ pub enum CpError {
     IdempotencyConflict,
     #[error("invalid argument: {0}")]
     Invalid(String),
+    /// Redis refused a write at its `maxmemory` (OOM). Scripts validate
+    /// before they write and Redis refuses a script's first write, so
+    /// nothing was half-written.
+    #[error("redis is at its maxmemory")]
+    StorageFull,
+    /// A per-tenant byte quota (`max_component_bytes`, `max_context_bytes`,
+    /// `max_state_bytes`) would be exceeded; the message names it.
+    #[error("{0}")]
+    QuotaExceeded(String),
     #[error("redis: {0}")]
-    Redis(#[from] redis::RedisError),
+    Redis(redis::RedisError),
     #[error("internal: {0}")]
     Internal(String),
+}
+
+impl From<redis::RedisError> for CpError {
+    fn from(e: redis::RedisError) -> Self {
+        // `OOM command not allowed when used memory > 'maxmemory'`, also
+        // when raised inside a script (then prefixed by the script's name).
+        if e.code() == Some("OOM") || e.to_string().contains("OOM command not allowed") {
+            CpError::StorageFull
+        } else {
+            CpError::Redis(e)
+        }
+    }
 }
 
 /// Metadata of an uploaded component, per tenant.
@@ -309,6 +338,10 @@ const MAX_STATE_CONFLICTS: u32 = 16;
 /// Tenants with GPU jobs scanned per pick when their jobs need more GPUs
 /// than the worker has free; bounds CLAIM's work under a GPU backlog.
 const GPU_SCAN_WINDOW: u32 = 16;
+
+/// Largest page of `list_jobs` (the API answers 400 above it): a page is
+/// one pipelined read, so its size bounds what one request costs Redis.
+pub const MAX_PAGE: usize = 1_000;
 
 /// Handle to the control plane; cheap to clone.
 #[derive(Clone)]
@@ -728,7 +761,7 @@ impl ControlPlane {
             .arg(spec.fuel.map(|v| v.to_string()).unwrap_or_default())
             .arg(spec.delay_ms)
             .arg(body_hash)
-            .arg(self.cfg.idempotency_ttl_s);
+            .arg(self.idempotency_ttl_s());
         for p in self.prices() {
             inv.arg(p);
         }
@@ -790,12 +823,51 @@ impl ControlPlane {
         })
     }
 
+    /// The fields of a job hash that [`Job`] shows, never the input (up to
+    /// 1 MiB each: a page of whole records was 105 MB for 100 jobs).
+    const JOB_VIEW: [&'static str; 16] = [
+        "tenant",
+        "state",
+        "component",
+        "attempts",
+        "output",
+        "ekind",
+        "emsg",
+        "u_fuel",
+        "u_wall",
+        "u_credits",
+        "created",
+        "started",
+        "finished",
+        "agent_id",
+        "gpus",
+        "max_attempts",
+    ];
+
+    fn view_cmd(&self, tenant: &str, id: &str) -> redis::Cmd {
+        let mut c = redis::cmd("HMGET");
+        c.arg(self.keys.job(tenant, id)).arg(&Self::JOB_VIEW[..]);
+        c
+    }
+
+    fn view_map(vals: Vec<Option<String>>) -> HashMap<String, String> {
+        Self::JOB_VIEW
+            .iter()
+            .zip(vals)
+            .filter_map(|(k, v)| v.map(|v| (k.to_string(), v)))
+            .collect()
+    }
+
     /// The tenant's job `id`; `None` when absent or another tenant's.
     pub async fn job(&self, tenant: &str, id: &str) -> Result<Option<Job>, CpError> {
         if !crate::model::valid_tenant_id(tenant) || ulid::Ulid::from_string(id).is_err() {
             return Ok(None);
         }
-        let h = self.hgetall(&self.keys.job(tenant, id)).await?;
+        let vals: Vec<Option<String>> = self
+            .view_cmd(tenant, id)
+            .query_async(&mut self.conn())
+            .await?;
+        let h = Self::view_map(vals);
         if h.get("tenant").map(String::as_str) != Some(tenant) {
             return Ok(None);
         }
@@ -826,7 +898,7 @@ impl ControlPlane {
         {
             return Err(CpError::Invalid("cursor is not a job id".into()));
         }
-        let limit = limit.clamp(1, 10_000);
+        let limit = limit.clamp(1, MAX_PAGE);
         let index = match state {
             Some(s) => self.keys.jobs_in_state(tenant, s.as_str()),
             None => self.keys.jobs(tenant),
@@ -849,12 +921,13 @@ impl ControlPlane {
         let ids = &ids[..ids.len().min(limit)];
         let mut pipe = redis::pipe();
         for id in ids {
-            pipe.hgetall(self.keys.job(tenant, id));
+            pipe.add_command(self.view_cmd(tenant, id));
         }
         let hashes: Vec<HashMap<String, String>> = if ids.is_empty() {
             Vec::new()
         } else {
-            pipe.query_async(&mut self.conn()).await?
+            let rows: Vec<Vec<Option<String>>> = pipe.query_async(&mut self.conn()).await?;
+            rows.into_iter().map(Self::view_map).collect()
         };
         let jobs: Vec<Job> = ids
             .iter()

@@ -26,3 +26,4 @@ script!(PROMOTE, "promote.lua");
 script!(REAP, "reap.lua");
 script!(RELEASE, "release.lua");
 script!(TENANT, "tenant.lua");
+script!(RETAIN, "retain.lua");

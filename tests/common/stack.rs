@@ -48,6 +48,9 @@ pub struct Opts {
     pub api: ApiConfig,
     /// Run on a Redis Cluster of this many masters, tenants over `shards`.
     pub cluster: Option<(usize, u32)>,
+    /// How long finished jobs and ledger entries are kept (default: the
+    /// control plane's).
+    pub retention_ms: Option<u64>,
 }
 
 impl Default for Opts {
@@ -57,6 +60,7 @@ impl Default for Opts {
             lease_ms: 1500,
             api: ApiConfig::default(),
             cluster: None,
+            retention_ms: None,
         }
     }
 }
@@ -75,10 +79,12 @@ impl Stack {
                 (None, Some(c), url, dir, shards)
             }
         };
+        let d = ControlConfig::default();
         let cfg = ControlConfig {
             lease_ms: opts.lease_ms,
             shards,
-            ..ControlConfig::default()
+            retention_ms: opts.retention_ms.unwrap_or(d.retention_ms),
+            ..d
         };
         let control = ControlPlane::connect(&url, cfg)
             .await

@@ -1,0 +1,109 @@
+//! Retention: finished jobs (with their logs, index entries and
+//! idempotency keys) and ledger entries older than `retention_ms` are
+//! removed by bounded sweeps the scheduler runs (`lua/retain.lua`); the
+//! ledger's folded amounts are kept as a per-tenant checkpoint, so balances
+//! stay exactly equal to checkpoint + remaining entries.
+
+use super::{ControlPlane, CpError, scripts, v_arr, v_i64};
+use redis::Value;
+use serde::Serialize;
+
+/// Ledger entries folded into checkpoints per shard per sweep call: one
+/// `XDEL` takes them all, so this bounds how long the call holds Redis.
+pub const LEDGER_FOLD_BATCH: u32 = 1_000;
+
+/// Sums of the ledger entries folded away, up to stream id `id` (empty when
+/// nothing was folded yet). `granted = grant + Σ grant entries`, likewise
+/// for `settled`; `reserved = (reserve + Σ reserve) − (settle + Σ settle)
+/// − (release + Σ release)`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct LedgerCheckpoint {
+    pub id: String,
+    pub grant: i64,
+    pub reserve: i64,
+    pub settle: i64,
+    pub release: i64,
+}
+
+/// What one sweep over every shard removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Retained {
+    /// Finished jobs removed (with their logs and index entries).
+    pub jobs: u32,
+    /// Ledger entries folded into checkpoints.
+    pub ledger_entries: u32,
+}
+
+impl ControlPlane {
+    /// Removes up to `batch` expired finished jobs per shard and folds old
+    /// ledger entries; answers how many jobs went. A failing shard is
+    /// logged and skipped: the others are still swept.
+    pub async fn retain(&self, batch: u32) -> Result<u32, CpError> {
+        Ok(self.retain_all(batch).await?.jobs)
+    }
+
+    /// [`ControlPlane::retain`] with both counts. Errs only when every
+    /// shard failed.
+    pub async fn retain_all(&self, batch: u32) -> Result<Retained, CpError> {
+        let mut total = Retained::default();
+        let mut last_err = None;
+        let mut ok = false;
+        for shard in 0..self.keys.shards() {
+            let v: Result<Value, _> = scripts::RETAIN
+                .key(self.keys.tag(shard))
+                .arg(batch.max(1))
+                .arg(self.cfg.retention_ms)
+                .arg(LEDGER_FOLD_BATCH)
+                .invoke_async(&mut self.conn())
+                .await;
+            match v {
+                Ok(v) => {
+                    ok = true;
+                    let a = v_arr(&v);
+                    total.jobs += a.first().map(v_i64).unwrap_or(0) as u32;
+                    total.ledger_entries += a.get(1).map(v_i64).unwrap_or(0) as u32;
+                }
+                Err(e) => {
+                    tracing::warn!(shard, error = %e, "retention sweep failed on a shard");
+                    last_err = Some(e);
+                }
+            }
+        }
+        match last_err {
+            Some(e) if !ok => Err(e.into()),
+            _ => Ok(total),
+        }
+    }
+
+    /// The tenant's ledger checkpoint (all zero before the first fold).
+    pub async fn ledger_checkpoint(&self, tenant: &str) -> Result<LedgerCheckpoint, CpError> {
+        let v: Vec<Option<String>> = redis::cmd("HMGET")
+            .arg(self.keys.tenant(tenant))
+            .arg(&["ck_id", "ck_grant", "ck_reserve", "ck_settle", "ck_release"])
+            .query_async(&mut self.conn())
+            .await?;
+        let num = |i: usize| {
+            v.get(i)
+                .cloned()
+                .flatten()
+                .and_then(|s| s.parse::<i64>().ok())
+                .unwrap_or(0)
+        };
+        Ok(LedgerCheckpoint {
+            id: v.first().cloned().flatten().unwrap_or_default(),
+            grant: num(1),
+            reserve: num(2),
+            settle: num(3),
+            release: num(4),
+        })
+    }
+
+    /// The idempotency TTL SUBMIT uses: never longer than the retention, so
+    /// a key never outlives the job it names.
+    pub(super) fn idempotency_ttl_s(&self) -> u64 {
+        self.cfg
+            .idempotency_ttl_s
+            .min(self.cfg.retention_ms.div_ceil(1000))
+            .max(1)
+    }
+}
