@@ -4,7 +4,9 @@
 //! nothing else on the machine can reach it), keeps an append-only file there
 //! (`appendfsync everysec`: a crash loses at most about one second of
 //! acknowledged writes) and is stopped with SIGTERM — which makes Redis flush
-//! the AOF — when `serve` exits.
+//! the AOF — when `serve` exits. It has a `maxmemory` with the `noeviction`
+//! policy: a full Redis refuses writes (answered 503 `storage_full`) instead
+//! of swapping the machine to death or evicting jobs and ledgers.
 
 use anyhow::{Context, bail};
 use std::io::Write;
@@ -30,7 +32,7 @@ pub struct EmbeddedRedis {
 impl EmbeddedRedis {
     /// Starts `redis-server` with its data in `data_dir` and waits until it
     /// answers PING.
-    pub fn start(data_dir: &Path) -> anyhow::Result<EmbeddedRedis> {
+    pub fn start(data_dir: &Path, maxmemory: u64) -> anyhow::Result<EmbeddedRedis> {
         ensure_dir(data_dir)?;
         let data_dir = data_dir
             .canonicalize()
@@ -60,6 +62,8 @@ impl EmbeddedRedis {
             // The AOF is the persistence; periodic RDB snapshots would only
             // add fork pauses.
             .args(["--save", ""])
+            .args(["--maxmemory", &maxmemory.to_string()])
+            .args(["--maxmemory-policy", "noeviction"])
             .arg("--dir")
             .arg(&data_dir)
             .arg("--logfile")
@@ -142,6 +146,34 @@ impl Drop for EmbeddedRedis {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Parses a `maxmemory` in Redis syntax (`1073741824`, `512mb`, `2gb`,
+/// `64kb`; 1024-based, case-insensitive) into bytes. At least 1 MiB: below
+/// that Redis cannot even hold its own bookkeeping.
+pub fn parse_maxmemory(s: &str) -> Result<u64, String> {
+    let t = s.trim().to_ascii_lowercase();
+    let (digits, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => t.split_at(i),
+        None => (t.as_str(), ""),
+    };
+    let mult: u64 = match unit {
+        "" | "b" => 1,
+        "k" | "kb" => 1 << 10,
+        "m" | "mb" => 1 << 20,
+        "g" | "gb" => 1 << 30,
+        _ => return Err(format!("`{s}`: expected bytes or a number with kb, mb or gb")),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("`{s}`: expected bytes or a number with kb, mb or gb"))?;
+    let bytes = n
+        .checked_mul(mult)
+        .ok_or_else(|| format!("`{s}` is too large"))?;
+    if bytes < 1 << 20 {
+        return Err(format!("`{s}` is below the minimum of 1mb"));
+    }
+    Ok(bytes)
 }
 
 /// If we die without stopping it (SIGKILL), the kernel sends the child
@@ -239,12 +271,40 @@ mod tests {
     }
 
     #[test]
+    fn maxmemory_parses_redis_syntax() {
+        assert_eq!(parse_maxmemory("2gb"), Ok(2 << 30));
+        assert_eq!(parse_maxmemory("512MB"), Ok(512 << 20));
+        assert_eq!(parse_maxmemory("1048576"), Ok(1 << 20));
+        for bad in ["", "gb", "12xb", "-1gb", "100", "99999999999999999999gb"] {
+            assert!(parse_maxmemory(bad).is_err(), "{bad}");
+        }
+    }
+
+    /// The embedded server is bounded: maxmemory as given, never evicting.
+    #[test]
+    fn embedded_redis_has_maxmemory_and_noeviction() {
+        use std::io::Read;
+        let dir = tempfile::tempdir().unwrap();
+        let r = EmbeddedRedis::start(dir.path(), 64 << 20).unwrap();
+        let mut s = std::os::unix::net::UnixStream::connect(&r.socket).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        s.write_all(b"CONFIG GET maxmemory*\r\n").unwrap();
+        let mut buf = vec![0u8; 4096];
+        let mut got = String::new();
+        while !(got.contains("67108864") && got.contains("noeviction")) {
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0, "{got}");
+            got.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    }
+
+    #[test]
     fn embedded_redis_starts_persists_and_stops() {
         let dir = tempfile::tempdir().unwrap();
-        let mut r = EmbeddedRedis::start(dir.path()).unwrap();
+        let mut r = EmbeddedRedis::start(dir.path(), 64 << 20).unwrap();
         assert!(ping(&r.socket));
         // A second start on the same dir is refused, not a second server.
-        assert!(EmbeddedRedis::start(dir.path()).is_err());
+        assert!(EmbeddedRedis::start(dir.path(), 64 << 20).is_err());
         r.stop();
         assert!(!ping(&r.socket));
         assert!(dir.path().join("appendonlydir").exists());

@@ -57,6 +57,12 @@ pub struct ControlArgs {
     /// Prefix of every Redis key.
     #[arg(long, default_value = "ap")]
     pub prefix: String,
+    /// Seconds finished jobs (with their logs and idempotency keys) and
+    /// ledger entries are kept; then the scheduler removes them (ledger
+    /// entries are folded into the tenant's checkpoint). Default 7 days.
+    #[arg(long, env = "AGENTPLANE_RETENTION_S", default_value_t = 7 * 24 * 3600,
+          value_parser = clap::value_parser!(u64).range(1..=10 * 365 * 24 * 3600))]
+    pub retention_s: u64,
 }
 
 /// The lease length.
@@ -129,6 +135,12 @@ pub struct ServeArgs {
     pub control: ControlArgs,
     #[command(flatten)]
     pub limits: ApiLimitArgs,
+    /// `maxmemory` of the embedded redis-server (policy `noeviction`: a full
+    /// Redis refuses writes, answered 503 `storage_full`, and never evicts
+    /// jobs or money). Redis syntax: bytes, or with kb/mb/gb.
+    #[arg(long, env = "AGENTPLANE_REDIS_MAXMEMORY", default_value = "2gb",
+          value_parser = crate::embedded::parse_maxmemory)]
+    pub redis_maxmemory: u64,
 }
 
 /// `agentplane worker`.

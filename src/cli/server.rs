@@ -32,6 +32,7 @@ fn control_config(c: &ControlArgs, lease_ms: u64) -> ControlConfig {
         prefix: c.prefix.clone(),
         shards: c.shards,
         lease_ms,
+        retention_ms: c.retention_s.saturating_mul(1000),
         ..ControlConfig::default()
     }
 }
@@ -111,7 +112,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let url = match &args.redis {
         Some(u) => u.clone(),
         None => {
-            let r = EmbeddedRedis::start(&args.data)?;
+            let r = EmbeddedRedis::start(&args.data, args.redis_maxmemory)?;
             tracing::info!(socket = %r.socket.display(), "embedded redis-server started");
             let url = r.url.clone();
             embedded_redis = Some(r);
