@@ -1,6 +1,7 @@
 //! Command-line interface (contract §4): the server parts (`serve`, `worker`,
 //! `api`, `scheduler`) and the client commands over the HTTP API.
 
+mod audit;
 mod bench;
 mod client;
 mod server;
@@ -46,6 +47,9 @@ pub enum Command {
     /// Load generator over the API (admin token): creates tenants, submits
     /// jobs, waits for them, prints rates and latencies as JSON.
     Bench(bench::BenchArgs),
+    /// Checks every control-plane invariant against a live deployment
+    /// (read-only); prints each violation and exits 1 if there is any.
+    Audit(audit::AuditArgs),
 }
 
 /// Control-plane settings every process of one deployment must agree on.
@@ -226,6 +230,7 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Context(c) => client::context(c).await,
             Command::Job(c) => client::job(c).await,
             Command::Bench(a) => bench::bench(a).await,
+            Command::Audit(a) => audit::audit(a).await,
         }
     });
     match result {

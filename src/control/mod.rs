@@ -6,6 +6,7 @@
 //! branch on. The key schema is [`keys::KeySpace`], documented in
 //! `lua/README.md`.
 
+pub mod audit;
 mod conn;
 pub mod keys;
 mod retain;
