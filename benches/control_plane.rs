@@ -57,6 +57,9 @@ async fn populate(cp: &ControlPlane, tenants: usize, jobs: usize) {
                 max_queued: u32::MAX,
                 max_gpus: 0,
                 limits: None,
+                max_component_bytes: None,
+                max_context_bytes: None,
+                max_state_bytes: None,
             },
             "h",
         )

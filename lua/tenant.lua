@@ -5,7 +5,8 @@
 -- ARGV[2]  tenant id
 -- ARGV[3..5] prices (see SUBMIT)
 -- create: ARGV[6] token hash, ARGV[7] initial credits, then field/value pairs
---         (weight, max_running, max_queued, max_gpus, fuel, memory_bytes, timeout_ms)
+--         (weight, max_running, max_queued, max_gpus, fuel, memory_bytes, timeout_ms,
+--         max_component_bytes, max_context_bytes, max_state_bytes)
 -- update: field/value pairs from ARGV[6] (same fields)
 -- grant:  ARGV[6] amount (may be negative)
 -- Returns: create {'ok'} | {'exists'}; update {'ok'} | {'not_found'};
@@ -15,7 +16,8 @@ local op, t = ARGV[1], ARGV[2]
 local P = prices(ARGV[3], ARGV[4], ARGV[5])
 if P == nil or t == '' or KEYS[2] ~= tkey(t) then return fail('malformed arguments') end
 local allowed = { weight = true, max_running = true, max_queued = true, max_gpus = true,
-  fuel = true, memory_bytes = true, timeout_ms = true }
+  fuel = true, memory_bytes = true, timeout_ms = true,
+  max_component_bytes = true, max_context_bytes = true, max_state_bytes = true }
 
 local function pairs_from(i)
   local kv = {}

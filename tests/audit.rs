@@ -53,6 +53,9 @@ fn tenant_spec(id: &str) -> TenantSpec {
         max_queued: 1_000_000,
         max_gpus: 0,
         limits: None,
+        max_component_bytes: None,
+        max_context_bytes: None,
+        max_state_bytes: None,
     }
 }
 

@@ -79,6 +79,9 @@ fn tenant(id: &str, credits: i64) -> TenantSpec {
         max_queued: 1_000_000,
         max_gpus: 0,
         limits: None,
+        max_component_bytes: None,
+        max_context_bytes: None,
+        max_state_bytes: None,
     }
 }
 

@@ -46,6 +46,9 @@ fn tenant_spec(id: &str) -> TenantSpec {
         max_queued: 1_000_000,
         max_gpus: 0,
         limits: None,
+        max_component_bytes: None,
+        max_context_bytes: None,
+        max_state_bytes: None,
     }
 }
 
@@ -469,4 +472,116 @@ async fn redis_bytes_per_finished_job() {
             after.saturating_sub(base) / n as u64,
         );
     }
+}
+
+/// Byte quotas: components, contexts and agent states are charged before
+/// they are stored; over the quota the answer is 413 `quota_exceeded`
+/// naming the quota (a job whose state would not fit fails its attempt with
+/// that message, and no state is written). Admin can raise a quota.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn byte_quotas_refuse_what_does_not_fit() {
+    use common::guests::guest_bytes;
+    use common::stack::ADMIN;
+    let stack = Stack::start(Opts {
+        worker_slots: None,
+        ..Opts::default()
+    })
+    .await;
+    let echo = guest_bytes("echo");
+    let token = stack
+        .tenant_with(
+            "quota",
+            json!({
+                "max_component_bytes": echo.len() + 10,
+                "max_context_bytes": 3_000,
+                "max_state_bytes": 100_000,
+            }),
+        )
+        .await;
+    let upload = |bytes: Vec<u8>| {
+        stack
+            .http
+            .post(format!("{}/v1/components", stack.base))
+            .bearer_auth(&token)
+            .body(bytes)
+            .send()
+    };
+    // Components: the same digest twice is charged once; another one is refused.
+    for _ in 0..2 {
+        let r = upload(echo.clone()).await.unwrap();
+        assert_eq!(r.status(), StatusCode::CREATED);
+    }
+    let r = upload(guest_bytes("counter")).await.unwrap();
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(error_code(&v), "quota_exceeded", "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("max_component_bytes"), "{v}");
+    let info = stack.tenant_info("quota").await;
+    assert_eq!(info["storage"]["component_bytes"], echo.len() as u64, "{info}");
+
+    // Contexts: a replacement is charged by its new size.
+    let ctx = |n: usize| {
+        json!({"name": "docs", "documents": (0..n).map(|i| json!({"id": format!("d{i}"), "text": "lorem ipsum dolor sit amet"})).collect::<Vec<_>>()})
+    };
+    let (st, v) = stack.post("/v1/contexts", &token, ctx(3)).await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let (st, v) = stack.post("/v1/contexts", &token, ctx(200)).await;
+    assert_eq!(st, StatusCode::PAYLOAD_TOO_LARGE, "{v}");
+    assert_eq!(error_code(&v), "quota_exceeded");
+    assert!(v["error"]["message"].as_str().unwrap().contains("max_context_bytes"), "{v}");
+    let (st, v) = stack.get("/v1/contexts/docs", &token).await;
+    assert_eq!((st, v["documents"].as_u64()), (StatusCode::OK, Some(3)), "{v}");
+
+    // Agent states, all agents together.
+    let cp = ControlPlane::connect(&stack.url, ControlConfig::default())
+        .await
+        .unwrap();
+    let run = |agent: &'static str, state_len: usize| {
+        let cp = cp.clone();
+        async move {
+            let mut s = spec("x".into(), 0, None);
+            s.agent_id = Some(agent.into());
+            let id = cp.submit("quota", &s).await.unwrap().id;
+            let claim = cp.claim("w", 1, 0).await.unwrap().pop().unwrap();
+            assert_eq!(claim.lease.job_id, id);
+            let mut f = ok_finish("");
+            f.new_state = Some(vec![b'q'; state_len]);
+            (id, cp.finalize(&claim.lease, &f).await.unwrap())
+        }
+    };
+    let (_, r) = run("a", 60_000).await;
+    assert_eq!(r, agentplane::control::Finalized::Succeeded);
+    let (id, r) = run("b", 60_000).await;
+    assert!(
+        matches!(r, agentplane::control::Finalized::Retrying { .. }),
+        "{r:?}"
+    );
+    let job = cp.job("quota", &id).await.unwrap().unwrap();
+    let err = job.error.unwrap();
+    assert_eq!(err.kind.as_str(), "agent_error");
+    assert!(err.message.contains("quota_exceeded") && err.message.contains("max_state_bytes"), "{}", err.message);
+    let mut c = raw(&stack.url).await;
+    assert!(!c.exists::<_, bool>(cp.keys().agent("quota", "b")).await.unwrap(), "state written over quota");
+    cp.cancel("quota", &id).await.unwrap();
+    // A smaller state for `a` gives bytes back; then `b` fits.
+    let (_, r) = run("a", 10_000).await;
+    assert_eq!(r, agentplane::control::Finalized::Succeeded);
+    let (_, r) = run("b", 60_000).await;
+    assert_eq!(r, agentplane::control::Finalized::Succeeded);
+    let info = stack.tenant_info("quota").await;
+    assert_eq!(info["storage"]["state_bytes"], 70_000, "{info}");
+    // The admin raises the component quota; the upload goes through.
+    let (st, v) = stack
+        .call(
+            reqwest::Method::PATCH,
+            "/v1/tenants/quota",
+            Some(ADMIN),
+            Some(json!({"max_component_bytes": 64u64 << 20})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v["storage"]["max_component_bytes"], 64u64 << 20);
+    let r = upload(guest_bytes("counter")).await.unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    stack.stop().await;
 }

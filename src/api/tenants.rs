@@ -22,8 +22,20 @@ const SPEC_KEYS: &[&str] = &[
     "max_queued",
     "max_gpus",
     "limits",
+    "max_component_bytes",
+    "max_context_bytes",
+    "max_state_bytes",
 ];
-const PATCH_KEYS: &[&str] = &["weight", "max_running", "max_queued", "max_gpus", "limits"];
+const PATCH_KEYS: &[&str] = &[
+    "weight",
+    "max_running",
+    "max_queued",
+    "max_gpus",
+    "limits",
+    "max_component_bytes",
+    "max_context_bytes",
+    "max_state_bytes",
+];
 const LIMIT_KEYS: &[&str] = &["fuel", "memory_bytes", "timeout_ms"];
 
 /// Reads an admin route's JSON object body (bounded, with the idle

@@ -9,9 +9,13 @@
 pub mod audit;
 mod conn;
 pub mod keys;
+mod quota;
 mod retain;
 mod scripts;
 
+pub use quota::{
+    DEFAULT_MAX_COMPONENT_BYTES, DEFAULT_MAX_CONTEXT_BYTES, DEFAULT_MAX_STATE_BYTES, Stored,
+};
 pub use retain::{LEDGER_FOLD_BATCH, LedgerCheckpoint, Retained};
 
 use crate::model::{ErrorKind, Job, JobError, JobState, Limits, Usage, now_ms, rfc3339_ms};
@@ -103,6 +107,16 @@ pub struct TenantSpec {
     pub max_gpus: u32,
     #[serde(default)]
     pub limits: Option<LimitsPatch>,
+    /// Bytes of components the tenant may store (default 1 GiB).
+    #[serde(default)]
+    pub max_component_bytes: Option<u64>,
+    /// Bytes of contexts the tenant may store (default 4 GiB).
+    #[serde(default)]
+    pub max_context_bytes: Option<u64>,
+    /// Bytes of agent state the tenant may store, all agents together
+    /// (default 1 GiB).
+    #[serde(default)]
+    pub max_state_bytes: Option<u64>,
 }
 
 fn one() -> u32 {
@@ -128,6 +142,9 @@ pub struct TenantPatch {
     pub max_queued: Option<u32>,
     pub max_gpus: Option<u32>,
     pub limits: Option<LimitsPatch>,
+    pub max_component_bytes: Option<u64>,
+    pub max_context_bytes: Option<u64>,
+    pub max_state_bytes: Option<u64>,
 }
 
 /// `{"balance","reserved"}`.
@@ -154,6 +171,19 @@ pub struct TenantInfo {
     pub granted: i64,
     /// Sum of all settled attempt costs.
     pub settled: i64,
+    /// Byte quotas and what is stored against them.
+    pub storage: Storage,
+}
+
+/// A tenant's byte quotas and usage (`GET /v1/tenants/{id}` `storage`).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Storage {
+    pub max_component_bytes: u64,
+    pub max_context_bytes: u64,
+    pub max_state_bytes: u64,
+    pub component_bytes: u64,
+    pub context_bytes: u64,
+    pub state_bytes: u64,
 }
 
 /// `POST /v1/jobs` body (contract §3 "Job request").
@@ -529,6 +559,19 @@ impl ControlPlane {
             ("max_running".into(), spec.max_running as u64),
             ("max_queued".into(), spec.max_queued as u64),
             ("max_gpus".into(), spec.max_gpus as u64),
+            (
+                "max_component_bytes".into(),
+                spec.max_component_bytes
+                    .unwrap_or(DEFAULT_MAX_COMPONENT_BYTES),
+            ),
+            (
+                "max_context_bytes".into(),
+                spec.max_context_bytes.unwrap_or(DEFAULT_MAX_CONTEXT_BYTES),
+            ),
+            (
+                "max_state_bytes".into(),
+                spec.max_state_bytes.unwrap_or(DEFAULT_MAX_STATE_BYTES),
+            ),
             ("fuel".into(), d.fuel),
             ("memory_bytes".into(), d.memory_bytes),
             ("timeout_ms".into(), d.timeout_ms),
@@ -560,6 +603,15 @@ impl ControlPlane {
         ] {
             if let Some(v) = v {
                 fields.push((k.into(), v as u64));
+            }
+        }
+        for (k, v) in [
+            ("max_component_bytes", patch.max_component_bytes),
+            ("max_context_bytes", patch.max_context_bytes),
+            ("max_state_bytes", patch.max_state_bytes),
+        ] {
+            if let Some(v) = v {
+                fields.push((k.into(), v));
             }
         }
         Self::tenant_fields(patch.limits.as_ref(), &mut fields);
@@ -624,6 +676,24 @@ impl ControlPlane {
             gpus_in_use: num(&h, "gpus") as u32,
             granted,
             settled,
+            storage: Storage {
+                max_component_bytes: h
+                    .get("max_component_bytes")
+                    .map_or(DEFAULT_MAX_COMPONENT_BYTES, |_| {
+                        num(&h, "max_component_bytes") as u64
+                    }),
+                max_context_bytes: h
+                    .get("max_context_bytes")
+                    .map_or(DEFAULT_MAX_CONTEXT_BYTES, |_| {
+                        num(&h, "max_context_bytes") as u64
+                    }),
+                max_state_bytes: h
+                    .get("max_state_bytes")
+                    .map_or(DEFAULT_MAX_STATE_BYTES, |_| num(&h, "max_state_bytes") as u64),
+                component_bytes: num(&h, "component_bytes") as u64,
+                context_bytes: num(&h, "context_bytes") as u64,
+                state_bytes: num(&h, "state_bytes") as u64,
+            },
         }))
     }
 
@@ -643,6 +713,9 @@ impl ControlPlane {
         digest: &str,
         bytes: &[u8],
     ) -> Result<ComponentMeta, CpError> {
+        // The quota first: a refused upload writes nothing.
+        self.charge_bytes(tenant, Stored::Component, digest, bytes.len() as u64)
+            .await?;
         let mut c = self.conn();
         // The blob first: metadata must never point at missing bytes.
         let blob = self.keys.blob("comp", digest);
@@ -691,6 +764,8 @@ impl ControlPlane {
         meta: &ContextMeta,
         bytes: &[u8],
     ) -> Result<(), CpError> {
+        self.charge_bytes(tenant, Stored::Context, &meta.name, bytes.len() as u64)
+            .await?;
         let mut c = self.conn();
         let _: () = c.set(self.keys.blob("ctx", &meta.digest), bytes).await?;
         let _: () = c
@@ -1077,6 +1152,9 @@ impl ControlPlane {
     }
 
     pub async fn finalize(&self, lease: &Lease, finish: &Finish) -> Result<Finalized, CpError> {
+        // Over `max_state_bytes`, the attempt fails and no state is written.
+        let over_quota = self.charge_state(lease, finish).await?;
+        let finish = over_quota.as_ref().unwrap_or(finish);
         let (outcome, kind, text) = match &finish.outcome {
             AttemptOutcome::Succeeded { output } => ("ok", "", output.as_str()),
             AttemptOutcome::Failed { kind, message } => ("failed", kind.as_str(), message.as_str()),

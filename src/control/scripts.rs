@@ -27,3 +27,4 @@ script!(REAP, "reap.lua");
 script!(RELEASE, "release.lua");
 script!(TENANT, "tenant.lua");
 script!(RETAIN, "retain.lua");
+script!(USAGE, "usage.lua");

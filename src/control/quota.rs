@@ -1,0 +1,116 @@
+//! Per-tenant byte quotas on what a tenant stores: component uploads
+//! (`max_component_bytes`), context uploads (`max_context_bytes`) and agent
+//! states (`max_state_bytes`). Each is charged by `lua/usage.lua` before the
+//! bytes are written, so a refused upload writes nothing.
+
+use super::{AttemptOutcome, ControlPlane, CpError, Finish, Lease, scripts, status, v_i64};
+use crate::model::ErrorKind;
+use redis::{AsyncCommands, Value};
+
+/// Default `max_component_bytes` of a tenant (1 GiB).
+pub const DEFAULT_MAX_COMPONENT_BYTES: u64 = 1 << 30;
+/// Default `max_context_bytes` of a tenant (4 GiB).
+pub const DEFAULT_MAX_CONTEXT_BYTES: u64 = 4 << 30;
+/// Default `max_state_bytes` of a tenant (1 GiB, all its agents together).
+pub const DEFAULT_MAX_STATE_BYTES: u64 = 1 << 30;
+
+/// What a byte quota counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    Component,
+    Context,
+    State,
+}
+
+impl Stored {
+    fn kind(self) -> &'static str {
+        match self {
+            Stored::Component => "component",
+            Stored::Context => "context",
+            Stored::State => "state",
+        }
+    }
+
+    fn default_quota(self) -> u64 {
+        match self {
+            Stored::Component => DEFAULT_MAX_COMPONENT_BYTES,
+            Stored::Context => DEFAULT_MAX_CONTEXT_BYTES,
+            Stored::State => DEFAULT_MAX_STATE_BYTES,
+        }
+    }
+}
+
+impl ControlPlane {
+    /// Charges `size` bytes of `item` to the tenant's quota for `what`;
+    /// `QuotaExceeded` (naming the quota) when it does not fit.
+    pub async fn charge_bytes(
+        &self,
+        tenant: &str,
+        what: Stored,
+        item: &str,
+        size: u64,
+    ) -> Result<(), CpError> {
+        let v: Value = scripts::USAGE
+            .key(self.keys.tenant_tag(tenant))
+            .key(self.keys.tenant(tenant))
+            .arg(tenant)
+            .arg(what.kind())
+            .arg(item)
+            .arg(size)
+            .arg(what.default_quota())
+            .invoke_async(&mut self.conn())
+            .await?;
+        let (s, rest) = status(&v);
+        let n = |i: usize| rest.get(i).map(v_i64).unwrap_or(0);
+        match s.as_str() {
+            "ok" => Ok(()),
+            "no_tenant" => Err(CpError::NotFound),
+            "quota" => Err(CpError::QuotaExceeded(format!(
+                "quota `max_{}_bytes` exceeded: the tenant's limit is {} bytes, {} are in use \
+                 and this needs {} more",
+                what.kind(),
+                n(0),
+                n(1),
+                n(2)
+            ))),
+            other => Err(CpError::Internal(format!("USAGE answered {other}"))),
+        }
+    }
+
+    /// Before FINALIZE commits a new agent state: charges it to
+    /// `max_state_bytes`. Over the quota, the attempt fails instead
+    /// (`agent_error`, retried: the tenant's other agents may shrink) and
+    /// the state is not written.
+    pub(super) async fn charge_state(
+        &self,
+        lease: &Lease,
+        finish: &Finish,
+    ) -> Result<Option<Finish>, CpError> {
+        let (Some(state), AttemptOutcome::Succeeded { .. }) = (&finish.new_state, &finish.outcome)
+        else {
+            return Ok(None);
+        };
+        let agent: Option<String> = self
+            .conn()
+            .hget(self.keys.job(&lease.tenant, &lease.job_id), "agent_id")
+            .await?;
+        let Some(agent) = agent.filter(|a| !a.is_empty()) else {
+            return Ok(None);
+        };
+        match self
+            .charge_bytes(&lease.tenant, Stored::State, &agent, state.len() as u64)
+            .await
+        {
+            Ok(()) => Ok(None),
+            Err(CpError::QuotaExceeded(msg)) => Ok(Some(Finish {
+                outcome: AttemptOutcome::Failed {
+                    kind: ErrorKind::AgentError,
+                    message: format!("quota_exceeded: the agent state was not saved: {msg}"),
+                },
+                new_state: None,
+                ..finish.clone()
+            })),
+            Err(e) => Err(e),
+        }
+    }
+}
