@@ -10,7 +10,8 @@ mod common;
 
 use agentplane::api::ApiConfig;
 use agentplane::control::{
-    AttemptOutcome, ControlConfig, ControlPlane, Finish, LedgerCheckpoint, SubmitSpec, TenantSpec,
+    AttemptOutcome, ControlConfig, ControlPlane, Finish, ITEM_OVERHEAD_BYTES, LedgerCheckpoint,
+    SubmitSpec, TenantSpec,
 };
 use common::redis::RedisServer;
 use common::stack::{Opts, Stack, error_code};
@@ -492,7 +493,7 @@ async fn byte_quotas_refuse_what_does_not_fit() {
         .tenant_with(
             "quota",
             json!({
-                "max_component_bytes": echo.len() + 10,
+                "max_component_bytes": echo.len() as u64 + ITEM_OVERHEAD_BYTES + 10,
                 "max_context_bytes": 3_000,
                 "max_state_bytes": 100_000,
             }),
@@ -517,7 +518,11 @@ async fn byte_quotas_refuse_what_does_not_fit() {
     assert_eq!(error_code(&v), "quota_exceeded", "{v}");
     assert!(v["error"]["message"].as_str().unwrap().contains("max_component_bytes"), "{v}");
     let info = stack.tenant_info("quota").await;
-    assert_eq!(info["storage"]["component_bytes"], echo.len() as u64, "{info}");
+    assert_eq!(
+        info["storage"]["component_bytes"],
+        echo.len() as u64 + ITEM_OVERHEAD_BYTES,
+        "{info}"
+    );
 
     // Contexts: a replacement is charged by its new size.
     let ctx = |n: usize| {
@@ -569,7 +574,23 @@ async fn byte_quotas_refuse_what_does_not_fit() {
     let (_, r) = run("b", 60_000).await;
     assert_eq!(r, agentplane::control::Finalized::Succeeded);
     let info = stack.tenant_info("quota").await;
-    assert_eq!(info["storage"]["state_bytes"], 70_000, "{info}");
+    assert_eq!(
+        info["storage"]["state_bytes"],
+        70_000 + 2 * ITEM_OVERHEAD_BYTES,
+        "{info}"
+    );
+    // Many tiny states cannot hide inside the quota: each costs its overhead.
+    let mut refused = false;
+    for i in 0..200 {
+        let agent: &'static str = Box::leak(format!("tiny{i}").into_boxed_str());
+        let (id, r) = run(agent, 0).await;
+        if r != agentplane::control::Finalized::Succeeded {
+            refused = true;
+            cp.cancel("quota", &id).await.unwrap();
+            break;
+        }
+    }
+    assert!(refused, "200 empty states fit in 30 KB of quota");
     // The admin raises the component quota; the upload goes through.
     let (st, v) = stack
         .call(

@@ -14,7 +14,8 @@ mod retain;
 mod scripts;
 
 pub use quota::{
-    DEFAULT_MAX_COMPONENT_BYTES, DEFAULT_MAX_CONTEXT_BYTES, DEFAULT_MAX_STATE_BYTES, Stored,
+    DEFAULT_MAX_COMPONENT_BYTES, DEFAULT_MAX_CONTEXT_BYTES, DEFAULT_MAX_STATE_BYTES,
+    ITEM_OVERHEAD_BYTES, Stored,
 };
 pub use retain::{LEDGER_FOLD_BATCH, LedgerCheckpoint, Retained};
 

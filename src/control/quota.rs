@@ -14,6 +14,11 @@ pub const DEFAULT_MAX_CONTEXT_BYTES: u64 = 4 << 30;
 /// Default `max_state_bytes` of a tenant (1 GiB, all its agents together).
 pub const DEFAULT_MAX_STATE_BYTES: u64 = 1 << 30;
 
+/// Charged per stored item on top of its size: the metadata, usage entry
+/// and agent hash each item costs Redis. Without it a tenant could store
+/// millions of empty states (one per agent id) inside any byte quota.
+pub const ITEM_OVERHEAD_BYTES: u64 = 256;
+
 /// What a byte quota counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stored {
@@ -41,8 +46,9 @@ impl Stored {
 }
 
 impl ControlPlane {
-    /// Charges `size` bytes of `item` to the tenant's quota for `what`;
-    /// `QuotaExceeded` (naming the quota) when it does not fit.
+    /// Charges `size` bytes of `item` (plus [`ITEM_OVERHEAD_BYTES`]) to the
+    /// tenant's quota for `what`; `QuotaExceeded` (naming the quota) when it
+    /// does not fit.
     pub async fn charge_bytes(
         &self,
         tenant: &str,
@@ -56,7 +62,7 @@ impl ControlPlane {
             .arg(tenant)
             .arg(what.kind())
             .arg(item)
-            .arg(size)
+            .arg(size.saturating_add(ITEM_OVERHEAD_BYTES))
             .arg(what.default_quota())
             .invoke_async(&mut self.conn())
             .await?;
