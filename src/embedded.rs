@@ -162,7 +162,11 @@ pub fn parse_maxmemory(s: &str) -> Result<u64, String> {
         "k" | "kb" => 1 << 10,
         "m" | "mb" => 1 << 20,
         "g" | "gb" => 1 << 30,
-        _ => return Err(format!("`{s}`: expected bytes or a number with kb, mb or gb")),
+        _ => {
+            return Err(format!(
+                "`{s}`: expected bytes or a number with kb, mb or gb"
+            ));
+        }
     };
     let n: u64 = digits
         .parse()

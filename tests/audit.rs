@@ -25,7 +25,14 @@ fn audit(url: &str, shards: u32) -> (i32, String) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     (
         out.status.code().unwrap_or(-1),
-        format!("{stdout}{}", if stderr.is_empty() { String::new() } else { format!("\n[stderr] {stderr}") }),
+        format!(
+            "{stdout}{}",
+            if stderr.is_empty() {
+                String::new()
+            } else {
+                format!("\n[stderr] {stderr}")
+            }
+        ),
     )
 }
 
@@ -92,19 +99,28 @@ async fn a_clean_deployment_audits_clean_and_each_corruption_is_named() {
     for i in 0..6 {
         ids.push(
             stack
-                .submit(&token, json!({"component": digest, "input": format!("hello {i}")}))
+                .submit(
+                    &token,
+                    json!({"component": digest, "input": format!("hello {i}")}),
+                )
                 .await,
         );
     }
     for _ in 0..3 {
         ids.push(
             stack
-                .submit(&token, json!({"component": counter, "input": "", "agent_id": "tally"}))
+                .submit(
+                    &token,
+                    json!({"component": counter, "input": "", "agent_id": "tally"}),
+                )
                 .await,
         );
     }
     let cancel_me = stack
-        .submit(&token, json!({"component": digest, "input": "late", "delay_ms": 60_000}))
+        .submit(
+            &token,
+            json!({"component": digest, "input": "late", "delay_ms": 60_000}),
+        )
         .await;
     let (st, _) = stack
         .post(&format!("/v1/jobs/{cancel_me}/cancel"), &token, json!({}))
@@ -135,9 +151,12 @@ async fn a_clean_deployment_audits_clean_and_each_corruption_is_named() {
     }
     cp.submit("holder", &spec(Some("big"))).await.unwrap();
     let claim = cp.claim("test-worker", 1, 0).await.unwrap().pop().unwrap();
-    cp.finalize(&claim.lease, &finish_with_state(Some(vec![b's'; 100 << 10])))
-        .await
-        .unwrap();
+    cp.finalize(
+        &claim.lease,
+        &finish_with_state(Some(vec![b's'; 100 << 10])),
+    )
+    .await
+    .unwrap();
     let held = cp.submit("holder", &spec(None)).await.unwrap().id;
     let running = cp.claim("test-worker", 1, 0).await.unwrap().pop().unwrap();
     assert_eq!(running.lease.job_id, held);
@@ -145,7 +164,10 @@ async fn a_clean_deployment_audits_clean_and_each_corruption_is_named() {
 
     let (code, out) = audit(&stack.url, 1);
     assert_eq!(code, 0, "a clean deployment must audit clean:\n{out}");
-    assert!(out.contains("clean") && out.contains("3 tenant(s)"), "{out}");
+    assert!(
+        out.contains("clean") && out.contains("3 tenant(s)"),
+        "{out}"
+    );
 
     // Corrupt Redis in distinct ways.
     let ks = cp.keys().clone();
@@ -153,7 +175,10 @@ async fn a_clean_deployment_audits_clean_and_each_corruption_is_named() {
     // 1. money: settled moves without a ledger entry.
     let _: i64 = c.hincr(ks.tenant("acme"), "settled", 7).await.unwrap();
     // 2. a succeeded job also in the failed index.
-    let _: i64 = c.zadd(ks.jobs_in_state("acme", "failed"), &ids[0], 0).await.unwrap();
+    let _: i64 = c
+        .zadd(ks.jobs_in_state("acme", "failed"), &ids[0], 0)
+        .await
+        .unwrap();
     // 3. a counter off by one.
     let _: i64 = c.hincr(ks.tenant("acme"), "queued", 1).await.unwrap();
     // 4. the running job loses its lease and its PEL entry.
@@ -168,15 +193,24 @@ async fn a_clean_deployment_audits_clean_and_each_corruption_is_named() {
         .await
         .unwrap();
     // 5. the running job's reservation disagrees with the tenant's.
-    let _: () = c.hset(ks.job("holder", &held), "reserved", 1).await.unwrap();
+    let _: () = c
+        .hset(ks.job("holder", &held), "reserved", 1)
+        .await
+        .unwrap();
     // 6. an eligible tenant is parked.
-    let _: i64 = c.zrem(format!("{}:act:cpu", ks.tenant_tag("idle")), "idle").await.unwrap();
+    let _: i64 = c
+        .zrem(format!("{}:act:cpu", ks.tenant_tag("idle")), "idle")
+        .await
+        .unwrap();
     // 7. an agent's state blob is gone.
     let ptr: String = c.hget(ks.agent("holder", "big"), "ptr").await.unwrap();
     assert!(!ptr.is_empty(), "a 100 KiB state lives in a blob");
     let blob = agentplane::control::audit::state_blob_key(&cp, "holder", "big", &ptr);
     let gone: i64 = c.del(&blob).await.unwrap();
-    assert_eq!(gone, 1, "the blob the audit looks for is where FINALIZE put it");
+    assert_eq!(
+        gone, 1,
+        "the blob the audit looks for is where FINALIZE put it"
+    );
     let (code, out) = audit(&stack.url, 1);
     eprintln!("{out}");
     assert_eq!(code, 1, "{out}");
@@ -218,7 +252,10 @@ async fn audit_sees_every_shard_of_a_cluster() {
     let mut tenants = Vec::new();
     for i in 0.. {
         let t = format!("t{i}");
-        if tenants.iter().any(|u: &String| cp.keys().shard_of(u) == cp.keys().shard_of(&t)) {
+        if tenants
+            .iter()
+            .any(|u: &String| cp.keys().shard_of(u) == cp.keys().shard_of(&t))
+        {
             continue;
         }
         cp.create_tenant(&tenant_spec(&t), "h").await.unwrap();
@@ -230,14 +267,20 @@ async fn audit_sees_every_shard_of_a_cluster() {
     }
     for _ in 0..shards {
         let c = cp.claim("w", 1, 0).await.unwrap().pop().unwrap();
-        cp.finalize(&c.lease, &finish_with_state(None)).await.unwrap();
+        cp.finalize(&c.lease, &finish_with_state(None))
+            .await
+            .unwrap();
     }
     let (code, out) = audit(&cluster.url, shards);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains(&format!("{shards} tenant(s)")), "{out}");
     // Corrupt every tenant's running counter: each shard must be seen.
     let client = redis::cluster::ClusterClient::new(
-        cluster.ports.iter().map(|p| format!("redis://127.0.0.1:{p}")).collect::<Vec<_>>(),
+        cluster
+            .ports
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect::<Vec<_>>(),
     )
     .unwrap();
     let mut c = client.get_async_connection().await.unwrap();
@@ -248,8 +291,9 @@ async fn audit_sees_every_shard_of_a_cluster() {
     assert_eq!(code, 1, "{out}");
     for t in &tenants {
         assert!(
-            out.lines().any(|l| l.starts_with("VIOLATION counter_mismatch:")
-                && l.contains(&format!("tenant {t}: running"))),
+            out.lines()
+                .any(|l| l.starts_with("VIOLATION counter_mismatch:")
+                    && l.contains(&format!("tenant {t}: running"))),
             "tenant {t} not audited:\n{out}"
         );
     }

@@ -74,7 +74,11 @@ async fn raw(url: &str) -> redis::aio::MultiplexedConnection {
 }
 
 async fn info_field(c: &mut redis::aio::MultiplexedConnection, section: &str, field: &str) -> u64 {
-    let info: String = redis::cmd("INFO").arg(section).query_async(c).await.unwrap();
+    let info: String = redis::cmd("INFO")
+        .arg(section)
+        .query_async(c)
+        .await
+        .unwrap();
     info.lines()
         .find_map(|l| l.strip_prefix(&format!("{field}:")))
         .and_then(|v| v.trim().parse().ok())
@@ -111,7 +115,11 @@ async fn assert_ledger_exact(cp: &ControlPlane, t: &str) -> (LedgerCheckpoint, u
     let s = ledger_sums(cp, t).await;
     let g = |k: &str| s.get(k).copied().unwrap_or(0);
     assert_eq!(info.granted, ck.grant + g("grant"), "granted {ck:?} {s:?}");
-    assert_eq!(info.settled, ck.settle + g("settle"), "settled {ck:?} {s:?}");
+    assert_eq!(
+        info.settled,
+        ck.settle + g("settle"),
+        "settled {ck:?} {s:?}"
+    );
     assert_eq!(
         info.credits.reserved,
         (ck.reserve + g("reserve")) - (ck.settle + g("settle")) - (ck.release + g("release")),
@@ -188,8 +196,14 @@ async fn retention_removes_finished_jobs_logs_keys_and_old_ledger_entries() {
     let all: Vec<String> = c.zrange(ks.jobs(t), 0, -1).await.unwrap();
     assert_eq!(all, vec![live.clone()], "jobs:{t} keeps only the live job");
     for i in 0..6 {
-        let key = ks.idempotency(t, &agentplane::control::sha256_hex(format!("k{i}").as_bytes()));
-        assert!(!c.exists::<_, bool>(&key).await.unwrap(), "idempotency key k{i} kept");
+        let key = ks.idempotency(
+            t,
+            &agentplane::control::sha256_hex(format!("k{i}").as_bytes()),
+        );
+        assert!(
+            !c.exists::<_, bool>(&key).await.unwrap(),
+            "idempotency key k{i} kept"
+        );
     }
     // The live job is untouched and still runs.
     assert!(cp.job(t, &live).await.unwrap().is_some());
@@ -262,7 +276,9 @@ async fn listing_reads_no_inputs_and_pages_are_capped() {
         .unwrap();
     let big = "x".repeat(1 << 20);
     for _ in 0..20 {
-        cp.submit("lister", &spec(big.clone(), 0, None)).await.unwrap();
+        cp.submit("lister", &spec(big.clone(), 0, None))
+            .await
+            .unwrap();
     }
     let mut c = raw(&stack.url).await;
     let before = info_field(&mut c, "stats", "total_net_output_bytes").await;
@@ -277,7 +293,10 @@ async fn listing_reads_no_inputs_and_pages_are_capped() {
     let (st, v) = stack.get("/v1/jobs?limit=1001", &token).await;
     assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
     assert_eq!(error_code(&v), "invalid_request");
-    assert!(v["error"]["message"].as_str().unwrap().contains("1000"), "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("1000"),
+        "{v}"
+    );
     stack.stop().await;
 }
 
@@ -319,7 +338,10 @@ async fn scripts_do_not_copy_job_inputs() {
         }
         usec.push(evalsha_usec(&mut c).await);
     }
-    eprintln!("promote+cancel of {n} heads: small inputs {} us, 1 MiB inputs {} us", usec[0], usec[1]);
+    eprintln!(
+        "promote+cancel of {n} heads: small inputs {} us, 1 MiB inputs {} us",
+        usec[0], usec[1]
+    );
     assert!(
         usec[1] < usec[0] * 4 + 20_000,
         "1 MiB inputs made the scripts {}x slower ({} us vs {} us): they copy the inputs",
@@ -330,7 +352,11 @@ async fn scripts_do_not_copy_job_inputs() {
     // CLAIM still hands the input over, once.
     let claims = cp.claim("w", 2, 0).await.unwrap();
     assert_eq!(claims.len(), 2);
-    assert!(claims.iter().all(|cl| cl.input.len() == 16 || cl.input.len() == 1 << 20));
+    assert!(
+        claims
+            .iter()
+            .all(|cl| cl.input.len() == 16 || cl.input.len() == 1 << 20)
+    );
 }
 
 /// A full Redis (maxmemory, noeviction) is answered with 503 `storage_full`
@@ -395,7 +421,10 @@ async fn a_full_redis_is_a_clear_503_and_writes_nothing() {
     let ks = cp.keys().clone();
     let ids: Vec<String> = c.zrange(ks.jobs("filler"), 0, -1).await.unwrap();
     assert_eq!(ids.len(), created.len());
-    let queued: Vec<String> = c.zrange(ks.jobs_in_state("filler", "queued"), 0, -1).await.unwrap();
+    let queued: Vec<String> = c
+        .zrange(ks.jobs_in_state("filler", "queued"), 0, -1)
+        .await
+        .unwrap();
     assert_eq!(queued.len(), created.len());
     let info = cp.tenant("filler").await.unwrap().unwrap();
     assert_eq!(info.queued as usize, created.len());
@@ -415,7 +444,11 @@ async fn a_full_redis_is_a_clear_503_and_writes_nothing() {
         .await
         .unwrap();
     let (st, v) = stack
-        .post("/v1/jobs", &token, json!({"component": FAKE_DIGEST, "input": input}))
+        .post(
+            "/v1/jobs",
+            &token,
+            json!({"component": FAKE_DIGEST, "input": input}),
+        )
         .await;
     assert_eq!(st, StatusCode::CREATED, "{v}");
     let info = cp.tenant("filler").await.unwrap().unwrap();
@@ -464,7 +497,12 @@ async fn redis_bytes_per_finished_job() {
         }
         drop(it);
         for k in keys {
-            let m: u64 = redis::cmd("MEMORY").arg("USAGE").arg(&k).query_async(&mut c).await.unwrap_or(0);
+            let m: u64 = redis::cmd("MEMORY")
+                .arg("USAGE")
+                .arg(&k)
+                .query_async(&mut c)
+                .await
+                .unwrap_or(0);
             println!("  left: {k} {m} bytes");
         }
         println!(
@@ -516,7 +554,13 @@ async fn byte_quotas_refuse_what_does_not_fit() {
     assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(error_code(&v), "quota_exceeded", "{v}");
-    assert!(v["error"]["message"].as_str().unwrap().contains("max_component_bytes"), "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_component_bytes"),
+        "{v}"
+    );
     let info = stack.tenant_info("quota").await;
     assert_eq!(
         info["storage"]["component_bytes"],
@@ -525,17 +569,25 @@ async fn byte_quotas_refuse_what_does_not_fit() {
     );
 
     // Contexts: a replacement is charged by its new size.
-    let ctx = |n: usize| {
-        json!({"name": "docs", "documents": (0..n).map(|i| json!({"id": format!("d{i}"), "text": "lorem ipsum dolor sit amet"})).collect::<Vec<_>>()})
-    };
+    let ctx = |n: usize| json!({"name": "docs", "documents": (0..n).map(|i| json!({"id": format!("d{i}"), "text": "lorem ipsum dolor sit amet"})).collect::<Vec<_>>()});
     let (st, v) = stack.post("/v1/contexts", &token, ctx(3)).await;
     assert_eq!(st, StatusCode::CREATED, "{v}");
     let (st, v) = stack.post("/v1/contexts", &token, ctx(200)).await;
     assert_eq!(st, StatusCode::PAYLOAD_TOO_LARGE, "{v}");
     assert_eq!(error_code(&v), "quota_exceeded");
-    assert!(v["error"]["message"].as_str().unwrap().contains("max_context_bytes"), "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_context_bytes"),
+        "{v}"
+    );
     let (st, v) = stack.get("/v1/contexts/docs", &token).await;
-    assert_eq!((st, v["documents"].as_u64()), (StatusCode::OK, Some(3)), "{v}");
+    assert_eq!(
+        (st, v["documents"].as_u64()),
+        (StatusCode::OK, Some(3)),
+        "{v}"
+    );
 
     // Agent states, all agents together.
     let cp = ControlPlane::connect(&stack.url, ControlConfig::default())
@@ -564,9 +616,18 @@ async fn byte_quotas_refuse_what_does_not_fit() {
     let job = cp.job("quota", &id).await.unwrap().unwrap();
     let err = job.error.unwrap();
     assert_eq!(err.kind.as_str(), "agent_error");
-    assert!(err.message.contains("quota_exceeded") && err.message.contains("max_state_bytes"), "{}", err.message);
+    assert!(
+        err.message.contains("quota_exceeded") && err.message.contains("max_state_bytes"),
+        "{}",
+        err.message
+    );
     let mut c = raw(&stack.url).await;
-    assert!(!c.exists::<_, bool>(cp.keys().agent("quota", "b")).await.unwrap(), "state written over quota");
+    assert!(
+        !c.exists::<_, bool>(cp.keys().agent("quota", "b"))
+            .await
+            .unwrap(),
+        "state written over quota"
+    );
     cp.cancel("quota", &id).await.unwrap();
     // A smaller state for `a` gives bytes back; then `b` fits.
     let (_, r) = run("a", 10_000).await;

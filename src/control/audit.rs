@@ -215,10 +215,13 @@ impl ControlPlane {
         // Money: checkpoint + remaining entries = counters.
         let s = self.ledger_sums(t).await?;
         let sum = |op: &str| s.get(op).copied().unwrap_or(0);
-        let (granted, settled, reserved) = (v(&th, "granted"), v(&th, "settled"), v(&th, "reserved"));
+        let (granted, settled, reserved) =
+            (v(&th, "granted"), v(&th, "settled"), v(&th, "reserved"));
         let l_granted = v(&th, "ck_grant") + sum("grant");
         let l_settled = v(&th, "ck_settle") + sum("settle");
-        let l_reserved = v(&th, "ck_reserve") + sum("reserve") - l_settled - v(&th, "ck_release")
+        let l_reserved = v(&th, "ck_reserve") + sum("reserve")
+            - l_settled
+            - v(&th, "ck_release")
             - sum("release");
         for (name, have, want) in [
             ("granted", granted, l_granted),
@@ -246,7 +249,9 @@ impl ControlPlane {
         let mut state_of: HashMap<String, JobState> = HashMap::new();
         let mut by_state: HashMap<JobState, Vec<String>> = HashMap::new();
         for st in JobState::ALL {
-            let ids = self.zset_all(&self.keys.jobs_in_state(t, st.as_str())).await?;
+            let ids = self
+                .zset_all(&self.keys.jobs_in_state(t, st.as_str()))
+                .await?;
             for id in &ids {
                 if let Some(prev) = state_of.insert(id.clone(), st) {
                     found.add(
@@ -292,7 +297,12 @@ impl ControlPlane {
                 );
             }
         }
-        let field = |id: &str, i: usize| fields.get(id).and_then(|r| r[i].clone()).unwrap_or_default();
+        let field = |id: &str, i: usize| {
+            fields
+                .get(id)
+                .and_then(|r| r[i].clone())
+                .unwrap_or_default()
+        };
         let num = |id: &str, i: usize| field(id, i).parse::<i64>().unwrap_or(0);
 
         // Running jobs: reservation, GPUs, lease, PEL entry.
@@ -363,9 +373,15 @@ impl ControlPlane {
             .await
             .unwrap_or_default();
         for e in &pending {
-            let sid = super::v_arr(e).first().map(super::v_str).unwrap_or_default();
+            let sid = super::v_arr(e)
+                .first()
+                .map(super::v_str)
+                .unwrap_or_default();
             if !sids.contains_key(&sid) {
-                found.add("pel_orphan", format!("tenant {t}: PEL entry {sid} belongs to no running job"));
+                found.add(
+                    "pel_orphan",
+                    format!("tenant {t}: PEL entry {sid} belongs to no running job"),
+                );
             }
         }
 
@@ -401,7 +417,10 @@ impl ControlPlane {
         for id in &by_state[&JobState::Delayed] {
             let due: Option<f64> = self.conn().zscore(format!("{tag}:delayed"), id).await?;
             if due.is_none() {
-                found.add("delayed_missing", format!("tenant {t}: delayed job {id} is not in the delayed set"));
+                found.add(
+                    "delayed_missing",
+                    format!("tenant {t}: delayed job {id} is not in the delayed set"),
+                );
             }
         }
         self.audit_parking(t, &th, found).await?;
@@ -417,7 +436,11 @@ impl ControlPlane {
         found: &mut Found,
     ) -> Result<(), CpError> {
         let tag = self.keys.tenant_tag(t);
-        let last = th.get("qlast").filter(|s| !s.is_empty()).cloned().unwrap_or("0-0".into());
+        let last = th
+            .get("qlast")
+            .filter(|s| !s.is_empty())
+            .cloned()
+            .unwrap_or("0-0".into());
         let head: redis::streams::StreamRangeReply = self
             .conn()
             .xrange_count(self.keys.queue(t), format!("({last}"), "+", 1)
@@ -434,7 +457,12 @@ impl ControlPlane {
         if jf[0].as_deref() != Some("queued") {
             return Ok(()); // CLAIM drops a stale head itself.
         }
-        let jn = |i: usize| jf[i].as_deref().filter(|s| !s.is_empty()).and_then(|s| s.parse::<i64>().ok());
+        let jn = |i: usize| {
+            jf[i]
+                .as_deref()
+                .filter(|s| !s.is_empty())
+                .and_then(|s| s.parse::<i64>().ok())
+        };
         let g = jn(1).unwrap_or(0);
         let fuel = jn(2).map_or(v(th, "fuel"), |f| f.min(v(th, "fuel")));
         let timeout = jn(3).map_or(v(th, "timeout_ms"), |x| x.min(v(th, "timeout_ms")));
@@ -442,7 +470,10 @@ impl ControlPlane {
         // As lib.lua's reservation(); fuel, time and GPUs are non-negative.
         let ceil = |a: i128, b: i128| (a + b - 1) / b;
         let r = ceil(fuel as i128 * p.credits_per_mfuel as i128, 1_000_000)
-            + ceil(timeout as i128 * g as i128 * p.credits_per_gpu_second as i128, 1000);
+            + ceil(
+                timeout as i128 * g as i128 * p.credits_per_gpu_second as i128,
+                1000,
+            );
         let free = (v(th, "granted") - v(th, "settled") - v(th, "reserved")) as i128;
         let eligible = v(th, "running") < v(th, "max_running")
             && v(th, "gpus") + g <= v(th, "max_gpus")
@@ -479,7 +510,10 @@ impl ControlPlane {
             let Some(ptr) = ptr.filter(|p| !p.is_empty()) else {
                 continue;
             };
-            let exists: bool = self.conn().exists(state_blob_key(self, t, agent, &ptr)).await?;
+            let exists: bool = self
+                .conn()
+                .exists(state_blob_key(self, t, agent, &ptr))
+                .await?;
             if !exists {
                 found.add(
                     "state_blob_missing",

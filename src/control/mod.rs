@@ -690,7 +690,9 @@ impl ControlPlane {
                     }),
                 max_state_bytes: h
                     .get("max_state_bytes")
-                    .map_or(DEFAULT_MAX_STATE_BYTES, |_| num(&h, "max_state_bytes") as u64),
+                    .map_or(DEFAULT_MAX_STATE_BYTES, |_| {
+                        num(&h, "max_state_bytes") as u64
+                    }),
                 component_bytes: num(&h, "component_bytes") as u64,
                 context_bytes: num(&h, "context_bytes") as u64,
                 state_bytes: num(&h, "state_bytes") as u64,
