@@ -211,6 +211,11 @@ async fn a_clean_deployment_audits_clean_and_each_corruption_is_named() {
         gone, 1,
         "the blob the audit looks for is where FINALIZE put it"
     );
+    // 8. a finished job the retention sweep would never see.
+    let _: i64 = c
+        .zrem(format!("{}:done", ks.tenant_tag("acme")), &ids[1])
+        .await
+        .unwrap();
     let (code, out) = audit(&stack.url, 1);
     eprintln!("{out}");
     assert_eq!(code, 1, "{out}");
@@ -223,6 +228,7 @@ async fn a_clean_deployment_audits_clean_and_each_corruption_is_named() {
         ("reserved_mismatch", "tenant holder"),
         ("tenant_parked_while_eligible", "tenant idle"),
         ("state_blob_missing", "agent big"),
+        ("retention_missing", ids[1].as_str()),
     ] {
         assert!(
             out.lines()

@@ -11,7 +11,8 @@
 //! - the counters `running`, `gpus`, `queued` match the indexes;
 //! - no eligible tenant is parked (a ready head, below its quotas, with the
 //!   credits for the head's reservation, must be in an active set);
-//! - no agent state pointer lacks its blob.
+//! - no agent state pointer lacks its blob;
+//! - every finished job is in the retention index, so it will be removed.
 //!
 //! Reads are not one snapshot, so a tenant with violations is re-checked a
 //! few times and only violations seen every time are reported: a live
@@ -37,7 +38,8 @@ pub struct Violation {
     /// `lease_missing`, `lease_expired`, `pel_missing`, `pel_orphan`,
     /// `job_in_two_states`, `index_mismatch`, `counter_mismatch`,
     /// `queue_entry_missing`, `delayed_missing`, `credits_out_of_range`,
-    /// `tenant_parked_while_eligible`, `state_blob_missing`.
+    /// `tenant_parked_while_eligible`, `state_blob_missing`,
+    /// `retention_missing`.
     pub kind: &'static str,
     /// What and where, for a human.
     pub detail: String,
@@ -295,6 +297,37 @@ impl ControlPlane {
                     "index_mismatch",
                     format!("tenant {t}: job {id} is in a state index but not in jobs:{t}"),
                 );
+            }
+        }
+        for id in &all {
+            if !state_of.contains_key(id) {
+                found.add(
+                    "index_mismatch",
+                    format!("tenant {t}: job {id} is in jobs:{t} but in no state index"),
+                );
+            }
+        }
+        // Finished jobs are in `done`, or the retention sweep never removes them.
+        let finished: Vec<&String> = state_of
+            .iter()
+            .filter(|(_, st)| st.is_terminal())
+            .map(|(id, _)| id)
+            .collect();
+        for chunk in finished.chunks(PAGE) {
+            let mut pipe = redis::pipe();
+            for id in chunk {
+                pipe.zscore(format!("{tag}:done"), id);
+            }
+            let scores: Vec<Option<f64>> = pipe.query_async(&mut self.conn()).await?;
+            for (id, score) in chunk.iter().zip(scores) {
+                if score.is_none() {
+                    found.add(
+                        "retention_missing",
+                        format!(
+                            "tenant {t}: finished job {id} is not in the retention index (done)"
+                        ),
+                    );
+                }
             }
         }
         let field = |id: &str, i: usize| {
