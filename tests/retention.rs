@@ -135,13 +135,37 @@ async fn assert_ledger_exact(cp: &ControlPlane, t: &str) -> (LedgerCheckpoint, u
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn retention_removes_finished_jobs_logs_keys_and_old_ledger_entries() {
     let r = RedisServer::start();
+    let c = raw(&r.url).await;
+    retention_body(&r.url, 1, c).await;
+}
+
+/// The same on a 3-master Redis Cluster with tenants over 4 shards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn retention_works_on_a_cluster() {
+    let cluster = common::redis::RedisCluster::start(3);
+    let client = redis::cluster::ClusterClient::new(
+        cluster
+            .ports
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    let c = client.get_async_connection().await.unwrap();
+    retention_body(&cluster.url, 4, c).await;
+}
+
+async fn retention_body<C>(url: &str, shards: u32, mut c: C)
+where
+    C: redis::aio::ConnectionLike + Send + Sync,
+{
     let cfg = ControlConfig {
         retention_ms: 2_000,
         lease_ms: 60_000,
+        shards,
         ..ControlConfig::default()
     };
-    let cp = ControlPlane::connect(&r.url, cfg).await.unwrap();
-    let mut c = raw(&r.url).await;
+    let cp = ControlPlane::connect(url, cfg).await.unwrap();
     let t = "keeper";
     cp.create_tenant(&tenant_spec(t), "h").await.unwrap();
     let mut done = Vec::new();

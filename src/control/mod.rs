@@ -1341,7 +1341,9 @@ impl ControlPlane {
             .unwrap_or((0, 0)))
     }
 
-    /// The tenant's credit ledger, oldest first: `(op, job, attempt, amount)`.
+    /// The tenant's remaining credit ledger, oldest first: `(op, job,
+    /// attempt, amount)`. Entries older than the retention are folded into
+    /// [`ControlPlane::ledger_checkpoint`].
     pub async fn ledger(&self, tenant: &str) -> Result<Vec<LedgerEntry>, CpError> {
         let entries: redis::streams::StreamRangeReply =
             self.conn().xrange_all(self.keys.ledger(tenant)).await?;
