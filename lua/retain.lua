@@ -13,8 +13,8 @@
 -- hold exactly before and after. A tenant's ledger is compacted when one of
 -- its jobs expires; a tenant with more old entries than this call's budget is
 -- remembered in `compact` and finished by later calls.
--- Deletes first (DEL/ZREM/XDEL need no memory), so a Redis at its maxmemory
--- can still run it.
+-- Deletes first (UNLINK/ZREM/XTRIM need no memory), so a Redis at its
+-- maxmemory can still run it.
 --
 -- KEYS[1]  shard tag (derived: done, j:<job>, log:<job>, jobs:<t>, js:<t>:*,
 --          ledger:<t>, t:<t>, compact)
@@ -45,7 +45,9 @@ for _, jid in ipairs(redis.call('ZRANGEBYSCORE', DONE, '-inf', cutoff, 'LIMIT', 
   if t and state and terminal[state] then
     redis.call('ZREM', statekey(t, state), jid)
     redis.call('ZREM', jobskey(t), jid)
-    redis.call('DEL', jkey(jid), B .. 'log:' .. jid)
+    -- UNLINK: a job hash with a 1 MiB input is freed in the background,
+    -- not while this script holds Redis.
+    redis.call('UNLINK', jkey(jid), B .. 'log:' .. jid)
     removed = removed + 1
     touch(t)
   end

@@ -691,3 +691,66 @@ async fn byte_quotas_refuse_what_does_not_fit() {
     assert_eq!(r.status(), StatusCode::CREATED);
     stack.stop().await;
 }
+
+/// A full Redis recovers by itself: RETAIN deletes before it writes, so it
+/// runs at maxmemory, and the memory it frees takes submissions again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn retention_frees_a_full_redis() {
+    let r = RedisServer::start();
+    let cp = ControlPlane::connect(
+        &r.url,
+        ControlConfig {
+            retention_ms: 1_000,
+            lease_ms: 60_000,
+            ..ControlConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut c = raw(&r.url).await;
+    cp.create_tenant(&tenant_spec("full"), "h").await.unwrap();
+    let big = "b".repeat(1 << 20);
+    for _ in 0..5 {
+        cp.submit("full", &spec(big.clone(), 0, None))
+            .await
+            .unwrap();
+        let claim = cp.claim("w", 1, 0).await.unwrap().pop().unwrap();
+        cp.finalize(&claim.lease, &ok_finish("log")).await.unwrap();
+    }
+    let used = info_field(&mut c, "memory", "used_memory").await;
+    for (k, v) in [
+        ("maxmemory-policy", "noeviction".to_string()),
+        ("maxmemory", (used - (1 << 20)).to_string()),
+    ] {
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(k)
+            .arg(v)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+    }
+    let err = cp.submit("full", &spec("x".into(), 0, None)).await;
+    assert!(
+        matches!(err, Err(agentplane::control::CpError::StorageFull)),
+        "{err:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    assert_eq!(
+        cp.retain(100).await.unwrap(),
+        5,
+        "RETAIN must run at maxmemory"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    // UNLINK frees in the background: wait until the memory is back.
+    loop {
+        match cp.submit("full", &spec("x".into(), 0, None)).await {
+            Ok(_) => break,
+            Err(agentplane::control::CpError::StorageFull) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("submission after the sweep: {e:?}"),
+        }
+    }
+    assert_ledger_exact(&cp, "full").await;
+}
