@@ -314,6 +314,16 @@ async fn listing_reads_no_inputs_and_pages_are_capped() {
         sent < 256 << 10,
         "listing 20 jobs made Redis send {sent} bytes (the inputs)"
     );
+    // One job, with its long-poll: the shown fields only.
+    let id = v["jobs"][0]["id"].as_str().unwrap().to_string();
+    let before = info_field(&mut c, "stats", "total_net_output_bytes").await;
+    let (st, v) = stack.get(&format!("/v1/jobs/{id}?wait=1"), &token).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let sent = info_field(&mut c, "stats", "total_net_output_bytes").await - before;
+    assert!(
+        sent < 256 << 10,
+        "GET of one job made Redis send {sent} bytes"
+    );
     let (st, v) = stack.get("/v1/jobs?limit=1001", &token).await;
     assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
     assert_eq!(error_code(&v), "invalid_request");
