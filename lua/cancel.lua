@@ -1,7 +1,7 @@
 -- CANCEL: a tenant cancels a job. Queued or delayed jobs end now; a running
 -- job is flagged and ends at its next lease check (RENEW answers 'cancelled').
 --
--- KEYS[1]  shard tag            KEYS[2]  job hash KEYS[1]:j:<job>
+-- KEYS[1]  shard anchor            KEYS[2]  job hash KEYS[1]:j:<job>
 -- ARGV[1]  tenant id (must own the job)   ARGV[2]  job id
 -- ARGV[3..5] prices (see SUBMIT)
 -- Returns: {'ok', state the job was in} | {'not_found'}

@@ -6,7 +6,7 @@
 -- weighted) divided by its weight; FINALIZE corrects by the actual time.
 -- Each pick is O(log n) in tenants: parked tenants are in no set.
 --
--- KEYS[1]  shard tag (all other keys derive from it: act:cpu, act:gpu,
+-- KEYS[1]  shard anchor (all other keys derive from it: act:cpu, act:gpu,
 --          vclock, fence, leases, t:<tenant>, q:<tenant>, j:<job>, js:*,
 --          ledger:<tenant>, agent:<tenant>:<agent>)
 -- ARGV[1]  worker id (the consumer name in each tenant's group)

@@ -2,7 +2,7 @@
 -- Once per attempt: the fencing token must be the current one and the job
 -- running, so a second FINALIZE (or a stale worker's) changes nothing.
 --
--- KEYS[1]  shard tag            KEYS[2]  job hash KEYS[1]:j:<job>
+-- KEYS[1]  shard anchor            KEYS[2]  job hash KEYS[1]:j:<job>
 -- ARGV[1]  job id               ARGV[2]  fencing token
 -- ARGV[3]  outcome: 'ok' | 'failed' | 'cancelled'
 -- ARGV[4]  error kind (failed)  ARGV[5]  output (ok) or error message (failed)

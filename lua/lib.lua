@@ -2,15 +2,27 @@
 -- this file with each script, so a script is still one atomic EVAL).
 --
 -- Conventions shared by all scripts:
---   KEYS[1] is the shard's hash tag, e.g. `{ap:s0}`. It is never written; it
---   routes the script to the shard's slot, and every key a script touches is
---   `KEYS[1] .. ':' .. suffix`, so all of them hash to that one slot (the same
---   script runs unchanged on a single Redis and on a Redis Cluster).
+--   KEYS[1] is the shard's anchor, e.g. `{ap:s0}:anchor`: a key that always
+--   exists where the shard's data is, so a cluster routes the script to that
+--   node even while the slot migrates (a tag that is no key made a migrating
+--   node answer ASK or TRYAGAIN and sent CLAIM to a node holding half the
+--   data). Every key a script touches is `{ap:s0}:` .. suffix, so all of them
+--   hash to that one slot (the same script runs unchanged on a single Redis
+--   and on a Redis Cluster).
+--   The anchor's value pauses the shard: anything but 'ready' (an operator
+--   sets 'moving' before a slot migration, see docs/OPERATIONS.md) makes
+--   every script refuse with a TRYAGAIN error before it reads or writes
+--   anything else; the Rust side retries TRYAGAIN with backoff.
+--   (Script headers write a shard key as `KEYS[1]:suffix`, meaning the
+--   shard's tag followed by the suffix: `{ap:s0}:suffix`.)
 --   Expected outcomes are answered as arrays whose first element is a status
 --   word ('ok', 'lost', 'exists', ...). Malformed arguments raise an error
 --   (`error_reply`) before anything is written.
 
-local B = KEYS[1] .. ':'
+-- The shard's tag (`{ap:s0}`) with the separator. Also accepts a bare tag
+-- as KEYS[1] (then the anchor is still checked, below).
+local B = string.match(KEYS[1], '^{[^}]*}') .. ':'
+local ANCHOR = B .. 'anchor'
 local GROUP = 'g'
 
 local function tkey(t) return B .. 't:' .. t end
@@ -250,4 +262,17 @@ local function finish(jid, J, state, now)
   redis.call('HSET', jkey(jid), 'finished', now)
   -- RETAIN removes it (with its log and index entries) after the retention.
   redis.call('ZADD', DONE, now, jid)
+end
+
+-- The shard gate (see the header): runs before any script's own code.
+-- A missing anchor means a fresh (or flushed) Redis: while a slot migrates
+-- the anchor is on exactly one node and a cluster routes this script there,
+-- so creating it here never forks it.
+do
+  local a = redis.call('GET', ANCHOR)
+  if not a then
+    redis.call('SET', ANCHOR, 'ready')
+  elseif a ~= 'ready' then
+    return redis.error_reply('TRYAGAIN agentplane: shard ' .. B .. ' is paused (' .. a .. ')')
+  end
 end

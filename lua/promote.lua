@@ -1,7 +1,7 @@
 -- PROMOTE: move due delayed jobs to their tenants' ready streams, in batches.
 -- Atomic, so schedulers racing each other promote each job once.
 --
--- KEYS[1]  shard tag (derived: delayed, j:<job>, q:<tenant>, t:<tenant>, act:*)
+-- KEYS[1]  shard anchor (derived: delayed, j:<job>, q:<tenant>, t:<tenant>, act:*)
 -- ARGV[1]  batch size           ARGV[2..4] prices (see SUBMIT)
 -- Returns: number of jobs promoted.
 -- Errors:  malformed arguments.

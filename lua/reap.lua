@@ -7,7 +7,7 @@
 -- queue with backoff, or fails with `lease_expired` once max_attempts are
 -- spent, or ends `cancelled` if the tenant had cancelled it.
 --
--- KEYS[1]  shard tag (derived: leases, j:<job>, t:<tenant>, q:<tenant>, ...)
+-- KEYS[1]  shard anchor (derived: leases, j:<job>, t:<tenant>, q:<tenant>, ...)
 -- ARGV[1]  batch size           ARGV[2]  retry base ms
 -- ARGV[3]  retry max ms         ARGV[4]  jitter 0..999
 -- ARGV[5..7] prices (see SUBMIT)

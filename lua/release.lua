@@ -1,7 +1,7 @@
 -- RELEASE: a draining worker hands a claimed job back, uncharged and without
 -- using up an attempt. Needs the current fencing token.
 --
--- KEYS[1]  shard tag            KEYS[2]  job hash KEYS[1]:j:<job>
+-- KEYS[1]  shard anchor            KEYS[2]  job hash KEYS[1]:j:<job>
 -- ARGV[1]  job id               ARGV[2]  fencing token
 -- ARGV[3..5] prices (see SUBMIT)
 -- Returns: {'ok'} | {'lost'}

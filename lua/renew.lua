@@ -1,6 +1,6 @@
 -- RENEW: extend a lease, only for the holder of the current fencing token.
 --
--- KEYS[1]  shard tag            KEYS[2]  job hash KEYS[1]:j:<job>
+-- KEYS[1]  shard anchor            KEYS[2]  job hash KEYS[1]:j:<job>
 -- ARGV[1]  job id               ARGV[2]  fencing token
 -- ARGV[3]  lease ms
 -- Returns: {'ok', lease_until} | {'lost'} (not running, or another token)

@@ -16,7 +16,7 @@
 -- Deletes first (UNLINK/ZREM/XTRIM need no memory), so a Redis at its
 -- maxmemory can still run it.
 --
--- KEYS[1]  shard tag (derived: done, j:<job>, log:<job>, jobs:<t>, js:<t>:*,
+-- KEYS[1]  shard anchor (derived: done, j:<job>, log:<job>, jobs:<t>, js:<t>:*,
 --          ledger:<t>, t:<t>, compact)
 -- ARGV[1]  jobs per call (>= 1)  ARGV[2]  retention ms
 -- ARGV[3]  ledger entries folded per call (1..5000)

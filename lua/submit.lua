@@ -1,6 +1,6 @@
 -- SUBMIT: accept a job for a tenant, idempotently.
 --
--- KEYS[1]  shard tag `{prefix:sN}` (all other keys derive from it)
+-- KEYS[1]  shard anchor `{prefix:sN}:anchor` (all other keys derive from its tag)
 -- KEYS[2]  tenant hash          KEYS[1]:t:<tenant>
 -- KEYS[3]  job hash             KEYS[1]:j:<job>
 -- KEYS[4]  idempotency string   KEYS[1]:idem:<tenant>:<sha256(key)>

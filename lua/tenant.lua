@@ -1,6 +1,6 @@
 -- TENANT: create, update, or grant credits to a tenant.
 --
--- KEYS[1]  shard tag            KEYS[2]  tenant hash KEYS[1]:t:<tenant>
+-- KEYS[1]  shard anchor            KEYS[2]  tenant hash KEYS[1]:t:<tenant>
 -- ARGV[1]  op: 'create' | 'update' | 'grant'
 -- ARGV[2]  tenant id
 -- ARGV[3..5] prices (see SUBMIT)

@@ -8,7 +8,7 @@
 -- difference (a re-upload of a component charges nothing; a smaller
 -- context or state gives bytes back).
 --
--- KEYS[1]  shard tag            KEYS[2]  tenant hash KEYS[1]:t:<tenant>
+-- KEYS[1]  shard anchor            KEYS[2]  tenant hash KEYS[1]:t:<tenant>
 -- ARGV[1]  tenant id
 -- ARGV[2]  kind: 'component' | 'context' | 'state'
 -- ARGV[3]  item: component digest, context name or agent id

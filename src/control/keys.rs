@@ -41,6 +41,19 @@ impl KeySpace {
         self.tag(self.shard_of(tenant))
     }
 
+    /// The shard's anchor, `{prefix:sN}:anchor` (KEYS[1] of every script):
+    /// a key that always exists on the node that holds the shard, so a
+    /// cluster routes each script to where the shard's data is, and whose
+    /// value (`ready` / `moving`) lets an operator pause the shard while its
+    /// slot moves (every script refuses with TRYAGAIN, writing nothing).
+    pub fn anchor(&self, shard: u32) -> String {
+        format!("{}:anchor", self.tag(shard))
+    }
+
+    pub fn tenant_anchor(&self, tenant: &str) -> String {
+        self.anchor(self.shard_of(tenant))
+    }
+
     pub fn tenant(&self, tenant: &str) -> String {
         format!("{}:t:{}", self.tenant_tag(tenant), tenant)
     }

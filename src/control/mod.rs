@@ -529,7 +529,7 @@ impl ControlPlane {
         extra: &[String],
     ) -> Result<Value, CpError> {
         let mut inv = scripts::TENANT.prepare_invoke();
-        inv.key(self.keys.tenant_tag(tenant))
+        inv.key(self.keys.tenant_anchor(tenant))
             .key(self.keys.tenant(tenant))
             .arg(op)
             .arg(tenant);
@@ -824,7 +824,7 @@ impl ControlPlane {
         };
         let contexts = serde_json::to_string(&spec.contexts).map_err(|e| bad(e.to_string()))?;
         let mut inv = scripts::SUBMIT.prepare_invoke();
-        inv.key(self.keys.tenant_tag(tenant))
+        inv.key(self.keys.tenant_anchor(tenant))
             .key(self.keys.tenant(tenant))
             .key(self.keys.job(tenant, &id))
             .key(idem_key)
@@ -1024,7 +1024,7 @@ impl ControlPlane {
             return Err(CpError::NotFound);
         }
         let mut inv = scripts::CANCEL.prepare_invoke();
-        inv.key(self.keys.tenant_tag(tenant))
+        inv.key(self.keys.tenant_anchor(tenant))
             .key(self.keys.job(tenant, id))
             .arg(tenant)
             .arg(id);
@@ -1083,7 +1083,7 @@ impl ControlPlane {
         free_gpus: u32,
     ) -> Result<Vec<Claim>, CpError> {
         let mut inv = scripts::CLAIM.prepare_invoke();
-        inv.key(self.keys.tag(shard))
+        inv.key(self.keys.anchor(shard))
             .arg(worker)
             .arg(max)
             .arg(free_gpus)
@@ -1139,7 +1139,7 @@ impl ControlPlane {
     /// Extends the lease; `LeaseLost` or `Cancelled` tell the worker to stop.
     pub async fn renew(&self, lease: &Lease) -> Result<(), CpError> {
         let v: Value = scripts::RENEW
-            .key(self.keys.tenant_tag(&lease.tenant))
+            .key(self.keys.tenant_anchor(&lease.tenant))
             .key(self.keys.job(&lease.tenant, &lease.job_id))
             .arg(&lease.job_id)
             .arg(lease.token)
@@ -1184,7 +1184,7 @@ impl ControlPlane {
         };
         let log = truncate_utf8(&finish.log, self.cfg.log_max_bytes);
         let mut inv = scripts::FINALIZE.prepare_invoke();
-        inv.key(self.keys.tenant_tag(&lease.tenant))
+        inv.key(self.keys.tenant_anchor(&lease.tenant))
             .key(self.keys.job(&lease.tenant, &lease.job_id))
             .arg(&lease.job_id)
             .arg(lease.token)
@@ -1228,7 +1228,7 @@ impl ControlPlane {
     /// Hands a claimed job back to the queue uncharged (worker draining).
     pub async fn release(&self, lease: &Lease) -> Result<(), CpError> {
         let mut inv = scripts::RELEASE.prepare_invoke();
-        inv.key(self.keys.tenant_tag(&lease.tenant))
+        inv.key(self.keys.tenant_anchor(&lease.tenant))
             .key(self.keys.job(&lease.tenant, &lease.job_id))
             .arg(&lease.job_id)
             .arg(lease.token);
@@ -1300,7 +1300,7 @@ impl ControlPlane {
         let mut total = 0;
         for shard in 0..self.keys.shards() {
             let mut inv = scripts::PROMOTE.prepare_invoke();
-            inv.key(self.keys.tag(shard)).arg(batch.max(1));
+            inv.key(self.keys.anchor(shard)).arg(batch.max(1));
             for p in self.prices() {
                 inv.arg(p);
             }
@@ -1315,7 +1315,7 @@ impl ControlPlane {
         let mut total = 0;
         for shard in 0..self.keys.shards() {
             let mut inv = scripts::REAP.prepare_invoke();
-            inv.key(self.keys.tag(shard))
+            inv.key(self.keys.anchor(shard))
                 .arg(batch.max(1))
                 .arg(self.cfg.retry_base_ms)
                 .arg(self.cfg.retry_max_ms)

@@ -57,7 +57,7 @@ impl ControlPlane {
         size: u64,
     ) -> Result<(), CpError> {
         let v: Value = scripts::USAGE
-            .key(self.keys.tenant_tag(tenant))
+            .key(self.keys.tenant_anchor(tenant))
             .key(self.keys.tenant(tenant))
             .arg(tenant)
             .arg(what.kind())

@@ -50,7 +50,7 @@ impl ControlPlane {
         let mut ok = false;
         for shard in 0..self.keys.shards() {
             let v: Result<Value, _> = scripts::RETAIN
-                .key(self.keys.tag(shard))
+                .key(self.keys.anchor(shard))
                 .arg(batch.max(1))
                 .arg(self.cfg.retention_ms)
                 .arg(LEDGER_FOLD_BATCH)
