@@ -11,150 +11,10 @@ use agentplane::control::{
     AttemptOutcome, ControlConfig, ControlPlane, CpError, Finish, SubmitSpec, TenantSpec,
 };
 use agentplane::model::JobState;
-use common::redis::RedisCluster;
+use common::redis::{RedisCluster, move_slot, node, owner};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-type Conn = redis::aio::MultiplexedConnection;
-
-pub async fn node(port: u16) -> Conn {
-    redis::Client::open(format!("redis://127.0.0.1:{port}"))
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap()
-}
-
-/// Which master (index into `ports`) serves `slot`, from CLUSTER NODES.
-pub async fn owner(ports: &[u16], slot: u16) -> usize {
-    let mut c = node(ports[0]).await;
-    let text: String = redis::cmd("CLUSTER")
-        .arg("NODES")
-        .query_async(&mut c)
-        .await
-        .unwrap();
-    for line in text.lines() {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        let port: u16 = f[1]
-            .split('@')
-            .next()
-            .and_then(|hp| hp.rsplit(':').next())
-            .and_then(|p| p.parse().ok())
-            .unwrap();
-        for r in f.iter().skip(8) {
-            if r.starts_with('[') {
-                continue;
-            }
-            let (a, b) = r.split_once('-').unwrap_or((r, r));
-            let (a, b): (u16, u16) = (a.parse().unwrap(), b.parse().unwrap());
-            if (a..=b).contains(&slot) {
-                return ports.iter().position(|p| *p == port).unwrap();
-            }
-        }
-    }
-    panic!("no owner for slot {slot}");
-}
-
-async fn my_id(c: &mut Conn) -> String {
-    redis::cmd("CLUSTER")
-        .arg("MYID")
-        .query_async(c)
-        .await
-        .unwrap()
-}
-
-/// Moves `slot` from master `from` to master `to` the way
-/// `redis-cli --cluster reshard` does (IMPORTING / MIGRATING, MIGRATE in
-/// batches, SETSLOT NODE everywhere), `batch` keys at a time with `pause`
-/// between batches. With `anchor`, the shard is paused first (anchor set
-/// to `moving`) and resumed on the new owner at the end, as documented.
-/// Answers how many keys moved.
-pub async fn move_slot(
-    ports: &[u16],
-    slot: u16,
-    from: usize,
-    to: usize,
-    anchor: Option<&str>,
-    batch: usize,
-    pause: Duration,
-) -> usize {
-    let mut src = node(ports[from]).await;
-    let mut dst = node(ports[to]).await;
-    let src_id = my_id(&mut src).await;
-    let dst_id = my_id(&mut dst).await;
-    if let Some(a) = anchor {
-        let _: () = redis::cmd("SET")
-            .arg(a)
-            .arg("moving")
-            .query_async(&mut src)
-            .await
-            .unwrap();
-    }
-    let _: () = redis::cmd("CLUSTER")
-        .arg(&["SETSLOT", &slot.to_string(), "IMPORTING", &src_id][..])
-        .query_async(&mut dst)
-        .await
-        .unwrap();
-    let _: () = redis::cmd("CLUSTER")
-        .arg(&["SETSLOT", &slot.to_string(), "MIGRATING", &dst_id][..])
-        .query_async(&mut src)
-        .await
-        .unwrap();
-    let mut moved = 0;
-    loop {
-        let keys: Vec<String> = redis::cmd("CLUSTER")
-            .arg("GETKEYSINSLOT")
-            .arg(slot)
-            .arg(batch)
-            .query_async(&mut src)
-            .await
-            .unwrap();
-        if keys.is_empty() {
-            break;
-        }
-        let _: () = redis::cmd("MIGRATE")
-            .arg("127.0.0.1")
-            .arg(ports[to])
-            .arg("")
-            .arg(0)
-            .arg(5000)
-            .arg("KEYS")
-            .arg(&keys)
-            .query_async(&mut src)
-            .await
-            .unwrap();
-        moved += keys.len();
-        tokio::time::sleep(pause).await;
-    }
-    let set_node = |p: u16| {
-        let dst_id = dst_id.clone();
-        async move {
-            let mut c = node(p).await;
-            let _: () = redis::cmd("CLUSTER")
-                .arg(&["SETSLOT", &slot.to_string(), "NODE", &dst_id][..])
-                .query_async(&mut c)
-                .await
-                .unwrap();
-        }
-    };
-    set_node(ports[to]).await;
-    set_node(ports[from]).await;
-    for (i, p) in ports.iter().enumerate() {
-        if i != from && i != to {
-            set_node(*p).await;
-        }
-    }
-    if let Some(a) = anchor {
-        let _: () = redis::cmd("SET")
-            .arg(a)
-            .arg("ready")
-            .query_async(&mut dst)
-            .await
-            .unwrap();
-    }
-    moved
-}
 
 fn tenant(id: &str) -> TenantSpec {
     TenantSpec {
@@ -227,12 +87,8 @@ async fn moving_a_shard_under_load_loses_nothing() {
 
     // Submitter: 300 jobs over about 3 s, most on the moving shard.
     {
-        let (cp, errors, submitted, done) = (
-            cp.clone(),
-            errors.clone(),
-            submitted.clone(),
-            done.clone(),
-        );
+        let (cp, errors, submitted, done) =
+            (cp.clone(), errors.clone(), submitted.clone(), done.clone());
         let tenants = tenants.clone();
         tasks.push(tokio::spawn(async move {
             for i in 0..300 {

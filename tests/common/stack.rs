@@ -51,6 +51,8 @@ pub struct Opts {
     /// How long finished jobs and ledger entries are kept (default: the
     /// control plane's).
     pub retention_ms: Option<u64>,
+    /// Standalone Redis with `appendfsync always` (survives a restart).
+    pub durable_redis: bool,
 }
 
 impl Default for Opts {
@@ -61,6 +63,7 @@ impl Default for Opts {
             api: ApiConfig::default(),
             cluster: None,
             retention_ms: None,
+            durable_redis: false,
         }
     }
 }
@@ -69,7 +72,11 @@ impl Stack {
     pub async fn start(opts: Opts) -> Stack {
         let (redis, cluster, url, dir, shards) = match opts.cluster {
             None => {
-                let r = RedisServer::start();
+                let r = if opts.durable_redis {
+                    RedisServer::start_durable()
+                } else {
+                    RedisServer::start()
+                };
                 let (url, dir) = (r.url.clone(), r.dir.path().to_path_buf());
                 (Some(r), None, url, dir, 1)
             }
