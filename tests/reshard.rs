@@ -257,3 +257,81 @@ async fn moving_a_shard_under_load_loses_nothing() {
         assert_eq!(info.queued, 0, "{t}");
     }
 }
+
+/// The pause itself: while a shard's anchor says `moving`, every script on
+/// it refuses (a claim waits, retrying, and takes nothing), the audit names
+/// the paused shard, and setting it back lets the waiting claim through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_shard_runs_no_script_until_resumed() {
+    use agentplane::control::audit::AuditOptions;
+    let r = common::redis::RedisServer::start();
+    let cp = ControlPlane::connect(&r.url, ControlConfig::default())
+        .await
+        .unwrap();
+    cp.create_tenant(&tenant("acme"), "h").await.unwrap();
+    let id = cp.submit("acme", &job(0)).await.unwrap().id;
+    let mut raw = redis::Client::open(r.url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let anchor = cp.keys().anchor(0);
+    let v: String = redis::cmd("GET")
+        .arg(&anchor)
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert_eq!(v, "ready", "scripts create the anchor");
+    let _: () = redis::cmd("SET")
+        .arg(&anchor)
+        .arg("moving")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+
+    // The script answers TRYAGAIN before touching anything.
+    let e = redis::cmd("EVAL")
+        .arg(format!("{}\nreturn 'ran'", include_str!("../lua/lib.lua")))
+        .arg(1)
+        .arg(&anchor)
+        .query_async::<String>(&mut raw)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some("TRYAGAIN"), "{e}");
+
+    let report = cp.audit(AuditOptions::default()).await.unwrap();
+    assert!(
+        report.violations.iter().any(|v| v.kind == "shard_paused"),
+        "{:?}",
+        report.violations
+    );
+
+    let claimer = {
+        let cp = cp.clone();
+        tokio::spawn(async move { cp.claim("w", 1, 0).await })
+    };
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(!claimer.is_finished(), "a claim on a paused shard waits");
+    let j = cp.job("acme", &id).await.unwrap().unwrap();
+    assert_eq!(
+        j.state,
+        JobState::Queued,
+        "nothing was claimed while paused"
+    );
+
+    let _: () = redis::cmd("SET")
+        .arg(&anchor)
+        .arg("ready")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(3), claimer)
+        .await
+        .expect("the claim goes through once resumed")
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].lease.job_id, id);
+    let report = cp.audit(AuditOptions::default()).await.unwrap();
+    assert!(report.violations.is_empty(), "{:?}", report.violations);
+}

@@ -39,7 +39,7 @@ pub struct Violation {
     /// `job_in_two_states`, `index_mismatch`, `counter_mismatch`,
     /// `queue_entry_missing`, `delayed_missing`, `credits_out_of_range`,
     /// `tenant_parked_while_eligible`, `state_blob_missing`,
-    /// `retention_missing`.
+    /// `retention_missing`, `shard_paused`.
     pub kind: &'static str,
     /// What and where, for a human.
     pub detail: String,
@@ -101,6 +101,19 @@ impl ControlPlane {
         };
         for shard in 0..self.keys.shards() {
             let tag = self.keys.tag(shard);
+            // A shard left paused after a move (docs/OPERATIONS.md) runs
+            // nothing: every script on it answers TRYAGAIN forever.
+            let anchor: Option<String> = self.conn().get(self.keys.anchor(shard)).await?;
+            if let Some(a) = anchor.filter(|a| a != "ready") {
+                let mut found = Found(Vec::new());
+                found.add(
+                    "shard_paused",
+                    format!(
+                        "shard {shard}: anchor is `{a}`, not `ready`: set it back after the move"
+                    ),
+                );
+                report.violations.extend(found.0);
+            }
             let mut tenants: Vec<String> = self
                 .scan_shard(&tag, &format!("{tag}:t:*"))
                 .await?
