@@ -120,7 +120,7 @@ while #out < max_n do
           sptr = 'lost:' .. A.blob
         end
       end
-      redis.call('HSET', jkey(jid), 'sver', sver)
+      redis.call('HSET', jkey(jid), 'sver', I(sver))
     end
     out[#out + 1] = { jid, t, token, attempt, J.component, J.input, J.contexts or '[]', g,
       fuel, memory, timeout, J.agent_id or '', sinline, sptr, sver }

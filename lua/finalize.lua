@@ -112,7 +112,7 @@ elseif outcome == 'ok' then
   end
   if conflict then
     local c = n(J, 'conflicts') + 1
-    redis.call('HSET', KEYS[2], 'conflicts', c)
+    redis.call('HSET', KEYS[2], 'conflicts', I(c))
     if c > max_conflicts then
       redis.call('HSET', KEYS[2], 'ekind', 'agent_error',
         'emsg', 'agent state changed under this job ' .. c .. ' times; giving up')

@@ -53,9 +53,9 @@ if balance < r then return { 'credits', r, balance } end
 
 local now = now_ms()
 redis.call('HSET', KEYS[3], 'tenant', t, 'component', ARGV[3], 'input', ARGV[4],
-  'agent_id', ARGV[5], 'contexts', ARGV[6], 'gpus', gpus, 'max_attempts', max_attempts,
+  'agent_id', ARGV[5], 'contexts', ARGV[6], 'gpus', I(gpus), 'max_attempts', I(max_attempts),
   'timeout_ms', ARGV[9], 'fuel', ARGV[10], 'attempts', 0, 'counted', 0, 'conflicts', 0, 'token', 0,
-  'reserved', 0, 'u_fuel', 0, 'u_wall', 0, 'u_credits', 0, 'created', now, 'cancel', 0)
+  'reserved', 0, 'u_fuel', 0, 'u_wall', 0, 'u_credits', 0, 'created', I(now), 'cancel', 0)
 redis.call('ZADD', jobskey(t), 0, jid)
 J.state = ''
 if delay > 0 then

@@ -1315,3 +1315,29 @@ pub fn truncate_utf8(s: &str, max: usize) -> &str {
     }
     &s[..end]
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exact_integers_or_a_loud_error() {
+        assert_eq!(exact_int("a", None).unwrap(), 0);
+        assert_eq!(exact_int("a", Some("")).unwrap(), 0);
+        assert_eq!(
+            exact_int("a", Some("9007199254740991")).unwrap(),
+            MAX_EXACT_INT
+        );
+        assert_eq!(exact_int("a", Some("-42")).unwrap(), -42);
+        // What Lua's tostring wrote for 10^14, and what was once read as 0.
+        for bad in [
+            "1e+14",
+            "1.2345678901234e+14",
+            "12.5",
+            "9007199254740992",
+            "x",
+        ] {
+            assert!(exact_int("amount", Some(bad)).is_err(), "{bad}");
+        }
+    }
+}
