@@ -1528,6 +1528,16 @@ async fn worker_bounds_a_job_no_node_can_start() {
     );
     let t = stack.assert_books_balance("nfs").await;
     assert_eq!(t["settled"], 0, "{t}");
+    // Exactly max_node_faults (5) runs, each its own, each released whole.
+    let cp = connect(&stack.url, ControlConfig::default()).await;
+    let ledger = cp.ledger("nfs").await.unwrap();
+    let runs: Vec<u32> = ledger
+        .iter()
+        .filter(|e| e.op == "reserve")
+        .map(|e| e.attempt)
+        .collect();
+    assert_eq!(runs, vec![1, 2, 3, 4, 5], "{ledger:?}");
+    check_credits(&cp, "nfs").await;
     // A neighbour's job on the same worker is unharmed.
     let tok2 = stack.tenant("victim").await;
     let comp2 = stack.push(&tok2, "echo").await;
