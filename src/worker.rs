@@ -409,7 +409,7 @@ async fn run_claim(shared: &Shared, claim: Claim, hard_stop: CancellationToken) 
             tracing::warn!(error = %msg, "could not prepare the run; releasing as a node fault");
             renew_stop.cancel();
             let _ = renewer.await;
-            return release_fault(shared, &lease, &msg).await;
+            return release_fault(shared, &lease, &fault_for_tenant(&msg)).await;
         }
         Err(PrepError::Fatal(msg)) => RunReport {
             outcome: RunOutcome::Failed {
@@ -508,6 +508,13 @@ async fn record_terminal(shared: &Shared, lease: &Lease, f: &Finalized) {
         metrics::counter!("agentplane_credits_total", "tenant" => lease.tenant.clone())
             .increment(job.usage.credits as u64);
     }
+}
+
+/// What a tenant sees of a node fault: the stage that failed, never the
+/// cause (a Redis error may name addresses or keys; the log has it all).
+fn fault_for_tenant(msg: &str) -> String {
+    let stage = msg.split(": ").next().unwrap_or(msg);
+    format!("the node failed {stage} (a fault of the node, not the job; not charged)")
 }
 
 async fn release_fault(shared: &Shared, lease: &Lease, message: &str) -> RunEnd {

@@ -1522,6 +1522,10 @@ async fn worker_bounds_a_job_no_node_can_start() {
     let job = stack.wait_terminal(&tok, &id, 30).await;
     assert_eq!(state(&job), "failed", "{job}");
     assert_eq!(job["error"]["kind"], "node_fault", "{job}");
+    // The stage that failed, not the node's internals.
+    let msg = job["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("loading context `kb`"), "{msg}");
+    assert!(!msg.contains("sha256:"), "{msg}");
     assert_eq!(
         (job["attempts"].as_u64(), job["usage"]["credits"].as_i64()),
         (Some(0), Some(0))
