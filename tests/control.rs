@@ -324,9 +324,12 @@ async fn credit_invariant_under_random_operations(url: &str, shards: u32) {
         let mut held: Vec<Claim> = Vec::new();
         let mut jobs: Vec<String> = Vec::new();
         for _step in 0..60 {
-            match rng.random_range(0..8) {
+            match rng.random_range(0..10) {
                 0 | 1 => {
                     let mut j = job("p");
+                    if rng.random_bool(0.5) {
+                        j.agent_id = Some("bot".into());
+                    }
                     j.gpus = rng.random_range(0..2);
                     j.fuel = Some(rng.random_range(1..10) * 1_000_000);
                     if let Ok(s) = cp.submit(&t, &j).await {
@@ -343,9 +346,19 @@ async fn credit_invariant_under_random_operations(url: &str, shards: u32) {
                     let c = held.swap_remove(rng.random_range(0..held.len()));
                     let mut f = ok("o", rng.random_range(0..3000));
                     f.fuel = rng.random_range(0..20_000_000);
-                    if rng.random_bool(0.3) {
+                    if rng.random_bool(0.5) {
+                        let big = rng.random_bool(0.3);
+                        f.new_state = Some(vec![b's'; if big { 70_000 } else { 3 }]);
+                    }
+                    if rng.random_bool(0.4) {
+                        let kinds = [
+                            ErrorKind::Trap,
+                            ErrorKind::AgentError,
+                            ErrorKind::NodeFault,
+                            ErrorKind::InvalidComponent,
+                        ];
                         f.outcome = AttemptOutcome::Failed {
-                            kind: ErrorKind::Trap,
+                            kind: kinds[rng.random_range(0..kinds.len())],
                             message: "t".into(),
                         };
                     }
@@ -367,10 +380,55 @@ async fn credit_invariant_under_random_operations(url: &str, shards: u32) {
                         Err(e) => panic!("grant: {e}"),
                     }
                 }
+                8 if !held.is_empty() => {
+                    let c = held.swap_remove(rng.random_range(0..held.len()));
+                    if rng.random_bool(0.5) {
+                        let _ = cp.release(&c.lease).await;
+                    } else {
+                        let _ = cp.release_fault(&c.lease, "node").await;
+                    }
+                }
                 _ => {}
             }
             check_credits(&cp, &t).await;
+            check_runs_are_unique(&cp, &t).await;
+            let info = cp.tenant(&t).await.unwrap().unwrap();
+            let mut waiting = 0;
+            for st in [JobState::Queued, JobState::Delayed] {
+                waiting += cp
+                    .list_jobs(&t, Some(st), 1000, None)
+                    .await
+                    .unwrap()
+                    .0
+                    .len() as u32;
+            }
+            assert_eq!(info.queued, waiting, "the queued counter drifted");
+            let running = cp.list_jobs(&t, Some(JobState::Running), 1000, None).await;
+            assert_eq!(info.running, running.unwrap().0.len() as u32);
         }
+        // Nothing stuck: with credits to spare, every job ends.
+        cp.grant_credits(&t, 1_000_000).await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            tokio::time::sleep(Duration::from_millis(60)).await;
+            cp.reap(100).await.unwrap();
+            cp.promote(100).await.unwrap();
+            for c in cp.claim("w2", 10, 4).await.unwrap() {
+                let _ = cp.finalize(&c.lease, &ok("", 1)).await;
+            }
+            let (jl, _) = cp.list_jobs(&t, None, 1000, None).await.unwrap();
+            if jl.iter().all(|j| j.state.is_terminal()) {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "stuck: {jl:?}");
+        }
+        check_credits(&cp, &t).await;
+        check_runs_are_unique(&cp, &t).await;
+        let info = cp.tenant(&t).await.unwrap().unwrap();
+        assert_eq!(
+            (info.queued, info.running, info.credits.reserved),
+            (0, 0, 0)
+        );
     }
 }
 
