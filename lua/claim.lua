@@ -78,8 +78,8 @@ while #out < max_n do
     local r = reservation(fuel, timeout, g, P)
     local token = redis.call('INCR', FENCE)
     local attempt = n(J, 'attempts') + 1
-    local weight = math.max(n(T, 'weight'), 1)
     local est = math.max(n(T, 'avg_ms'), 1) * (1 + g * P.gpuw)
+    local weight = math.max(n(T, 'weight'), 1)
     local v = n(T, 'vtime')
     -- The shard's clock follows the lowest virtual time actually served.
     local vclock = tonumber(redis.call('GET', VCLOCK) or 0) or 0
