@@ -15,7 +15,11 @@
 -- ARGV[8]  GPU-tenant scan window (bounds work when heads need more GPUs than free)
 -- Returns: array of claims, each an array:
 --   {job, tenant, token, attempt, component, input, contexts, gpus, fuel,
---    memory_bytes, timeout_ms, agent_id, state_inline|'', state_ptr|'', state_version}
+--    memory_bytes, timeout_ms, agent_id, state|'', legacy_state_ptr|'', state_version}
+--   `attempt` is the run number: every claim of a job takes the next one.
+--   `state` carries the agent's state whether stored inline or as a large
+--   blob (read here, atomically with the version, so a concurrent FINALIZE
+--   that deletes the superseded blob cannot pull it from under the claim).
 -- Errors: malformed arguments (nothing written).
 local worker = ARGV[1]
 local max_n, free_gpus, lease = uint(ARGV[2]), uint(ARGV[3]), uint(ARGV[4])
@@ -86,12 +90,15 @@ while #out < max_n do
     T.gpus = n(T, 'gpus') + g
     T.reserved = n(T, 'reserved') + r
     T.queued = n(T, 'queued') - 1
-    redis.call('HSET', tkey(t), 'vtime', T.vtime, 'qlast', sid, 'running', T.running,
-      'gpus', T.gpus, 'reserved', T.reserved, 'queued', T.queued)
+    redis.call('HSET', tkey(t), 'vtime', T.vtime, 'qlast', sid, 'running', I(T.running),
+      'gpus', I(T.gpus), 'reserved', I(T.reserved), 'queued', I(T.queued))
     local started = J.started
     if started == nil or started == '' then started = now end
-    redis.call('HSET', jkey(jid), 'attempts', attempt, 'token', token, 'worker', worker,
-      'lease_until', now + lease, 'reserved', r, 'est', est, 'started', started, 'sid', sid)
+    -- `cw`: the weight `est` is charged at, which FINALIZE, RELEASE and
+    -- REAP correct with (the tenant's weight may change meanwhile).
+    redis.call('HSET', jkey(jid), 'attempts', I(attempt), 'counted', I(counted(J) + 1),
+      'token', token, 'worker', worker, 'lease_until', I(now + lease), 'reserved', I(r),
+      'est', est, 'cw', I(weight), 'started', started, 'sid', sid)
     set_state(jid, J, 'running')
     redis.call('ZADD', LEASES, now + lease, jid)
     ledger(t, 'reserve', jid, attempt, r, T)
@@ -104,7 +111,16 @@ while #out < max_n do
     if (J.agent_id or '') ~= '' then
       local A = hgetall(agentkey(t, J.agent_id))
       sinline, sptr, sver = A.inline or '', A.ptr or '', n(A, 'version')
-      redis.call('HSET', jkey(jid), 'sver', sver)
+      if (A.blob or '') ~= '' then
+        local bytes = redis.call('GET', stateblobkey(t, J.agent_id, A.blob))
+        if bytes then
+          sinline = bytes
+        else
+          -- Lost (never by the scripts): the Rust side reports it as missing.
+          sptr = 'lost:' .. A.blob
+        end
+      end
+      redis.call('HSET', jkey(jid), 'sver', I(sver))
     end
     out[#out + 1] = { jid, t, token, attempt, J.component, redis.call('HGET', jkey(jid), 'input'), J.contexts or '[]', g,
       fuel, memory, timeout, J.agent_id or '', sinline, sptr, sver }

@@ -20,6 +20,10 @@ local function ledgerkey(t) return B .. 'ledger:' .. t end
 local function jobskey(t) return B .. 'jobs:' .. t end
 local function statekey(t, s) return B .. 'js:' .. t .. ':' .. s end
 local function agentkey(t, a) return B .. 'agent:' .. t .. ':' .. a end
+-- A large agent state, one key per committed version, under its tenant and
+-- agent: no two tenants or agents ever share one, and FINALIZE deletes the
+-- superseded version in the same step that commits the next.
+local function stateblobkey(t, a, v) return B .. 'state:' .. t .. ':' .. a .. ':' .. v end
 local ACT_CPU = B .. 'act:cpu'   -- eligible tenants whose next job needs no GPU
 local ACT_GPU = B .. 'act:gpu'   -- eligible tenants whose next job needs GPUs
 local VCLOCK = B .. 'vclock'
@@ -38,17 +42,32 @@ local function fail(msg)
   return redis.error_reply('ERR agentplane: ' .. msg)
 end
 
--- A non-negative integer argument, or nil.
+-- The largest integer a Lua number (a double) holds exactly. Every count
+-- and amount the scripts keep stays within +-MAX_INT.
+local MAX_INT = 9007199254740991
+
+-- A non-negative integer argument within MAX_INT, or nil.
 local function uint(v)
   local n = tonumber(v)
-  if n == nil or n < 0 or n ~= math.floor(n) then return nil end
+  if n == nil or n < 0 or n ~= math.floor(n) or n > MAX_INT then return nil end
   return n
 end
 
 local function int(v)
   local n = tonumber(v)
-  if n == nil or n ~= math.floor(n) then return nil end
+  if n == nil or n ~= math.floor(n) or n > MAX_INT or n < -MAX_INT then return nil end
   return n
+end
+
+-- An integer as the scripts store it: plain digits, always. Lua's own
+-- tostring writes 10^14 as `1e+14`, which integer readers misparse. Raises
+-- on a non-integer or out-of-range value; callers validate their inputs
+-- before writing, so this is a last guard, not a path.
+local function I(x)
+  if type(x) ~= 'number' or x ~= math.floor(x) or x > MAX_INT or x < -MAX_INT then
+    error('agentplane: not an exact integer: ' .. tostring(x))
+  end
+  return string.format('%d', x)
 end
 
 local function hgetall(key)
@@ -95,10 +114,10 @@ local function effective(J, T)
 end
 
 local function ledger(t, op, job, attempt, amount, T)
-  redis.call('XADD', ledgerkey(t), '*', 'op', op, 'job', job, 'attempt', tostring(attempt),
-    'amount', tostring(amount),
-    'balance', tostring(n(T, 'granted') - n(T, 'settled')),
-    'reserved', tostring(n(T, 'reserved')))
+  redis.call('XADD', ledgerkey(t), '*', 'op', op, 'job', job, 'attempt', I(attempt),
+    'amount', I(amount),
+    'balance', I(n(T, 'granted') - n(T, 'settled')),
+    'reserved', I(n(T, 'reserved')))
 end
 
 -- Moves a job between the per-state indexes and records the new state.
@@ -230,7 +249,7 @@ local function end_attempt(jid, J, T)
   T.running = n(T, 'running') - 1
   T.gpus = n(T, 'gpus') - g
   -- HSET, not HINCRBY: Lua renders -0 as "-0", which HINCRBY refuses.
-  redis.call('HSET', tkey(t), 'running', T.running, 'gpus', T.gpus)
+  redis.call('HSET', tkey(t), 'running', I(T.running), 'gpus', I(T.gpus))
   redis.call('HSET', jkey(jid), 'sid', '', 'worker', '', 'lease_until', 0)
 end
 
@@ -238,7 +257,7 @@ end
 local function release_reservation(jid, J, T)
   local r = n(J, 'reserved')
   if r > 0 then
-    redis.call('HINCRBY', tkey(J.tenant), 'reserved', -r)
+    redis.call('HINCRBY', tkey(J.tenant), 'reserved', I(-r))
     T.reserved = n(T, 'reserved') - r
     ledger(J.tenant, 'release', jid, n(J, 'attempts'), r, T)
   end
@@ -247,7 +266,52 @@ end
 
 local function finish(jid, J, state, now)
   set_state(jid, J, state)
-  redis.call('HSET', jkey(jid), 'finished', now)
+  redis.call('HSET', jkey(jid), 'finished', I(now))
   -- RETAIN removes it (with its log and index entries) after the retention.
   redis.call('ZADD', DONE, now, jid)
+end
+
+-- Attempts that count toward max_attempts. `attempts` numbers every run
+-- (the ledger names runs by it, so it never goes back); `counted` leaves out
+-- the runs that were not the job's to lose: handed back by a draining
+-- worker, re-run on a state conflict, or stopped by a node fault. Jobs
+-- written before `counted` existed count every run.
+local function counted(J)
+  if (J.counted or '') == '' then return n(J, 'attempts') end
+  return n(J, 'counted')
+end
+
+-- Replaces the slot-time CLAIM charged in advance (`est` at the weight of
+-- the claim, `cw`) by `actual`, and re-scores the tenant. RELEASE, REAP and
+-- node faults pass 0: a run that was not the tenant's costs it no share.
+-- The weight at claim, not the current one: claiming at weight 1000 and
+-- correcting at weight 1 would bank priority.
+local function correct_vtime(t, J, T, actual)
+  local w = n(J, 'cw')
+  if w <= 0 then w = math.max(n(T, 'weight'), 1) end
+  T.vtime = n(T, 'vtime') + (actual - n(J, 'est')) / w
+  redis.call('HSET', tkey(t), 'vtime', T.vtime)
+  for _, set in ipairs({ ACT_CPU, ACT_GPU }) do
+    if redis.call('ZSCORE', set, t) then redis.call('ZADD', set, T.vtime, t) end
+  end
+end
+
+-- A run the node could not give what it needs (the node's fault, not the
+-- guest's): never charged, never counted toward max_attempts, but bounded
+-- per job, so a job no node can start ends with `node_fault` instead of
+-- cycling through the queue forever. The caller has already released the
+-- reservation and ended the attempt. Returns 'failed', 0 or 'retry', delay.
+local function node_fault(jid, J, T, msg, max_faults, base, maxd, jitter, now)
+  local f = n(J, 'faults') + 1
+  redis.call('HSET', jkey(jid), 'faults', I(f), 'counted', I(math.max(counted(J) - 1, 0)))
+  if f >= max_faults then
+    redis.call('HSET', jkey(jid), 'ekind', 'node_fault',
+      'emsg', 'nodes failed to run this job ' .. f .. ' times; last: ' .. msg)
+    finish(jid, J, 'failed', now)
+    return 'failed', 0
+  end
+  redis.call('HSET', jkey(jid), 'ekind', 'node_fault', 'emsg', msg)
+  local d = backoff(f, base, maxd, jitter)
+  to_delayed(jid, J, T, now + d)
+  return 'retry', d
 end

@@ -5,7 +5,8 @@
 -- (XCLAIM to the reaper, XACK, XDEL). The lost attempt is not charged: its
 -- whole reservation is released. The job goes back through the delayed
 -- queue with backoff, or fails with `lease_expired` once max_attempts are
--- spent, or ends `cancelled` if the tenant had cancelled it.
+-- spent, or ends `cancelled` if the tenant had cancelled it. The claim's
+-- fair-share estimate is refunded: the tenant got no slot-time from it.
 --
 -- KEYS[1]  shard tag (derived: leases, j:<job>, t:<tenant>, q:<tenant>, ...)
 -- ARGV[1]  batch size           ARGV[2]  retry base ms
@@ -33,8 +34,9 @@ for _, jid in ipairs(due) do
     end
     release_reservation(jid, J, T)
     end_attempt(jid, J, T)
+    correct_vtime(t, J, T, 0)
     retire_consumer(t, 'reaper')
-    local now_attempts = n(J, 'attempts')
+    local now_attempts = counted(J)
     if J.cancel == '1' then
       redis.call('HSET', jkey(jid), 'ekind', 'cancelled', 'emsg', 'cancelled by the tenant')
       finish(jid, J, 'cancelled', now)

@@ -40,6 +40,10 @@ end
 if redis.call('EXISTS', KEYS[3]) == 1 then return fail('job id already used') end
 
 local T = hgetall(KEYS[2])
+-- max_queued bounds admission of new jobs only. A job already accepted is
+-- never refused on its way back (retry, RELEASE, state conflict, REAP), so
+-- `queued` may pass max_queued, but queued + running stays within
+-- max_queued + max_running: only SUBMIT adds, and only below max_queued.
 if n(T, 'queued') >= n(T, 'max_queued') then return { 'queue_full' } end
 local J = { fuel = ARGV[10], timeout_ms = ARGV[9], tenant = t }
 local fuel, timeout = effective(J, T)
@@ -49,9 +53,9 @@ if balance < r then return { 'credits', r, balance } end
 
 local now = now_ms()
 redis.call('HSET', KEYS[3], 'tenant', t, 'component', ARGV[3], 'input', ARGV[4],
-  'agent_id', ARGV[5], 'contexts', ARGV[6], 'gpus', gpus, 'max_attempts', max_attempts,
-  'timeout_ms', ARGV[9], 'fuel', ARGV[10], 'attempts', 0, 'conflicts', 0, 'token', 0,
-  'reserved', 0, 'u_fuel', 0, 'u_wall', 0, 'u_credits', 0, 'created', now, 'cancel', 0)
+  'agent_id', ARGV[5], 'contexts', ARGV[6], 'gpus', I(gpus), 'max_attempts', I(max_attempts),
+  'timeout_ms', ARGV[9], 'fuel', ARGV[10], 'attempts', 0, 'counted', 0, 'conflicts', 0, 'token', 0,
+  'reserved', 0, 'u_fuel', 0, 'u_wall', 0, 'u_credits', 0, 'created', I(now), 'cancel', 0)
 redis.call('ZADD', jobskey(t), 0, jid)
 J.state = ''
 if delay > 0 then

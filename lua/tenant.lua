@@ -11,6 +11,7 @@
 -- grant:  ARGV[6] amount (may be negative)
 -- Returns: create {'ok'} | {'exists'}; update {'ok'} | {'not_found'};
 --          grant {'ok', balance} | {'not_found'} | {'insufficient', balance, reserved}
+--                | {'out_of_range'} (granted or balance would leave +-(2^53 - 1))
 -- Errors:  malformed arguments, unknown or non-integer fields (nothing written).
 local op, t = ARGV[1], ARGV[2]
 local P = prices(ARGV[3], ARGV[4], ARGV[5])
@@ -25,18 +26,18 @@ local function pairs_from(i)
   for j = i, #ARGV, 2 do
     if not allowed[ARGV[j]] then return nil, 'unknown field ' .. ARGV[j] end
     local v = uint(ARGV[j + 1])
-    if v == nil then return nil, 'field ' .. ARGV[j] .. ' is not a non-negative integer' end
+    if v == nil then return nil, 'field ' .. ARGV[j] .. ' is not an integer in 0..2^53-1' end
     if ARGV[j] == 'weight' and v < 1 then return nil, 'weight must be at least 1' end
     kv[#kv + 1] = ARGV[j]
-    kv[#kv + 1] = v
+    kv[#kv + 1] = I(v)
   end
   return kv
 end
 
 local exists = redis.call('EXISTS', KEYS[2]) == 1
 if op == 'create' then
-  local credits = int(ARGV[7])
-  if credits == nil or credits < 0 then return fail('initial credits must be a non-negative integer') end
+  local credits = uint(ARGV[7])
+  if credits == nil then return fail('initial credits must be an integer in 0..2^53-1') end
   local kv, err = pairs_from(8)
   if kv == nil then return fail(err) end
   if exists then return { 'exists' } end
@@ -48,7 +49,7 @@ if op == 'create' then
   redis.call('XGROUP', 'CREATE', qkey(t), GROUP, '0', 'MKSTREAM')
   local T = hgetall(KEYS[2])
   if credits > 0 then
-    redis.call('HSET', KEYS[2], 'granted', credits)
+    redis.call('HSET', KEYS[2], 'granted', I(credits))
     T.granted = credits
     ledger(t, 'grant', '', 0, credits, T)
   end
@@ -68,12 +69,14 @@ elseif op == 'grant' then
   if amount == nil then return fail('amount must be an integer') end
   if not exists then return { 'not_found' } end
   local T = hgetall(KEYS[2])
-  local balance = n(T, 'granted') + amount - n(T, 'settled')
+  local granted = n(T, 'granted') + amount
+  local balance = granted - n(T, 'settled')
+  if math.abs(granted) > MAX_INT or math.abs(balance) > MAX_INT then return { 'out_of_range' } end
   if balance < n(T, 'reserved') then
     return { 'insufficient', n(T, 'granted') - n(T, 'settled'), n(T, 'reserved') }
   end
-  T.granted = n(T, 'granted') + amount
-  redis.call('HSET', KEYS[2], 'granted', T.granted)
+  T.granted = granted
+  redis.call('HSET', KEYS[2], 'granted', I(T.granted))
   ledger(t, 'grant', '', 0, amount, T)
   if refresh(t, T, P) then wake() end
   return { 'ok', balance }

@@ -403,10 +403,13 @@ async fn run_claim(shared: &Shared, claim: Claim, hard_stop: CancellationToken) 
     let report = match prepare(shared, &claim, run.clone()).await {
         Ok(req) => shared.host.run(req).await,
         Err(PrepError::Transient(msg)) => {
-            tracing::warn!(error = %msg, "could not prepare the run; releasing");
+            // The node's failure, not the guest's: handed back uncharged and
+            // uncounted, but as a node fault, which the control plane bounds
+            // per job (a job no node can start must not cycle forever).
+            tracing::warn!(error = %msg, "could not prepare the run; releasing as a node fault");
             renew_stop.cancel();
             let _ = renewer.await;
-            return release(shared, &lease).await;
+            return release_fault(shared, &lease, &fault_for_tenant(&msg)).await;
         }
         Err(PrepError::Fatal(msg)) => RunReport {
             outcome: RunOutcome::Failed {
@@ -504,6 +507,28 @@ async fn record_terminal(shared: &Shared, lease: &Lease, f: &Finalized) {
     {
         metrics::counter!("agentplane_credits_total", "tenant" => lease.tenant.clone())
             .increment(job.usage.credits as u64);
+    }
+}
+
+/// What a tenant sees of a node fault: the stage that failed, never the
+/// cause (a Redis error may name addresses or keys; the log has it all).
+fn fault_for_tenant(msg: &str) -> String {
+    let stage = msg.split(": ").next().unwrap_or(msg);
+    format!("the node failed {stage} (a fault of the node, not the job; not charged)")
+}
+
+async fn release_fault(shared: &Shared, lease: &Lease, message: &str) -> RunEnd {
+    match shared.control.release_fault(lease, message).await {
+        Ok(f) => {
+            metrics::counter!("agentplane_jobs_released_total").increment(1);
+            record_terminal(shared, lease, &f).await;
+            RunEnd::Finalized(f)
+        }
+        Err(CpError::LeaseLost) => RunEnd::LeaseLost,
+        Err(e) => {
+            tracing::warn!(job = %lease.job_id, error = %e, "release failed; the reaper will requeue it");
+            RunEnd::Abandoned
+        }
     }
 }
 

@@ -72,6 +72,11 @@ pub struct ControlConfig {
     /// ledger entries are kept before the scheduler's sweep removes them
     /// (ledger entries are folded into the tenant's checkpoint).
     pub retention_ms: u64,
+    /// Node faults (runs a node could not start or finish for reasons of
+    /// its own) a job may meet before it fails with `node_fault`. Each one
+    /// is uncharged and uncounted; the bound stops a job no node can run
+    /// from cycling through the queue forever.
+    pub max_node_faults: u32,
 }
 
 impl Default for ControlConfig {
@@ -88,6 +93,7 @@ impl Default for ControlConfig {
             default_limits: Limits::default(),
             log_max_bytes: 128 << 10,
             retention_ms: 7 * 24 * 3600 * 1000,
+            max_node_faults: DEFAULT_MAX_NODE_FAULTS,
         }
     }
 }
@@ -249,6 +255,8 @@ pub struct Lease {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Claim {
     pub lease: Lease,
+    /// The run number: every claim of a job takes the next one, so the
+    /// ledger names each run uniquely (not the count toward `max_attempts`).
     pub attempt: u32,
     pub component: String,
     pub input: String,
@@ -364,6 +372,16 @@ pub struct ContextMeta {
     pub dim: u64,
 }
 
+/// Default of [`ControlConfig::max_node_faults`].
+pub const DEFAULT_MAX_NODE_FAULTS: u32 = 5;
+
+/// The largest integer the scripts hold exactly (Lua numbers are doubles):
+/// every amount and count stays within ±this.
+pub const MAX_EXACT_INT: i64 = (1 << 53) - 1;
+
+/// Bytes of a node-fault message kept on the job.
+const FAULT_MESSAGE_MAX: usize = 1024;
+
 /// Attempts a job may lose to agent-state conflicts before it fails: each
 /// conflicting attempt did run (and was charged), so this bounds the bill.
 const MAX_STATE_CONFLICTS: u32 = 16;
@@ -435,6 +453,20 @@ fn status(v: &Value) -> (String, &[Value]) {
     match a.split_first() {
         Some((s, rest)) => (v_str(s), rest),
         None => (String::new(), &[]),
+    }
+}
+
+/// An integer the scripts wrote (credits, counters), read exactly: a value
+/// that is not plain integer digits is an error, never a silent 0 (Lua's
+/// `1e+14` once read as 0 and lost money from the books).
+fn exact_int(k: &str, s: Option<&str>) -> Result<i64, CpError> {
+    match s {
+        None | Some("") => Ok(0),
+        Some(s) => s
+            .parse::<i64>()
+            .ok()
+            .filter(|v| v.abs() <= MAX_EXACT_INT)
+            .ok_or_else(|| bad(format!("`{k}` is not an exact integer: {s:?}"))),
     }
 }
 
@@ -554,6 +586,11 @@ impl ControlPlane {
         if spec.credits < 0 {
             return Err(CpError::Invalid("credits must not be negative".into()));
         }
+        if spec.credits > MAX_EXACT_INT {
+            return Err(CpError::Invalid(format!(
+                "credits must be at most {MAX_EXACT_INT}"
+            )));
+        }
         let d = self.cfg.default_limits;
         let mut fields: Vec<(String, u64)> = vec![
             ("weight".into(), spec.weight as u64),
@@ -631,6 +668,11 @@ impl ControlPlane {
     /// Adds `amount` (may be negative) and answers the new balance. A
     /// negative grant may not take the balance below what is reserved.
     pub async fn grant_credits(&self, id: &str, amount: i64) -> Result<i64, CpError> {
+        if amount.abs() > MAX_EXACT_INT {
+            return Err(CpError::Invalid(format!(
+                "amount must be within ±{MAX_EXACT_INT}"
+            )));
+        }
         let v = self
             .tenant_script(id, "grant", &[amount.to_string()])
             .await?;
@@ -639,6 +681,9 @@ impl ControlPlane {
             "ok" => Ok(rest.first().map(v_i64).unwrap_or(0)),
             "not_found" => Err(CpError::NotFound),
             "insufficient" => Err(CpError::InsufficientCredits),
+            "out_of_range" => Err(CpError::Invalid(format!(
+                "the grant would take the tenant's credits past ±{MAX_EXACT_INT}"
+            ))),
             other => Err(bad(format!("TENANT grant answered {other}"))),
         }
     }
@@ -655,8 +700,9 @@ impl ControlPlane {
         if h.is_empty() {
             return Ok(None);
         }
-        let granted = num(&h, "granted");
-        let settled = num(&h, "settled");
+        let int = |k: &str| exact_int(k, h.get(k).map(String::as_str));
+        let granted = int("granted")?;
+        let settled = int("settled")?;
         Ok(Some(TenantInfo {
             id: id.to_string(),
             weight: num(&h, "weight") as u32,
@@ -670,7 +716,7 @@ impl ControlPlane {
             },
             credits: Credits {
                 balance: granted - settled,
-                reserved: num(&h, "reserved"),
+                reserved: int("reserved")?,
             },
             running: num(&h, "running") as u32,
             queued: num(&h, "queued") as u32,
@@ -884,7 +930,13 @@ impl ControlPlane {
             tenant: h.get("tenant").cloned().unwrap_or_default(),
             state,
             component: h.get("component").cloned().unwrap_or_default(),
-            attempts: num(h, "attempts") as u32,
+            // Attempts that count toward max_attempts; `attempts` in Redis
+            // numbers every run (the ledger's run numbers).
+            attempts: if h.contains_key("counted") {
+                num(h, "counted")
+            } else {
+                num(h, "attempts")
+            } as u32,
             output: (state == JobState::Succeeded)
                 .then(|| h.get("output").cloned().unwrap_or_default()),
             error,
@@ -904,11 +956,12 @@ impl ControlPlane {
 
     /// The fields of a job hash that [`Job`] shows, never the input (up to
     /// 1 MiB each: a page of whole records was 105 MB for 100 jobs).
-    const JOB_VIEW: [&'static str; 16] = [
+    const JOB_VIEW: [&'static str; 17] = [
         "tenant",
         "state",
         "component",
         "attempts",
+        "counted",
         "output",
         "ekind",
         "emsg",
@@ -1168,19 +1221,15 @@ impl ControlPlane {
                 "`{kind}` is decided by the control plane, not reported by a worker"
             )));
         }
-        // Large states go to the blob tier first; only the pointer is
-        // committed by the script, so a lost race leaves only an orphan blob.
-        let (smode, svalue) = match (&finish.new_state, &finish.outcome) {
+        // Large states go to their own key, written by the script itself
+        // with the commit (and the superseded version deleted in the same
+        // step): nothing is written for a state that loses its race.
+        let (smode, svalue): (&str, &[u8]) = match (&finish.new_state, &finish.outcome) {
             (Some(s), AttemptOutcome::Succeeded { .. }) if s.len() > self.cfg.state_inline_max => {
-                let ptr = sha256_hex(s);
-                let _: () = self
-                    .conn()
-                    .set(self.keys.blob("state", &ptr), s.as_slice())
-                    .await?;
-                ("ptr", ptr.into_bytes())
+                ("blob", s)
             }
-            (Some(s), AttemptOutcome::Succeeded { .. }) => ("inline", s.clone()),
-            _ => ("none", Vec::new()),
+            (Some(s), AttemptOutcome::Succeeded { .. }) => ("inline", s),
+            _ => ("none", &[]),
         };
         let log = truncate_utf8(&finish.log, self.cfg.log_max_bytes);
         let mut inv = scripts::FINALIZE.prepare_invoke();
@@ -1203,17 +1252,11 @@ impl ControlPlane {
         for p in self.prices() {
             inv.arg(p);
         }
+        inv.arg(self.cfg.max_node_faults);
         let v: Value = inv.invoke_async(&mut self.conn()).await?;
         let (s, rest) = status(&v);
         match s.as_str() {
-            "succeeded" => {
-                let old = rest.first().map(v_str).unwrap_or_default();
-                if !old.is_empty() {
-                    // The superseded blob; a failure here only leaks storage.
-                    let _: Result<(), _> = self.conn().del(self.keys.blob("state", &old)).await;
-                }
-                Ok(Finalized::Succeeded)
-            }
+            "succeeded" => Ok(Finalized::Succeeded),
             "failed" => Ok(Finalized::Failed),
             "cancelled" => Ok(Finalized::Cancelled),
             "retry" => Ok(Finalized::Retrying {
@@ -1226,7 +1269,30 @@ impl ControlPlane {
     }
 
     /// Hands a claimed job back to the queue uncharged (worker draining).
+    /// Unbounded: draining is the operator's doing, never the job's.
     pub async fn release(&self, lease: &Lease) -> Result<(), CpError> {
+        match self.release_script(lease, "drain", "").await? {
+            Finalized::Failed => Err(bad("RELEASE failed a drained job")),
+            _ => Ok(()),
+        }
+    }
+
+    /// Hands back a job the node could not start (a node fault: a
+    /// component or context it could not load, a failure of its own).
+    /// Uncharged and not counted toward `max_attempts`; the job runs again
+    /// after a backoff, until it has met `max_node_faults` of them: then it
+    /// fails with `node_fault` (answered as [`Finalized::Failed`]).
+    pub async fn release_fault(&self, lease: &Lease, message: &str) -> Result<Finalized, CpError> {
+        self.release_script(lease, "fault", truncate_utf8(message, FAULT_MESSAGE_MAX))
+            .await
+    }
+
+    async fn release_script(
+        &self,
+        lease: &Lease,
+        mode: &str,
+        message: &str,
+    ) -> Result<Finalized, CpError> {
         let mut inv = scripts::RELEASE.prepare_invoke();
         inv.key(self.keys.tenant_tag(&lease.tenant))
             .key(self.keys.job(&lease.tenant, &lease.job_id))
@@ -1235,9 +1301,22 @@ impl ControlPlane {
         for p in self.prices() {
             inv.arg(p);
         }
+        inv.arg(mode)
+            .arg(message)
+            .arg(self.cfg.max_node_faults)
+            .arg(self.cfg.retry_base_ms)
+            .arg(self.cfg.retry_max_ms)
+            .arg(rand::random::<u32>() % 1000);
         let v: Value = inv.invoke_async(&mut self.conn()).await?;
-        match status(&v).0.as_str() {
-            "ok" => Ok(()),
+        let (s, rest) = status(&v);
+        match s.as_str() {
+            // Back in the ready queue at once.
+            "ok" => Ok(Finalized::Retrying { delay_ms: 0 }),
+            "retry" => Ok(Finalized::Retrying {
+                delay_ms: rest.first().map(v_u64).unwrap_or(0),
+            }),
+            "failed" => Ok(Finalized::Failed),
+            "cancelled" => Ok(Finalized::Cancelled),
             "lost" => Err(CpError::LeaseLost),
             other => Err(bad(format!("RELEASE answered {other}"))),
         }
@@ -1347,19 +1426,21 @@ impl ControlPlane {
     pub async fn ledger(&self, tenant: &str) -> Result<Vec<LedgerEntry>, CpError> {
         let entries: redis::streams::StreamRangeReply =
             self.conn().xrange_all(self.keys.ledger(tenant)).await?;
-        Ok(entries
+        entries
             .ids
             .into_iter()
             .map(|e| {
                 let get = |k: &str| e.map.get(k).map(v_str).unwrap_or_default();
-                LedgerEntry {
+                let attempt = exact_int("attempt", Some(&get("attempt")))?;
+                Ok(LedgerEntry {
                     op: get("op"),
                     job: get("job"),
-                    attempt: get("attempt").parse().unwrap_or(0),
-                    amount: get("amount").parse().unwrap_or(0),
-                }
+                    attempt: u32::try_from(attempt)
+                        .map_err(|_| bad(format!("ledger attempt {attempt} out of range")))?,
+                    amount: exact_int("amount", Some(&get("amount")))?,
+                })
             })
-            .collect())
+            .collect()
     }
 }
 
@@ -1391,4 +1472,30 @@ pub fn truncate_utf8(s: &str, max: usize) -> &str {
         end -= 1;
     }
     &s[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exact_integers_or_a_loud_error() {
+        assert_eq!(exact_int("a", None).unwrap(), 0);
+        assert_eq!(exact_int("a", Some("")).unwrap(), 0);
+        assert_eq!(
+            exact_int("a", Some("9007199254740991")).unwrap(),
+            MAX_EXACT_INT
+        );
+        assert_eq!(exact_int("a", Some("-42")).unwrap(), -42);
+        // What Lua's tostring wrote for 10^14, and what was once read as 0.
+        for bad in [
+            "1e+14",
+            "1.2345678901234e+14",
+            "12.5",
+            "9007199254740992",
+            "x",
+        ] {
+            assert!(exact_int("amount", Some(bad)).is_err(), "{bad}");
+        }
+    }
 }
