@@ -2,8 +2,9 @@
 //! logs, listing and cancellation.
 
 use super::auth::authenticate;
+use super::body::{expect_json, parse_json, read_body};
 use super::error::{ApiError, ApiResult};
-use super::{AppState, read_body, valid_digest};
+use super::{AppState, valid_digest};
 use crate::control::{JobRequest, SubmitSpec, TenantInfo};
 use crate::model::{Job, JobState, valid_name};
 use axum::Json;
@@ -138,16 +139,17 @@ pub(super) async fn submit(
     let caller = authenticate(&state, &headers).await?;
     let tenant = caller.tenant()?.to_string();
     let idem = idempotency_key(&headers)?;
+    expect_json(&headers)?;
     let cfg = state.config();
     let bytes = read_body(
         &headers,
         body,
         cfg.max_job_body_bytes(),
-        cfg.body_idle_timeout,
+        cfg,
         "the job body",
     )
     .await?;
-    let req: JobRequest = super::parse_json(&bytes)?;
+    let req: JobRequest = parse_json(&bytes, "job body")?;
     let cp = state.control();
     let info = cp
         .tenant(&tenant)
@@ -436,7 +438,7 @@ mod tests {
 
     #[test]
     fn unknown_job_fields_are_named() {
-        let e = super::super::parse_json::<JobRequest>(br#"{"component":"x","input":"","gpu":1}"#)
+        let e = parse_json::<JobRequest>(br#"{"component":"x","input":"","gpu":1}"#, "job body")
             .unwrap_err();
         assert!(e.to_string().contains("`gpu`"), "{e}");
     }

@@ -103,6 +103,10 @@ fn shutdown_on_signals() -> CancellationToken {
 
 /// `agentplane serve`.
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    // Everything `serve` writes (the compiled-component cache, the admin
+    // token, Redis's files) lives in the data dir and is for this user only.
+    // SAFETY: umask(2) only swaps the process's file-mode mask.
+    unsafe { libc::umask(0o077) };
     let shutdown = shutdown_on_signals();
     embedded::ensure_dir(&args.data)?;
     // Dropped last, after every part stopped: the worker needs Redis to
@@ -146,7 +150,7 @@ async fn serve_parts(
         None => say!("admin token: from AGENTPLANE_ADMIN_TOKEN"),
     }
     say!(
-        "try: curl -s -H 'Authorization: Bearer {}' -d '{{\"id\":\"demo\",\"credits\":1000000}}' {base}/v1/tenants",
+        "try: curl -s -H 'Authorization: Bearer {}' -H 'Content-Type: application/json' -d '{{\"id\":\"demo\",\"credits\":1000000}}' {base}/v1/tenants",
         if token_file.is_some() {
             token.as_str()
         } else {
