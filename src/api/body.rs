@@ -144,32 +144,21 @@ pub(crate) fn to_json<T: serde::Serialize>(v: &T) -> ApiResult<axum::Json<serde_
         .map_err(|_| ApiError::Internal)
 }
 
-/// Upload slots: at most [`ApiConfig::max_concurrent_uploads`] uploads are
-/// buffered and processed at once, and one tenant holds at most
-/// [`ApiConfig::uploads_per_tenant`] of them. A tenant over its share is
-/// answered 429 at once rather than queued, so it cannot park connections
-/// either; a tenant within its share waits for a global slot, which others
-/// give back within their (rate-bounded) body time.
-pub(crate) struct UploadSlots {
-    global: Arc<Semaphore>,
+/// Per-tenant counts of something held at once (upload slots, long-polls),
+/// each tenant bounded by the same share.
+pub(crate) struct Shares {
     per_tenant: usize,
     held: Arc<Mutex<HashMap<String, usize>>>,
 }
 
-/// One held upload slot; given back on drop.
-pub(crate) struct UploadSlot {
-    _tenant: TenantShare,
-    _global: OwnedSemaphorePermit,
-}
-
-/// A tenant's claim on its share, released on drop (also when the request
-/// is dropped while it waits for a global slot).
-struct TenantShare {
+/// One unit of a tenant's share, given back on drop (also when the request
+/// holding it is dropped mid-way).
+pub(crate) struct Share {
     tenant: String,
     held: Arc<Mutex<HashMap<String, usize>>>,
 }
 
-impl Drop for TenantShare {
+impl Drop for Share {
     fn drop(&mut self) {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(n) = held.get_mut(&self.tenant) {
@@ -179,6 +168,46 @@ impl Drop for TenantShare {
             }
         }
     }
+}
+
+impl Shares {
+    pub(crate) fn new(per_tenant: usize) -> Shares {
+        Shares {
+            per_tenant: per_tenant.max(1),
+            held: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// One more unit for `tenant`, or `None` when it holds its share.
+    pub(crate) fn try_take(&self, tenant: &str) -> Option<Share> {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let n = held.entry(tenant.to_string()).or_insert(0);
+        if *n >= self.per_tenant {
+            return None;
+        }
+        *n += 1;
+        Some(Share {
+            tenant: tenant.to_string(),
+            held: self.held.clone(),
+        })
+    }
+}
+
+/// Upload slots: at most [`ApiConfig::max_concurrent_uploads`] uploads are
+/// buffered and processed at once, and one tenant holds at most
+/// [`ApiConfig::uploads_per_tenant`] of them. A tenant over its share is
+/// answered 429 at once rather than queued, so it cannot park connections
+/// either; a tenant within its share waits for a global slot, which others
+/// give back within their (rate-bounded) body time.
+pub(crate) struct UploadSlots {
+    global: Arc<Semaphore>,
+    shares: Shares,
+}
+
+/// One held upload slot; given back on drop.
+pub(crate) struct UploadSlot {
+    _share: Share,
+    _global: OwnedSemaphorePermit,
 }
 
 impl Drop for UploadSlot {
@@ -191,26 +220,17 @@ impl UploadSlots {
     pub(crate) fn new(cfg: &ApiConfig) -> UploadSlots {
         UploadSlots {
             global: Arc::new(Semaphore::new(cfg.max_concurrent_uploads.max(1))),
-            per_tenant: cfg.uploads_per_tenant.max(1),
-            held: Arc::new(Mutex::new(HashMap::new())),
+            shares: Shares::new(cfg.uploads_per_tenant),
         }
     }
 
     /// A slot for one upload of `tenant`: 429 when the tenant already holds
     /// its share, otherwise waits for a global slot.
     pub(crate) async fn acquire(&self, tenant: &str) -> ApiResult<UploadSlot> {
-        let share = {
-            let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-            let n = held.entry(tenant.to_string()).or_insert(0);
-            if *n >= self.per_tenant {
-                return Err(ApiError::TooManyUploads(self.per_tenant));
-            }
-            *n += 1;
-            TenantShare {
-                tenant: tenant.to_string(),
-                held: self.held.clone(),
-            }
-        };
+        let share = self
+            .shares
+            .try_take(tenant)
+            .ok_or(ApiError::TooManyUploads(self.shares.per_tenant))?;
         let global = self
             .global
             .clone()
@@ -219,7 +239,7 @@ impl UploadSlots {
             .map_err(|_| ApiError::Internal)?;
         metrics::gauge!("agentplane_uploads_in_progress").increment(1.0);
         Ok(UploadSlot {
-            _tenant: share,
+            _share: share,
             _global: global,
         })
     }

@@ -258,6 +258,18 @@ pub(super) async fn get(
             Duration::from_secs_f64(secs.min(state.config().max_wait.as_secs_f64()))
         }
     };
+    // A tenant over its long-poll share is answered at once: it may poll,
+    // but not hold every connection of the server.
+    let place = if wait.is_zero() {
+        None
+    } else {
+        state.wait_place(tenant)
+    };
+    let wait = if place.is_some() {
+        wait
+    } else {
+        Duration::ZERO
+    };
     let deadline = Instant::now() + wait;
     let base = state.config().wait_poll;
     let mut period = base;

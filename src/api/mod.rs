@@ -78,6 +78,10 @@ pub struct ApiConfig {
     /// Largest request head (request line and headers) answered with a
     /// JSON 431 beyond; the parser's own hard bound is a little above it.
     pub max_header_bytes: usize,
+    /// Long-polls (`?wait=`) one tenant may hold at once; more are answered
+    /// at once, without waiting. Each holds a connection for up to
+    /// `max_wait`: unbounded, one tenant could fill `max_connections`.
+    pub max_waits_per_tenant: usize,
 }
 
 impl Default for ApiConfig {
@@ -96,6 +100,7 @@ impl Default for ApiConfig {
             header_timeout: Duration::from_secs(10),
             max_connections: 1024,
             max_header_bytes: 16 << 10,
+            max_waits_per_tenant: 32,
         }
     }
 }
@@ -118,6 +123,7 @@ struct Inner {
     cfg: ApiConfig,
     metrics: Option<PrometheusHandle>,
     uploads: UploadSlots,
+    waits: body::Shares,
 }
 
 /// What every handler shares; cheap to clone.
@@ -141,6 +147,7 @@ impl AppState {
                 host,
                 admin_token,
                 uploads: UploadSlots::new(&cfg),
+                waits: body::Shares::new(cfg.max_waits_per_tenant),
                 cfg,
                 metrics: prom::handle(),
             }),
@@ -167,6 +174,12 @@ impl AppState {
     /// [`ApiConfig::uploads_per_tenant`]).
     pub(crate) async fn upload_slot(&self, tenant: &str) -> ApiResult<body::UploadSlot> {
         self.inner.uploads.acquire(tenant).await
+    }
+
+    /// One of `tenant`'s long-poll places, or `None` when it holds them all
+    /// (see [`ApiConfig::max_waits_per_tenant`]).
+    pub(crate) fn wait_place(&self, tenant: &str) -> Option<body::Share> {
+        self.inner.waits.try_take(tenant)
     }
 
     pub(crate) fn admin_token(&self) -> &str {

@@ -125,6 +125,11 @@ pub struct ApiLimitArgs {
     #[arg(long, env = "AGENTPLANE_UPLOADS_PER_TENANT", default_value_t = 2,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub uploads_per_tenant: u32,
+    /// Long-polls (`GET /v1/jobs/{id}?wait=`) one tenant may hold at once;
+    /// more are answered without waiting.
+    #[arg(long, env = "AGENTPLANE_MAX_WAITS_PER_TENANT", default_value_t = 32,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_waits_per_tenant: u32,
 }
 
 impl ApiLimitArgs {
@@ -141,6 +146,7 @@ impl ApiLimitArgs {
             body_grace: Duration::from_millis(self.body_grace_ms),
             max_concurrent_uploads: self.max_concurrent_uploads as usize,
             uploads_per_tenant: self.uploads_per_tenant as usize,
+            max_waits_per_tenant: self.max_waits_per_tenant as usize,
             ..crate::api::ApiConfig::default()
         }
     }

@@ -925,3 +925,72 @@ async fn bad_input_is_refused_with_a_json_error_and_writes_nothing() {
         .await;
     s.stop().await;
 }
+
+// ---- long-polls: one tenant cannot hold every connection ----
+
+#[tokio::test]
+async fn long_polls_of_one_tenant_cannot_fill_the_connection_cap() {
+    let s = Stack::start(edge_opts(ApiConfig {
+        max_connections: 6,
+        max_waits_per_tenant: 2,
+        ..ApiConfig::default()
+    }))
+    .await;
+    let evil = s.tenant("evil").await;
+    let victim = s.tenant("victim").await;
+    let digest = s.push(&evil, "echo").await;
+    // No worker: the job stays queued, so every wait runs its full length.
+    let id = s
+        .submit(&evil, json!({"component": digest, "input": "x"}))
+        .await;
+    let a = addr(&s);
+    let mut polls = Vec::new();
+    for _ in 0..6 {
+        let a = a.clone();
+        let head = format!(
+            "GET /v1/jobs/{id}?wait=30 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {evil}\r\n\
+             Connection: close\r\n\r\n"
+        );
+        polls.push(tokio::spawn(async move {
+            let t0 = Instant::now();
+            let answer = raw_exchange(&a, head.as_bytes(), b"", Duration::from_secs(40)).await;
+            (status_of(&answer), t0.elapsed())
+        }));
+    }
+    // The polls beyond the tenant's share come back at once, with the job;
+    // the two within it keep waiting.
+    let t0 = Instant::now();
+    loop {
+        let done = polls.iter().filter(|p| p.is_finished()).count();
+        if done >= 4 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "{done} of 6 long-polls answered in 10 s; all others held connections"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut waiting = Vec::new();
+    for p in polls {
+        if p.is_finished() {
+            let (st, took) = p.await.unwrap();
+            assert_eq!(st, 200);
+            assert!(took < Duration::from_secs(5), "{took:?}");
+        } else {
+            waiting.push(p);
+        }
+    }
+    assert_eq!(waiting.len(), 2);
+    // The victim is served promptly while two of the attacker's polls wait.
+    let t0 = Instant::now();
+    let (st, _) = tokio::time::timeout(Duration::from_secs(10), s.get("/v1/jobs", &victim))
+        .await
+        .expect("the victim waited behind another tenant's long-polls");
+    assert_eq!(st, StatusCode::OK);
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    for p in waiting {
+        p.abort();
+    }
+    s.stop().await;
+}
