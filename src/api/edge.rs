@@ -7,6 +7,9 @@
 //!   under a header-read timeout. In hyper that timer also runs while a
 //!   keep-alive connection waits for its next request, so it bounds idle
 //!   connections too.
+//! - `WriteDeadline` drops a connection whose answer makes no progress
+//!   for [`ApiConfig::write_timeout`]: a client that stops reading must not
+//!   hold its connection (and the answer buffered for it) forever.
 //! - [`head_limits`] answers an oversized head with a JSON 431 (the parser's
 //!   own, larger, bound answers a bare 431 before we ever see the request).
 //! - [`json_errors`] turns every error answer that is not already JSON
@@ -23,8 +26,11 @@ use axum::response::{IntoResponse, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{Semaphore, watch};
 
 /// Most header lines a request may carry (JSON 431 beyond).
@@ -74,7 +80,8 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let svc = TowerToHyperService::new(app.clone());
-        let conn = http.serve_connection(TokioIo::new(stream), svc);
+        let io = WriteDeadline::new(stream, cfg.write_timeout);
+        let conn = http.serve_connection(TokioIo::new(io), svc);
         let mut stop = stop_rx.clone();
         let done = done_rx.clone();
         tokio::spawn(async move {
@@ -99,6 +106,100 @@ pub async fn serve(
     drop(done_rx);
     done_tx.closed().await;
     Ok(())
+}
+
+/// An IO whose writes fail with `TimedOut` once one has made no progress
+/// for `timeout` (the peer stopped reading and the socket buffers are
+/// full). Reads pass through: their time is bounded by the header timeout
+/// and the body rules.
+struct WriteDeadline<T> {
+    inner: T,
+    timeout: Duration,
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<T> WriteDeadline<T> {
+    fn new(inner: T, timeout: Duration) -> Self {
+        WriteDeadline {
+            inner,
+            timeout,
+            stalled: None,
+        }
+    }
+
+    /// After the inner write answered `Pending`: starts the stall timer, or
+    /// fails once it has run out.
+    fn pending<R>(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<R>> {
+        let timeout = self.timeout;
+        let stalled = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        match stalled.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client stopped reading its answer",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for WriteDeadline<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for WriteDeadline<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match Pin::new(&mut self.inner).poll_write(cx, buf) {
+            Poll::Pending => self.pending(cx),
+            ready => {
+                self.stalled = None;
+                ready
+            }
+        }
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match Pin::new(&mut self.inner).poll_write_vectored(cx, bufs) {
+            Poll::Pending => self.pending(cx),
+            ready => {
+                self.stalled = None;
+                ready
+            }
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match Pin::new(&mut self.inner).poll_flush(cx) {
+            Poll::Pending => self.pending(cx),
+            ready => {
+                self.stalled = None;
+                ready
+            }
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// A failed `accept`: errors of one connection are skipped; running out of
@@ -203,4 +304,39 @@ pub(super) fn layers(router: Router<AppState>, state: AppState) -> Router {
         .layer(axum::middleware::from_fn(json_errors))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    #[tokio::test]
+    async fn a_peer_that_stops_reading_times_the_write_out() {
+        // A 64-byte pipe whose other end never reads.
+        let (ours, _theirs) = tokio::io::duplex(64);
+        let mut io = WriteDeadline::new(ours, Duration::from_millis(100));
+        let t0 = std::time::Instant::now();
+        let e = io.write_all(&[0u8; 4096]).await.unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    }
+
+    #[tokio::test]
+    async fn a_slow_but_steady_reader_is_served() {
+        use tokio::io::AsyncReadExt;
+        let (ours, mut theirs) = tokio::io::duplex(64);
+        let mut io = WriteDeadline::new(ours, Duration::from_millis(200));
+        let reader = tokio::spawn(async move {
+            let mut buf = [0u8; 64];
+            let mut n = 0;
+            while n < 4096 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                n += theirs.read(&mut buf).await.unwrap();
+            }
+            n
+        });
+        io.write_all(&[0u8; 4096]).await.unwrap();
+        assert_eq!(reader.await.unwrap(), 4096);
+    }
 }

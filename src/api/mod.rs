@@ -82,6 +82,9 @@ pub struct ApiConfig {
     /// at once, without waiting. Each holds a connection for up to
     /// `max_wait`: unbounded, one tenant could fill `max_connections`.
     pub max_waits_per_tenant: usize,
+    /// Longest time an answer may make no progress (the client stopped
+    /// reading) before its connection is dropped.
+    pub write_timeout: Duration,
 }
 
 impl Default for ApiConfig {
@@ -101,6 +104,7 @@ impl Default for ApiConfig {
             max_connections: 1024,
             max_header_bytes: 16 << 10,
             max_waits_per_tenant: 32,
+            write_timeout: Duration::from_secs(30),
         }
     }
 }

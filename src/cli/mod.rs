@@ -130,6 +130,11 @@ pub struct ApiLimitArgs {
     #[arg(long, env = "AGENTPLANE_MAX_WAITS_PER_TENANT", default_value_t = 32,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_waits_per_tenant: u32,
+    /// Longest time an answer may make no progress (the client stopped
+    /// reading) before its connection is dropped, in ms.
+    #[arg(long, env = "AGENTPLANE_WRITE_TIMEOUT_MS", default_value_t = 30_000,
+          value_parser = clap::value_parser!(u64).range(100..))]
+    pub write_timeout_ms: u64,
 }
 
 impl ApiLimitArgs {
@@ -147,6 +152,7 @@ impl ApiLimitArgs {
             max_concurrent_uploads: self.max_concurrent_uploads as usize,
             uploads_per_tenant: self.uploads_per_tenant as usize,
             max_waits_per_tenant: self.max_waits_per_tenant as usize,
+            write_timeout: Duration::from_millis(self.write_timeout_ms),
             ..crate::api::ApiConfig::default()
         }
     }
