@@ -105,6 +105,9 @@ pub(super) async fn get(
         // Another tenant's existence is not revealed.
         return Err(ApiError::NotFound("tenant"));
     }
+    if !valid_tenant_id(&id) {
+        return Err(ApiError::NotFound("tenant"));
+    }
     tenant_json(&state, &id).await
 }
 
