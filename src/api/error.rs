@@ -50,6 +50,9 @@ pub enum ApiError {
     /// 429: the tenant already holds its share of upload slots.
     #[error("this tenant already has {0} uploads in progress; retry when one finishes")]
     TooManyUploads(usize),
+    /// 429: the tenant is already sending this many job bodies.
+    #[error("this tenant is already sending {0} job bodies; retry when one finishes")]
+    TooManyBodies(usize),
     /// 405: the path exists with other methods.
     #[error("method not allowed")]
     MethodNotAllowed,
@@ -87,6 +90,7 @@ impl ApiError {
                 "headers_too_large",
             ),
             ApiError::TooManyUploads(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_uploads"),
+            ApiError::TooManyBodies(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_requests"),
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ApiError::RequestTimeout => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             ApiError::IdempotencyConflict => {

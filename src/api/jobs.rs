@@ -141,6 +141,11 @@ pub(super) async fn submit(
     let idem = idempotency_key(&headers)?;
     expect_json(&headers)?;
     let cfg = state.config();
+    // Each body in flight may buffer up to `max_job_body_bytes` for as long
+    // as the body rules allow: a tenant holds a bounded number of them.
+    let place = state
+        .body_place(&tenant)
+        .ok_or(ApiError::TooManyBodies(cfg.max_bodies_per_tenant))?;
     let bytes = read_body(
         &headers,
         body,
@@ -150,6 +155,7 @@ pub(super) async fn submit(
     )
     .await?;
     let req: JobRequest = parse_json(&bytes, "job body")?;
+    drop(place);
     let cp = state.control();
     let info = cp
         .tenant(&tenant)

@@ -82,6 +82,11 @@ pub struct ApiConfig {
     /// at once, without waiting. Each holds a connection for up to
     /// `max_wait`: unbounded, one tenant could fill `max_connections`.
     pub max_waits_per_tenant: usize,
+    /// Job submissions whose bodies one tenant may be sending at once (429
+    /// beyond): each may buffer up to [`ApiConfig::max_job_body_bytes`]
+    /// for as long as the body rules allow, so without a share one tenant
+    /// trickling many bodies could hold gigabytes.
+    pub max_bodies_per_tenant: usize,
     /// Longest time an answer may make no progress (the client stopped
     /// reading) before its connection is dropped.
     pub write_timeout: Duration,
@@ -105,6 +110,7 @@ impl Default for ApiConfig {
             max_header_bytes: 16 << 10,
             max_waits_per_tenant: 32,
             write_timeout: Duration::from_secs(30),
+            max_bodies_per_tenant: 16,
         }
     }
 }
@@ -128,6 +134,7 @@ struct Inner {
     metrics: Option<PrometheusHandle>,
     uploads: UploadSlots,
     waits: body::Shares,
+    bodies: body::Shares,
 }
 
 /// What every handler shares; cheap to clone.
@@ -152,6 +159,7 @@ impl AppState {
                 admin_token,
                 uploads: UploadSlots::new(&cfg),
                 waits: body::Shares::new(cfg.max_waits_per_tenant),
+                bodies: body::Shares::new(cfg.max_bodies_per_tenant),
                 cfg,
                 metrics: prom::handle(),
             }),
@@ -184,6 +192,12 @@ impl AppState {
     /// (see [`ApiConfig::max_waits_per_tenant`]).
     pub(crate) fn wait_place(&self, tenant: &str) -> Option<body::Share> {
         self.inner.waits.try_take(tenant)
+    }
+
+    /// One of `tenant`'s places to send a job body, or `None` when it holds
+    /// them all (see [`ApiConfig::max_bodies_per_tenant`]).
+    pub(crate) fn body_place(&self, tenant: &str) -> Option<body::Share> {
+        self.inner.bodies.try_take(tenant)
     }
 
     pub(crate) fn admin_token(&self) -> &str {

@@ -135,6 +135,11 @@ pub struct ApiLimitArgs {
     #[arg(long, env = "AGENTPLANE_WRITE_TIMEOUT_MS", default_value_t = 30_000,
           value_parser = clap::value_parser!(u64).range(100..))]
     pub write_timeout_ms: u64,
+    /// Job submissions whose bodies one tenant may be sending at once (429
+    /// beyond).
+    #[arg(long, env = "AGENTPLANE_MAX_BODIES_PER_TENANT", default_value_t = 16,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_bodies_per_tenant: u32,
 }
 
 impl ApiLimitArgs {
@@ -153,6 +158,7 @@ impl ApiLimitArgs {
             uploads_per_tenant: self.uploads_per_tenant as usize,
             max_waits_per_tenant: self.max_waits_per_tenant as usize,
             write_timeout: Duration::from_millis(self.write_timeout_ms),
+            max_bodies_per_tenant: self.max_bodies_per_tenant as usize,
             ..crate::api::ApiConfig::default()
         }
     }

@@ -1001,3 +1001,84 @@ async fn long_polls_of_one_tenant_cannot_fill_the_connection_cap() {
     }
     s.stop().await;
 }
+
+// ---- job bodies: one tenant cannot buffer without bound ----
+
+/// Starts `POST /v1/jobs` declaring `len` bytes and sending one byte every
+/// `every`; answers the status the server finally gives and when.
+async fn trickle_job(addr: String, token: String, len: usize, every: Duration) -> (u16, Duration) {
+    let t0 = Instant::now();
+    let mut c = TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /v1/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/json\r\nContent-Length: {len}\r\n\r\n"
+    );
+    c.write_all(head.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let mut tick = tokio::time::interval(every);
+    while t0.elapsed() < Duration::from_secs(60) {
+        tokio::select! {
+            r = c.read(&mut chunk) => match r {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    buf.extend_from_slice(&chunk[..n]);
+                    if buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
+                }
+            },
+            _ = tick.tick() => {
+                let _ = c.write_all(b" ").await;
+            }
+        }
+    }
+    (status_of(&buf), t0.elapsed())
+}
+
+#[tokio::test]
+async fn one_tenant_sends_a_bounded_number_of_job_bodies_at_once() {
+    let s = Stack::start(edge_opts(ApiConfig {
+        max_bodies_per_tenant: 3,
+        body_grace: 3 * SEC,
+        body_min_rate: 1024,
+        ..ApiConfig::default()
+    }))
+    .await;
+    let evil = s.tenant("evil").await;
+    let victim = s.tenant("victim").await;
+    let digest = s.push(&victim, "echo").await;
+    let attack: Vec<_> = (0..8)
+        .map(|_| {
+            tokio::spawn(trickle_job(
+                addr(&s),
+                evil.clone(),
+                1 << 20,
+                Duration::from_millis(200),
+            ))
+        })
+        .collect();
+    // Those beyond the share are refused at once, not buffered.
+    let t0 = Instant::now();
+    loop {
+        let done = attack.iter().filter(|h| h.is_finished()).count();
+        if done >= 5 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "{done} of 8 trickled job bodies refused in 2 s; the tenant's share is 3"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The victim submits as usual meanwhile.
+    s.submit(&victim, json!({"component": digest, "input": "hi"}))
+        .await;
+    let mut statuses = Vec::new();
+    for h in attack {
+        statuses.push(h.await.unwrap().0);
+    }
+    statuses.sort();
+    assert_eq!(statuses, vec![408, 408, 408, 429, 429, 429, 429, 429]);
+    s.stop().await;
+}
