@@ -139,16 +139,20 @@ async fn connections_beyond_the_cap_wait_instead_of_exhausting_descriptors() {
     }))
     .await;
     let a = addr(&s);
+    // Four keep-alive connections, each served once (so accepted: no
+    // sleep needed to know it) and then idle, holding the cap of four
+    // until the idle timeout.
     let mut held = Vec::new();
     for _ in 0..4 {
         let mut c = TcpStream::connect(&a).await.unwrap();
-        c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
             .await
             .unwrap();
+        let mut buf = [0u8; 1024];
+        let n = c.read(&mut buf).await.unwrap();
+        assert_eq!(status_of(&buf[..n]), 200);
         held.push(c);
     }
-    // Let the server accept the four (it reads their first bytes).
-    tokio::time::sleep(Duration::from_millis(300)).await;
     let t0 = Instant::now();
     let answer = raw_exchange(
         &a,
