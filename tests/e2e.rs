@@ -97,8 +97,8 @@ async fn echo_round_trip_over_http_and_cli() {
         .await;
     assert_eq!(page2["jobs"][0]["id"], id.as_str());
 
-    // Metrics are exposed in Prometheus text.
-    let (st, m) = s.call(reqwest::Method::GET, "/metrics", None, None).await;
+    // Metrics are exposed in Prometheus text, to the admin.
+    let (st, m) = s.get("/metrics", ADMIN).await;
     assert_eq!(st, StatusCode::OK);
     assert!(
         m.as_str()

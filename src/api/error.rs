@@ -41,6 +41,18 @@ pub enum ApiError {
     /// 408: the client stopped sending its body.
     #[error("the request body stalled; send it again")]
     RequestTimeout,
+    /// 415: a body of a media type the route does not take.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    /// 431: the request head is over the limit.
+    #[error("{0}")]
+    HeadersTooLarge(String),
+    /// 429: the tenant already holds its share of upload slots.
+    #[error("this tenant already has {0} uploads in progress; retry when one finishes")]
+    TooManyUploads(usize),
+    /// 429: the tenant is already sending this many job bodies.
+    #[error("this tenant is already sending {0} job bodies; retry when one finishes")]
+    TooManyBodies(usize),
     /// 405: the path exists with other methods.
     #[error("method not allowed")]
     MethodNotAllowed,
@@ -76,6 +88,15 @@ impl ApiError {
             ApiError::InsufficientCredits => (StatusCode::PAYMENT_REQUIRED, "insufficient_credits"),
             ApiError::TenantExists => (StatusCode::CONFLICT, "tenant_exists"),
             ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            ApiError::UnsupportedMediaType(_) => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
+            }
+            ApiError::HeadersTooLarge(_) => (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "headers_too_large",
+            ),
+            ApiError::TooManyUploads(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_uploads"),
+            ApiError::TooManyBodies(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_requests"),
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ApiError::RequestTimeout => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             ApiError::IdempotencyConflict => {

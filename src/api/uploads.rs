@@ -3,8 +3,9 @@
 //! tenant only ever sees what it uploaded itself.
 
 use super::auth::authenticate;
+use super::body::{expect_json, expect_wasm, parse_json, read_body};
 use super::error::{ApiError, ApiResult};
-use super::{AppState, check_keys, read_body, valid_digest};
+use super::{AppState, valid_digest};
 use crate::context::{ContextError, ContextUpload, encode};
 use crate::control::ContextMeta;
 use crate::model::valid_name;
@@ -22,16 +23,10 @@ pub(super) async fn push_component(
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let caller = authenticate(&state, &headers).await?;
     let tenant = caller.tenant()?.to_string();
+    expect_wasm(&headers)?;
     let limit = state.config().max_component_bytes;
-    let _permit = state.upload_permit().await?;
-    let bytes = read_body(
-        &headers,
-        body,
-        limit,
-        state.config().body_idle_timeout,
-        "the component",
-    )
-    .await?;
+    let _slot = state.upload_slot(&tenant).await?;
+    let bytes = read_body(&headers, body, limit, state.config(), "the component").await?;
     // Admission parses (and may compile) the component: CPU work that must
     // not stall the async workers serving other requests.
     let host = state.host().clone();
@@ -82,23 +77,17 @@ pub(super) async fn push_context(
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let caller = authenticate(&state, &headers).await?;
     let tenant = caller.tenant()?.to_string();
+    expect_json(&headers)?;
     let limit = state.config().max_context_bytes;
-    let _permit = state.upload_permit().await?;
-    let bytes = read_body(
-        &headers,
-        body,
-        limit,
-        state.config().body_idle_timeout,
-        "the context",
-    )
-    .await?;
-    // Parsing and indexing up to hundreds of MiB is CPU work: off the
-    // async workers.
+    let _slot = state.upload_slot(&tenant).await?;
+    let bytes = read_body(&headers, body, limit, state.config(), "the context").await?;
+    // Parsing and indexing tens of MiB is CPU work: off the async workers.
     let encoded = tokio::task::spawn_blocking(move || -> ApiResult<_> {
-        let value: Value = super::parse_json(&bytes)?;
-        check_keys(&value, &["name", "documents", "tools"], "the context body")?;
-        let upload: ContextUpload = serde_json::from_value(value)
-            .map_err(|e| ApiError::Invalid(format!("invalid context body: {e}")))?;
+        // Straight from the bytes into the typed upload (no `Value` tree,
+        // which costs several times the body), then the body is freed
+        // before the blob is built.
+        let upload: ContextUpload = parse_json(&bytes, "context body")?;
+        drop(bytes);
         if !valid_name(&upload.name) {
             return Err(ApiError::Invalid(
                 "`name` must be 1-128 characters of letters, digits, `-`, `_`, `.` and `/`".into(),

@@ -55,8 +55,9 @@ pub const MAX_K: usize = 1000;
 
 use serde::{Deserialize, Serialize};
 
-/// One document of an upload.
+/// One document of an upload (unknown fields refused).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct Document {
     /// Unique within the context, non-empty.
     pub id: String,
@@ -67,8 +68,10 @@ pub struct Document {
     pub embedding: Option<Vec<f32>>,
 }
 
-/// One tool of the registry (mirrors the WIT record `tool`).
+/// One tool of the registry (mirrors the WIT record `tool`; unknown
+/// fields refused).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
 pub struct Tool {
     /// Unique within the context, non-empty.
     pub name: String,
@@ -78,8 +81,9 @@ pub struct Tool {
     pub schema: String,
 }
 
-/// The body of `POST /v1/contexts`.
+/// The body of `POST /v1/contexts` (unknown fields refused).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct ContextUpload {
     /// The tenant's name for the context (`crate::model::valid_name`).
     pub name: String,

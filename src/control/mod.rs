@@ -9,6 +9,7 @@
 pub mod audit;
 mod conn;
 pub mod keys;
+pub mod num;
 mod quota;
 mod retain;
 mod scripts;
@@ -98,13 +99,15 @@ impl Default for ControlConfig {
     }
 }
 
-/// `POST /v1/tenants` body.
+/// `POST /v1/tenants` body. Unknown fields are refused; every integer is
+/// bounded by [`num`] (|n| <= 2^53 - 1).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct TenantSpec {
     pub id: String,
     #[serde(default = "one")]
     pub weight: u32,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "num::i53")]
     pub credits: i64,
     #[serde(default = "big")]
     pub max_running: u32,
@@ -115,14 +118,14 @@ pub struct TenantSpec {
     #[serde(default)]
     pub limits: Option<LimitsPatch>,
     /// Bytes of components the tenant may store (default 1 GiB).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "num::opt_u53")]
     pub max_component_bytes: Option<u64>,
     /// Bytes of contexts the tenant may store (default 4 GiB).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "num::opt_u53")]
     pub max_context_bytes: Option<u64>,
     /// Bytes of agent state the tenant may store, all agents together
     /// (default 1 GiB).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "num::opt_u53")]
     pub max_state_bytes: Option<u64>,
 }
 
@@ -133,24 +136,32 @@ fn big() -> u32 {
     1_000_000
 }
 
-/// Optional limits (tenant creation and `PATCH`).
+/// Optional limits (tenant creation and `PATCH`), each at most 2^53 - 1.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
 pub struct LimitsPatch {
+    #[serde(default, deserialize_with = "num::opt_u53")]
     pub fuel: Option<u64>,
+    #[serde(default, deserialize_with = "num::opt_u53")]
     pub memory_bytes: Option<u64>,
+    #[serde(default, deserialize_with = "num::opt_u53")]
     pub timeout_ms: Option<u64>,
 }
 
-/// `PATCH /v1/tenants/{id}` body.
+/// `PATCH /v1/tenants/{id}` body (unknown fields refused).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct TenantPatch {
     pub weight: Option<u32>,
     pub max_running: Option<u32>,
     pub max_queued: Option<u32>,
     pub max_gpus: Option<u32>,
     pub limits: Option<LimitsPatch>,
+    #[serde(default, deserialize_with = "num::opt_u53")]
     pub max_component_bytes: Option<u64>,
+    #[serde(default, deserialize_with = "num::opt_u53")]
     pub max_context_bytes: Option<u64>,
+    #[serde(default, deserialize_with = "num::opt_u53")]
     pub max_state_bytes: Option<u64>,
 }
 
@@ -207,11 +218,11 @@ pub struct JobRequest {
     pub gpus: u32,
     #[serde(default)]
     pub max_attempts: Option<u32>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "num::opt_u53")]
     pub timeout_ms: Option<u64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "num::opt_u53")]
     pub fuel: Option<u64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "num::u53")]
     pub delay_ms: u64,
 }
 
