@@ -11,7 +11,7 @@
 -- ARGV[9]  new state: 'none' | 'inline' | 'ptr'   ARGV[10] inline bytes or blob pointer
 -- ARGV[11] retry base ms        ARGV[12] retry max ms   ARGV[13] jitter 0..999
 -- ARGV[14] max state conflicts before the job fails
--- ARGV[15..17] prices (see SUBMIT)
+-- ARGV[15..18] prices (see SUBMIT)
 -- Returns: {'succeeded', old_state_ptr} | {'failed'} | {'cancelled'}
 --          | {'retry', delay_ms} | {'conflict'} | {'lost'}
 -- Errors:  malformed arguments (nothing written).
@@ -19,7 +19,7 @@ local jid, token, outcome, kind = ARGV[1], uint(ARGV[2]), ARGV[3], ARGV[4]
 local fuel, wall = uint(ARGV[6]), uint(ARGV[7])
 local smode = ARGV[9]
 local base, maxd, jitter, max_conflicts = uint(ARGV[11]), uint(ARGV[12]), uint(ARGV[13]), uint(ARGV[14])
-local P = prices(ARGV[15], ARGV[16], ARGV[17])
+local P = prices(ARGV[15], ARGV[16], ARGV[17], ARGV[18])
 local kinds = { agent_error = true, trap = true, fuel_exhausted = true, memory_limit = true, timeout = true }
 if token == nil or fuel == nil or wall == nil or base == nil or maxd == nil or jitter == nil
   or max_conflicts == nil or P == nil or KEYS[2] ~= jkey(jid) then
@@ -39,7 +39,7 @@ local attempt = n(J, 'attempts')
 
 -- Money: the actual cost, never above what was reserved for this attempt.
 local r = n(J, 'reserved')
-local cost = math.ceil(fuel * P.fuel / 1000000) + math.ceil(wall * g * P.gpu / 1000)
+local cost = charge(fuel, wall, g, P)
 if cost > r then cost = r end
 T.settled = n(T, 'settled') + cost
 T.reserved = n(T, 'reserved') - r
@@ -61,9 +61,7 @@ local avg = n(T, 'avg_ms')
 if avg <= 0 then avg = wall else avg = avg * 0.8 + wall * 0.2 end
 T.avg_ms = math.max(avg, 1)
 redis.call('HSET', tkey(t), 'vtime', T.vtime, 'avg_ms', T.avg_ms)
-for _, set in ipairs({ ACT_CPU, ACT_GPU }) do
-  if redis.call('ZSCORE', set, t) then redis.call('ZADD', set, T.vtime, t) end
-end
+rescore(t, T)
 
 redis.call('SET', B .. 'log:' .. jid, ARGV[8])
 

@@ -3,11 +3,11 @@
 --
 -- KEYS[1]  shard tag            KEYS[2]  job hash KEYS[1]:j:<job>
 -- ARGV[1]  job id               ARGV[2]  fencing token
--- ARGV[3..5] prices (see SUBMIT)
+-- ARGV[3..6] prices (see SUBMIT)
 -- Returns: {'ok'} | {'lost'}
 -- Errors:  malformed arguments.
 local jid, token = ARGV[1], uint(ARGV[2])
-local P = prices(ARGV[3], ARGV[4], ARGV[5])
+local P = prices(ARGV[3], ARGV[4], ARGV[5], ARGV[6])
 if token == nil or P == nil or KEYS[2] ~= jkey(jid) then return fail('malformed arguments') end
 local J = hgetall(KEYS[2])
 if J.state ~= 'running' or n(J, 'token') ~= token then return { 'lost' } end

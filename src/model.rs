@@ -82,10 +82,14 @@ pub enum ErrorKind {
     LeaseExpired,
     /// Cancelled by the tenant.
     Cancelled,
+    /// The control plane found the queued job can never run as its tenant
+    /// stands (needs more GPUs than `max_gpus`, or reserves more than the
+    /// whole balance): failed at once so it does not block the queue.
+    Unschedulable,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 7] = [
+    pub const ALL: [ErrorKind; 8] = [
         ErrorKind::AgentError,
         ErrorKind::Trap,
         ErrorKind::FuelExhausted,
@@ -93,6 +97,7 @@ impl ErrorKind {
         ErrorKind::Timeout,
         ErrorKind::LeaseExpired,
         ErrorKind::Cancelled,
+        ErrorKind::Unschedulable,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -104,6 +109,7 @@ impl ErrorKind {
             ErrorKind::Timeout => "timeout",
             ErrorKind::LeaseExpired => "lease_expired",
             ErrorKind::Cancelled => "cancelled",
+            ErrorKind::Unschedulable => "unschedulable",
         }
     }
 

@@ -32,6 +32,10 @@ fn control_config(c: &ControlArgs, lease_ms: u64) -> ControlConfig {
         prefix: c.prefix.clone(),
         shards: c.shards,
         lease_ms,
+        prices: crate::control::Prices {
+            credits_per_slot_second: c.price_slot_second,
+            ..crate::control::Prices::default()
+        },
         ..ControlConfig::default()
     }
 }
