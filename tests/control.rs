@@ -1240,8 +1240,12 @@ async fn stream_out_of_step_is_repaired(url: &str, shards: u32) {
         ]))
         .await
         .unwrap();
+    let mut held: Vec<Claim> = Vec::new();
     for _ in 0..3 {
-        let _ = cp.claim("w1", 1, 0).await;
+        if let Ok(got) = cp.claim("w1", 1, 0).await {
+            held.extend(got);
+            break;
+        }
     }
     let first = cp.job("o", &ids[0]).await.unwrap().unwrap();
     assert_eq!(first.state, JobState::Running, "CLAIM repaired the group");
@@ -1252,7 +1256,6 @@ async fn stream_out_of_step_is_repaired(url: &str, shards: u32) {
     // The group set back behind jobs that are running: their deliveries go
     // back to their owners, the next head is delivered.
     let _: () = r.q(&cmd(&["XGROUP", "SETID", &q, "g", "0"])).await.unwrap();
-    let mut held: Vec<Claim> = Vec::new();
     loop {
         let got = cp.claim("w2", 1, 0).await.expect("claim");
         if got.is_empty() {
@@ -1266,21 +1269,16 @@ async fn stream_out_of_step_is_repaired(url: &str, shards: u32) {
         let j = cp.job("o", id).await.unwrap().unwrap();
         assert_eq!(j.state, JobState::Running, "{j:?}");
     }
-    // Every lease still finalizes: the repair kept each PEL entry whole.
-    let mut leases: Vec<_> = held.into_iter().map(|c| c.lease).collect();
-    for i in 0..3 {
-        if !leases.iter().any(|l| l.job_id == ids[i]) {
-            // claimed by w1 before the group was set back
-            let j = cp.job("o", &ids[i]).await.unwrap().unwrap();
-            assert_eq!(j.state, JobState::Running);
-        }
-    }
-    for l in leases.drain(..) {
+    // Every lease still finalizes, the first one's too (its delivery was
+    // given back to w1): the repair kept each PEL entry whole.
+    assert_eq!(held.len(), 3);
+    for c in held {
         assert_eq!(
-            cp.finalize(&l, &ok("", 5)).await.unwrap(),
+            cp.finalize(&c.lease, &ok("", 5)).await.unwrap(),
             Finalized::Succeeded
         );
     }
+    assert_eq!(cp.queue_group("o").await.unwrap().1, 0, "no PEL entry left");
     check_credits(&cp, "o").await;
 }
 
@@ -1355,6 +1353,25 @@ async fn impossible_head_fails_and_frees_its_queue(url: &str, shards: u32) {
     let info = cp.tenant("k").await.unwrap().unwrap();
     assert_eq!((info.queued, info.running), (0, 1));
     check_credits(&cp, "k").await;
+
+    // Within the balance but not its free part: the job waits, visibly,
+    // until the running job settles.
+    cp.create_tenant(&tenant("wait", 100), "h").await.unwrap();
+    // 50 Mfuel + 30 s of a slot at 1 credit/s = 80 credits.
+    let heavy = SubmitSpec {
+        fuel: Some(50_000_000),
+        ..job("heavy")
+    };
+    cp.submit("wait", &heavy).await.unwrap();
+    let second = cp.submit("wait", &heavy).await.unwrap();
+    let first = claim_one(&cp).await;
+    assert!(cp.claim("w", 1, 0).await.unwrap().is_empty());
+    let info = cp.tenant("wait").await.unwrap().unwrap();
+    assert_eq!(info.parked.as_deref(), Some("credits"), "{info:?}");
+    cp.finalize(&first.lease, &ok("", 5)).await.unwrap();
+    let next = claim_one(&cp).await;
+    assert_eq!(next.lease.job_id, second.id);
+    assert_eq!(cp.tenant("wait").await.unwrap().unwrap().parked, None);
 }
 
 /// 20 tenants whose GPU jobs need more GPUs than a worker has free sit

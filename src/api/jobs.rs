@@ -385,6 +385,7 @@ mod tests {
             gpus_in_use: 0,
             granted: 0,
             settled: 0,
+            parked: None,
         }
     }
 

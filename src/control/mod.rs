@@ -21,9 +21,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// Prices turn usage into integer credits. An attempt is charged
-/// `ceil(fuel * credits_per_mfuel / 10^6)
-///  + ceil(wall_ms * (credits_per_slot_second * (1 + gpus * gpu_slot_weight)
-///                    + gpus * credits_per_gpu_second) / 1000)`,
+///
+/// ```text
+/// ceil(fuel * credits_per_mfuel / 10^6)
+///   + ceil(wall_ms * (credits_per_slot_second * (1 + gpus * gpu_slot_weight)
+///                     + gpus * credits_per_gpu_second) / 1000)
+/// ```
+///
 /// capped at what CLAIM reserved: the same formula with all the job's fuel
 /// and its whole timeout (`lua/lib.lua`, `charge`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,6 +159,12 @@ pub struct TenantInfo {
     pub granted: i64,
     /// Sum of all settled attempt costs.
     pub settled: i64,
+    /// Why the tenant's next queued job is not being handed out, when it
+    /// is not: `max_running`, `max_gpus`, `credits` (its reservation is
+    /// above the free balance; running jobs will settle, or grant
+    /// credits) or `stream_out_of_step`. Absent while eligible or empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parked: Option<String>,
 }
 
 /// `POST /v1/jobs` body (contract §3 "Job request").
@@ -612,6 +622,10 @@ impl ControlPlane {
             gpus_in_use: num(&h, "gpus") as u32,
             granted,
             settled,
+            parked: h
+                .get("parked")
+                .filter(|p| !p.is_empty() && p.as_str() != "empty")
+                .cloned(),
         }))
     }
 
