@@ -63,19 +63,25 @@ end
 -- Delivers t's head entry `sid` to this worker. The group's last-delivered
 -- id moves in step with the tenant's qlast; should they ever part (a
 -- script that failed halfway, a partial restore) the group is put back on
--- qlast and the wrong delivery taken back, rather than every CLAIM on the
--- shard failing (and leaving one more PEL entry each time).
+-- qlast and the wrong delivery taken back, and a lost group is recreated
+-- on qlast, rather than every CLAIM on the shard failing (and leaving one
+-- more PEL entry each time).
 local function deliver(t, T, sid)
+  local last = T.qlast
+  if last == nil or last == '' then last = '0-0' end
   for try = 1, 2 do
-    local got = redis.call('XREADGROUP', 'GROUP', GROUP, worker, 'COUNT', 1, 'STREAMS', qkey(t), '>')
+    local got = redis.pcall('XREADGROUP', 'GROUP', GROUP, worker, 'COUNT', 1, 'STREAMS', qkey(t), '>')
+    if type(got) == 'table' and got.err then
+      -- The group itself is gone (NOGROUP: a lost or partial restore).
+      -- Recreate it on qlast, so the entries before it stay delivered.
+      if not string.find(got.err, 'NOGROUP', 1, true) then return false end
+      redis.call('XGROUP', 'CREATE', qkey(t), GROUP, last)
+      got = redis.call('XREADGROUP', 'GROUP', GROUP, worker, 'COUNT', 1, 'STREAMS', qkey(t), '>')
+    end
     local e = got and got[1] and got[1][2][1]
     if e and e[1] == sid then return true end
     if e then undeliver(t, e) end
-    if try == 1 then
-      local last = T.qlast
-      if last == nil or last == '' then last = '0-0' end
-      redis.call('XGROUP', 'SETID', qkey(t), GROUP, last)
-    end
+    if try == 1 then redis.call('XGROUP', 'SETID', qkey(t), GROUP, last) end
   end
   return false
 end

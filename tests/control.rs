@@ -1280,6 +1280,27 @@ async fn stream_out_of_step_is_repaired(url: &str, shards: u32) {
     }
     assert_eq!(cp.queue_group("o").await.unwrap().1, 0, "no PEL entry left");
     check_credits(&cp, "o").await;
+
+    // The group itself lost (a partial restore): recreated on the head.
+    let a = cp.submit("o", &job("a")).await.unwrap();
+    let b = cp.submit("o", &job("b")).await.unwrap();
+    let ca = claim_one(&cp).await;
+    assert_eq!(ca.lease.job_id, a.id);
+    let _: () = r.q(&cmd(&["XGROUP", "DESTROY", &q, "g"])).await.unwrap();
+    let cb = cp
+        .claim("w1", 1, 0)
+        .await
+        .expect("a lost group must not fail CLAIM");
+    assert_eq!(cb.len(), 1);
+    assert_eq!(cb[0].lease.job_id, b.id, "the head, not a job already run");
+    for l in [&ca.lease, &cb[0].lease] {
+        assert_eq!(
+            cp.finalize(l, &ok("", 5)).await.unwrap(),
+            Finalized::Succeeded
+        );
+    }
+    assert_eq!(cp.queue_group("o").await.unwrap().1, 0);
+    check_credits(&cp, "o").await;
 }
 
 /// A head job that can never run as its tenant now stands fails at once
