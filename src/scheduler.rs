@@ -78,6 +78,12 @@ async fn drain(control: &ControlPlane, step: Step) {
                 }
             }
             Err(e) => {
+                // Some shards failed; the others were still served (their
+                // count is in the error), and the next tick tries all again.
+                if let crate::control::CpError::Shards { done, .. } = &e {
+                    metrics::counter!("agentplane_scheduler_moved_total", "step" => step.name())
+                        .increment(*done as u64);
+                }
                 tracing::warn!(error = %e, step = step.name(), "scheduler step failed");
                 return;
             }
