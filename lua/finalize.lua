@@ -12,12 +12,12 @@
 --          ('blob': stored under its own key, state:<tenant>:<agent>:<version>)
 -- ARGV[11] retry base ms        ARGV[12] retry max ms   ARGV[13] jitter 0..999
 -- ARGV[14] max state conflicts before the job fails
--- ARGV[15..17] prices (see SUBMIT)
--- ARGV[18] node faults after which the job fails with `node_fault`
+-- ARGV[15..18] prices (see SUBMIT)
+-- ARGV[19] node faults after which the job fails with `node_fault`
 -- A tenant's cancel wins on every path: a flagged job ends `cancelled`
 -- (its run is settled, its state not committed). Kind `node_fault` is the
 -- node's failure: uncharged, not counted toward max_attempts, requeued
--- with backoff until the job's faults reach ARGV[18].
+-- with backoff until the job's faults reach ARGV[19].
 -- Returns: {'succeeded'} | {'failed'} | {'cancelled'}
 --          | {'retry', delay_ms} | {'conflict'} | {'lost'}
 -- Errors:  malformed arguments (nothing written).
@@ -25,8 +25,8 @@ local jid, token, outcome, kind = ARGV[1], uint(ARGV[2]), ARGV[3], ARGV[4]
 local fuel, wall = uint(ARGV[6]), uint(ARGV[7])
 local smode = ARGV[9]
 local base, maxd, jitter, max_conflicts = uint(ARGV[11]), uint(ARGV[12]), uint(ARGV[13]), uint(ARGV[14])
-local P = prices(ARGV[15], ARGV[16], ARGV[17])
-local max_faults = uint(ARGV[18])
+local P = prices(ARGV[15], ARGV[16], ARGV[17], ARGV[18])
+local max_faults = uint(ARGV[19])
 local kinds = { agent_error = true, trap = true, fuel_exhausted = true, memory_limit = true,
   timeout = true, node_fault = true, invalid_component = true }
 if token == nil or fuel == nil or wall == nil or base == nil or maxd == nil or jitter == nil
@@ -52,7 +52,7 @@ local r = n(J, 'reserved')
 if fault then
   release_reservation(jid, J, T)
 else
-  local cost = math.ceil(fuel * P.fuel / 1000000) + math.ceil(wall * g * P.gpu / 1000)
+  local cost = charge(fuel, wall, g, P)
   if cost > r then cost = r end
   T.settled = n(T, 'settled') + cost
   T.reserved = n(T, 'reserved') - r

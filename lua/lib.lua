@@ -100,9 +100,27 @@ local function n(h, field)
 end
 
 -- Prices travel with each call (ARGV), so every script agrees with the
--- process configuration without a round trip. P = {fuel=..., gpu=..., gpuw=...}
+-- process configuration without a round trip.
+-- P = {fuel = credits/Mfuel, gpu = credits/GPU-s, gpuw = GPU slot weight,
+--      slot = credits/slot-s}
+--
+-- A job pays for its fuel and for the wall time it holds a slot, so a guest
+-- that parks in a host call until its deadline still pays for the capacity
+-- it kept from everyone else. Slot-time weighs GPUs as fair share does
+-- (one slot plus gpuw per GPU); each GPU also costs its own GPU-second price:
+--   charge = ceil(fuel * fuel_price / 10^6)
+--          + ceil(wall_ms * (slot_price * (1 + gpus * gpuw) + gpus * gpu_price) / 1000)
+-- All integers; each term rounds up once, so a run is never billed less
+-- than it used.
+local function charge(fuel, wall_ms, gpus, P)
+  return math.ceil(fuel * P.fuel / 1000000)
+    + math.ceil(wall_ms * (P.slot * (1 + gpus * P.gpuw) + gpus * P.gpu) / 1000)
+end
+
+-- The worst case of an attempt, reserved at CLAIM (and checked at SUBMIT):
+-- all its fuel and its whole timeout.
 local function reservation(fuel, timeout_ms, gpus, P)
-  return math.ceil(fuel * P.fuel / 1000000) + math.ceil(timeout_ms * gpus * P.gpu / 1000)
+  return charge(fuel, timeout_ms, gpus, P)
 end
 
 local function effective(J, T)
@@ -140,47 +158,149 @@ local function head(t, T)
   return e[1][1], e[1][2][2]
 end
 
+-- GPU tenants are also bucketed by the GPUs their next job needs
+-- (`act:gpu:<g>`, scored by virtual time; `act:gpu:n` lists the non-empty
+-- buckets), so CLAIM finds the lowest-vtime tenant whose job fits a worker's
+-- free GPUs in O(buckets * log n), however many tenants wait for more GPUs
+-- than that worker has. `agpus` in the tenant hash names its bucket.
+local GBUCKETS = B .. 'act:gpu:n'
+local function gbucket(g) return B .. 'act:gpu:' .. g end
+
+-- Takes tenant t out of every active set (it stays parked until refresh).
+local function deactivate(t, T)
+  redis.call('ZREM', ACT_CPU, t)
+  redis.call('ZREM', ACT_GPU, t)
+  local old = T.agpus or ''
+  if old ~= '' then
+    redis.call('ZREM', gbucket(old), t)
+    if redis.call('ZCARD', gbucket(old)) == 0 then redis.call('ZREM', GBUCKETS, old) end
+    redis.call('HSET', tkey(t), 'agpus', '')
+    T.agpus = ''
+  end
+end
+
+-- Moves an active tenant's score to its current virtual time.
+local function rescore(t, T)
+  if redis.call('ZSCORE', ACT_CPU, t) then redis.call('ZADD', ACT_CPU, T.vtime, t) end
+  if redis.call('ZSCORE', ACT_GPU, t) then
+    redis.call('ZADD', ACT_GPU, T.vtime, t)
+    if (T.agpus or '') ~= '' then redis.call('ZADD', gbucket(T.agpus), T.vtime, t) end
+  end
+end
+
+-- Why a queued job can never run as things stand, or nil: SUBMIT would
+-- refuse it now. An admin lowered max_gpus below what it needs, or the
+-- tenant's whole balance (not only its free part) fell below its
+-- reservation; running jobs only lower the balance further, so without a
+-- grant it would block its tenant's queue forever.
+local function never_runs(J, T, P)
+  local g = n(J, 'gpus')
+  if g > n(T, 'max_gpus') then
+    return 'the job needs ' .. g .. ' GPUs but its tenant may hold at most '
+      .. n(T, 'max_gpus') .. ' (max_gpus)'
+  end
+  local fuel, timeout = effective(J, T)
+  local r = reservation(fuel, timeout, g, P)
+  local balance = n(T, 'granted') - n(T, 'settled')
+  if r > balance then
+    return 'the job reserves ' .. string.format('%d', r) .. ' credits but its tenant\'s balance is '
+      .. string.format('%d', balance) .. '; grant credits and submit it again'
+  end
+  return nil
+end
+
+-- Ends a queued job that can never run: `failed` with kind `unschedulable`,
+-- its stream entry (never delivered) deleted, nothing charged.
+local function fail_unschedulable(t, T, sid, jid, J, msg)
+  local now = now_ms()
+  redis.call('XDEL', qkey(t), sid)
+  redis.call('HSET', jkey(jid), 'ekind', 'unschedulable', 'emsg', msg, 'sid', '',
+    'finished', I(now))
+  set_state(jid, J, 'failed')
+  -- RETAIN removes it after the retention, like every finished job.
+  redis.call('ZADD', DONE, now, jid)
+  T.queued = n(T, 'queued') - 1
+  redis.call('HSET', tkey(t), 'queued', I(T.queued))
+end
+
+-- Impossible heads failed per refresh: bounds one script's work when an
+-- admin change strands a long queue (a CLAIM that meets the tenant again
+-- fails the next batch).
+local UNSCHEDULABLE_BATCH = 32
+
 -- Re-decides whether tenant t may be claimed from: it has a ready job, is
 -- below max_running and max_gpus for that job, and its free credits cover the
 -- job's reservation. Eligible tenants sit in one of the two active sets
 -- scored by virtual time; all others are parked (in neither set) so CLAIM
 -- never rescans them. A tenant that becomes eligible again starts no earlier
--- than the shard's virtual clock: idle time banks nothing.
+-- than the shard's virtual clock: idle time banks nothing. A head job that
+-- can never run fails here (`never_runs`), so it cannot block the tenant.
 local function refresh(t, T, P)
   local reason = ''
-  local sid, jid = head(t, T)
   local set = nil
-  if sid == nil then
-    reason = 'empty'
-  elseif n(T, 'running') >= n(T, 'max_running') then
-    reason = 'max_running'
-  else
+  local g = 0
+  local stranded = true
+  for _ = 1, UNSCHEDULABLE_BATCH do
+    local sid, jid = head(t, T)
+    if sid == nil then
+      reason = 'empty'
+      stranded = false
+      break
+    end
     local J = job_meta(jkey(jid))
-    local g = n(J, 'gpus')
-    local fuel, timeout = effective(J, T)
-    local r = reservation(fuel, timeout, g, P)
-    if n(T, 'gpus') + g > n(T, 'max_gpus') then
-      reason = 'max_gpus'
-    elseif n(T, 'granted') - n(T, 'settled') - n(T, 'reserved') < r then
-      reason = 'credits'
-    elseif g > 0 then
-      set = ACT_GPU
+    local why = (J.state == 'queued') and never_runs(J, T, P) or nil
+    if why then
+      fail_unschedulable(t, T, sid, jid, J, why)
     else
-      set = ACT_CPU
+      stranded = false
+      g = n(J, 'gpus')
+      if n(T, 'running') >= n(T, 'max_running') then
+        reason = 'max_running'
+      else
+        local fuel, timeout = effective(J, T)
+        local r = reservation(fuel, timeout, g, P)
+        if n(T, 'gpus') + g > n(T, 'max_gpus') then
+          reason = 'max_gpus'
+        elseif n(T, 'granted') - n(T, 'settled') - n(T, 'reserved') < r then
+          reason = 'credits'
+        elseif g > 0 then
+          set = ACT_GPU
+        else
+          set = ACT_CPU
+        end
+      end
+      break
     end
   end
-  local other = (set == ACT_GPU) and ACT_CPU or ACT_GPU
-  if set == nil then
-    redis.call('ZREM', ACT_CPU, t)
-    redis.call('ZREM', ACT_GPU, t)
-  else
-    redis.call('ZREM', other, t)
-    if not redis.call('ZSCORE', set, t) then
-      local vclock = tonumber(redis.call('GET', VCLOCK) or 0) or 0
-      local v = math.max(n(T, 'vtime'), vclock)
-      T.vtime = v
-      redis.call('HSET', tkey(t), 'vtime', v)
+  if stranded then
+    -- More impossible heads than one batch: stay eligible, so the next
+    -- CLAIM that picks this tenant comes back here and fails the next batch.
+    set, g = ACT_CPU, 0
+  end
+  local bucket = (set == ACT_GPU) and tostring(g) or ''
+  if set == nil or (T.agpus or '') ~= bucket or redis.call('ZSCORE', set, t) == false then
+    -- Parked, or moving between sets or buckets: start from no set. The
+    -- score carries over a move (a tenant keeps its place in line).
+    local kept = nil
+    if set ~= nil then
+      kept = redis.call('ZSCORE', ACT_CPU, t) or redis.call('ZSCORE', ACT_GPU, t)
+    end
+    deactivate(t, T)
+    if set ~= nil then
+      local v = tonumber(kept or '')
+      if v == nil then
+        local vclock = tonumber(redis.call('GET', VCLOCK) or 0) or 0
+        v = math.max(n(T, 'vtime'), vclock)
+        T.vtime = v
+        redis.call('HSET', tkey(t), 'vtime', v)
+      end
       redis.call('ZADD', set, v, t)
+      if set == ACT_GPU then
+        redis.call('ZADD', gbucket(bucket), v, t)
+        redis.call('ZADD', GBUCKETS, g, bucket)
+        redis.call('HSET', tkey(t), 'agpus', bucket)
+        T.agpus = bucket
+      end
     end
   end
   if (T.parked or '') ~= reason then
@@ -197,9 +317,9 @@ local function wake()
   redis.call('LTRIM', WAKE, 0, 63)
 end
 
-local function prices(a, b, c)
-  local P = { fuel = uint(a), gpu = uint(b), gpuw = uint(c) }
-  if P.fuel == nil or P.gpu == nil or P.gpuw == nil then return nil end
+local function prices(a, b, c, d)
+  local P = { fuel = uint(a), gpu = uint(b), gpuw = uint(c), slot = uint(d) }
+  if P.fuel == nil or P.gpu == nil or P.gpuw == nil or P.slot == nil then return nil end
   return P
 end
 
@@ -291,9 +411,7 @@ local function correct_vtime(t, J, T, actual)
   if w <= 0 then w = math.max(n(T, 'weight'), 1) end
   T.vtime = n(T, 'vtime') + (actual - n(J, 'est')) / w
   redis.call('HSET', tkey(t), 'vtime', T.vtime)
-  for _, set in ipairs({ ACT_CPU, ACT_GPU }) do
-    if redis.call('ZSCORE', set, t) then redis.call('ZADD', set, T.vtime, t) end
-  end
+  rescore(t, T)
 end
 
 -- A run the node could not give what it needs (the node's fault, not the

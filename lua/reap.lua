@@ -11,11 +11,11 @@
 -- KEYS[1]  shard tag (derived: leases, j:<job>, t:<tenant>, q:<tenant>, ...)
 -- ARGV[1]  batch size           ARGV[2]  retry base ms
 -- ARGV[3]  retry max ms         ARGV[4]  jitter 0..999
--- ARGV[5..7] prices (see SUBMIT)
+-- ARGV[5..8] prices (see SUBMIT)
 -- Returns: number of jobs reaped.
 -- Errors:  malformed arguments.
 local batch, base, maxd, jitter = uint(ARGV[1]), uint(ARGV[2]), uint(ARGV[3]), uint(ARGV[4])
-local P = prices(ARGV[5], ARGV[6], ARGV[7])
+local P = prices(ARGV[5], ARGV[6], ARGV[7], ARGV[8])
 if batch == nil or base == nil or maxd == nil or jitter == nil or P == nil then
   return fail('malformed arguments')
 end

@@ -5,7 +5,7 @@
 --   'drain'  the worker is shutting down: back to the ready queue at once.
 --   'fault'  the node could not start the run (a component or context it
 --            could not load, a transient failure of its own): a node fault,
---            requeued with backoff, and bounded: at ARGV[8] faults the job
+--            requeued with backoff, and bounded: at ARGV[9] faults the job
 --            fails with `node_fault` (so a job no node can start does not
 --            cycle forever). Never charged, never counted toward max_attempts.
 -- A job the tenant cancelled ends `cancelled` either way. The run keeps its
@@ -13,17 +13,17 @@
 --
 -- KEYS[1]  shard tag            KEYS[2]  job hash KEYS[1]:j:<job>
 -- ARGV[1]  job id               ARGV[2]  fencing token
--- ARGV[3..5] prices (see SUBMIT)
--- ARGV[6]  'drain' | 'fault'    ARGV[7]  what failed (fault)
--- ARGV[8]  node faults after which the job fails
--- ARGV[9]  retry base ms        ARGV[10] retry max ms   ARGV[11] jitter 0..999
+-- ARGV[3..6] prices (see SUBMIT)
+-- ARGV[7]  'drain' | 'fault'    ARGV[8]  what failed (fault)
+-- ARGV[9]  node faults after which the job fails
+-- ARGV[10] retry base ms        ARGV[11] retry max ms   ARGV[12] jitter 0..999
 -- Returns: {'ok'} (requeued) | {'retry', delay_ms} | {'failed'} | {'cancelled'}
 --          | {'lost'}
 -- Errors:  malformed arguments.
 local jid, token = ARGV[1], uint(ARGV[2])
-local P = prices(ARGV[3], ARGV[4], ARGV[5])
-local mode, msg = ARGV[6], ARGV[7] or ''
-local max_faults, base, maxd, jitter = uint(ARGV[8]), uint(ARGV[9]), uint(ARGV[10]), uint(ARGV[11])
+local P = prices(ARGV[3], ARGV[4], ARGV[5], ARGV[6])
+local mode, msg = ARGV[7], ARGV[8] or ''
+local max_faults, base, maxd, jitter = uint(ARGV[9]), uint(ARGV[10]), uint(ARGV[11]), uint(ARGV[12])
 if token == nil or P == nil or KEYS[2] ~= jkey(jid) or (mode ~= 'drain' and mode ~= 'fault')
   or max_faults == nil or base == nil or maxd == nil or jitter == nil then
   return fail('malformed arguments')

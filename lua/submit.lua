@@ -10,14 +10,15 @@
 -- ARGV[7]  gpus                 ARGV[8]  max_attempts (>= 1)
 -- ARGV[9]  timeout_ms or ''     ARGV[10] fuel or ''
 -- ARGV[11] delay_ms             ARGV[12] sha256 of the body, '' without a key
--- ARGV[13] idempotency TTL (s)  ARGV[14..16] prices: credits/Mfuel, credits/GPU-s, GPU slot weight
+-- ARGV[13] idempotency TTL (s)  ARGV[14..17] prices: credits/Mfuel, credits/GPU-s, GPU slot weight,
+--                               credits/slot-s
 -- Returns: {'created', id, state} | {'exists', id, state} | {'conflict'}
 --          | {'no_tenant'} | {'queue_full'} | {'credits', reservation, balance}
 -- Errors:  malformed arguments (nothing written).
 local t, jid = ARGV[1], ARGV[2]
 local gpus, max_attempts, delay = uint(ARGV[7]), uint(ARGV[8]), uint(ARGV[11])
 local ttl = uint(ARGV[13])
-local P = prices(ARGV[14], ARGV[15], ARGV[16])
+local P = prices(ARGV[14], ARGV[15], ARGV[16], ARGV[17])
 if t == '' or jid == '' or ARGV[3] == '' then return fail('empty tenant, job or component') end
 if gpus == nil or max_attempts == nil or max_attempts < 1 or delay == nil or ttl == nil or P == nil then
   return fail('malformed numeric argument')

@@ -3,18 +3,18 @@
 -- KEYS[1]  shard tag            KEYS[2]  tenant hash KEYS[1]:t:<tenant>
 -- ARGV[1]  op: 'create' | 'update' | 'grant'
 -- ARGV[2]  tenant id
--- ARGV[3..5] prices (see SUBMIT)
--- create: ARGV[6] token hash, ARGV[7] initial credits, then field/value pairs
+-- ARGV[3..6] prices (see SUBMIT)
+-- create: ARGV[7] token hash, ARGV[8] initial credits, then field/value pairs
 --         (weight, max_running, max_queued, max_gpus, fuel, memory_bytes, timeout_ms,
 --         max_component_bytes, max_context_bytes, max_state_bytes)
--- update: field/value pairs from ARGV[6] (same fields)
--- grant:  ARGV[6] amount (may be negative)
+-- update: field/value pairs from ARGV[7] (same fields)
+-- grant:  ARGV[7] amount (may be negative)
 -- Returns: create {'ok'} | {'exists'}; update {'ok'} | {'not_found'};
 --          grant {'ok', balance} | {'not_found'} | {'insufficient', balance, reserved}
 --                | {'out_of_range'} (granted or balance would leave +-(2^53 - 1))
 -- Errors:  malformed arguments, unknown or non-integer fields (nothing written).
 local op, t = ARGV[1], ARGV[2]
-local P = prices(ARGV[3], ARGV[4], ARGV[5])
+local P = prices(ARGV[3], ARGV[4], ARGV[5], ARGV[6])
 if P == nil or t == '' or KEYS[2] ~= tkey(t) then return fail('malformed arguments') end
 local allowed = { weight = true, max_running = true, max_queued = true, max_gpus = true,
   fuel = true, memory_bytes = true, timeout_ms = true,
@@ -36,12 +36,12 @@ end
 
 local exists = redis.call('EXISTS', KEYS[2]) == 1
 if op == 'create' then
-  local credits = uint(ARGV[7])
+  local credits = uint(ARGV[8])
   if credits == nil then return fail('initial credits must be an integer in 0..2^53-1') end
-  local kv, err = pairs_from(8)
+  local kv, err = pairs_from(9)
   if kv == nil then return fail(err) end
   if exists then return { 'exists' } end
-  redis.call('HSET', KEYS[2], 'token_hash', ARGV[6], 'weight', 1, 'max_running', 1000000,
+  redis.call('HSET', KEYS[2], 'token_hash', ARGV[7], 'weight', 1, 'max_running', 1000000,
     'max_queued', 1000000, 'max_gpus', 0, 'running', 0, 'gpus', 0, 'queued', 0,
     'granted', 0, 'settled', 0, 'reserved', 0, 'vtime', 0, 'avg_ms', 1000, 'parked', 'empty',
     'qlast', '0-0', 'created', now_ms())
@@ -55,7 +55,7 @@ if op == 'create' then
   end
   return { 'ok' }
 elseif op == 'update' then
-  local kv, err = pairs_from(6)
+  local kv, err = pairs_from(7)
   if kv == nil then return fail(err) end
   if not exists then return { 'not_found' } end
   if #kv > 0 then redis.call('HSET', KEYS[2], unpack(kv)) end
@@ -65,7 +65,7 @@ elseif op == 'update' then
   wake()
   return { 'ok' }
 elseif op == 'grant' then
-  local amount = int(ARGV[6])
+  local amount = int(ARGV[7])
   if amount == nil then return fail('amount must be an integer') end
   if not exists then return { 'not_found' } end
   local T = hgetall(KEYS[2])

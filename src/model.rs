@@ -91,10 +91,14 @@ pub enum ErrorKind {
     /// The component can never compile or instantiate under the workers'
     /// engine: final.
     InvalidComponent,
+    /// The control plane found the queued job can never run as its tenant
+    /// stands (needs more GPUs than `max_gpus`, or reserves more than the
+    /// whole balance): failed at once so it does not block the queue.
+    Unschedulable,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 9] = [
+    pub const ALL: [ErrorKind; 10] = [
         ErrorKind::AgentError,
         ErrorKind::Trap,
         ErrorKind::FuelExhausted,
@@ -104,6 +108,7 @@ impl ErrorKind {
         ErrorKind::Cancelled,
         ErrorKind::NodeFault,
         ErrorKind::InvalidComponent,
+        ErrorKind::Unschedulable,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -117,6 +122,7 @@ impl ErrorKind {
             ErrorKind::Cancelled => "cancelled",
             ErrorKind::NodeFault => "node_fault",
             ErrorKind::InvalidComponent => "invalid_component",
+            ErrorKind::Unschedulable => "unschedulable",
         }
     }
 

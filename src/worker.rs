@@ -449,7 +449,11 @@ async fn run_claim(shared: &Shared, claim: Claim, hard_stop: CancellationToken) 
     let finish = Finish {
         outcome,
         fuel: report.fuel_used,
-        wall_ms: report.wall_ms,
+        // The slot was held from the claim on, however the run ended
+        // (timeout, cancel, a failed preparation): slot-time is billed.
+        wall_ms: report
+            .wall_ms
+            .max(started.elapsed().as_millis().try_into().unwrap_or(u64::MAX)),
         log: report.log,
         new_state: report.new_state,
     };

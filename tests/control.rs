@@ -62,6 +62,12 @@ conformance!(
     release_and_reap_refund_the_claim_estimate,
     ledger_amounts_stay_exact_integers,
     node_faults_are_bounded_and_never_charged,
+    missing_state_blob_fails_its_job_alone,
+    claims_and_maintenance_go_on_past_a_failing_shard,
+    slot_time_is_billed_exactly,
+    stream_out_of_step_is_repaired,
+    impossible_head_fails_and_frees_its_queue,
+    gpu_tenant_that_fits_is_found_behind_many_that_do_not,
 );
 
 fn cfg(shards: u32) -> ControlConfig {
@@ -213,8 +219,9 @@ async fn exactly_once_with_8_claimers(url: &str, shards: u32) {
         assert_eq!(info.running, 0);
         assert_eq!(info.queued, 0);
         assert_eq!(info.credits.reserved, 0);
-        // 250 jobs × 1 Mfuel × 1 credit/Mfuel.
-        assert_eq!(info.settled, 250);
+        // 250 jobs × (1 Mfuel × 1 credit/Mfuel + 3 ms of a slot at
+        // 1 credit/slot-s, rounded up to 1).
+        assert_eq!(info.settled, 500);
         // Nothing pending, and no consumer left behind by the 8 workers.
         assert_eq!(cp.queue_group(t).await.unwrap(), (0, 0), "{t}");
     }
@@ -679,7 +686,10 @@ async fn failing_job_returns_after_backoff(url: &str, shards: u32) {
     );
     let j = cp.job("f", &s.id).await.unwrap().unwrap();
     assert_eq!((j.state, j.attempts), (JobState::Failed, 3));
-    assert_eq!(j.usage.credits, 6, "three attempts of 2 Mfuel each");
+    assert_eq!(
+        j.usage.credits, 9,
+        "three attempts of 2 Mfuel and 5 ms of a slot (ceil: 1 credit) each"
+    );
     // Limits are final at once.
     for kind in [
         ErrorKind::FuelExhausted,
@@ -785,7 +795,8 @@ async fn cancel_queued_and_running(url: &str, shards: u32) {
     assert_eq!(j.state, JobState::Cancelled);
     let info = cp.tenant("c").await.unwrap().unwrap();
     assert_eq!((info.running, info.credits.reserved), (0, 0));
-    assert_eq!(info.settled, 1, "the cancelled attempt pays what it used");
+    // 1 Mfuel + 40 ms of a slot (rounded up to 1 credit).
+    assert_eq!(info.settled, 2, "the cancelled attempt pays what it used");
 
     let delayed = cp
         .submit(
@@ -1385,6 +1396,8 @@ async fn ledger_amounts_stay_exact_integers(url: &str, shards: u32) {
             // 1,000 credits per unit of fuel: amounts beyond 10^14 quickly.
             prices: agentplane::control::Prices {
                 credits_per_mfuel: 1_000_000_000,
+                // Fuel alone, so the amounts are the round figures below.
+                credits_per_slot_second: 0,
                 ..agentplane::control::Prices::default()
             },
             ..cfg(shards)
@@ -1612,4 +1625,516 @@ async fn worker_bounds_a_job_no_node_can_start() {
     let job2 = stack.wait_terminal(&tok2, &id2, 30).await;
     assert_eq!(state(&job2), "succeeded", "{job2}");
     stack.stop().await;
+}
+
+/// A plain connection for tests that break the data on purpose.
+enum Raw {
+    Single(redis::aio::MultiplexedConnection),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+async fn raw(url: &str) -> Raw {
+    match url.strip_prefix("redis+cluster://") {
+        Some(rest) => {
+            let nodes: Vec<String> = rest.split(',').map(|h| format!("redis://{h}")).collect();
+            let client = redis::cluster::ClusterClient::new(nodes).unwrap();
+            Raw::Cluster(client.get_async_connection().await.unwrap())
+        }
+        None => Raw::Single(
+            redis::Client::open(url)
+                .unwrap()
+                .get_multiplexed_async_connection()
+                .await
+                .unwrap(),
+        ),
+    }
+}
+
+impl Raw {
+    async fn q<T: redis::FromRedisValue>(&mut self, cmd: &redis::Cmd) -> redis::RedisResult<T> {
+        match self {
+            Raw::Single(c) => cmd.query_async(c).await,
+            Raw::Cluster(c) => cmd.query_async(c).await,
+        }
+    }
+}
+
+fn cmd(args: &[&str]) -> redis::Cmd {
+    let mut c = redis::cmd(args[0]);
+    for a in &args[1..] {
+        c.arg(*a);
+    }
+    c
+}
+
+/// A job whose agent state blob is gone fails alone: the healthy jobs of
+/// its CLAIM batch run, none is left leased to no one.
+async fn missing_state_blob_fails_its_job_alone(url: &str, shards: u32) {
+    let cp = connect(url, cfg(shards)).await;
+    let mut r = raw(url).await;
+    cp.create_tenant(&tenant("s", 1_000_000), "h")
+        .await
+        .unwrap();
+    let with_agent = |input: &str| SubmitSpec {
+        agent_id: Some("bot".into()),
+        max_attempts: 1,
+        ..job(input)
+    };
+    cp.submit("s", &with_agent("first")).await.unwrap();
+    let c = claim_one(&cp).await;
+    let big = vec![7u8; 200_000];
+    let commit = Finish {
+        new_state: Some(big),
+        ..ok("", 5)
+    };
+    assert_eq!(
+        cp.finalize(&c.lease, &commit).await.unwrap(),
+        Finalized::Succeeded
+    );
+    let version: String = r
+        .q(&cmd(&["HGET", &cp.keys().agent("s", "bot"), "blob"]))
+        .await
+        .unwrap();
+    assert!(!version.is_empty(), "a 200 KB state lives in the blob tier");
+    let blob = cp
+        .keys()
+        .agent_state_blob("s", "bot", version.parse().unwrap());
+    let n: u32 = r.q(&cmd(&["DEL", &blob])).await.unwrap();
+    assert_eq!(n, 1);
+
+    let h1 = cp.submit("s", &job("h1")).await.unwrap();
+    let bad = cp.submit("s", &with_agent("bad")).await.unwrap();
+    let h2 = cp.submit("s", &job("h2")).await.unwrap();
+    let got = cp
+        .claim("w1", 3, 0)
+        .await
+        .expect("one bad job must not fail the batch");
+    let ids: Vec<&str> = got.iter().map(|c| c.lease.job_id.as_str()).collect();
+    assert_eq!(ids, [h1.id.as_str(), h2.id.as_str()]);
+    let j = cp.job("s", &bad.id).await.unwrap().unwrap();
+    assert_eq!(j.state, JobState::Failed, "{j:?}");
+    let e = j.error.unwrap();
+    assert_eq!(e.kind, ErrorKind::AgentError);
+    assert!(e.message.contains("missing"), "{}", e.message);
+    assert_eq!(j.usage.credits, 0, "an attempt that never ran is free");
+    let info = cp.tenant("s").await.unwrap().unwrap();
+    assert_eq!(info.running, 2, "only the jobs handed out hold a lease");
+    for c in &got {
+        cp.finalize(&c.lease, &ok("", 5)).await.unwrap();
+    }
+    assert_eq!(
+        cp.queue_group("s").await.unwrap().1,
+        0,
+        "no stray PEL entry"
+    );
+    check_credits(&cp, "s").await;
+}
+
+/// Two tenants on different shards, the first on the lower shard.
+fn tenants_on_two_shards(cp: &ControlPlane) -> (String, String) {
+    let k = cp.keys();
+    let a = (0..)
+        .map(|i| format!("a{i}"))
+        .find(|t| k.shard_of(t) == 0)
+        .unwrap();
+    let b = (0..)
+        .map(|i| format!("b{i}"))
+        .find(|t| k.shard_of(t) == 1)
+        .unwrap();
+    (a, b)
+}
+
+/// A shard whose scripts fail (here: a key of the wrong type) stops neither
+/// CLAIM nor PROMOTE nor REAP on the other shards.
+async fn claims_and_maintenance_go_on_past_a_failing_shard(url: &str, shards: u32) {
+    let cp = connect(
+        url,
+        ControlConfig {
+            lease_ms: 200,
+            ..cfg(shards.max(2))
+        },
+    )
+    .await;
+    let mut r = raw(url).await;
+    let (a, b) = tenants_on_two_shards(&cp);
+    for t in [&a, &b] {
+        cp.create_tenant(&tenant(t, 1_000_000), "h").await.unwrap();
+    }
+    cp.submit(&a, &job("stuck")).await.unwrap();
+    let mut mine = Vec::new();
+    for i in 0..8 {
+        mine.push(cp.submit(&b, &job(&format!("b{i}"))).await.unwrap().id);
+    }
+    let tag0 = cp.keys().tag(0);
+    for suffix in ["act:cpu", "delayed", "leases"] {
+        let key = format!("{tag0}:{suffix}");
+        let _: () = r.q(&cmd(&["DEL", &key])).await.unwrap();
+        let _: () = r.q(&cmd(&["SET", &key, "junk"])).await.unwrap();
+    }
+    let mut claimed = Vec::new();
+    for _ in 0..8 {
+        let got = cp
+            .claim("w1", 1, 0)
+            .await
+            .expect("a failing shard must not stop claims on the others");
+        assert_eq!(got.len(), 1);
+        claimed.extend(got);
+    }
+    let mut ids: Vec<String> = claimed.iter().map(|c| c.lease.job_id.clone()).collect();
+    ids.sort();
+    mine.sort();
+    assert_eq!(ids, mine);
+    // Nothing left anywhere but the broken shard: now the error shows.
+    assert!(cp.claim("w1", 1, 0).await.is_err());
+
+    // REAP: the leases of b's jobs expire (the worker "died").
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut reaped = 0;
+    while reaped < 8 {
+        assert!(std::time::Instant::now() < deadline, "reaped {reaped} of 8");
+        match cp.reap(100).await {
+            Err(CpError::Shards { done, failed }) => {
+                assert_eq!(failed.len(), 1, "{failed:?}");
+                assert!(failed[0].starts_with("shard 0"), "{failed:?}");
+                reaped += done;
+            }
+            other => panic!("expected the broken shard's error, got {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for id in &mine {
+        let j = cp.job(&b, id).await.unwrap().unwrap();
+        assert_eq!(j.state, JobState::Delayed, "{j:?}");
+    }
+    // PROMOTE: their backoff runs out; they come back on the good shard.
+    let mut promoted = 0;
+    while promoted < 8 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "promoted {promoted} of 8"
+        );
+        match cp.promote(100).await {
+            Err(CpError::Shards { done, .. }) => promoted += done,
+            other => panic!("expected the broken shard's error, got {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(cp.tenant(&b).await.unwrap().unwrap().queued, 8);
+}
+
+/// Capacity is slot-time: every attempt pays for its wall time on a slot
+/// (GPUs weighted as in fair share, plus their own price) besides fuel,
+/// capped at the reservation, which SUBMIT checks and CLAIM takes.
+async fn slot_time_is_billed_exactly(url: &str, shards: u32) {
+    use agentplane::control::Prices;
+    let cp = connect(
+        url,
+        ControlConfig {
+            prices: Prices {
+                credits_per_mfuel: 1,
+                credits_per_gpu_second: 100,
+                gpu_slot_weight: 10,
+                credits_per_slot_second: 7,
+            },
+            ..cfg(shards)
+        },
+    )
+    .await;
+    // gpus 1, timeout 10 s, fuel 5 M:
+    //   ceil(5e6 * 1 / 1e6) + ceil(10_000 * (7 * (1 + 1 * 10) + 1 * 100) / 1000)
+    // = 5 + 1770 = 1775
+    let reservation = 1775;
+    let mut spec = tenant("p", reservation - 1);
+    spec.max_gpus = 2;
+    cp.create_tenant(&spec, "h").await.unwrap();
+    let gpu_job = SubmitSpec {
+        gpus: 1,
+        timeout_ms: Some(10_000),
+        fuel: Some(5_000_000),
+        ..job("g")
+    };
+    assert!(
+        matches!(
+            cp.submit("p", &gpu_job).await,
+            Err(CpError::InsufficientCredits)
+        ),
+        "SUBMIT's 402 uses the slot-time reservation"
+    );
+    cp.grant_credits("p", 1).await.unwrap();
+    let g = cp.submit("p", &gpu_job).await.unwrap();
+    let c = cp.claim("w", 1, 1).await.unwrap().pop().expect("claimed");
+    assert_eq!(c.lease.job_id, g.id);
+    assert_eq!(
+        cp.tenant("p").await.unwrap().unwrap().credits.reserved,
+        reservation
+    );
+    // 2.5 Mfuel, 1234 ms: 3 + ceil(1234 * 177 / 1000 = 218.418) = 222.
+    let f = Finish {
+        fuel: 2_500_000,
+        ..ok("", 1234)
+    };
+    cp.finalize(&c.lease, &f).await.unwrap();
+    let j = cp.job("p", &g.id).await.unwrap().unwrap();
+    assert_eq!((j.usage.credits, j.usage.wall_ms), (222, 1234));
+    let info = cp.tenant("p").await.unwrap().unwrap();
+    assert_eq!((info.settled, info.credits.reserved), (222, 0));
+
+    // No fuel at all (a guest asleep in a host call): the slot still costs.
+    cp.grant_credits("p", 10_000).await.unwrap();
+    let s = cp.submit("p", &job("sleeper")).await.unwrap();
+    let c = claim_one(&cp).await;
+    let f = Finish {
+        fuel: 0,
+        ..ok("", 999)
+    };
+    cp.finalize(&c.lease, &f).await.unwrap();
+    // ceil(999 * 7 / 1000 = 6.993) = 7.
+    assert_eq!(cp.job("p", &s.id).await.unwrap().unwrap().usage.credits, 7);
+
+    // Capped at the reservation: timeout 1 s, 1 Mfuel -> 1 + 7 = 8.
+    let capped = SubmitSpec {
+        timeout_ms: Some(1_000),
+        fuel: Some(1_000_000),
+        ..job("capped")
+    };
+    let s = cp.submit("p", &capped).await.unwrap();
+    let c = claim_one(&cp).await;
+    assert_eq!(cp.tenant("p").await.unwrap().unwrap().credits.reserved, 8);
+    cp.finalize(&c.lease, &ok("", 5_000)).await.unwrap();
+    assert_eq!(cp.job("p", &s.id).await.unwrap().unwrap().usage.credits, 8);
+    let info = cp.tenant("p").await.unwrap().unwrap();
+    assert_eq!(info.settled, 222 + 7 + 8);
+    check_credits(&cp, "p").await;
+}
+
+/// The tenant's consumer group and its head part ways (a delivery nobody
+/// recorded, or a group set back): CLAIM repairs, hands out the right
+/// job, and leaves no stray PEL entry.
+async fn stream_out_of_step_is_repaired(url: &str, shards: u32) {
+    let cp = connect(url, cfg(shards)).await;
+    let mut r = raw(url).await;
+    cp.create_tenant(&tenant("o", 1_000_000), "h")
+        .await
+        .unwrap();
+    let ids: Vec<String> = {
+        let mut v = Vec::new();
+        for i in 0..3 {
+            v.push(cp.submit("o", &job(&format!("o{i}"))).await.unwrap().id);
+        }
+        v
+    };
+    let q = cp.keys().queue("o");
+    // A delivery the control plane never recorded: the group runs ahead.
+    let _: redis::Value = r
+        .q(&cmd(&[
+            "XREADGROUP",
+            "GROUP",
+            "g",
+            "ghost",
+            "COUNT",
+            "1",
+            "STREAMS",
+            &q,
+            ">",
+        ]))
+        .await
+        .unwrap();
+    let mut held: Vec<Claim> = Vec::new();
+    for _ in 0..3 {
+        if let Ok(got) = cp.claim("w1", 1, 0).await {
+            held.extend(got);
+            break;
+        }
+    }
+    let first = cp.job("o", &ids[0]).await.unwrap().unwrap();
+    assert_eq!(first.state, JobState::Running, "CLAIM repaired the group");
+    let (_, pending) = cp.queue_group("o").await.unwrap();
+    let running = cp.tenant("o").await.unwrap().unwrap().running as usize;
+    assert_eq!(pending, running, "one PEL entry per running job, no more");
+
+    // The group set back behind jobs that are running: their deliveries go
+    // back to their owners, the next head is delivered.
+    let _: () = r.q(&cmd(&["XGROUP", "SETID", &q, "g", "0"])).await.unwrap();
+    loop {
+        let got = cp.claim("w2", 1, 0).await.expect("claim");
+        if got.is_empty() {
+            break;
+        }
+        held.extend(got);
+    }
+    let (_, pending) = cp.queue_group("o").await.unwrap();
+    assert_eq!(pending, 3, "every job running, one PEL entry each");
+    for id in &ids {
+        let j = cp.job("o", id).await.unwrap().unwrap();
+        assert_eq!(j.state, JobState::Running, "{j:?}");
+    }
+    // Every lease still finalizes, the first one's too (its delivery was
+    // given back to w1): the repair kept each PEL entry whole.
+    assert_eq!(held.len(), 3);
+    for c in held {
+        assert_eq!(
+            cp.finalize(&c.lease, &ok("", 5)).await.unwrap(),
+            Finalized::Succeeded
+        );
+    }
+    assert_eq!(cp.queue_group("o").await.unwrap().1, 0, "no PEL entry left");
+    check_credits(&cp, "o").await;
+
+    // The group itself lost (a partial restore): recreated on the head.
+    let a = cp.submit("o", &job("a")).await.unwrap();
+    let b = cp.submit("o", &job("b")).await.unwrap();
+    let ca = claim_one(&cp).await;
+    assert_eq!(ca.lease.job_id, a.id);
+    let _: () = r.q(&cmd(&["XGROUP", "DESTROY", &q, "g"])).await.unwrap();
+    let cb = cp
+        .claim("w1", 1, 0)
+        .await
+        .expect("a lost group must not fail CLAIM");
+    assert_eq!(cb.len(), 1);
+    assert_eq!(cb[0].lease.job_id, b.id, "the head, not a job already run");
+    for l in [&ca.lease, &cb[0].lease] {
+        assert_eq!(
+            cp.finalize(l, &ok("", 5)).await.unwrap(),
+            Finalized::Succeeded
+        );
+    }
+    assert_eq!(cp.queue_group("o").await.unwrap().1, 0);
+    check_credits(&cp, "o").await;
+}
+
+/// A head job that can never run as its tenant now stands fails at once
+/// with `unschedulable`; the tenant's other jobs go on.
+async fn impossible_head_fails_and_frees_its_queue(url: &str, shards: u32) {
+    let cp = connect(url, cfg(shards)).await;
+    let mut spec = tenant("i", 1_000_000_000);
+    spec.max_gpus = 2;
+    cp.create_tenant(&spec, "h").await.unwrap();
+    let big = cp
+        .submit(
+            "i",
+            &SubmitSpec {
+                gpus: 2,
+                ..job("big")
+            },
+        )
+        .await
+        .unwrap();
+    let small = cp.submit("i", &job("small")).await.unwrap();
+    cp.update_tenant(
+        "i",
+        &TenantPatch {
+            max_gpus: Some(1),
+            ..TenantPatch::default()
+        },
+    )
+    .await
+    .unwrap();
+    let got = cp.claim("w", 2, 4).await.unwrap();
+    let ids: Vec<&str> = got.iter().map(|c| c.lease.job_id.as_str()).collect();
+    assert_eq!(ids, [small.id.as_str()], "the tenant's queue moves on");
+    let j = cp.job("i", &big.id).await.unwrap().unwrap();
+    assert_eq!(j.state, JobState::Failed);
+    let e = j.error.unwrap();
+    assert_eq!(e.kind, ErrorKind::Unschedulable);
+    assert!(e.message.contains("max_gpus"), "{}", e.message);
+
+    // Credits: the whole balance fell below the head's reservation.
+    cp.create_tenant(&tenant("k", 2_000), "h").await.unwrap();
+    let costly = cp
+        .submit(
+            "k",
+            &SubmitSpec {
+                fuel: Some(1_500_000_000),
+                ..job("costly")
+            },
+        )
+        .await
+        .unwrap();
+    let cheap = cp
+        .submit(
+            "k",
+            &SubmitSpec {
+                fuel: Some(1_000_000),
+                timeout_ms: Some(1_000),
+                ..job("cheap")
+            },
+        )
+        .await
+        .unwrap();
+    cp.grant_credits("k", -1_900).await.unwrap();
+    let got = cp.claim("w", 2, 0).await.unwrap();
+    let ids: Vec<&str> = got.iter().map(|c| c.lease.job_id.as_str()).collect();
+    assert_eq!(ids, [cheap.id.as_str()]);
+    let j = cp.job("k", &costly.id).await.unwrap().unwrap();
+    assert_eq!(j.state, JobState::Failed);
+    let e = j.error.unwrap();
+    assert_eq!(e.kind, ErrorKind::Unschedulable);
+    assert!(e.message.contains("credits"), "{}", e.message);
+    let info = cp.tenant("k").await.unwrap().unwrap();
+    assert_eq!((info.queued, info.running), (0, 1));
+    check_credits(&cp, "k").await;
+
+    // Within the balance but not its free part: the job waits, visibly,
+    // until the running job settles.
+    cp.create_tenant(&tenant("wait", 100), "h").await.unwrap();
+    // 50 Mfuel + 30 s of a slot at 1 credit/s = 80 credits.
+    let heavy = SubmitSpec {
+        fuel: Some(50_000_000),
+        ..job("heavy")
+    };
+    cp.submit("wait", &heavy).await.unwrap();
+    let second = cp.submit("wait", &heavy).await.unwrap();
+    let first = claim_one(&cp).await;
+    assert!(cp.claim("w", 1, 0).await.unwrap().is_empty());
+    let info = cp.tenant("wait").await.unwrap().unwrap();
+    assert_eq!(info.parked.as_deref(), Some("credits"), "{info:?}");
+    cp.finalize(&first.lease, &ok("", 5)).await.unwrap();
+    let next = claim_one(&cp).await;
+    assert_eq!(next.lease.job_id, second.id);
+    assert_eq!(cp.tenant("wait").await.unwrap().unwrap().parked, None);
+}
+
+/// 20 tenants whose GPU jobs need more GPUs than a worker has free sit
+/// ahead of one whose job fits: CLAIM still finds it.
+async fn gpu_tenant_that_fits_is_found_behind_many_that_do_not(url: &str, shards: u32) {
+    let cp = connect(url, cfg(shards)).await;
+    let shard = cp.keys().shard_of("zsmall");
+    let big: Vec<String> = (0..)
+        .map(|i| format!("g{i:02}"))
+        .filter(|t| cp.keys().shard_of(t) == shard)
+        .take(20)
+        .collect();
+    for t in &big {
+        let mut spec = tenant(t, 1_000_000_000);
+        spec.max_gpus = 4;
+        cp.create_tenant(&spec, "h").await.unwrap();
+        cp.submit(
+            t,
+            &SubmitSpec {
+                gpus: 4,
+                ..job("wide")
+            },
+        )
+        .await
+        .unwrap();
+    }
+    let mut spec = tenant("zsmall", 1_000_000_000);
+    spec.max_gpus = 4;
+    cp.create_tenant(&spec, "h").await.unwrap();
+    let s = cp
+        .submit(
+            "zsmall",
+            &SubmitSpec {
+                gpus: 1,
+                ..job("narrow")
+            },
+        )
+        .await
+        .unwrap();
+    let got = cp.claim("w", 4, 1).await.unwrap();
+    let ids: Vec<&str> = got.iter().map(|c| c.lease.job_id.as_str()).collect();
+    assert_eq!(ids, [s.id.as_str()], "the job that fits one free GPU");
+    // A worker with 4 free GPUs still serves the wide jobs, in turn.
+    let got = cp.claim("w", 1, 4).await.unwrap();
+    assert_eq!((got.len(), got[0].gpus), (1, 4));
 }

@@ -129,7 +129,10 @@ impl ApiError {
                 tracing::error!(error = %e, "redis error in API request");
                 ApiError::Unavailable
             }
-            other @ (CpError::LeaseLost | CpError::Cancelled | CpError::Internal(_)) => {
+            other @ (CpError::LeaseLost
+            | CpError::Cancelled
+            | CpError::Internal(_)
+            | CpError::Shards { .. }) => {
                 tracing::error!(error = %other, "control-plane error in API request");
                 ApiError::Internal
             }

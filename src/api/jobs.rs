@@ -406,6 +406,7 @@ mod tests {
             granted: 0,
             settled: 0,
             storage: Default::default(),
+            parked: None,
         }
     }
 

@@ -68,6 +68,12 @@ pub struct ControlArgs {
     #[arg(long, env = "AGENTPLANE_RETENTION_S", default_value_t = 7 * 24 * 3600,
           value_parser = clap::value_parser!(u64).range(1..=10 * 365 * 24 * 3600))]
     pub retention_s: u64,
+    /// Credits per slot-second of wall time a job holds (a GPU job's slot
+    /// weighs 1 + 10 per GPU). Every process of a deployment must agree:
+    /// the API checks reservations with it, workers settle with it.
+    #[arg(long, env = "AGENTPLANE_PRICE_SLOT_SECOND", default_value_t = crate::control::Prices::default().credits_per_slot_second,
+          value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    pub price_slot_second: u64,
 }
 
 /// The lease length.

@@ -33,6 +33,10 @@ fn control_config(c: &ControlArgs, lease_ms: u64) -> ControlConfig {
         shards: c.shards,
         lease_ms,
         retention_ms: c.retention_s.saturating_mul(1000),
+        prices: crate::control::Prices {
+            credits_per_slot_second: c.price_slot_second,
+            ..crate::control::Prices::default()
+        },
         ..ControlConfig::default()
     }
 }

@@ -30,15 +30,28 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Prices turn usage into integer credits.
+/// Prices turn usage into integer credits. An attempt is charged
+///
+/// ```text
+/// ceil(fuel * credits_per_mfuel / 10^6)
+///   + ceil(wall_ms * (credits_per_slot_second * (1 + gpus * gpu_slot_weight)
+///                     + gpus * credits_per_gpu_second) / 1000)
+/// ```
+///
+/// capped at what CLAIM reserved: the same formula with all the job's fuel
+/// and its whole timeout (`lua/lib.lua`, `charge`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Prices {
     /// Credits per million units of fuel.
     pub credits_per_mfuel: u64,
     /// Credits per GPU-second of wall time.
     pub credits_per_gpu_second: u64,
-    /// How much slot-time one GPU weighs in fair share, relative to a CPU slot.
+    /// How much slot-time one GPU weighs in fair share and in the slot
+    /// price, relative to a CPU slot.
     pub gpu_slot_weight: u64,
+    /// Credits per slot-second of wall time: capacity is paid for even
+    /// when the guest burns no fuel (parked in a host call, sleeping).
+    pub credits_per_slot_second: u64,
 }
 
 impl Default for Prices {
@@ -47,6 +60,7 @@ impl Default for Prices {
             credits_per_mfuel: 1,
             credits_per_gpu_second: 100,
             gpu_slot_weight: 10,
+            credits_per_slot_second: 1,
         }
     }
 }
@@ -189,6 +203,12 @@ pub struct TenantInfo {
     pub granted: i64,
     /// Sum of all settled attempt costs.
     pub settled: i64,
+    /// Why the tenant's next queued job is not being handed out, when it
+    /// is not: `max_running`, `max_gpus`, `credits` (its reservation is
+    /// above the free balance; running jobs will settle, or grant
+    /// credits) or `stream_out_of_step`. Absent while eligible or empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parked: Option<String>,
     /// Byte quotas and what is stored against them.
     pub storage: Storage,
 }
@@ -352,6 +372,20 @@ pub enum CpError {
     Redis(redis::RedisError),
     #[error("internal: {0}")]
     Internal(String),
+    /// Maintenance (PROMOTE, REAP) failed on some shards after trying all
+    /// of them; `done` jobs were moved on the others.
+    #[error("{done} done; failed on {}", failed.join("; "))]
+    Shards { done: u32, failed: Vec<String> },
+}
+
+/// The answer of a per-shard maintenance pass: the count, or every
+/// shard's failure once all were tried.
+fn shards_result(done: u32, failed: Vec<String>) -> Result<u32, CpError> {
+    if failed.is_empty() {
+        Ok(done)
+    } else {
+        Err(CpError::Shards { done, failed })
+    }
 }
 
 impl From<redis::RedisError> for CpError {
@@ -396,9 +430,6 @@ const FAULT_MESSAGE_MAX: usize = 1024;
 /// Attempts a job may lose to agent-state conflicts before it fails: each
 /// conflicting attempt did run (and was charged), so this bounds the bill.
 const MAX_STATE_CONFLICTS: u32 = 16;
-/// Tenants with GPU jobs scanned per pick when their jobs need more GPUs
-/// than the worker has free; bounds CLAIM's work under a GPU backlog.
-const GPU_SCAN_WINDOW: u32 = 16;
 
 /// Largest page of `list_jobs` (the API answers 400 above it): a page is
 /// one pipelined read, so its size bounds what one request costs Redis.
@@ -531,12 +562,13 @@ impl ControlPlane {
         self.conn.clone()
     }
 
-    fn prices(&self) -> [u64; 3] {
+    fn prices(&self) -> [u64; 4] {
         let p = self.cfg.prices;
         [
             p.credits_per_mfuel,
             p.credits_per_gpu_second,
             p.gpu_slot_weight,
+            p.credits_per_slot_second,
         ]
     }
 
@@ -754,6 +786,10 @@ impl ControlPlane {
                 context_bytes: num(&h, "context_bytes") as u64,
                 state_bytes: num(&h, "state_bytes") as u64,
             },
+            parked: h
+                .get("parked")
+                .filter(|p| !p.is_empty() && p.as_str() != "empty")
+                .cloned(),
         }))
     }
 
@@ -1113,6 +1149,13 @@ impl ControlPlane {
     /// Up to `max` jobs for worker `worker` with `free_gpus` GPU slots free,
     /// taken from the shards in turn starting at a random one (so workers
     /// spread over shards and none is favoured).
+    ///
+    /// Every job CLAIM leased is in the answer or already handed back: a
+    /// shard whose CLAIM fails does not stop the others (its error is
+    /// answered only when no shard gave a job, so the worker backs off),
+    /// and a job whose agent state cannot be read fails alone (see
+    /// `claim_shard`). Dropping a leased job would burn an attempt and end
+    /// it `lease_expired` without ever running.
     pub async fn claim(
         &self,
         worker: &str,
@@ -1123,20 +1166,58 @@ impl ControlPlane {
         let start = rand::random::<u32>() % shards;
         let mut out = Vec::new();
         let mut gpus_left = free_gpus;
+        let mut first_err = None;
         for i in 0..shards {
             if out.len() as u32 >= max {
                 break;
             }
             let shard = (start + i) % shards;
-            let got = self
+            let got = match self
                 .claim_shard(shard, worker, max - out.len() as u32, gpus_left)
-                .await?;
+                .await
+            {
+                Ok(got) => got,
+                Err(e) => {
+                    tracing::warn!(shard, error = %e, "CLAIM failed on a shard; trying the others");
+                    first_err.get_or_insert(e);
+                    continue;
+                }
+            };
             for c in got {
                 gpus_left = gpus_left.saturating_sub(c.gpus);
                 out.push(c);
             }
         }
-        Ok(out)
+        match first_err {
+            Some(e) if out.is_empty() => Err(e),
+            _ => Ok(out),
+        }
+    }
+
+    /// A claimed job that cannot be handed to a run: its attempt fails as
+    /// `agent_error` with `why`, uncharged (no fuel, no wall time), and
+    /// retries with backoff up to `max_attempts` like any agent error (a
+    /// state pointer read during a concurrent commit heals on the retry).
+    /// If even FINALIZE fails, RELEASE is tried; failing both, the lease
+    /// runs out and the reaper takes the job back.
+    async fn fail_claimed(&self, lease: &Lease, why: String) {
+        tracing::warn!(job = %lease.job_id, tenant = %lease.tenant, error = %why, "claimed job cannot run");
+        let finish = Finish {
+            outcome: AttemptOutcome::Failed {
+                kind: ErrorKind::AgentError,
+                message: why,
+            },
+            fuel: 0,
+            wall_ms: 0,
+            log: String::new(),
+            new_state: None,
+        };
+        if let Err(e) = self.finalize(lease, &finish).await {
+            tracing::warn!(job = %lease.job_id, error = %e, "FINALIZE of an unrunnable claim failed; releasing");
+            if let Err(e) = self.release(lease).await {
+                tracing::warn!(job = %lease.job_id, error = %e, "RELEASE failed too; the reaper will take it back");
+            }
+        }
     }
 
     async fn claim_shard(
@@ -1155,13 +1236,23 @@ impl ControlPlane {
         for p in self.prices() {
             inv.arg(p);
         }
-        inv.arg(GPU_SCAN_WINDOW);
         let v: Value = inv.invoke_async(&mut self.conn()).await?;
         let mut out = Vec::new();
+        // From here on every record is a leased job: none may be dropped
+        // with a `?` (see `claim`).
         for c in v_arr(&v) {
             let f = v_arr(c);
+            let lease = Lease {
+                job_id: f.first().map(v_str).unwrap_or_default(),
+                tenant: f.get(1).map(v_str).unwrap_or_default(),
+                token: f.get(2).map(v_u64).unwrap_or_default(),
+            };
             if f.len() < 15 {
-                return Err(bad("CLAIM answered a short record"));
+                if !lease.job_id.is_empty() {
+                    self.fail_claimed(&lease, "CLAIM answered a short record".into())
+                        .await;
+                }
+                continue;
             }
             let contexts: Vec<(String, String)> =
                 serde_json::from_str(&v_str(&f[6])).unwrap_or_default();
@@ -1169,19 +1260,28 @@ impl ControlPlane {
             let inline = v_bytes(&f[12]);
             let ptr = v_str(&f[13]);
             let state = if !ptr.is_empty() {
-                let blob: Option<Vec<u8>> = self.conn().get(self.keys.blob("state", &ptr)).await?;
-                Some(blob.ok_or_else(|| bad(format!("agent state blob {ptr} missing")))?)
+                let blob: Result<Option<Vec<u8>>, _> =
+                    self.conn().get(self.keys.blob("state", &ptr)).await;
+                match blob {
+                    Ok(Some(b)) => Some(b),
+                    Ok(None) => {
+                        let why = format!("agent state blob {ptr} is missing");
+                        self.fail_claimed(&lease, why).await;
+                        continue;
+                    }
+                    Err(e) => {
+                        let why = format!("agent state blob {ptr} could not be read: {e}");
+                        self.fail_claimed(&lease, why).await;
+                        continue;
+                    }
+                }
             } else if agent_id.is_some() && v_u64(&f[14]) > 0 {
                 Some(inline)
             } else {
                 None
             };
             out.push(Claim {
-                lease: Lease {
-                    job_id: v_str(&f[0]),
-                    tenant: v_str(&f[1]),
-                    token: v_u64(&f[2]),
-                },
+                lease,
                 attempt: v_u64(&f[3]) as u32,
                 component: v_str(&f[4]),
                 input: v_str(&f[5]),
@@ -1227,7 +1327,7 @@ impl ControlPlane {
             AttemptOutcome::Failed { kind, message } => ("failed", kind.as_str(), message.as_str()),
             AttemptOutcome::Cancelled => ("cancelled", "", ""),
         };
-        if matches!(kind, "lease_expired" | "cancelled") {
+        if matches!(kind, "lease_expired" | "cancelled" | "unschedulable") {
             return Err(CpError::Invalid(format!(
                 "`{kind}` is decided by the control plane, not reported by a worker"
             )));
@@ -1385,24 +1485,31 @@ impl ControlPlane {
 
     // --- scheduler ---
 
-    /// Moves due delayed jobs to their queues on every shard; answers how many.
+    /// Moves due delayed jobs to their queues on every shard; answers how
+    /// many. A failing shard does not stop the others: every shard is tried,
+    /// then the failures are answered together ([`CpError::Shards`]).
     pub async fn promote(&self, batch: u32) -> Result<u32, CpError> {
         let mut total = 0;
+        let mut failed = Vec::new();
         for shard in 0..self.keys.shards() {
             let mut inv = scripts::PROMOTE.prepare_invoke();
             inv.key(self.keys.tag(shard)).arg(batch.max(1));
             for p in self.prices() {
                 inv.arg(p);
             }
-            let n: u32 = inv.invoke_async(&mut self.conn()).await?;
-            total += n;
+            match inv.invoke_async::<u32>(&mut self.conn()).await {
+                Ok(n) => total += n,
+                Err(e) => failed.push(format!("shard {shard}: {e}")),
+            }
         }
-        Ok(total)
+        shards_result(total, failed)
     }
 
-    /// Reclaims expired leases on every shard; answers how many.
+    /// Reclaims expired leases on every shard; answers how many. Like
+    /// [`promote`](Self::promote), a failing shard does not stop the others.
     pub async fn reap(&self, batch: u32) -> Result<u32, CpError> {
         let mut total = 0;
+        let mut failed = Vec::new();
         for shard in 0..self.keys.shards() {
             let mut inv = scripts::REAP.prepare_invoke();
             inv.key(self.keys.tag(shard))
@@ -1413,10 +1520,12 @@ impl ControlPlane {
             for p in self.prices() {
                 inv.arg(p);
             }
-            let n: u32 = inv.invoke_async(&mut self.conn()).await?;
-            total += n;
+            match inv.invoke_async::<u32>(&mut self.conn()).await {
+                Ok(n) => total += n,
+                Err(e) => failed.push(format!("shard {shard}: {e}")),
+            }
         }
-        Ok(total)
+        shards_result(total, failed)
     }
 
     /// Consumers and pending (delivered, unacknowledged) entries of the
