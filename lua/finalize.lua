@@ -20,7 +20,8 @@ local fuel, wall = uint(ARGV[6]), uint(ARGV[7])
 local smode = ARGV[9]
 local base, maxd, jitter, max_conflicts = uint(ARGV[11]), uint(ARGV[12]), uint(ARGV[13]), uint(ARGV[14])
 local P = prices(ARGV[15], ARGV[16], ARGV[17])
-local kinds = { agent_error = true, trap = true, fuel_exhausted = true, memory_limit = true, timeout = true }
+local kinds = { agent_error = true, trap = true, fuel_exhausted = true, memory_limit = true, timeout = true,
+  invalid_component = true, node_fault = true }
 if token == nil or fuel == nil or wall == nil or base == nil or maxd == nil or jitter == nil
   or max_conflicts == nil or P == nil or KEYS[2] ~= jkey(jid) then
   return fail('malformed arguments')

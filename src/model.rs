@@ -82,10 +82,16 @@ pub enum ErrorKind {
     LeaseExpired,
     /// Cancelled by the tenant.
     Cancelled,
+    /// The component can never run on this host (fails to compile or to
+    /// instantiate under the workers' engine configuration): final.
+    InvalidComponent,
+    /// The node failed, not the guest (instance pool exhausted...): the
+    /// attempt is handed back to the queue and never charged.
+    NodeFault,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 7] = [
+    pub const ALL: [ErrorKind; 9] = [
         ErrorKind::AgentError,
         ErrorKind::Trap,
         ErrorKind::FuelExhausted,
@@ -93,6 +99,8 @@ impl ErrorKind {
         ErrorKind::Timeout,
         ErrorKind::LeaseExpired,
         ErrorKind::Cancelled,
+        ErrorKind::InvalidComponent,
+        ErrorKind::NodeFault,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -104,6 +112,8 @@ impl ErrorKind {
             ErrorKind::Timeout => "timeout",
             ErrorKind::LeaseExpired => "lease_expired",
             ErrorKind::Cancelled => "cancelled",
+            ErrorKind::InvalidComponent => "invalid_component",
+            ErrorKind::NodeFault => "node_fault",
         }
     }
 

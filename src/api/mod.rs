@@ -151,17 +151,10 @@ impl AppState {
     }
 }
 
-/// A `Host` for an API-only process: it admits uploads and never runs them,
-/// so it keeps no instance pool and no caches.
+/// A `Host` for an API-only process: it admits uploads under the workers'
+/// engine configuration ([`HostConfig::admission`]) and never runs them.
 pub fn admission_host() -> anyhow::Result<Host> {
-    Host::new(HostConfig {
-        max_instances: 4,
-        pooling: false,
-        component_cache_bytes: 0,
-        context_cache_bytes: 0,
-        cache_dir: None,
-        ..HostConfig::default()
-    })
+    Host::new(HostConfig::admission())
 }
 
 /// The router of every route of contract §3.

@@ -102,14 +102,17 @@ impl Compiler {
 
     /// Compiles `bytes` (already checked to hash to `digest`).
     fn compile(&self, digest: &str, bytes: &[u8]) -> Result<LoadedComponent, HostError> {
+        // Refused by the checks or the compiler: the same bytes under the
+        // same engine configuration will never do better.
         self.compile_checked(bytes)
-            .map_err(|e| anyhow::anyhow!("{digest}: {e}").into())
+            .map_err(|e| HostError::Invalid(format!("{digest}: {e}")))
     }
 
     /// Checks and compiles an upload as admission does, then writes the
     /// artifact to disk so that no node on this disk compiles it again.
     pub fn compile_checked(&self, bytes: &[u8]) -> Result<LoadedComponent, AdmissionError> {
         admission::check_bytes(bytes)?;
+        super::structure::check(bytes)?;
         let component =
             Component::new(&self.engine, bytes).map_err(|e| admission::compile_error(&e))?;
         let pre = admission::check_component(&self.engine, &self.linker, &component)?;
@@ -175,7 +178,15 @@ pub(crate) struct ComponentCache {
     budget: u64,
     lru: Mutex<Lru>,
     inflight: Mutex<HashMap<String, Arc<OnceCell<Arc<LoadedComponent>>>>>,
+    /// Digests that failed to compile, with the reason: a bad component is
+    /// refused at once on every later claim instead of being fetched and
+    /// recompiled (a job of it used to cycle release-and-recompile at 100%
+    /// CPU). Bounded: the oldest reasons are forgotten first.
+    failed: Mutex<LruCache<String, String>>,
 }
+
+/// Failed digests remembered per node.
+const FAILED_REMEMBERED: usize = 1024;
 
 struct Lru {
     map: LruCache<String, Arc<LoadedComponent>>,
@@ -191,6 +202,9 @@ impl ComponentCache {
                 bytes: 0,
             }),
             inflight: Mutex::new(HashMap::new()),
+            failed: Mutex::new(LruCache::new(
+                std::num::NonZeroUsize::new(FAILED_REMEMBERED).unwrap_or(std::num::NonZeroUsize::MIN),
+            )),
         }
     }
 
@@ -235,6 +249,14 @@ impl ComponentCache {
         if let Some(c) = self.cached(digest) {
             return Ok(c);
         }
+        if let Some(why) = self
+            .failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(digest)
+        {
+            return Err(HostError::Invalid(why.clone()));
+        }
         let hex = digest_hex(digest)
             .ok_or_else(|| HostError::NotFound(digest.to_string()))?
             .to_string();
@@ -259,6 +281,12 @@ impl ComponentCache {
             })
             .await
             .cloned();
+        if let Err(HostError::Invalid(why)) = &result {
+            self.failed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .put(digest.to_string(), why.clone());
+        }
         // Success or failure, the next miss starts afresh.
         let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
         if inflight.get(digest).is_some_and(|c| Arc::ptr_eq(c, &cell)) {

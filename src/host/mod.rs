@@ -25,6 +25,7 @@ mod engine;
 mod limits;
 mod run;
 mod sandbox;
+mod structure;
 
 use crate::context::{ContextCache, HeavyContext};
 use crate::model::{ErrorKind, Limits};
@@ -70,6 +71,25 @@ impl Default for HostConfig {
             pooling: true,
             fuel: true,
             stdio_capture_bytes: 64 << 10,
+        }
+    }
+}
+
+impl HostConfig {
+    /// The configuration of a host that only admits uploads (the API): the
+    /// workers' engine configuration exactly (pooling allocator and its
+    /// per-component share included, see [`HostConfig::default`]), so that
+    /// what admission accepts every worker can instantiate; only the pool is
+    /// small and the caches are off, since it never runs anything. (It used
+    /// to admit with pooling off: a component with 9 memories passed upload
+    /// and then failed on every worker.)
+    pub fn admission() -> HostConfig {
+        HostConfig {
+            max_instances: 1,
+            component_cache_bytes: 0,
+            context_cache_bytes: 0,
+            cache_dir: None,
+            ..HostConfig::default()
         }
     }
 }
@@ -164,7 +184,12 @@ pub enum HostError {
     /// `fetch` did not know the digest (or the digest is malformed).
     #[error("component {0} not found")]
     NotFound(String),
-    /// Fetching, verifying or compiling failed.
+    /// The component can never run on this host: it fails the admission
+    /// checks or compilation under this engine's configuration. Remembered
+    /// per digest, so it is not recompiled on every claim.
+    #[error("invalid component {0}")]
+    Invalid(String),
+    /// Fetching or verifying failed (may succeed later).
     #[error(transparent)]
     Other(#[from] anyhow::Error),
 }
