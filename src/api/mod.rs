@@ -55,6 +55,13 @@ pub struct ApiConfig {
     /// its size limit and then burn CPU on admission or indexing: without a
     /// bound, a burst of large uploads could exhaust the API's memory.
     pub max_concurrent_uploads: usize,
+    /// Uploads (components and contexts) one tenant may start in a burst;
+    /// refilled at [`ApiConfig::uploads_per_minute`]. Each upload may cost
+    /// seconds of admission CPU: without a rate, one tenant could keep the
+    /// node's compiler busy for everyone (429 `rate_limited` beyond).
+    pub upload_burst: u32,
+    /// Uploads per minute one tenant may sustain.
+    pub uploads_per_minute: u32,
 }
 
 impl Default for ApiConfig {
@@ -67,6 +74,8 @@ impl Default for ApiConfig {
             wait_poll: Duration::from_millis(100),
             max_concurrent_uploads: 4,
             body_idle_timeout: Duration::from_secs(30),
+            upload_burst: 30,
+            uploads_per_minute: 30,
         }
     }
 }
@@ -89,6 +98,7 @@ struct Inner {
     cfg: ApiConfig,
     metrics: Option<PrometheusHandle>,
     uploads: Arc<tokio::sync::Semaphore>,
+    upload_rate: uploads::UploadRate,
 }
 
 /// What every handler shares; cheap to clone.
@@ -114,6 +124,7 @@ impl AppState {
                 uploads: Arc::new(tokio::sync::Semaphore::new(
                     cfg.max_concurrent_uploads.max(1),
                 )),
+                upload_rate: uploads::UploadRate::new(cfg.upload_burst, cfg.uploads_per_minute),
                 cfg,
                 metrics: prom::handle(),
             }),
@@ -144,6 +155,11 @@ impl AppState {
             .acquire_owned()
             .await
             .map_err(|_| ApiError::Internal)
+    }
+
+    /// Takes one upload from `tenant`'s rate, or says when to retry.
+    pub(crate) fn upload_allowed(&self, tenant: &str) -> ApiResult<()> {
+        self.inner.upload_rate.take(tenant)
     }
 
     pub(crate) fn admin_token(&self) -> &str {

@@ -5,7 +5,7 @@
 use super::admission;
 use super::bindings::AgentPre;
 use super::run::RunState;
-use super::{AdmissionError, HostError, LoadedComponent};
+use super::{AdmissionError, HostConfig, HostError, LoadedComponent};
 use lru::LruCache;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -33,6 +33,8 @@ fn digest_hex(digest: &str) -> Option<&str> {
 pub(crate) struct Compiler {
     pub engine: Engine,
     pub linker: Linker<RunState>,
+    /// What the compile child needs to build the same engine.
+    cfg: HostConfig,
     /// `<cache_dir>/<engine compatibility hash>`: artifacts of another
     /// wasmtime version or configuration never get mixed in.
     disk: Option<PathBuf>,
@@ -41,12 +43,8 @@ pub(crate) struct Compiler {
 }
 
 impl Compiler {
-    pub fn new(
-        engine: Engine,
-        linker: Linker<RunState>,
-        cache_dir: Option<&Path>,
-    ) -> anyhow::Result<Self> {
-        let disk = match cache_dir {
+    pub fn new(engine: Engine, linker: Linker<RunState>, cfg: &HostConfig) -> anyhow::Result<Self> {
+        let disk = match cfg.cache_dir.as_deref() {
             None => None,
             Some(dir) => {
                 let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -59,6 +57,7 @@ impl Compiler {
         Ok(Compiler {
             engine,
             linker,
+            cfg: cfg.clone(),
             disk,
             compiles: AtomicU64::new(0),
             disk_loads: AtomicU64::new(0),
@@ -104,8 +103,10 @@ impl Compiler {
     fn compile(&self, digest: &str, bytes: &[u8]) -> Result<LoadedComponent, HostError> {
         // Refused by the checks or the compiler: the same bytes under the
         // same engine configuration will never do better.
-        self.compile_checked(bytes)
-            .map_err(|e| HostError::Invalid(format!("{digest}: {e}")))
+        self.compile_checked(bytes).map_err(|e| match e {
+            AdmissionError::Invalid(why) => HostError::Invalid(format!("{digest}: {why}")),
+            AdmissionError::Unavailable(why) => anyhow::anyhow!("{digest}: {why}").into(),
+        })
     }
 
     /// Checks and compiles an upload as admission does, then writes the
@@ -113,8 +114,10 @@ impl Compiler {
     pub fn compile_checked(&self, bytes: &[u8]) -> Result<LoadedComponent, AdmissionError> {
         admission::check_bytes(bytes)?;
         super::structure::check(bytes)?;
-        let component =
-            Component::new(&self.engine, bytes).map_err(|e| admission::compile_error(&e))?;
+        let component = match &self.cfg.compile_child {
+            Some(child) => super::compile::compile(child, &self.cfg, &self.engine, bytes)?,
+            None => Component::new(&self.engine, bytes).map_err(|e| admission::compile_error(&e))?,
+        };
         let pre = admission::check_component(&self.engine, &self.linker, &component)?;
         self.compiles.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("agentplane_host_component_compiles_total").increment(1);

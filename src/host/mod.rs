@@ -21,11 +21,14 @@
 mod admission;
 mod bindings;
 mod cache;
+mod compile;
 mod engine;
 mod limits;
 mod run;
 mod sandbox;
 mod structure;
+
+pub use compile::{CompileChild, child_main as compile_child_main};
 
 use crate::context::{ContextCache, HeavyContext};
 use crate::model::{ErrorKind, Limits};
@@ -57,6 +60,10 @@ pub struct HostConfig {
     pub fuel: bool,
     /// Bytes of stdout and of stderr kept per attempt.
     pub stdio_capture_bytes: usize,
+    /// Compile uploads in a child process bounded in time and memory
+    /// (`Some`), or in this process (`None`: tests and tools; the
+    /// structural checks still apply).
+    pub compile_child: Option<CompileChild>,
 }
 
 impl Default for HostConfig {
@@ -71,6 +78,7 @@ impl Default for HostConfig {
             pooling: true,
             fuel: true,
             stdio_capture_bytes: 64 << 10,
+            compile_child: None,
         }
     }
 }
@@ -97,9 +105,14 @@ impl HostConfig {
 /// Why an upload was refused (`POST /v1/components` answers 400 with it).
 #[derive(Debug, thiserror::Error)]
 pub enum AdmissionError {
-    /// Not a component, bad imports/exports, garbage: the message names the problem.
+    /// Not a component, bad imports/exports, garbage, over a structural
+    /// bound or the compiler's time or memory: the message names the problem.
     #[error("{0}")]
     Invalid(String),
+    /// The node could not check it now (the compiler process could not be
+    /// run): not the upload's fault, retry later.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// An admitted upload.
@@ -217,7 +230,7 @@ impl Host {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
         bindings::Agent::add_to_linker::<_, HasSelf<run::RunState>>(&mut linker, |s| s)?;
-        let compiler = cache::Compiler::new(engine, linker, cfg.cache_dir.as_deref())?;
+        let compiler = cache::Compiler::new(engine, linker, &cfg)?;
         Ok(Host {
             components: cache::ComponentCache::new(cfg.component_cache_bytes),
             contexts: ContextCache::new(

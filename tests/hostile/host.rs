@@ -419,3 +419,140 @@ async fn a_host_call_flood_is_charged_and_stopped_by_fuel() {
     s.assert_books_balance("mallory").await;
     s.stop().await;
 }
+
+/// 7.3: uploads are CPU work for the API; one tenant may only start so many
+/// in a burst, then gets 429 `rate_limited` with `Retry-After`, while
+/// another tenant's uploads go through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_are_rate_limited_per_tenant() {
+    let s = Stack::start(Opts {
+        worker_slots: Some(1),
+        api: agentplane::api::ApiConfig {
+            upload_burst: 3,
+            uploads_per_minute: 6,
+            ..agentplane::api::ApiConfig::default()
+        },
+        ..Opts::default()
+    })
+    .await;
+    let mallory = s.tenant("mallory").await;
+    let victim = s.tenant("victim").await;
+    let echo = crate::common::guests::guest_bytes("echo");
+    for _ in 0..3 {
+        let (st, v, _) = push_bytes(&s, &mallory, echo.clone()).await;
+        assert_eq!(st, StatusCode::CREATED, "{v}");
+    }
+    let resp = s
+        .http
+        .post(format!("{}/v1/components", s.base))
+        .bearer_auth(&mallory)
+        .body(echo.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=10).contains(&retry), "Retry-After: {retry}");
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(error_code(&v), "rate_limited", "{v}");
+    // Contexts count against the same rate.
+    let (st, v) = s
+        .post("/v1/contexts", &mallory, json!({"name": "kb"}))
+        .await;
+    assert_eq!(st, StatusCode::TOO_MANY_REQUESTS, "{v}");
+    // The neighbour is not affected.
+    let digest = s.push(&victim, "echo").await;
+    victim_runs(&s, &victim, &digest, 1).await;
+    s.stop().await;
+}
+
+/// The rest of the hostile guests, all at once next to a victim: each ends
+/// with its exact kind (or its bounded answer) and the victim is unharmed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_other_hostile_guest_is_bounded_with_its_exact_kind() {
+    let s = Stack::start(Opts {
+        worker_slots: Some(4),
+        ..Opts::default()
+    })
+    .await;
+    let mallory = s.tenant("mallory").await;
+    let victim = s.tenant("victim").await;
+    let echo = s.push(&victim, "echo").await;
+    // 24 documents of 1 MiB each, every one matching the query.
+    let text = "the ".repeat(256 << 10);
+    let docs: Vec<Value> = (0..24)
+        .map(|i| json!({"id": format!("d{i}"), "text": text}))
+        .collect();
+    let (st, v) = s
+        .post("/v1/contexts", &mallory, json!({"name": "big", "documents": docs}))
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+
+    let mut jobs = Vec::new();
+    for (guest, input, extra) in [
+        ("recurse", "", json!({})),
+        ("flood", "4", json!({})),
+        ("bigstate", "17", json!({"max_attempts": 1})),
+        ("searchk", "2", json!({"contexts": ["big"]})),
+        ("hog", "", json!({})),
+        ("escape", "", json!({})),
+        ("runaway", "", json!({"timeout_ms": 1500})),
+    ] {
+        let digest = s.push(&mallory, guest).await;
+        let mut body = json!({"component": digest, "input": input, "max_attempts": 1});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        jobs.push((guest, s.submit(&mallory, body).await));
+    }
+    victim_runs(&s, &victim, &echo, 4).await;
+    for (guest, id) in jobs {
+        let job = s.wait_terminal(&mallory, &id, 60).await;
+        let kind = job["error"]["kind"].as_str().unwrap_or("");
+        let out = job["output"].as_str().unwrap_or("");
+        match guest {
+            "recurse" => {
+                assert_eq!(kind, "trap", "{job}");
+                assert!(job["error"]["message"].as_str().unwrap().len() <= 5 << 10);
+            }
+            "flood" => {
+                assert_eq!(state(&job), "succeeded", "{job}");
+                let (_, log) = s.get(&format!("/v1/jobs/{id}/log"), &mallory).await;
+                let log = log.as_str().map_or_else(|| log.to_string(), str::to_string);
+                assert!(log.len() < 1 << 20, "log of {} bytes kept", log.len());
+                assert!(log.contains("output truncated"), "no truncation marker");
+            }
+            "bigstate" => {
+                assert_eq!(kind, "agent_error", "{job}");
+                assert!(job["error"]["message"].as_str().unwrap().contains("at most"));
+            }
+            "searchk" => {
+                // k = u32::MAX: at most 8 MiB of 1 MiB hits per search.
+                assert_eq!(state(&job), "succeeded", "{job}");
+                assert_eq!(out, "14 hits", "{job}");
+                assert!(job["usage"]["fuel"].as_u64().unwrap() > 14 * (1 << 20) / 4, "{job}");
+            }
+            "hog" => assert_eq!(kind, "memory_limit", "{job}"),
+            "escape" => {
+                assert_eq!(state(&job), "succeeded", "{job}");
+                let r: Value = serde_json::from_str(out).unwrap();
+                for probe in ["passwd", "list_root", "list_cwd", "tcp", "udp", "dns"] {
+                    assert_eq!(r[probe]["ok"], false, "{probe}: {r}");
+                }
+                assert_eq!(r["env"], json!([]), "{r}");
+            }
+            "runaway" => {
+                assert_eq!(kind, "timeout", "{job}");
+                assert!(job["usage"]["fuel"].as_u64().unwrap() > 10_000_000, "{job}");
+            }
+            _ => unreachable!(),
+        }
+    }
+    s.assert_books_balance("mallory").await;
+    s.assert_books_balance("victim").await;
+    s.stop().await;
+}
