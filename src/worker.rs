@@ -22,6 +22,9 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+/// How long a slot waits after a node fault before handing its job back.
+const NODE_FAULT_BACKOFF: Duration = Duration::from_millis(200);
+
 /// Settings of one worker process.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -440,6 +443,10 @@ async fn run_claim(shared: &Shared, claim: Claim, hard_stop: CancellationToken) 
             // exhausted): the job goes back to the queue, and neither its
             // attempts nor its tenant's credits are charged.
             tracing::warn!(error = %message, "node fault; releasing");
+            // Keep the slot a moment first: the fault (a full pool) clears
+            // as other runs end, and claiming the job straight back would
+            // only spin.
+            tokio::time::sleep(NODE_FAULT_BACKOFF).await;
             return release(shared, &lease).await;
         }
         (Verdict::Held, RunOutcome::Interrupted) => {

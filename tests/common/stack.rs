@@ -48,6 +48,8 @@ pub struct Opts {
     pub api: ApiConfig,
     /// Run on a Redis Cluster of this many masters, tenants over `shards`.
     pub cluster: Option<(usize, u32)>,
+    /// Instance slots of the worker's pool.
+    pub max_instances: u32,
 }
 
 impl Default for Opts {
@@ -57,6 +59,7 @@ impl Default for Opts {
             lease_ms: 1500,
             api: ApiConfig::default(),
             cluster: None,
+            max_instances: 16,
         }
     }
 }
@@ -102,7 +105,7 @@ impl Stack {
         if let Some(slots) = opts.worker_slots {
             let host = Arc::new(
                 Host::new(HostConfig {
-                    max_instances: 16,
+                    max_instances: opts.max_instances,
                     ..HostConfig::default()
                 })
                 .expect("host"),

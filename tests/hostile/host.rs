@@ -556,3 +556,33 @@ async fn every_other_hostile_guest_is_bounded_with_its_exact_kind() {
     s.assert_books_balance("victim").await;
     s.stop().await;
 }
+
+/// 7.2: a run the node itself failed (its instance pool full) used to fail
+/// the victim's job as its own `trap`. Now the job goes back to the queue,
+/// its attempt not counted and nothing charged, and runs once there is room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_fault_hands_the_job_back_uncharged() {
+    let s = Stack::start(Opts {
+        worker_slots: Some(2),
+        max_instances: 1,
+        ..Opts::default()
+    })
+    .await;
+    let victim = s.tenant("victim").await;
+    let sleeper = s.push(&victim, "sleeper").await;
+    let echo = s.push(&victim, "echo").await;
+    let a = s
+        .submit(&victim, json!({"component": sleeper, "input": "1500", "max_attempts": 1}))
+        .await;
+    s.wait_for(&victim, &a, 30, |j| state(j) == "running").await;
+    let b = s
+        .submit(&victim, json!({"component": echo, "input": "b", "max_attempts": 1}))
+        .await;
+    for id in [&a, &b] {
+        let job = s.wait_terminal(&victim, id, 30).await;
+        assert_eq!(state(&job), "succeeded", "{job}");
+        assert_eq!(job["attempts"], 1, "{job}");
+    }
+    s.assert_books_balance("victim").await;
+    s.stop().await;
+}
