@@ -438,7 +438,13 @@ async fn run_claim(shared: &Shared, claim: Claim, hard_stop: CancellationToken) 
             return RunEnd::LeaseLost;
         }
         (Verdict::Cancelled, _) => AttemptOutcome::Cancelled,
-        (Verdict::Held, RunOutcome::Failed { kind, message }) if kind == ErrorKind::NodeFault => {
+        (
+            Verdict::Held,
+            RunOutcome::Failed {
+                kind: ErrorKind::NodeFault,
+                message,
+            },
+        ) => {
             // The node failed, not the guest (e.g. its instance pool is
             // exhausted): the job goes back to the queue, and neither its
             // attempts nor its tenant's credits are charged.

@@ -729,7 +729,10 @@ async fn an_exhausted_pool_is_a_node_fault() {
     let holder = tokio::spawn(async move { h.run(hold).await });
     let t0 = Instant::now();
     while host.tenant_memory_in_use("holder") == 0 {
-        assert!(t0.elapsed() < Duration::from_secs(10), "holder never started");
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "holder never started"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let r = host.run(request(&echo, "x", limits())).await;
@@ -762,7 +765,9 @@ async fn a_failed_compile_is_final_and_remembered() {
         Ok(_) => panic!("compiled a component with 9 memories"),
     }
     let r = host
-        .component(&digest, || async { panic!("fetched a known-bad component") })
+        .component(&digest, || async {
+            panic!("fetched a known-bad component")
+        })
         .await;
     assert!(matches!(r, Err(HostError::Invalid(_))));
     assert_eq!(host.compile_count(), 0);

@@ -47,7 +47,9 @@ pub(super) async fn push_component(
             })?
     }
     .map_err(|e| match e {
-        AdmissionError::Invalid(why) => ApiError::InvalidComponent(format!("component refused: {why}")),
+        AdmissionError::Invalid(why) => {
+            ApiError::InvalidComponent(format!("component refused: {why}"))
+        }
         AdmissionError::Unavailable(why) => {
             tracing::error!(error = %why, "admission unavailable");
             ApiError::Unavailable
@@ -197,9 +199,7 @@ impl UploadRate {
                 *tokens + now.duration_since(*at).as_secs_f64() * rate < burst
             });
         }
-        let (tokens, at) = map
-            .entry(tenant.to_string())
-            .or_insert((self.burst, now));
+        let (tokens, at) = map.entry(tenant.to_string()).or_insert((self.burst, now));
         *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.per_sec).min(self.burst);
         *at = now;
         if *tokens >= 1.0 {

@@ -275,7 +275,13 @@ mod tests {
     fn query_terms_beyond_the_bound_are_ignored() {
         let idx = Bm25::build(["needle", "hay"].into_iter());
         let filler: String = (0..MAX_QUERY_TERMS).map(|i| format!("w{i} ")).collect();
-        assert!(idx.search(&format!("{filler} needle"), 5, &AtomicBool::new(false)).is_empty());
-        assert_eq!(idx.search(&format!("needle {filler}"), 5, &AtomicBool::new(false))[0].0, 0);
+        assert!(
+            idx.search(&format!("{filler} needle"), 5, &AtomicBool::new(false))
+                .is_empty()
+        );
+        assert_eq!(
+            idx.search(&format!("needle {filler}"), 5, &AtomicBool::new(false))[0].0,
+            0
+        );
     }
 }

@@ -204,7 +204,10 @@ impl context::Host for RunState {
         self.charge(byte_fuel(bytes))?;
         // Measured and paid before anything is copied: an answer the guest
         // cannot take is refused without building it.
-        let tools: Vec<_> = unique.iter().flat_map(|c| c.tools().iter().cloned()).collect();
+        let tools: Vec<_> = unique
+            .iter()
+            .flat_map(|c| c.tools().iter().cloned())
+            .collect();
         Ok(tools
             .into_iter()
             .map(|t| context::Tool {

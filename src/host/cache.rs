@@ -116,7 +116,9 @@ impl Compiler {
         super::structure::check(bytes)?;
         let component = match &self.cfg.compile_child {
             Some(child) => super::compile::compile(child, &self.cfg, &self.engine, bytes)?,
-            None => Component::new(&self.engine, bytes).map_err(|e| admission::compile_error(&e))?,
+            None => {
+                Component::new(&self.engine, bytes).map_err(|e| admission::compile_error(&e))?
+            }
         };
         let pre = admission::check_component(&self.engine, &self.linker, &component)?;
         self.compiles.fetch_add(1, Ordering::Relaxed);
@@ -206,7 +208,8 @@ impl ComponentCache {
             }),
             inflight: Mutex::new(HashMap::new()),
             failed: Mutex::new(LruCache::new(
-                std::num::NonZeroUsize::new(FAILED_REMEMBERED).unwrap_or(std::num::NonZeroUsize::MIN),
+                std::num::NonZeroUsize::new(FAILED_REMEMBERED)
+                    .unwrap_or(std::num::NonZeroUsize::MIN),
             )),
         }
     }

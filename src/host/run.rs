@@ -343,7 +343,9 @@ enum Stop {
 /// limit; anything else will fail the same way every time (a start function
 /// that traps, a data segment out of bounds): the component is invalid.
 fn classify_instantiation(e: &wasmtime::Error, flags: &RunFlags, timeout_ms: u64) -> RunOutcome {
-    if e.downcast_ref::<wasmtime::PoolConcurrencyLimitError>().is_some() {
+    if e.downcast_ref::<wasmtime::PoolConcurrencyLimitError>()
+        .is_some()
+    {
         return RunOutcome::Failed {
             kind: ErrorKind::NodeFault,
             message: format!("this node is out of instance slots: {}", describe(e)),

@@ -132,7 +132,10 @@ async fn sleep_at_deadline_is_billed_the_fuel_it_burnt() {
 
     // What the work costs when the guest returns at once.
     let id = s
-        .submit(&mallory, json!({"component": deadline, "input": "3000000,0"}))
+        .submit(
+            &mallory,
+            json!({"component": deadline, "input": "3000000,0"}),
+        )
         .await;
     let honest = s.wait_terminal(&mallory, &id, 60).await;
     assert_eq!(state(&honest), "succeeded", "{honest}");
@@ -334,13 +337,15 @@ async fn tools_amplification_copies_each_context_once() {
     let victim = s.tenant("victim").await;
     let echo = s.push(&victim, "echo").await;
     let amp = s.push(&mallory, "toolsamp").await;
-    let tool = |i: usize, desc: usize| {
-        json!({"name": format!("t{i}"), "description": "d".repeat(desc), "schema": "{}"})
-    };
+    let tool = |i: usize, desc: usize| json!({"name": format!("t{i}"), "description": "d".repeat(desc), "schema": "{}"});
     // Over the per-context registry bound: refused at upload.
     let big: Vec<Value> = (0..100).map(|i| tool(i, 16 << 10)).collect();
     let (st, v) = s
-        .post("/v1/contexts", &mallory, json!({"name": "big", "tools": big}))
+        .post(
+            "/v1/contexts",
+            &mallory,
+            json!({"name": "big", "tools": big}),
+        )
         .await;
     assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
     assert_eq!(error_code(&v), "invalid_request", "{v}");
@@ -373,7 +378,9 @@ async fn tools_amplification_copies_each_context_once() {
         format!(
             "{} tools, {} bytes",
             3 * 60,
-            3 * (0..60).map(|i| format!("t{i}").len() + 16_000 + 2).sum::<usize>()
+            3 * (0..60)
+                .map(|i| format!("t{i}").len() + 16_000 + 2)
+                .sum::<usize>()
         ),
         "{job}"
     );
@@ -488,7 +495,11 @@ async fn every_other_hostile_guest_is_bounded_with_its_exact_kind() {
         .map(|i| json!({"id": format!("d{i}"), "text": text}))
         .collect();
     let (st, v) = s
-        .post("/v1/contexts", &mallory, json!({"name": "big", "documents": docs}))
+        .post(
+            "/v1/contexts",
+            &mallory,
+            json!({"name": "big", "documents": docs}),
+        )
         .await;
     assert_eq!(st, StatusCode::CREATED, "{v}");
 
@@ -528,13 +539,21 @@ async fn every_other_hostile_guest_is_bounded_with_its_exact_kind() {
             }
             "bigstate" => {
                 assert_eq!(kind, "agent_error", "{job}");
-                assert!(job["error"]["message"].as_str().unwrap().contains("at most"));
+                assert!(
+                    job["error"]["message"]
+                        .as_str()
+                        .unwrap()
+                        .contains("at most")
+                );
             }
             "searchk" => {
                 // k = u32::MAX: at most 8 MiB of 1 MiB hits per search.
                 assert_eq!(state(&job), "succeeded", "{job}");
                 assert_eq!(out, "14 hits", "{job}");
-                assert!(job["usage"]["fuel"].as_u64().unwrap() > 14 * (1 << 20) / 4, "{job}");
+                assert!(
+                    job["usage"]["fuel"].as_u64().unwrap() > 14 * (1 << 20) / 4,
+                    "{job}"
+                );
             }
             "hog" => assert_eq!(kind, "memory_limit", "{job}"),
             "escape" => {
@@ -572,11 +591,17 @@ async fn a_node_fault_hands_the_job_back_uncharged() {
     let sleeper = s.push(&victim, "sleeper").await;
     let echo = s.push(&victim, "echo").await;
     let a = s
-        .submit(&victim, json!({"component": sleeper, "input": "1500", "max_attempts": 1}))
+        .submit(
+            &victim,
+            json!({"component": sleeper, "input": "1500", "max_attempts": 1}),
+        )
         .await;
     s.wait_for(&victim, &a, 30, |j| state(j) == "running").await;
     let b = s
-        .submit(&victim, json!({"component": echo, "input": "b", "max_attempts": 1}))
+        .submit(
+            &victim,
+            json!({"component": echo, "input": "b", "max_attempts": 1}),
+        )
         .await;
     for id in [&a, &b] {
         let job = s.wait_terminal(&victim, id, 30).await;
