@@ -519,6 +519,30 @@ mod tests {
     }
 
     #[test]
+    fn a_stopped_search_gives_up() {
+        let docs = (0..10_000)
+            .map(|i| doc(&i.to_string(), "same words", Some(vec![1.0, i as f32])))
+            .collect();
+        let enc = encode(&upload(docs)).unwrap();
+        let ctx = HeavyContext::decode(&enc.digest, &enc.bytes).unwrap();
+        let stop = AtomicBool::new(true);
+        assert!(ctx.search_until(&[1.0, 0.0], 10, &stop).unwrap().is_empty());
+        assert!(ctx.search_text_until("words", 10, &stop).is_empty());
+        assert_eq!(ctx.search(&[1.0, 0.0], 10).unwrap().len(), 10);
+        assert_eq!(ctx.search_text("words", 10).len(), 10);
+    }
+
+    #[test]
+    fn hits_stop_at_the_byte_bound() {
+        let text = "w ".repeat(MAX_TEXT_BYTES / 2);
+        let docs = (0..10).map(|i| doc(&i.to_string(), &text, None)).collect();
+        let enc = encode(&upload(docs)).unwrap();
+        let ctx = HeavyContext::decode(&enc.digest, &enc.bytes).unwrap();
+        let hits = ctx.search_text("w", usize::MAX);
+        assert_eq!(hits.len(), MAX_HIT_BYTES / (MAX_TEXT_BYTES + 1));
+    }
+
+    #[test]
     fn decode_checks_the_digest() {
         let enc = encode(&upload(vec![doc("a", "x", None)])).unwrap();
         let other = format!("sha256:{}", "0".repeat(64));
