@@ -13,7 +13,7 @@
 
 use crate::control::{AttemptOutcome, Claim, ControlPlane, CpError, Finalized, Finish, Lease};
 use crate::host::{Host, HostError, RunOutcome, RunReport, RunRequest};
-use crate::model::JobState;
+use crate::model::{ErrorKind, JobState};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -21,6 +21,9 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
+
+/// How long a slot waits after a node fault before handing its job back.
+const NODE_FAULT_BACKOFF: Duration = Duration::from_millis(200);
 
 /// Settings of one worker process.
 #[derive(Debug, Clone)]
@@ -344,7 +347,12 @@ async fn prepare(
         })
         .await
         .map_err(|e| match e {
-            HostError::NotFound(d) => PrepError::Fatal(format!("component {d} not found")),
+            HostError::NotFound(d) => {
+                PrepError::Fatal(ErrorKind::Trap, format!("component {d} not found"))
+            }
+            // Will never compile here: a final failure, not a release (a
+            // release would hand it to the next worker to fail again, forever).
+            HostError::Invalid(why) => PrepError::Fatal(ErrorKind::InvalidComponent, why),
             HostError::Other(e) => PrepError::Transient(format!("loading the component: {e:#}")),
         })?;
     let mut contexts = Vec::with_capacity(claim.contexts.len());
@@ -379,8 +387,8 @@ enum PrepError {
     /// Will not get better by retrying on this node soon (Redis hiccup,
     /// cache pressure): give the job back uncharged.
     Transient(String),
-    /// The job cannot run at all: fail the attempt.
-    Fatal(String),
+    /// The job cannot run at all: fail the attempt with this kind.
+    Fatal(ErrorKind, String),
 }
 
 /// One attempt, from claim to FINALIZE (or to giving the job back).
@@ -411,11 +419,8 @@ async fn run_claim(shared: &Shared, claim: Claim, hard_stop: CancellationToken) 
             let _ = renewer.await;
             return release_fault(shared, &lease, &fault_for_tenant(&msg)).await;
         }
-        Err(PrepError::Fatal(msg)) => RunReport {
-            outcome: RunOutcome::Failed {
-                kind: crate::model::ErrorKind::Trap,
-                message: msg,
-            },
+        Err(PrepError::Fatal(kind, msg)) => RunReport {
+            outcome: RunOutcome::Failed { kind, message: msg },
             fuel_used: 0,
             wall_ms: started.elapsed().as_millis() as u64,
             log: String::new(),
@@ -436,6 +441,24 @@ async fn run_claim(shared: &Shared, claim: Claim, hard_stop: CancellationToken) 
             return RunEnd::LeaseLost;
         }
         (Verdict::Cancelled, _) => AttemptOutcome::Cancelled,
+        (
+            Verdict::Held,
+            RunOutcome::Failed {
+                kind: ErrorKind::NodeFault,
+                message,
+            },
+        ) => {
+            // The node failed, not the guest (e.g. its instance pool is
+            // exhausted): the job goes back to the queue, and neither its
+            // attempts nor its tenant's credits are charged.
+            tracing::warn!(error = %message, "node fault; releasing");
+            // Keep the slot a moment first: the fault (a full pool) clears
+            // as other runs end, and claiming the job straight back would
+            // only spin.
+            tokio::time::sleep(NODE_FAULT_BACKOFF).await;
+            // As a node fault: bounded per job by the control plane.
+            return release_fault(shared, &lease, &fault_for_tenant(&message)).await;
+        }
         (Verdict::Held, RunOutcome::Interrupted) => {
             // Only the drain's hard stop interrupts a run whose lease is held.
             tracing::info!("stopped by shutdown; releasing");

@@ -62,6 +62,10 @@ pub enum ApiError {
     /// 429: the tenant's `max_queued` is reached.
     #[error("the tenant's max_queued is reached; retry later")]
     QueueFull,
+    /// 429: the tenant uploads faster than its upload rate; retry after
+    /// this many seconds (also sent as `Retry-After`).
+    #[error("too many uploads; retry in {0} s")]
+    RateLimited(u64),
     /// 503: Redis is unreachable (cause logged, not shown).
     #[error("the control plane is unavailable; retry later")]
     Unavailable,
@@ -103,6 +107,7 @@ impl ApiError {
                 (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_conflict")
             }
             ApiError::QueueFull => (StatusCode::TOO_MANY_REQUESTS, "queue_full"),
+            ApiError::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             ApiError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::StorageFull => (StatusCode::SERVICE_UNAVAILABLE, "storage_full"),
             ApiError::QuotaExceeded(_) => (StatusCode::PAYLOAD_TOO_LARGE, "quota_exceeded"),
@@ -150,7 +155,14 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.parts();
         let body = json!({"error": {"code": code, "message": self.to_string()}});
-        (status, Json(body)).into_response()
+        let mut resp = (status, Json(body)).into_response();
+        if let ApiError::RateLimited(secs) = self {
+            resp.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(secs),
+            );
+        }
+        resp
     }
 }
 

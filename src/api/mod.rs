@@ -90,6 +90,13 @@ pub struct ApiConfig {
     /// Longest time an answer may make no progress (the client stopped
     /// reading) before its connection is dropped.
     pub write_timeout: Duration,
+    /// Uploads (components and contexts) one tenant may start in a burst;
+    /// refilled at [`ApiConfig::uploads_per_minute`]. Each upload may cost
+    /// seconds of admission CPU: without a rate, one tenant could keep the
+    /// node's compiler busy for everyone (429 `rate_limited` beyond).
+    pub upload_burst: u32,
+    /// Uploads per minute one tenant may sustain.
+    pub uploads_per_minute: u32,
 }
 
 impl Default for ApiConfig {
@@ -111,6 +118,8 @@ impl Default for ApiConfig {
             max_waits_per_tenant: 32,
             write_timeout: Duration::from_secs(30),
             max_bodies_per_tenant: 16,
+            upload_burst: 30,
+            uploads_per_minute: 30,
         }
     }
 }
@@ -135,6 +144,7 @@ struct Inner {
     uploads: UploadSlots,
     waits: body::Shares,
     bodies: body::Shares,
+    upload_rate: uploads::UploadRate,
 }
 
 /// What every handler shares; cheap to clone.
@@ -160,6 +170,7 @@ impl AppState {
                 uploads: UploadSlots::new(&cfg),
                 waits: body::Shares::new(cfg.max_waits_per_tenant),
                 bodies: body::Shares::new(cfg.max_bodies_per_tenant),
+                upload_rate: uploads::UploadRate::new(cfg.upload_burst, cfg.uploads_per_minute),
                 cfg,
                 metrics: prom::handle(),
             }),
@@ -200,22 +211,20 @@ impl AppState {
         self.inner.bodies.try_take(tenant)
     }
 
+    /// Takes one upload from `tenant`'s rate, or says when to retry.
+    pub(crate) fn upload_allowed(&self, tenant: &str) -> ApiResult<()> {
+        self.inner.upload_rate.take(tenant)
+    }
+
     pub(crate) fn admin_token(&self) -> &str {
         &self.inner.admin_token
     }
 }
 
-/// A `Host` for an API-only process: it admits uploads and never runs them,
-/// so it keeps no instance pool and no caches.
+/// A `Host` for an API-only process: it admits uploads under the workers'
+/// engine configuration ([`HostConfig::admission`]) and never runs them.
 pub fn admission_host() -> anyhow::Result<Host> {
-    Host::new(HostConfig {
-        max_instances: 4,
-        pooling: false,
-        component_cache_bytes: 0,
-        context_cache_bytes: 0,
-        cache_dir: None,
-        ..HostConfig::default()
-    })
+    Host::new(HostConfig::admission())
 }
 
 /// The router of every route of contract §3.

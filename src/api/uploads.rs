@@ -8,6 +8,7 @@ use super::error::{ApiError, ApiResult};
 use super::{AppState, valid_digest};
 use crate::context::{ContextError, ContextUpload, encode};
 use crate::control::ContextMeta;
+use crate::host::AdmissionError;
 use crate::model::valid_name;
 use axum::Json;
 use axum::body::Body;
@@ -24,6 +25,7 @@ pub(super) async fn push_component(
     let caller = authenticate(&state, &headers).await?;
     let tenant = caller.tenant()?.to_string();
     expect_wasm(&headers)?;
+    state.upload_allowed(&tenant)?;
     let limit = state.config().max_component_bytes;
     let _slot = state.upload_slot(&tenant).await?;
     let bytes = read_body(&headers, body, limit, state.config(), "the component").await?;
@@ -39,7 +41,15 @@ pub(super) async fn push_component(
                 ApiError::Internal
             })?
     }
-    .map_err(|e| ApiError::InvalidComponent(format!("component refused: {e}")))?;
+    .map_err(|e| match e {
+        AdmissionError::Invalid(why) => {
+            ApiError::InvalidComponent(format!("component refused: {why}"))
+        }
+        AdmissionError::Unavailable(why) => {
+            tracing::error!(error = %why, "admission unavailable");
+            ApiError::Unavailable
+        }
+    })?;
     let meta = state
         .control()
         .put_component(&tenant, &admitted.digest, &bytes)
@@ -78,6 +88,7 @@ pub(super) async fn push_context(
     let caller = authenticate(&state, &headers).await?;
     let tenant = caller.tenant()?.to_string();
     expect_json(&headers)?;
+    state.upload_allowed(&tenant)?;
     let limit = state.config().max_context_bytes;
     let _slot = state.upload_slot(&tenant).await?;
     let bytes = read_body(&headers, body, limit, state.config(), "the context").await?;
@@ -145,4 +156,46 @@ pub(super) async fn get_context(
         .map_err(|e| ApiError::from_cp(e, "context"))?
         .ok_or(ApiError::NotFound("context"))?;
     super::to_json(&meta)
+}
+
+/// Per-tenant token buckets of uploads: `burst` at once, refilled at
+/// `per_minute`. Kept in the API process (each API process limits on its
+/// own; the rate is a bound on work, not an exact quota).
+pub(super) struct UploadRate {
+    burst: f64,
+    per_sec: f64,
+    buckets: std::sync::Mutex<std::collections::HashMap<String, (f64, std::time::Instant)>>,
+}
+
+/// Buckets kept before full (idle) ones are forgotten.
+const RATE_BUCKETS_PRUNE_AT: usize = 10_000;
+
+impl UploadRate {
+    pub(super) fn new(burst: u32, per_minute: u32) -> Self {
+        UploadRate {
+            burst: f64::from(burst.max(1)),
+            per_sec: f64::from(per_minute.max(1)) / 60.0,
+            buckets: Default::default(),
+        }
+    }
+
+    pub(super) fn take(&self, tenant: &str) -> ApiResult<()> {
+        let now = std::time::Instant::now();
+        let mut map = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= RATE_BUCKETS_PRUNE_AT && !map.contains_key(tenant) {
+            let (burst, rate) = (self.burst, self.per_sec);
+            map.retain(|_, (tokens, at)| {
+                *tokens + now.duration_since(*at).as_secs_f64() * rate < burst
+            });
+        }
+        let (tokens, at) = map.entry(tenant.to_string()).or_insert((self.burst, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.per_sec).min(self.burst);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            return Ok(());
+        }
+        let wait = ((1.0 - *tokens) / self.per_sec).ceil().max(1.0);
+        Err(ApiError::RateLimited(wait as u64))
+    }
 }

@@ -5,7 +5,7 @@ use super::{ApiArgs, ControlArgs, SchedulerArgs, ServeArgs, SlotArgs, WorkerArgs
 use crate::api::{self, AppState};
 use crate::control::{ControlConfig, ControlPlane};
 use crate::embedded::{self, EmbeddedRedis};
-use crate::host::{Host, HostConfig};
+use crate::host::{CompileChild, Host, HostConfig};
 use crate::scheduler::run_scheduler;
 use crate::worker::{WorkerConfig, run_worker};
 use anyhow::Context;
@@ -71,9 +71,18 @@ fn worker_host(slots: u32, cache_dir: Option<std::path::PathBuf>) -> anyhow::Res
         // torn down just after its slot is given back.
         max_instances: slots.saturating_mul(2).max(8),
         cache_dir,
+        compile_child: compile_child(),
         ..HostConfig::default()
     })
     .context("starting the Wasm host")
+}
+
+/// Uploads are compiled by a child process of this binary, bounded in time
+/// and memory (in-process if the binary cannot be found).
+fn compile_child() -> Option<CompileChild> {
+    CompileChild::this_binary()
+        .inspect_err(|e| tracing::warn!(error = %e, "compiling in-process: no path to this binary"))
+        .ok()
 }
 
 /// A token cancelled by the first SIGINT/SIGTERM; a second one exits at once.
@@ -306,7 +315,13 @@ pub async fn api(args: ApiArgs) -> anyhow::Result<()> {
         .filter(|t| !t.is_empty())
         .context("`agentplane api` needs the admin token in AGENTPLANE_ADMIN_TOKEN")?;
     let control = connect(&args.redis, control_config(&args.control, 10_000)).await?;
-    let host = Arc::new(api::admission_host().context("starting the admission host")?);
+    let host = Arc::new(
+        Host::new(HostConfig {
+            compile_child: compile_child(),
+            ..HostConfig::admission()
+        })
+        .context("starting the admission host")?,
+    );
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;

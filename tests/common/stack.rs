@@ -51,6 +51,8 @@ pub struct Opts {
     /// How long finished jobs and ledger entries are kept (default: the
     /// control plane's).
     pub retention_ms: Option<u64>,
+    /// Instance slots of the worker's pool.
+    pub max_instances: u32,
 }
 
 impl Default for Opts {
@@ -61,6 +63,7 @@ impl Default for Opts {
             api: ApiConfig::default(),
             cluster: None,
             retention_ms: None,
+            max_instances: 16,
         }
     }
 }
@@ -108,7 +111,7 @@ impl Stack {
         if let Some(slots) = opts.worker_slots {
             let host = Arc::new(
                 Host::new(HostConfig {
-                    max_instances: 16,
+                    max_instances: opts.max_instances,
                     ..HostConfig::default()
                 })
                 .expect("host"),
