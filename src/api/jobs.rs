@@ -43,6 +43,19 @@ fn job_id_ok(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
+/// Parses a `POST /v1/jobs` body and checks it against the tenant's
+/// settings, without touching Redis: the one path the handler and the
+/// fuzzer (`tests/fuzz`) share. Errors name the field at fault.
+pub fn parse_job_request(
+    bytes: &[u8],
+    tenant: &TenantInfo,
+    max_input: usize,
+) -> ApiResult<JobRequest> {
+    let req: JobRequest = parse_json(bytes, "job body")?;
+    validate(&req, tenant, max_input)?;
+    Ok(req)
+}
+
 /// Checks a request against the tenant's settings; names the field at fault.
 fn validate(req: &JobRequest, tenant: &TenantInfo, max_input: usize) -> ApiResult<()> {
     if !valid_digest(&req.component) {
@@ -154,7 +167,6 @@ pub(super) async fn submit(
         "the job body",
     )
     .await?;
-    let req: JobRequest = parse_json(&bytes, "job body")?;
     drop(place);
     let cp = state.control();
     let info = cp
@@ -164,7 +176,7 @@ pub(super) async fn submit(
         // The token was valid a moment ago; the tenant is gone only if it
         // was deleted in between.
         .ok_or(ApiError::Unauthorized)?;
-    validate(&req, &info, cfg.max_input_bytes)?;
+    let req = parse_job_request(&bytes, &info, cfg.max_input_bytes)?;
     cp.component_meta(&tenant, &req.component)
         .await
         .map_err(|e| ApiError::from_cp(e, "component"))?

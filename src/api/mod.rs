@@ -23,6 +23,7 @@ mod uploads;
 pub use auth::{Caller, new_tenant_token, token_hash};
 pub use edge::{MAX_HEADERS, serve};
 pub use error::{ApiError, ApiResult};
+pub use jobs::parse_job_request;
 pub use prom::{install_metrics, metrics_app};
 
 use crate::control::ControlPlane;

@@ -8,7 +8,10 @@ struct Bigstate;
 
 impl Guest for Bigstate {
     fn run(input: String) -> Result<String, String> {
-        let mib: usize = input.trim().parse().map_err(|e| format!("input must be MiB: {e}"))?;
+        let mib: usize = input
+            .trim()
+            .parse()
+            .map_err(|e| format!("input must be MiB: {e}"))?;
         let value = vec![0x42u8; mib << 20];
         state::set(&value)?;
         Ok(format!("stored {mib} MiB"))

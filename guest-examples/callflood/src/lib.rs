@@ -9,7 +9,10 @@ struct Callflood;
 
 impl Guest for Callflood {
     fn run(input: String) -> Result<String, String> {
-        let n: u64 = input.trim().parse().map_err(|e| format!("input must be a count: {e}"))?;
+        let n: u64 = input
+            .trim()
+            .parse()
+            .map_err(|e| format!("input must be a count: {e}"))?;
         let mut seen = 0usize;
         for _ in 0..n {
             seen += state::get().map_or(0, |s| s.len());

@@ -10,7 +10,10 @@ struct Flood;
 
 impl Guest for Flood {
     fn run(input: String) -> Result<String, String> {
-        let mib: usize = input.trim().parse().map_err(|e| format!("input must be MiB: {e}"))?;
+        let mib: usize = input
+            .trim()
+            .parse()
+            .map_err(|e| format!("input must be MiB: {e}"))?;
         let line = "x".repeat(1023) + "\n";
         for _ in 0..mib * 1024 {
             let _ = std::io::stdout().write_all(line.as_bytes());

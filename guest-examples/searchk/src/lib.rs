@@ -15,12 +15,17 @@ impl Guest for Searchk {
             .next()
             .and_then(|p| p.trim().parse().ok())
             .ok_or("input must be `TIMES[,DIM]`")?;
-        let dim: usize = parts.next().and_then(|p| p.trim().parse().ok()).unwrap_or(0);
+        let dim: usize = parts
+            .next()
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or(0);
         let mut hits = 0usize;
         for i in 0..times {
             hits += context::search_text("", "the a of and to in", u32::MAX)?.len();
             if dim > 0 {
-                let q: Vec<f32> = (0..dim).map(|j| ((i as usize + j) % 7) as f32 + 1.0).collect();
+                let q: Vec<f32> = (0..dim)
+                    .map(|j| ((i as usize + j) % 7) as f32 + 1.0)
+                    .collect();
                 hits += context::search("", &q, u32::MAX)?.len();
             }
         }

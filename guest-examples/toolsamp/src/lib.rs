@@ -10,7 +10,10 @@ struct Toolsamp;
 
 impl Guest for Toolsamp {
     fn run(input: String) -> Result<String, String> {
-        let n: u64 = input.trim().parse().map_err(|e| format!("input must be a count: {e}"))?;
+        let n: u64 = input
+            .trim()
+            .parse()
+            .map_err(|e| format!("input must be a count: {e}"))?;
         let (mut tools, mut bytes) = (0usize, 0usize);
         for _ in 0..n {
             for t in context::tools() {
