@@ -3,11 +3,11 @@
 --
 -- KEYS[1]  shard anchor            KEYS[2]  job hash KEYS[1]:j:<job>
 -- ARGV[1]  tenant id (must own the job)   ARGV[2]  job id
--- ARGV[3..5] prices (see SUBMIT)
+-- ARGV[3..6] prices (see SUBMIT)
 -- Returns: {'ok', state the job was in} | {'not_found'}
 -- Errors:  malformed arguments.
 local t, jid = ARGV[1], ARGV[2]
-local P = prices(ARGV[3], ARGV[4], ARGV[5])
+local P = prices(ARGV[3], ARGV[4], ARGV[5], ARGV[6])
 if P == nil or KEYS[2] ~= jkey(jid) then return fail('malformed arguments') end
 local J = job_meta(KEYS[2])
 if J.tenant ~= t then return { 'not_found' } end

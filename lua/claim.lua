@@ -6,61 +6,101 @@
 -- weighted) divided by its weight; FINALIZE corrects by the actual time.
 -- Each pick is O(log n) in tenants: parked tenants are in no set.
 --
--- KEYS[1]  shard anchor (all other keys derive from it: act:cpu, act:gpu,
---          vclock, fence, leases, t:<tenant>, q:<tenant>, j:<job>, js:*,
---          ledger:<tenant>, agent:<tenant>:<agent>)
+-- KEYS[1]  shard anchor (all other keys derive from its tag: act:cpu, act:gpu,
+--          act:gpu:n, act:gpu:<g>, vclock, fence, leases, t:<tenant>,
+--          q:<tenant>, j:<job>, js:*, ledger:<tenant>, agent:<tenant>:<agent>)
 -- ARGV[1]  worker id (the consumer name in each tenant's group)
 -- ARGV[2]  max jobs             ARGV[3]  free GPU slots of the worker
--- ARGV[4]  lease ms             ARGV[5..7] prices (see SUBMIT)
--- ARGV[8]  GPU-tenant scan window (bounds work when heads need more GPUs than free)
+-- ARGV[4]  lease ms             ARGV[5..8] prices (see SUBMIT)
 -- Returns: array of claims, each an array:
 --   {job, tenant, token, attempt, component, input, contexts, gpus, fuel,
---    memory_bytes, timeout_ms, agent_id, state_inline|'', state_ptr|'', state_version}
--- Errors: malformed arguments (nothing written).
+--    memory_bytes, timeout_ms, agent_id, state|'', legacy_state_ptr|'', state_version}
+--   `attempt` is the run number: every claim of a job takes the next one.
+--   `state` carries the agent's state whether stored inline or as a large
+--   blob (read here, atomically with the version, so a concurrent FINALIZE
+--   that deletes the superseded blob cannot pull it from under the claim).
+-- Errors: malformed arguments (nothing written). Nothing after the checks
+-- raises: a script error would keep the jobs already leased in this call
+-- (Redis does not roll a script back) and hand them to no one.
 local worker = ARGV[1]
 local max_n, free_gpus, lease = uint(ARGV[2]), uint(ARGV[3]), uint(ARGV[4])
-local P = prices(ARGV[5], ARGV[6], ARGV[7])
-local window = uint(ARGV[8])
-if worker == '' or max_n == nil or free_gpus == nil or lease == nil or lease == 0 or P == nil or window == nil then
+local P = prices(ARGV[5], ARGV[6], ARGV[7], ARGV[8])
+if worker == '' or max_n == nil or free_gpus == nil or lease == nil or lease == 0 or P == nil then
   return fail('malformed arguments')
 end
 local now = now_ms()
 local out = {}
 local gpus_left = free_gpus
 
--- The eligible tenant with the lowest virtual time whose next job fits.
+-- The eligible tenant with the lowest virtual time whose next job fits:
+-- the CPU set's first, or the first of each GPU bucket that fits the free
+-- GPUs (one ZRANGE per bucket, never a scan of the tenants that do not fit).
 local function pick()
   local best, best_v = nil, nil
   local c = redis.call('ZRANGE', ACT_CPU, 0, 0, 'WITHSCORES')
   if #c > 0 then best, best_v = c[1], tonumber(c[2]) end
   if gpus_left > 0 then
-    local g = redis.call('ZRANGE', ACT_GPU, 0, window - 1, 'WITHSCORES')
-    for i = 1, #g, 2 do
-      local v = tonumber(g[i + 1])
-      if best_v ~= nil and v >= best_v then break end
-      local T = hgetall(tkey(g[i]))
-      local _, jid = head(g[i], T)
-      if jid and n(job_meta(jkey(jid)), 'gpus') <= gpus_left then
-        best, best_v = g[i], v
-        break
+    local gs = redis.call('ZRANGEBYSCORE', GBUCKETS, 1, gpus_left)
+    for _, g in ipairs(gs) do
+      local e = redis.call('ZRANGE', gbucket(g), 0, 0, 'WITHSCORES')
+      if #e > 0 and (best_v == nil or tonumber(e[2]) < best_v) then
+        best, best_v = e[1], tonumber(e[2])
       end
     end
   end
   return best
 end
 
-while #out < max_n do
+-- Takes back a delivery that was not the head: a running job's own entry
+-- goes back to the consumer that runs it (its PEL entry witnesses its
+-- lease); any other is acknowledged, so no stray PEL entry stays behind.
+local function undeliver(t, e)
+  local jid = e[2] and e[2][2]
+  local J = jid and job_meta(jkey(jid)) or {}
+  if J.state == 'running' and J.sid == e[1] and (J.worker or '') ~= '' then
+    redis.call('XCLAIM', qkey(t), GROUP, J.worker, 0, e[1])
+  else
+    redis.call('XACK', qkey(t), GROUP, e[1])
+  end
+end
+
+-- Delivers t's head entry `sid` to this worker. The group's last-delivered
+-- id moves in step with the tenant's qlast; should they ever part (a
+-- script that failed halfway, a partial restore) the group is put back on
+-- qlast and the wrong delivery taken back, and a lost group is recreated
+-- on qlast, rather than every CLAIM on the shard failing (and leaving one
+-- more PEL entry each time).
+local function deliver(t, T, sid)
+  local last = T.qlast
+  if last == nil or last == '' then last = '0-0' end
+  for try = 1, 2 do
+    local got = redis.pcall('XREADGROUP', 'GROUP', GROUP, worker, 'COUNT', 1, 'STREAMS', qkey(t), '>')
+    if type(got) == 'table' and got.err then
+      -- The group itself is gone (NOGROUP: a lost or partial restore).
+      -- Recreate it on qlast, so the entries before it stay delivered.
+      if not string.find(got.err, 'NOGROUP', 1, true) then return false end
+      redis.call('XGROUP', 'CREATE', qkey(t), GROUP, last)
+      got = redis.call('XREADGROUP', 'GROUP', GROUP, worker, 'COUNT', 1, 'STREAMS', qkey(t), '>')
+    end
+    local e = got and got[1] and got[1][2][1]
+    if e and e[1] == sid then return true end
+    if e then undeliver(t, e) end
+    if try == 1 then redis.call('XGROUP', 'SETID', qkey(t), GROUP, last) end
+  end
+  return false
+end
+
+-- Every pass either claims, or fails / drops a head, or parks a tenant;
+-- the cap is a backstop against a loop this file did not foresee.
+local passes = 0
+while #out < max_n and passes < 4 * max_n + 64 do
+  passes = passes + 1
   local t = pick()
   if t == nil then break end
   local T = hgetall(tkey(t))
   local sid, jid = head(t, T)
   local J = jid and job_meta(jkey(jid)) or nil
   local ok = J ~= nil and J.state == 'queued'
-  if ok then
-    local got = redis.call('XREADGROUP', 'GROUP', GROUP, worker, 'COUNT', 1, 'STREAMS', qkey(t), '>')
-    ok = got and got[1] and got[1][2][1] and got[1][2][1][1] == sid
-    if not ok then return fail('stream of ' .. t .. ' out of step with its head') end
-  end
   if not ok then
     -- A stale head (should not happen: CANCEL deletes its entry). Drop it
     -- from the tenant's view and re-decide, so CLAIM can never spin.
@@ -68,6 +108,13 @@ while #out < max_n do
       redis.call('XDEL', qkey(t), sid)
     end
     refresh(t, T, P)
+  elseif n(J, 'gpus') > gpus_left or never_runs(J, T, P) then
+    -- Its bucket is out of date, or the head can no longer run: re-decide
+    -- (refresh fails an impossible head and rebuckets the tenant).
+    refresh(t, T, P)
+  elseif not deliver(t, T, sid) then
+    deactivate(t, T)
+    redis.call('HSET', tkey(t), 'parked', 'stream_out_of_step')
   else
     local g = n(J, 'gpus')
     local fuel, timeout, memory = effective(J, T)
@@ -86,25 +133,36 @@ while #out < max_n do
     T.gpus = n(T, 'gpus') + g
     T.reserved = n(T, 'reserved') + r
     T.queued = n(T, 'queued') - 1
-    redis.call('HSET', tkey(t), 'vtime', T.vtime, 'qlast', sid, 'running', T.running,
-      'gpus', T.gpus, 'reserved', T.reserved, 'queued', T.queued)
+    redis.call('HSET', tkey(t), 'vtime', T.vtime, 'qlast', sid, 'running', I(T.running),
+      'gpus', I(T.gpus), 'reserved', I(T.reserved), 'queued', I(T.queued))
     local started = J.started
     if started == nil or started == '' then started = now end
-    redis.call('HSET', jkey(jid), 'attempts', attempt, 'token', token, 'worker', worker,
-      'lease_until', now + lease, 'reserved', r, 'est', est, 'started', started, 'sid', sid)
+    -- `cw`: the weight `est` is charged at, which FINALIZE, RELEASE and
+    -- REAP correct with (the tenant's weight may change meanwhile).
+    redis.call('HSET', jkey(jid), 'attempts', I(attempt), 'counted', I(counted(J) + 1),
+      'token', token, 'worker', worker, 'lease_until', I(now + lease), 'reserved', I(r),
+      'est', est, 'cw', I(weight), 'started', started, 'sid', sid)
     set_state(jid, J, 'running')
     redis.call('ZADD', LEASES, now + lease, jid)
     ledger(t, 'reserve', jid, attempt, r, T)
     -- Re-score or park the tenant for its next job.
-    local set = (redis.call('ZSCORE', ACT_GPU, t) and ACT_GPU) or ACT_CPU
-    redis.call('ZREM', set, t)
+    deactivate(t, T)
     refresh(t, T, P)
     gpus_left = gpus_left - g
     local sinline, sptr, sver = '', '', 0
     if (J.agent_id or '') ~= '' then
       local A = hgetall(agentkey(t, J.agent_id))
       sinline, sptr, sver = A.inline or '', A.ptr or '', n(A, 'version')
-      redis.call('HSET', jkey(jid), 'sver', sver)
+      if (A.blob or '') ~= '' then
+        local bytes = redis.call('GET', stateblobkey(t, J.agent_id, A.blob))
+        if bytes then
+          sinline = bytes
+        else
+          -- Lost (never by the scripts): the Rust side reports it as missing.
+          sptr = 'lost:' .. A.blob
+        end
+      end
+      redis.call('HSET', jkey(jid), 'sver', I(sver))
     end
     out[#out + 1] = { jid, t, token, attempt, J.component, redis.call('HGET', jkey(jid), 'input'), J.contexts or '[]', g,
       fuel, memory, timeout, J.agent_id or '', sinline, sptr, sver }

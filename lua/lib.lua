@@ -32,6 +32,10 @@ local function ledgerkey(t) return B .. 'ledger:' .. t end
 local function jobskey(t) return B .. 'jobs:' .. t end
 local function statekey(t, s) return B .. 'js:' .. t .. ':' .. s end
 local function agentkey(t, a) return B .. 'agent:' .. t .. ':' .. a end
+-- A large agent state, one key per committed version, under its tenant and
+-- agent: no two tenants or agents ever share one, and FINALIZE deletes the
+-- superseded version in the same step that commits the next.
+local function stateblobkey(t, a, v) return B .. 'state:' .. t .. ':' .. a .. ':' .. v end
 local ACT_CPU = B .. 'act:cpu'   -- eligible tenants whose next job needs no GPU
 local ACT_GPU = B .. 'act:gpu'   -- eligible tenants whose next job needs GPUs
 local VCLOCK = B .. 'vclock'
@@ -50,17 +54,32 @@ local function fail(msg)
   return redis.error_reply('ERR agentplane: ' .. msg)
 end
 
--- A non-negative integer argument, or nil.
+-- The largest integer a Lua number (a double) holds exactly. Every count
+-- and amount the scripts keep stays within +-MAX_INT.
+local MAX_INT = 9007199254740991
+
+-- A non-negative integer argument within MAX_INT, or nil.
 local function uint(v)
   local n = tonumber(v)
-  if n == nil or n < 0 or n ~= math.floor(n) then return nil end
+  if n == nil or n < 0 or n ~= math.floor(n) or n > MAX_INT then return nil end
   return n
 end
 
 local function int(v)
   local n = tonumber(v)
-  if n == nil or n ~= math.floor(n) then return nil end
+  if n == nil or n ~= math.floor(n) or n > MAX_INT or n < -MAX_INT then return nil end
   return n
+end
+
+-- An integer as the scripts store it: plain digits, always. Lua's own
+-- tostring writes 10^14 as `1e+14`, which integer readers misparse. Raises
+-- on a non-integer or out-of-range value; callers validate their inputs
+-- before writing, so this is a last guard, not a path.
+local function I(x)
+  if type(x) ~= 'number' or x ~= math.floor(x) or x > MAX_INT or x < -MAX_INT then
+    error('agentplane: not an exact integer: ' .. tostring(x))
+  end
+  return string.format('%d', x)
 end
 
 local function hgetall(key)
@@ -93,9 +112,27 @@ local function n(h, field)
 end
 
 -- Prices travel with each call (ARGV), so every script agrees with the
--- process configuration without a round trip. P = {fuel=..., gpu=..., gpuw=...}
+-- process configuration without a round trip.
+-- P = {fuel = credits/Mfuel, gpu = credits/GPU-s, gpuw = GPU slot weight,
+--      slot = credits/slot-s}
+--
+-- A job pays for its fuel and for the wall time it holds a slot, so a guest
+-- that parks in a host call until its deadline still pays for the capacity
+-- it kept from everyone else. Slot-time weighs GPUs as fair share does
+-- (one slot plus gpuw per GPU); each GPU also costs its own GPU-second price:
+--   charge = ceil(fuel * fuel_price / 10^6)
+--          + ceil(wall_ms * (slot_price * (1 + gpus * gpuw) + gpus * gpu_price) / 1000)
+-- All integers; each term rounds up once, so a run is never billed less
+-- than it used.
+local function charge(fuel, wall_ms, gpus, P)
+  return math.ceil(fuel * P.fuel / 1000000)
+    + math.ceil(wall_ms * (P.slot * (1 + gpus * P.gpuw) + gpus * P.gpu) / 1000)
+end
+
+-- The worst case of an attempt, reserved at CLAIM (and checked at SUBMIT):
+-- all its fuel and its whole timeout.
 local function reservation(fuel, timeout_ms, gpus, P)
-  return math.ceil(fuel * P.fuel / 1000000) + math.ceil(timeout_ms * gpus * P.gpu / 1000)
+  return charge(fuel, timeout_ms, gpus, P)
 end
 
 local function effective(J, T)
@@ -107,10 +144,10 @@ local function effective(J, T)
 end
 
 local function ledger(t, op, job, attempt, amount, T)
-  redis.call('XADD', ledgerkey(t), '*', 'op', op, 'job', job, 'attempt', tostring(attempt),
-    'amount', tostring(amount),
-    'balance', tostring(n(T, 'granted') - n(T, 'settled')),
-    'reserved', tostring(n(T, 'reserved')))
+  redis.call('XADD', ledgerkey(t), '*', 'op', op, 'job', job, 'attempt', I(attempt),
+    'amount', I(amount),
+    'balance', I(n(T, 'granted') - n(T, 'settled')),
+    'reserved', I(n(T, 'reserved')))
 end
 
 -- Moves a job between the per-state indexes and records the new state.
@@ -133,47 +170,149 @@ local function head(t, T)
   return e[1][1], e[1][2][2]
 end
 
+-- GPU tenants are also bucketed by the GPUs their next job needs
+-- (`act:gpu:<g>`, scored by virtual time; `act:gpu:n` lists the non-empty
+-- buckets), so CLAIM finds the lowest-vtime tenant whose job fits a worker's
+-- free GPUs in O(buckets * log n), however many tenants wait for more GPUs
+-- than that worker has. `agpus` in the tenant hash names its bucket.
+local GBUCKETS = B .. 'act:gpu:n'
+local function gbucket(g) return B .. 'act:gpu:' .. g end
+
+-- Takes tenant t out of every active set (it stays parked until refresh).
+local function deactivate(t, T)
+  redis.call('ZREM', ACT_CPU, t)
+  redis.call('ZREM', ACT_GPU, t)
+  local old = T.agpus or ''
+  if old ~= '' then
+    redis.call('ZREM', gbucket(old), t)
+    if redis.call('ZCARD', gbucket(old)) == 0 then redis.call('ZREM', GBUCKETS, old) end
+    redis.call('HSET', tkey(t), 'agpus', '')
+    T.agpus = ''
+  end
+end
+
+-- Moves an active tenant's score to its current virtual time.
+local function rescore(t, T)
+  if redis.call('ZSCORE', ACT_CPU, t) then redis.call('ZADD', ACT_CPU, T.vtime, t) end
+  if redis.call('ZSCORE', ACT_GPU, t) then
+    redis.call('ZADD', ACT_GPU, T.vtime, t)
+    if (T.agpus or '') ~= '' then redis.call('ZADD', gbucket(T.agpus), T.vtime, t) end
+  end
+end
+
+-- Why a queued job can never run as things stand, or nil: SUBMIT would
+-- refuse it now. An admin lowered max_gpus below what it needs, or the
+-- tenant's whole balance (not only its free part) fell below its
+-- reservation; running jobs only lower the balance further, so without a
+-- grant it would block its tenant's queue forever.
+local function never_runs(J, T, P)
+  local g = n(J, 'gpus')
+  if g > n(T, 'max_gpus') then
+    return 'the job needs ' .. g .. ' GPUs but its tenant may hold at most '
+      .. n(T, 'max_gpus') .. ' (max_gpus)'
+  end
+  local fuel, timeout = effective(J, T)
+  local r = reservation(fuel, timeout, g, P)
+  local balance = n(T, 'granted') - n(T, 'settled')
+  if r > balance then
+    return 'the job reserves ' .. string.format('%d', r) .. ' credits but its tenant\'s balance is '
+      .. string.format('%d', balance) .. '; grant credits and submit it again'
+  end
+  return nil
+end
+
+-- Ends a queued job that can never run: `failed` with kind `unschedulable`,
+-- its stream entry (never delivered) deleted, nothing charged.
+local function fail_unschedulable(t, T, sid, jid, J, msg)
+  local now = now_ms()
+  redis.call('XDEL', qkey(t), sid)
+  redis.call('HSET', jkey(jid), 'ekind', 'unschedulable', 'emsg', msg, 'sid', '',
+    'finished', I(now))
+  set_state(jid, J, 'failed')
+  -- RETAIN removes it after the retention, like every finished job.
+  redis.call('ZADD', DONE, now, jid)
+  T.queued = n(T, 'queued') - 1
+  redis.call('HSET', tkey(t), 'queued', I(T.queued))
+end
+
+-- Impossible heads failed per refresh: bounds one script's work when an
+-- admin change strands a long queue (a CLAIM that meets the tenant again
+-- fails the next batch).
+local UNSCHEDULABLE_BATCH = 32
+
 -- Re-decides whether tenant t may be claimed from: it has a ready job, is
 -- below max_running and max_gpus for that job, and its free credits cover the
 -- job's reservation. Eligible tenants sit in one of the two active sets
 -- scored by virtual time; all others are parked (in neither set) so CLAIM
 -- never rescans them. A tenant that becomes eligible again starts no earlier
--- than the shard's virtual clock: idle time banks nothing.
+-- than the shard's virtual clock: idle time banks nothing. A head job that
+-- can never run fails here (`never_runs`), so it cannot block the tenant.
 local function refresh(t, T, P)
   local reason = ''
-  local sid, jid = head(t, T)
   local set = nil
-  if sid == nil then
-    reason = 'empty'
-  elseif n(T, 'running') >= n(T, 'max_running') then
-    reason = 'max_running'
-  else
+  local g = 0
+  local stranded = true
+  for _ = 1, UNSCHEDULABLE_BATCH do
+    local sid, jid = head(t, T)
+    if sid == nil then
+      reason = 'empty'
+      stranded = false
+      break
+    end
     local J = job_meta(jkey(jid))
-    local g = n(J, 'gpus')
-    local fuel, timeout = effective(J, T)
-    local r = reservation(fuel, timeout, g, P)
-    if n(T, 'gpus') + g > n(T, 'max_gpus') then
-      reason = 'max_gpus'
-    elseif n(T, 'granted') - n(T, 'settled') - n(T, 'reserved') < r then
-      reason = 'credits'
-    elseif g > 0 then
-      set = ACT_GPU
+    local why = (J.state == 'queued') and never_runs(J, T, P) or nil
+    if why then
+      fail_unschedulable(t, T, sid, jid, J, why)
     else
-      set = ACT_CPU
+      stranded = false
+      g = n(J, 'gpus')
+      if n(T, 'running') >= n(T, 'max_running') then
+        reason = 'max_running'
+      else
+        local fuel, timeout = effective(J, T)
+        local r = reservation(fuel, timeout, g, P)
+        if n(T, 'gpus') + g > n(T, 'max_gpus') then
+          reason = 'max_gpus'
+        elseif n(T, 'granted') - n(T, 'settled') - n(T, 'reserved') < r then
+          reason = 'credits'
+        elseif g > 0 then
+          set = ACT_GPU
+        else
+          set = ACT_CPU
+        end
+      end
+      break
     end
   end
-  local other = (set == ACT_GPU) and ACT_CPU or ACT_GPU
-  if set == nil then
-    redis.call('ZREM', ACT_CPU, t)
-    redis.call('ZREM', ACT_GPU, t)
-  else
-    redis.call('ZREM', other, t)
-    if not redis.call('ZSCORE', set, t) then
-      local vclock = tonumber(redis.call('GET', VCLOCK) or 0) or 0
-      local v = math.max(n(T, 'vtime'), vclock)
-      T.vtime = v
-      redis.call('HSET', tkey(t), 'vtime', v)
+  if stranded then
+    -- More impossible heads than one batch: stay eligible, so the next
+    -- CLAIM that picks this tenant comes back here and fails the next batch.
+    set, g = ACT_CPU, 0
+  end
+  local bucket = (set == ACT_GPU) and tostring(g) or ''
+  if set == nil or (T.agpus or '') ~= bucket or redis.call('ZSCORE', set, t) == false then
+    -- Parked, or moving between sets or buckets: start from no set. The
+    -- score carries over a move (a tenant keeps its place in line).
+    local kept = nil
+    if set ~= nil then
+      kept = redis.call('ZSCORE', ACT_CPU, t) or redis.call('ZSCORE', ACT_GPU, t)
+    end
+    deactivate(t, T)
+    if set ~= nil then
+      local v = tonumber(kept or '')
+      if v == nil then
+        local vclock = tonumber(redis.call('GET', VCLOCK) or 0) or 0
+        v = math.max(n(T, 'vtime'), vclock)
+        T.vtime = v
+        redis.call('HSET', tkey(t), 'vtime', v)
+      end
       redis.call('ZADD', set, v, t)
+      if set == ACT_GPU then
+        redis.call('ZADD', gbucket(bucket), v, t)
+        redis.call('ZADD', GBUCKETS, g, bucket)
+        redis.call('HSET', tkey(t), 'agpus', bucket)
+        T.agpus = bucket
+      end
     end
   end
   if (T.parked or '') ~= reason then
@@ -190,9 +329,9 @@ local function wake()
   redis.call('LTRIM', WAKE, 0, 63)
 end
 
-local function prices(a, b, c)
-  local P = { fuel = uint(a), gpu = uint(b), gpuw = uint(c) }
-  if P.fuel == nil or P.gpu == nil or P.gpuw == nil then return nil end
+local function prices(a, b, c, d)
+  local P = { fuel = uint(a), gpu = uint(b), gpuw = uint(c), slot = uint(d) }
+  if P.fuel == nil or P.gpu == nil or P.gpuw == nil or P.slot == nil then return nil end
   return P
 end
 
@@ -242,7 +381,7 @@ local function end_attempt(jid, J, T)
   T.running = n(T, 'running') - 1
   T.gpus = n(T, 'gpus') - g
   -- HSET, not HINCRBY: Lua renders -0 as "-0", which HINCRBY refuses.
-  redis.call('HSET', tkey(t), 'running', T.running, 'gpus', T.gpus)
+  redis.call('HSET', tkey(t), 'running', I(T.running), 'gpus', I(T.gpus))
   redis.call('HSET', jkey(jid), 'sid', '', 'worker', '', 'lease_until', 0)
 end
 
@@ -250,7 +389,7 @@ end
 local function release_reservation(jid, J, T)
   local r = n(J, 'reserved')
   if r > 0 then
-    redis.call('HINCRBY', tkey(J.tenant), 'reserved', -r)
+    redis.call('HINCRBY', tkey(J.tenant), 'reserved', I(-r))
     T.reserved = n(T, 'reserved') - r
     ledger(J.tenant, 'release', jid, n(J, 'attempts'), r, T)
   end
@@ -259,9 +398,52 @@ end
 
 local function finish(jid, J, state, now)
   set_state(jid, J, state)
-  redis.call('HSET', jkey(jid), 'finished', now)
+  redis.call('HSET', jkey(jid), 'finished', I(now))
   -- RETAIN removes it (with its log and index entries) after the retention.
   redis.call('ZADD', DONE, now, jid)
+end
+
+-- Attempts that count toward max_attempts. `attempts` numbers every run
+-- (the ledger names runs by it, so it never goes back); `counted` leaves out
+-- the runs that were not the job's to lose: handed back by a draining
+-- worker, re-run on a state conflict, or stopped by a node fault. Jobs
+-- written before `counted` existed count every run.
+local function counted(J)
+  if (J.counted or '') == '' then return n(J, 'attempts') end
+  return n(J, 'counted')
+end
+
+-- Replaces the slot-time CLAIM charged in advance (`est` at the weight of
+-- the claim, `cw`) by `actual`, and re-scores the tenant. RELEASE, REAP and
+-- node faults pass 0: a run that was not the tenant's costs it no share.
+-- The weight at claim, not the current one: claiming at weight 1000 and
+-- correcting at weight 1 would bank priority.
+local function correct_vtime(t, J, T, actual)
+  local w = n(J, 'cw')
+  if w <= 0 then w = math.max(n(T, 'weight'), 1) end
+  T.vtime = n(T, 'vtime') + (actual - n(J, 'est')) / w
+  redis.call('HSET', tkey(t), 'vtime', T.vtime)
+  rescore(t, T)
+end
+
+-- A run the node could not give what it needs (the node's fault, not the
+-- guest's): never charged, never counted toward max_attempts, but bounded
+-- per job, so a job no node can start ends with `node_fault` instead of
+-- cycling through the queue forever. The caller has already released the
+-- reservation and ended the attempt. Returns 'failed', 0 or 'retry', delay.
+local function node_fault(jid, J, T, msg, max_faults, base, maxd, jitter, now)
+  local f = n(J, 'faults') + 1
+  redis.call('HSET', jkey(jid), 'faults', I(f), 'counted', I(math.max(counted(J) - 1, 0)))
+  if f >= max_faults then
+    redis.call('HSET', jkey(jid), 'ekind', 'node_fault',
+      'emsg', 'nodes failed to run this job ' .. f .. ' times; last: ' .. msg)
+    finish(jid, J, 'failed', now)
+    return 'failed', 0
+  end
+  redis.call('HSET', jkey(jid), 'ekind', 'node_fault', 'emsg', msg)
+  local d = backoff(f, base, maxd, jitter)
+  to_delayed(jid, J, T, now + d)
+  return 'retry', d
 end
 
 -- The shard gate (see the header): runs before any script's own code.

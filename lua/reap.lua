@@ -5,16 +5,17 @@
 -- (XCLAIM to the reaper, XACK, XDEL). The lost attempt is not charged: its
 -- whole reservation is released. The job goes back through the delayed
 -- queue with backoff, or fails with `lease_expired` once max_attempts are
--- spent, or ends `cancelled` if the tenant had cancelled it.
+-- spent, or ends `cancelled` if the tenant had cancelled it. The claim's
+-- fair-share estimate is refunded: the tenant got no slot-time from it.
 --
 -- KEYS[1]  shard anchor (derived: leases, j:<job>, t:<tenant>, q:<tenant>, ...)
 -- ARGV[1]  batch size           ARGV[2]  retry base ms
 -- ARGV[3]  retry max ms         ARGV[4]  jitter 0..999
--- ARGV[5..7] prices (see SUBMIT)
+-- ARGV[5..8] prices (see SUBMIT)
 -- Returns: number of jobs reaped.
 -- Errors:  malformed arguments.
 local batch, base, maxd, jitter = uint(ARGV[1]), uint(ARGV[2]), uint(ARGV[3]), uint(ARGV[4])
-local P = prices(ARGV[5], ARGV[6], ARGV[7])
+local P = prices(ARGV[5], ARGV[6], ARGV[7], ARGV[8])
 if batch == nil or base == nil or maxd == nil or jitter == nil or P == nil then
   return fail('malformed arguments')
 end
@@ -33,8 +34,9 @@ for _, jid in ipairs(due) do
     end
     release_reservation(jid, J, T)
     end_attempt(jid, J, T)
+    correct_vtime(t, J, T, 0)
     retire_consumer(t, 'reaper')
-    local now_attempts = n(J, 'attempts')
+    local now_attempts = counted(J)
     if J.cancel == '1' then
       redis.call('HSET', jkey(jid), 'ekind', 'cancelled', 'emsg', 'cancelled by the tenant')
       finish(jid, J, 'cancelled', now)

@@ -19,7 +19,7 @@ if n(J, 'lease_until') < now then
   -- one else can have claimed the job; extending it is safe.
 end
 local until_ms = now + lease
-redis.call('HSET', KEYS[2], 'lease_until', until_ms)
+redis.call('HSET', KEYS[2], 'lease_until', I(until_ms))
 redis.call('ZADD', LEASES, until_ms, jid)
 -- Reset the PEL entry's idle time, so XPENDING's idle reflects the last renewal.
 redis.call('XCLAIM', qkey(J.tenant), GROUP, J.worker, 0, J.sid, 'JUSTID')

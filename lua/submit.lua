@@ -10,14 +10,15 @@
 -- ARGV[7]  gpus                 ARGV[8]  max_attempts (>= 1)
 -- ARGV[9]  timeout_ms or ''     ARGV[10] fuel or ''
 -- ARGV[11] delay_ms             ARGV[12] sha256 of the body, '' without a key
--- ARGV[13] idempotency TTL (s)  ARGV[14..16] prices: credits/Mfuel, credits/GPU-s, GPU slot weight
+-- ARGV[13] idempotency TTL (s)  ARGV[14..17] prices: credits/Mfuel, credits/GPU-s, GPU slot weight,
+--                               credits/slot-s
 -- Returns: {'created', id, state} | {'exists', id, state} | {'conflict'}
 --          | {'no_tenant'} | {'queue_full'} | {'credits', reservation, balance}
 -- Errors:  malformed arguments (nothing written).
 local t, jid = ARGV[1], ARGV[2]
 local gpus, max_attempts, delay = uint(ARGV[7]), uint(ARGV[8]), uint(ARGV[11])
 local ttl = uint(ARGV[13])
-local P = prices(ARGV[14], ARGV[15], ARGV[16])
+local P = prices(ARGV[14], ARGV[15], ARGV[16], ARGV[17])
 if t == '' or jid == '' or ARGV[3] == '' then return fail('empty tenant, job or component') end
 if gpus == nil or max_attempts == nil or max_attempts < 1 or delay == nil or ttl == nil or P == nil then
   return fail('malformed numeric argument')
@@ -40,6 +41,10 @@ end
 if redis.call('EXISTS', KEYS[3]) == 1 then return fail('job id already used') end
 
 local T = hgetall(KEYS[2])
+-- max_queued bounds admission of new jobs only. A job already accepted is
+-- never refused on its way back (retry, RELEASE, state conflict, REAP), so
+-- `queued` may pass max_queued, but queued + running stays within
+-- max_queued + max_running: only SUBMIT adds, and only below max_queued.
 if n(T, 'queued') >= n(T, 'max_queued') then return { 'queue_full' } end
 local J = { fuel = ARGV[10], timeout_ms = ARGV[9], tenant = t }
 local fuel, timeout = effective(J, T)
@@ -49,9 +54,9 @@ if balance < r then return { 'credits', r, balance } end
 
 local now = now_ms()
 redis.call('HSET', KEYS[3], 'tenant', t, 'component', ARGV[3], 'input', ARGV[4],
-  'agent_id', ARGV[5], 'contexts', ARGV[6], 'gpus', gpus, 'max_attempts', max_attempts,
-  'timeout_ms', ARGV[9], 'fuel', ARGV[10], 'attempts', 0, 'conflicts', 0, 'token', 0,
-  'reserved', 0, 'u_fuel', 0, 'u_wall', 0, 'u_credits', 0, 'created', now, 'cancel', 0)
+  'agent_id', ARGV[5], 'contexts', ARGV[6], 'gpus', I(gpus), 'max_attempts', I(max_attempts),
+  'timeout_ms', ARGV[9], 'fuel', ARGV[10], 'attempts', 0, 'counted', 0, 'conflicts', 0, 'token', 0,
+  'reserved', 0, 'u_fuel', 0, 'u_wall', 0, 'u_credits', 0, 'created', I(now), 'cancel', 0)
 redis.call('ZADD', jobskey(t), 0, jid)
 J.state = ''
 if delay > 0 then

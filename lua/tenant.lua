@@ -3,17 +3,18 @@
 -- KEYS[1]  shard anchor            KEYS[2]  tenant hash KEYS[1]:t:<tenant>
 -- ARGV[1]  op: 'create' | 'update' | 'grant'
 -- ARGV[2]  tenant id
--- ARGV[3..5] prices (see SUBMIT)
--- create: ARGV[6] token hash, ARGV[7] initial credits, then field/value pairs
+-- ARGV[3..6] prices (see SUBMIT)
+-- create: ARGV[7] token hash, ARGV[8] initial credits, then field/value pairs
 --         (weight, max_running, max_queued, max_gpus, fuel, memory_bytes, timeout_ms,
 --         max_component_bytes, max_context_bytes, max_state_bytes)
--- update: field/value pairs from ARGV[6] (same fields)
--- grant:  ARGV[6] amount (may be negative)
+-- update: field/value pairs from ARGV[7] (same fields)
+-- grant:  ARGV[7] amount (may be negative)
 -- Returns: create {'ok'} | {'exists'}; update {'ok'} | {'not_found'};
 --          grant {'ok', balance} | {'not_found'} | {'insufficient', balance, reserved}
+--                | {'out_of_range'} (granted or balance would leave +-(2^53 - 1))
 -- Errors:  malformed arguments, unknown or non-integer fields (nothing written).
 local op, t = ARGV[1], ARGV[2]
-local P = prices(ARGV[3], ARGV[4], ARGV[5])
+local P = prices(ARGV[3], ARGV[4], ARGV[5], ARGV[6])
 if P == nil or t == '' or KEYS[2] ~= tkey(t) then return fail('malformed arguments') end
 local allowed = { weight = true, max_running = true, max_queued = true, max_gpus = true,
   fuel = true, memory_bytes = true, timeout_ms = true,
@@ -25,22 +26,22 @@ local function pairs_from(i)
   for j = i, #ARGV, 2 do
     if not allowed[ARGV[j]] then return nil, 'unknown field ' .. ARGV[j] end
     local v = uint(ARGV[j + 1])
-    if v == nil then return nil, 'field ' .. ARGV[j] .. ' is not a non-negative integer' end
+    if v == nil then return nil, 'field ' .. ARGV[j] .. ' is not an integer in 0..2^53-1' end
     if ARGV[j] == 'weight' and v < 1 then return nil, 'weight must be at least 1' end
     kv[#kv + 1] = ARGV[j]
-    kv[#kv + 1] = v
+    kv[#kv + 1] = I(v)
   end
   return kv
 end
 
 local exists = redis.call('EXISTS', KEYS[2]) == 1
 if op == 'create' then
-  local credits = int(ARGV[7])
-  if credits == nil or credits < 0 then return fail('initial credits must be a non-negative integer') end
-  local kv, err = pairs_from(8)
+  local credits = uint(ARGV[8])
+  if credits == nil then return fail('initial credits must be an integer in 0..2^53-1') end
+  local kv, err = pairs_from(9)
   if kv == nil then return fail(err) end
   if exists then return { 'exists' } end
-  redis.call('HSET', KEYS[2], 'token_hash', ARGV[6], 'weight', 1, 'max_running', 1000000,
+  redis.call('HSET', KEYS[2], 'token_hash', ARGV[7], 'weight', 1, 'max_running', 1000000,
     'max_queued', 1000000, 'max_gpus', 0, 'running', 0, 'gpus', 0, 'queued', 0,
     'granted', 0, 'settled', 0, 'reserved', 0, 'vtime', 0, 'avg_ms', 1000, 'parked', 'empty',
     'qlast', '0-0', 'created', now_ms())
@@ -48,13 +49,13 @@ if op == 'create' then
   redis.call('XGROUP', 'CREATE', qkey(t), GROUP, '0', 'MKSTREAM')
   local T = hgetall(KEYS[2])
   if credits > 0 then
-    redis.call('HSET', KEYS[2], 'granted', credits)
+    redis.call('HSET', KEYS[2], 'granted', I(credits))
     T.granted = credits
     ledger(t, 'grant', '', 0, credits, T)
   end
   return { 'ok' }
 elseif op == 'update' then
-  local kv, err = pairs_from(6)
+  local kv, err = pairs_from(7)
   if kv == nil then return fail(err) end
   if not exists then return { 'not_found' } end
   if #kv > 0 then redis.call('HSET', KEYS[2], unpack(kv)) end
@@ -64,16 +65,18 @@ elseif op == 'update' then
   wake()
   return { 'ok' }
 elseif op == 'grant' then
-  local amount = int(ARGV[6])
+  local amount = int(ARGV[7])
   if amount == nil then return fail('amount must be an integer') end
   if not exists then return { 'not_found' } end
   local T = hgetall(KEYS[2])
-  local balance = n(T, 'granted') + amount - n(T, 'settled')
+  local granted = n(T, 'granted') + amount
+  local balance = granted - n(T, 'settled')
+  if math.abs(granted) > MAX_INT or math.abs(balance) > MAX_INT then return { 'out_of_range' } end
   if balance < n(T, 'reserved') then
     return { 'insufficient', n(T, 'granted') - n(T, 'settled'), n(T, 'reserved') }
   end
-  T.granted = n(T, 'granted') + amount
-  redis.call('HSET', KEYS[2], 'granted', T.granted)
+  T.granted = granted
+  redis.call('HSET', KEYS[2], 'granted', I(T.granted))
   ledger(t, 'grant', '', 0, amount, T)
   if refresh(t, T, P) then wake() end
   return { 'ok', balance }

@@ -77,6 +77,7 @@ impl EmbeddedRedis {
         // so Redis stays up while the worker drains and releases its leases.
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         die_with_parent(&mut cmd);
+        private_files(&mut cmd);
         let child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!("{INSTALL_HINT}"),
@@ -198,6 +199,20 @@ fn die_with_parent(cmd: &mut Command) {
 #[cfg(not(target_os = "linux"))]
 fn die_with_parent(_cmd: &mut Command) {}
 
+/// Redis creates its AOF, log and pid files with the umask it inherits:
+/// 077 makes them readable by our user only, whatever ours is.
+fn private_files(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: umask(2) is async-signal-safe and the closure touches no
+    // memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::umask(0o077);
+            Ok(())
+        });
+    }
+}
+
 /// A PING over the socket, in RESP, without a client library.
 fn ping(socket: &Path) -> bool {
     use std::io::Read;
@@ -212,12 +227,14 @@ fn ping(socket: &Path) -> bool {
     s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
 }
 
-/// Creates the data dir (mode 0700: it holds the admin token and the data).
+/// Creates the data dir if needed and makes it mode 0700 whether or not it
+/// existed: it holds the admin token and every tenant's data (the AOF), and
+/// a dir made by someone else with 0755 would let every local user read
+/// them.
 pub fn ensure_dir(dir: &Path) -> anyhow::Result<()> {
-    if !dir.exists() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("making {} private (mode 0700)", dir.display()))?;
     Ok(())
 }
 

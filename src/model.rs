@@ -82,10 +82,23 @@ pub enum ErrorKind {
     LeaseExpired,
     /// Cancelled by the tenant.
     Cancelled,
+    /// The node, not the guest, failed the run (it could not load or
+    /// instantiate what the job needs for reasons of its own). Never
+    /// charged, never counted toward `max_attempts`; the job runs again
+    /// until it has met the deployment's bound of node faults (default 5),
+    /// then fails with this kind.
+    NodeFault,
+    /// The component can never compile or instantiate under the workers'
+    /// engine: final.
+    InvalidComponent,
+    /// The control plane found the queued job can never run as its tenant
+    /// stands (needs more GPUs than `max_gpus`, or reserves more than the
+    /// whole balance): failed at once so it does not block the queue.
+    Unschedulable,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 7] = [
+    pub const ALL: [ErrorKind; 10] = [
         ErrorKind::AgentError,
         ErrorKind::Trap,
         ErrorKind::FuelExhausted,
@@ -93,6 +106,9 @@ impl ErrorKind {
         ErrorKind::Timeout,
         ErrorKind::LeaseExpired,
         ErrorKind::Cancelled,
+        ErrorKind::NodeFault,
+        ErrorKind::InvalidComponent,
+        ErrorKind::Unschedulable,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -104,6 +120,9 @@ impl ErrorKind {
             ErrorKind::Timeout => "timeout",
             ErrorKind::LeaseExpired => "lease_expired",
             ErrorKind::Cancelled => "cancelled",
+            ErrorKind::NodeFault => "node_fault",
+            ErrorKind::InvalidComponent => "invalid_component",
+            ErrorKind::Unschedulable => "unschedulable",
         }
     }
 

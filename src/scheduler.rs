@@ -72,21 +72,31 @@ async fn drain(control: &ControlPlane, step: Step) {
             Step::Reap => control.reap(BATCH).await,
             Step::Retain => control.retain(BATCH).await,
         };
-        match moved {
-            Ok(n) => {
-                if n > 0 {
-                    tracing::debug!(n, step = step.name(), "scheduler step");
-                    metrics::counter!("agentplane_scheduler_moved_total", "step" => step.name())
-                        .increment(n as u64);
-                }
-                if n < BATCH {
-                    return;
-                }
+        let n = match moved {
+            Ok(n) => n,
+            // Some shards failed; the others were still served, so a broken
+            // shard does not slow the healthy ones' backlog (the failing
+            // ones are tried again next round).
+            Err(crate::control::CpError::Shards { done, failed }) => {
+                tracing::warn!(
+                    ?failed,
+                    step = step.name(),
+                    "scheduler step failed on some shards"
+                );
+                done
             }
             Err(e) => {
                 tracing::warn!(error = %e, step = step.name(), "scheduler step failed");
                 return;
             }
+        };
+        if n > 0 {
+            tracing::debug!(n, step = step.name(), "scheduler step");
+            metrics::counter!("agentplane_scheduler_moved_total", "step" => step.name())
+                .increment(n as u64);
+        }
+        if n < BATCH {
+            return;
         }
     }
 }

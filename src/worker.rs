@@ -13,7 +13,7 @@
 
 use crate::control::{AttemptOutcome, Claim, ControlPlane, CpError, Finalized, Finish, Lease};
 use crate::host::{Host, HostError, RunOutcome, RunReport, RunRequest};
-use crate::model::JobState;
+use crate::model::{ErrorKind, JobState};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -21,6 +21,9 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
+
+/// How long a slot waits after a node fault before handing its job back.
+const NODE_FAULT_BACKOFF: Duration = Duration::from_millis(200);
 
 /// Settings of one worker process.
 #[derive(Debug, Clone)]
@@ -344,7 +347,12 @@ async fn prepare(
         })
         .await
         .map_err(|e| match e {
-            HostError::NotFound(d) => PrepError::Fatal(format!("component {d} not found")),
+            HostError::NotFound(d) => {
+                PrepError::Fatal(ErrorKind::Trap, format!("component {d} not found"))
+            }
+            // Will never compile here: a final failure, not a release (a
+            // release would hand it to the next worker to fail again, forever).
+            HostError::Invalid(why) => PrepError::Fatal(ErrorKind::InvalidComponent, why),
             HostError::Other(e) => PrepError::Transient(format!("loading the component: {e:#}")),
         })?;
     let mut contexts = Vec::with_capacity(claim.contexts.len());
@@ -379,8 +387,8 @@ enum PrepError {
     /// Will not get better by retrying on this node soon (Redis hiccup,
     /// cache pressure): give the job back uncharged.
     Transient(String),
-    /// The job cannot run at all: fail the attempt.
-    Fatal(String),
+    /// The job cannot run at all: fail the attempt with this kind.
+    Fatal(ErrorKind, String),
 }
 
 /// One attempt, from claim to FINALIZE (or to giving the job back).
@@ -403,16 +411,16 @@ async fn run_claim(shared: &Shared, claim: Claim, hard_stop: CancellationToken) 
     let report = match prepare(shared, &claim, run.clone()).await {
         Ok(req) => shared.host.run(req).await,
         Err(PrepError::Transient(msg)) => {
-            tracing::warn!(error = %msg, "could not prepare the run; releasing");
+            // The node's failure, not the guest's: handed back uncharged and
+            // uncounted, but as a node fault, which the control plane bounds
+            // per job (a job no node can start must not cycle forever).
+            tracing::warn!(error = %msg, "could not prepare the run; releasing as a node fault");
             renew_stop.cancel();
             let _ = renewer.await;
-            return release(shared, &lease).await;
+            return release_fault(shared, &lease, &fault_for_tenant(&msg)).await;
         }
-        Err(PrepError::Fatal(msg)) => RunReport {
-            outcome: RunOutcome::Failed {
-                kind: crate::model::ErrorKind::Trap,
-                message: msg,
-            },
+        Err(PrepError::Fatal(kind, msg)) => RunReport {
+            outcome: RunOutcome::Failed { kind, message: msg },
             fuel_used: 0,
             wall_ms: started.elapsed().as_millis() as u64,
             log: String::new(),
@@ -433,6 +441,24 @@ async fn run_claim(shared: &Shared, claim: Claim, hard_stop: CancellationToken) 
             return RunEnd::LeaseLost;
         }
         (Verdict::Cancelled, _) => AttemptOutcome::Cancelled,
+        (
+            Verdict::Held,
+            RunOutcome::Failed {
+                kind: ErrorKind::NodeFault,
+                message,
+            },
+        ) => {
+            // The node failed, not the guest (e.g. its instance pool is
+            // exhausted): the job goes back to the queue, and neither its
+            // attempts nor its tenant's credits are charged.
+            tracing::warn!(error = %message, "node fault; releasing");
+            // Keep the slot a moment first: the fault (a full pool) clears
+            // as other runs end, and claiming the job straight back would
+            // only spin.
+            tokio::time::sleep(NODE_FAULT_BACKOFF).await;
+            // As a node fault: bounded per job by the control plane.
+            return release_fault(shared, &lease, &fault_for_tenant(&message)).await;
+        }
         (Verdict::Held, RunOutcome::Interrupted) => {
             // Only the drain's hard stop interrupts a run whose lease is held.
             tracing::info!("stopped by shutdown; releasing");
@@ -446,7 +472,11 @@ async fn run_claim(shared: &Shared, claim: Claim, hard_stop: CancellationToken) 
     let finish = Finish {
         outcome,
         fuel: report.fuel_used,
-        wall_ms: report.wall_ms,
+        // The slot was held from the claim on, however the run ended
+        // (timeout, cancel, a failed preparation): slot-time is billed.
+        wall_ms: report
+            .wall_ms
+            .max(started.elapsed().as_millis().try_into().unwrap_or(u64::MAX)),
         log: report.log,
         new_state: report.new_state,
     };
@@ -504,6 +534,28 @@ async fn record_terminal(shared: &Shared, lease: &Lease, f: &Finalized) {
     {
         metrics::counter!("agentplane_credits_total", "tenant" => lease.tenant.clone())
             .increment(job.usage.credits as u64);
+    }
+}
+
+/// What a tenant sees of a node fault: the stage that failed, never the
+/// cause (a Redis error may name addresses or keys; the log has it all).
+fn fault_for_tenant(msg: &str) -> String {
+    let stage = msg.split(": ").next().unwrap_or(msg);
+    format!("the node failed {stage} (a fault of the node, not the job; not charged)")
+}
+
+async fn release_fault(shared: &Shared, lease: &Lease, message: &str) -> RunEnd {
+    match shared.control.release_fault(lease, message).await {
+        Ok(f) => {
+            metrics::counter!("agentplane_jobs_released_total").increment(1);
+            record_terminal(shared, lease, &f).await;
+            RunEnd::Finalized(f)
+        }
+        Err(CpError::LeaseLost) => RunEnd::LeaseLost,
+        Err(e) => {
+            tracing::warn!(job = %lease.job_id, error = %e, "release failed; the reaper will requeue it");
+            RunEnd::Abandoned
+        }
     }
 }
 

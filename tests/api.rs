@@ -192,3 +192,47 @@ async fn declared_oversize_bodies_are_refused_before_reading() {
     assert_eq!(st, StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(code(&v), "payload_too_large");
 }
+
+#[tokio::test]
+async fn rejections_media_types_and_big_heads_answer_json() {
+    let (_r, app) = app(ApiConfig::default()).await;
+    let (_, v) = send(
+        &app,
+        req("POST", "/v1/tenants", Some(ADMIN), r#"{"id":"acme"}"#),
+    )
+    .await;
+    let token = v["token"].as_str().unwrap().to_string();
+    // axum's own rejection of a path it cannot decode, rewritten to JSON.
+    let (st, v) = send(
+        &app,
+        req("GET", "/v1/jobs/%FF", Some(&token), Body::empty()),
+    )
+    .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(code(&v), "invalid_request");
+    // A form body on a JSON route.
+    let r = Request::builder()
+        .method("POST")
+        .uri("/v1/tenants")
+        .header(header::AUTHORIZATION, format!("Bearer {ADMIN}"))
+        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .body(Body::from(r#"{"id":"b"}"#))
+        .unwrap();
+    let (st, v) = send(&app, r).await;
+    assert_eq!(st, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{v}");
+    assert_eq!(code(&v), "unsupported_media_type");
+    // A head over the limit.
+    let r = Request::builder()
+        .method("GET")
+        .uri("/v1/jobs")
+        .header(header::AUTHORIZATION, format!("Bearer {token}"))
+        .header("x-pad", "p".repeat(20 << 10))
+        .body(Body::empty())
+        .unwrap();
+    let (st, v) = send(&app, r).await;
+    assert_eq!(st, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "{v}");
+    assert_eq!(code(&v), "headers_too_large");
+    // Metrics are the admin's.
+    let (st, v) = send(&app, req("GET", "/metrics", Some(&token), Body::empty())).await;
+    assert_eq!(st, StatusCode::FORBIDDEN, "{v}");
+}

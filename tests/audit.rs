@@ -203,9 +203,18 @@ async fn a_clean_deployment_audits_clean_and_each_corruption_is_named() {
         .await
         .unwrap();
     // 7. an agent's state blob is gone.
-    let ptr: String = c.hget(ks.agent("holder", "big"), "ptr").await.unwrap();
-    assert!(!ptr.is_empty(), "a 100 KiB state lives in a blob");
-    let blob = agentplane::control::audit::state_blob_key(&cp, "holder", "big", &ptr);
+    let (version, ptr): (Option<String>, Option<String>) = c
+        .hmget(ks.agent("holder", "big"), &["blob", "ptr"])
+        .await
+        .unwrap();
+    let blob = agentplane::control::audit::state_blob_key(
+        &cp,
+        "holder",
+        "big",
+        version.as_deref(),
+        ptr.as_deref(),
+    )
+    .expect("a 100 KiB state lives in a blob");
     let gone: i64 = c.del(&blob).await.unwrap();
     assert_eq!(
         gone, 1,

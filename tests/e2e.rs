@@ -97,8 +97,8 @@ async fn echo_round_trip_over_http_and_cli() {
         .await;
     assert_eq!(page2["jobs"][0]["id"], id.as_str());
 
-    // Metrics are exposed in Prometheus text.
-    let (st, m) = s.call(reqwest::Method::GET, "/metrics", None, None).await;
+    // Metrics are exposed in Prometheus text, to the admin.
+    let (st, m) = s.get("/metrics", ADMIN).await;
     assert_eq!(st, StatusCode::OK);
     assert!(
         m.as_str()
@@ -1018,5 +1018,52 @@ async fn bench_load_generator_runs_jobs_through_the_api() {
         .collect();
     assert_eq!(per, vec![20, 20, 20], "{report}");
     assert!(report["end_to_end_ms"]["p99"].as_f64().unwrap() > 0.0);
+    s.stop().await;
+}
+
+/// Slot-time is billed however the run ends: a guest asleep in a host call
+/// burns no fuel, yet pays for the wall time its slot was held (1 credit
+/// per slot-second by default), whether it times out or is cancelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slot_time_is_billed_however_the_run_ends() {
+    let s = Stack::start(Opts::default()).await;
+    let token = s.tenant("acme").await;
+    let sleeper = s.push(&token, "sleeper").await;
+    // The documented formula for a CPU job at the default prices.
+    let formula = |job: &Value| -> i64 {
+        let fuel = job["usage"]["fuel"].as_i64().unwrap();
+        let wall = job["usage"]["wall_ms"].as_i64().unwrap();
+        (fuel + 999_999) / 1_000_000 + (wall + 999) / 1000
+    };
+
+    let id = s
+        .submit(
+            &token,
+            json!({"component": sleeper, "input": "60000", "timeout_ms": 1500}),
+        )
+        .await;
+    let job = s.wait_terminal(&token, &id, 60).await;
+    assert_eq!(job["error"]["kind"], "timeout", "{job}");
+    assert!(job["usage"]["wall_ms"].as_i64().unwrap() >= 1500, "{job}");
+    let timed_out = job["usage"]["credits"].as_i64().unwrap();
+    assert_eq!(timed_out, formula(&job), "{job}");
+    assert!(timed_out >= 2, "1.5 s of a slot is not free: {job}");
+
+    let id = s
+        .submit(&token, json!({"component": sleeper, "input": "60000"}))
+        .await;
+    s.wait_for(&token, &id, 30, |j| state(j) == "running").await;
+    let (st, _) = s
+        .post(&format!("/v1/jobs/{id}/cancel"), &token, json!({}))
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    let job = s.wait_terminal(&token, &id, 60).await;
+    assert_eq!(state(&job), "cancelled", "{job}");
+    assert!(job["usage"]["wall_ms"].as_i64().unwrap() > 0, "{job}");
+    let credits = job["usage"]["credits"].as_i64().unwrap();
+    assert_eq!(credits, formula(&job), "{job}");
+    assert!(credits >= 1, "a cancelled run paid for its slot: {job}");
+    let t = s.assert_books_balance("acme").await;
+    assert_eq!(t["settled"].as_i64().unwrap(), timed_out + credits, "{t}");
     s.stop().await;
 }

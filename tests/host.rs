@@ -5,7 +5,8 @@
 mod common;
 
 use agentplane::host::{
-    AdmissionError, Host, HostConfig, HostError, LoadedComponent, RunOutcome, RunReport, RunRequest,
+    AdmissionError, CompileChild, Host, HostConfig, HostError, LoadedComponent, RunOutcome,
+    RunReport, RunRequest,
 };
 use agentplane::model::{ErrorKind, Limits};
 use common::guests::guest_bytes;
@@ -439,6 +440,7 @@ async fn the_escape_guest_finds_no_file_no_env_and_no_network() {
 fn refusal(host: &Host, bytes: &[u8]) -> String {
     match host.admit(bytes) {
         Err(AdmissionError::Invalid(m)) => m,
+        Err(AdmissionError::Unavailable(m)) => panic!("admission unavailable: {m}"),
         Ok(a) => panic!("admitted {}", a.digest),
     }
 }
@@ -640,4 +642,133 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         }
     }
     out
+}
+
+/// `n` functions of `locals` i64 locals, each live across 20 nested loops:
+/// under the structural bounds, yet slow to compile.
+fn slow_to_compile(n: usize, locals: usize) -> Vec<u8> {
+    let mut m = String::from("(component (core module $slow ");
+    for _ in 0..n {
+        m.push_str("(func (param i32) (local");
+        for _ in 0..locals {
+            m.push_str(" i64");
+        }
+        m.push(')');
+        for d in 0..20 {
+            m.push_str(&format!("(loop $l{d} "));
+        }
+        for l in 1..=locals {
+            m.push_str(&format!(
+                "(local.set {l} (i64.add (local.get {l}) (i64.const 1)))"
+            ));
+        }
+        for d in (0..20).rev() {
+            m.push_str(&format!("(br_if $l{d} (local.get 0)))"));
+        }
+        m.push(')');
+    }
+    m.push_str(") (core instance (instantiate $slow)))");
+    wat::parse_str(&m).unwrap()
+}
+
+fn agentplane_bin() -> std::path::PathBuf {
+    std::env::var_os("AGENTPLANE_BIN")
+        .map(Into::into)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_agentplane").into())
+}
+
+/// 7.3: compilation runs in a child process bounded in time: what the
+/// structural checks let through but takes too long is killed at the bound
+/// and refused, and what compiles there runs like any other component.
+#[tokio::test]
+async fn the_compile_child_bounds_compile_time_and_its_artifacts_run() {
+    let host = Host::new(HostConfig {
+        compile_child: Some(CompileChild {
+            exe: agentplane_bin(),
+            timeout: Duration::from_secs(2),
+            memory_bytes: 2 << 30,
+        }),
+        ..cfg()
+    })
+    .unwrap();
+    let echo = load(&host, "echo").await;
+    let r = host.run(request(&echo, "via child", limits())).await;
+    assert_eq!(r.outcome, RunOutcome::Ok("via child".into()), "{}", r.log);
+
+    let t0 = Instant::now();
+    let m = refusal(&host, &slow_to_compile(24, 4_900));
+    assert!(m.contains("longer than 2 s"), "{m}");
+    assert!(t0.elapsed() < Duration::from_secs(6), "{:?}", t0.elapsed());
+
+    // What the compiler refuses comes back with the compiler's reason.
+    let m = refusal(&host, &{
+        let mut b = guest_bytes("echo");
+        b.truncate(b.len() / 2);
+        b
+    });
+    assert!(m.contains("invalid component"), "{m}");
+}
+
+/// 7.2: a full instance pool is the node's fault, not the guest's: the run
+/// says `node_fault` (the worker hands such a job back uncharged).
+#[tokio::test]
+async fn an_exhausted_pool_is_a_node_fault() {
+    let host = Arc::new(
+        Host::new(HostConfig {
+            max_instances: 1,
+            ..cfg()
+        })
+        .unwrap(),
+    );
+    let sleeper = load(&host, "sleeper").await;
+    let echo = load(&host, "echo").await;
+    let mut hold = request(&sleeper, "20000", limits());
+    let stop = hold.cancel.clone();
+    hold.tenant = "holder".into();
+    let h = host.clone();
+    let holder = tokio::spawn(async move { h.run(hold).await });
+    let t0 = Instant::now();
+    while host.tenant_memory_in_use("holder") == 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "holder never started"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let r = host.run(request(&echo, "x", limits())).await;
+    let (kind, msg) = failed(&r);
+    assert_eq!(kind, ErrorKind::NodeFault, "{msg}");
+    stop.cancel();
+    assert_eq!(holder.await.unwrap().outcome, RunOutcome::Interrupted);
+    let r = host.run(request(&echo, "x", limits())).await;
+    assert_eq!(r.outcome, RunOutcome::Ok("x".into()));
+}
+
+/// 7.4: a component the engine refuses is `Invalid` (final), and the refusal
+/// is remembered: the next claim neither fetches nor compiles it again.
+#[tokio::test]
+async fn a_failed_compile_is_final_and_remembered() {
+    let host = Host::new(cfg()).unwrap();
+    let mut wat = String::from("(component (core module $m (memory 1))");
+    for _ in 0..9 {
+        wat.push_str("(core instance (instantiate $m))");
+    }
+    wat.push(')');
+    let bytes = wat::parse_str(&wat).unwrap();
+    let digest = format!("sha256:{}", hex::encode(Sha256::digest(&bytes)));
+    let r = host
+        .component(&digest, || async move { Ok(Some(bytes)) })
+        .await;
+    match r {
+        Err(HostError::Invalid(m)) => assert!(m.contains("memories"), "{m}"),
+        Err(e) => panic!("expected Invalid, got {e}"),
+        Ok(_) => panic!("compiled a component with 9 memories"),
+    }
+    let r = host
+        .component(&digest, || async {
+            panic!("fetched a known-bad component")
+        })
+        .await;
+    assert!(matches!(r, Err(HostError::Invalid(_))));
+    assert_eq!(host.compile_count(), 0);
 }

@@ -41,6 +41,18 @@ pub enum ApiError {
     /// 408: the client stopped sending its body.
     #[error("the request body stalled; send it again")]
     RequestTimeout,
+    /// 415: a body of a media type the route does not take.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    /// 431: the request head is over the limit.
+    #[error("{0}")]
+    HeadersTooLarge(String),
+    /// 429: the tenant already holds its share of upload slots.
+    #[error("this tenant already has {0} uploads in progress; retry when one finishes")]
+    TooManyUploads(usize),
+    /// 429: the tenant is already sending this many job bodies.
+    #[error("this tenant is already sending {0} job bodies; retry when one finishes")]
+    TooManyBodies(usize),
     /// 405: the path exists with other methods.
     #[error("method not allowed")]
     MethodNotAllowed,
@@ -50,6 +62,10 @@ pub enum ApiError {
     /// 429: the tenant's `max_queued` is reached.
     #[error("the tenant's max_queued is reached; retry later")]
     QueueFull,
+    /// 429: the tenant uploads faster than its upload rate; retry after
+    /// this many seconds (also sent as `Retry-After`).
+    #[error("too many uploads; retry in {0} s")]
+    RateLimited(u64),
     /// 503: Redis is unreachable (cause logged, not shown).
     #[error("the control plane is unavailable; retry later")]
     Unavailable,
@@ -76,12 +92,22 @@ impl ApiError {
             ApiError::InsufficientCredits => (StatusCode::PAYMENT_REQUIRED, "insufficient_credits"),
             ApiError::TenantExists => (StatusCode::CONFLICT, "tenant_exists"),
             ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            ApiError::UnsupportedMediaType(_) => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
+            }
+            ApiError::HeadersTooLarge(_) => (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "headers_too_large",
+            ),
+            ApiError::TooManyUploads(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_uploads"),
+            ApiError::TooManyBodies(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_requests"),
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ApiError::RequestTimeout => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             ApiError::IdempotencyConflict => {
                 (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_conflict")
             }
             ApiError::QueueFull => (StatusCode::TOO_MANY_REQUESTS, "queue_full"),
+            ApiError::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             ApiError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::StorageFull => (StatusCode::SERVICE_UNAVAILABLE, "storage_full"),
             ApiError::QuotaExceeded(_) => (StatusCode::PAYLOAD_TOO_LARGE, "quota_exceeded"),
@@ -108,7 +134,10 @@ impl ApiError {
                 tracing::error!(error = %e, "redis error in API request");
                 ApiError::Unavailable
             }
-            other @ (CpError::LeaseLost | CpError::Cancelled | CpError::Internal(_)) => {
+            other @ (CpError::LeaseLost
+            | CpError::Cancelled
+            | CpError::Internal(_)
+            | CpError::Shards { .. }) => {
                 tracing::error!(error = %other, "control-plane error in API request");
                 ApiError::Internal
             }
@@ -126,7 +155,14 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.parts();
         let body = json!({"error": {"code": code, "message": self.to_string()}});
-        (status, Json(body)).into_response()
+        let mut resp = (status, Json(body)).into_response();
+        if let ApiError::RateLimited(secs) = self {
+            resp.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(secs),
+            );
+        }
+        resp
     }
 }
 

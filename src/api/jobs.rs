@@ -2,8 +2,9 @@
 //! logs, listing and cancellation.
 
 use super::auth::authenticate;
+use super::body::{expect_json, parse_json, read_body};
 use super::error::{ApiError, ApiResult};
-use super::{AppState, read_body, valid_digest};
+use super::{AppState, valid_digest};
 use crate::control::{JobRequest, SubmitSpec, TenantInfo};
 use crate::model::{Job, JobState, valid_name};
 use axum::Json;
@@ -40,6 +41,19 @@ fn job_id_ok(id: &str) -> bool {
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// Parses a `POST /v1/jobs` body and checks it against the tenant's
+/// settings, without touching Redis: the one path the handler and the
+/// fuzzer (`tests/fuzz`) share. Errors name the field at fault.
+pub fn parse_job_request(
+    bytes: &[u8],
+    tenant: &TenantInfo,
+    max_input: usize,
+) -> ApiResult<JobRequest> {
+    let req: JobRequest = parse_json(bytes, "job body")?;
+    validate(&req, tenant, max_input)?;
+    Ok(req)
 }
 
 /// Checks a request against the tenant's settings; names the field at fault.
@@ -138,16 +152,22 @@ pub(super) async fn submit(
     let caller = authenticate(&state, &headers).await?;
     let tenant = caller.tenant()?.to_string();
     let idem = idempotency_key(&headers)?;
+    expect_json(&headers)?;
     let cfg = state.config();
+    // Each body in flight may buffer up to `max_job_body_bytes` for as long
+    // as the body rules allow: a tenant holds a bounded number of them.
+    let place = state
+        .body_place(&tenant)
+        .ok_or(ApiError::TooManyBodies(cfg.max_bodies_per_tenant))?;
     let bytes = read_body(
         &headers,
         body,
         cfg.max_job_body_bytes(),
-        cfg.body_idle_timeout,
+        cfg,
         "the job body",
     )
     .await?;
-    let req: JobRequest = super::parse_json(&bytes)?;
+    drop(place);
     let cp = state.control();
     let info = cp
         .tenant(&tenant)
@@ -156,7 +176,7 @@ pub(super) async fn submit(
         // The token was valid a moment ago; the tenant is gone only if it
         // was deleted in between.
         .ok_or(ApiError::Unauthorized)?;
-    validate(&req, &info, cfg.max_input_bytes)?;
+    let req = parse_job_request(&bytes, &info, cfg.max_input_bytes)?;
     cp.component_meta(&tenant, &req.component)
         .await
         .map_err(|e| ApiError::from_cp(e, "component"))?
@@ -255,6 +275,18 @@ pub(super) async fn get(
                 })?;
             Duration::from_secs_f64(secs.min(state.config().max_wait.as_secs_f64()))
         }
+    };
+    // A tenant over its long-poll share is answered at once: it may poll,
+    // but not hold every connection of the server.
+    let place = if wait.is_zero() {
+        None
+    } else {
+        state.wait_place(tenant)
+    };
+    let wait = if place.is_some() {
+        wait
+    } else {
+        Duration::ZERO
     };
     let deadline = Instant::now() + wait;
     let base = state.config().wait_poll;
@@ -386,6 +418,7 @@ mod tests {
             granted: 0,
             settled: 0,
             storage: Default::default(),
+            parked: None,
         }
     }
 
@@ -437,7 +470,7 @@ mod tests {
 
     #[test]
     fn unknown_job_fields_are_named() {
-        let e = super::super::parse_json::<JobRequest>(br#"{"component":"x","input":"","gpu":1}"#)
+        let e = parse_json::<JobRequest>(br#"{"component":"x","input":"","gpu":1}"#, "job body")
             .unwrap_err();
         assert!(e.to_string().contains("`gpu`"), "{e}");
     }

@@ -5,11 +5,15 @@
 //! drive it the same way. Handlers do no job logic of their own: they check
 //! the request, then call one control-plane operation.
 //!
-//! Bodies are read by [`read_body`], which refuses a declared
-//! `Content-Length` above the route's limit before reading anything and stops
-//! reading a streamed body as soon as it passes the limit.
+//! Bodies are read by `body::read_body`, which refuses a declared
+//! `Content-Length` above the route's limit before reading anything, stops
+//! reading a streamed body as soon as it passes the limit, and cuts a body
+//! that stalls or trickles (408). The accept loop, the header timeout and
+//! the connection cap are in `edge`.
 
 mod auth;
+mod body;
+mod edge;
 mod error;
 mod jobs;
 mod prom;
@@ -17,18 +21,18 @@ mod tenants;
 mod uploads;
 
 pub use auth::{Caller, new_tenant_token, token_hash};
+pub use edge::{MAX_HEADERS, serve};
 pub use error::{ApiError, ApiResult};
+pub use jobs::parse_job_request;
 pub use prom::{install_metrics, metrics_app};
 
 use crate::control::ControlPlane;
 use crate::host::{Host, HostConfig};
 use axum::Router;
-use axum::body::{Body, Bytes};
-use axum::http::{HeaderMap, header::CONTENT_LENGTH};
 use axum::routing::{get, post};
-use futures::StreamExt;
+use body::UploadSlots;
+pub(crate) use body::to_json;
 use metrics_exporter_prometheus::PrometheusHandle;
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,6 +59,45 @@ pub struct ApiConfig {
     /// its size limit and then burn CPU on admission or indexing: without a
     /// bound, a burst of large uploads could exhaust the API's memory.
     pub max_concurrent_uploads: usize,
+    /// Of those, how many one tenant may hold at once: a tenant that parks
+    /// slow uploads on every slot would otherwise lock all others out.
+    pub uploads_per_tenant: usize,
+    /// The slowest average body rate accepted (bytes/s) once
+    /// `body_grace` has passed: a body must always be ahead of
+    /// `grace + received / rate`, so a client trickling a byte at a time
+    /// cannot hold a buffer and a slot for long (408 beyond).
+    pub body_min_rate: u64,
+    /// Time a body may take before `body_min_rate` applies.
+    pub body_grace: Duration,
+    /// Longest time to receive a request's head, which is also how long an
+    /// idle keep-alive connection is kept: a half-sent request must not hold
+    /// a connection (and a file descriptor) forever.
+    pub header_timeout: Duration,
+    /// Connections served at once; more wait in the kernel's backlog
+    /// instead of exhausting the process's file descriptors.
+    pub max_connections: usize,
+    /// Largest request head (request line and headers) answered with a
+    /// JSON 431 beyond; the parser's own hard bound is a little above it.
+    pub max_header_bytes: usize,
+    /// Long-polls (`?wait=`) one tenant may hold at once; more are answered
+    /// at once, without waiting. Each holds a connection for up to
+    /// `max_wait`: unbounded, one tenant could fill `max_connections`.
+    pub max_waits_per_tenant: usize,
+    /// Job submissions whose bodies one tenant may be sending at once (429
+    /// beyond): each may buffer up to [`ApiConfig::max_job_body_bytes`]
+    /// for as long as the body rules allow, so without a share one tenant
+    /// trickling many bodies could hold gigabytes.
+    pub max_bodies_per_tenant: usize,
+    /// Longest time an answer may make no progress (the client stopped
+    /// reading) before its connection is dropped.
+    pub write_timeout: Duration,
+    /// Uploads (components and contexts) one tenant may start in a burst;
+    /// refilled at [`ApiConfig::uploads_per_minute`]. Each upload may cost
+    /// seconds of admission CPU: without a rate, one tenant could keep the
+    /// node's compiler busy for everyone (429 `rate_limited` beyond).
+    pub upload_burst: u32,
+    /// Uploads per minute one tenant may sustain.
+    pub uploads_per_minute: u32,
 }
 
 impl Default for ApiConfig {
@@ -62,11 +105,22 @@ impl Default for ApiConfig {
         ApiConfig {
             max_component_bytes: 32 << 20,
             max_input_bytes: 1 << 20,
-            max_context_bytes: 512 << 20,
+            max_context_bytes: 64 << 20,
             max_wait: Duration::from_secs(60),
             wait_poll: Duration::from_millis(100),
             max_concurrent_uploads: 4,
             body_idle_timeout: Duration::from_secs(30),
+            uploads_per_tenant: 2,
+            body_min_rate: 16 << 10,
+            body_grace: Duration::from_secs(10),
+            header_timeout: Duration::from_secs(10),
+            max_connections: 1024,
+            max_header_bytes: 16 << 10,
+            max_waits_per_tenant: 32,
+            write_timeout: Duration::from_secs(30),
+            max_bodies_per_tenant: 16,
+            upload_burst: 30,
+            uploads_per_minute: 30,
         }
     }
 }
@@ -88,7 +142,10 @@ struct Inner {
     admin_token: String,
     cfg: ApiConfig,
     metrics: Option<PrometheusHandle>,
-    uploads: Arc<tokio::sync::Semaphore>,
+    uploads: UploadSlots,
+    waits: body::Shares,
+    bodies: body::Shares,
+    upload_rate: uploads::UploadRate,
 }
 
 /// What every handler shares; cheap to clone.
@@ -111,9 +168,10 @@ impl AppState {
                 control,
                 host,
                 admin_token,
-                uploads: Arc::new(tokio::sync::Semaphore::new(
-                    cfg.max_concurrent_uploads.max(1),
-                )),
+                uploads: UploadSlots::new(&cfg),
+                waits: body::Shares::new(cfg.max_waits_per_tenant),
+                bodies: body::Shares::new(cfg.max_bodies_per_tenant),
+                upload_rate: uploads::UploadRate::new(cfg.upload_burst, cfg.uploads_per_minute),
                 cfg,
                 metrics: prom::handle(),
             }),
@@ -135,15 +193,28 @@ impl AppState {
         &self.inner.cfg
     }
 
-    /// A permit to buffer and process one upload (see
-    /// [`ApiConfig::max_concurrent_uploads`]); waits while others run.
-    pub(crate) async fn upload_permit(&self) -> ApiResult<tokio::sync::OwnedSemaphorePermit> {
-        self.inner
-            .uploads
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| ApiError::Internal)
+    /// A slot to buffer and process one upload of `tenant` (see
+    /// [`ApiConfig::max_concurrent_uploads`] and
+    /// [`ApiConfig::uploads_per_tenant`]).
+    pub(crate) async fn upload_slot(&self, tenant: &str) -> ApiResult<body::UploadSlot> {
+        self.inner.uploads.acquire(tenant).await
+    }
+
+    /// One of `tenant`'s long-poll places, or `None` when it holds them all
+    /// (see [`ApiConfig::max_waits_per_tenant`]).
+    pub(crate) fn wait_place(&self, tenant: &str) -> Option<body::Share> {
+        self.inner.waits.try_take(tenant)
+    }
+
+    /// One of `tenant`'s places to send a job body, or `None` when it holds
+    /// them all (see [`ApiConfig::max_bodies_per_tenant`]).
+    pub(crate) fn body_place(&self, tenant: &str) -> Option<body::Share> {
+        self.inner.bodies.try_take(tenant)
+    }
+
+    /// Takes one upload from `tenant`'s rate, or says when to retry.
+    pub(crate) fn upload_allowed(&self, tenant: &str) -> ApiResult<()> {
+        self.inner.upload_rate.take(tenant)
     }
 
     pub(crate) fn admin_token(&self) -> &str {
@@ -151,22 +222,15 @@ impl AppState {
     }
 }
 
-/// A `Host` for an API-only process: it admits uploads and never runs them,
-/// so it keeps no instance pool and no caches.
+/// A `Host` for an API-only process: it admits uploads under the workers'
+/// engine configuration ([`HostConfig::admission`]) and never runs them.
 pub fn admission_host() -> anyhow::Result<Host> {
-    Host::new(HostConfig {
-        max_instances: 4,
-        pooling: false,
-        component_cache_bytes: 0,
-        context_cache_bytes: 0,
-        cache_dir: None,
-        ..HostConfig::default()
-    })
+    Host::new(HostConfig::admission())
 }
 
 /// The router of every route of contract §3.
 pub fn app(state: AppState) -> Router {
-    Router::new()
+    let router = Router::new()
         .route("/healthz", get(health))
         .route("/readyz", get(ready))
         .route("/metrics", get(prom::render))
@@ -182,21 +246,8 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/jobs/{id}/log", get(jobs::log))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
         .fallback(|| async { ApiError::NotFound("route") })
-        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        .layer(tower_http::trace::TraceLayer::new_for_http())
-        .with_state(state)
-}
-
-/// Serves `app(state)` on `listener` until `shutdown` resolves, then lets
-/// requests in flight finish.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    state: AppState,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    axum::serve(listener, app(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed });
+    edge::layers(router, state)
 }
 
 async fn health() -> &'static str {
@@ -211,76 +262,6 @@ async fn ready(
         ApiError::Unavailable
     })?;
     Ok("ready\n")
-}
-
-/// Reads a request body of at most `limit` bytes; 413 beyond, without
-/// buffering more than `limit` (+ one chunk).
-pub(crate) async fn read_body(
-    headers: &HeaderMap,
-    body: Body,
-    limit: usize,
-    idle: Duration,
-    what: &str,
-) -> ApiResult<Bytes> {
-    let too_large =
-        || ApiError::PayloadTooLarge(format!("{what} is larger than the limit of {limit} bytes"));
-    let declared = headers
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        return Err(too_large());
-    }
-    // Pre-allocate only a little: a declared length costs the client nothing
-    // to send, so it must not make us reserve hundreds of MiB up front.
-    let mut buf = Vec::with_capacity(declared.map_or(0, |n| n as usize).min(limit).min(1 << 20));
-    let mut stream = body.into_data_stream();
-    // An idle bound per chunk rather than a total one: a large upload over a
-    // slow link may take long, but a client that stops sending must not
-    // hold its buffer (and an upload permit) forever.
-    while let Some(chunk) = tokio::time::timeout(idle, stream.next())
-        .await
-        .map_err(|_| ApiError::RequestTimeout)?
-    {
-        let chunk =
-            chunk.map_err(|e| ApiError::Invalid(format!("could not read the body: {e}")))?;
-        if buf.len() + chunk.len() > limit {
-            return Err(too_large());
-        }
-        buf.extend_from_slice(&chunk);
-    }
-    Ok(Bytes::from(buf))
-}
-
-/// Parses a JSON body into `T`, naming the offending field on failure.
-/// Serializes an answer; a value that cannot serialize is our bug, not the
-/// caller's, so it is a 500 without details.
-pub(crate) fn to_json<T: serde::Serialize>(v: &T) -> ApiResult<axum::Json<serde_json::Value>> {
-    serde_json::to_value(v)
-        .map(axum::Json)
-        .map_err(|_| ApiError::Internal)
-}
-
-pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
-    serde_json::from_slice(bytes).map_err(|e| ApiError::Invalid(format!("invalid JSON body: {e}")))
-}
-
-/// Refuses object keys outside `allowed`, for bodies whose types (owned by
-/// other modules) do not deny unknown fields themselves: a misspelt field
-/// must not be silently ignored.
-pub(crate) fn check_keys(value: &serde_json::Value, allowed: &[&str], at: &str) -> ApiResult<()> {
-    let Some(obj) = value.as_object() else {
-        return Err(ApiError::Invalid(format!("{at} must be a JSON object")));
-    };
-    for key in obj.keys() {
-        if !allowed.contains(&key.as_str()) {
-            return Err(ApiError::Invalid(format!(
-                "unknown field `{key}` in {at}; expected one of: {}",
-                allowed.join(", ")
-            )));
-        }
-    }
-    Ok(())
 }
 
 /// `sha256:<64 lowercase hex>`.
@@ -302,57 +283,5 @@ mod tests {
         assert!(!valid_digest(&format!("sha256:{}", "A".repeat(64))));
         assert!(!valid_digest(&format!("sha256:{}", "a".repeat(63))));
         assert!(!valid_digest(&format!("md5:{}", "a".repeat(64))));
-    }
-
-    const SEC: Duration = Duration::from_secs(1);
-
-    #[tokio::test]
-    async fn a_stalled_body_times_out() {
-        let stalled =
-            futures::stream::once(async { Ok::<_, std::io::Error>(Bytes::from_static(b"{")) })
-                .chain(futures::stream::pending());
-        let e = read_body(
-            &HeaderMap::new(),
-            Body::from_stream(stalled),
-            10,
-            Duration::from_millis(50),
-            "body",
-        )
-        .await
-        .unwrap_err();
-        assert!(matches!(e, ApiError::RequestTimeout));
-        assert_eq!(e.parts().1, "request_timeout");
-    }
-
-    #[tokio::test]
-    async fn body_limits_refuse_before_reading() {
-        let mut h = HeaderMap::new();
-        h.insert(CONTENT_LENGTH, "11".parse().unwrap());
-        let e = read_body(&h, Body::from("hello world"), 10, SEC, "body")
-            .await
-            .unwrap_err();
-        assert!(matches!(e, ApiError::PayloadTooLarge(_)));
-        // Undeclared length: cut while streaming.
-        let e = read_body(
-            &HeaderMap::new(),
-            Body::from("hello world"),
-            10,
-            SEC,
-            "body",
-        )
-        .await
-        .unwrap_err();
-        assert!(matches!(e, ApiError::PayloadTooLarge(_)));
-        let ok = read_body(&HeaderMap::new(), Body::from("hello"), 10, SEC, "body")
-            .await
-            .unwrap();
-        assert_eq!(&ok[..], b"hello");
-    }
-
-    #[test]
-    fn unknown_keys_are_named() {
-        let v = serde_json::json!({"id": "a", "wieght": 2});
-        let e = check_keys(&v, &["id", "weight"], "the tenant").unwrap_err();
-        assert!(e.to_string().contains("`wieght`"), "{e}");
     }
 }

@@ -1,6 +1,8 @@
 //! Prometheus exposition. Every part of the process records with the
 //! `metrics` macros; this module installs the one global recorder and renders
-//! it at `GET /metrics`.
+//! it at `GET /metrics` (admin token: the series name tenants). The
+//! `worker` and `scheduler` processes serve theirs only when given
+//! `--metrics-listen`, off by default.
 //!
 //! Names (all prefixed `agentplane_`):
 //! - `jobs_submitted_total{tenant}`, `jobs_finished_total{tenant,state}`
@@ -9,10 +11,11 @@
 //! - `run_seconds{tenant}` (wall time of an attempt), `fuel_total{tenant}`,
 //!   `credits_total{tenant}` (settled credits of finished jobs)
 //! - `lease_renewals_total`, `lease_lost_total`, `scheduler_moved_total{step}`,
-//!   `worker_busy_slots`
+//!   `worker_busy_slots`, `uploads_in_progress` (API upload slots held)
 
-use super::AppState;
+use super::{ApiError, AppState};
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::http::header::CONTENT_TYPE;
 use axum::response::IntoResponse;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -39,7 +42,13 @@ pub(super) fn handle() -> Option<PrometheusHandle> {
     install_metrics()
 }
 
-pub(super) async fn render(State(state): State<AppState>) -> impl IntoResponse {
+/// `GET /metrics` (admin): series are labelled with tenant ids, which one
+/// tenant must not learn about another.
+pub(super) async fn render(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<impl IntoResponse, ApiError> {
+    super::auth::authenticate(&state, &headers).await?.admin()?;
     let text = match &state.inner.metrics {
         Some(h) => {
             // Upkeep drains histogram buffers; the scrape is a natural,
@@ -49,7 +58,7 @@ pub(super) async fn render(State(state): State<AppState>) -> impl IntoResponse {
         }
         None => String::new(),
     };
-    ([(CONTENT_TYPE, "text/plain; version=0.0.4")], text)
+    Ok(([(CONTENT_TYPE, "text/plain; version=0.0.4")], text))
 }
 
 /// `/metrics` and `/healthz` alone, for processes without the API (`worker`,

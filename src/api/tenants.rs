@@ -1,8 +1,9 @@
 //! `/v1/tenants`: creation, inspection, quota changes and credit grants.
 
+use super::AppState;
 use super::auth::{Caller, authenticate, new_tenant_token, token_hash};
+use super::body::{expect_json, parse_json, read_body};
 use super::error::{ApiError, ApiResult};
-use super::{AppState, check_keys, read_body};
 use crate::control::{LimitsPatch, TenantPatch, TenantSpec};
 use crate::model::valid_tenant_id;
 use axum::Json;
@@ -14,57 +15,26 @@ use serde_json::{Value, json};
 /// Admin bodies are small; 64 KiB is plenty and bounds a hostile one.
 const MAX_ADMIN_BODY: usize = 64 << 10;
 
-const SPEC_KEYS: &[&str] = &[
-    "id",
-    "weight",
-    "credits",
-    "max_running",
-    "max_queued",
-    "max_gpus",
-    "limits",
-    "max_component_bytes",
-    "max_context_bytes",
-    "max_state_bytes",
-];
-const PATCH_KEYS: &[&str] = &[
-    "weight",
-    "max_running",
-    "max_queued",
-    "max_gpus",
-    "limits",
-    "max_component_bytes",
-    "max_context_bytes",
-    "max_state_bytes",
-];
-const LIMIT_KEYS: &[&str] = &["fuel", "memory_bytes", "timeout_ms"];
-
-/// Reads an admin route's JSON object body (bounded, with the idle
-/// timeout) and refuses keys outside `allowed`, naming `what` in errors.
-async fn admin_json(
+/// Reads an admin route's JSON body (bounded in size and time) straight
+/// into `T`, whose type refuses unknown fields; errors name the field.
+async fn admin_json<T: serde::de::DeserializeOwned>(
     state: &AppState,
     headers: &HeaderMap,
     body: Body,
-    allowed: &[&str],
     what: &str,
-) -> ApiResult<Value> {
-    let bytes = read_body(
-        headers,
-        body,
-        MAX_ADMIN_BODY,
-        state.config().body_idle_timeout,
-        what,
-    )
-    .await?;
-    let value: Value = super::parse_json(&bytes)?;
-    check_keys(&value, allowed, what)?;
-    Ok(value)
+) -> ApiResult<T> {
+    expect_json(headers)?;
+    let bytes = read_body(headers, body, MAX_ADMIN_BODY, state.config(), what).await?;
+    parse_json(&bytes, what)
 }
 
-fn check_limits(value: &Value) -> ApiResult<()> {
-    if let Some(l) = value.get("limits").filter(|l| !l.is_null()) {
-        check_keys(l, LIMIT_KEYS, "`limits`")?;
-    }
-    Ok(())
+/// `POST /v1/tenants/{id}/credits` body.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Grant {
+    /// May be negative; |amount| <= 2^53 - 1.
+    #[serde(deserialize_with = "crate::control::num::i53")]
+    amount: i64,
 }
 
 fn validate_limits(l: &Option<LimitsPatch>) -> ApiResult<()> {
@@ -98,10 +68,7 @@ pub(super) async fn create(
     body: Body,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     authenticate(&state, &headers).await?.admin()?;
-    let value = admin_json(&state, &headers, body, SPEC_KEYS, "the tenant body").await?;
-    check_limits(&value)?;
-    let spec: TenantSpec = serde_json::from_value(value)
-        .map_err(|e| ApiError::Invalid(format!("invalid tenant body: {e}")))?;
+    let spec: TenantSpec = admin_json(&state, &headers, body, "tenant body").await?;
     if !valid_tenant_id(&spec.id) {
         return Err(ApiError::Invalid(
             "`id` must be 1-64 characters of a-z, 0-9, `-` and `_`".into(),
@@ -138,6 +105,9 @@ pub(super) async fn get(
         // Another tenant's existence is not revealed.
         return Err(ApiError::NotFound("tenant"));
     }
+    if !valid_tenant_id(&id) {
+        return Err(ApiError::NotFound("tenant"));
+    }
     tenant_json(&state, &id).await
 }
 
@@ -149,10 +119,7 @@ pub(super) async fn patch(
     body: Body,
 ) -> ApiResult<Json<Value>> {
     authenticate(&state, &headers).await?.admin()?;
-    let value = admin_json(&state, &headers, body, PATCH_KEYS, "the patch body").await?;
-    check_limits(&value)?;
-    let patch: TenantPatch = serde_json::from_value(value)
-        .map_err(|e| ApiError::Invalid(format!("invalid patch body: {e}")))?;
+    let patch: TenantPatch = admin_json(&state, &headers, body, "patch body").await?;
     validate_weight(patch.weight)?;
     validate_limits(&patch.limits)?;
     if !valid_tenant_id(&id) {
@@ -175,11 +142,7 @@ pub(super) async fn credits(
     body: Body,
 ) -> ApiResult<Json<Value>> {
     authenticate(&state, &headers).await?.admin()?;
-    let value = admin_json(&state, &headers, body, &["amount"], "the credits body").await?;
-    let amount = value
-        .get("amount")
-        .and_then(Value::as_i64)
-        .ok_or_else(|| ApiError::Invalid("`amount` must be an integer".into()))?;
+    let Grant { amount } = admin_json(&state, &headers, body, "credits body").await?;
     if !valid_tenant_id(&id) {
         return Err(ApiError::NotFound("tenant"));
     }

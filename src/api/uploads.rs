@@ -3,10 +3,12 @@
 //! tenant only ever sees what it uploaded itself.
 
 use super::auth::authenticate;
+use super::body::{expect_json, expect_wasm, parse_json, read_body};
 use super::error::{ApiError, ApiResult};
-use super::{AppState, check_keys, read_body, valid_digest};
+use super::{AppState, valid_digest};
 use crate::context::{ContextError, ContextUpload, encode};
 use crate::control::ContextMeta;
+use crate::host::AdmissionError;
 use crate::model::valid_name;
 use axum::Json;
 use axum::body::Body;
@@ -22,16 +24,11 @@ pub(super) async fn push_component(
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let caller = authenticate(&state, &headers).await?;
     let tenant = caller.tenant()?.to_string();
+    expect_wasm(&headers)?;
+    state.upload_allowed(&tenant)?;
     let limit = state.config().max_component_bytes;
-    let _permit = state.upload_permit().await?;
-    let bytes = read_body(
-        &headers,
-        body,
-        limit,
-        state.config().body_idle_timeout,
-        "the component",
-    )
-    .await?;
+    let _slot = state.upload_slot(&tenant).await?;
+    let bytes = read_body(&headers, body, limit, state.config(), "the component").await?;
     // Admission parses (and may compile) the component: CPU work that must
     // not stall the async workers serving other requests.
     let host = state.host().clone();
@@ -44,7 +41,15 @@ pub(super) async fn push_component(
                 ApiError::Internal
             })?
     }
-    .map_err(|e| ApiError::InvalidComponent(format!("component refused: {e}")))?;
+    .map_err(|e| match e {
+        AdmissionError::Invalid(why) => {
+            ApiError::InvalidComponent(format!("component refused: {why}"))
+        }
+        AdmissionError::Unavailable(why) => {
+            tracing::error!(error = %why, "admission unavailable");
+            ApiError::Unavailable
+        }
+    })?;
     let meta = state
         .control()
         .put_component(&tenant, &admitted.digest, &bytes)
@@ -82,23 +87,18 @@ pub(super) async fn push_context(
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let caller = authenticate(&state, &headers).await?;
     let tenant = caller.tenant()?.to_string();
+    expect_json(&headers)?;
+    state.upload_allowed(&tenant)?;
     let limit = state.config().max_context_bytes;
-    let _permit = state.upload_permit().await?;
-    let bytes = read_body(
-        &headers,
-        body,
-        limit,
-        state.config().body_idle_timeout,
-        "the context",
-    )
-    .await?;
-    // Parsing and indexing up to hundreds of MiB is CPU work: off the
-    // async workers.
+    let _slot = state.upload_slot(&tenant).await?;
+    let bytes = read_body(&headers, body, limit, state.config(), "the context").await?;
+    // Parsing and indexing tens of MiB is CPU work: off the async workers.
     let encoded = tokio::task::spawn_blocking(move || -> ApiResult<_> {
-        let value: Value = super::parse_json(&bytes)?;
-        check_keys(&value, &["name", "documents", "tools"], "the context body")?;
-        let upload: ContextUpload = serde_json::from_value(value)
-            .map_err(|e| ApiError::Invalid(format!("invalid context body: {e}")))?;
+        // Straight from the bytes into the typed upload (no `Value` tree,
+        // which costs several times the body), then the body is freed
+        // before the blob is built.
+        let upload: ContextUpload = parse_json(&bytes, "context body")?;
+        drop(bytes);
         if !valid_name(&upload.name) {
             return Err(ApiError::Invalid(
                 "`name` must be 1-128 characters of letters, digits, `-`, `_`, `.` and `/`".into(),
@@ -156,4 +156,46 @@ pub(super) async fn get_context(
         .map_err(|e| ApiError::from_cp(e, "context"))?
         .ok_or(ApiError::NotFound("context"))?;
     super::to_json(&meta)
+}
+
+/// Per-tenant token buckets of uploads: `burst` at once, refilled at
+/// `per_minute`. Kept in the API process (each API process limits on its
+/// own; the rate is a bound on work, not an exact quota).
+pub(super) struct UploadRate {
+    burst: f64,
+    per_sec: f64,
+    buckets: std::sync::Mutex<std::collections::HashMap<String, (f64, std::time::Instant)>>,
+}
+
+/// Buckets kept before full (idle) ones are forgotten.
+const RATE_BUCKETS_PRUNE_AT: usize = 10_000;
+
+impl UploadRate {
+    pub(super) fn new(burst: u32, per_minute: u32) -> Self {
+        UploadRate {
+            burst: f64::from(burst.max(1)),
+            per_sec: f64::from(per_minute.max(1)) / 60.0,
+            buckets: Default::default(),
+        }
+    }
+
+    pub(super) fn take(&self, tenant: &str) -> ApiResult<()> {
+        let now = std::time::Instant::now();
+        let mut map = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= RATE_BUCKETS_PRUNE_AT && !map.contains_key(tenant) {
+            let (burst, rate) = (self.burst, self.per_sec);
+            map.retain(|_, (tokens, at)| {
+                *tokens + now.duration_since(*at).as_secs_f64() * rate < burst
+            });
+        }
+        let (tokens, at) = map.entry(tenant.to_string()).or_insert((self.burst, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.per_sec).min(self.burst);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            return Ok(());
+        }
+        let wait = ((1.0 - *tokens) / self.per_sec).ceil().max(1.0);
+        Err(ApiError::RateLimited(wait as u64))
+    }
 }

@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 /// agentplane: run tenants' WebAssembly agents under limits, with a Redis
 /// control plane.
@@ -67,6 +68,12 @@ pub struct ControlArgs {
     #[arg(long, env = "AGENTPLANE_RETENTION_S", default_value_t = 7 * 24 * 3600,
           value_parser = clap::value_parser!(u64).range(1..=10 * 365 * 24 * 3600))]
     pub retention_s: u64,
+    /// Credits per slot-second of wall time a job holds (a GPU job's slot
+    /// weighs 1 + 10 per GPU). Every process of a deployment must agree:
+    /// the API checks reservations with it, workers settle with it.
+    #[arg(long, env = "AGENTPLANE_PRICE_SLOT_SECOND", default_value_t = crate::control::Prices::default().credits_per_slot_second,
+          value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    pub price_slot_second: u64,
 }
 
 /// The lease length.
@@ -92,18 +99,63 @@ pub struct SlotArgs {
     pub drain_ms: u64,
 }
 
-/// Request-size limits of the API (413 beyond them).
+/// Limits of the API's HTTP edge: request sizes (413 beyond), request
+/// time (408), connections and upload slots. Each flag also reads the
+/// environment variable named in its help.
 #[derive(Debug, Clone, Args)]
 pub struct ApiLimitArgs {
     /// Largest component upload, in bytes.
-    #[arg(long, default_value_t = 32 << 20)]
+    #[arg(long, env = "AGENTPLANE_MAX_COMPONENT_BYTES", default_value_t = 32 << 20)]
     pub max_component_bytes: usize,
     /// Largest job input, in bytes.
-    #[arg(long, default_value_t = 1 << 20)]
+    #[arg(long, env = "AGENTPLANE_MAX_INPUT_BYTES", default_value_t = 1 << 20)]
     pub max_input_bytes: usize,
     /// Largest context upload (JSON), in bytes.
-    #[arg(long, default_value_t = 512 << 20)]
+    #[arg(long, env = "AGENTPLANE_MAX_CONTEXT_BYTES", default_value_t = 64 << 20)]
     pub max_context_bytes: usize,
+    /// Connections served at once; more wait in the listen backlog.
+    #[arg(long, env = "AGENTPLANE_MAX_CONNECTIONS", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+    /// Longest time to receive a request's head, in ms; also how long an
+    /// idle keep-alive connection stays open.
+    #[arg(long, env = "AGENTPLANE_HEADER_TIMEOUT_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(100..))]
+    pub header_timeout_ms: u64,
+    /// Longest pause between two chunks of a request body, in ms.
+    #[arg(long, env = "AGENTPLANE_BODY_IDLE_TIMEOUT_MS", default_value_t = 30_000,
+          value_parser = clap::value_parser!(u64).range(100..))]
+    pub body_idle_timeout_ms: u64,
+    /// Slowest average body rate accepted once the grace time has passed,
+    /// in bytes per second (0: no minimum).
+    #[arg(long, env = "AGENTPLANE_BODY_MIN_RATE", default_value_t = 64 << 10)]
+    pub body_min_rate: u64,
+    /// Time a body may take before the minimum rate applies, in ms.
+    #[arg(long, env = "AGENTPLANE_BODY_GRACE_MS", default_value_t = 10_000)]
+    pub body_grace_ms: u64,
+    /// Uploads (components, contexts) buffered and processed at once.
+    #[arg(long, env = "AGENTPLANE_MAX_CONCURRENT_UPLOADS", default_value_t = 4,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_uploads: u32,
+    /// Of those, how many one tenant may hold (429 beyond).
+    #[arg(long, env = "AGENTPLANE_UPLOADS_PER_TENANT", default_value_t = 2,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub uploads_per_tenant: u32,
+    /// Long-polls (`GET /v1/jobs/{id}?wait=`) one tenant may hold at once;
+    /// more are answered without waiting.
+    #[arg(long, env = "AGENTPLANE_MAX_WAITS_PER_TENANT", default_value_t = 32,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_waits_per_tenant: u32,
+    /// Longest time an answer may make no progress (the client stopped
+    /// reading) before its connection is dropped, in ms.
+    #[arg(long, env = "AGENTPLANE_WRITE_TIMEOUT_MS", default_value_t = 30_000,
+          value_parser = clap::value_parser!(u64).range(100..))]
+    pub write_timeout_ms: u64,
+    /// Job submissions whose bodies one tenant may be sending at once (429
+    /// beyond).
+    #[arg(long, env = "AGENTPLANE_MAX_BODIES_PER_TENANT", default_value_t = 16,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_bodies_per_tenant: u32,
 }
 
 impl ApiLimitArgs {
@@ -113,6 +165,16 @@ impl ApiLimitArgs {
             max_component_bytes: self.max_component_bytes,
             max_input_bytes: self.max_input_bytes,
             max_context_bytes: self.max_context_bytes,
+            max_connections: self.max_connections as usize,
+            header_timeout: Duration::from_millis(self.header_timeout_ms),
+            body_idle_timeout: Duration::from_millis(self.body_idle_timeout_ms),
+            body_min_rate: self.body_min_rate,
+            body_grace: Duration::from_millis(self.body_grace_ms),
+            max_concurrent_uploads: self.max_concurrent_uploads as usize,
+            uploads_per_tenant: self.uploads_per_tenant as usize,
+            max_waits_per_tenant: self.max_waits_per_tenant as usize,
+            write_timeout: Duration::from_millis(self.write_timeout_ms),
+            max_bodies_per_tenant: self.max_bodies_per_tenant as usize,
             ..crate::api::ApiConfig::default()
         }
     }

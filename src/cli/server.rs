@@ -5,7 +5,7 @@ use super::{ApiArgs, ControlArgs, SchedulerArgs, ServeArgs, SlotArgs, WorkerArgs
 use crate::api::{self, AppState};
 use crate::control::{ControlConfig, ControlPlane};
 use crate::embedded::{self, EmbeddedRedis};
-use crate::host::{Host, HostConfig};
+use crate::host::{CompileChild, Host, HostConfig};
 use crate::scheduler::run_scheduler;
 use crate::worker::{WorkerConfig, run_worker};
 use anyhow::Context;
@@ -33,6 +33,10 @@ fn control_config(c: &ControlArgs, lease_ms: u64) -> ControlConfig {
         shards: c.shards,
         lease_ms,
         retention_ms: c.retention_s.saturating_mul(1000),
+        prices: crate::control::Prices {
+            credits_per_slot_second: c.price_slot_second,
+            ..crate::control::Prices::default()
+        },
         ..ControlConfig::default()
     }
 }
@@ -67,9 +71,18 @@ fn worker_host(slots: u32, cache_dir: Option<std::path::PathBuf>) -> anyhow::Res
         // torn down just after its slot is given back.
         max_instances: slots.saturating_mul(2).max(8),
         cache_dir,
+        compile_child: compile_child(),
         ..HostConfig::default()
     })
     .context("starting the Wasm host")
+}
+
+/// Uploads are compiled by a child process of this binary, bounded in time
+/// and memory (in-process if the binary cannot be found).
+fn compile_child() -> Option<CompileChild> {
+    CompileChild::this_binary()
+        .inspect_err(|e| tracing::warn!(error = %e, "compiling in-process: no path to this binary"))
+        .ok()
 }
 
 /// A token cancelled by the first SIGINT/SIGTERM; a second one exits at once.
@@ -104,6 +117,10 @@ fn shutdown_on_signals() -> CancellationToken {
 
 /// `agentplane serve`.
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    // Everything `serve` writes (the compiled-component cache, the admin
+    // token, Redis's files) lives in the data dir and is for this user only.
+    // SAFETY: umask(2) only swaps the process's file-mode mask.
+    unsafe { libc::umask(0o077) };
     let shutdown = shutdown_on_signals();
     embedded::ensure_dir(&args.data)?;
     // Dropped last, after every part stopped: the worker needs Redis to
@@ -147,7 +164,7 @@ async fn serve_parts(
         None => say!("admin token: from AGENTPLANE_ADMIN_TOKEN"),
     }
     say!(
-        "try: curl -s -H 'Authorization: Bearer {}' -d '{{\"id\":\"demo\",\"credits\":1000000}}' {base}/v1/tenants",
+        "try: curl -s -H 'Authorization: Bearer {}' -H 'Content-Type: application/json' -d '{{\"id\":\"demo\",\"credits\":1000000}}' {base}/v1/tenants",
         if token_file.is_some() {
             token.as_str()
         } else {
@@ -159,7 +176,7 @@ async fn serve_parts(
         control.clone(),
         host.clone(),
         token,
-        args.limits.api_config(),
+        api_config(&args.limits),
     );
     let api = tokio::spawn(api_until(listener, state, shutdown.clone()));
     let sched = tokio::spawn(run_scheduler(control.clone(), shutdown.clone()));
@@ -210,6 +227,49 @@ async fn api_until(
     }
 }
 
+/// The API's configuration, after making room for its connections: the
+/// soft file-descriptor limit is raised to the hard one, and a cap that
+/// still does not fit under it is lowered (accept would otherwise fail
+/// with "Too many open files" before the cap is reached).
+fn api_config(limits: &super::ApiLimitArgs) -> api::ApiConfig {
+    let mut cfg = limits.api_config();
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit on our own process with a valid pointer.
+    let soft = unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return cfg;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim.rlim_cur = lim.rlim_max;
+            }
+        }
+        lim.rlim_cur
+    };
+    // Descriptors for Redis connections, the cache, logs and the listener.
+    const RESERVED: u64 = 256;
+    let fits = usize::try_from(soft.saturating_sub(RESERVED))
+        .unwrap_or(usize::MAX)
+        .max(16);
+    if cfg.max_connections > fits {
+        tracing::warn!(
+            requested = cfg.max_connections,
+            used = fits,
+            nofile = soft,
+            "--max-connections does not fit under the open-file limit; lowered"
+        );
+        cfg.max_connections = fits;
+    }
+    cfg
+}
+
 /// `agentplane worker`.
 pub async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     let shutdown = shutdown_on_signals();
@@ -255,7 +315,13 @@ pub async fn api(args: ApiArgs) -> anyhow::Result<()> {
         .filter(|t| !t.is_empty())
         .context("`agentplane api` needs the admin token in AGENTPLANE_ADMIN_TOKEN")?;
     let control = connect(&args.redis, control_config(&args.control, 10_000)).await?;
-    let host = Arc::new(api::admission_host().context("starting the admission host")?);
+    let host = Arc::new(
+        Host::new(HostConfig {
+            compile_child: compile_child(),
+            ..HostConfig::admission()
+        })
+        .context("starting the admission host")?,
+    );
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
@@ -263,7 +329,7 @@ pub async fn api(args: ApiArgs) -> anyhow::Result<()> {
         "agentplane api is listening on http://{}",
         listener.local_addr()?
     );
-    let state = AppState::new(control, host, token, args.limits.api_config());
+    let state = AppState::new(control, host, token, api_config(&args.limits));
     api_until(listener, state, shutdown).await
 }
 

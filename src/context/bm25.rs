@@ -26,6 +26,7 @@
 
 use super::topk::TopK;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 pub(crate) const K1: f32 = 1.2;
 pub(crate) const B: f32 = 0.75;
@@ -163,7 +164,9 @@ impl Bm25 {
 
     /// The `k` best documents for `query`, best first; documents sharing no
     /// term with the query are never returned.
-    pub(crate) fn search(&self, query: &str, k: usize) -> Vec<(u32, f32)> {
+    /// Stops early once `stop` is set (between terms): the job that asked
+    /// was dropped.
+    pub(crate) fn search(&self, query: &str, k: usize, stop: &AtomicBool) -> Vec<(u32, f32)> {
         let mut top = TopK::new(k);
         if k == 0 || self.postings.is_empty() {
             return top.into_sorted();
@@ -190,6 +193,9 @@ impl Bm25 {
         let mut acc = vec![0f32; self.length_norm.len()];
         let mut touched: Vec<u32> = Vec::new();
         for t in query_terms {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
             let t = t as usize;
             let idf = self.idf[t];
             let range = self.offsets[t] as usize..self.offsets[t + 1] as usize;
@@ -239,7 +245,7 @@ mod tests {
         let norm = |len: f64| 1.2 * (1.0 - 0.75 + 0.75 * len / 2.0);
         let s0 = idf_cat * 2.0 * 2.2 / (2.0 + norm(3.0));
         let s1 = idf_cat * 1.0 * 2.2 / (1.0 + norm(2.0));
-        let hits = idx.search("CAT", 10);
+        let hits = idx.search("CAT", 10, &AtomicBool::new(false));
         assert_eq!(hits.len(), 2);
         assert_eq!(hits[0].0, 0);
         assert_eq!(hits[1].0, 1);
@@ -249,7 +255,7 @@ mod tests {
         // "fish": n = 1, idf = ln(1 + 2.5 / 1.5); doc 2 has tf 1, |d| 1.
         let idf_fish = (1.0f64 + 2.5 / 1.5).ln();
         let s2 = idf_fish * 2.2 / (1.0 + norm(1.0));
-        let hits = idx.search("fish fish cat", 10);
+        let hits = idx.search("fish fish cat", 10, &AtomicBool::new(false));
         // Repeated query terms count once: fish + cat for doc 2 is fish alone.
         let doc2 = hits.iter().find(|h| h.0 == 2).unwrap();
         assert!((f64::from(doc2.1) - s2).abs() < 1e-5);
@@ -258,18 +264,24 @@ mod tests {
     #[test]
     fn unknown_and_empty_queries_find_nothing() {
         let idx = Bm25::build(["a b", "c"].into_iter());
-        assert!(idx.search("zzz", 5).is_empty());
-        assert!(idx.search("", 5).is_empty());
-        assert!(idx.search("a", 0).is_empty());
+        assert!(idx.search("zzz", 5, &AtomicBool::new(false)).is_empty());
+        assert!(idx.search("", 5, &AtomicBool::new(false)).is_empty());
+        assert!(idx.search("a", 0, &AtomicBool::new(false)).is_empty());
         let empty = Bm25::build(std::iter::empty());
-        assert!(empty.search("a", 5).is_empty());
+        assert!(empty.search("a", 5, &AtomicBool::new(false)).is_empty());
     }
 
     #[test]
     fn query_terms_beyond_the_bound_are_ignored() {
         let idx = Bm25::build(["needle", "hay"].into_iter());
         let filler: String = (0..MAX_QUERY_TERMS).map(|i| format!("w{i} ")).collect();
-        assert!(idx.search(&format!("{filler} needle"), 5).is_empty());
-        assert_eq!(idx.search(&format!("needle {filler}"), 5)[0].0, 0);
+        assert!(
+            idx.search(&format!("{filler} needle"), 5, &AtomicBool::new(false))
+                .is_empty()
+        );
+        assert_eq!(
+            idx.search(&format!("needle {filler}"), 5, &AtomicBool::new(false))[0].0,
+            0
+        );
     }
 }

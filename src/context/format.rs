@@ -28,8 +28,8 @@
 
 use super::{
     ContextError, ContextUpload, Document, MAX_BLOB_BYTES, MAX_DIM, MAX_DOCUMENTS, MAX_ID_BYTES,
-    MAX_TEXT_BYTES, MAX_TOOL_DESCRIPTION_BYTES, MAX_TOOL_NAME_BYTES, MAX_TOOL_SCHEMA_BYTES,
-    MAX_TOOLS, Tool,
+    MAX_TEXT_BYTES, MAX_TOOL_DESCRIPTION_BYTES, MAX_TOOL_NAME_BYTES, MAX_TOOL_REGISTRY_BYTES,
+    MAX_TOOL_SCHEMA_BYTES, MAX_TOOLS, Tool,
 };
 use sha2::{Digest, Sha256};
 use std::collections::HashSet;
@@ -203,6 +203,13 @@ pub(crate) fn validate(upload: &ContextUpload) -> Result<usize, ContextError> {
             return invalid(name("repeats a name used by an earlier tool".into()));
         }
     }
+    let registry = tool_bytes(&upload.tools);
+    if registry > MAX_TOOL_REGISTRY_BYTES {
+        return invalid(format!(
+            "the tools take {registry} bytes (names, descriptions and schemas); at most \
+             {MAX_TOOL_REGISTRY_BYTES} are accepted"
+        ));
+    }
     let size = blob_size(&upload.documents, dim, &upload.tools);
     if size > MAX_BLOB_BYTES as u64 {
         return invalid(format!(
@@ -210,6 +217,14 @@ pub(crate) fn validate(upload: &ContextUpload) -> Result<usize, ContextError> {
         ));
     }
     Ok(dim)
+}
+
+/// Bytes of a tool registry as `tools()` copies it into a guest.
+pub(crate) fn tool_bytes(tools: &[Tool]) -> usize {
+    tools
+        .iter()
+        .map(|t| t.name.len() + t.description.len() + t.schema.len())
+        .sum()
 }
 
 /// Exact encoded size, in u64 so that it cannot overflow before the check.
@@ -376,6 +391,9 @@ pub(crate) fn parse(bytes: &[u8]) -> Result<Parsed<'_>, ContextError> {
             )));
         }
         tools.push(tool);
+    }
+    if tool_bytes(&tools) > MAX_TOOL_REGISTRY_BYTES {
+        return Err(corrupt("the tool registry is larger than allowed".into()));
     }
     if r.remaining() != 0 {
         return Err(corrupt(format!(

@@ -46,17 +46,28 @@ pub const MAX_TOOL_NAME_BYTES: usize = 128;
 pub const MAX_TOOL_DESCRIPTION_BYTES: usize = 16 << 10;
 /// Bytes of a tool's schema.
 pub const MAX_TOOL_SCHEMA_BYTES: usize = 64 << 10;
+/// Bytes of one context's whole tool registry (names, descriptions and
+/// schemas): `tools()` copies it into every guest that asks, so this bounds
+/// what one call can make the host build (a registry of 1024 maximal tools
+/// was ~80 MiB, copied once per mounted name).
+pub const MAX_TOOL_REGISTRY_BYTES: usize = 1 << 20;
 /// Bytes of an encoded context: bounds the memory and decode time one upload
 /// costs each worker node (the decoded form is a small multiple of this), and
 /// keeps every offset in the blob and the arena within `u32`.
 pub const MAX_BLOB_BYTES: usize = 1 << 30;
 /// Results per search: bounds what one host call copies into a guest.
 pub const MAX_K: usize = 1000;
+/// Bytes of ids and texts one search answers: `k` hits of 1 MiB texts would
+/// be a GiB built by the host for one call. Hits past it are left out (the
+/// best ones are kept).
+pub const MAX_HIT_BYTES: usize = 8 << 20;
 
 use serde::{Deserialize, Serialize};
+use std::sync::atomic::AtomicBool;
 
-/// One document of an upload.
+/// One document of an upload (unknown fields refused).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct Document {
     /// Unique within the context, non-empty.
     pub id: String,
@@ -67,8 +78,10 @@ pub struct Document {
     pub embedding: Option<Vec<f32>>,
 }
 
-/// One tool of the registry (mirrors the WIT record `tool`).
+/// One tool of the registry (mirrors the WIT record `tool`; unknown
+/// fields refused).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
 pub struct Tool {
     /// Unique within the context, non-empty.
     pub name: String,
@@ -78,8 +91,9 @@ pub struct Tool {
     pub schema: String,
 }
 
-/// The body of `POST /v1/contexts`.
+/// The body of `POST /v1/contexts` (unknown fields refused).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct ContextUpload {
     /// The tenant's name for the context (`crate::model::valid_name`).
     pub name: String,
@@ -270,18 +284,26 @@ impl HeavyContext {
         ))
     }
 
+    /// The hits of `ranked`, best first, cut where their ids and texts
+    /// would pass [`MAX_HIT_BYTES`].
     fn hits(&self, ranked: Vec<(u32, f32)>) -> Vec<Hit> {
-        ranked
-            .into_iter()
-            .filter_map(|(doc, score)| {
-                let (id, text) = self.document(doc as usize)?;
-                Some(Hit {
-                    id: id.to_owned(),
-                    score,
-                    text: text.to_owned(),
-                })
-            })
-            .collect()
+        let mut out = Vec::with_capacity(ranked.len());
+        let mut bytes = 0usize;
+        for (doc, score) in ranked {
+            let Some((id, text)) = self.document(doc as usize) else {
+                continue;
+            };
+            bytes += id.len() + text.len();
+            if bytes > MAX_HIT_BYTES {
+                break;
+            }
+            out.push(Hit {
+                id: id.to_owned(),
+                score,
+                text: text.to_owned(),
+            });
+        }
+        out
     }
 
     /// Top-k by cosine similarity, best first, ties by document order; `k` is
@@ -289,6 +311,18 @@ impl HeavyContext {
     /// context without embeddings, a dimension mismatch, or a query with a
     /// non-finite value or zero norm (cosine is undefined for it).
     pub fn search(&self, embedding: &[f32], k: usize) -> Result<Vec<Hit>, String> {
+        self.search_until(embedding, k, &AtomicBool::new(false))
+    }
+
+    /// [`HeavyContext::search`] that gives up (answering a partial ranking)
+    /// once `stop` is set: the host sets it when the job that asked is
+    /// dropped, so a long scan does not outlive its job.
+    pub fn search_until(
+        &self,
+        embedding: &[f32],
+        k: usize,
+        stop: &AtomicBool,
+    ) -> Result<Vec<Hit>, String> {
         if self.dim == 0 {
             return Err("this context has no embeddings; use search-text".into());
         }
@@ -303,7 +337,7 @@ impl HeavyContext {
         vector::normalize_into(embedding, &mut query)
             .ok_or("query embedding must be finite and not all zeros")?;
         let k = k.min(MAX_K).min(self.documents());
-        Ok(self.hits(vector::top_k(&self.matrix, self.dim, &query, k)))
+        Ok(self.hits(vector::top_k(&self.matrix, self.dim, &query, k, stop)))
     }
 
     /// Top-k by BM25 (k1 = 1.2, b = 0.75), best first, ties by document
@@ -311,13 +345,24 @@ impl HeavyContext {
     /// clamped to [`MAX_K`]; at most [`MAX_QUERY_TERMS`] distinct query terms
     /// are used.
     pub fn search_text(&self, query: &str, k: usize) -> Vec<Hit> {
+        self.search_text_until(query, k, &AtomicBool::new(false))
+    }
+
+    /// [`HeavyContext::search_text`] that gives up once `stop` is set.
+    pub fn search_text_until(&self, query: &str, k: usize, stop: &AtomicBool) -> Vec<Hit> {
         let k = k.min(MAX_K).min(self.documents());
-        self.hits(self.bm25.search(query, k))
+        self.hits(self.bm25.search(query, k, stop))
     }
 
     /// The tool registry, in upload order.
     pub fn tools(&self) -> &[Tool] {
         &self.tools
+    }
+
+    /// Bytes of the tool registry (names, descriptions, schemas): what
+    /// `tools()` copies into a guest.
+    pub fn tool_bytes(&self) -> usize {
+        format::tool_bytes(&self.tools)
     }
 }
 
@@ -475,6 +520,30 @@ mod tests {
         let enc = encode(&upload(vec![doc("a", "w", Some(vec![1.0]))])).unwrap();
         let ctx = HeavyContext::decode(&enc.digest, &enc.bytes).unwrap();
         assert_eq!(ctx.search(&[1.0], 10).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_stopped_search_gives_up() {
+        let docs = (0..10_000)
+            .map(|i| doc(&i.to_string(), "same words", Some(vec![1.0, i as f32])))
+            .collect();
+        let enc = encode(&upload(docs)).unwrap();
+        let ctx = HeavyContext::decode(&enc.digest, &enc.bytes).unwrap();
+        let stop = AtomicBool::new(true);
+        assert!(ctx.search_until(&[1.0, 0.0], 10, &stop).unwrap().is_empty());
+        assert!(ctx.search_text_until("words", 10, &stop).is_empty());
+        assert_eq!(ctx.search(&[1.0, 0.0], 10).unwrap().len(), 10);
+        assert_eq!(ctx.search_text("words", 10).len(), 10);
+    }
+
+    #[test]
+    fn hits_stop_at_the_byte_bound() {
+        let text = "w ".repeat(MAX_TEXT_BYTES / 2);
+        let docs = (0..10).map(|i| doc(&i.to_string(), &text, None)).collect();
+        let enc = encode(&upload(docs)).unwrap();
+        let ctx = HeavyContext::decode(&enc.digest, &enc.bytes).unwrap();
+        let hits = ctx.search_text("w", usize::MAX);
+        assert_eq!(hits.len(), MAX_HIT_BYTES / (MAX_TEXT_BYTES + 1));
     }
 
     #[test]

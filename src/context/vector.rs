@@ -5,6 +5,7 @@
 //! right trade below a few million rows and keeps results reproducible.
 
 use super::topk::TopK;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Writes `v / |v|` to `out`. The norm is accumulated in f64: squares of f32
 /// values near `f32::MAX` (or subnormals) would overflow (or vanish) in f32
@@ -36,16 +37,30 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 /// The `k` rows of `matrix` (row length `dim`) with the largest dot product
 /// with the unit vector `query`, best first.
-pub(crate) fn top_k(matrix: &[f32], dim: usize, query: &[f32], k: usize) -> Vec<(u32, f32)> {
+/// Stops early (answering what it has) once `stop` is set: the job that
+/// asked was dropped, and nobody will read the answer.
+pub(crate) fn top_k(
+    matrix: &[f32],
+    dim: usize,
+    query: &[f32],
+    k: usize,
+    stop: &AtomicBool,
+) -> Vec<(u32, f32)> {
     let mut top = TopK::new(k);
     if dim == 0 {
         return top.into_sorted();
     }
     for (i, row) in matrix.chunks_exact(dim).enumerate() {
+        if i % STOP_CHECK_ROWS == 0 && stop.load(Ordering::Relaxed) {
+            break;
+        }
         top.push(i as u32, dot(row, query));
     }
     top.into_sorted()
 }
+
+/// Rows scanned between two looks at the stop flag (~1 ms at dim 1024).
+const STOP_CHECK_ROWS: usize = 4096;
 
 #[cfg(test)]
 mod tests {

@@ -71,10 +71,22 @@ impl Default for AuditOptions {
     }
 }
 
-/// The blob key an agent's state pointer names. One place, so a change in
+/// The key holding an agent's large state, from its agent hash: `blob`
+/// names the committed version (`S:state:<t>:<agent>:<version>`); `ptr` is
+/// a legacy pointer to a content-addressed blob. One place, so a change in
 /// how state blobs are keyed changes the audit with it.
-pub fn state_blob_key(cp: &ControlPlane, _tenant: &str, _agent: &str, ptr: &str) -> String {
-    cp.keys.blob("state", ptr)
+pub fn state_blob_key(
+    cp: &ControlPlane,
+    tenant: &str,
+    agent: &str,
+    blob: Option<&str>,
+    ptr: Option<&str>,
+) -> Option<String> {
+    if let Some(version) = blob.and_then(|b| b.parse::<u64>().ok()) {
+        return Some(cp.keys.agent_state_blob(tenant, agent, version));
+    }
+    ptr.filter(|p| !p.is_empty())
+        .map(|p| cp.keys.blob("state", p))
 }
 
 fn v(h: &HashMap<String, String>, k: &str) -> i64 {
@@ -552,18 +564,18 @@ impl ControlPlane {
             let Some((t, agent)) = key.strip_prefix(&prefix).and_then(|r| r.split_once(':')) else {
                 continue;
             };
-            let ptr: Option<String> = self.conn().hget(key, "ptr").await?;
-            let Some(ptr) = ptr.filter(|p| !p.is_empty()) else {
+            let (blob, ptr): (Option<String>, Option<String>) =
+                self.conn().hmget(key, &["blob", "ptr"]).await?;
+            let blob = blob.filter(|b| !b.is_empty());
+            let Some(blob_key) = state_blob_key(self, t, agent, blob.as_deref(), ptr.as_deref())
+            else {
                 continue;
             };
-            let exists: bool = self
-                .conn()
-                .exists(state_blob_key(self, t, agent, &ptr))
-                .await?;
+            let exists: bool = self.conn().exists(&blob_key).await?;
             if !exists {
                 found.add(
                     "state_blob_missing",
-                    format!("tenant {t}: agent {agent}'s state pointer {ptr} names no blob"),
+                    format!("tenant {t}: agent {agent}'s state {blob_key} is missing"),
                 );
             }
         }

@@ -92,6 +92,19 @@ impl KeySpace {
         format!("{}:agent:{}:{}", self.tenant_tag(tenant), tenant, agent)
     }
 
+    /// A large agent state, one key per committed version (the agent
+    /// hash's `blob` field names the version). Same shard as the agent, so
+    /// FINALIZE replaces it atomically and CLAIM reads it with its version.
+    pub fn agent_state_blob(&self, tenant: &str, agent: &str, version: u64) -> String {
+        format!(
+            "{}:state:{}:{}:{}",
+            self.tenant_tag(tenant),
+            tenant,
+            agent,
+            version
+        )
+    }
+
     pub fn component(&self, tenant: &str, digest: &str) -> String {
         format!("{}:comp:{}:{}", self.tenant_tag(tenant), tenant, digest)
     }

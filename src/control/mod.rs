@@ -9,6 +9,7 @@
 pub mod audit;
 mod conn;
 pub mod keys;
+pub mod num;
 mod quota;
 mod retain;
 mod scripts;
@@ -29,15 +30,28 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Prices turn usage into integer credits.
+/// Prices turn usage into integer credits. An attempt is charged
+///
+/// ```text
+/// ceil(fuel * credits_per_mfuel / 10^6)
+///   + ceil(wall_ms * (credits_per_slot_second * (1 + gpus * gpu_slot_weight)
+///                     + gpus * credits_per_gpu_second) / 1000)
+/// ```
+///
+/// capped at what CLAIM reserved: the same formula with all the job's fuel
+/// and its whole timeout (`lua/lib.lua`, `charge`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Prices {
     /// Credits per million units of fuel.
     pub credits_per_mfuel: u64,
     /// Credits per GPU-second of wall time.
     pub credits_per_gpu_second: u64,
-    /// How much slot-time one GPU weighs in fair share, relative to a CPU slot.
+    /// How much slot-time one GPU weighs in fair share and in the slot
+    /// price, relative to a CPU slot.
     pub gpu_slot_weight: u64,
+    /// Credits per slot-second of wall time: capacity is paid for even
+    /// when the guest burns no fuel (parked in a host call, sleeping).
+    pub credits_per_slot_second: u64,
 }
 
 impl Default for Prices {
@@ -46,6 +60,7 @@ impl Default for Prices {
             credits_per_mfuel: 1,
             credits_per_gpu_second: 100,
             gpu_slot_weight: 10,
+            credits_per_slot_second: 1,
         }
     }
 }
@@ -72,6 +87,11 @@ pub struct ControlConfig {
     /// ledger entries are kept before the scheduler's sweep removes them
     /// (ledger entries are folded into the tenant's checkpoint).
     pub retention_ms: u64,
+    /// Node faults (runs a node could not start or finish for reasons of
+    /// its own) a job may meet before it fails with `node_fault`. Each one
+    /// is uncharged and uncounted; the bound stops a job no node can run
+    /// from cycling through the queue forever.
+    pub max_node_faults: u32,
 }
 
 impl Default for ControlConfig {
@@ -88,17 +108,20 @@ impl Default for ControlConfig {
             default_limits: Limits::default(),
             log_max_bytes: 128 << 10,
             retention_ms: 7 * 24 * 3600 * 1000,
+            max_node_faults: DEFAULT_MAX_NODE_FAULTS,
         }
     }
 }
 
-/// `POST /v1/tenants` body.
+/// `POST /v1/tenants` body. Unknown fields are refused; every integer is
+/// bounded by [`num`] (|n| <= 2^53 - 1).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct TenantSpec {
     pub id: String,
     #[serde(default = "one")]
     pub weight: u32,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "num::i53")]
     pub credits: i64,
     #[serde(default = "big")]
     pub max_running: u32,
@@ -109,14 +132,14 @@ pub struct TenantSpec {
     #[serde(default)]
     pub limits: Option<LimitsPatch>,
     /// Bytes of components the tenant may store (default 1 GiB).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "num::opt_u53")]
     pub max_component_bytes: Option<u64>,
     /// Bytes of contexts the tenant may store (default 4 GiB).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "num::opt_u53")]
     pub max_context_bytes: Option<u64>,
     /// Bytes of agent state the tenant may store, all agents together
     /// (default 1 GiB).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "num::opt_u53")]
     pub max_state_bytes: Option<u64>,
 }
 
@@ -127,24 +150,32 @@ fn big() -> u32 {
     1_000_000
 }
 
-/// Optional limits (tenant creation and `PATCH`).
+/// Optional limits (tenant creation and `PATCH`), each at most 2^53 - 1.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
 pub struct LimitsPatch {
+    #[serde(default, deserialize_with = "num::opt_u53")]
     pub fuel: Option<u64>,
+    #[serde(default, deserialize_with = "num::opt_u53")]
     pub memory_bytes: Option<u64>,
+    #[serde(default, deserialize_with = "num::opt_u53")]
     pub timeout_ms: Option<u64>,
 }
 
-/// `PATCH /v1/tenants/{id}` body.
+/// `PATCH /v1/tenants/{id}` body (unknown fields refused).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct TenantPatch {
     pub weight: Option<u32>,
     pub max_running: Option<u32>,
     pub max_queued: Option<u32>,
     pub max_gpus: Option<u32>,
     pub limits: Option<LimitsPatch>,
+    #[serde(default, deserialize_with = "num::opt_u53")]
     pub max_component_bytes: Option<u64>,
+    #[serde(default, deserialize_with = "num::opt_u53")]
     pub max_context_bytes: Option<u64>,
+    #[serde(default, deserialize_with = "num::opt_u53")]
     pub max_state_bytes: Option<u64>,
 }
 
@@ -172,6 +203,12 @@ pub struct TenantInfo {
     pub granted: i64,
     /// Sum of all settled attempt costs.
     pub settled: i64,
+    /// Why the tenant's next queued job is not being handed out, when it
+    /// is not: `max_running`, `max_gpus`, `credits` (its reservation is
+    /// above the free balance; running jobs will settle, or grant
+    /// credits) or `stream_out_of_step`. Absent while eligible or empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parked: Option<String>,
     /// Byte quotas and what is stored against them.
     pub storage: Storage,
 }
@@ -201,11 +238,11 @@ pub struct JobRequest {
     pub gpus: u32,
     #[serde(default)]
     pub max_attempts: Option<u32>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "num::opt_u53")]
     pub timeout_ms: Option<u64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "num::opt_u53")]
     pub fuel: Option<u64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "num::u53")]
     pub delay_ms: u64,
 }
 
@@ -249,6 +286,8 @@ pub struct Lease {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Claim {
     pub lease: Lease,
+    /// The run number: every claim of a job takes the next one, so the
+    /// ledger names each run uniquely (not the count toward `max_attempts`).
     pub attempt: u32,
     pub component: String,
     pub input: String,
@@ -333,6 +372,20 @@ pub enum CpError {
     Redis(redis::RedisError),
     #[error("internal: {0}")]
     Internal(String),
+    /// Maintenance (PROMOTE, REAP) failed on some shards after trying all
+    /// of them; `done` jobs were moved on the others.
+    #[error("{done} done; failed on {}", failed.join("; "))]
+    Shards { done: u32, failed: Vec<String> },
+}
+
+/// The answer of a per-shard maintenance pass: the count, or every
+/// shard's failure once all were tried.
+fn shards_result(done: u32, failed: Vec<String>) -> Result<u32, CpError> {
+    if failed.is_empty() {
+        Ok(done)
+    } else {
+        Err(CpError::Shards { done, failed })
+    }
 }
 
 impl From<redis::RedisError> for CpError {
@@ -364,12 +417,19 @@ pub struct ContextMeta {
     pub dim: u64,
 }
 
+/// Default of [`ControlConfig::max_node_faults`].
+pub const DEFAULT_MAX_NODE_FAULTS: u32 = 5;
+
+/// The largest integer the scripts hold exactly (Lua numbers are doubles):
+/// every amount and count stays within ±this.
+pub const MAX_EXACT_INT: i64 = (1 << 53) - 1;
+
+/// Bytes of a node-fault message kept on the job.
+const FAULT_MESSAGE_MAX: usize = 1024;
+
 /// Attempts a job may lose to agent-state conflicts before it fails: each
 /// conflicting attempt did run (and was charged), so this bounds the bill.
 const MAX_STATE_CONFLICTS: u32 = 16;
-/// Tenants with GPU jobs scanned per pick when their jobs need more GPUs
-/// than the worker has free; bounds CLAIM's work under a GPU backlog.
-const GPU_SCAN_WINDOW: u32 = 16;
 
 /// Largest page of `list_jobs` (the API answers 400 above it): a page is
 /// one pipelined read, so its size bounds what one request costs Redis.
@@ -438,6 +498,20 @@ fn status(v: &Value) -> (String, &[Value]) {
     }
 }
 
+/// An integer the scripts wrote (credits, counters), read exactly: a value
+/// that is not plain integer digits is an error, never a silent 0 (Lua's
+/// `1e+14` once read as 0 and lost money from the books).
+fn exact_int(k: &str, s: Option<&str>) -> Result<i64, CpError> {
+    match s {
+        None | Some("") => Ok(0),
+        Some(s) => s
+            .parse::<i64>()
+            .ok()
+            .filter(|v| v.abs() <= MAX_EXACT_INT)
+            .ok_or_else(|| bad(format!("`{k}` is not an exact integer: {s:?}"))),
+    }
+}
+
 fn num(h: &HashMap<String, String>, k: &str) -> i64 {
     h.get(k)
         .and_then(|s| s.parse::<f64>().ok())
@@ -488,12 +562,13 @@ impl ControlPlane {
         self.conn.clone()
     }
 
-    fn prices(&self) -> [u64; 3] {
+    fn prices(&self) -> [u64; 4] {
         let p = self.cfg.prices;
         [
             p.credits_per_mfuel,
             p.credits_per_gpu_second,
             p.gpu_slot_weight,
+            p.credits_per_slot_second,
         ]
     }
 
@@ -553,6 +628,11 @@ impl ControlPlane {
         }
         if spec.credits < 0 {
             return Err(CpError::Invalid("credits must not be negative".into()));
+        }
+        if spec.credits > MAX_EXACT_INT {
+            return Err(CpError::Invalid(format!(
+                "credits must be at most {MAX_EXACT_INT}"
+            )));
         }
         let d = self.cfg.default_limits;
         let mut fields: Vec<(String, u64)> = vec![
@@ -631,6 +711,11 @@ impl ControlPlane {
     /// Adds `amount` (may be negative) and answers the new balance. A
     /// negative grant may not take the balance below what is reserved.
     pub async fn grant_credits(&self, id: &str, amount: i64) -> Result<i64, CpError> {
+        if amount.abs() > MAX_EXACT_INT {
+            return Err(CpError::Invalid(format!(
+                "amount must be within ±{MAX_EXACT_INT}"
+            )));
+        }
         let v = self
             .tenant_script(id, "grant", &[amount.to_string()])
             .await?;
@@ -639,6 +724,9 @@ impl ControlPlane {
             "ok" => Ok(rest.first().map(v_i64).unwrap_or(0)),
             "not_found" => Err(CpError::NotFound),
             "insufficient" => Err(CpError::InsufficientCredits),
+            "out_of_range" => Err(CpError::Invalid(format!(
+                "the grant would take the tenant's credits past ±{MAX_EXACT_INT}"
+            ))),
             other => Err(bad(format!("TENANT grant answered {other}"))),
         }
     }
@@ -655,8 +743,9 @@ impl ControlPlane {
         if h.is_empty() {
             return Ok(None);
         }
-        let granted = num(&h, "granted");
-        let settled = num(&h, "settled");
+        let int = |k: &str| exact_int(k, h.get(k).map(String::as_str));
+        let granted = int("granted")?;
+        let settled = int("settled")?;
         Ok(Some(TenantInfo {
             id: id.to_string(),
             weight: num(&h, "weight") as u32,
@@ -670,7 +759,7 @@ impl ControlPlane {
             },
             credits: Credits {
                 balance: granted - settled,
-                reserved: num(&h, "reserved"),
+                reserved: int("reserved")?,
             },
             running: num(&h, "running") as u32,
             queued: num(&h, "queued") as u32,
@@ -697,6 +786,10 @@ impl ControlPlane {
                 context_bytes: num(&h, "context_bytes") as u64,
                 state_bytes: num(&h, "state_bytes") as u64,
             },
+            parked: h
+                .get("parked")
+                .filter(|p| !p.is_empty() && p.as_str() != "empty")
+                .cloned(),
         }))
     }
 
@@ -884,7 +977,13 @@ impl ControlPlane {
             tenant: h.get("tenant").cloned().unwrap_or_default(),
             state,
             component: h.get("component").cloned().unwrap_or_default(),
-            attempts: num(h, "attempts") as u32,
+            // Attempts that count toward max_attempts; `attempts` in Redis
+            // numbers every run (the ledger's run numbers).
+            attempts: if h.contains_key("counted") {
+                num(h, "counted")
+            } else {
+                num(h, "attempts")
+            } as u32,
             output: (state == JobState::Succeeded)
                 .then(|| h.get("output").cloned().unwrap_or_default()),
             error,
@@ -904,11 +1003,12 @@ impl ControlPlane {
 
     /// The fields of a job hash that [`Job`] shows, never the input (up to
     /// 1 MiB each: a page of whole records was 105 MB for 100 jobs).
-    const JOB_VIEW: [&'static str; 16] = [
+    const JOB_VIEW: [&'static str; 17] = [
         "tenant",
         "state",
         "component",
         "attempts",
+        "counted",
         "output",
         "ekind",
         "emsg",
@@ -1049,6 +1149,13 @@ impl ControlPlane {
     /// Up to `max` jobs for worker `worker` with `free_gpus` GPU slots free,
     /// taken from the shards in turn starting at a random one (so workers
     /// spread over shards and none is favoured).
+    ///
+    /// Every job CLAIM leased is in the answer or already handed back: a
+    /// shard whose CLAIM fails does not stop the others (its error is
+    /// answered only when no shard gave a job, so the worker backs off),
+    /// and a job whose agent state cannot be read fails alone (see
+    /// `claim_shard`). Dropping a leased job would burn an attempt and end
+    /// it `lease_expired` without ever running.
     pub async fn claim(
         &self,
         worker: &str,
@@ -1059,20 +1166,58 @@ impl ControlPlane {
         let start = rand::random::<u32>() % shards;
         let mut out = Vec::new();
         let mut gpus_left = free_gpus;
+        let mut first_err = None;
         for i in 0..shards {
             if out.len() as u32 >= max {
                 break;
             }
             let shard = (start + i) % shards;
-            let got = self
+            let got = match self
                 .claim_shard(shard, worker, max - out.len() as u32, gpus_left)
-                .await?;
+                .await
+            {
+                Ok(got) => got,
+                Err(e) => {
+                    tracing::warn!(shard, error = %e, "CLAIM failed on a shard; trying the others");
+                    first_err.get_or_insert(e);
+                    continue;
+                }
+            };
             for c in got {
                 gpus_left = gpus_left.saturating_sub(c.gpus);
                 out.push(c);
             }
         }
-        Ok(out)
+        match first_err {
+            Some(e) if out.is_empty() => Err(e),
+            _ => Ok(out),
+        }
+    }
+
+    /// A claimed job that cannot be handed to a run: its attempt fails as
+    /// `agent_error` with `why`, uncharged (no fuel, no wall time), and
+    /// retries with backoff up to `max_attempts` like any agent error (a
+    /// state pointer read during a concurrent commit heals on the retry).
+    /// If even FINALIZE fails, RELEASE is tried; failing both, the lease
+    /// runs out and the reaper takes the job back.
+    async fn fail_claimed(&self, lease: &Lease, why: String) {
+        tracing::warn!(job = %lease.job_id, tenant = %lease.tenant, error = %why, "claimed job cannot run");
+        let finish = Finish {
+            outcome: AttemptOutcome::Failed {
+                kind: ErrorKind::AgentError,
+                message: why,
+            },
+            fuel: 0,
+            wall_ms: 0,
+            log: String::new(),
+            new_state: None,
+        };
+        if let Err(e) = self.finalize(lease, &finish).await {
+            tracing::warn!(job = %lease.job_id, error = %e, "FINALIZE of an unrunnable claim failed; releasing");
+            if let Err(e) = self.release(lease).await {
+                tracing::warn!(job = %lease.job_id, error = %e, "RELEASE failed too; the reaper will take it back");
+            }
+        }
     }
 
     async fn claim_shard(
@@ -1091,13 +1236,23 @@ impl ControlPlane {
         for p in self.prices() {
             inv.arg(p);
         }
-        inv.arg(GPU_SCAN_WINDOW);
         let v: Value = inv.invoke_async(&mut self.conn()).await?;
         let mut out = Vec::new();
+        // From here on every record is a leased job: none may be dropped
+        // with a `?` (see `claim`).
         for c in v_arr(&v) {
             let f = v_arr(c);
+            let lease = Lease {
+                job_id: f.first().map(v_str).unwrap_or_default(),
+                tenant: f.get(1).map(v_str).unwrap_or_default(),
+                token: f.get(2).map(v_u64).unwrap_or_default(),
+            };
             if f.len() < 15 {
-                return Err(bad("CLAIM answered a short record"));
+                if !lease.job_id.is_empty() {
+                    self.fail_claimed(&lease, "CLAIM answered a short record".into())
+                        .await;
+                }
+                continue;
             }
             let contexts: Vec<(String, String)> =
                 serde_json::from_str(&v_str(&f[6])).unwrap_or_default();
@@ -1105,19 +1260,28 @@ impl ControlPlane {
             let inline = v_bytes(&f[12]);
             let ptr = v_str(&f[13]);
             let state = if !ptr.is_empty() {
-                let blob: Option<Vec<u8>> = self.conn().get(self.keys.blob("state", &ptr)).await?;
-                Some(blob.ok_or_else(|| bad(format!("agent state blob {ptr} missing")))?)
+                let blob: Result<Option<Vec<u8>>, _> =
+                    self.conn().get(self.keys.blob("state", &ptr)).await;
+                match blob {
+                    Ok(Some(b)) => Some(b),
+                    Ok(None) => {
+                        let why = format!("agent state blob {ptr} is missing");
+                        self.fail_claimed(&lease, why).await;
+                        continue;
+                    }
+                    Err(e) => {
+                        let why = format!("agent state blob {ptr} could not be read: {e}");
+                        self.fail_claimed(&lease, why).await;
+                        continue;
+                    }
+                }
             } else if agent_id.is_some() && v_u64(&f[14]) > 0 {
                 Some(inline)
             } else {
                 None
             };
             out.push(Claim {
-                lease: Lease {
-                    job_id: v_str(&f[0]),
-                    tenant: v_str(&f[1]),
-                    token: v_u64(&f[2]),
-                },
+                lease,
                 attempt: v_u64(&f[3]) as u32,
                 component: v_str(&f[4]),
                 input: v_str(&f[5]),
@@ -1163,24 +1327,20 @@ impl ControlPlane {
             AttemptOutcome::Failed { kind, message } => ("failed", kind.as_str(), message.as_str()),
             AttemptOutcome::Cancelled => ("cancelled", "", ""),
         };
-        if matches!(kind, "lease_expired" | "cancelled") {
+        if matches!(kind, "lease_expired" | "cancelled" | "unschedulable") {
             return Err(CpError::Invalid(format!(
                 "`{kind}` is decided by the control plane, not reported by a worker"
             )));
         }
-        // Large states go to the blob tier first; only the pointer is
-        // committed by the script, so a lost race leaves only an orphan blob.
-        let (smode, svalue) = match (&finish.new_state, &finish.outcome) {
+        // Large states go to their own key, written by the script itself
+        // with the commit (and the superseded version deleted in the same
+        // step): nothing is written for a state that loses its race.
+        let (smode, svalue): (&str, &[u8]) = match (&finish.new_state, &finish.outcome) {
             (Some(s), AttemptOutcome::Succeeded { .. }) if s.len() > self.cfg.state_inline_max => {
-                let ptr = sha256_hex(s);
-                let _: () = self
-                    .conn()
-                    .set(self.keys.blob("state", &ptr), s.as_slice())
-                    .await?;
-                ("ptr", ptr.into_bytes())
+                ("blob", s)
             }
-            (Some(s), AttemptOutcome::Succeeded { .. }) => ("inline", s.clone()),
-            _ => ("none", Vec::new()),
+            (Some(s), AttemptOutcome::Succeeded { .. }) => ("inline", s),
+            _ => ("none", &[]),
         };
         let log = truncate_utf8(&finish.log, self.cfg.log_max_bytes);
         let mut inv = scripts::FINALIZE.prepare_invoke();
@@ -1203,17 +1363,11 @@ impl ControlPlane {
         for p in self.prices() {
             inv.arg(p);
         }
+        inv.arg(self.cfg.max_node_faults);
         let v: Value = inv.invoke_async(&mut self.conn()).await?;
         let (s, rest) = status(&v);
         match s.as_str() {
-            "succeeded" => {
-                let old = rest.first().map(v_str).unwrap_or_default();
-                if !old.is_empty() {
-                    // The superseded blob; a failure here only leaks storage.
-                    let _: Result<(), _> = self.conn().del(self.keys.blob("state", &old)).await;
-                }
-                Ok(Finalized::Succeeded)
-            }
+            "succeeded" => Ok(Finalized::Succeeded),
             "failed" => Ok(Finalized::Failed),
             "cancelled" => Ok(Finalized::Cancelled),
             "retry" => Ok(Finalized::Retrying {
@@ -1226,7 +1380,30 @@ impl ControlPlane {
     }
 
     /// Hands a claimed job back to the queue uncharged (worker draining).
+    /// Unbounded: draining is the operator's doing, never the job's.
     pub async fn release(&self, lease: &Lease) -> Result<(), CpError> {
+        match self.release_script(lease, "drain", "").await? {
+            Finalized::Failed => Err(bad("RELEASE failed a drained job")),
+            _ => Ok(()),
+        }
+    }
+
+    /// Hands back a job the node could not start (a node fault: a
+    /// component or context it could not load, a failure of its own).
+    /// Uncharged and not counted toward `max_attempts`; the job runs again
+    /// after a backoff, until it has met `max_node_faults` of them: then it
+    /// fails with `node_fault` (answered as [`Finalized::Failed`]).
+    pub async fn release_fault(&self, lease: &Lease, message: &str) -> Result<Finalized, CpError> {
+        self.release_script(lease, "fault", truncate_utf8(message, FAULT_MESSAGE_MAX))
+            .await
+    }
+
+    async fn release_script(
+        &self,
+        lease: &Lease,
+        mode: &str,
+        message: &str,
+    ) -> Result<Finalized, CpError> {
         let mut inv = scripts::RELEASE.prepare_invoke();
         inv.key(self.keys.tenant_anchor(&lease.tenant))
             .key(self.keys.job(&lease.tenant, &lease.job_id))
@@ -1235,9 +1412,22 @@ impl ControlPlane {
         for p in self.prices() {
             inv.arg(p);
         }
+        inv.arg(mode)
+            .arg(message)
+            .arg(self.cfg.max_node_faults)
+            .arg(self.cfg.retry_base_ms)
+            .arg(self.cfg.retry_max_ms)
+            .arg(rand::random::<u32>() % 1000);
         let v: Value = inv.invoke_async(&mut self.conn()).await?;
-        match status(&v).0.as_str() {
-            "ok" => Ok(()),
+        let (s, rest) = status(&v);
+        match s.as_str() {
+            // Back in the ready queue at once.
+            "ok" => Ok(Finalized::Retrying { delay_ms: 0 }),
+            "retry" => Ok(Finalized::Retrying {
+                delay_ms: rest.first().map(v_u64).unwrap_or(0),
+            }),
+            "failed" => Ok(Finalized::Failed),
+            "cancelled" => Ok(Finalized::Cancelled),
             "lost" => Err(CpError::LeaseLost),
             other => Err(bad(format!("RELEASE answered {other}"))),
         }
@@ -1295,24 +1485,31 @@ impl ControlPlane {
 
     // --- scheduler ---
 
-    /// Moves due delayed jobs to their queues on every shard; answers how many.
+    /// Moves due delayed jobs to their queues on every shard; answers how
+    /// many. A failing shard does not stop the others: every shard is tried,
+    /// then the failures are answered together ([`CpError::Shards`]).
     pub async fn promote(&self, batch: u32) -> Result<u32, CpError> {
         let mut total = 0;
+        let mut failed = Vec::new();
         for shard in 0..self.keys.shards() {
             let mut inv = scripts::PROMOTE.prepare_invoke();
             inv.key(self.keys.anchor(shard)).arg(batch.max(1));
             for p in self.prices() {
                 inv.arg(p);
             }
-            let n: u32 = inv.invoke_async(&mut self.conn()).await?;
-            total += n;
+            match inv.invoke_async::<u32>(&mut self.conn()).await {
+                Ok(n) => total += n,
+                Err(e) => failed.push(format!("shard {shard}: {e}")),
+            }
         }
-        Ok(total)
+        shards_result(total, failed)
     }
 
-    /// Reclaims expired leases on every shard; answers how many.
+    /// Reclaims expired leases on every shard; answers how many. Like
+    /// [`promote`](Self::promote), a failing shard does not stop the others.
     pub async fn reap(&self, batch: u32) -> Result<u32, CpError> {
         let mut total = 0;
+        let mut failed = Vec::new();
         for shard in 0..self.keys.shards() {
             let mut inv = scripts::REAP.prepare_invoke();
             inv.key(self.keys.anchor(shard))
@@ -1323,10 +1520,12 @@ impl ControlPlane {
             for p in self.prices() {
                 inv.arg(p);
             }
-            let n: u32 = inv.invoke_async(&mut self.conn()).await?;
-            total += n;
+            match inv.invoke_async::<u32>(&mut self.conn()).await {
+                Ok(n) => total += n,
+                Err(e) => failed.push(format!("shard {shard}: {e}")),
+            }
         }
-        Ok(total)
+        shards_result(total, failed)
     }
 
     /// Consumers and pending (delivered, unacknowledged) entries of the
@@ -1347,19 +1546,21 @@ impl ControlPlane {
     pub async fn ledger(&self, tenant: &str) -> Result<Vec<LedgerEntry>, CpError> {
         let entries: redis::streams::StreamRangeReply =
             self.conn().xrange_all(self.keys.ledger(tenant)).await?;
-        Ok(entries
+        entries
             .ids
             .into_iter()
             .map(|e| {
                 let get = |k: &str| e.map.get(k).map(v_str).unwrap_or_default();
-                LedgerEntry {
+                let attempt = exact_int("attempt", Some(&get("attempt")))?;
+                Ok(LedgerEntry {
                     op: get("op"),
                     job: get("job"),
-                    attempt: get("attempt").parse().unwrap_or(0),
-                    amount: get("amount").parse().unwrap_or(0),
-                }
+                    attempt: u32::try_from(attempt)
+                        .map_err(|_| bad(format!("ledger attempt {attempt} out of range")))?,
+                    amount: exact_int("amount", Some(&get("amount")))?,
+                })
             })
-            .collect())
+            .collect()
     }
 }
 
@@ -1391,4 +1592,30 @@ pub fn truncate_utf8(s: &str, max: usize) -> &str {
         end -= 1;
     }
     &s[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exact_integers_or_a_loud_error() {
+        assert_eq!(exact_int("a", None).unwrap(), 0);
+        assert_eq!(exact_int("a", Some("")).unwrap(), 0);
+        assert_eq!(
+            exact_int("a", Some("9007199254740991")).unwrap(),
+            MAX_EXACT_INT
+        );
+        assert_eq!(exact_int("a", Some("-42")).unwrap(), -42);
+        // What Lua's tostring wrote for 10^14, and what was once read as 0.
+        for bad in [
+            "1e+14",
+            "1.2345678901234e+14",
+            "12.5",
+            "9007199254740992",
+            "x",
+        ] {
+            assert!(exact_int("amount", Some(bad)).is_err(), "{bad}");
+        }
+    }
 }

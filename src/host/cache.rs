@@ -5,7 +5,7 @@
 use super::admission;
 use super::bindings::AgentPre;
 use super::run::RunState;
-use super::{AdmissionError, HostError, LoadedComponent};
+use super::{AdmissionError, HostConfig, HostError, LoadedComponent};
 use lru::LruCache;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -33,6 +33,8 @@ fn digest_hex(digest: &str) -> Option<&str> {
 pub(crate) struct Compiler {
     pub engine: Engine,
     pub linker: Linker<RunState>,
+    /// What the compile child needs to build the same engine.
+    cfg: HostConfig,
     /// `<cache_dir>/<engine compatibility hash>`: artifacts of another
     /// wasmtime version or configuration never get mixed in.
     disk: Option<PathBuf>,
@@ -41,12 +43,8 @@ pub(crate) struct Compiler {
 }
 
 impl Compiler {
-    pub fn new(
-        engine: Engine,
-        linker: Linker<RunState>,
-        cache_dir: Option<&Path>,
-    ) -> anyhow::Result<Self> {
-        let disk = match cache_dir {
+    pub fn new(engine: Engine, linker: Linker<RunState>, cfg: &HostConfig) -> anyhow::Result<Self> {
+        let disk = match cfg.cache_dir.as_deref() {
             None => None,
             Some(dir) => {
                 let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -59,6 +57,7 @@ impl Compiler {
         Ok(Compiler {
             engine,
             linker,
+            cfg: cfg.clone(),
             disk,
             compiles: AtomicU64::new(0),
             disk_loads: AtomicU64::new(0),
@@ -102,16 +101,25 @@ impl Compiler {
 
     /// Compiles `bytes` (already checked to hash to `digest`).
     fn compile(&self, digest: &str, bytes: &[u8]) -> Result<LoadedComponent, HostError> {
-        self.compile_checked(bytes)
-            .map_err(|e| anyhow::anyhow!("{digest}: {e}").into())
+        // Refused by the checks or the compiler: the same bytes under the
+        // same engine configuration will never do better.
+        self.compile_checked(bytes).map_err(|e| match e {
+            AdmissionError::Invalid(why) => HostError::Invalid(format!("{digest}: {why}")),
+            AdmissionError::Unavailable(why) => anyhow::anyhow!("{digest}: {why}").into(),
+        })
     }
 
     /// Checks and compiles an upload as admission does, then writes the
     /// artifact to disk so that no node on this disk compiles it again.
     pub fn compile_checked(&self, bytes: &[u8]) -> Result<LoadedComponent, AdmissionError> {
         admission::check_bytes(bytes)?;
-        let component =
-            Component::new(&self.engine, bytes).map_err(|e| admission::compile_error(&e))?;
+        super::structure::check(bytes)?;
+        let component = match &self.cfg.compile_child {
+            Some(child) => super::compile::compile(child, &self.cfg, &self.engine, bytes)?,
+            None => {
+                Component::new(&self.engine, bytes).map_err(|e| admission::compile_error(&e))?
+            }
+        };
         let pre = admission::check_component(&self.engine, &self.linker, &component)?;
         self.compiles.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("agentplane_host_component_compiles_total").increment(1);
@@ -175,7 +183,15 @@ pub(crate) struct ComponentCache {
     budget: u64,
     lru: Mutex<Lru>,
     inflight: Mutex<HashMap<String, Arc<OnceCell<Arc<LoadedComponent>>>>>,
+    /// Digests that failed to compile, with the reason: a bad component is
+    /// refused at once on every later claim instead of being fetched and
+    /// recompiled (a job of it used to cycle release-and-recompile at 100%
+    /// CPU). Bounded: the oldest reasons are forgotten first.
+    failed: Mutex<LruCache<String, String>>,
 }
+
+/// Failed digests remembered per node.
+const FAILED_REMEMBERED: usize = 1024;
 
 struct Lru {
     map: LruCache<String, Arc<LoadedComponent>>,
@@ -191,6 +207,10 @@ impl ComponentCache {
                 bytes: 0,
             }),
             inflight: Mutex::new(HashMap::new()),
+            failed: Mutex::new(LruCache::new(
+                std::num::NonZeroUsize::new(FAILED_REMEMBERED)
+                    .unwrap_or(std::num::NonZeroUsize::MIN),
+            )),
         }
     }
 
@@ -235,6 +255,14 @@ impl ComponentCache {
         if let Some(c) = self.cached(digest) {
             return Ok(c);
         }
+        if let Some(why) = self
+            .failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(digest)
+        {
+            return Err(HostError::Invalid(why.clone()));
+        }
         let hex = digest_hex(digest)
             .ok_or_else(|| HostError::NotFound(digest.to_string()))?
             .to_string();
@@ -259,6 +287,12 @@ impl ComponentCache {
             })
             .await
             .cloned();
+        if let Err(HostError::Invalid(why)) = &result {
+            self.failed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .put(digest.to_string(), why.clone());
+        }
         // Success or failure, the next miss starts afresh.
         let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
         if inflight.get(digest).is_some_and(|c| Arc::ptr_eq(c, &cell)) {

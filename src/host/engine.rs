@@ -19,14 +19,23 @@ const MAX_WASM_STACK: usize = 1 << 20;
 /// host functions use while the guest is suspended in them).
 const ASYNC_STACK: usize = 2 << 20;
 
-/// Core instances a single component may contain. Rust guests have a few;
-/// componentize-py emits a few dozen. The cap stops a component from
-/// reserving an unbounded share of the pool's instance slots.
-const MAX_CORE_INSTANCES_PER_COMPONENT: u32 = 64;
-
-/// Memories and tables per component, same threat as above.
-const MAX_MEMORIES_PER_COMPONENT: u32 = 8;
-const MAX_TABLES_PER_COMPONENT: u32 = 32;
+/// One slot's share of the instance pool: what a single component may
+/// contain at most, and what the pool holds per instance slot. The pool is
+/// sized at `max_instances` × this share, so `max_instances` components can
+/// always be instantiated at once, whatever they declare: a component may
+/// not take its neighbours' share (one declaring 64 core instances, 8
+/// memories and 32 tables used to exhaust a node's pool, and every other
+/// tenant's job then failed). Admission uses the same engine configuration
+/// ([`build`]), so a component over the share is refused at upload.
+///
+/// Rust agents need 3 core instances, 1 memory and 1-2 tables; the
+/// componentize-py Python agent, the largest we know of, 14 modules
+/// instantiated ~20 times, 2 memories and a few tables.
+pub(crate) const CORE_INSTANCES_PER_SLOT: u32 = 32;
+/// Linear memories per component (each pool slot reserves address space).
+pub(crate) const MEMORIES_PER_SLOT: u32 = 2;
+/// Tables per component.
+pub(crate) const TABLES_PER_SLOT: u32 = 8;
 
 /// Metadata (VMContext) bytes a component instance may need in the pool.
 /// Components with more lifted/lowered functions than this allows fail to
@@ -51,17 +60,13 @@ pub(crate) fn build(cfg: &HostConfig) -> anyhow::Result<Engine> {
         let n = cfg.max_instances.max(1);
         let mut p = PoolingAllocationConfig::default();
         p.total_component_instances(n)
-            // Each component holds several core instances, memories and
-            // tables (a Rust agent a handful, a componentize-py one more);
-            // the pool needs room for all of them at full occupancy. Slots
-            // are address space reserved up front and committed on use.
-            .total_core_instances(n.saturating_mul(16))
-            .total_memories(n.saturating_mul(2))
-            .total_tables(n.saturating_mul(8))
+            .total_core_instances(n.saturating_mul(CORE_INSTANCES_PER_SLOT))
+            .total_memories(n.saturating_mul(MEMORIES_PER_SLOT))
+            .total_tables(n.saturating_mul(TABLES_PER_SLOT))
             .total_stacks(n)
-            .max_core_instances_per_component(MAX_CORE_INSTANCES_PER_COMPONENT)
-            .max_memories_per_component(MAX_MEMORIES_PER_COMPONENT)
-            .max_tables_per_component(MAX_TABLES_PER_COMPONENT)
+            .max_core_instances_per_component(CORE_INSTANCES_PER_SLOT)
+            .max_memories_per_component(MEMORIES_PER_SLOT)
+            .max_tables_per_component(TABLES_PER_SLOT)
             .max_component_instance_size(MAX_COMPONENT_INSTANCE_SIZE)
             .max_core_instance_size(MAX_CORE_INSTANCE_SIZE)
             .max_memory_size(per_instance)

@@ -83,6 +83,18 @@ impl MemoryLimiter {
         }
     }
 
+    /// Whether `bytes` more would fit under the instance's limit and the
+    /// tenant's remaining budget (nothing is charged).
+    pub fn has_room(&self, bytes: u64) -> bool {
+        self.used.saturating_add(bytes) <= self.instance_limit
+            && self
+                .tenant
+                .used
+                .load(Ordering::Acquire)
+                .saturating_add(bytes)
+                <= self.tenant.limit
+    }
+
     fn deny(&self) -> wasmtime::Result<bool> {
         self.flags.memory_denied.store(true, Ordering::Release);
         // `Ok(false)` makes `memory.grow` return -1: the guest sees an

@@ -21,10 +21,14 @@
 mod admission;
 mod bindings;
 mod cache;
+mod compile;
 mod engine;
 mod limits;
 mod run;
 mod sandbox;
+mod structure;
+
+pub use compile::{CompileChild, child_main as compile_child_main};
 
 use crate::context::{ContextCache, HeavyContext};
 use crate::model::{ErrorKind, Limits};
@@ -56,6 +60,10 @@ pub struct HostConfig {
     pub fuel: bool,
     /// Bytes of stdout and of stderr kept per attempt.
     pub stdio_capture_bytes: usize,
+    /// Compile uploads in a child process bounded in time and memory
+    /// (`Some`), or in this process (`None`: tests and tools; the
+    /// structural checks still apply).
+    pub compile_child: Option<CompileChild>,
 }
 
 impl Default for HostConfig {
@@ -70,6 +78,26 @@ impl Default for HostConfig {
             pooling: true,
             fuel: true,
             stdio_capture_bytes: 64 << 10,
+            compile_child: None,
+        }
+    }
+}
+
+impl HostConfig {
+    /// The configuration of a host that only admits uploads (the API): the
+    /// workers' engine configuration exactly (pooling allocator and its
+    /// per-component share included, see [`HostConfig::default`]), so that
+    /// what admission accepts every worker can instantiate; only the pool is
+    /// small and the caches are off, since it never runs anything. (It used
+    /// to admit with pooling off: a component with 9 memories passed upload
+    /// and then failed on every worker.)
+    pub fn admission() -> HostConfig {
+        HostConfig {
+            max_instances: 1,
+            component_cache_bytes: 0,
+            context_cache_bytes: 0,
+            cache_dir: None,
+            ..HostConfig::default()
         }
     }
 }
@@ -77,9 +105,14 @@ impl Default for HostConfig {
 /// Why an upload was refused (`POST /v1/components` answers 400 with it).
 #[derive(Debug, thiserror::Error)]
 pub enum AdmissionError {
-    /// Not a component, bad imports/exports, garbage: the message names the problem.
+    /// Not a component, bad imports/exports, garbage, over a structural
+    /// bound or the compiler's time or memory: the message names the problem.
     #[error("{0}")]
     Invalid(String),
+    /// The node could not check it now (the compiler process could not be
+    /// run): not the upload's fault, retry later.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// An admitted upload.
@@ -164,7 +197,12 @@ pub enum HostError {
     /// `fetch` did not know the digest (or the digest is malformed).
     #[error("component {0} not found")]
     NotFound(String),
-    /// Fetching, verifying or compiling failed.
+    /// The component can never run on this host: it fails the admission
+    /// checks or compilation under this engine's configuration. Remembered
+    /// per digest, so it is not recompiled on every claim.
+    #[error("invalid component {0}")]
+    Invalid(String),
+    /// Fetching or verifying failed (may succeed later).
     #[error(transparent)]
     Other(#[from] anyhow::Error),
 }
@@ -192,7 +230,7 @@ impl Host {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
         bindings::Agent::add_to_linker::<_, HasSelf<run::RunState>>(&mut linker, |s| s)?;
-        let compiler = cache::Compiler::new(engine, linker, cfg.cache_dir.as_deref())?;
+        let compiler = cache::Compiler::new(engine, linker, &cfg)?;
         Ok(Host {
             components: cache::ComponentCache::new(cfg.component_cache_bytes),
             contexts: ContextCache::new(

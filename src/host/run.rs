@@ -32,6 +32,14 @@ const BACKSTOP_GRACE: Duration = Duration::from_millis(200);
 /// the worker relies on.
 const CANCEL_GRACE: Duration = Duration::from_millis(20);
 
+/// Fuel between two points where compiled wasm writes its fuel counter back
+/// to the store. Wasm keeps the counter in a register and writes it back
+/// only at calls, returns and these points, so a loop stopped by its
+/// deadline (an epoch interrupt) would otherwise report almost no fuel: a
+/// runaway billed ~0 for its whole timeout. This bounds the error to this
+/// much fuel (~1 ms of wasm) at the cost of one cheap yield per interval.
+const FUEL_SYNC_INTERVAL: u64 = 1_000_000;
+
 /// Longest wall clock honoured, whatever the limits say. Keeps the deadline
 /// arithmetic (`Instant + timeout`) far from overflowing on a tenant's
 /// `u64::MAX`, and no agent job legitimately holds a slot for a week.
@@ -59,6 +67,54 @@ pub(crate) struct RunState {
     flags: Arc<RunFlags>,
     cancel: CancellationToken,
     deadline: Instant,
+    /// Fuel metering is on.
+    fuel_on: bool,
+    /// Fuel the guest may still spend as of the last epoch check, less what
+    /// host calls charged since: what a host call may still spend.
+    fuel_left: u64,
+    /// Fuel host calls charged in all. Kept beside the store's own counter,
+    /// not taken from it: compiled wasm caches its fuel in a register across
+    /// the epoch check, so a `set_fuel` there would be lost.
+    host_fuel: u64,
+}
+
+impl RunState {
+    /// Charges host-side work to the guest's fuel. A guest that cannot pay
+    /// traps at once with `fuel_exhausted`, and the work is not done.
+    pub(crate) fn charge(&mut self, fuel: u64) -> wasmtime::Result<()> {
+        if !self.fuel_on {
+            return Ok(());
+        }
+        if fuel > self.fuel_left {
+            self.host_fuel += std::mem::take(&mut self.fuel_left);
+            return Err(Trap::OutOfFuel.into());
+        }
+        self.fuel_left -= fuel;
+        self.host_fuel += fuel;
+        Ok(())
+    }
+
+    /// Refuses (trapping as `memory_limit`) an answer of `bytes` that one
+    /// host call may not build, or that the instance's memory limit leaves
+    /// no room for: the guest could not take it anyway.
+    pub(crate) fn result_bytes(&mut self, bytes: usize) -> wasmtime::Result<()> {
+        let bytes = bytes as u64;
+        if bytes > super::bindings::MAX_RESULT_BYTES as u64 || !self.limiter.has_room(bytes) {
+            self.flags.memory_denied.store(true, Ordering::Release);
+            return Err(wasmtime::Error::msg(format!(
+                "a host call's answer of {bytes} bytes exceeds what this job may hold"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Re-reads what the guest may spend from the store's counter (`store`:
+    /// fuel the store has left). `false` once wasm and host calls together
+    /// have spent the limit.
+    fn observe_fuel(&mut self, store: u64) -> bool {
+        self.fuel_left = store.saturating_sub(self.host_fuel);
+        self.fuel_left > 0
+    }
 }
 
 impl WasiView for RunState {
@@ -111,39 +167,35 @@ async fn run_inner(env: RunEnv, mut req: RunRequest) -> RunReport {
             new_state: None,
         };
     }
-    let timeout = Duration::from_millis(req.limits.timeout_ms);
-    let cancel = req.cancel.clone();
     let stdout = Capture::new(env.capture_bytes);
     let stderr = Capture::new(env.capture_bytes);
     let log = Arc::new(Mutex::new(LogLines::new(env.capture_bytes)));
-    let pieces = (stdout.clone(), stderr.clone(), log.clone());
-
-    let attempt = attempt(env, req, started, &stdout, &stderr, log.clone());
-    let early = tokio::select! {
-        biased;
-        r = tokio::time::timeout(timeout + BACKSTOP_GRACE, attempt) => match r {
-            Ok(done) => Ok(done),
-            Err(_) => Err(RunOutcome::Failed {
-                kind: ErrorKind::Timeout,
-                message: format!("wall-clock limit of {} ms exceeded", timeout.as_millis()),
-            }),
-        },
-        _ = async { cancel.cancelled().await; tokio::time::sleep(CANCEL_GRACE).await } => {
-            Err(RunOutcome::Interrupted)
-        }
-    };
-    let (outcome, fuel_used, new_state) = match early {
-        Ok(done) => done,
-        // Dropped from outside: the store is gone with its fuel counter.
-        Err(outcome) => (outcome, 0, None),
-    };
-    let (stdout, stderr, log) = pieces;
+    let (outcome, fuel_used, new_state) =
+        attempt(env, req, started, &stdout, &stderr, log.clone()).await;
     RunReport {
         outcome,
         fuel_used,
         wall_ms: started.elapsed().as_millis() as u64,
         log: assemble_log(&log, &stdout, &stderr),
         new_state,
+    }
+}
+
+/// Resolves once the run must be dropped from outside: its wall clock plus
+/// [`BACKSTOP_GRACE`] is over, or [`CANCEL_GRACE`] after `cancel`. The epoch
+/// check stops running wasm before either; this stops a guest parked in a
+/// host call (e.g. a WASI sleep), where no epoch check runs.
+async fn backstop(started: Instant, timeout: Duration, cancel: &CancellationToken) -> RunOutcome {
+    let until = tokio::time::Instant::from_std(started + timeout + BACKSTOP_GRACE);
+    tokio::select! {
+        biased;
+        _ = tokio::time::sleep_until(until) => RunOutcome::Failed {
+            kind: ErrorKind::Timeout,
+            message: format!("wall-clock limit of {} ms exceeded", timeout.as_millis()),
+        },
+        _ = async { cancel.cancelled().await; tokio::time::sleep(CANCEL_GRACE).await } => {
+            RunOutcome::Interrupted
+        }
     }
 }
 
@@ -174,6 +226,7 @@ async fn attempt(
         cancel,
         ..
     } = req;
+    let backstop_cancel = cancel.clone();
     let pre: &AgentPre<RunState> = &component.pre;
     let engine = pre.engine();
     let flags = Arc::new(RunFlags::default());
@@ -194,13 +247,18 @@ async fn attempt(
         new_state: None,
         log,
         flags: flags.clone(),
-        cancel,
+        cancel: cancel.clone(),
         deadline: started + Duration::from_millis(limits.timeout_ms),
+        fuel_on: env.fuel,
+        fuel_left: limits.fuel,
+        host_fuel: 0,
     };
     let mut store = Store::new(engine, data);
     store.limiter(|s| &mut s.limiter);
     if env.fuel
-        && let Err(e) = store.set_fuel(limits.fuel)
+        && let Err(e) = store
+            .set_fuel(limits.fuel)
+            .and_then(|()| store.fuel_async_yield_interval(Some(FUEL_SYNC_INTERVAL)))
     {
         return (host_failure(e), 0, None);
     }
@@ -209,7 +267,13 @@ async fn attempt(
     // the other tasks of its tokio worker thread.
     let every = ticks_for(CHECK_EVERY.max(EPOCH_TICK));
     store.set_epoch_deadline(every);
-    store.epoch_deadline_callback(move |ctx| {
+    store.epoch_deadline_callback(move |mut ctx| {
+        if ctx.data().fuel_on {
+            let fuel = ctx.get_fuel()?;
+            if !ctx.data_mut().observe_fuel(fuel) {
+                return Err(Trap::OutOfFuel.into());
+            }
+        }
         let d = ctx.data();
         if d.cancel.is_cancelled() {
             d.flags.cancelled.store(true, Ordering::Release);
@@ -222,22 +286,40 @@ async fn attempt(
         Ok(UpdateDeadline::Yield(every))
     });
 
-    let result = match pre.instantiate_async(&mut store).await {
-        Ok(agent) => agent.call_run(&mut store, &input).await,
-        Err(e) => Err(e),
+    // The call is raced against the backstop *inside* the store's owner:
+    // dropping the call unwinds the guest's fiber but keeps the store, so
+    // the fuel it burnt is still read below however the run ended. (A run
+    // dropped while parked in a host call used to report 0 fuel: a guest
+    // could compute, log its answer and sleep to its deadline for free.)
+    let timeout = Duration::from_millis(limits.timeout_ms);
+    let call = async {
+        match pre.instantiate_async(&mut store).await {
+            Ok(agent) => agent.call_run(&mut store, &input).await.map_err(Stop::Run),
+            Err(e) => Err(Stop::Instantiate(e)),
+        }
+    };
+    let result = tokio::select! {
+        biased;
+        r = call => Ok(r),
+        stopped = backstop(started, timeout, &backstop_cancel) => Err(stopped),
     };
     let fuel_used = if env.fuel {
-        limits.fuel.saturating_sub(store.get_fuel().unwrap_or(0))
+        // What wasm burnt plus what host calls charged, never past the
+        // limit (a host call may find the guest a few instructions short).
+        let wasm = limits.fuel.saturating_sub(store.get_fuel().unwrap_or(0));
+        wasm.saturating_add(store.data().host_fuel).min(limits.fuel)
     } else {
         0
     };
     let outcome = match result {
-        Ok(Ok(output)) => RunOutcome::Ok(output),
-        Ok(Err(message)) => RunOutcome::Failed {
+        Ok(Ok(Ok(output))) => RunOutcome::Ok(output),
+        Ok(Ok(Err(message))) => RunOutcome::Failed {
             kind: ErrorKind::AgentError,
             message,
         },
-        Err(e) => classify(&e, &flags, limits.timeout_ms),
+        Ok(Err(Stop::Run(e))) => classify(&e, &flags, limits.timeout_ms),
+        Ok(Err(Stop::Instantiate(e))) => classify_instantiation(&e, &flags, limits.timeout_ms),
+        Err(stopped) => stopped,
     };
     let new_state = match outcome {
         RunOutcome::Ok(_) => store.data_mut().new_state.take(),
@@ -246,6 +328,39 @@ async fn attempt(
         _ => None,
     };
     (outcome, fuel_used, new_state)
+}
+
+/// Where a run stopped with an error.
+enum Stop {
+    /// Instantiating the component failed.
+    Instantiate(wasmtime::Error),
+    /// `run` trapped or a limit stopped it.
+    Run(wasmtime::Error),
+}
+
+/// Instantiation failed. The pool being full is the node's fault (the job
+/// goes back to the queue uncharged); a limit the start code hit is that
+/// limit; anything else will fail the same way every time (a start function
+/// that traps, a data segment out of bounds): the component is invalid.
+fn classify_instantiation(e: &wasmtime::Error, flags: &RunFlags, timeout_ms: u64) -> RunOutcome {
+    if e.downcast_ref::<wasmtime::PoolConcurrencyLimitError>()
+        .is_some()
+    {
+        return RunOutcome::Failed {
+            kind: ErrorKind::NodeFault,
+            message: format!("this node is out of instance slots: {}", describe(e)),
+        };
+    }
+    match classify(e, flags, timeout_ms) {
+        RunOutcome::Failed {
+            kind: ErrorKind::Trap,
+            message,
+        } => RunOutcome::Failed {
+            kind: ErrorKind::InvalidComponent,
+            message: format!("the component cannot be instantiated: {message}"),
+        },
+        other => other,
+    }
 }
 
 /// Maps how the guest stopped to the contract's error kinds. The flags

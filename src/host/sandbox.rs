@@ -9,6 +9,9 @@ use tokio::io::AsyncWrite;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder};
 
+/// Bytes one `wasi:random` call may ask for.
+pub(crate) const MAX_RANDOM_BYTES: u64 = 64 << 10;
+
 /// Appended where output was dropped, so a reader knows the log is partial.
 pub(crate) const TRUNCATED: &str = "[... output truncated]";
 
@@ -23,6 +26,10 @@ pub(crate) fn wasi_ctx(stdout: &Capture, stderr: &Capture) -> WasiCtx {
         .allow_ip_name_lookup(false)
         .socket_addr_check(|_, _| Box::pin(async { false }))
         .allow_blocking_current_thread(false)
+        // One `get-random-bytes` call builds its answer in host memory; the
+        // default (64 MiB) let a guest make the host allocate far more per
+        // call than its own memory limit. Real callers ask for a few bytes.
+        .max_random_size(MAX_RANDOM_BYTES)
         .stdout(stdout.clone())
         .stderr(stderr.clone());
     b.build()

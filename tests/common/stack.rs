@@ -53,6 +53,8 @@ pub struct Opts {
     pub retention_ms: Option<u64>,
     /// Standalone Redis with `appendfsync always` (survives a restart).
     pub durable_redis: bool,
+    /// Instance slots of the worker's pool.
+    pub max_instances: u32,
 }
 
 impl Default for Opts {
@@ -64,6 +66,7 @@ impl Default for Opts {
             cluster: None,
             retention_ms: None,
             durable_redis: false,
+            max_instances: 16,
         }
     }
 }
@@ -115,7 +118,7 @@ impl Stack {
         if let Some(slots) = opts.worker_slots {
             let host = Arc::new(
                 Host::new(HostConfig {
-                    max_instances: 16,
+                    max_instances: opts.max_instances,
                     ..HostConfig::default()
                 })
                 .expect("host"),
