@@ -24,6 +24,7 @@ mod cache;
 mod compile;
 mod engine;
 mod limits;
+mod random;
 mod run;
 mod sandbox;
 mod structure;
@@ -230,6 +231,7 @@ impl Host {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
         bindings::Agent::add_to_linker::<_, HasSelf<run::RunState>>(&mut linker, |s| s)?;
+        random::shadow(&mut linker)?;
         let compiler = cache::Compiler::new(engine, linker, &cfg)?;
         Ok(Host {
             components: cache::ComponentCache::new(cfg.component_cache_bytes),
