@@ -97,9 +97,7 @@ impl MemoryLimiter {
     /// the end of the run; the copy into guest memory is charged on top,
     /// as both exist while it is made.
     pub fn reserve_answer(&mut self, bytes: u64) -> bool {
-        if self.used.saturating_add(bytes) > self.instance_limit
-            || !self.tenant.try_charge(bytes)
-        {
+        if self.used.saturating_add(bytes) > self.instance_limit || !self.tenant.try_charge(bytes) {
             return false;
         }
         self.answer += bytes;

@@ -10,7 +10,8 @@
 //!
 //! Inside: `engine` builds the wasmtime engine and the epoch ticker,
 //! `bindings` the `agent` world and its host imports, `sandbox` WASI with
-//! nothing granted, `limits` the memory limiter and tenant budgets,
+//! nothing granted, `random` its `wasi:random` served and charged by the
+//! host, `limits` the memory limiter and tenant budgets,
 //! `admission` the upload checks, `cache` the compiled-component cache, and
 //! `run` one attempt and the classification of how it ended.
 //!

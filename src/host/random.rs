@@ -71,4 +71,3 @@ impl insecure_seed::Host for RunState {
         insecure_seed::Host::insecure_seed(self.wasi().random())
     }
 }
-
