@@ -422,6 +422,97 @@ async fn answers_the_host_holds_are_charged_to_the_tenant_budget() {
     assert_eq!(again.outcome, RunOutcome::Ok("ok".into()), "{}", again.log);
 }
 
+/// A component whose `run` sets its state to the 8 MiB at 4096 of its
+/// memory and answers `ok`; with `spin` it then spins forever instead.
+fn state_writer(spin: bool) -> Vec<u8> {
+    let spin = if spin { "(loop $s (br $s))" } else { "" };
+    let wat = format!(
+        r#"(component
+  (import "agentplane:agent/state@0.1.0" (instance $state
+    (export "set" (func (param "value" (list u8)) (result (result (error string)))))))
+  (core module $libc
+    (memory (export "memory") {READER_PAGES})
+    (func (export "realloc") (param i32 i32 i32 i32) (result i32) (i32.const 4096)))
+  (core instance $libc (instantiate $libc))
+  (core func $set (canon lower (func $state "set")
+    (memory (core memory $libc "memory")) (realloc (core func $libc "realloc"))))
+  (core module $m
+    (import "libc" "memory" (memory 1))
+    (import "state" "set" (func $set (param i32 i32 i32)))
+    (data (i32.const 100) "ok")
+    (func (export "run") (param i32 i32) (result i32)
+      (call $set (i32.const 4096) (i32.const 8388608) (i32.const 16))
+      {spin}
+      (i32.store (i32.const 0) (i32.const 0))
+      (i32.store (i32.const 4) (i32.const 100))
+      (i32.store (i32.const 8) (i32.const 2))
+      (i32.const 0)))
+  (core instance $i (instantiate $m
+    (with "libc" (instance $libc))
+    (with "state" (instance (export "set" (func $set))))))
+  (func (export "run") (param "input" string) (result (result string (error string)))
+    (canon lift (core func $i "run") (memory (core memory $libc "memory"))
+      (realloc (core func $libc "realloc"))))
+)"#
+    );
+    wat::parse_str(&wat).expect("valid component text")
+}
+
+/// 7.5: the value of `state.set` is kept by the host for the rest of the
+/// run (to be committed if the job succeeds), outside every linear memory,
+/// and was charged to nobody: each instance of a tenant could make the node
+/// keep up to 16 MiB beyond its budget while it went on running. Now it is
+/// held against the tenant's budget until replaced or the run ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn state_the_host_keeps_is_charged_to_the_tenant_budget() {
+    let state = 8 * MIB;
+    let memory = READER_PAGES << 16;
+    let host = Arc::new(
+        Host::new(HostConfig {
+            tenant_memory_budget: 2 * memory + state + state / 2,
+            ..cfg()
+        })
+        .unwrap(),
+    );
+    let spinner = load_bytes(&host, state_writer(true)).await;
+    let writer = load_bytes(&host, state_writer(false)).await;
+    let req = |c: &Arc<LoadedComponent>, tenant: &str| {
+        let mut r = request(c, "", limits());
+        r.tenant = tenant.into();
+        r.limits.fuel = u64::MAX;
+        r
+    };
+    let holding = req(&spinner, "t1");
+    let stop = holding.cancel.clone();
+    let held = {
+        let host = host.clone();
+        tokio::spawn(async move { host.run(holding).await })
+    };
+    let waited = Instant::now();
+    while host.tenant_memory_in_use("t1") < memory + state {
+        assert!(
+            waited.elapsed() < Duration::from_secs(10),
+            "the state kept for the guest was never charged: t1 holds {} bytes",
+            host.tenant_memory_in_use("t1")
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let second = host.run(req(&writer, "t1")).await;
+    assert_eq!(
+        failed(&second).0,
+        ErrorKind::MemoryLimit,
+        "log:\n{}",
+        second.log
+    );
+    let other = host.run(req(&writer, "t2")).await;
+    assert_eq!(other.outcome, RunOutcome::Ok("ok".into()), "{}", other.log);
+    assert_eq!(other.new_state.map(|s| s.len()), Some(state as usize));
+    stop.cancel();
+    assert_eq!(held.await.unwrap().outcome, RunOutcome::Interrupted);
+    assert_eq!(host.tenant_memory_in_use("t1"), 0);
+    assert_eq!(host.tenant_memory_in_use("t2"), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancellation_interrupts_a_runaway_at_once() {
     let host = Host::new(cfg()).unwrap();

@@ -240,6 +240,9 @@ impl state::Host for RunState {
                 value.len()
             )));
         }
+        // The value it replaces is dropped here, so it stops counting.
+        self.new_state = None;
+        self.keep_state(value.len())?;
         self.new_state = Some(value);
         Ok(Ok(()))
     }

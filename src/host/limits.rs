@@ -70,6 +70,9 @@ pub(crate) struct MemoryLimiter {
     /// Bytes of a host call's answer charged to the tenant while the host
     /// holds them (see [`MemoryLimiter::reserve_answer`]).
     answer: u64,
+    /// Bytes of the `state.set` value the host keeps for the run, charged
+    /// to the tenant (see [`MemoryLimiter::keep_state`]).
+    kept: u64,
     tenant: Arc<TenantBudget>,
     flags: Arc<RunFlags>,
 }
@@ -82,6 +85,7 @@ impl MemoryLimiter {
             charged: 0,
             pending: 0,
             answer: 0,
+            kept: 0,
             tenant,
             flags,
         }
@@ -101,6 +105,20 @@ impl MemoryLimiter {
             return false;
         }
         self.answer += bytes;
+        true
+    }
+
+    /// Charges the `bytes` of a `state.set` value to the tenant's budget in
+    /// place of the value it replaces, if they fit. The host keeps the value
+    /// outside every linear memory until the run ends (it is committed only
+    /// then): unpaid, every instance of a tenant could make the node keep up
+    /// to 16 MiB beyond the tenant's budget for as long as it runs.
+    pub fn keep_state(&mut self, bytes: u64) -> bool {
+        self.tenant.release(std::mem::take(&mut self.kept));
+        if !self.tenant.try_charge(bytes) {
+            return false;
+        }
+        self.kept = bytes;
         true
     }
 
@@ -174,7 +192,7 @@ impl wasmtime::ResourceLimiter for MemoryLimiter {
 
 impl Drop for MemoryLimiter {
     fn drop(&mut self) {
-        self.tenant.release(self.charged + self.answer);
+        self.tenant.release(self.charged + self.answer + self.kept);
     }
 }
 
@@ -211,6 +229,14 @@ mod tests {
         a.release_answer();
         assert_eq!(tenant.used.load(Ordering::Acquire), 30);
         assert!(a.reserve_answer(40));
+        assert!(a.keep_state(20));
+        assert!(
+            !a.keep_state(31),
+            "a value is replaced, not added: 70 + 31 > 100"
+        );
+        assert_eq!(tenant.used.load(Ordering::Acquire), 70);
+        assert!(a.keep_state(30));
+        assert_eq!(tenant.used.load(Ordering::Acquire), 100);
         drop(a);
         assert_eq!(tenant.used.load(Ordering::Acquire), 0);
     }

@@ -131,10 +131,24 @@ impl RunState {
         Ok(())
     }
 
+    /// Charges the `state.set` value of `bytes` the host keeps for the rest
+    /// of the run to its tenant's node memory budget, in place of the one it
+    /// replaces; traps as `memory_limit` if the budget does not hold it.
+    pub(crate) fn keep_state(&mut self, bytes: usize) -> wasmtime::Result<()> {
+        if !self.limiter.keep_state(bytes as u64) {
+            return self.refuse("the state set", bytes);
+        }
+        Ok(())
+    }
+
     fn refuse_answer(&mut self, bytes: usize) -> wasmtime::Result<()> {
+        self.refuse("a host call's answer", bytes)
+    }
+
+    fn refuse(&mut self, what: &str, bytes: usize) -> wasmtime::Result<()> {
         self.flags.memory_denied.store(true, Ordering::Release);
         Err(wasmtime::Error::msg(format!(
-            "a host call's answer of {bytes} bytes exceeds what this job may hold"
+            "{what} of {bytes} bytes exceeds what this job may hold"
         )))
     }
 
