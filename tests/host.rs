@@ -306,6 +306,213 @@ async fn a_tenant_over_its_node_budget_gets_memory_limit_and_others_are_unaffect
     assert_eq!(r.outcome, RunOutcome::Ok("held 40 MiB for 10 ms".into()));
 }
 
+async fn load_bytes(host: &Host, bytes: Vec<u8>) -> Arc<LoadedComponent> {
+    let digest = host.admit(&bytes).expect("component admitted").digest;
+    host.component(&digest, || async move { Ok(Some(bytes)) })
+        .await
+        .expect("component compiles")
+}
+
+/// Pages of [`state_reader`]'s memory: room for an 8 MiB answer at 4096.
+const READER_PAGES: u64 = 130;
+
+/// A component whose `run` reads its state (`state.get`) and answers `ok`.
+/// Its memory is declared whole and every allocation lands at 4096, so the
+/// answer is taken without growing anything. With `spin`, its `realloc`
+/// spins forever once asked for 1 MiB or more: the host is left holding
+/// the state it built for the guest, mid-copy, until the run is stopped.
+fn state_reader(spin: bool) -> Vec<u8> {
+    let spin = if spin {
+        "(if (i32.ge_u (local.get 3) (i32.const 1048576)) (then (loop $s (br $s))))"
+    } else {
+        ""
+    };
+    let wat = format!(
+        r#"(component
+  (import "agentplane:agent/state@0.1.0" (instance $state
+    (export "get" (func (result (option (list u8)))))))
+  (core module $libc
+    (memory (export "memory") {READER_PAGES})
+    (func (export "realloc") (param i32 i32 i32 i32) (result i32)
+      {spin}
+      (i32.const 4096)))
+  (core instance $libc (instantiate $libc))
+  (core func $get (canon lower (func $state "get")
+    (memory (core memory $libc "memory")) (realloc (core func $libc "realloc"))))
+  (core module $m
+    (import "libc" "memory" (memory 1))
+    (import "state" "get" (func $get (param i32)))
+    (data (i32.const 100) "ok")
+    (func (export "run") (param i32 i32) (result i32)
+      (call $get (i32.const 16))
+      (i32.store (i32.const 0) (i32.const 0))
+      (i32.store (i32.const 4) (i32.const 100))
+      (i32.store (i32.const 8) (i32.const 2))
+      (i32.const 0)))
+  (core instance $i (instantiate $m
+    (with "libc" (instance $libc))
+    (with "state" (instance (export "get" (func $get))))))
+  (func (export "run") (param "input" string) (result (result string (error string)))
+    (canon lift (core func $i "run") (memory (core memory $libc "memory"))
+      (realloc (core func $libc "realloc"))))
+)"#
+    );
+    wat::parse_str(&wat).expect("valid component text")
+}
+
+/// 7.5: the bytes a host call builds for the guest (here a state read; hits
+/// and tools the same) were checked against the tenant's budget but not
+/// charged while the host held them: every instance of a tenant could make
+/// the node hold one more answer than the budget. Now an answer is charged
+/// from when it is measured to the guest's next host call: one tenant's
+/// second answer that does not fit is `memory_limit`, another tenant runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn answers_the_host_holds_are_charged_to_the_tenant_budget() {
+    let answer = 8 * MIB;
+    let memory = READER_PAGES << 16;
+    // Two readers' memories and one answer fit; a second answer does not.
+    let host = Arc::new(
+        Host::new(HostConfig {
+            tenant_memory_budget: 2 * memory + answer + answer / 2,
+            ..cfg()
+        })
+        .unwrap(),
+    );
+    let spinner = load_bytes(&host, state_reader(true)).await;
+    let reader = load_bytes(&host, state_reader(false)).await;
+    let req = |c: &Arc<LoadedComponent>, tenant: &str| {
+        let mut r = request(c, "", limits());
+        r.tenant = tenant.into();
+        r.state = Some(vec![7; answer as usize]);
+        r.limits.fuel = u64::MAX;
+        r
+    };
+    let holding = req(&spinner, "t1");
+    let stop = holding.cancel.clone();
+    let held = {
+        let host = host.clone();
+        tokio::spawn(async move { host.run(holding).await })
+    };
+    // The spinner's memory and the answer the host built for it.
+    let waited = Instant::now();
+    while host.tenant_memory_in_use("t1") < memory + answer {
+        assert!(
+            waited.elapsed() < Duration::from_secs(10),
+            "the answer held for the guest was never charged: t1 holds {} bytes",
+            host.tenant_memory_in_use("t1")
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let second = host.run(req(&reader, "t1")).await;
+    assert_eq!(
+        failed(&second).0,
+        ErrorKind::MemoryLimit,
+        "log:\n{}",
+        second.log
+    );
+    assert!(second.fuel_used > 0, "the refused call was billed");
+    let other = host.run(req(&reader, "t2")).await;
+    assert_eq!(other.outcome, RunOutcome::Ok("ok".into()), "{}", other.log);
+    stop.cancel();
+    assert_eq!(held.await.unwrap().outcome, RunOutcome::Interrupted);
+    assert_eq!(host.tenant_memory_in_use("t1"), 0);
+    assert_eq!(host.tenant_memory_in_use("t2"), 0);
+    // Once the holder is gone the same read fits again.
+    let again = host.run(req(&reader, "t1")).await;
+    assert_eq!(again.outcome, RunOutcome::Ok("ok".into()), "{}", again.log);
+}
+
+/// A component whose `run` sets its state to the 8 MiB at 4096 of its
+/// memory and answers `ok`; with `spin` it then spins forever instead.
+fn state_writer(spin: bool) -> Vec<u8> {
+    let spin = if spin { "(loop $s (br $s))" } else { "" };
+    let wat = format!(
+        r#"(component
+  (import "agentplane:agent/state@0.1.0" (instance $state
+    (export "set" (func (param "value" (list u8)) (result (result (error string)))))))
+  (core module $libc
+    (memory (export "memory") {READER_PAGES})
+    (func (export "realloc") (param i32 i32 i32 i32) (result i32) (i32.const 4096)))
+  (core instance $libc (instantiate $libc))
+  (core func $set (canon lower (func $state "set")
+    (memory (core memory $libc "memory")) (realloc (core func $libc "realloc"))))
+  (core module $m
+    (import "libc" "memory" (memory 1))
+    (import "state" "set" (func $set (param i32 i32 i32)))
+    (data (i32.const 100) "ok")
+    (func (export "run") (param i32 i32) (result i32)
+      (call $set (i32.const 4096) (i32.const 8388608) (i32.const 16))
+      {spin}
+      (i32.store (i32.const 0) (i32.const 0))
+      (i32.store (i32.const 4) (i32.const 100))
+      (i32.store (i32.const 8) (i32.const 2))
+      (i32.const 0)))
+  (core instance $i (instantiate $m
+    (with "libc" (instance $libc))
+    (with "state" (instance (export "set" (func $set))))))
+  (func (export "run") (param "input" string) (result (result string (error string)))
+    (canon lift (core func $i "run") (memory (core memory $libc "memory"))
+      (realloc (core func $libc "realloc"))))
+)"#
+    );
+    wat::parse_str(&wat).expect("valid component text")
+}
+
+/// 7.5: the value of `state.set` is kept by the host for the rest of the
+/// run (to be committed if the job succeeds), outside every linear memory,
+/// and was charged to nobody: each instance of a tenant could make the node
+/// keep up to 16 MiB beyond its budget while it went on running. Now it is
+/// held against the tenant's budget until replaced or the run ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn state_the_host_keeps_is_charged_to_the_tenant_budget() {
+    let state = 8 * MIB;
+    let memory = READER_PAGES << 16;
+    let host = Arc::new(
+        Host::new(HostConfig {
+            tenant_memory_budget: 2 * memory + state + state / 2,
+            ..cfg()
+        })
+        .unwrap(),
+    );
+    let spinner = load_bytes(&host, state_writer(true)).await;
+    let writer = load_bytes(&host, state_writer(false)).await;
+    let req = |c: &Arc<LoadedComponent>, tenant: &str| {
+        let mut r = request(c, "", limits());
+        r.tenant = tenant.into();
+        r.limits.fuel = u64::MAX;
+        r
+    };
+    let holding = req(&spinner, "t1");
+    let stop = holding.cancel.clone();
+    let held = {
+        let host = host.clone();
+        tokio::spawn(async move { host.run(holding).await })
+    };
+    let waited = Instant::now();
+    while host.tenant_memory_in_use("t1") < memory + state {
+        assert!(
+            waited.elapsed() < Duration::from_secs(10),
+            "the state kept for the guest was never charged: t1 holds {} bytes",
+            host.tenant_memory_in_use("t1")
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let second = host.run(req(&writer, "t1")).await;
+    assert_eq!(
+        failed(&second).0,
+        ErrorKind::MemoryLimit,
+        "log:\n{}",
+        second.log
+    );
+    let other = host.run(req(&writer, "t2")).await;
+    assert_eq!(other.outcome, RunOutcome::Ok("ok".into()), "{}", other.log);
+    assert_eq!(other.new_state.map(|s| s.len()), Some(state as usize));
+    stop.cancel();
+    assert_eq!(held.await.unwrap().outcome, RunOutcome::Interrupted);
+    assert_eq!(host.tenant_memory_in_use("t1"), 0);
+    assert_eq!(host.tenant_memory_in_use("t2"), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancellation_interrupts_a_runaway_at_once() {
     let host = Host::new(cfg()).unwrap();

@@ -6,8 +6,10 @@
 //! oversized state) is the inner WIT `result`'s `Err`. A call traps only on a
 //! limit: the fuel it costs (see `CALL_FUEL`, `BYTES_PER_FUEL` and each
 //! function) is more than the guest has left (`fuel_exhausted`), or its
-//! answer is larger than `MAX_RESULT_BYTES` or than the instance's memory
-//! limit leaves room for (`memory_limit`).
+//! answer is larger than `MAX_RESULT_BYTES`, than the instance's memory
+//! limit leaves room for, or than its tenant's node memory budget holds
+//! (`memory_limit`). An answer is charged to that budget while the host
+//! holds it: from when it is measured to the guest's next host call.
 
 use super::run::RunState;
 use crate::context::HeavyContext;
@@ -142,7 +144,7 @@ impl context::Host for RunState {
         embedding: Vec<f32>,
         k: u32,
     ) -> wasmtime::Result<Result<Vec<context::Hit>, String>> {
-        self.charge(CALL_FUEL + byte_fuel(embedding.len() * 4))?;
+        self.begin_call(CALL_FUEL + byte_fuel(embedding.len() * 4))?;
         if embedding.len() > MAX_EMBEDDING_DIM {
             return Ok(Err(format!(
                 "embedding has {} dimensions; at most {MAX_EMBEDDING_DIM} are accepted",
@@ -169,7 +171,7 @@ impl context::Host for RunState {
         query: String,
         k: u32,
     ) -> wasmtime::Result<Result<Vec<context::Hit>, String>> {
-        self.charge(CALL_FUEL + byte_fuel(query.len()))?;
+        self.begin_call(CALL_FUEL + byte_fuel(query.len()))?;
         if query.len() > MAX_QUERY_BYTES {
             return Ok(Err(format!(
                 "query is {} bytes; at most {MAX_QUERY_BYTES} are accepted",
@@ -190,7 +192,7 @@ impl context::Host for RunState {
     }
 
     async fn tools(&mut self) -> wasmtime::Result<Vec<context::Tool>> {
-        self.charge(CALL_FUEL)?;
+        self.begin_call(CALL_FUEL)?;
         // A context is mounted once however many names the job gave it:
         // the same registry under 16 names used to be copied 16 times.
         let mut unique: Vec<Arc<HeavyContext>> = Vec::new();
@@ -222,18 +224,25 @@ impl context::Host for RunState {
 impl state::Host for RunState {
     async fn get(&mut self) -> wasmtime::Result<Option<Vec<u8>>> {
         let bytes = self.state.as_ref().map_or(0, |s| s.len());
-        self.charge(CALL_FUEL + byte_fuel(bytes))?;
+        self.begin_call(CALL_FUEL + byte_fuel(bytes))?;
+        // The copy handed out is a second one, beside the state the run
+        // keeps: paid for like any other answer (state may exceed
+        // `MAX_RESULT_BYTES`: what a job may set, it may read back).
+        self.hold_answer(bytes)?;
         Ok(self.state.clone())
     }
 
     async fn set(&mut self, value: Vec<u8>) -> wasmtime::Result<Result<(), String>> {
-        self.charge(CALL_FUEL + byte_fuel(value.len()))?;
+        self.begin_call(CALL_FUEL + byte_fuel(value.len()))?;
         if value.len() > MAX_STATE_BYTES {
             return Ok(Err(format!(
                 "state is {} bytes; at most {MAX_STATE_BYTES} are accepted",
                 value.len()
             )));
         }
+        // The value it replaces is dropped here, so it stops counting.
+        self.new_state = None;
+        self.keep_state(value.len())?;
         self.new_state = Some(value);
         Ok(Ok(()))
     }
@@ -241,7 +250,7 @@ impl state::Host for RunState {
 
 impl log::Host for RunState {
     async fn write(&mut self, level: log::Level, message: String) -> wasmtime::Result<()> {
-        self.charge(CALL_FUEL + byte_fuel(message.len()))?;
+        self.begin_call(CALL_FUEL + byte_fuel(message.len()))?;
         let level = match level {
             log::Level::Debug => "debug",
             log::Level::Info => "info",

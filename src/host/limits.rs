@@ -67,6 +67,12 @@ pub(crate) struct MemoryLimiter {
     charged: u64,
     /// The last growth granted, refunded if the allocation then failed.
     pending: u64,
+    /// Bytes of a host call's answer charged to the tenant while the host
+    /// holds them (see [`MemoryLimiter::reserve_answer`]).
+    answer: u64,
+    /// Bytes of the `state.set` value the host keeps for the run, charged
+    /// to the tenant (see [`MemoryLimiter::keep_state`]).
+    kept: u64,
     tenant: Arc<TenantBudget>,
     flags: Arc<RunFlags>,
 }
@@ -78,21 +84,49 @@ impl MemoryLimiter {
             used: 0,
             charged: 0,
             pending: 0,
+            answer: 0,
+            kept: 0,
             tenant,
             flags,
         }
     }
 
-    /// Whether `bytes` more would fit under the instance's limit and the
-    /// tenant's remaining budget (nothing is charged).
-    pub fn has_room(&self, bytes: u64) -> bool {
-        self.used.saturating_add(bytes) <= self.instance_limit
-            && self
-                .tenant
-                .used
-                .load(Ordering::Acquire)
-                .saturating_add(bytes)
-                <= self.tenant.limit
+    /// Charges `bytes` a host call built for the guest (hits, tools, a state
+    /// read, random bytes) to the tenant's budget, if they fit under it and
+    /// the instance's limit leaves room to take them. The host holds such an
+    /// answer outside every linear memory until it is copied in: unpaid,
+    /// every instance of a tenant could make the node hold one answer (up to
+    /// 16 MiB) beyond the tenant's budget. Held until
+    /// [`MemoryLimiter::release_answer`] (the guest's next host call) or
+    /// the end of the run; the copy into guest memory is charged on top,
+    /// as both exist while it is made.
+    pub fn reserve_answer(&mut self, bytes: u64) -> bool {
+        if self.used.saturating_add(bytes) > self.instance_limit || !self.tenant.try_charge(bytes) {
+            return false;
+        }
+        self.answer += bytes;
+        true
+    }
+
+    /// Charges the `bytes` of a `state.set` value to the tenant's budget in
+    /// place of the value it replaces, if they fit. The host keeps the value
+    /// outside every linear memory until the run ends (it is committed only
+    /// then): unpaid, every instance of a tenant could make the node keep up
+    /// to 16 MiB beyond the tenant's budget for as long as it runs.
+    pub fn keep_state(&mut self, bytes: u64) -> bool {
+        self.tenant.release(std::mem::take(&mut self.kept));
+        if !self.tenant.try_charge(bytes) {
+            return false;
+        }
+        self.kept = bytes;
+        true
+    }
+
+    /// Gives back the answer charged by [`MemoryLimiter::reserve_answer`]:
+    /// the guest made another host call, so the last answer has been copied
+    /// into its memory (or dropped) by now.
+    pub fn release_answer(&mut self) {
+        self.tenant.release(std::mem::take(&mut self.answer));
     }
 
     fn deny(&self) -> wasmtime::Result<bool> {
@@ -158,7 +192,7 @@ impl wasmtime::ResourceLimiter for MemoryLimiter {
 
 impl Drop for MemoryLimiter {
     fn drop(&mut self) {
-        self.tenant.release(self.charged);
+        self.tenant.release(self.charged + self.answer + self.kept);
     }
 }
 
@@ -180,6 +214,30 @@ mod tests {
         drop(a);
         assert_eq!(tenant.used.load(Ordering::Acquire), 40);
         drop(b);
+        assert_eq!(tenant.used.load(Ordering::Acquire), 0);
+    }
+
+    #[test]
+    fn answers_are_held_against_the_tenant_until_released_or_dropped() {
+        let tenant = Arc::new(TenantBudget::new(100));
+        let mut a = MemoryLimiter::new(80, tenant.clone(), Default::default());
+        assert!(a.memory_growing(0, 30, None).unwrap());
+        assert!(!a.reserve_answer(51), "instance cap: 30 + 51 > 80");
+        assert!(a.reserve_answer(50));
+        assert!(!a.reserve_answer(21), "tenant budget: 80 + 21 > 100");
+        assert_eq!(tenant.used.load(Ordering::Acquire), 80);
+        a.release_answer();
+        assert_eq!(tenant.used.load(Ordering::Acquire), 30);
+        assert!(a.reserve_answer(40));
+        assert!(a.keep_state(20));
+        assert!(
+            !a.keep_state(31),
+            "a value is replaced, not added: 70 + 31 > 100"
+        );
+        assert_eq!(tenant.used.load(Ordering::Acquire), 70);
+        assert!(a.keep_state(30));
+        assert_eq!(tenant.used.load(Ordering::Acquire), 100);
+        drop(a);
         assert_eq!(tenant.used.load(Ordering::Acquire), 0);
     }
 }

@@ -10,7 +10,8 @@
 //!
 //! Inside: `engine` builds the wasmtime engine and the epoch ticker,
 //! `bindings` the `agent` world and its host imports, `sandbox` WASI with
-//! nothing granted, `limits` the memory limiter and tenant budgets,
+//! nothing granted, `random` its `wasi:random` served and charged by the
+//! host, `limits` the memory limiter and tenant budgets,
 //! `admission` the upload checks, `cache` the compiled-component cache, and
 //! `run` one attempt and the classification of how it ended.
 //!
@@ -24,6 +25,7 @@ mod cache;
 mod compile;
 mod engine;
 mod limits;
+mod random;
 mod run;
 mod sandbox;
 mod structure;
@@ -230,6 +232,7 @@ impl Host {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
         bindings::Agent::add_to_linker::<_, HasSelf<run::RunState>>(&mut linker, |s| s)?;
+        random::shadow(&mut linker)?;
         let compiler = cache::Compiler::new(engine, linker, &cfg)?;
         Ok(Host {
             components: cache::ComponentCache::new(cfg.component_cache_bytes),

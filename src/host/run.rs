@@ -94,18 +94,62 @@ impl RunState {
         Ok(())
     }
 
-    /// Refuses (trapping as `memory_limit`) an answer of `bytes` that one
-    /// host call may not build, or that the instance's memory limit leaves
-    /// no room for: the guest could not take it anyway.
+    /// The run's WASI context (for the imports this crate serves itself).
+    pub(crate) fn wasi(&mut self) -> &mut WasiCtx {
+        &mut self.wasi
+    }
+
+    /// Starts a host call into this crate's code (an `agentplane:agent`
+    /// import or `wasi:random`): charges `fuel`, and gives back the answer
+    /// of the previous call, which the guest must have taken by now (a host
+    /// call cannot start while an answer is being copied in).
+    pub(crate) fn begin_call(&mut self, fuel: u64) -> wasmtime::Result<()> {
+        self.limiter.release_answer();
+        self.charge(fuel)
+    }
+
+    /// Refuses (trapping as `memory_limit`) an answer of `bytes` larger
+    /// than one host call may build, then holds it as
+    /// [`RunState::hold_answer`] does.
     pub(crate) fn result_bytes(&mut self, bytes: usize) -> wasmtime::Result<()> {
-        let bytes = bytes as u64;
-        if bytes > super::bindings::MAX_RESULT_BYTES as u64 || !self.limiter.has_room(bytes) {
-            self.flags.memory_denied.store(true, Ordering::Release);
-            return Err(wasmtime::Error::msg(format!(
-                "a host call's answer of {bytes} bytes exceeds what this job may hold"
-            )));
+        if bytes > super::bindings::MAX_RESULT_BYTES {
+            return self.refuse_answer(bytes);
+        }
+        self.hold_answer(bytes)
+    }
+
+    /// Charges an answer of `bytes` a host call is about to hand the guest
+    /// to its tenant's node memory budget, held until the guest's next host
+    /// call or the end of the run. Refuses it (trapping as `memory_limit`)
+    /// if the instance's memory limit leaves no room to take it or the
+    /// tenant's budget does not hold it: the host must not hold what the
+    /// tenant cannot pay for.
+    pub(crate) fn hold_answer(&mut self, bytes: usize) -> wasmtime::Result<()> {
+        if !self.limiter.reserve_answer(bytes as u64) {
+            return self.refuse_answer(bytes);
         }
         Ok(())
+    }
+
+    /// Charges the `state.set` value of `bytes` the host keeps for the rest
+    /// of the run to its tenant's node memory budget, in place of the one it
+    /// replaces; traps as `memory_limit` if the budget does not hold it.
+    pub(crate) fn keep_state(&mut self, bytes: usize) -> wasmtime::Result<()> {
+        if !self.limiter.keep_state(bytes as u64) {
+            return self.refuse("the state set", bytes);
+        }
+        Ok(())
+    }
+
+    fn refuse_answer(&mut self, bytes: usize) -> wasmtime::Result<()> {
+        self.refuse("a host call's answer", bytes)
+    }
+
+    fn refuse(&mut self, what: &str, bytes: usize) -> wasmtime::Result<()> {
+        self.flags.memory_denied.store(true, Ordering::Release);
+        Err(wasmtime::Error::msg(format!(
+            "{what} of {bytes} bytes exceeds what this job may hold"
+        )))
     }
 
     /// Re-reads what the guest may spend from the store's counter (`store`:

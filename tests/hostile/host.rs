@@ -611,3 +611,63 @@ async fn a_node_fault_hands_the_job_back_uncharged() {
     s.assert_books_balance("victim").await;
     s.stop().await;
 }
+
+/// A component whose `run` calls `wasi:random/random.get-random-bytes` for
+/// 64 KiB (the per-call bound) in an endless loop; every answer lands at the
+/// same address, so the guest itself keeps nothing and grows nothing.
+fn random_flood() -> Vec<u8> {
+    let wat = r#"(component
+  (import "wasi:random/random@0.2.0" (instance $rand
+    (export "get-random-bytes" (func (param "len" u64) (result (list u8))))))
+  (core module $libc
+    (memory (export "memory") 2)
+    (func (export "realloc") (param i32 i32 i32 i32) (result i32) (i32.const 4096)))
+  (core instance $libc (instantiate $libc))
+  (core func $get (canon lower (func $rand "get-random-bytes")
+    (memory (core memory $libc "memory")) (realloc (core func $libc "realloc"))))
+  (core module $m
+    (import "libc" "memory" (memory 1))
+    (import "rand" "get" (func $get (param i64 i32)))
+    (func (export "run") (param i32 i32) (result i32)
+      (loop $l (call $get (i64.const 65536) (i32.const 16)) (br $l))
+      unreachable))
+  (core instance $i (instantiate $m
+    (with "libc" (instance $libc))
+    (with "rand" (instance (export "get" (func $get))))))
+  (func (export "run") (param "input" string) (result (result string (error string)))
+    (canon lift (core func $i "run") (memory (core memory $libc "memory"))
+      (realloc (core func $libc "realloc"))))
+)"#;
+    wat::parse_str(wat).expect("valid component text")
+}
+
+/// 7.5: `wasi:random` answers were bounded per call (64 KiB) but free: a
+/// loop of a few wasm instructions made the host generate 64 KiB per turn,
+/// so 10M fuel bought ~2M calls (gigabytes of ChaCha output) and the guest
+/// ran to its deadline. Now every call costs fuel like the host's own
+/// imports, and each byte generated costs one more: fuel stops it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_random_bytes_flood_is_charged_and_stopped_by_fuel() {
+    let s = Stack::start(Opts::default()).await;
+    let mallory = s.tenant("mallory").await;
+    let victim = s.tenant("victim").await;
+    let echo = s.push(&victim, "echo").await;
+    let (st, v, _) = push_bytes(&s, &mallory, random_flood()).await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let flood = v["digest"].as_str().expect("digest").to_string();
+    let id = s
+        .submit(
+            &mallory,
+            json!({"component": flood, "input": "", "fuel": 10_000_000u64,
+                   "timeout_ms": 5_000, "max_attempts": 1}),
+        )
+        .await;
+    victim_runs(&s, &victim, &echo, 3).await;
+    let job = s.wait_terminal(&mallory, &id, 60).await;
+    assert_eq!(state(&job), "failed", "{job}");
+    assert_eq!(job["error"]["kind"], "fuel_exhausted", "{job}");
+    assert_eq!(job["usage"]["fuel"], 10_000_000u64, "{job}");
+    s.assert_books_balance("mallory").await;
+    s.assert_books_balance("victim").await;
+    s.stop().await;
+}

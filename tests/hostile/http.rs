@@ -196,15 +196,17 @@ async fn metrics_need_the_admin_token() {
 
 // ---- 7.6: slow-loris uploads ----
 
-/// Starts an upload that declares `len` bytes and sends one byte every
-/// `every`; answers the status the server finally gives and when.
-async fn trickle(addr: String, token: String, len: usize, every: Duration) -> (u16, Duration) {
+/// Sends `head` (a request declaring a body) and then one byte of body,
+/// `byte`, every `every`; answers the status the server finally gives and
+/// when. A slow-loris client of either route.
+async fn trickle_body(
+    addr: String,
+    head: String,
+    byte: &'static [u8],
+    every: Duration,
+) -> (u16, Duration) {
     let t0 = Instant::now();
     let mut c = TcpStream::connect(&addr).await.unwrap();
-    let head = format!(
-        "POST /v1/components HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
-         Content-Length: {len}\r\n\r\n"
-    );
     c.write_all(head.as_bytes()).await.unwrap();
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
@@ -221,11 +223,20 @@ async fn trickle(addr: String, token: String, len: usize, every: Duration) -> (u
                 }
             },
             _ = tick.tick() => {
-                let _ = c.write_all(b"\0").await;
+                let _ = c.write_all(byte).await;
             }
         }
     }
     (status_of(&buf), t0.elapsed())
+}
+
+/// A component upload declaring `len` bytes, sent a byte every `every`.
+async fn trickle(addr: String, token: String, len: usize, every: Duration) -> (u16, Duration) {
+    let head = format!(
+        "POST /v1/components HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+         Content-Length: {len}\r\n\r\n"
+    );
+    trickle_body(addr, head, b"\0", every).await
 }
 
 #[tokio::test]
@@ -1008,36 +1019,13 @@ async fn long_polls_of_one_tenant_cannot_fill_the_connection_cap() {
 
 // ---- job bodies: one tenant cannot buffer without bound ----
 
-/// Starts `POST /v1/jobs` declaring `len` bytes and sending one byte every
-/// `every`; answers the status the server finally gives and when.
+/// A job submission declaring `len` bytes, sent a byte every `every`.
 async fn trickle_job(addr: String, token: String, len: usize, every: Duration) -> (u16, Duration) {
-    let t0 = Instant::now();
-    let mut c = TcpStream::connect(&addr).await.unwrap();
     let head = format!(
         "POST /v1/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
          Content-Type: application/json\r\nContent-Length: {len}\r\n\r\n"
     );
-    c.write_all(head.as_bytes()).await.unwrap();
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let mut tick = tokio::time::interval(every);
-    while t0.elapsed() < Duration::from_secs(60) {
-        tokio::select! {
-            r = c.read(&mut chunk) => match r {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    buf.extend_from_slice(&chunk[..n]);
-                    if buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                        break;
-                    }
-                }
-            },
-            _ = tick.tick() => {
-                let _ = c.write_all(b" ").await;
-            }
-        }
-    }
-    (status_of(&buf), t0.elapsed())
+    trickle_body(addr, head, b" ", every).await
 }
 
 #[tokio::test]
