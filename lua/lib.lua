@@ -148,6 +148,16 @@ local function ledger(t, op, job, attempt, amount, T)
     'amount', I(amount),
     'balance', I(n(T, 'granted') - n(T, 'settled')),
     'reserved', I(n(T, 'reserved')))
+  -- `ledgers`: tenant -> ms of its oldest unfolded entry, so RETAIN finds
+  -- every ledger with entries past the retention (a tenant with only grants,
+  -- or only live jobs, included) without scanning tenants. Set once (the
+  -- oldest entry stays oldest); RETAIN moves it on as it folds. A ledger
+  -- written before this index existed is entered at its first entry.
+  local idx = B .. 'ledgers'
+  if not redis.call('ZSCORE', idx, t) then
+    local first = redis.call('XRANGE', ledgerkey(t), '-', '+', 'COUNT', 1)[1][1]
+    redis.call('ZADD', idx, string.match(first, '^(%d+)'), t)
+  end
 end
 
 -- Moves a job between the per-state indexes and records the new state.

@@ -10,14 +10,19 @@
 --   granted  = ck_grant  + sum(grant entries)
 --   settled  = ck_settle + sum(settle entries)
 --   reserved = (ck_reserve + sum reserve) - (ck_settle + sum settle) - (ck_release + sum release)
--- hold exactly before and after. A tenant's ledger is compacted when one of
--- its jobs expires; a tenant with more old entries than this call's budget is
--- remembered in `compact` and finished by later calls.
+-- hold exactly before and after. Every tenant's ledger is compacted, not
+-- only the ledgers of tenants whose jobs expire (a tenant with only grants,
+-- or only queued and running jobs, grew its ledger without bound): the index
+-- `ledgers` (tenant -> ms of its oldest unfolded entry, kept by `ledger()` in
+-- lib.lua) names the ledgers due, oldest first, at most 32 per call; a
+-- ledger with more old entries than this call's budget keeps its old score
+-- and is taken up again by the next call. (`compact`, the set earlier
+-- versions used for that, is still drained.)
 -- Deletes first (UNLINK/ZREM/XTRIM need no memory), so a Redis at its
 -- maxmemory can still run it.
 --
 -- KEYS[1]  shard anchor (derived: done, j:<job>, log:<job>, jobs:<t>, js:<t>:*,
---          ledger:<t>, t:<t>, compact)
+--          ledger:<t>, t:<t>, ledgers, compact)
 -- ARGV[1]  jobs per call (>= 1)  ARGV[2]  retention ms
 -- ARGV[3]  ledger entries folded per call (1..5000)
 -- Returns: {jobs removed, ledger entries folded}
@@ -56,17 +61,32 @@ for _, jid in ipairs(redis.call('ZRANGEBYSCORE', DONE, '-inf', cutoff, 'LIMIT', 
   redis.call('ZREM', DONE, jid)
 end
 
--- Tenants left over by earlier calls, a few at a time.
+-- Tenants left over by earlier versions' calls, a few at a time.
 for _, t in ipairs(redis.call('SPOP', COMPACT, 8)) do touch(t) end
+-- Every ledger with entries past the retention, oldest first.
+local LEDGERS = B .. 'ledgers'
+for _, t in ipairs(redis.call('ZRANGEBYSCORE', LEDGERS, '-inf', '(' .. cutoff, 'LIMIT', 0, 32)) do
+  touch(t)
+end
+
+-- Keeps `ledgers` on the oldest entry left (or drops a ledger with none,
+-- or with no tenant hash to hold its checkpoint: nothing can be folded).
+local function reindex(t)
+  local first = redis.call('XRANGE', ledgerkey(t), '-', '+', 'COUNT', 1)[1]
+  if first == nil or redis.call('EXISTS', tkey(t)) == 0 then
+    redis.call('ZREM', LEDGERS, t)
+  else
+    redis.call('ZADD', LEDGERS, string.match(first[1], '^(%d+)'), t)
+  end
+end
 
 local folded = 0
 local bound = '(' .. cutoff .. '-0'
 for _, t in ipairs(order) do
   local left = budget - folded
-  if redis.call('EXISTS', tkey(t)) == 0 then
-    -- No tenant to hold the checkpoint: keep the entries.
-  elseif left <= 0 then
-    redis.call('SADD', COMPACT, t)
+  if redis.call('EXISTS', tkey(t)) == 0 or left <= 0 then
+    -- No tenant to hold the checkpoint: keep the entries. Out of budget:
+    -- the index keeps the ledger's old score for the next call.
   else
     local e = redis.call('XRANGE', ledgerkey(t), '-', bound, 'COUNT', left)
     if #e > 0 then
@@ -91,8 +111,8 @@ for _, t in ipairs(order) do
       end
       redis.call('HSET', tkey(t), 'ck_id', ids[#ids])
       folded = folded + #e
-      if #e == left then redis.call('SADD', COMPACT, t) end
     end
   end
+  reindex(t)
 end
 return { removed, folded }

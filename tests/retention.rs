@@ -764,3 +764,179 @@ async fn retention_frees_a_full_redis() {
     }
     assert_ledger_exact(&cp, "full").await;
 }
+
+/// Audit finds nothing wrong.
+async fn assert_audit_clean(cp: &ControlPlane) {
+    let report = cp
+        .audit(agentplane::control::audit::AuditOptions::default())
+        .await
+        .unwrap();
+    assert!(report.violations.is_empty(), "{:?}", report.violations);
+}
+
+/// Usage recorded for a tenant: (`<kind>_bytes` of the tenant, sum of its
+/// `usage:<t>` entries of that kind).
+async fn usage_of(cp: &ControlPlane, url: &str, t: &str, kind: &str) -> (u64, u64) {
+    let info = cp.tenant(t).await.unwrap().unwrap();
+    let total = match kind {
+        "component" => info.storage.component_bytes,
+        "context" => info.storage.context_bytes,
+        _ => info.storage.state_bytes,
+    };
+    let mut c = raw(url).await;
+    let key = format!("{}:usage:{t}", cp.keys().tenant_tag(t));
+    let h: HashMap<String, u64> = c.hgetall(key).await.unwrap();
+    let sum = h
+        .iter()
+        .filter(|(k, _)| k.starts_with(&format!("{kind}:")))
+        .map(|(_, v)| *v)
+        .sum();
+    (total, sum)
+}
+
+/// A tenant that only ever got admin grants (no job of it ever expires)
+/// still has its ledger entries folded once they pass the retention, in
+/// bounded calls, with the books exact and the audit clean; a tenant with a
+/// job still queued likewise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ledgers_of_tenants_without_expiring_jobs_are_compacted() {
+    let r = RedisServer::start();
+    let cfg = ControlConfig {
+        retention_ms: 1_500,
+        ..ControlConfig::default()
+    };
+    let cp = ControlPlane::connect(&r.url, cfg).await.unwrap();
+    cp.create_tenant(&tenant_spec("grants"), "h").await.unwrap();
+    cp.create_tenant(&tenant_spec("queued"), "h").await.unwrap();
+    // More entries than one call folds: the rest must be finished later.
+    let n = agentplane::control::LEDGER_FOLD_BATCH as i64 + 200;
+    for i in 0..n {
+        cp.grant_credits("grants", 1 + i % 3).await.unwrap();
+    }
+    let id = cp
+        .submit("queued", &spec("x".into(), 0, None))
+        .await
+        .unwrap()
+        .id;
+    assert_ledger_exact(&cp, "grants").await;
+    tokio::time::sleep(Duration::from_millis(1_700)).await;
+    // One newer grant that must stay.
+    cp.grant_credits("grants", 7).await.unwrap();
+    let mut calls = 0;
+    loop {
+        let got = cp.retain_all(100).await.unwrap();
+        assert!(got.ledger_entries <= agentplane::control::LEDGER_FOLD_BATCH);
+        calls += 1;
+        if got.ledger_entries == 0 || calls > 10 {
+            break;
+        }
+    }
+    let (ck, left) = assert_ledger_exact(&cp, "grants").await;
+    assert_eq!(
+        left, 1,
+        "old grant entries kept: {left} left, checkpoint {ck:?}"
+    );
+    assert!(ck.grant > 1_000_000_000, "{ck:?}");
+    let (ck, left) = assert_ledger_exact(&cp, "queued").await;
+    assert_eq!((left, ck.grant), (0, 1_000_000_000), "{ck:?}");
+    assert!(cp.job("queued", &id).await.unwrap().is_some());
+    assert_audit_clean(&cp).await;
+    // Later writes are folded in their turn.
+    cp.grant_credits("queued", 3).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1_700)).await;
+    cp.retain_all(100).await.unwrap();
+    let (ck, left) = assert_ledger_exact(&cp, "queued").await;
+    assert_eq!((left, ck.grant), (0, 1_000_000_003), "{ck:?}");
+    assert_audit_clean(&cp).await;
+}
+
+/// An upload that fails after its quota was charged gives the bytes back:
+/// the tenant's usage is exactly what it stores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_upload_is_not_counted() {
+    let r = RedisServer::start();
+    let cp = ControlPlane::connect(&r.url, ControlConfig::default())
+        .await
+        .unwrap();
+    let t = "uploader";
+    cp.create_tenant(&tenant_spec(t), "h").await.unwrap();
+    let mut c = raw(&r.url).await;
+    // The metadata write fails (the key holds the wrong type) after the
+    // quota was charged and the blob written.
+    let meta = cp.keys().component(t, FAKE_DIGEST);
+    let _: () = c.set(&meta, "in the way").await.unwrap();
+    assert!(
+        cp.put_component(t, FAKE_DIGEST, &[7u8; 5_000])
+            .await
+            .is_err()
+    );
+    assert_eq!(usage_of(&cp, &r.url, t, "component").await, (0, 0));
+    let _: () = c.del(&meta).await.unwrap();
+    cp.put_component(t, FAKE_DIGEST, &[7u8; 5_000])
+        .await
+        .unwrap();
+    let want = 5_000 + ITEM_OVERHEAD_BYTES;
+    assert_eq!(usage_of(&cp, &r.url, t, "component").await, (want, want));
+    // A context replaced by a failing upload stays counted at what is stored.
+    let ctx = |n: u64| agentplane::control::ContextMeta {
+        name: "docs".into(),
+        digest: format!("sha256:{n:064}"),
+        documents: n,
+        dim: 4,
+    };
+    cp.put_context(t, &ctx(1), &[1u8; 1_000]).await.unwrap();
+    let ckey = cp.keys().context(t, "docs");
+    let _: () = c.del(&ckey).await.unwrap();
+    let _: () = c.set(&ckey, "in the way").await.unwrap();
+    assert!(cp.put_context(t, &ctx(2), &[2u8; 9_000]).await.is_err());
+    let want = 1_000 + ITEM_OVERHEAD_BYTES;
+    assert_eq!(usage_of(&cp, &r.url, t, "context").await, (want, want));
+    assert_audit_clean(&cp).await;
+}
+
+/// A state FINALIZE did not commit (stale token: `lost`; a newer version
+/// committed first: `conflict`) is not counted: the tenant's state usage is
+/// exactly the size of the state it stores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_state_finalize_did_not_commit_is_not_counted() {
+    let r = RedisServer::start();
+    let cp = ControlPlane::connect(&r.url, ControlConfig::default())
+        .await
+        .unwrap();
+    let t = "stateful";
+    cp.create_tenant(&tenant_spec(t), "h").await.unwrap();
+    let with_state = |n: usize| {
+        let mut f = ok_finish("");
+        f.new_state = Some(vec![b's'; n]);
+        f
+    };
+    let mut s = spec("x".into(), 0, None);
+    s.agent_id = Some("a".into());
+    cp.submit(t, &s).await.unwrap();
+    cp.submit(t, &s).await.unwrap();
+    let first = cp.claim("w", 1, 0).await.unwrap().pop().unwrap();
+    let second = cp.claim("w", 1, 0).await.unwrap().pop().unwrap();
+    // Stale token: lost, nothing stored.
+    let mut stale = first.lease.clone();
+    stale.token += 1_000;
+    let e = cp.finalize(&stale, &with_state(40_000)).await;
+    assert!(
+        matches!(e, Err(agentplane::control::CpError::LeaseLost)),
+        "{e:?}"
+    );
+    assert_eq!(usage_of(&cp, &r.url, t, "state").await, (0, 0));
+    // The first commits 10 kB; the second read the same version: conflict.
+    let got = cp
+        .finalize(&first.lease, &with_state(10_000))
+        .await
+        .unwrap();
+    assert_eq!(got, agentplane::control::Finalized::Succeeded);
+    let got = cp
+        .finalize(&second.lease, &with_state(90_000))
+        .await
+        .unwrap();
+    assert_eq!(got, agentplane::control::Finalized::StateConflict);
+    let want = 10_000 + ITEM_OVERHEAD_BYTES;
+    assert_eq!(usage_of(&cp, &r.url, t, "state").await, (want, want));
+    assert_audit_clean(&cp).await;
+}

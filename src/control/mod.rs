@@ -809,9 +809,21 @@ impl ControlPlane {
         digest: &str,
         bytes: &[u8],
     ) -> Result<ComponentMeta, CpError> {
-        // The quota first: a refused upload writes nothing.
-        self.charge_bytes(tenant, Stored::Component, digest, bytes.len() as u64)
+        // The quota first: a refused upload writes nothing; a write that
+        // fails gives the charge back.
+        let charge = self
+            .charge_bytes(tenant, Stored::Component, digest, bytes.len() as u64)
             .await?;
+        let write = self.write_component(tenant, digest, bytes).await;
+        self.refund_on_err(charge, write).await
+    }
+
+    async fn write_component(
+        &self,
+        tenant: &str,
+        digest: &str,
+        bytes: &[u8],
+    ) -> Result<ComponentMeta, CpError> {
         let mut c = self.conn();
         // The blob first: metadata must never point at missing bytes.
         let blob = self.keys.blob("comp", digest);
@@ -860,8 +872,19 @@ impl ControlPlane {
         meta: &ContextMeta,
         bytes: &[u8],
     ) -> Result<(), CpError> {
-        self.charge_bytes(tenant, Stored::Context, &meta.name, bytes.len() as u64)
+        let charge = self
+            .charge_bytes(tenant, Stored::Context, &meta.name, bytes.len() as u64)
             .await?;
+        let write = self.write_context(tenant, meta, bytes).await;
+        self.refund_on_err(charge, write).await
+    }
+
+    async fn write_context(
+        &self,
+        tenant: &str,
+        meta: &ContextMeta,
+        bytes: &[u8],
+    ) -> Result<(), CpError> {
         let mut c = self.conn();
         let _: () = c.set(self.keys.blob("ctx", &meta.digest), bytes).await?;
         let _: () = c
@@ -1320,8 +1343,25 @@ impl ControlPlane {
 
     pub async fn finalize(&self, lease: &Lease, finish: &Finish) -> Result<Finalized, CpError> {
         // Over `max_state_bytes`, the attempt fails and no state is written.
-        let over_quota = self.charge_state(lease, finish).await?;
+        let (over_quota, charge) = self.charge_state(lease, finish).await?;
         let finish = over_quota.as_ref().unwrap_or(finish);
+        let done = self.finalize_script(lease, finish).await;
+        // A state FINALIZE did not commit (lost, conflict, cancel wins) is
+        // not kept counted; any other error leaves it unknown (the script
+        // may have run), so the charge stays.
+        let committed = matches!(done, Ok(Finalized::Succeeded)) || done.is_err();
+        if let Some(charge) = charge
+            && (!committed || matches!(done, Err(CpError::LeaseLost)))
+        {
+            // The job's outcome stands either way: a failed refund is logged.
+            if let Err(e) = self.refund_bytes(&charge).await {
+                tracing::warn!(error = %e, "byte quota refund failed");
+            }
+        }
+        done
+    }
+
+    async fn finalize_script(&self, lease: &Lease, finish: &Finish) -> Result<Finalized, CpError> {
         let (outcome, kind, text) = match &finish.outcome {
             AttemptOutcome::Succeeded { output } => ("ok", "", output.as_str()),
             AttemptOutcome::Failed { kind, message } => ("failed", kind.as_str(), message.as_str()),

@@ -1,7 +1,9 @@
 //! Per-tenant byte quotas on what a tenant stores: component uploads
 //! (`max_component_bytes`), context uploads (`max_context_bytes`) and agent
 //! states (`max_state_bytes`). Each is charged by `lua/usage.lua` before the
-//! bytes are written, so a refused upload writes nothing.
+//! bytes are written, so a refused upload writes nothing; a charge whose
+//! bytes end up not stored (the write failed, FINALIZE did not commit the
+//! state) is refunded, so usage is what is stored.
 
 use super::{AttemptOutcome, ControlPlane, CpError, Finish, Lease, scripts, status, v_i64};
 use crate::model::ErrorKind;
@@ -45,31 +47,52 @@ impl Stored {
     }
 }
 
+/// One charge made by [`ControlPlane::charge_bytes`]: what it needs to be
+/// undone exactly ([`ControlPlane::refund_bytes`]) when the bytes it paid
+/// for are not stored after all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Charge {
+    tenant: String,
+    what: Stored,
+    item: String,
+    /// What the item counted before (0: nothing).
+    before: u64,
+    /// What this charge set it to.
+    charged: u64,
+}
+
 impl ControlPlane {
     /// Charges `size` bytes of `item` (plus [`ITEM_OVERHEAD_BYTES`]) to the
     /// tenant's quota for `what`; `QuotaExceeded` (naming the quota) when it
-    /// does not fit.
+    /// does not fit. The caller refunds the [`Charge`] if the write fails.
     pub async fn charge_bytes(
         &self,
         tenant: &str,
         what: Stored,
         item: &str,
         size: u64,
-    ) -> Result<(), CpError> {
+    ) -> Result<Charge, CpError> {
+        let charged = size.saturating_add(ITEM_OVERHEAD_BYTES);
         let v: Value = scripts::USAGE
             .key(self.keys.tenant_anchor(tenant))
             .key(self.keys.tenant(tenant))
             .arg(tenant)
             .arg(what.kind())
             .arg(item)
-            .arg(size.saturating_add(ITEM_OVERHEAD_BYTES))
+            .arg(charged)
             .arg(what.default_quota())
             .invoke_async(&mut self.conn())
             .await?;
         let (s, rest) = status(&v);
         let n = |i: usize| rest.get(i).map(v_i64).unwrap_or(0);
         match s.as_str() {
-            "ok" => Ok(()),
+            "ok" => Ok(Charge {
+                tenant: tenant.to_string(),
+                what,
+                item: item.to_string(),
+                before: n(1).max(0) as u64,
+                charged,
+            }),
             "no_tenant" => Err(CpError::NotFound),
             "quota" => Err(CpError::QuotaExceeded(format!(
                 "quota `max_{}_bytes` exceeded: the tenant's limit is {} bytes, {} are in use \
@@ -83,39 +106,82 @@ impl ControlPlane {
         }
     }
 
+    /// Undoes `charge` (its bytes were not stored: the write failed, or
+    /// FINALIZE did not commit the state), unless a later charge of the
+    /// same item moved it since (that one then counts the item). Without
+    /// this the bytes stayed counted until the item was stored again.
+    pub async fn refund_bytes(&self, charge: &Charge) -> Result<(), CpError> {
+        let v: Value = scripts::USAGE
+            .key(self.keys.tenant_anchor(&charge.tenant))
+            .key(self.keys.tenant(&charge.tenant))
+            .arg(&charge.tenant)
+            .arg(charge.what.kind())
+            .arg(&charge.item)
+            .arg(charge.before)
+            .arg(charge.what.default_quota())
+            .arg("refund")
+            .arg(charge.charged)
+            .invoke_async(&mut self.conn())
+            .await?;
+        match status(&v).0.as_str() {
+            "ok" | "moved" | "no_tenant" => Ok(()),
+            other => Err(CpError::Internal(format!("USAGE refund answered {other}"))),
+        }
+    }
+
+    /// Runs `write` after `charge`; if it fails, refunds the charge (best
+    /// effort: a refund that fails too is logged) and answers the write's
+    /// error.
+    pub(super) async fn refund_on_err<T>(
+        &self,
+        charge: Charge,
+        write: Result<T, CpError>,
+    ) -> Result<T, CpError> {
+        if write.is_err()
+            && let Err(e) = self.refund_bytes(&charge).await
+        {
+            tracing::warn!(error = %e, "byte quota refund failed");
+        }
+        write
+    }
+
     /// Before FINALIZE commits a new agent state: charges it to
     /// `max_state_bytes`. Over the quota, the attempt fails instead
     /// (`agent_error`, retried: the tenant's other agents may shrink) and
-    /// the state is not written.
+    /// the state is not written. Answers that replacement finish, or the
+    /// charge made (to refund if FINALIZE does not commit the state).
     pub(super) async fn charge_state(
         &self,
         lease: &Lease,
         finish: &Finish,
-    ) -> Result<Option<Finish>, CpError> {
+    ) -> Result<(Option<Finish>, Option<Charge>), CpError> {
         let (Some(state), AttemptOutcome::Succeeded { .. }) = (&finish.new_state, &finish.outcome)
         else {
-            return Ok(None);
+            return Ok((None, None));
         };
         let agent: Option<String> = self
             .conn()
             .hget(self.keys.job(&lease.tenant, &lease.job_id), "agent_id")
             .await?;
         let Some(agent) = agent.filter(|a| !a.is_empty()) else {
-            return Ok(None);
+            return Ok((None, None));
         };
         match self
             .charge_bytes(&lease.tenant, Stored::State, &agent, state.len() as u64)
             .await
         {
-            Ok(()) => Ok(None),
-            Err(CpError::QuotaExceeded(msg)) => Ok(Some(Finish {
-                outcome: AttemptOutcome::Failed {
-                    kind: ErrorKind::AgentError,
-                    message: format!("quota_exceeded: the agent state was not saved: {msg}"),
-                },
-                new_state: None,
-                ..finish.clone()
-            })),
+            Ok(charge) => Ok((None, Some(charge))),
+            Err(CpError::QuotaExceeded(msg)) => Ok((
+                Some(Finish {
+                    outcome: AttemptOutcome::Failed {
+                        kind: ErrorKind::AgentError,
+                        message: format!("quota_exceeded: the agent state was not saved: {msg}"),
+                    },
+                    new_state: None,
+                    ..finish.clone()
+                }),
+                None,
+            )),
             Err(e) => Err(e),
         }
     }
