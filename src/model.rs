@@ -1,12 +1,12 @@
 //! The types every box shares: job states, error kinds, limits, usage and the
-//! job/tenant records the API returns. They serialize exactly as the contract
-//! (`CONTRACT.md` §3) spells them.
+//! job/tenant records the API returns. They serialize exactly as the README's
+//! "The HTTP API" section spells them.
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
 
-/// Life cycle of a job (contract §3).
+/// Life cycle of a job (README, "The HTTP API").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
@@ -64,7 +64,7 @@ impl FromStr for JobState {
     }
 }
 
-/// Why an attempt or a job failed (contract §3 "Error kinds").
+/// Why an attempt or a job failed (README, "Jobs: error kinds").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorKind {
@@ -185,7 +185,7 @@ pub struct JobError {
     pub message: String,
 }
 
-/// A job as the API shows it (contract §3 "Job").
+/// A job as the API shows it (`GET /v1/jobs/{id}`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Job {
     pub id: String,

@@ -1,4 +1,4 @@
-//! The HTTP API (contract §3): authentication, validation, JSON errors.
+//! The HTTP API (README, "The HTTP API"): authentication, validation, JSON errors.
 //!
 //! [`app`] builds the router over an [`AppState`]; [`serve`] runs it on a
 //! listener until a shutdown future resolves, so the binary and the tests
@@ -228,7 +228,7 @@ pub fn admission_host() -> anyhow::Result<Host> {
     Host::new(HostConfig::admission())
 }
 
-/// The router of every route of contract §3.
+/// The router of every route the README's API table lists.
 pub fn app(state: AppState) -> Router {
     let router = Router::new()
         .route("/healthz", get(health))

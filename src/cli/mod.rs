@@ -1,4 +1,4 @@
-//! Command-line interface (contract §4): the server parts (`serve`, `worker`,
+//! Command-line interface: the server parts (`serve`, `worker`,
 //! `api`, `scheduler`) and the client commands over the HTTP API.
 
 mod audit;

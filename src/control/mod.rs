@@ -224,7 +224,7 @@ pub struct Storage {
     pub state_bytes: u64,
 }
 
-/// `POST /v1/jobs` body (contract §3 "Job request").
+/// `POST /v1/jobs` body.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct JobRequest {

@@ -367,7 +367,7 @@ async fn attempt(
     };
     let new_state = match outcome {
         RunOutcome::Ok(_) => store.data_mut().new_state.take(),
-        // Only a success commits state (contract §5.6); don't hand the
+        // Only a success commits state (agent state is committed with success); don't hand the
         // worker something it must not write.
         _ => None,
     };

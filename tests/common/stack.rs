@@ -283,7 +283,8 @@ impl Stack {
         v
     }
 
-    /// The money invariants of contract §5.3 for one tenant at rest.
+    /// The money invariants (balance = granted − settled, nothing reserved)
+    /// for one tenant at rest.
     pub async fn assert_books_balance(&self, id: &str) -> Value {
         let t = self.tenant_info(id).await;
         let granted = t["granted"].as_i64().unwrap();
