@@ -6,6 +6,7 @@ mod common;
 use agentplane::control::{
     AttemptOutcome, ControlConfig, ControlPlane, Finish, SubmitSpec, TenantSpec,
 };
+use common::fixtures;
 use common::redis::RedisCluster;
 use common::stack::{Stack, WorkerProc, bin, proc_opts};
 use redis::AsyncCommands;
@@ -39,31 +40,13 @@ fn audit(url: &str, shards: u32) -> (i32, String) {
 fn spec(agent: Option<&str>) -> SubmitSpec {
     SubmitSpec {
         component: FAKE_DIGEST.into(),
-        input: "in".into(),
         agent_id: agent.map(str::to_string),
-        contexts: vec![],
-        gpus: 0,
-        max_attempts: 3,
-        timeout_ms: None,
-        fuel: None,
-        delay_ms: 0,
-        idempotency: None,
+        ..fixtures::submit_spec("in")
     }
 }
 
 fn tenant_spec(id: &str) -> TenantSpec {
-    TenantSpec {
-        id: id.into(),
-        weight: 1,
-        credits: 1_000_000_000,
-        max_running: 1_000_000,
-        max_queued: 1_000_000,
-        max_gpus: 0,
-        limits: None,
-        max_component_bytes: None,
-        max_context_bytes: None,
-        max_state_bytes: None,
-    }
+    fixtures::tenant_spec(id, 1_000_000_000)
 }
 
 fn finish_with_state(state: Option<Vec<u8>>) -> Finish {

@@ -85,33 +85,11 @@ async fn connect(url: &str, cfg: ControlConfig) -> ControlPlane {
 }
 
 fn tenant(id: &str, credits: i64) -> TenantSpec {
-    TenantSpec {
-        id: id.into(),
-        weight: 1,
-        credits,
-        max_running: 1_000_000,
-        max_queued: 1_000_000,
-        max_gpus: 0,
-        limits: None,
-        max_component_bytes: None,
-        max_context_bytes: None,
-        max_state_bytes: None,
-    }
+    common::fixtures::tenant_spec(id, credits)
 }
 
 fn job(input: &str) -> SubmitSpec {
-    SubmitSpec {
-        component: format!("sha256:{}", "0".repeat(64)),
-        input: input.into(),
-        agent_id: None,
-        contexts: vec![],
-        gpus: 0,
-        max_attempts: 3,
-        timeout_ms: None,
-        fuel: None,
-        delay_ms: 0,
-        idempotency: None,
-    }
+    common::fixtures::submit_spec(input)
 }
 
 fn ok(output: &str, wall_ms: u64) -> Finish {

@@ -11,39 +11,18 @@ use agentplane::control::{
     AttemptOutcome, ControlConfig, ControlPlane, CpError, Finish, SubmitSpec, TenantSpec,
 };
 use agentplane::model::JobState;
+use common::fixtures;
 use common::redis::{RedisCluster, move_slot, node, owner};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 fn tenant(id: &str) -> TenantSpec {
-    TenantSpec {
-        id: id.into(),
-        weight: 1,
-        credits: 1_000_000_000,
-        max_running: 1_000_000,
-        max_queued: 1_000_000,
-        max_gpus: 0,
-        limits: None,
-        max_component_bytes: None,
-        max_context_bytes: None,
-        max_state_bytes: None,
-    }
+    fixtures::tenant_spec(id, 1_000_000_000)
 }
 
 fn job(i: usize) -> SubmitSpec {
-    SubmitSpec {
-        component: format!("sha256:{}", "0".repeat(64)),
-        input: format!("job {i}"),
-        agent_id: None,
-        contexts: vec![],
-        gpus: 0,
-        max_attempts: 3,
-        timeout_ms: None,
-        fuel: None,
-        delay_ms: 0,
-        idempotency: None,
-    }
+    fixtures::submit_spec(&format!("job {i}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -13,6 +13,7 @@ use agentplane::control::{
     AttemptOutcome, ControlConfig, ControlPlane, Finish, ITEM_OVERHEAD_BYTES, LedgerCheckpoint,
     SubmitSpec, TenantSpec,
 };
+use common::fixtures;
 use common::redis::RedisServer;
 use common::stack::{Opts, Stack, error_code};
 use redis::AsyncCommands;
@@ -26,31 +27,14 @@ const FAKE_DIGEST: &str = "sha256:1111111111111111111111111111111111111111111111
 fn spec(input: String, delay_ms: u64, idem: Option<&str>) -> SubmitSpec {
     SubmitSpec {
         component: FAKE_DIGEST.into(),
-        input,
-        agent_id: None,
-        contexts: vec![],
-        gpus: 0,
-        max_attempts: 3,
-        timeout_ms: None,
-        fuel: None,
         delay_ms,
         idempotency: idem.map(|k| (k.to_string(), format!("body-of-{k}"))),
+        ..fixtures::submit_spec(&input)
     }
 }
 
 fn tenant_spec(id: &str) -> TenantSpec {
-    TenantSpec {
-        id: id.into(),
-        weight: 1,
-        credits: 1_000_000_000,
-        max_running: 1_000_000,
-        max_queued: 1_000_000,
-        max_gpus: 0,
-        limits: None,
-        max_component_bytes: None,
-        max_context_bytes: None,
-        max_state_bytes: None,
-    }
+    fixtures::tenant_spec(id, 1_000_000_000)
 }
 
 fn ok_finish(log: &str) -> Finish {

@@ -3,6 +3,7 @@
 //! from `guest-examples/`.
 #![allow(dead_code)]
 
+pub mod fixtures;
 pub mod guests;
 pub mod redis;
 pub mod stack;
