@@ -12,6 +12,11 @@
 -- ARGV[1]  worker id (the consumer name in each tenant's group)
 -- ARGV[2]  max jobs             ARGV[3]  free GPU slots of the worker
 -- ARGV[4]  lease ms             ARGV[5..8] prices (see SUBMIT)
+-- ARGV[9]  claim id: unique per call, reused when the caller retries a call
+--          whose answer it never got. The jobs a call leased are recorded
+--          under KEYS[1]:claim:<worker>:<claim id> for one lease; a retry
+--          that finds the record answers those jobs again (lease renewed)
+--          instead of leasing more, so a lost answer strands nothing.
 -- Returns: array of claims, each an array:
 --   {job, tenant, token, attempt, component, input, contexts, gpus, fuel,
 --    memory_bytes, timeout_ms, agent_id, state|'', legacy_state_ptr|'', state_version}
@@ -22,15 +27,58 @@
 -- Errors: malformed arguments (nothing written). Nothing after the checks
 -- raises: a script error would keep the jobs already leased in this call
 -- (Redis does not roll a script back) and hand them to no one.
-local worker = ARGV[1]
+local worker, cid = ARGV[1], ARGV[9]
 local max_n, free_gpus, lease = uint(ARGV[2]), uint(ARGV[3]), uint(ARGV[4])
 local P = prices(ARGV[5], ARGV[6], ARGV[7], ARGV[8])
-if worker == '' or max_n == nil or free_gpus == nil or lease == nil or lease == 0 or P == nil then
+if worker == '' or max_n == nil or free_gpus == nil or lease == nil or lease == 0 or P == nil
+  or cid == nil or cid == '' then
   return fail('malformed arguments')
 end
 local now = now_ms()
 local out = {}
 local gpus_left = free_gpus
+local record = B .. 'claim:' .. worker .. ':' .. cid
+
+-- One claim's answer: what the worker needs to run the job. The agent's
+-- state is read here, atomically with its version.
+local function entry(jid, t, J, T, token, attempt)
+  local g = n(J, 'gpus')
+  local fuel, timeout, memory = effective(J, T)
+  local sinline, sptr, sver = '', '', 0
+  if (J.agent_id or '') ~= '' then
+    local A = hgetall(agentkey(t, J.agent_id))
+    sinline, sptr, sver = A.inline or '', A.ptr or '', n(A, 'version')
+    if (A.blob or '') ~= '' then
+      local bytes = redis.call('GET', stateblobkey(t, J.agent_id, A.blob))
+      if bytes then
+        sinline = bytes
+      else
+        -- Lost (never by the scripts): the Rust side reports it as missing.
+        sptr = 'lost:' .. A.blob
+      end
+    end
+    redis.call('HSET', jkey(jid), 'sver', I(sver))
+  end
+  return { jid, t, token, attempt, J.component, redis.call('HGET', jkey(jid), 'input'),
+    J.contexts or '[]', g, fuel, memory, timeout, J.agent_id or '', sinline, sptr, sver }
+end
+
+-- A retried call: answer what the first one leased, if still this
+-- worker's under the same token (a job cancelled, reaped or finished
+-- meanwhile is left out), and renew those leases.
+local prev = redis.call('GET', record)
+if prev then
+  for jid, token in string.gmatch(prev, '([^ ]+) ([^ ]+)\n') do
+    local J = job_meta(jkey(jid))
+    if J.state == 'running' and J.worker == worker and J.token == token then
+      redis.call('HSET', jkey(jid), 'lease_until', I(now + lease))
+      redis.call('ZADD', LEASES, now + lease, jid)
+      out[#out + 1] = entry(jid, J.tenant, J, hgetall(tkey(J.tenant)), tonumber(token), n(J, 'attempts'))
+    end
+  end
+  return out
+end
+local leased = {}
 
 -- The eligible tenant with the lowest virtual time whose next job fits:
 -- the CPU set's first, or the first of each GPU bucket that fits the free
@@ -149,23 +197,11 @@ while #out < max_n and passes < 4 * max_n + 64 do
     deactivate(t, T)
     refresh(t, T, P)
     gpus_left = gpus_left - g
-    local sinline, sptr, sver = '', '', 0
-    if (J.agent_id or '') ~= '' then
-      local A = hgetall(agentkey(t, J.agent_id))
-      sinline, sptr, sver = A.inline or '', A.ptr or '', n(A, 'version')
-      if (A.blob or '') ~= '' then
-        local bytes = redis.call('GET', stateblobkey(t, J.agent_id, A.blob))
-        if bytes then
-          sinline = bytes
-        else
-          -- Lost (never by the scripts): the Rust side reports it as missing.
-          sptr = 'lost:' .. A.blob
-        end
-      end
-      redis.call('HSET', jkey(jid), 'sver', I(sver))
-    end
-    out[#out + 1] = { jid, t, token, attempt, J.component, redis.call('HGET', jkey(jid), 'input'), J.contexts or '[]', g,
-      fuel, memory, timeout, J.agent_id or '', sinline, sptr, sver }
+    out[#out + 1] = entry(jid, t, J, T, token, attempt)
+    leased[#leased + 1] = jid .. ' ' .. token .. '\n'
   end
+end
+if #leased > 0 then
+  redis.call('SET', record, table.concat(leased), 'PX', lease)
 end
 return out

@@ -9,6 +9,13 @@
 --   data). Every key a script touches is `{ap:s0}:` .. suffix, so all of them
 --   hash to that one slot (the same script runs unchanged on a single Redis
 --   and on a Redis Cluster).
+--   The last key of every call is `{ap:s0}:absent`, a key that never
+--   exists. A Redis Cluster runs no command while its slot migrates unless
+--   every declared key is present on one node (the source answers ASK, the
+--   target TRYAGAIN), so no script ever runs on a shard split between two
+--   nodes: it would read half the data, or fail part-way on a key already
+--   moved, after some of its writes. The Rust side retries until the move
+--   is done. The gate below refuses a call that does not declare it.
 --   The anchor's value pauses the shard: anything but 'ready' (an operator
 --   sets 'moving' before a slot migration, see docs/OPERATIONS.md) makes
 --   every script refuse with a TRYAGAIN error before it reads or writes
@@ -461,6 +468,9 @@ end
 -- the anchor is on exactly one node and a cluster routes this script there,
 -- so creating it here never forks it.
 do
+  if KEYS[#KEYS] ~= B .. 'absent' then
+    return redis.error_reply('ERR agentplane: the last key must be ' .. B .. 'absent')
+  end
   local a = redis.call('GET', ANCHOR)
   if not a then
     redis.call('SET', ANCHOR, 'ready')

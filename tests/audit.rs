@@ -208,6 +208,9 @@ async fn a_clean_deployment_audits_clean_and_each_corruption_is_named() {
         .zrem(format!("{}:done", ks.tenant_tag("acme")), &ids[1])
         .await
         .unwrap();
+    // 9. the key that must never exist does (scripts could then run while
+    // the shard's slot moves).
+    let _: () = c.set(ks.absent(0), 1).await.unwrap();
     let (code, out) = audit(&stack.url, 1);
     eprintln!("{out}");
     assert_eq!(code, 1, "{out}");
@@ -221,6 +224,7 @@ async fn a_clean_deployment_audits_clean_and_each_corruption_is_named() {
         ("tenant_parked_while_eligible", "tenant idle"),
         ("state_blob_missing", "agent big"),
         ("retention_missing", ids[1].as_str()),
+        ("absent_key_exists", "shard 0"),
     ] {
         assert!(
             out.lines()

@@ -392,7 +392,9 @@ async fn chaos(backend: Backend) {
                         slot,
                         from,
                         to,
-                        Some(&anchor),
+                        // No pause: a plain key-by-key migration, as
+                        // `redis-cli --cluster reshard` makes it.
+                        None,
                         10,
                         Duration::from_millis(5),
                     )

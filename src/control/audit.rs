@@ -39,7 +39,7 @@ pub struct Violation {
     /// `job_in_two_states`, `index_mismatch`, `counter_mismatch`,
     /// `queue_entry_missing`, `delayed_missing`, `credits_out_of_range`,
     /// `tenant_parked_while_eligible`, `state_blob_missing`,
-    /// `retention_missing`, `shard_paused`.
+    /// `retention_missing`, `shard_paused`, `absent_key_exists`.
     pub kind: &'static str,
     /// What and where, for a human.
     pub detail: String,
@@ -122,6 +122,21 @@ impl ControlPlane {
                     "shard_paused",
                     format!(
                         "shard {shard}: anchor is `{a}`, not `ready`: set it back after the move"
+                    ),
+                );
+                report.violations.extend(found.0);
+            }
+            // Scripts are kept off a shard whose slot is moving only while
+            // this key does not exist (`KeySpace::absent`).
+            let absent: bool = self.conn().exists(self.keys.absent(shard)).await?;
+            if absent {
+                let mut found = Found(Vec::new());
+                found.add(
+                    "absent_key_exists",
+                    format!(
+                        "shard {shard}: `{}` exists; delete it, or scripts may run while the \
+                         shard's slot moves",
+                        self.keys.absent(shard)
                     ),
                 );
                 report.violations.extend(found.0);

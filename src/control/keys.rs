@@ -50,6 +50,17 @@ impl KeySpace {
         format!("{}:anchor", self.tag(shard))
     }
 
+    /// `{prefix:sN}:absent`, a key that never exists, declared as the last
+    /// key of every script. While the shard's slot migrates, a Redis
+    /// Cluster runs no command whose declared keys are not all present on
+    /// one node: the source answers ASK and the target TRYAGAIN. So no
+    /// script runs while the shard is split between two nodes (it would
+    /// read half the data, or fail part-way on a key already moved, after
+    /// some of its writes); the Rust side retries until the move is done.
+    pub fn absent(&self, shard: u32) -> String {
+        format!("{}:absent", self.tag(shard))
+    }
+
     pub fn tenant_anchor(&self, tenant: &str) -> String {
         self.anchor(self.shard_of(tenant))
     }

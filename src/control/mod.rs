@@ -388,6 +388,12 @@ fn shards_result(done: u32, failed: Vec<String>) -> Result<u32, CpError> {
     }
 }
 
+/// The command may have run and only its answer was lost: the connection
+/// dropped or the answer timed out.
+fn answer_lost(e: &redis::RedisError) -> bool {
+    e.is_io_error() || e.is_connection_dropped() || e.is_timeout()
+}
+
 impl From<redis::RedisError> for CpError {
     fn from(e: redis::RedisError) -> Self {
         // `OOM command not allowed when used memory > 'maxmemory'`, also
@@ -562,6 +568,19 @@ impl ControlPlane {
         self.conn.clone()
     }
 
+    /// Runs a script on `shard`: declares the shard's
+    /// [`absent`](KeySpace::absent) key last (lib.lua refuses a call
+    /// without it), so a cluster never runs the script while the shard's
+    /// slot is split between two nodes.
+    async fn eval<T: redis::FromRedisValue>(
+        &self,
+        inv: &mut redis::ScriptInvocation<'_>,
+        shard: u32,
+    ) -> Result<T, CpError> {
+        inv.key(self.keys.absent(shard));
+        Ok(inv.invoke_async(&mut self.conn()).await?)
+    }
+
     fn prices(&self) -> [u64; 4] {
         let p = self.cfg.prices;
         [
@@ -614,7 +633,7 @@ impl ControlPlane {
         for e in extra {
             inv.arg(e);
         }
-        Ok(inv.invoke_async(&mut self.conn()).await?)
+        self.eval(&mut inv, self.keys.shard_of(tenant)).await
     }
 
     pub async fn create_tenant(&self, spec: &TenantSpec, token_hash: &str) -> Result<(), CpError> {
@@ -960,7 +979,7 @@ impl ControlPlane {
         for p in self.prices() {
             inv.arg(p);
         }
-        let v: Value = inv.invoke_async(&mut self.conn()).await?;
+        let v: Value = self.eval(&mut inv, self.keys.shard_of(tenant)).await?;
         let (s, rest) = status(&v);
         let state_of = |v: Option<&Value>| {
             v.map(v_str)
@@ -1154,7 +1173,7 @@ impl ControlPlane {
         for p in self.prices() {
             inv.arg(p);
         }
-        let v: Value = inv.invoke_async(&mut self.conn()).await?;
+        let v: Value = self.eval(&mut inv, self.keys.shard_of(tenant)).await?;
         let (s, rest) = status(&v);
         match s.as_str() {
             "ok" => rest
@@ -1250,16 +1269,37 @@ impl ControlPlane {
         max: u32,
         free_gpus: u32,
     ) -> Result<Vec<Claim>, CpError> {
-        let mut inv = scripts::CLAIM.prepare_invoke();
-        inv.key(self.keys.anchor(shard))
-            .arg(worker)
-            .arg(max)
-            .arg(free_gpus)
-            .arg(self.cfg.lease_ms);
-        for p in self.prices() {
-            inv.arg(p);
-        }
-        let v: Value = inv.invoke_async(&mut self.conn()).await?;
+        // A call whose answer is lost (the connection drops, or the answer
+        // times out, after the script ran) leased jobs this worker never
+        // heard of. It is retried under the same claim id, and CLAIM then
+        // answers those jobs again instead of leasing more, within half a
+        // lease (the jobs' leases are renewed by the retry).
+        let cid = ulid::Ulid::new().to_string();
+        let deadline = std::time::Instant::now() + Duration::from_millis(self.cfg.lease_ms / 2);
+        let mut step = Duration::from_millis(20);
+        let v: Value = loop {
+            let mut inv = scripts::CLAIM.prepare_invoke();
+            inv.key(self.keys.anchor(shard))
+                .arg(worker)
+                .arg(max)
+                .arg(free_gpus)
+                .arg(self.cfg.lease_ms);
+            for p in self.prices() {
+                inv.arg(p);
+            }
+            inv.arg(&cid);
+            match self.eval(&mut inv, shard).await {
+                Ok(v) => break v,
+                Err(CpError::Redis(e))
+                    if answer_lost(&e) && std::time::Instant::now() + step < deadline =>
+                {
+                    tracing::warn!(shard, error = %e, "CLAIM answer lost; asking again for the same claim");
+                    tokio::time::sleep(step).await;
+                    step = (step * 2).min(Duration::from_millis(500));
+                }
+                Err(e) => return Err(e),
+            }
+        };
         let mut out = Vec::new();
         // From here on every record is a leased job: none may be dropped
         // with a `?` (see `claim`).
@@ -1325,13 +1365,13 @@ impl ControlPlane {
 
     /// Extends the lease; `LeaseLost` or `Cancelled` tell the worker to stop.
     pub async fn renew(&self, lease: &Lease) -> Result<(), CpError> {
-        let v: Value = scripts::RENEW
-            .key(self.keys.tenant_anchor(&lease.tenant))
-            .key(self.keys.job(&lease.tenant, &lease.job_id))
+        let mut inv = scripts::RENEW.key(self.keys.tenant_anchor(&lease.tenant));
+        inv.key(self.keys.job(&lease.tenant, &lease.job_id))
             .arg(&lease.job_id)
             .arg(lease.token)
-            .arg(self.cfg.lease_ms)
-            .invoke_async(&mut self.conn())
+            .arg(self.cfg.lease_ms);
+        let v: Value = self
+            .eval(&mut inv, self.keys.shard_of(&lease.tenant))
             .await?;
         match status(&v).0.as_str() {
             "ok" => Ok(()),
@@ -1404,7 +1444,9 @@ impl ControlPlane {
             inv.arg(p);
         }
         inv.arg(self.cfg.max_node_faults);
-        let v: Value = inv.invoke_async(&mut self.conn()).await?;
+        let v: Value = self
+            .eval(&mut inv, self.keys.shard_of(&lease.tenant))
+            .await?;
         let (s, rest) = status(&v);
         match s.as_str() {
             "succeeded" => Ok(Finalized::Succeeded),
@@ -1458,7 +1500,9 @@ impl ControlPlane {
             .arg(self.cfg.retry_base_ms)
             .arg(self.cfg.retry_max_ms)
             .arg(rand::random::<u32>() % 1000);
-        let v: Value = inv.invoke_async(&mut self.conn()).await?;
+        let v: Value = self
+            .eval(&mut inv, self.keys.shard_of(&lease.tenant))
+            .await?;
         let (s, rest) = status(&v);
         match s.as_str() {
             // Back in the ready queue at once.
@@ -1537,7 +1581,7 @@ impl ControlPlane {
             for p in self.prices() {
                 inv.arg(p);
             }
-            match inv.invoke_async::<u32>(&mut self.conn()).await {
+            match self.eval::<u32>(&mut inv, shard).await {
                 Ok(n) => total += n,
                 Err(e) => failed.push(format!("shard {shard}: {e}")),
             }
@@ -1560,7 +1604,7 @@ impl ControlPlane {
             for p in self.prices() {
                 inv.arg(p);
             }
-            match inv.invoke_async::<u32>(&mut self.conn()).await {
+            match self.eval::<u32>(&mut inv, shard).await {
                 Ok(n) => total += n,
                 Err(e) => failed.push(format!("shard {shard}: {e}")),
             }

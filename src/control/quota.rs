@@ -73,16 +73,14 @@ impl ControlPlane {
         size: u64,
     ) -> Result<Charge, CpError> {
         let charged = size.saturating_add(ITEM_OVERHEAD_BYTES);
-        let v: Value = scripts::USAGE
-            .key(self.keys.tenant_anchor(tenant))
-            .key(self.keys.tenant(tenant))
+        let mut inv = scripts::USAGE.key(self.keys.tenant_anchor(tenant));
+        inv.key(self.keys.tenant(tenant))
             .arg(tenant)
             .arg(what.kind())
             .arg(item)
             .arg(charged)
-            .arg(what.default_quota())
-            .invoke_async(&mut self.conn())
-            .await?;
+            .arg(what.default_quota());
+        let v: Value = self.eval(&mut inv, self.keys.shard_of(tenant)).await?;
         let (s, rest) = status(&v);
         let n = |i: usize| rest.get(i).map(v_i64).unwrap_or(0);
         match s.as_str() {
@@ -111,17 +109,17 @@ impl ControlPlane {
     /// same item moved it since (that one then counts the item). Without
     /// this the bytes stayed counted until the item was stored again.
     pub async fn refund_bytes(&self, charge: &Charge) -> Result<(), CpError> {
-        let v: Value = scripts::USAGE
-            .key(self.keys.tenant_anchor(&charge.tenant))
-            .key(self.keys.tenant(&charge.tenant))
+        let mut inv = scripts::USAGE.key(self.keys.tenant_anchor(&charge.tenant));
+        inv.key(self.keys.tenant(&charge.tenant))
             .arg(&charge.tenant)
             .arg(charge.what.kind())
             .arg(&charge.item)
             .arg(charge.before)
             .arg(charge.what.default_quota())
             .arg("refund")
-            .arg(charge.charged)
-            .invoke_async(&mut self.conn())
+            .arg(charge.charged);
+        let v: Value = self
+            .eval(&mut inv, self.keys.shard_of(&charge.tenant))
             .await?;
         match status(&v).0.as_str() {
             "ok" | "moved" | "no_tenant" => Ok(()),

@@ -49,13 +49,11 @@ impl ControlPlane {
         let mut last_err = None;
         let mut ok = false;
         for shard in 0..self.keys.shards() {
-            let v: Result<Value, _> = scripts::RETAIN
-                .key(self.keys.anchor(shard))
-                .arg(batch.max(1))
+            let mut inv = scripts::RETAIN.key(self.keys.anchor(shard));
+            inv.arg(batch.max(1))
                 .arg(self.cfg.retention_ms)
-                .arg(LEDGER_FOLD_BATCH)
-                .invoke_async(&mut self.conn())
-                .await;
+                .arg(LEDGER_FOLD_BATCH);
+            let v: Result<Value, _> = self.eval(&mut inv, shard).await;
             match v {
                 Ok(v) => {
                     ok = true;

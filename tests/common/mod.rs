@@ -5,5 +5,6 @@
 
 pub mod fixtures;
 pub mod guests;
+pub mod proxy;
 pub mod redis;
 pub mod stack;
