@@ -20,10 +20,9 @@ if J.state == 'queued' or J.state == 'delayed' then
   else
     redis.call('ZREM', DELAYED, jid)
   end
-  redis.call('HINCRBY', tkey(t), 'queued', -1)
-  T.queued = n(T, 'queued') - 1
-  redis.call('HSET', KEYS[2], 'cancel', 1, 'ekind', 'cancelled', 'emsg', 'cancelled by the tenant', 'sid', '')
-  finish(jid, J, 'cancelled', now)
+  add_queued(t, T, -1)
+  redis.call('HSET', KEYS[2], 'cancel', 1, 'sid', '')
+  finish_cancelled(jid, J, now)
   refresh(t, T, P)
 elseif J.state == 'running' then
   redis.call('HSET', KEYS[2], 'cancel', 1)

@@ -84,8 +84,7 @@ local result
 if outcome == 'cancelled' or J.cancel == '1' then
   -- The tenant's cancel wins on every path: no retry, no requeue on a
   -- state conflict, no commit of the agent's state.
-  redis.call('HSET', KEYS[2], 'ekind', 'cancelled', 'emsg', 'cancelled by the tenant')
-  finish(jid, J, 'cancelled', now)
+  finish_cancelled(jid, J, now)
   result = { 'cancelled' }
 elseif outcome == 'ok' then
   local conflict = false
@@ -121,10 +120,8 @@ elseif outcome == 'ok' then
     else
       -- The run was valid work (charged), but its state is stale: run again
       -- at once, without using up an attempt (its run number stays used).
-      redis.call('HSET', KEYS[2], 'counted', I(math.max(counted(J) - 1, 0)))
-      to_ready(jid, J, T)
-      redis.call('HINCRBY', tkey(t), 'queued', 1)
-      T.queued = n(T, 'queued') + 1
+      uncount(jid, J)
+      requeue(jid, J, T)
       result = { 'conflict' }
     end
   else
@@ -133,20 +130,10 @@ elseif outcome == 'ok' then
     result = { 'succeeded' }
   end
 elseif fault then
-  local s, d = node_fault(jid, J, T, ARGV[5], max_faults, base, maxd, jitter, now)
-  result = { s, d }
+  result = node_fault(jid, J, T, ARGV[5], max_faults, base, maxd, jitter, now)
 else
   redis.call('HSET', KEYS[2], 'ekind', kind, 'emsg', ARGV[5])
-  local retryable = (kind == 'agent_error' or kind == 'trap')
-  local c = counted(J)
-  if retryable and c < n(J, 'max_attempts') then
-    local d = backoff(c, base, maxd, jitter)
-    to_delayed(jid, J, T, now + d)
-    result = { 'retry', d }
-  else
-    finish(jid, J, 'failed', now)
-    result = { 'failed' }
-  end
+  result = retry_or_fail(jid, J, T, kind == 'agent_error' or kind == 'trap', base, maxd, jitter, now)
 end
 refresh(t, T, P)
 wake()

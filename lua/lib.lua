@@ -359,12 +359,18 @@ local function backoff(attempt, base, maxd, jitter)
   return math.floor(d * (0.5 + 0.5 * (jitter % 1000) / 1000))
 end
 
+-- Moves the tenant's `queued` counter (queued + delayed jobs) by d, in
+-- Redis and in the caller's copy T, which later decisions read.
+local function add_queued(t, T, d)
+  redis.call('HINCRBY', tkey(t), 'queued', d)
+  T.queued = n(T, 'queued') + d
+end
+
 -- Puts a job whose attempt ended back into the delayed queue.
 local function to_delayed(jid, J, T, due)
   set_state(jid, J, 'delayed')
   redis.call('ZADD', DELAYED, due, jid)
-  redis.call('HINCRBY', tkey(J.tenant), 'queued', 1)
-  T.queued = n(T, 'queued') + 1
+  add_queued(J.tenant, T, 1)
 end
 
 -- Appends a job to its tenant's ready stream.
@@ -372,6 +378,13 @@ local function to_ready(jid, J, T)
   local sid = redis.call('XADD', qkey(J.tenant), '*', 'j', jid)
   redis.call('HSET', jkey(jid), 'sid', sid)
   set_state(jid, J, 'queued')
+end
+
+-- Puts a job back at the end of its tenant's ready stream (a job that is
+-- neither queued nor delayed now, so it counts as queued again).
+local function requeue(jid, J, T)
+  to_ready(jid, J, T)
+  add_queued(J.tenant, T, 1)
 end
 
 -- A consumer goes from a tenant's group once it holds no entry: every
@@ -430,6 +443,34 @@ local function counted(J)
   return n(J, 'counted')
 end
 
+-- A run that does not count toward max_attempts after all (handed back by
+-- a draining worker, re-run on a state conflict, stopped by a node fault).
+local function uncount(jid, J)
+  redis.call('HSET', jkey(jid), 'counted', I(math.max(counted(J) - 1, 0)))
+end
+
+-- The one retry rule: a run that failed is retried after an exponential
+-- backoff while it is of a retryable kind and the job has attempts left
+-- that count toward max_attempts (`counted`); otherwise the job fails.
+-- Returns the script's answer: {'retry', delay_ms} or {'failed'}.
+local function retry_or_fail(jid, J, T, retryable, base, maxd, jitter, now)
+  local c = counted(J)
+  if retryable and c < n(J, 'max_attempts') then
+    local d = backoff(c, base, maxd, jitter)
+    to_delayed(jid, J, T, now + d)
+    return { 'retry', d }
+  end
+  finish(jid, J, 'failed', now)
+  return { 'failed' }
+end
+
+-- Ends the job as cancelled by its tenant: the cancel flag wins on every
+-- path out of a run (FINALIZE, RELEASE, REAP) and ends a queued job at once.
+local function finish_cancelled(jid, J, now)
+  redis.call('HSET', jkey(jid), 'ekind', 'cancelled', 'emsg', 'cancelled by the tenant')
+  finish(jid, J, 'cancelled', now)
+end
+
 -- Replaces the slot-time CLAIM charged in advance (`est` at the weight of
 -- the claim, `cw`) by `actual`, and re-scores the tenant. RELEASE, REAP and
 -- node faults pass 0: a run that was not the tenant's costs it no share.
@@ -447,20 +488,22 @@ end
 -- guest's): never charged, never counted toward max_attempts, but bounded
 -- per job, so a job no node can start ends with `node_fault` instead of
 -- cycling through the queue forever. The caller has already released the
--- reservation and ended the attempt. Returns 'failed', 0 or 'retry', delay.
+-- reservation and ended the attempt. Returns the script's answer:
+-- {'failed'} or {'retry', delay_ms}.
 local function node_fault(jid, J, T, msg, max_faults, base, maxd, jitter, now)
   local f = n(J, 'faults') + 1
-  redis.call('HSET', jkey(jid), 'faults', I(f), 'counted', I(math.max(counted(J) - 1, 0)))
+  redis.call('HSET', jkey(jid), 'faults', I(f))
+  uncount(jid, J)
   if f >= max_faults then
     redis.call('HSET', jkey(jid), 'ekind', 'node_fault',
       'emsg', 'nodes failed to run this job ' .. f .. ' times; last: ' .. msg)
     finish(jid, J, 'failed', now)
-    return 'failed', 0
+    return { 'failed' }
   end
   redis.call('HSET', jkey(jid), 'ekind', 'node_fault', 'emsg', msg)
   local d = backoff(f, base, maxd, jitter)
   to_delayed(jid, J, T, now + d)
-  return 'retry', d
+  return { 'retry', d }
 end
 
 -- The shard gate (see the header): runs before any script's own code.

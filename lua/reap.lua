@@ -36,17 +36,16 @@ for _, jid in ipairs(due) do
     end_attempt(jid, J, T)
     correct_vtime(t, J, T, 0)
     retire_consumer(t, 'reaper')
-    local now_attempts = counted(J)
     if J.cancel == '1' then
-      redis.call('HSET', jkey(jid), 'ekind', 'cancelled', 'emsg', 'cancelled by the tenant')
-      finish(jid, J, 'cancelled', now)
-    elseif now_attempts >= n(J, 'max_attempts') then
-      redis.call('HSET', jkey(jid), 'ekind', 'lease_expired',
-        'emsg', 'lost ' .. now_attempts .. ' attempt(s) to workers that stopped renewing their lease')
-      finish(jid, J, 'failed', now)
+      finish_cancelled(jid, J, now)
     else
-      redis.call('HSET', jkey(jid), 'ekind', 'lease_expired', 'emsg', 'worker lost its lease; retrying')
-      to_delayed(jid, J, T, now + backoff(now_attempts, base, maxd, jitter))
+      local c = counted(J)
+      local msg = 'worker lost its lease; retrying'
+      if c >= n(J, 'max_attempts') then
+        msg = 'lost ' .. c .. ' attempt(s) to workers that stopped renewing their lease'
+      end
+      redis.call('HSET', jkey(jid), 'ekind', 'lease_expired', 'emsg', msg)
+      retry_or_fail(jid, J, T, true, base, maxd, jitter, now)
     end
     refresh(t, T, P)
     reaped = reaped + 1

@@ -39,17 +39,13 @@ correct_vtime(t, J, T, 0)
 redis.call('HSET', KEYS[2], 'releases', I(n(J, 'releases') + 1))
 local result
 if J.cancel == '1' then
-  redis.call('HSET', KEYS[2], 'ekind', 'cancelled', 'emsg', 'cancelled by the tenant')
-  finish(jid, J, 'cancelled', now)
+  finish_cancelled(jid, J, now)
   result = { 'cancelled' }
 elseif mode == 'fault' then
-  local s, d = node_fault(jid, J, T, msg, max_faults, base, maxd, jitter, now)
-  result = { s, d }
+  result = node_fault(jid, J, T, msg, max_faults, base, maxd, jitter, now)
 else
-  redis.call('HSET', KEYS[2], 'counted', I(math.max(counted(J) - 1, 0)))
-  to_ready(jid, J, T)
-  redis.call('HINCRBY', tkey(t), 'queued', 1)
-  T.queued = n(T, 'queued') + 1
+  uncount(jid, J)
+  requeue(jid, J, T)
   result = { 'ok' }
 end
 refresh(t, T, P)

@@ -62,9 +62,7 @@ J.state = ''
 if delay > 0 then
   to_delayed(jid, J, T, now + delay)
 else
-  to_ready(jid, J, T)
-  redis.call('HINCRBY', KEYS[2], 'queued', 1)
-  T.queued = n(T, 'queued') + 1
+  requeue(jid, J, T)
 end
 if body_hash ~= '' then
   redis.call('SET', KEYS[4], body_hash .. '\n' .. jid, 'EX', math.max(ttl, 1))

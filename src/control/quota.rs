@@ -5,7 +5,8 @@
 //! bytes end up not stored (the write failed, FINALIZE did not commit the
 //! state) is refunded, so usage is what is stored.
 
-use super::{AttemptOutcome, ControlPlane, CpError, Finish, Lease, scripts, status, v_i64};
+use super::reply::{Reply, Status};
+use super::{AttemptOutcome, ControlPlane, CpError, Finish, Lease, scripts};
 use crate::model::ErrorKind;
 use redis::{AsyncCommands, Value};
 
@@ -81,26 +82,31 @@ impl ControlPlane {
             .arg(charged)
             .arg(what.default_quota());
         let v: Value = self.eval(&mut inv, self.keys.shard_of(tenant)).await?;
-        let (s, rest) = status(&v);
-        let n = |i: usize| rest.get(i).map(v_i64).unwrap_or(0);
-        match s.as_str() {
-            "ok" => Ok(Charge {
-                tenant: tenant.to_string(),
-                what,
-                item: item.to_string(),
-                before: n(1).max(0) as u64,
-                charged,
-            }),
-            "no_tenant" => Err(CpError::NotFound),
-            "quota" => Err(CpError::QuotaExceeded(format!(
-                "quota `max_{}_bytes` exceeded: the tenant's limit is {} bytes, {} are in use \
-                 and this needs {} more",
-                what.kind(),
-                n(0),
-                n(1),
-                n(2)
-            ))),
-            other => Err(CpError::Internal(format!("USAGE answered {other}"))),
+        let (s, mut r) = Reply::status("USAGE", &v)?;
+        match s {
+            Status::Ok => {
+                let _used = r.int("used")?;
+                let before = r.uint("size before")?;
+                r.end()?;
+                Ok(Charge {
+                    tenant: tenant.to_string(),
+                    what,
+                    item: item.to_string(),
+                    before,
+                    charged,
+                })
+            }
+            Status::NoTenant => Err(CpError::NotFound),
+            Status::Quota => {
+                let (limit, used, extra) = (r.int("limit")?, r.int("used")?, r.int("extra")?);
+                r.end()?;
+                Err(CpError::QuotaExceeded(format!(
+                    "quota `max_{}_bytes` exceeded: the tenant's limit is {limit} bytes, {used} \
+                     are in use and this needs {extra} more",
+                    what.kind(),
+                )))
+            }
+            other => Err(r.unexpected(other)),
         }
     }
 
@@ -121,9 +127,9 @@ impl ControlPlane {
         let v: Value = self
             .eval(&mut inv, self.keys.shard_of(&charge.tenant))
             .await?;
-        match status(&v).0.as_str() {
-            "ok" | "moved" | "no_tenant" => Ok(()),
-            other => Err(CpError::Internal(format!("USAGE refund answered {other}"))),
+        match Reply::status("USAGE refund", &v)? {
+            (Status::Ok | Status::Moved | Status::NoTenant, _) => Ok(()),
+            (other, r) => Err(r.unexpected(other)),
         }
     }
 

@@ -4,7 +4,8 @@
 //! ledger's folded amounts are kept as a per-tenant checkpoint, so balances
 //! stay exactly equal to checkpoint + remaining entries.
 
-use super::{ControlPlane, CpError, scripts, v_arr, v_i64};
+use super::reply::Reply;
+use super::{ControlPlane, CpError, scripts};
 use redis::Value;
 use serde::Serialize;
 
@@ -57,9 +58,10 @@ impl ControlPlane {
             match v {
                 Ok(v) => {
                     ok = true;
-                    let a = v_arr(&v);
-                    total.jobs += a.first().map(v_i64).unwrap_or(0) as u32;
-                    total.ledger_entries += a.get(1).map(v_i64).unwrap_or(0) as u32;
+                    let mut r = Reply::new("RETAIN", &v)?;
+                    total.jobs += r.uint::<u32>("jobs removed")?;
+                    total.ledger_entries += r.uint::<u32>("ledger entries folded")?;
+                    r.end()?;
                 }
                 Err(e) => {
                     tracing::warn!(shard, error = %e, "retention sweep failed on a shard");

@@ -5,26 +5,101 @@
 use redis::Script;
 use std::sync::LazyLock;
 
-macro_rules! script {
-    ($name:ident, $file:literal) => {
-        pub static $name: LazyLock<Script> = LazyLock::new(|| {
-            Script::new(concat!(
-                include_str!("../../lua/lib.lua"),
-                "\n",
-                include_str!(concat!("../../lua/", $file))
-            ))
-        });
+const LIB: &str = include_str!("../../lua/lib.lua");
+
+macro_rules! scripts {
+    ($($name:ident => $file:literal),* $(,)?) => {
+        $(
+            pub static $name: LazyLock<Script> = LazyLock::new(|| {
+                Script::new(concat!(
+                    include_str!("../../lua/lib.lua"),
+                    "\n",
+                    include_str!(concat!("../../lua/", $file))
+                ))
+            });
+        )*
+        /// Every script with its file, to name the file of a failing one.
+        static ALL: LazyLock<Vec<(&'static str, &'static Script)>> =
+            LazyLock::new(|| vec![$(($file, &*$name)),*]);
     };
 }
 
-script!(SUBMIT, "submit.lua");
-script!(CLAIM, "claim.lua");
-script!(RENEW, "renew.lua");
-script!(FINALIZE, "finalize.lua");
-script!(CANCEL, "cancel.lua");
-script!(PROMOTE, "promote.lua");
-script!(REAP, "reap.lua");
-script!(RELEASE, "release.lua");
-script!(TENANT, "tenant.lua");
-script!(RETAIN, "retain.lua");
-script!(USAGE, "usage.lua");
+scripts! {
+    SUBMIT => "submit.lua",
+    CLAIM => "claim.lua",
+    RENEW => "renew.lua",
+    FINALIZE => "finalize.lua",
+    CANCEL => "cancel.lua",
+    PROMOTE => "promote.lua",
+    REAP => "reap.lua",
+    RELEASE => "release.lua",
+    TENANT => "tenant.lua",
+    RETAIN => "retain.lua",
+    USAGE => "usage.lua",
+}
+
+/// Rewrites each place a Lua runtime error names, `user_script:<line>` of
+/// the text sent (library, a newline, then the script), into the file and
+/// line a reader opens: `lua/lib.lua:<line>` or `lua/<script>.lua:<line>`.
+/// The script is found by the sha1 Redis quotes in the message. `None`
+/// when the message names no place.
+pub(super) fn locate(msg: &str) -> Option<String> {
+    const TAG: &str = "user_script:";
+    if !msg.contains(TAG) {
+        return None;
+    }
+    // Lines before the script's first: the library's, and the joining one.
+    let before = LIB.matches('\n').count() + 1;
+    let file = ALL
+        .iter()
+        .find(|(_, s)| msg.contains(s.get_hash()))
+        .map_or("<script>", |(f, _)| f);
+    let mut out = String::with_capacity(msg.len() + 16);
+    let mut rest = msg;
+    while let Some(at) = rest.find(TAG) {
+        let head = &rest[..at];
+        out.push_str(head.strip_suffix('@').unwrap_or(head));
+        let tail = &rest[at + TAG.len()..];
+        let n = tail.chars().take_while(char::is_ascii_digit).count();
+        match tail[..n].parse::<usize>() {
+            Ok(line) if line > before => out.push_str(&format!("lua/{file}:{}", line - before)),
+            Ok(line) => out.push_str(&format!("lua/lib.lua:{line}")),
+            Err(_) => out.push_str(TAG),
+        }
+        rest = &tail[n..];
+    }
+    out.push_str(rest);
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_name_the_file_and_line_a_reader_opens() {
+        let before = LIB.matches('\n').count() + 1;
+        let msg = format!(
+            "ERR user_script:{}: boom script: {}, on @user_script:{}.",
+            before + 7,
+            CLAIM.get_hash(),
+            before + 7
+        );
+        assert_eq!(
+            locate(&msg).unwrap(),
+            format!(
+                "ERR lua/claim.lua:7: boom script: {}, on lua/claim.lua:7.",
+                CLAIM.get_hash()
+            )
+        );
+        // The joined text really puts the script's first line there.
+        let sent = format!("{LIB}\n{}", include_str!("../../lua/claim.lua"));
+        assert_eq!(
+            sent.lines().nth(before),
+            include_str!("../../lua/claim.lua").lines().next()
+        );
+        let msg = format!("x script: {}, on @user_script:3.", RENEW.get_hash());
+        assert!(locate(&msg).unwrap().ends_with("on lua/lib.lua:3."));
+        assert_eq!(locate("ERR something else"), None);
+    }
+}

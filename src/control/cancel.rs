@@ -1,0 +1,33 @@
+//! CANCEL (`lua/cancel.lua`).
+
+use super::*;
+
+impl ControlPlane {
+    /// Queued/delayed → cancelled now; running → cancelled at the next
+    /// lease check. Answers the state the job was in.
+    pub async fn cancel(&self, tenant: &str, id: &str) -> Result<JobState, CpError> {
+        if !crate::model::valid_tenant_id(tenant) || ulid::Ulid::from_string(id).is_err() {
+            return Err(CpError::NotFound);
+        }
+        let mut inv = scripts::CANCEL.prepare_invoke();
+        inv.key(self.keys.tenant_anchor(tenant))
+            .key(self.keys.job(tenant, id))
+            .arg(tenant)
+            .arg(id);
+        for p in self.prices() {
+            inv.arg(p);
+        }
+        let v: Value = self.eval(&mut inv, self.keys.shard_of(tenant)).await?;
+        let (s, mut r) = Reply::status("CANCEL", &v)?;
+        match s {
+            Status::Ok => {
+                let was = r.string("state")?;
+                r.end()?;
+                was.parse()
+                    .map_err(|_| bad(format!("CANCEL answered the state `{was}`")))
+            }
+            Status::NotFound => Err(CpError::NotFound),
+            other => Err(r.unexpected(other)),
+        }
+    }
+}

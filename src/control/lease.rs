@@ -1,0 +1,219 @@
+//! The life of a lease: RENEW, FINALIZE and RELEASE (`lua/renew.lua`,
+//! `lua/finalize.lua`, `lua/release.lua`).
+
+use super::*;
+
+/// How an attempt ended, as the worker reports it to FINALIZE.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AttemptOutcome {
+    Succeeded {
+        output: String,
+    },
+    Failed {
+        kind: ErrorKind,
+        message: String,
+    },
+    /// The worker stopped the run because RENEW answered `Cancelled`.
+    Cancelled,
+}
+
+/// FINALIZE's input.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Finish {
+    pub outcome: AttemptOutcome,
+    pub fuel: u64,
+    pub wall_ms: u64,
+    pub log: String,
+    /// The state the agent set (committed only with success).
+    pub new_state: Option<Vec<u8>>,
+}
+
+/// What FINALIZE did with the job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Finalized {
+    Succeeded,
+    Failed,
+    Cancelled,
+    /// Back in the delayed queue for another attempt.
+    Retrying {
+        delay_ms: u64,
+    },
+    /// The agent's state moved on since this attempt read it: runs again.
+    StateConflict,
+}
+
+/// Cuts `s` to at most `max` bytes on a character boundary, marking the cut.
+pub fn truncate_utf8(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+impl ControlPlane {
+    /// Extends the lease; `LeaseLost` or `Cancelled` tell the worker to stop.
+    pub async fn renew(&self, lease: &Lease) -> Result<(), CpError> {
+        let mut inv = scripts::RENEW.key(self.keys.tenant_anchor(&lease.tenant));
+        inv.key(self.keys.job(&lease.tenant, &lease.job_id))
+            .arg(&lease.job_id)
+            .arg(lease.token)
+            .arg(self.cfg.lease_ms);
+        let v: Value = self
+            .eval(&mut inv, self.keys.shard_of(&lease.tenant))
+            .await?;
+        let (s, mut r) = Reply::status("RENEW", &v)?;
+        match s {
+            Status::Ok => {
+                let _until: i64 = r.int("lease until")?;
+                r.end()
+            }
+            Status::Lost => Err(CpError::LeaseLost),
+            Status::Cancelled => Err(CpError::Cancelled),
+            other => Err(r.unexpected(other)),
+        }
+    }
+
+    pub async fn finalize(&self, lease: &Lease, finish: &Finish) -> Result<Finalized, CpError> {
+        // Over `max_state_bytes`, the attempt fails and no state is written.
+        let (over_quota, charge) = self.charge_state(lease, finish).await?;
+        let finish = over_quota.as_ref().unwrap_or(finish);
+        let done = self.finalize_script(lease, finish).await;
+        // A state FINALIZE did not commit (lost, conflict, cancel wins) is
+        // not kept counted; any other error leaves it unknown (the script
+        // may have run), so the charge stays.
+        let committed = matches!(done, Ok(Finalized::Succeeded)) || done.is_err();
+        if let Some(charge) = charge
+            && (!committed || matches!(done, Err(CpError::LeaseLost)))
+        {
+            // The job's outcome stands either way: a failed refund is logged.
+            if let Err(e) = self.refund_bytes(&charge).await {
+                tracing::warn!(error = %e, "byte quota refund failed");
+            }
+        }
+        done
+    }
+
+    async fn finalize_script(&self, lease: &Lease, finish: &Finish) -> Result<Finalized, CpError> {
+        let (outcome, kind, text) = match &finish.outcome {
+            AttemptOutcome::Succeeded { output } => ("ok", "", output.as_str()),
+            AttemptOutcome::Failed { kind, message } => ("failed", kind.as_str(), message.as_str()),
+            AttemptOutcome::Cancelled => ("cancelled", "", ""),
+        };
+        if matches!(kind, "lease_expired" | "cancelled" | "unschedulable") {
+            return Err(CpError::Invalid(format!(
+                "`{kind}` is decided by the control plane, not reported by a worker"
+            )));
+        }
+        // Large states go to their own key, written by the script itself
+        // with the commit (and the superseded version deleted in the same
+        // step): nothing is written for a state that loses its race.
+        let (smode, svalue): (&str, &[u8]) = match (&finish.new_state, &finish.outcome) {
+            (Some(s), AttemptOutcome::Succeeded { .. }) if s.len() > self.cfg.state_inline_max => {
+                ("blob", s)
+            }
+            (Some(s), AttemptOutcome::Succeeded { .. }) => ("inline", s),
+            _ => ("none", &[]),
+        };
+        let log = truncate_utf8(&finish.log, self.cfg.log_max_bytes);
+        let mut inv = scripts::FINALIZE.prepare_invoke();
+        inv.key(self.keys.tenant_anchor(&lease.tenant))
+            .key(self.keys.job(&lease.tenant, &lease.job_id))
+            .arg(&lease.job_id)
+            .arg(lease.token)
+            .arg(outcome)
+            .arg(kind)
+            .arg(text)
+            .arg(finish.fuel)
+            .arg(finish.wall_ms)
+            .arg(log)
+            .arg(smode)
+            .arg(svalue)
+            .arg(self.cfg.retry_base_ms)
+            .arg(self.cfg.retry_max_ms)
+            .arg(rand::random::<u32>() % 1000)
+            .arg(MAX_STATE_CONFLICTS);
+        for p in self.prices() {
+            inv.arg(p);
+        }
+        inv.arg(self.cfg.max_node_faults);
+        let v: Value = self
+            .eval(&mut inv, self.keys.shard_of(&lease.tenant))
+            .await?;
+        let (s, mut r) = Reply::status("FINALIZE", &v)?;
+        let done = match s {
+            Status::Succeeded => Finalized::Succeeded,
+            Status::Failed => Finalized::Failed,
+            Status::Cancelled => Finalized::Cancelled,
+            Status::Retry => Finalized::Retrying {
+                delay_ms: r.uint("delay_ms")?,
+            },
+            Status::Conflict => Finalized::StateConflict,
+            Status::Lost => return Err(CpError::LeaseLost),
+            other => return Err(r.unexpected(other)),
+        };
+        r.end()?;
+        Ok(done)
+    }
+
+    /// Hands a claimed job back to the queue uncharged (worker draining).
+    /// Unbounded: draining is the operator's doing, never the job's.
+    pub async fn release(&self, lease: &Lease) -> Result<(), CpError> {
+        match self.release_script(lease, "drain", "").await? {
+            Finalized::Failed => Err(bad("RELEASE failed a drained job")),
+            _ => Ok(()),
+        }
+    }
+
+    /// Hands back a job the node could not start (a node fault: a
+    /// component or context it could not load, a failure of its own).
+    /// Uncharged and not counted toward `max_attempts`; the job runs again
+    /// after a backoff, until it has met `max_node_faults` of them: then it
+    /// fails with `node_fault` (answered as [`Finalized::Failed`]).
+    pub async fn release_fault(&self, lease: &Lease, message: &str) -> Result<Finalized, CpError> {
+        self.release_script(lease, "fault", truncate_utf8(message, FAULT_MESSAGE_MAX))
+            .await
+    }
+
+    async fn release_script(
+        &self,
+        lease: &Lease,
+        mode: &str,
+        message: &str,
+    ) -> Result<Finalized, CpError> {
+        let mut inv = scripts::RELEASE.prepare_invoke();
+        inv.key(self.keys.tenant_anchor(&lease.tenant))
+            .key(self.keys.job(&lease.tenant, &lease.job_id))
+            .arg(&lease.job_id)
+            .arg(lease.token);
+        for p in self.prices() {
+            inv.arg(p);
+        }
+        inv.arg(mode)
+            .arg(message)
+            .arg(self.cfg.max_node_faults)
+            .arg(self.cfg.retry_base_ms)
+            .arg(self.cfg.retry_max_ms)
+            .arg(rand::random::<u32>() % 1000);
+        let v: Value = self
+            .eval(&mut inv, self.keys.shard_of(&lease.tenant))
+            .await?;
+        let (s, mut r) = Reply::status("RELEASE", &v)?;
+        let done = match s {
+            // Back in the ready queue at once.
+            Status::Ok => Finalized::Retrying { delay_ms: 0 },
+            Status::Retry => Finalized::Retrying {
+                delay_ms: r.uint("delay_ms")?,
+            },
+            Status::Failed => Finalized::Failed,
+            Status::Cancelled => Finalized::Cancelled,
+            Status::Lost => return Err(CpError::LeaseLost),
+            other => return Err(r.unexpected(other)),
+        };
+        r.end()?;
+        Ok(done)
+    }
+}

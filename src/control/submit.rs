@@ -1,0 +1,117 @@
+//! SUBMIT (`lua/submit.lua`): a job enters its tenant's queue, at most once
+//! per idempotency key.
+
+use super::*;
+
+/// `POST /v1/jobs` body.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct JobRequest {
+    pub component: String,
+    pub input: String,
+    #[serde(default)]
+    pub agent_id: Option<String>,
+    #[serde(default)]
+    pub contexts: Vec<String>,
+    #[serde(default)]
+    pub gpus: u32,
+    #[serde(default)]
+    pub max_attempts: Option<u32>,
+    #[serde(default, deserialize_with = "num::opt_u53")]
+    pub timeout_ms: Option<u64>,
+    #[serde(default, deserialize_with = "num::opt_u53")]
+    pub fuel: Option<u64>,
+    #[serde(default, deserialize_with = "num::u53")]
+    pub delay_ms: u64,
+}
+
+/// A submission after the API resolved names: what the SUBMIT script stores.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SubmitSpec {
+    pub component: String,
+    pub input: String,
+    pub agent_id: Option<String>,
+    /// `(name, digest)` of each mounted context, fixed at submission.
+    pub contexts: Vec<(String, String)>,
+    pub gpus: u32,
+    pub max_attempts: u32,
+    /// Per-job limits (already checked to be at most the tenant's); `None`
+    /// keeps the tenant's value at claim time.
+    pub timeout_ms: Option<u64>,
+    pub fuel: Option<u64>,
+    pub delay_ms: u64,
+    /// `Idempotency-Key` header and the sha256 of the request body.
+    pub idempotency: Option<(String, String)>,
+}
+
+/// What SUBMIT answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Submitted {
+    pub id: String,
+    pub state: JobState,
+    /// False when an idempotent replay found the existing job.
+    pub created: bool,
+}
+
+impl ControlPlane {
+    pub async fn submit(&self, tenant: &str, spec: &SubmitSpec) -> Result<Submitted, CpError> {
+        if !crate::model::valid_tenant_id(tenant) {
+            return Err(CpError::NotFound);
+        }
+        if spec.max_attempts == 0 {
+            return Err(CpError::Invalid("max_attempts must be at least 1".into()));
+        }
+        let id = ulid::Ulid::new().to_string();
+        let (idem_key, body_hash) = match &spec.idempotency {
+            Some((k, h)) => (
+                self.keys.idempotency(tenant, &sha256_hex(k.as_bytes())),
+                h.clone(),
+            ),
+            None => (self.keys.idempotency(tenant, "-"), String::new()),
+        };
+        let contexts = serde_json::to_string(&spec.contexts).map_err(|e| bad(e.to_string()))?;
+        let mut inv = scripts::SUBMIT.prepare_invoke();
+        inv.key(self.keys.tenant_anchor(tenant))
+            .key(self.keys.tenant(tenant))
+            .key(self.keys.job(tenant, &id))
+            .key(idem_key)
+            .arg(tenant)
+            .arg(&id)
+            .arg(&spec.component)
+            .arg(&spec.input)
+            .arg(spec.agent_id.clone().unwrap_or_default())
+            .arg(contexts)
+            .arg(spec.gpus)
+            .arg(spec.max_attempts)
+            .arg(spec.timeout_ms.map(|v| v.to_string()).unwrap_or_default())
+            .arg(spec.fuel.map(|v| v.to_string()).unwrap_or_default())
+            .arg(spec.delay_ms)
+            .arg(body_hash)
+            .arg(self.idempotency_ttl_s());
+        for p in self.prices() {
+            inv.arg(p);
+        }
+        let v: Value = self.eval(&mut inv, self.keys.shard_of(tenant)).await?;
+        let (s, mut r) = Reply::status("SUBMIT", &v)?;
+        match s {
+            Status::Created | Status::Exists => {
+                let id = r.string("job id")?;
+                let state = r.string("state")?;
+                r.end()?;
+                let state = state
+                    .parse::<JobState>()
+                    .map_err(|_| bad(format!("SUBMIT answered the state `{state}`")))?;
+                Ok(Submitted {
+                    id,
+                    state,
+                    created: s == Status::Created,
+                })
+            }
+            Status::Conflict => Err(CpError::IdempotencyConflict),
+            Status::NoTenant => Err(CpError::NotFound),
+            Status::QueueFull => Err(CpError::QueueFull),
+            Status::Credits => Err(CpError::InsufficientCredits),
+            other => Err(r.unexpected(other)),
+        }
+    }
+}

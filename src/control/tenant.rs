@@ -1,0 +1,335 @@
+//! Tenants (admin): create, patch, grant credits, read. One script,
+//! `lua/tenant.lua`, makes every change.
+
+use super::*;
+
+/// `POST /v1/tenants` body. Unknown fields are refused; every integer is
+/// bounded by [`num`] (|n| <= 2^53 - 1).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TenantSpec {
+    pub id: String,
+    #[serde(default = "one")]
+    pub weight: u32,
+    #[serde(default, deserialize_with = "num::i53")]
+    pub credits: i64,
+    #[serde(default = "big")]
+    pub max_running: u32,
+    #[serde(default = "big")]
+    pub max_queued: u32,
+    #[serde(default)]
+    pub max_gpus: u32,
+    #[serde(default)]
+    pub limits: Option<LimitsPatch>,
+    /// Bytes of components the tenant may store (default 1 GiB).
+    #[serde(default, deserialize_with = "num::opt_u53")]
+    pub max_component_bytes: Option<u64>,
+    /// Bytes of contexts the tenant may store (default 4 GiB).
+    #[serde(default, deserialize_with = "num::opt_u53")]
+    pub max_context_bytes: Option<u64>,
+    /// Bytes of agent state the tenant may store, all agents together
+    /// (default 1 GiB).
+    #[serde(default, deserialize_with = "num::opt_u53")]
+    pub max_state_bytes: Option<u64>,
+}
+
+fn one() -> u32 {
+    1
+}
+fn big() -> u32 {
+    1_000_000
+}
+
+/// Optional limits (tenant creation and `PATCH`), each at most 2^53 - 1.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsPatch {
+    #[serde(default, deserialize_with = "num::opt_u53")]
+    pub fuel: Option<u64>,
+    #[serde(default, deserialize_with = "num::opt_u53")]
+    pub memory_bytes: Option<u64>,
+    #[serde(default, deserialize_with = "num::opt_u53")]
+    pub timeout_ms: Option<u64>,
+}
+
+/// `PATCH /v1/tenants/{id}` body (unknown fields refused).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TenantPatch {
+    pub weight: Option<u32>,
+    pub max_running: Option<u32>,
+    pub max_queued: Option<u32>,
+    pub max_gpus: Option<u32>,
+    pub limits: Option<LimitsPatch>,
+    #[serde(default, deserialize_with = "num::opt_u53")]
+    pub max_component_bytes: Option<u64>,
+    #[serde(default, deserialize_with = "num::opt_u53")]
+    pub max_context_bytes: Option<u64>,
+    #[serde(default, deserialize_with = "num::opt_u53")]
+    pub max_state_bytes: Option<u64>,
+}
+
+/// `{"balance","reserved"}`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Credits {
+    pub balance: i64,
+    pub reserved: i64,
+}
+
+/// `GET /v1/tenants/{id}`: config plus live counters.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TenantInfo {
+    pub id: String,
+    pub weight: u32,
+    pub max_running: u32,
+    pub max_queued: u32,
+    pub max_gpus: u32,
+    pub limits: Limits,
+    pub credits: Credits,
+    pub running: u32,
+    pub queued: u32,
+    pub gpus_in_use: u32,
+    /// Sum of all grants (may include negative grants).
+    pub granted: i64,
+    /// Sum of all settled attempt costs.
+    pub settled: i64,
+    /// Why the tenant's next queued job is not being handed out, when it
+    /// is not: `max_running`, `max_gpus`, `credits` (its reservation is
+    /// above the free balance; running jobs will settle, or grant
+    /// credits) or `stream_out_of_step`. Absent while eligible or empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parked: Option<String>,
+    /// Byte quotas and what is stored against them.
+    pub storage: Storage,
+}
+
+/// A tenant's byte quotas and usage (`GET /v1/tenants/{id}` `storage`).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Storage {
+    pub max_component_bytes: u64,
+    pub max_context_bytes: u64,
+    pub max_state_bytes: u64,
+    pub component_bytes: u64,
+    pub context_bytes: u64,
+    pub state_bytes: u64,
+}
+
+impl ControlPlane {
+    fn tenant_fields(limits: Option<&LimitsPatch>, out: &mut Vec<(String, u64)>) {
+        if let Some(l) = limits {
+            if let Some(v) = l.fuel {
+                out.push(("fuel".into(), v));
+            }
+            if let Some(v) = l.memory_bytes {
+                out.push(("memory_bytes".into(), v));
+            }
+            if let Some(v) = l.timeout_ms {
+                out.push(("timeout_ms".into(), v));
+            }
+        }
+    }
+
+    async fn tenant_script(
+        &self,
+        tenant: &str,
+        op: &str,
+        extra: &[String],
+    ) -> Result<Value, CpError> {
+        let mut inv = scripts::TENANT.prepare_invoke();
+        inv.key(self.keys.tenant_anchor(tenant))
+            .key(self.keys.tenant(tenant))
+            .arg(op)
+            .arg(tenant);
+        for p in self.prices() {
+            inv.arg(p);
+        }
+        for e in extra {
+            inv.arg(e);
+        }
+        self.eval(&mut inv, self.keys.shard_of(tenant)).await
+    }
+
+    pub async fn create_tenant(&self, spec: &TenantSpec, token_hash: &str) -> Result<(), CpError> {
+        if !crate::model::valid_tenant_id(&spec.id) {
+            return Err(CpError::Invalid(
+                "tenant id must be 1-64 characters of a-z, 0-9, `-` and `_`".into(),
+            ));
+        }
+        if spec.weight == 0 {
+            return Err(CpError::Invalid("weight must be at least 1".into()));
+        }
+        if spec.credits < 0 {
+            return Err(CpError::Invalid("credits must not be negative".into()));
+        }
+        if spec.credits > MAX_EXACT_INT {
+            return Err(CpError::Invalid(format!(
+                "credits must be at most {MAX_EXACT_INT}"
+            )));
+        }
+        let d = self.cfg.default_limits;
+        let mut fields: Vec<(String, u64)> = vec![
+            ("weight".into(), spec.weight as u64),
+            ("max_running".into(), spec.max_running as u64),
+            ("max_queued".into(), spec.max_queued as u64),
+            ("max_gpus".into(), spec.max_gpus as u64),
+            (
+                "max_component_bytes".into(),
+                spec.max_component_bytes
+                    .unwrap_or(DEFAULT_MAX_COMPONENT_BYTES),
+            ),
+            (
+                "max_context_bytes".into(),
+                spec.max_context_bytes.unwrap_or(DEFAULT_MAX_CONTEXT_BYTES),
+            ),
+            (
+                "max_state_bytes".into(),
+                spec.max_state_bytes.unwrap_or(DEFAULT_MAX_STATE_BYTES),
+            ),
+            ("fuel".into(), d.fuel),
+            ("memory_bytes".into(), d.memory_bytes),
+            ("timeout_ms".into(), d.timeout_ms),
+        ];
+        Self::tenant_fields(spec.limits.as_ref(), &mut fields);
+        let mut extra = vec![token_hash.to_string(), spec.credits.to_string()];
+        for (k, v) in fields {
+            extra.push(k);
+            extra.push(v.to_string());
+        }
+        let v = self.tenant_script(&spec.id, "create", &extra).await?;
+        match Reply::status("TENANT create", &v)? {
+            (Status::Ok, r) => r.end(),
+            (Status::Exists, _) => Err(CpError::TenantExists),
+            (other, r) => Err(r.unexpected(other)),
+        }
+    }
+
+    pub async fn update_tenant(&self, id: &str, patch: &TenantPatch) -> Result<(), CpError> {
+        if patch.weight == Some(0) {
+            return Err(CpError::Invalid("weight must be at least 1".into()));
+        }
+        let mut fields: Vec<(String, u64)> = Vec::new();
+        for (k, v) in [
+            ("weight", patch.weight),
+            ("max_running", patch.max_running),
+            ("max_queued", patch.max_queued),
+            ("max_gpus", patch.max_gpus),
+        ] {
+            if let Some(v) = v {
+                fields.push((k.into(), v as u64));
+            }
+        }
+        for (k, v) in [
+            ("max_component_bytes", patch.max_component_bytes),
+            ("max_context_bytes", patch.max_context_bytes),
+            ("max_state_bytes", patch.max_state_bytes),
+        ] {
+            if let Some(v) = v {
+                fields.push((k.into(), v));
+            }
+        }
+        Self::tenant_fields(patch.limits.as_ref(), &mut fields);
+        let extra: Vec<String> = fields
+            .into_iter()
+            .flat_map(|(k, v)| [k, v.to_string()])
+            .collect();
+        let v = self.tenant_script(id, "update", &extra).await?;
+        match Reply::status("TENANT update", &v)? {
+            (Status::Ok, r) => r.end(),
+            (Status::NotFound, _) => Err(CpError::NotFound),
+            (other, r) => Err(r.unexpected(other)),
+        }
+    }
+
+    /// Adds `amount` (may be negative) and answers the new balance. A
+    /// negative grant may not take the balance below what is reserved.
+    pub async fn grant_credits(&self, id: &str, amount: i64) -> Result<i64, CpError> {
+        if amount.abs() > MAX_EXACT_INT {
+            return Err(CpError::Invalid(format!(
+                "amount must be within ±{MAX_EXACT_INT}"
+            )));
+        }
+        let v = self
+            .tenant_script(id, "grant", &[amount.to_string()])
+            .await?;
+        let (s, mut r) = Reply::status("TENANT grant", &v)?;
+        match s {
+            Status::Ok => {
+                let balance = r.int("balance")?;
+                r.end()?;
+                Ok(balance)
+            }
+            Status::NotFound => Err(CpError::NotFound),
+            Status::Insufficient => Err(CpError::InsufficientCredits),
+            Status::OutOfRange => Err(CpError::Invalid(format!(
+                "the grant would take the tenant's credits past ±{MAX_EXACT_INT}"
+            ))),
+            other => Err(r.unexpected(other)),
+        }
+    }
+
+    pub async fn tenant(&self, id: &str) -> Result<Option<TenantInfo>, CpError> {
+        if !crate::model::valid_tenant_id(id) {
+            return Ok(None);
+        }
+        let h = self.hgetall(&self.keys.tenant(id)).await?;
+        if h.is_empty() {
+            return Ok(None);
+        }
+        let int = |k: &str| exact_int(k, h.get(k).map(String::as_str));
+        let granted = int("granted")?;
+        let settled = int("settled")?;
+        Ok(Some(TenantInfo {
+            id: id.to_string(),
+            weight: num(&h, "weight") as u32,
+            max_running: num(&h, "max_running") as u32,
+            max_queued: num(&h, "max_queued") as u32,
+            max_gpus: num(&h, "max_gpus") as u32,
+            limits: Limits {
+                fuel: num(&h, "fuel") as u64,
+                memory_bytes: num(&h, "memory_bytes") as u64,
+                timeout_ms: num(&h, "timeout_ms") as u64,
+            },
+            credits: Credits {
+                balance: granted - settled,
+                reserved: int("reserved")?,
+            },
+            running: num(&h, "running") as u32,
+            queued: num(&h, "queued") as u32,
+            gpus_in_use: num(&h, "gpus") as u32,
+            granted,
+            settled,
+            storage: Storage {
+                max_component_bytes: h
+                    .get("max_component_bytes")
+                    .map_or(DEFAULT_MAX_COMPONENT_BYTES, |_| {
+                        num(&h, "max_component_bytes") as u64
+                    }),
+                max_context_bytes: h
+                    .get("max_context_bytes")
+                    .map_or(DEFAULT_MAX_CONTEXT_BYTES, |_| {
+                        num(&h, "max_context_bytes") as u64
+                    }),
+                max_state_bytes: h
+                    .get("max_state_bytes")
+                    .map_or(DEFAULT_MAX_STATE_BYTES, |_| {
+                        num(&h, "max_state_bytes") as u64
+                    }),
+                component_bytes: num(&h, "component_bytes") as u64,
+                context_bytes: num(&h, "context_bytes") as u64,
+                state_bytes: num(&h, "state_bytes") as u64,
+            },
+            parked: h
+                .get("parked")
+                .filter(|p| !p.is_empty() && p.as_str() != "empty")
+                .cloned(),
+        }))
+    }
+
+    /// The stored sha256 hex of the tenant's token, for authentication.
+    pub async fn tenant_token_hash(&self, id: &str) -> Result<Option<String>, CpError> {
+        if !crate::model::valid_tenant_id(id) {
+            return Ok(None);
+        }
+        Ok(self.conn().hget(self.keys.tenant(id), "token_hash").await?)
+    }
+}
