@@ -9,10 +9,6 @@ use wasmtime::component::{Component, Linker};
 use wasmtime::wasmparser::Parser;
 use wasmtime::{Engine, Trap};
 
-/// Largest upload accepted. Compilation time and memory grow with size; the
-/// bound keeps one upload from tying up a node's compiler for minutes.
-pub(crate) const MAX_COMPONENT_BYTES: usize = 32 << 20;
-
 /// The imports of this world a component may use, besides WASI 0.2.
 const AGENT_INTERFACES: [&str; 3] = [
     "agentplane:agent/context@0.1.0",
@@ -39,15 +35,16 @@ fn is_wasi_p2(name: &str) -> bool {
             .is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
 }
 
-/// Cheap checks on raw bytes, before any compilation.
-pub(crate) fn check_bytes(bytes: &[u8]) -> Result<(), AdmissionError> {
+/// Cheap checks on raw bytes, before any compilation; `max_bytes` is the
+/// node's configured bound (`HostConfig::max_component_bytes`).
+pub(crate) fn check_bytes(bytes: &[u8], max_bytes: usize) -> Result<(), AdmissionError> {
     let invalid = |m: String| Err(AdmissionError::Invalid(m));
     if bytes.is_empty() {
         return invalid("the upload is empty; expected a WebAssembly component".into());
     }
-    if bytes.len() > MAX_COMPONENT_BYTES {
+    if bytes.len() > max_bytes {
         return invalid(format!(
-            "the component is {} bytes; at most {MAX_COMPONENT_BYTES} bytes are accepted",
+            "the component is {} bytes; at most {max_bytes} bytes are accepted",
             bytes.len()
         ));
     }
@@ -147,10 +144,14 @@ mod tests {
 
     #[test]
     fn raw_bytes() {
-        assert!(check_bytes(b"").is_err());
-        let m = check_bytes(b"\0asm\x01\0\0\0").unwrap_err().to_string();
+        assert!(check_bytes(b"", 1 << 20).is_err());
+        let m = check_bytes(b"\0asm\x01\0\0\0", 1 << 20)
+            .unwrap_err()
+            .to_string();
         assert!(m.contains("core WebAssembly module"), "{m}");
-        let m = check_bytes(b"garbage bytes").unwrap_err().to_string();
+        let m = check_bytes(b"garbage bytes", 1 << 20)
+            .unwrap_err()
+            .to_string();
         assert!(m.contains("not a WebAssembly component"), "{m}");
     }
 }

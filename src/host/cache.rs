@@ -112,7 +112,7 @@ impl Compiler {
     /// Checks and compiles an upload as admission does, then writes the
     /// artifact to disk so that no node on this disk compiles it again.
     pub fn compile_checked(&self, bytes: &[u8]) -> Result<LoadedComponent, AdmissionError> {
-        admission::check_bytes(bytes)?;
+        admission::check_bytes(bytes, self.cfg.max_component_bytes)?;
         super::structure::check(bytes)?;
         let component = match &self.cfg.compile_child {
             Some(child) => super::compile::compile(child, &self.cfg, &self.engine, bytes)?,

@@ -21,10 +21,11 @@
 
 mod admission;
 mod bindings;
+mod budget;
 mod cache;
 mod compile;
 mod engine;
-mod limits;
+pub mod limits;
 mod random;
 mod run;
 mod sandbox;
@@ -62,6 +63,11 @@ pub struct HostConfig {
     pub fuel: bool,
     /// Bytes of stdout and of stderr kept per attempt.
     pub stdio_capture_bytes: usize,
+    /// Largest component admitted or compiled (bytes). Compilation time and
+    /// memory grow with size; the bound keeps one upload from tying up a
+    /// node's compiler for minutes. The API and the workers must agree on
+    /// it: a worker refuses to compile what is over its own bound.
+    pub max_component_bytes: usize,
     /// Compile uploads in a child process bounded in time and memory
     /// (`Some`), or in this process (`None`: tests and tools; the
     /// structural checks still apply).
@@ -80,6 +86,7 @@ impl Default for HostConfig {
             pooling: true,
             fuel: true,
             stdio_capture_bytes: 64 << 10,
+            max_component_bytes: limits::DEFAULT_MAX_COMPONENT_BYTES,
             compile_child: None,
         }
     }
@@ -217,7 +224,7 @@ pub struct Host {
     components: cache::ComponentCache,
     contexts: ContextCache,
     /// Memory in use per tenant on this node (`tenant_memory_budget` each).
-    tenants: Mutex<HashMap<String, Arc<limits::TenantBudget>>>,
+    tenants: Mutex<HashMap<String, Arc<budget::TenantBudget>>>,
 }
 
 /// Tenants remembered before idle ones (nothing running) are forgotten:
@@ -245,7 +252,8 @@ impl Host {
         })
     }
 
-    /// Validates an upload: a component (not a core module), at most 32 MiB,
+    /// Validates an upload: a component (not a core module), at most
+    /// [`HostConfig::max_component_bytes`],
     /// importing only WASI 0.2 and `agentplane:agent`, exporting `run` with
     /// the world's type. Answers its digest. The compiled result is kept (in
     /// memory and in the disk cache), so running it on this node, or on any
@@ -320,14 +328,14 @@ impl Host {
             .map_or(0, |b| b.used.load(Ordering::Acquire))
     }
 
-    fn tenant_budget(&self, tenant: &str) -> Arc<limits::TenantBudget> {
+    fn tenant_budget(&self, tenant: &str) -> Arc<budget::TenantBudget> {
         let mut map = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
         if map.len() >= TENANT_MAP_PRUNE_AT && !map.contains_key(tenant) {
             // Only budgets nobody holds (no live store) may go; they are zero.
             map.retain(|_, b| Arc::strong_count(b) > 1);
         }
         map.entry(tenant.to_string())
-            .or_insert_with(|| Arc::new(limits::TenantBudget::new(self.cfg.tenant_memory_budget)))
+            .or_insert_with(|| Arc::new(budget::TenantBudget::new(self.cfg.tenant_memory_budget)))
             .clone()
     }
 }

@@ -2,8 +2,8 @@
 //! `run`, and classify exactly how it ended.
 
 use super::bindings::AgentPre;
+use super::budget::{MemoryLimiter, RunFlags, TenantBudget};
 use super::engine::{EPOCH_TICK, ticks_for};
-use super::limits::{MemoryLimiter, RunFlags, TenantBudget};
 use super::sandbox::{self, Capture, LogLines};
 use super::{RunOutcome, RunReport, RunRequest};
 use crate::context::HeavyContext;
