@@ -28,13 +28,10 @@ wasmtime::component::bindgen!({
 
 pub(crate) use self::agentplane::agent::{context, log, state};
 
-/// Results one search may ask for. Stops a guest from making the host sort
-/// and copy a whole index into its memory in one call.
-pub(crate) const MAX_K: u32 = 1000;
-
-/// Longest embedding accepted (floats). Real models stay far below; the bound
-/// stops a guest from making the host compare gigantic vectors.
-pub(crate) const MAX_EMBEDDING_DIM: usize = 1 << 16;
+// Results per search and the longest query embedding are the context's
+// own bounds (`crate::context::{MAX_K, MAX_DIM}`): a query longer than any
+// context may hold can never match, so it is refused before a scan is paid.
+use crate::context::{MAX_DIM, MAX_K};
 
 /// Longest text query accepted (bytes), same threat as above for BM25.
 pub(crate) const MAX_QUERY_BYTES: usize = 64 << 10;
@@ -145,9 +142,9 @@ impl context::Host for RunState {
         k: u32,
     ) -> wasmtime::Result<Result<Vec<context::Hit>, String>> {
         self.begin_call(CALL_FUEL + byte_fuel(embedding.len() * 4))?;
-        if embedding.len() > MAX_EMBEDDING_DIM {
+        if embedding.len() > MAX_DIM {
             return Ok(Err(format!(
-                "embedding has {} dimensions; at most {MAX_EMBEDDING_DIM} are accepted",
+                "embedding has {} dimensions; at most {MAX_DIM} are accepted",
                 embedding.len()
             )));
         }
@@ -158,7 +155,7 @@ impl context::Host for RunState {
         // A scan multiplies and adds once per dimension of every document:
         // charged up front, so a guest that cannot pay never starts one.
         self.charge((ctx.documents() as u64).saturating_mul(ctx.dim().max(1) as u64))?;
-        let k = k.min(MAX_K) as usize;
+        let k = (k as usize).min(MAX_K);
         match Self::blocking(move |stop| ctx.search_until(&embedding, k, stop)).await {
             Ok(Ok(hits)) => self.deliver(hits).map(Ok),
             Ok(Err(e)) | Err(e) => Ok(Err(e)),
@@ -184,7 +181,7 @@ impl context::Host for RunState {
         };
         // BM25 scores into an accumulator of one slot per document.
         self.charge(ctx.documents() as u64)?;
-        let k = k.min(MAX_K) as usize;
+        let k = (k as usize).min(MAX_K);
         match Self::blocking(move |stop| ctx.search_text_until(&query, k, stop)).await {
             Ok(hits) => self.deliver(hits).map(Ok),
             Err(e) => Ok(Err(e)),
