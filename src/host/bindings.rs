@@ -121,7 +121,7 @@ impl RunState {
         let _guard = StopOnDrop(stop.clone());
         tokio::task::spawn_blocking(move || f(&stop))
             .await
-            .map_err(|_| "search failed inside the host".to_string())
+            .map_err(|e| format!("a search task failed inside the host: {e}"))
     }
 
     /// Charges the bytes of hits about to be handed to the guest; refuses
@@ -158,7 +158,8 @@ impl context::Host for RunState {
         let k = (k as usize).min(MAX_K);
         match Self::blocking(move |stop| ctx.search_until(&embedding, k, stop)).await {
             Ok(Ok(hits)) => self.deliver(hits).map(Ok),
-            Ok(Err(e)) | Err(e) => Ok(Err(e)),
+            Ok(Err(e)) => Ok(Err(e)),
+            Err(e) => Err(self.host_fault(e)),
         }
     }
 
@@ -184,7 +185,7 @@ impl context::Host for RunState {
         let k = (k as usize).min(MAX_K);
         match Self::blocking(move |stop| ctx.search_text_until(&query, k, stop)).await {
             Ok(hits) => self.deliver(hits).map(Ok),
-            Err(e) => Ok(Err(e)),
+            Err(e) => Err(self.host_fault(e)),
         }
     }
 

@@ -19,6 +19,9 @@ pub(crate) struct RunFlags {
     pub timed_out: AtomicBool,
     /// The epoch callback saw the cancellation token.
     pub cancelled: AtomicBool,
+    /// A host function failed for a reason of the host's own (a search task
+    /// that panicked): the run stops as `node_fault`, not as the guest's trap.
+    pub host_fault: AtomicBool,
 }
 
 /// Memory held by the live instances of one tenant on this node.

@@ -141,6 +141,14 @@ impl RunState {
         Ok(())
     }
 
+    /// Stops the run for a failure of the host's own (not the guest's
+    /// doing): classified as `node_fault`, so the job is handed back
+    /// uncharged instead of failing as a trap.
+    pub(crate) fn host_fault(&mut self, why: String) -> wasmtime::Error {
+        self.flags.host_fault.store(true, Ordering::Release);
+        wasmtime::Error::msg(why)
+    }
+
     fn refuse_answer(&mut self, bytes: usize) -> wasmtime::Result<()> {
         self.refuse("a host call's answer", bytes)
     }
@@ -414,6 +422,12 @@ fn classify(e: &wasmtime::Error, flags: &RunFlags, timeout_ms: u64) -> RunOutcom
     if flags.cancelled.load(Ordering::Acquire) {
         return RunOutcome::Interrupted;
     }
+    if flags.host_fault.load(Ordering::Acquire) {
+        return RunOutcome::Failed {
+            kind: ErrorKind::NodeFault,
+            message: format!("host error: {}", describe(e)),
+        };
+    }
     let trap = e.downcast_ref::<Trap>().copied();
     if flags.timed_out.load(Ordering::Acquire) || trap == Some(Trap::Interrupt) {
         return RunOutcome::Failed {
@@ -457,10 +471,11 @@ fn describe(e: &wasmtime::Error) -> String {
     s
 }
 
-/// A failure of the host itself around a run (not the guest's doing).
+/// A failure of the host itself around a run (not the guest's doing): a
+/// node fault, released uncharged, never the guest's `trap`.
 fn host_failure(e: wasmtime::Error) -> RunOutcome {
     RunOutcome::Failed {
-        kind: ErrorKind::Trap,
+        kind: ErrorKind::NodeFault,
         message: format!("host error: {}", describe(&e)),
     }
 }
