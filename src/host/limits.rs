@@ -7,3 +7,39 @@
 /// [`super::HostConfig::max_component_bytes`], `--max-component-bytes`.
 /// Enforced by admission before any compilation.
 pub const DEFAULT_MAX_COMPONENT_BYTES: usize = 32 << 20;
+
+/// Default wall-clock bound of one compilation ([`super::CompileChild`]).
+/// The 18 MB Python agent compiles in ~10 s on one core of a small machine;
+/// a Rust agent in well under a second.
+pub const DEFAULT_COMPILE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// Default heap bound of one compilation ([`super::CompileChild`]).
+pub const DEFAULT_COMPILE_MEMORY: u64 = 2 << 30;
+
+// Host calls (enforced in `state`, where the imports are served). Results
+// per search and the longest query embedding are the context's own bounds
+// (`crate::context::{MAX_K, MAX_DIM}`), not restated here.
+
+/// Longest text query accepted (bytes): stops a guest from making the host
+/// tokenize and score gigantic BM25 queries.
+pub const MAX_QUERY_BYTES: usize = 64 << 10;
+
+/// Largest state an agent may store. State travels through Redis on every
+/// job of its agent; this keeps one agent from bloating the control plane.
+pub const MAX_STATE_BYTES: usize = 16 << 20;
+
+/// Longest `log.write` message kept (bytes); longer ones are cut.
+pub const MAX_LOG_MESSAGE: usize = 8 << 10;
+
+/// Bytes one host call may build for the guest (hits of one search, the
+/// tool list). Beyond it the call traps as `memory_limit`: the host must not
+/// build for one call more than a guest's memory could ever take.
+pub const MAX_RESULT_BYTES: usize = 8 << 20;
+
+/// Fuel every call of an `agentplane:agent` import costs, whatever it does:
+/// a call is ~1 µs of host CPU, about a thousand wasm instructions. Stops a
+/// guest from flooding the host with free calls.
+pub const CALL_FUEL: u64 = 1_000;
+
+/// Bytes copied in or out of the guest per unit of fuel (state, log lines,
+/// hits, tools).
+pub const BYTES_PER_FUEL: u64 = 4;
