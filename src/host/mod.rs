@@ -14,8 +14,9 @@
 //! graph has no cycle:
 //!
 //! ```text
-//! limits, config, bindings, budget, sandbox, cache    (leaves)
-//! engine     <- config, limits
+//! limits, bindings, budget, sandbox, cache            (leaves)
+//! config     <- limits
+//! engine     <- config
 //! structure  <- config
 //! compile    <- config, engine
 //! state      <- bindings, budget, sandbox, limits     (RunState + host imports)
