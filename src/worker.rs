@@ -347,8 +347,11 @@ async fn prepare(
         })
         .await
         .map_err(|e| match e {
+            // Not the guest's doing (a store that lost it, a replica that
+            // lags): a node fault, released uncharged and bounded per job
+            // by the control plane, never a `trap` charged to the tenant.
             HostError::NotFound(d) => {
-                PrepError::Fatal(ErrorKind::Trap, format!("component {d} not found"))
+                PrepError::Fatal(ErrorKind::NodeFault, format!("component {d} not found"))
             }
             // Will never compile here: a final failure, not a release (a
             // release would hand it to the next worker to fail again, forever).

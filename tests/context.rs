@@ -2,9 +2,8 @@
 //! encode → decode round trips, exact cosine and BM25 rankings, hostile
 //! blobs, and the node cache (single flight, LRU under a byte budget).
 
-use agentplane::context::{
-    ContextCache, ContextError, ContextUpload, Document, HeavyContext, Tool, encode,
-};
+use agentplane::context::{ContextError, ContextUpload, Document, HeavyContext, Tool, encode};
+use agentplane::host::ContextCache;
 use proptest::prelude::*;
 use sha2::{Digest, Sha256};
 use std::sync::Arc;

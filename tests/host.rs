@@ -979,3 +979,65 @@ async fn a_failed_compile_is_final_and_remembered() {
     assert!(matches!(r, Err(HostError::Invalid(_))));
     assert_eq!(host.compile_count(), 0);
 }
+
+/// `bytes` with a custom section appended that brings it to `total` bytes:
+/// still a valid component, as large as asked.
+fn padded(bytes: &[u8], total: usize) -> Vec<u8> {
+    fn leb(mut n: usize, out: &mut Vec<u8>) {
+        loop {
+            let b = (n & 0x7f) as u8;
+            n >>= 7;
+            if n == 0 {
+                out.push(b);
+                return;
+            }
+            out.push(b | 0x80);
+        }
+    }
+    let name = b"padding";
+    // id (1) + size (5, padded LEB) + name length (1) + name + payload.
+    let payload = total - bytes.len() - 1 - 5 - 1 - name.len();
+    let mut out = bytes.to_vec();
+    out.push(0);
+    let size = 1 + name.len() + payload;
+    // Five-byte LEB so the header's length does not depend on the size.
+    for i in 0..5 {
+        let b = ((size >> (7 * i)) & 0x7f) as u8;
+        out.push(if i < 4 { b | 0x80 } else { b });
+    }
+    leb(name.len(), &mut out);
+    out.extend_from_slice(name);
+    out.resize(total, 0);
+    out
+}
+
+#[test]
+fn the_component_size_bound_is_the_configured_one() {
+    let echo = guest_bytes("echo");
+    let big = padded(&echo, 40 << 20);
+    assert_eq!(big.len(), 40 << 20);
+
+    // Default bound (32 MiB): refused, and the message names the bound.
+    let host = Host::new(cfg()).unwrap();
+    let m = refusal(&host, &big);
+    assert!(m.contains(&format!("at most {} bytes", 32 << 20)), "{m}");
+
+    // Raised to 64 MiB: the same upload is admitted and runs (it used to
+    // be refused by a bound hard-coded in admission, whatever the flag said).
+    let host = Host::new(HostConfig {
+        max_component_bytes: 64 << 20,
+        ..cfg()
+    })
+    .unwrap();
+    let a = host.admit(&big).expect("admitted under the raised bound");
+    assert_eq!(a.size, big.len());
+
+    // Still a bound: past it, refused with the configured number.
+    let host = Host::new(HostConfig {
+        max_component_bytes: 36 << 20,
+        ..cfg()
+    })
+    .unwrap();
+    let m = refusal(&host, &big);
+    assert!(m.contains(&format!("at most {} bytes", 36 << 20)), "{m}");
+}

@@ -4,9 +4,9 @@
 
 mod common;
 
-use agentplane::context::{ContextUpload, Document, HeavyContext, Tool, encode};
+use agentplane::context::{ContextUpload, Document, HeavyContext, MAX_DIM, Tool, encode};
 use agentplane::host::{Host, HostConfig, LoadedComponent, RunOutcome, RunRequest};
-use agentplane::model::Limits;
+use agentplane::model::{ErrorKind, Limits};
 use common::guests::guest_bytes;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -214,4 +214,33 @@ async fn a_thousand_instances_share_one_context() {
         "1000 instances added {} MiB",
         growth / MIB
     );
+}
+
+/// The longest query embedding a guest may pass is the longest a context
+/// may hold (`context::MAX_DIM`), one bound in one place: the host used to
+/// accept queries of up to 65,536 floats (and charge a scan for them) that
+/// no context could ever match.
+#[tokio::test]
+async fn a_query_embedding_over_the_context_bound_is_refused_up_front() {
+    let host = Host::new(HostConfig {
+        max_instances: 8,
+        ..HostConfig::default()
+    })
+    .unwrap();
+    let ctx = mounted(&host, 4, 2).await;
+    let searchk = load(&host, "searchk").await;
+    let over = MAX_DIM + 1;
+    let r = host
+        .run(request(&searchk, &format!("1,{over}"), &ctx))
+        .await;
+    match &r.outcome {
+        RunOutcome::Failed {
+            kind: ErrorKind::AgentError,
+            message,
+        } => assert!(
+            message.contains(&format!("at most {MAX_DIM} are accepted")),
+            "{message}"
+        ),
+        other => panic!("expected the guest to see the bound, got {other:?}"),
+    }
 }

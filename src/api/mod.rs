@@ -103,7 +103,7 @@ pub struct ApiConfig {
 impl Default for ApiConfig {
     fn default() -> Self {
         ApiConfig {
-            max_component_bytes: 32 << 20,
+            max_component_bytes: crate::host::limits::DEFAULT_MAX_COMPONENT_BYTES,
             max_input_bytes: 1 << 20,
             max_context_bytes: 64 << 20,
             max_wait: Duration::from_secs(60),

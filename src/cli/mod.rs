@@ -104,8 +104,10 @@ pub struct SlotArgs {
 /// environment variable named in its help.
 #[derive(Debug, Clone, Args)]
 pub struct ApiLimitArgs {
-    /// Largest component upload, in bytes.
-    #[arg(long, env = "AGENTPLANE_MAX_COMPONENT_BYTES", default_value_t = 32 << 20)]
+    /// Largest component upload, in bytes (also what this process's
+    /// admission and, under `serve`, its workers compile).
+    #[arg(long, env = "AGENTPLANE_MAX_COMPONENT_BYTES",
+          default_value_t = crate::host::limits::DEFAULT_MAX_COMPONENT_BYTES)]
     pub max_component_bytes: usize,
     /// Largest job input, in bytes.
     #[arg(long, env = "AGENTPLANE_MAX_INPUT_BYTES", default_value_t = 1 << 20)]
@@ -224,6 +226,11 @@ pub struct WorkerArgs {
     /// Where compiled components are cached on disk (none by default).
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
+    /// Largest component this worker compiles, in bytes: must be at least
+    /// the API's `--max-component-bytes`, or admitted uploads fail here.
+    #[arg(long, env = "AGENTPLANE_MAX_COMPONENT_BYTES",
+          default_value_t = crate::host::limits::DEFAULT_MAX_COMPONENT_BYTES)]
+    pub max_component_bytes: usize,
     /// Serve `/metrics` and `/healthz` on this address.
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,

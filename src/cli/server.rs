@@ -65,8 +65,13 @@ fn worker_config(s: &SlotArgs) -> WorkerConfig {
     }
 }
 
-fn worker_host(slots: u32, cache_dir: Option<std::path::PathBuf>) -> anyhow::Result<Host> {
+fn worker_host(
+    slots: u32,
+    cache_dir: Option<std::path::PathBuf>,
+    max_component_bytes: usize,
+) -> anyhow::Result<Host> {
     Host::new(HostConfig {
+        max_component_bytes,
         // A few spare instance slots beyond the job slots: an instance is
         // torn down just after its slot is given back.
         max_instances: slots.saturating_mul(2).max(8),
@@ -151,7 +156,11 @@ async fn serve_parts(
     api::install_metrics();
     let control = connect(url, control_config(&args.control, args.lease.lease_ms)).await?;
     let wcfg = worker_config(&args.slots);
-    let host = Arc::new(worker_host(wcfg.slots, Some(args.data.join("cache")))?);
+    let host = Arc::new(worker_host(
+        wcfg.slots,
+        Some(args.data.join("cache")),
+        args.limits.max_component_bytes,
+    )?);
     let (token, token_file) = embedded::admin_token(&args.data)?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -279,7 +288,11 @@ pub async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     )
     .await?;
     let wcfg = worker_config(&args.slots);
-    let host = Arc::new(worker_host(wcfg.slots, args.cache_dir.clone())?);
+    let host = Arc::new(worker_host(
+        wcfg.slots,
+        args.cache_dir.clone(),
+        args.max_component_bytes,
+    )?);
     spawn_metrics(args.metrics_listen, shutdown.clone()).await?;
     run_worker(wcfg, control, host, shutdown).await
 }
@@ -318,6 +331,7 @@ pub async fn api(args: ApiArgs) -> anyhow::Result<()> {
     let host = Arc::new(
         Host::new(HostConfig {
             compile_child: compile_child(),
+            max_component_bytes: args.limits.max_component_bytes,
             ..HostConfig::admission()
         })
         .context("starting the admission host")?,

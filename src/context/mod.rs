@@ -7,24 +7,23 @@
 //! - [`HeavyContext::decode`] verifies a blob and builds the searchable form:
 //!   texts in one arena, embeddings in one contiguous matrix of unit vectors
 //!   (cosine = dot product), a BM25 inverted index, the tool registry.
-//! - [`ContextCache`] keeps `Arc<HeavyContext>` by digest under a byte budget
-//!   (LRU); every instance that mounts a context reads the same copy, so
-//!   thousands of instances cost one copy of the context per node.
+//! - The host's cache (`crate::host::ContextCache`) keeps `Arc<HeavyContext>`
+//!   by digest under a byte budget (LRU); every instance that mounts a
+//!   context reads the same copy, so thousands of instances cost one copy of
+//!   the context per node.
 //!
 //! A context is untrusted input: every limit below says which abuse it stops,
 //! and the decoder re-checks all of them on bytes read back from Redis.
 //!
 //! Layout: `format` (blob layout, validation, parser), `vector` (cosine scan),
-//! `bm25` (inverted index), `topk` (bounded selection), `cache` (the LRU).
+//! `bm25` (inverted index), `topk` (bounded selection).
 
 mod bm25;
-mod cache;
 mod format;
 mod topk;
 mod vector;
 
 pub use bm25::MAX_QUERY_TERMS;
-pub use cache::ContextCache;
 
 /// Documents per context: bounds the index and per-document tables a single
 /// upload can make every worker node build.
@@ -184,7 +183,7 @@ impl HeavyContext {
     /// Verifies that `bytes` hash to `digest` (`sha256:<hex>`), parses and
     /// re-validates them, and builds the searchable form. Hostile bytes give
     /// `ContextError::Corrupt`, never a panic. CPU-heavy for large contexts:
-    /// call it off the async runtime (as [`ContextCache`] does).
+    /// call it off the async runtime (as the host's `ContextCache` does).
     pub fn decode(digest: &str, bytes: &[u8]) -> Result<HeavyContext, ContextError> {
         let actual = format::digest_of(bytes);
         if actual != digest {

@@ -1,336 +1,273 @@
-//! Compiled components: compiled once per node, kept pre-instantiated in an
-//! LRU under a byte budget, and precompiled to disk so a restarted node (or
-//! a second host on the same disk) skips compilation.
+//! The node's one in-memory cache: an LRU by digest under a byte budget,
+//! with single-flight loading. It serves both compiled components and
+//! decoded contexts ([`Cache`] is generic over what it keeps), so both
+//! follow one policy, including for an entry larger than the whole budget:
+//! it is served to its callers but not kept (the budget is a bound on what
+//! the cache holds, never exceeded; the two caches used to disagree, the
+//! component one keeping any single entry whatever its size).
+//!
+//! One `std::sync::Mutex` guards both the LRU and the table of loads in
+//! flight. It is never held across an `.await` and every critical section is
+//! a few map operations, so a blocking mutex is cheaper than an async one;
+//! guarding both maps with one lock makes "not cached, so join or start a
+//! load" atomic, so a load that finishes between the two checks cannot be
+//! missed (which would load the same entry twice).
+//!
+//! Single flight: callers for one digest share one `tokio::sync::OnceCell`.
+//! The first runs its loader; the others wait on the cell. If that first
+//! caller is cancelled mid-load, the cell lets the next waiter run its own
+//! loader, so a cancelled job never strands the others. A failed load is
+//! shared with the callers already waiting (so a bad blob is decoded once,
+//! not once per waiter), then forgotten, so the next caller tries again.
+//!
+//! This module knows nothing of what it keeps: the host gives it loaders.
 
-use super::admission;
-use super::bindings::AgentPre;
-use super::run::RunState;
-use super::{AdmissionError, HostConfig, HostError, LoadedComponent};
 use lru::LruCache;
-use sha2::{Digest, Sha256};
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
-use std::path::{Path, PathBuf};
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::OnceCell;
-use wasmtime::Engine;
-use wasmtime::component::{Component, Linker};
 
-/// `sha256:<hex>` of `bytes`.
-pub(crate) fn digest_of(bytes: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+/// What the cache can keep: something that says what it costs in memory.
+pub trait Weighed {
+    /// Bytes this entry holds, as the budget counts them.
+    fn weight(&self) -> usize;
 }
 
-/// The hex part of a well-formed digest. Digests become file names: anything
-/// but 64 lowercase hex digits could walk out of the cache directory.
-fn digest_hex(digest: &str) -> Option<&str> {
-    let hex = digest.strip_prefix("sha256:")?;
-    (hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))).then_some(hex)
+/// A failure of one load, as its waiters see it. The caller whose loader
+/// failed gets the original error; each waiter gets [`Shared::share`] of it
+/// (errors such as `anyhow::Error` cannot be cloned).
+pub trait Shared: Sized {
+    /// A copy of this error for one more caller.
+    fn share(&self) -> Self;
 }
 
-/// Compiles and prepares components; shared with the blocking pool.
-pub(crate) struct Compiler {
-    pub engine: Engine,
-    pub linker: Linker<RunState>,
-    /// What the compile child needs to build the same engine.
-    cfg: HostConfig,
-    /// `<cache_dir>/<engine compatibility hash>`: artifacts of another
-    /// wasmtime version or configuration never get mixed in.
-    disk: Option<PathBuf>,
-    pub compiles: AtomicU64,
-    pub disk_loads: AtomicU64,
+impl Shared for anyhow::Error {
+    fn share(&self) -> Self {
+        anyhow::anyhow!("{self:#}")
+    }
 }
 
-impl Compiler {
-    pub fn new(engine: Engine, linker: Linker<RunState>, cfg: &HostConfig) -> anyhow::Result<Self> {
-        let disk = match cfg.cache_dir.as_deref() {
-            None => None,
-            Some(dir) => {
-                let mut h = std::collections::hash_map::DefaultHasher::new();
-                engine.precompile_compatibility_hash().hash(&mut h);
-                let dir = dir.join(format!("wasmtime-{:016x}", h.finish()));
-                std::fs::create_dir_all(&dir)?;
-                Some(dir)
+type Flight<V, E> = OnceCell<Result<Arc<V>, E>>;
+
+struct State<V, E> {
+    /// Unbounded by count: the byte budget is the bound, enforced in `insert`.
+    lru: LruCache<String, Arc<V>>,
+    /// Sum of `weight` of the entries in `lru`.
+    bytes: usize,
+    inflight: HashMap<String, Arc<Flight<V, E>>>,
+}
+
+/// LRU of `V` by digest, bounded by the sum of their weights.
+///
+/// The budget counts what the cache keeps alive. An evicted entry that
+/// running instances still hold stays in memory until the last of them drops
+/// its `Arc`; an entry larger than the whole budget is returned to its
+/// callers but not kept.
+pub struct Cache<V, E> {
+    budget: usize,
+    state: Mutex<State<V, E>>,
+    loads: AtomicU64,
+}
+
+impl<V: Weighed, E: Shared> Cache<V, E> {
+    /// An empty cache that keeps at most `budget_bytes`.
+    pub fn new(budget_bytes: usize) -> Self {
+        Cache {
+            budget: budget_bytes,
+            state: Mutex::new(State {
+                lru: LruCache::unbounded(),
+                bytes: 0,
+                inflight: HashMap::new(),
+            }),
+            loads: AtomicU64::new(0),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State<V, E>> {
+        // No critical section can panic half-way (map operations and integer
+        // arithmetic on sizes the cache itself added), so a poisoned lock
+        // still guards consistent state: recover it instead of taking the
+        // whole node down with one panicking thread.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The cached entry of `digest`, marked most recently used.
+    pub fn cached(&self, digest: &str) -> Option<Arc<V>> {
+        self.state().lru.get(digest).cloned()
+    }
+
+    /// The cached entry, or `load()`ed and inserted. Concurrent callers for
+    /// one digest load it once; a hit marks it most recently used.
+    pub async fn get_or_load<F, Fut>(&self, digest: &str, load: F) -> Result<Arc<V>, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<V, E>>,
+    {
+        let flight = {
+            let mut st = self.state();
+            if let Some(v) = st.lru.get(digest) {
+                return Ok(v.clone());
             }
+            st.inflight.entry(digest.to_owned()).or_default().clone()
         };
-        Ok(Compiler {
-            engine,
-            linker,
-            cfg: cfg.clone(),
-            disk,
-            compiles: AtomicU64::new(0),
-            disk_loads: AtomicU64::new(0),
-        })
-    }
-
-    fn disk_path(&self, hex: &str) -> Option<PathBuf> {
-        self.disk.as_ref().map(|d| d.join(format!("{hex}.cwasm")))
-    }
-
-    /// The precompiled artifact of `digest` from disk, if there is a usable one.
-    fn load_precompiled(&self, digest: &str, hex: &str) -> Option<LoadedComponent> {
-        let path = self.disk_path(hex)?;
-        if !path.exists() {
-            return None;
-        }
-        // SAFETY: `deserialize_file` trusts the file to be an artifact that
-        // wasmtime produced; a crafted one could run arbitrary native code.
-        // Only this module writes into `self.disk` (a directory private to
-        // the node's cache, named after this engine's compatibility hash),
-        // always from `Component::serialize` of our own compilation, and
-        // renames it into place only once fully written; wasmtime further
-        // checks the header and engine compatibility on load.
-        let loaded = unsafe { Component::deserialize_file(&self.engine, &path) };
-        match loaded
-            .map_err(|e| admission_text(&e))
-            .and_then(|c| self.prepare(digest, c, 0).map_err(|e| e.to_string()))
-        {
-            Ok(l) => {
-                self.disk_loads.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!("agentplane_host_component_disk_loads_total").increment(1);
-                Some(l)
-            }
-            Err(e) => {
-                tracing::warn!(%digest, error = %e, "discarding unusable precompiled component");
-                let _ = std::fs::remove_file(&path);
-                None
-            }
+        let mut own_error = None;
+        let outcome = flight
+            .get_or_init(|| self.load_once(digest, load, &flight, &mut own_error))
+            .await;
+        match outcome {
+            Ok(v) => Ok(v.clone()),
+            Err(shared) => Err(own_error.unwrap_or_else(|| shared.share())),
         }
     }
 
-    /// Compiles `bytes` (already checked to hash to `digest`).
-    fn compile(&self, digest: &str, bytes: &[u8]) -> Result<LoadedComponent, HostError> {
-        // Refused by the checks or the compiler: the same bytes under the
-        // same engine configuration will never do better.
-        self.compile_checked(bytes).map_err(|e| match e {
-            AdmissionError::Invalid(why) => HostError::Invalid(format!("{digest}: {why}")),
-            AdmissionError::Unavailable(why) => anyhow::anyhow!("{digest}: {why}").into(),
-        })
-    }
-
-    /// Checks and compiles an upload as admission does, then writes the
-    /// artifact to disk so that no node on this disk compiles it again.
-    pub fn compile_checked(&self, bytes: &[u8]) -> Result<LoadedComponent, AdmissionError> {
-        admission::check_bytes(bytes)?;
-        super::structure::check(bytes)?;
-        let component = match &self.cfg.compile_child {
-            Some(child) => super::compile::compile(child, &self.cfg, &self.engine, bytes)?,
-            None => {
-                Component::new(&self.engine, bytes).map_err(|e| admission::compile_error(&e))?
-            }
-        };
-        let pre = admission::check_component(&self.engine, &self.linker, &component)?;
-        self.compiles.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("agentplane_host_component_compiles_total").increment(1);
-        let digest = digest_of(bytes);
-        let hex = digest_hex(&digest).unwrap_or_default();
-        if let Some(path) = self.disk_path(hex) {
-            // A failed write only costs a compile next time.
-            if let Err(e) = write_atomically(&path, &component) {
-                tracing::warn!(%digest, error = %e, "could not write precompiled component");
-            }
-        }
-        Ok(LoadedComponent {
-            size: in_memory_size(&component, bytes.len()),
-            digest,
-            pre,
-        })
-    }
-
-    fn prepare(
+    /// Runs one caller's loader for `flight`, then publishes the result to the
+    /// LRU and retires the flight, both under one lock.
+    async fn load_once<F, Fut>(
         &self,
         digest: &str,
-        component: Component,
-        upload_size: usize,
-    ) -> Result<LoadedComponent, HostError> {
-        let pre: AgentPre<RunState> =
-            admission::check_component(&self.engine, &self.linker, &component)
-                .map_err(|e| anyhow::anyhow!("{digest}: {e}"))?;
-        Ok(LoadedComponent {
-            digest: digest.to_string(),
-            pre,
-            size: in_memory_size(&component, upload_size),
-        })
-    }
-}
-
-/// What the LRU budget counts for a component: its mapped code image, or
-/// the upload's size if that is larger (metadata grows with it).
-fn in_memory_size(component: &Component, upload_size: usize) -> usize {
-    let image = component.image_range();
-    (image.end as usize - image.start as usize).max(upload_size)
-}
-
-fn admission_text(e: &wasmtime::Error) -> String {
-    e.chain()
-        .map(|c| c.to_string())
-        .collect::<Vec<_>>()
-        .join(": ")
-}
-
-fn write_atomically(path: &Path, component: &Component) -> anyhow::Result<()> {
-    let bytes = component.serialize()?;
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, bytes)?;
-    // Rename is atomic: a reader sees no file or a whole one, never a torn one.
-    std::fs::rename(&tmp, path)?;
-    Ok(())
-}
-
-/// In-memory cache with single-flight loading.
-pub(crate) struct ComponentCache {
-    budget: u64,
-    lru: Mutex<Lru>,
-    inflight: Mutex<HashMap<String, Arc<OnceCell<Arc<LoadedComponent>>>>>,
-    /// Digests that failed to compile, with the reason: a bad component is
-    /// refused at once on every later claim instead of being fetched and
-    /// recompiled (a job of it used to cycle release-and-recompile at 100%
-    /// CPU). Bounded: the oldest reasons are forgotten first.
-    failed: Mutex<LruCache<String, String>>,
-}
-
-/// Failed digests remembered per node.
-const FAILED_REMEMBERED: usize = 1024;
-
-struct Lru {
-    map: LruCache<String, Arc<LoadedComponent>>,
-    bytes: u64,
-}
-
-impl ComponentCache {
-    pub fn new(budget: u64) -> Self {
-        ComponentCache {
-            budget,
-            lru: Mutex::new(Lru {
-                map: LruCache::unbounded(),
-                bytes: 0,
-            }),
-            inflight: Mutex::new(HashMap::new()),
-            failed: Mutex::new(LruCache::new(
-                std::num::NonZeroUsize::new(FAILED_REMEMBERED)
-                    .unwrap_or(std::num::NonZeroUsize::MIN),
-            )),
+        load: F,
+        flight: &Arc<Flight<V, E>>,
+        own_error: &mut Option<E>,
+    ) -> Result<Arc<V>, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<V, E>>,
+    {
+        // A previous initializer may have been cancelled after it inserted
+        // into the LRU but before the cell was set: don't load again.
+        if let Some(v) = self.cached(digest) {
+            return Ok(v);
         }
-    }
-
-    fn cached(&self, digest: &str) -> Option<Arc<LoadedComponent>> {
-        self.lru
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .map
+        self.loads.fetch_add(1, Ordering::Relaxed);
+        let loaded = load().await;
+        let mut st = self.state();
+        if st
+            .inflight
             .get(digest)
-            .cloned()
+            .is_some_and(|f| Arc::ptr_eq(f, flight))
+        {
+            st.inflight.remove(digest);
+        }
+        match loaded {
+            Ok(v) => {
+                let v = Arc::new(v);
+                self.insert_locked(&mut st, digest, v.clone());
+                Ok(v)
+            }
+            Err(e) => {
+                let shared = e.share();
+                *own_error = Some(e);
+                Err(shared)
+            }
+        }
     }
 
-    /// Keeps `c`, evicting the least recently used beyond the budget.
-    pub fn insert(&self, c: Arc<LoadedComponent>) {
-        let mut lru = self.lru.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(old) = lru.map.put(c.digest.clone(), c.clone()) {
-            lru.bytes -= old.size as u64;
+    /// Keeps `v` under `digest` (an upload just compiled, say).
+    pub fn insert(&self, digest: &str, v: Arc<V>) {
+        let mut st = self.state();
+        self.insert_locked(&mut st, digest, v);
+    }
+
+    /// Inserts under the budget, evicting least-recently-used entries first.
+    fn insert_locked(&self, st: &mut State<V, E>, digest: &str, v: Arc<V>) {
+        let size = v.weight();
+        if size > self.budget {
+            tracing::warn!(
+                digest,
+                size,
+                budget = self.budget,
+                "entry larger than the whole cache budget: served, not kept"
+            );
+            return;
         }
-        lru.bytes += c.size as u64;
-        // Evict least recently used, but always keep the newest one: a
-        // component larger than the budget must still run.
-        while lru.bytes > self.budget && lru.map.len() > 1 {
-            match lru.map.pop_lru() {
-                Some((_, old)) => lru.bytes -= old.size as u64,
+        if let Some(old) = st.lru.pop(digest) {
+            st.bytes -= old.weight();
+        }
+        while st.bytes + size > self.budget {
+            match st.lru.pop_lru() {
+                Some((_, old)) => st.bytes -= old.weight(),
                 None => break,
             }
         }
+        st.lru.put(digest.to_owned(), v);
+        st.bytes += size;
     }
 
-    /// The component of `digest`: from memory, else from disk, else fetched
-    /// and compiled. Concurrent callers for one digest share one load.
-    pub async fn get<F, Fut>(
-        &self,
-        compiler: &Arc<Compiler>,
-        digest: &str,
-        fetch: F,
-    ) -> Result<Arc<LoadedComponent>, HostError>
-    where
-        F: FnOnce() -> Fut,
-        Fut: std::future::Future<Output = anyhow::Result<Option<Vec<u8>>>>,
-    {
-        if let Some(c) = self.cached(digest) {
-            return Ok(c);
-        }
-        if let Some(why) = self
-            .failed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(digest)
-        {
-            return Err(HostError::Invalid(why.clone()));
-        }
-        let hex = digest_hex(digest)
-            .ok_or_else(|| HostError::NotFound(digest.to_string()))?
-            .to_string();
-        let cell = self
-            .inflight
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(digest.to_string())
-            .or_default()
-            .clone();
-        let result = cell
-            .get_or_try_init(|| async {
-                // Checked again: a load may have finished between our miss
-                // and taking the cell.
-                if let Some(c) = self.cached(digest) {
-                    return Ok(c);
-                }
-                let c = self.load(compiler, digest, &hex, fetch).await?;
-                let c = Arc::new(c);
-                self.insert(c.clone());
-                Ok::<_, HostError>(c)
-            })
-            .await
-            .cloned();
-        if let Err(HostError::Invalid(why)) = &result {
-            self.failed
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .put(digest.to_string(), why.clone());
-        }
-        // Success or failure, the next miss starts afresh.
-        let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
-        if inflight.get(digest).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
-            inflight.remove(digest);
-        }
-        result
+    /// Number of entries kept.
+    pub fn len(&self) -> usize {
+        self.state().lru.len()
     }
 
-    async fn load<F, Fut>(
-        &self,
-        compiler: &Arc<Compiler>,
-        digest: &str,
-        hex: &str,
-        fetch: F,
-    ) -> Result<LoadedComponent, HostError>
-    where
-        F: FnOnce() -> Fut,
-        Fut: std::future::Future<Output = anyhow::Result<Option<Vec<u8>>>>,
-    {
-        // Deserializing and compiling are CPU-bound: off the async threads.
-        let (c, d, h) = (compiler.clone(), digest.to_string(), hex.to_string());
-        let from_disk = tokio::task::spawn_blocking(move || c.load_precompiled(&d, &h))
-            .await
-            .map_err(|e| anyhow::anyhow!("loading {digest} from disk: {e}"))?;
-        if let Some(loaded) = from_disk {
-            return Ok(loaded);
+    /// Whether nothing is kept.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Sum of the weights of the entries kept; never above `budget()`.
+    pub fn bytes(&self) -> usize {
+        self.state().bytes
+    }
+
+    /// The byte budget this cache was created with.
+    pub fn budget(&self) -> usize {
+        self.budget
+    }
+
+    /// How many times a loader actually ran (cache misses that loaded).
+    pub fn loads(&self) -> u64 {
+        self.loads.load(Ordering::Relaxed)
+    }
+
+    /// Whether `digest` is kept, without marking it used.
+    pub fn contains(&self, digest: &str) -> bool {
+        self.state().lru.contains(digest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Blob(usize);
+    impl Weighed for Blob {
+        fn weight(&self) -> usize {
+            self.0
         }
-        let bytes = fetch()
-            .await?
-            .ok_or_else(|| HostError::NotFound(digest.to_string()))?;
-        if digest_of(&bytes) != digest {
-            // The store answered with other bytes than asked for: never run
-            // them under this name.
-            return Err(anyhow::anyhow!("fetched bytes do not match {digest}").into());
+    }
+    type C = Cache<Blob, anyhow::Error>;
+
+    #[tokio::test]
+    async fn the_get_or_load_future_is_send() {
+        // The worker spawns runs on a multi-threaded runtime: a guard held
+        // across an await would make this fail to compile.
+        fn assert_send<T: Send>(t: T) -> T {
+            t
         }
-        let (c, d) = (compiler.clone(), digest.to_string());
-        tokio::task::spawn_blocking(move || c.compile(&d, &bytes))
+        let cache = C::new(100);
+        let v = assert_send(cache.get_or_load("a", || async { Ok(Blob(10)) }))
             .await
-            .map_err(|e| anyhow::anyhow!("compiling {digest}: {e}"))?
+            .unwrap();
+        assert_eq!(v.0, 10);
+    }
+
+    #[test]
+    fn a_replaced_entry_keeps_the_byte_count_exact() {
+        let cache = C::new(100);
+        cache.insert("a", Arc::new(Blob(30)));
+        cache.insert("a", Arc::new(Blob(40)));
+        assert_eq!((cache.len(), cache.bytes()), (1, 40));
+    }
+
+    #[test]
+    fn an_entry_over_the_budget_is_not_kept_and_evicts_nothing() {
+        let cache = C::new(100);
+        cache.insert("a", Arc::new(Blob(60)));
+        cache.insert("big", Arc::new(Blob(101)));
+        assert!(cache.contains("a") && !cache.contains("big"));
+        cache.insert("b", Arc::new(Blob(60)));
+        assert!(!cache.contains("a") && cache.contains("b"));
+        assert_eq!(cache.bytes(), 60);
     }
 }

@@ -9,45 +9,16 @@
 //! from stdout; the child runs under `RLIMIT_CPU` and `RLIMIT_DATA`, and
 //! the parent kills it at the wall-clock bound.
 
-use super::{AdmissionError, HostConfig, engine};
+use super::config::{AdmissionError, CompileChild, HostConfig};
+use super::engine;
 use std::io::{Read, Write};
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use wasmtime::Trap;
 use wasmtime::component::Component;
 
 /// The argument that makes the `agentplane` binary a compile child.
 pub const CHILD_ARG: &str = "__compile-child";
-
-/// Where and how components are compiled out of process.
-#[derive(Debug, Clone)]
-pub struct CompileChild {
-    /// The `agentplane` binary (it answers [`CHILD_ARG`]).
-    pub exe: PathBuf,
-    /// Wall clock one compilation may take before it is killed and the
-    /// upload refused.
-    pub timeout: Duration,
-    /// Heap one compilation may use (`RLIMIT_DATA` of the child).
-    pub memory_bytes: u64,
-}
-
-impl CompileChild {
-    /// This very binary as the compile child, with the default bounds.
-    pub fn this_binary() -> std::io::Result<CompileChild> {
-        Ok(CompileChild {
-            exe: std::env::current_exe()?,
-            timeout: DEFAULT_TIMEOUT,
-            memory_bytes: DEFAULT_MEMORY,
-        })
-    }
-}
-
-/// Default wall-clock bound of one compilation. The 18 MB Python agent
-/// compiles in ~10 s on one core of a small machine; a Rust agent in well
-/// under a second.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
-/// Default heap bound of one compilation.
-pub const DEFAULT_MEMORY: u64 = 2 << 30;
 
 /// Longest error text read back from a child.
 const MAX_ERROR_TEXT: u64 = 16 << 10;
@@ -187,8 +158,7 @@ fn child(args: &[String]) -> Result<(), String> {
     std::io::stdin()
         .read_to_end(&mut bytes)
         .map_err(|e| format!("compiler process: reading the component: {e}"))?;
-    let component = Component::new(&engine, &bytes)
-        .map_err(|e| super::admission::compile_error(&e).to_string())?;
+    let component = Component::new(&engine, &bytes).map_err(|e| compile_error(&e).to_string())?;
     let artifact = component
         .serialize()
         .map_err(|e| format!("compiler process: {e}"))?;
@@ -206,4 +176,21 @@ fn limit(resource: libc::__rlimit_resource_t, value: u64) {
     unsafe {
         libc::setrlimit(resource, &lim);
     }
+}
+
+/// The error and its causes on one line, for the uploader.
+pub(crate) fn chain(e: &wasmtime::Error) -> String {
+    // A compile error is never a trap, but keep traps' text readable too.
+    if let Some(t) = e.downcast_ref::<Trap>() {
+        return t.to_string();
+    }
+    e.chain()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
+/// Text of a compilation failure, for the uploader.
+pub(crate) fn compile_error(e: &wasmtime::Error) -> AdmissionError {
+    AdmissionError::Invalid(format!("invalid component: {}", chain(e)))
 }

@@ -1,7 +1,7 @@
 //! The node's wasmtime engine: what every instance is compiled and run under,
 //! and the epoch ticker that gives wall-clock deadlines and cancellation.
 
-use super::HostConfig;
+use super::config::HostConfig;
 use std::time::Duration;
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 

@@ -8,12 +8,28 @@
 //! - `Host::context(digest, fetch)` gives a shared heavy context.
 //! - `Host::run(RunRequest)` runs one attempt and reports what happened.
 //!
-//! Inside: `engine` builds the wasmtime engine and the epoch ticker,
-//! `bindings` the `agent` world and its host imports, `sandbox` WASI with
-//! nothing granted, `random` its `wasi:random` served and charged by the
-//! host, `limits` the memory limiter and tenant budgets,
-//! `admission` the upload checks, `cache` the compiled-component cache, and
-//! `run` one attempt and the classification of how it ended.
+//! # Modules, one way down
+//!
+//! Each module uses only modules listed before it (never this one), so the
+//! graph has no cycle:
+//!
+//! ```text
+//! limits, bindings, budget, sandbox, cache            (leaves)
+//! config     <- limits
+//! engine     <- config
+//! structure  <- config
+//! compile    <- config, engine
+//! state      <- bindings, budget, sandbox, limits     (RunState + host imports)
+//! random     <- state, sandbox, limits                (wasi:random, charged)
+//! admission  <- config, bindings, state, structure, compile
+//! run        <- bindings, budget, engine, sandbox, state, limits
+//! mod        <- all of them: builds the engine, wires admission's compiler
+//!               and the contexts' decoder into the one `cache`, calls `run`
+//! ```
+//!
+//! `limits` states every bound and default the host enforces once; `config`
+//! the public settings and errors; `cache` the single-flight LRU that keeps
+//! both compiled components and decoded contexts under one policy.
 //!
 //! Metrics: `agentplane_host_runs_total{outcome}`, `agentplane_host_run_seconds`,
 //! `agentplane_host_component_compiles_total`,
@@ -21,203 +37,139 @@
 
 mod admission;
 mod bindings;
+mod budget;
 mod cache;
 mod compile;
+mod config;
 mod engine;
-mod limits;
+pub mod limits;
 mod random;
 mod run;
 mod sandbox;
+mod state;
 mod structure;
 
-pub use compile::{CompileChild, child_main as compile_child_main};
+pub use compile::child_main as compile_child_main;
+pub use config::{AdmissionError, Admitted, CompileChild, HostConfig, HostError};
+pub use run::{RunOutcome, RunReport, RunRequest};
+pub use state::LoadedComponent;
 
-use crate::context::{ContextCache, HeavyContext};
-use crate::model::{ErrorKind, Limits};
+use crate::context::HeavyContext;
+use anyhow::Context as _;
+use lru::LruCache;
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use tokio_util::sync::CancellationToken;
 use wasmtime::component::{HasSelf, Linker};
 
-/// Node-wide host settings.
-#[derive(Debug, Clone)]
-pub struct HostConfig {
-    /// Instances that may be alive at once (pooling allocator slots).
-    pub max_instances: u32,
-    /// Upper bound of any instance's linear memory, whatever the tenant says.
-    pub max_memory_per_instance: u64,
-    /// Memory all live instances of one tenant may hold on this node.
-    pub tenant_memory_budget: u64,
-    /// Byte budget of compiled components kept in memory.
-    pub component_cache_bytes: u64,
-    /// Byte budget of decoded heavy contexts kept in memory.
-    pub context_cache_bytes: u64,
-    /// Where precompiled components are written; `None` disables the disk cache.
-    pub cache_dir: Option<PathBuf>,
-    /// Pooling allocator (true) or on-demand allocation (false).
-    pub pooling: bool,
-    /// Fuel metering on (true) or off (benchmarks only; limits need it).
-    pub fuel: bool,
-    /// Bytes of stdout and of stderr kept per attempt.
-    pub stdio_capture_bytes: usize,
-    /// Compile uploads in a child process bounded in time and memory
-    /// (`Some`), or in this process (`None`: tests and tools; the
-    /// structural checks still apply).
-    pub compile_child: Option<CompileChild>,
-}
-
-impl Default for HostConfig {
-    fn default() -> Self {
-        HostConfig {
-            max_instances: 1000,
-            max_memory_per_instance: 256 << 20,
-            tenant_memory_budget: 4 << 30,
-            component_cache_bytes: 512 << 20,
-            context_cache_bytes: 2 << 30,
-            cache_dir: None,
-            pooling: true,
-            fuel: true,
-            stdio_capture_bytes: 64 << 10,
-            compile_child: None,
-        }
-    }
-}
-
-impl HostConfig {
-    /// The configuration of a host that only admits uploads (the API): the
-    /// workers' engine configuration exactly (pooling allocator and its
-    /// per-component share included, see [`HostConfig::default`]), so that
-    /// what admission accepts every worker can instantiate; only the pool is
-    /// small and the caches are off, since it never runs anything. (It used
-    /// to admit with pooling off: a component with 9 memories passed upload
-    /// and then failed on every worker.)
-    pub fn admission() -> HostConfig {
-        HostConfig {
-            max_instances: 1,
-            component_cache_bytes: 0,
-            context_cache_bytes: 0,
-            cache_dir: None,
-            ..HostConfig::default()
-        }
-    }
-}
-
-/// Why an upload was refused (`POST /v1/components` answers 400 with it).
-#[derive(Debug, thiserror::Error)]
-pub enum AdmissionError {
-    /// Not a component, bad imports/exports, garbage, over a structural
-    /// bound or the compiler's time or memory: the message names the problem.
-    #[error("{0}")]
-    Invalid(String),
-    /// The node could not check it now (the compiler process could not be
-    /// run): not the upload's fault, retry later.
-    #[error("{0}")]
-    Unavailable(String),
-}
-
-/// An admitted upload.
-#[derive(Debug, Clone)]
-pub struct Admitted {
-    /// `sha256:<hex>` of the bytes.
-    pub digest: String,
-    /// Bytes uploaded.
-    pub size: usize,
-}
-
-/// A compiled component ready to instantiate.
-pub struct LoadedComponent {
-    digest: String,
-    pre: bindings::AgentPre<run::RunState>,
-    /// Bytes it holds in memory (what the component cache budget counts).
-    size: usize,
-}
-
-impl LoadedComponent {
-    /// `sha256:<hex>` of the uploaded bytes it was compiled from.
-    pub fn digest(&self) -> &str {
-        &self.digest
-    }
-
-    /// Approximate bytes of compiled code and metadata held in memory.
-    pub fn size_bytes(&self) -> usize {
+impl cache::Weighed for LoadedComponent {
+    fn weight(&self) -> usize {
         self.size
     }
 }
 
-/// One attempt to run.
-pub struct RunRequest {
-    /// Whose job: its instances share the tenant's node memory budget.
-    pub tenant: String,
-    /// For the log and traces only.
-    pub job_id: String,
-    /// What to run, from [`Host::component`].
-    pub component: Arc<LoadedComponent>,
-    /// The argument of the guest's `run`.
-    pub input: String,
-    /// Fuel, memory and wall clock of this attempt.
-    pub limits: Limits,
-    /// Mounted contexts by name (the names the job gave).
-    pub contexts: Vec<(String, Arc<HeavyContext>)>,
-    /// The agent's durable state as of the claim, if any.
-    pub state: Option<Vec<u8>>,
-    /// Cancelled when the lease is lost or the job cancelled: the instance stops at once.
-    pub cancel: CancellationToken,
+impl cache::Weighed for HeavyContext {
+    fn weight(&self) -> usize {
+        self.size_bytes()
+    }
 }
 
-/// How an attempt ended.
-#[derive(Debug, Clone, PartialEq)]
-pub enum RunOutcome {
-    /// `run` returned `Ok` with this output.
-    Ok(String),
-    /// `run` returned `Err` (`AgentError`), trapped or hit a limit.
-    Failed { kind: ErrorKind, message: String },
-    /// Stopped through `RunRequest::cancel`.
-    Interrupted,
+impl cache::Shared for HostError {
+    fn share(&self) -> Self {
+        match self {
+            HostError::NotFound(d) => HostError::NotFound(d.clone()),
+            HostError::Invalid(why) => HostError::Invalid(why.clone()),
+            HostError::Other(e) => HostError::Other(e.share()),
+        }
+    }
 }
 
-/// Everything the worker needs to finalize an attempt.
-#[derive(Debug, Clone)]
-pub struct RunReport {
-    /// How it ended.
-    pub outcome: RunOutcome,
-    /// Fuel burnt (0 with fuel off, or when the run had to be dropped from
-    /// outside while parked in a host call).
-    pub fuel_used: u64,
-    /// Wall-clock time from the start of instantiation to the end.
-    pub wall_ms: u64,
-    /// `log.write` lines and captured stdout/stderr, bounded.
-    pub log: String,
-    /// `Some` when the guest called `state.set` and the run succeeded.
-    pub new_state: Option<Vec<u8>>,
+/// The node's decoded contexts by digest: the one cache (`cache::Cache`),
+/// loading a context's blob and decoding it on a blocking thread (CPU work
+/// proportional to the context).
+pub struct ContextCache(cache::Cache<HeavyContext, anyhow::Error>);
+
+impl ContextCache {
+    /// An empty cache that keeps at most `budget_bytes` of contexts; a
+    /// context larger than the whole budget is served but not kept.
+    pub fn new(budget_bytes: usize) -> Self {
+        ContextCache(cache::Cache::new(budget_bytes))
+    }
+
+    /// The cached context, or `load()`ed, decoded and inserted; concurrent
+    /// callers for one digest load it once.
+    pub async fn get_or_load<F, Fut>(
+        &self,
+        digest: &str,
+        load: F,
+    ) -> anyhow::Result<Arc<HeavyContext>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<Vec<u8>>>,
+    {
+        self.0
+            .get_or_load(digest, || async move {
+                let bytes = load().await?;
+                let owned = digest.to_owned();
+                // If this caller is cancelled now, the decode still runs to
+                // the end on its blocking thread and its result is dropped;
+                // a waiter that takes over decodes again (bounded by one).
+                tokio::task::spawn_blocking(move || HeavyContext::decode(&owned, &bytes))
+                    .await
+                    .context("the context decode task failed")?
+                    .map_err(anyhow::Error::from)
+            })
+            .await
+    }
+
+    /// Number of contexts kept.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether no context is kept.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Sum of `size_bytes` of the contexts kept; never above `budget()`.
+    pub fn bytes(&self) -> usize {
+        self.0.bytes()
+    }
+
+    /// The byte budget this cache was created with.
+    pub fn budget(&self) -> usize {
+        self.0.budget()
+    }
+
+    /// How many times a loader actually ran (cache misses that loaded).
+    pub fn loads(&self) -> u64 {
+        self.0.loads()
+    }
+
+    /// Whether `digest` is kept, without marking it used.
+    pub fn contains(&self, digest: &str) -> bool {
+        self.0.contains(digest)
+    }
 }
 
-/// Why [`Host::component`] could not give a component.
-#[derive(Debug, thiserror::Error)]
-pub enum HostError {
-    /// `fetch` did not know the digest (or the digest is malformed).
-    #[error("component {0} not found")]
-    NotFound(String),
-    /// The component can never run on this host: it fails the admission
-    /// checks or compilation under this engine's configuration. Remembered
-    /// per digest, so it is not recompiled on every claim.
-    #[error("invalid component {0}")]
-    Invalid(String),
-    /// Fetching or verifying failed (may succeed later).
-    #[error(transparent)]
-    Other(#[from] anyhow::Error),
-}
+/// Failed digests remembered per node.
+const FAILED_REMEMBERED: usize = 1024;
 
 /// One node's Wasm host: the engine, the caches and the tenants' budgets.
 /// Shared by every slot of a worker (`Arc<Host>`); all methods take `&self`.
 pub struct Host {
     cfg: HostConfig,
-    compiler: Arc<cache::Compiler>,
-    components: cache::ComponentCache,
+    compiler: Arc<admission::Compiler>,
+    components: cache::Cache<LoadedComponent, HostError>,
+    /// Digests that failed to compile, with the reason: a bad component is
+    /// refused at once on every later claim instead of being fetched and
+    /// recompiled (a job of it used to cycle release-and-recompile at 100%
+    /// CPU). Bounded: the oldest reasons are forgotten first.
+    failed: Mutex<LruCache<String, String>>,
     contexts: ContextCache,
     /// Memory in use per tenant on this node (`tenant_memory_budget` each).
-    tenants: Mutex<HashMap<String, Arc<limits::TenantBudget>>>,
+    tenants: Mutex<HashMap<String, Arc<budget::TenantBudget>>>,
 }
 
 /// Tenants remembered before idle ones (nothing running) are forgotten:
@@ -231,11 +183,17 @@ impl Host {
         engine::start_ticker(&engine)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
-        bindings::Agent::add_to_linker::<_, HasSelf<run::RunState>>(&mut linker, |s| s)?;
+        bindings::Agent::add_to_linker::<_, HasSelf<state::RunState>>(&mut linker, |s| s)?;
         random::shadow(&mut linker)?;
-        let compiler = cache::Compiler::new(engine, linker, &cfg)?;
+        let compiler = admission::Compiler::new(engine, linker, &cfg)?;
         Ok(Host {
-            components: cache::ComponentCache::new(cfg.component_cache_bytes),
+            components: cache::Cache::new(
+                usize::try_from(cfg.component_cache_bytes).unwrap_or(usize::MAX),
+            ),
+            failed: Mutex::new(LruCache::new(
+                std::num::NonZeroUsize::new(FAILED_REMEMBERED)
+                    .unwrap_or(std::num::NonZeroUsize::MIN),
+            )),
             contexts: ContextCache::new(
                 usize::try_from(cfg.context_cache_bytes).unwrap_or(usize::MAX),
             ),
@@ -245,7 +203,8 @@ impl Host {
         })
     }
 
-    /// Validates an upload: a component (not a core module), at most 32 MiB,
+    /// Validates an upload: a component (not a core module), at most
+    /// [`HostConfig::max_component_bytes`],
     /// importing only WASI 0.2 and `agentplane:agent`, exporting `run` with
     /// the world's type. Answers its digest. The compiled result is kept (in
     /// memory and in the disk cache), so running it on this node, or on any
@@ -258,7 +217,7 @@ impl Host {
             digest: loaded.digest.clone(),
             size: bytes.len(),
         };
-        self.components.insert(Arc::new(loaded));
+        self.components.insert(&admitted.digest, Arc::new(loaded));
         Ok(admitted)
     }
 
@@ -274,7 +233,32 @@ impl Host {
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = anyhow::Result<Option<Vec<u8>>>>,
     {
-        self.components.get(&self.compiler, digest, fetch).await
+        if let Some(c) = self.components.cached(digest) {
+            return Ok(c);
+        }
+        if let Some(why) = self
+            .failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(digest)
+        {
+            return Err(HostError::Invalid(why.clone()));
+        }
+        let hex = admission::digest_hex(digest)
+            .ok_or_else(|| HostError::NotFound(digest.to_string()))?
+            .to_string();
+        let compiler = &self.compiler;
+        let result = self
+            .components
+            .get_or_load(digest, || load_component(compiler, digest, hex, fetch))
+            .await;
+        if let Err(HostError::Invalid(why)) = &result {
+            self.failed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .put(digest.to_string(), why.clone());
+        }
+        result
     }
 
     /// The shared heavy context of `digest`, loaded once per node.
@@ -320,14 +304,47 @@ impl Host {
             .map_or(0, |b| b.used.load(Ordering::Acquire))
     }
 
-    fn tenant_budget(&self, tenant: &str) -> Arc<limits::TenantBudget> {
+    fn tenant_budget(&self, tenant: &str) -> Arc<budget::TenantBudget> {
         let mut map = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
         if map.len() >= TENANT_MAP_PRUNE_AT && !map.contains_key(tenant) {
             // Only budgets nobody holds (no live store) may go; they are zero.
             map.retain(|_, b| Arc::strong_count(b) > 1);
         }
         map.entry(tenant.to_string())
-            .or_insert_with(|| Arc::new(limits::TenantBudget::new(self.cfg.tenant_memory_budget)))
+            .or_insert_with(|| Arc::new(budget::TenantBudget::new(self.cfg.tenant_memory_budget)))
             .clone()
     }
+}
+
+/// Loads `digest` from the disk cache, else `fetch`es and compiles it.
+async fn load_component<F, Fut>(
+    compiler: &Arc<admission::Compiler>,
+    digest: &str,
+    hex: String,
+    fetch: F,
+) -> Result<LoadedComponent, HostError>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Option<Vec<u8>>>>,
+{
+    // Deserializing and compiling are CPU-bound: off the async threads.
+    let (c, d, h) = (compiler.clone(), digest.to_string(), hex);
+    let from_disk = tokio::task::spawn_blocking(move || c.load_precompiled(&d, &h))
+        .await
+        .map_err(|e| anyhow::anyhow!("loading {digest} from disk: {e}"))?;
+    if let Some(loaded) = from_disk {
+        return Ok(loaded);
+    }
+    let bytes = fetch()
+        .await?
+        .ok_or_else(|| HostError::NotFound(digest.to_string()))?;
+    if admission::digest_of(&bytes) != digest {
+        // The store answered with other bytes than asked for: never run
+        // them under this name.
+        return Err(anyhow::anyhow!("fetched bytes do not match {digest}").into());
+    }
+    let (c, d) = (compiler.clone(), digest.to_string());
+    tokio::task::spawn_blocking(move || c.compile(&d, &bytes))
+        .await
+        .map_err(|e| anyhow::anyhow!("compiling {digest}: {e}"))?
 }

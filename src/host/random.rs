@@ -4,9 +4,9 @@
 //! (`sandbox::MAX_RANDOM_BYTES`), a loop of a few wasm instructions made
 //! the host generate 64 KiB per turn for free.
 
-use super::bindings::CALL_FUEL;
-use super::run::RunState;
+use super::limits::CALL_FUEL;
 use super::sandbox::MAX_RANDOM_BYTES;
+use super::state::RunState;
 use wasmtime::component::{HasSelf, Linker};
 use wasmtime_wasi::p2::bindings::random::{insecure, insecure_seed, random};
 

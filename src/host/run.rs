@@ -2,19 +2,65 @@
 //! `run`, and classify exactly how it ended.
 
 use super::bindings::AgentPre;
+use super::budget::{MemoryLimiter, RunFlags, TenantBudget};
 use super::engine::{EPOCH_TICK, ticks_for};
-use super::limits::{MemoryLimiter, RunFlags, TenantBudget};
 use super::sandbox::{self, Capture, LogLines};
-use super::{RunOutcome, RunReport, RunRequest};
+use super::state::{LoadedComponent, RunState};
 use crate::context::HeavyContext;
-use crate::model::ErrorKind;
+use crate::model::{ErrorKind, Limits};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use wasmtime::component::ResourceTable;
 use wasmtime::{Store, Trap, UpdateDeadline};
-use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+/// One attempt to run.
+pub struct RunRequest {
+    /// Whose job: its instances share the tenant's node memory budget.
+    pub tenant: String,
+    /// For the log and traces only.
+    pub job_id: String,
+    /// What to run, from [`Host::component`].
+    pub component: Arc<LoadedComponent>,
+    /// The argument of the guest's `run`.
+    pub input: String,
+    /// Fuel, memory and wall clock of this attempt.
+    pub limits: Limits,
+    /// Mounted contexts by name (the names the job gave).
+    pub contexts: Vec<(String, Arc<HeavyContext>)>,
+    /// The agent's durable state as of the claim, if any.
+    pub state: Option<Vec<u8>>,
+    /// Cancelled when the lease is lost or the job cancelled: the instance stops at once.
+    pub cancel: CancellationToken,
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunOutcome {
+    /// `run` returned `Ok` with this output.
+    Ok(String),
+    /// `run` returned `Err` (`AgentError`), trapped or hit a limit.
+    Failed { kind: ErrorKind, message: String },
+    /// Stopped through `RunRequest::cancel`.
+    Interrupted,
+}
+
+/// Everything the worker needs to finalize an attempt.
+#[derive(Debug, Clone)]
+pub struct RunReport {
+    /// How it ended.
+    pub outcome: RunOutcome,
+    /// Fuel burnt (0 with fuel off, or when the run had to be dropped from
+    /// outside while parked in a host call).
+    pub fuel_used: u64,
+    /// Wall-clock time from the start of instantiation to the end.
+    pub wall_ms: u64,
+    /// `log.write` lines and captured stdout/stderr, bounded.
+    pub log: String,
+    /// `Some` when the guest called `state.set` and the run succeeded.
+    pub new_state: Option<Vec<u8>>,
+}
 
 /// How often a running guest checks its deadline and cancellation token.
 /// Bounds the delay between `cancel()` and the instance stopping.
@@ -53,122 +99,6 @@ const MAX_HOST_RESOURCES: usize = 10_000;
 /// Longest trap message kept in the report; backtraces of deep recursion
 /// can be megabytes.
 const MAX_MESSAGE: usize = 4 << 10;
-
-/// The store data of one run: what its host functions may see and nothing
-/// more.
-pub(crate) struct RunState {
-    wasi: WasiCtx,
-    table: ResourceTable,
-    limiter: MemoryLimiter,
-    pub(crate) contexts: Vec<(String, Arc<HeavyContext>)>,
-    pub(crate) state: Option<Vec<u8>>,
-    pub(crate) new_state: Option<Vec<u8>>,
-    pub(crate) log: Arc<Mutex<LogLines>>,
-    flags: Arc<RunFlags>,
-    cancel: CancellationToken,
-    deadline: Instant,
-    /// Fuel metering is on.
-    fuel_on: bool,
-    /// Fuel the guest may still spend as of the last epoch check, less what
-    /// host calls charged since: what a host call may still spend.
-    fuel_left: u64,
-    /// Fuel host calls charged in all. Kept beside the store's own counter,
-    /// not taken from it: compiled wasm caches its fuel in a register across
-    /// the epoch check, so a `set_fuel` there would be lost.
-    host_fuel: u64,
-}
-
-impl RunState {
-    /// Charges host-side work to the guest's fuel. A guest that cannot pay
-    /// traps at once with `fuel_exhausted`, and the work is not done.
-    pub(crate) fn charge(&mut self, fuel: u64) -> wasmtime::Result<()> {
-        if !self.fuel_on {
-            return Ok(());
-        }
-        if fuel > self.fuel_left {
-            self.host_fuel += std::mem::take(&mut self.fuel_left);
-            return Err(Trap::OutOfFuel.into());
-        }
-        self.fuel_left -= fuel;
-        self.host_fuel += fuel;
-        Ok(())
-    }
-
-    /// The run's WASI context (for the imports this crate serves itself).
-    pub(crate) fn wasi(&mut self) -> &mut WasiCtx {
-        &mut self.wasi
-    }
-
-    /// Starts a host call into this crate's code (an `agentplane:agent`
-    /// import or `wasi:random`): charges `fuel`, and gives back the answer
-    /// of the previous call, which the guest must have taken by now (a host
-    /// call cannot start while an answer is being copied in).
-    pub(crate) fn begin_call(&mut self, fuel: u64) -> wasmtime::Result<()> {
-        self.limiter.release_answer();
-        self.charge(fuel)
-    }
-
-    /// Refuses (trapping as `memory_limit`) an answer of `bytes` larger
-    /// than one host call may build, then holds it as
-    /// [`RunState::hold_answer`] does.
-    pub(crate) fn result_bytes(&mut self, bytes: usize) -> wasmtime::Result<()> {
-        if bytes > super::bindings::MAX_RESULT_BYTES {
-            return self.refuse_answer(bytes);
-        }
-        self.hold_answer(bytes)
-    }
-
-    /// Charges an answer of `bytes` a host call is about to hand the guest
-    /// to its tenant's node memory budget, held until the guest's next host
-    /// call or the end of the run. Refuses it (trapping as `memory_limit`)
-    /// if the instance's memory limit leaves no room to take it or the
-    /// tenant's budget does not hold it: the host must not hold what the
-    /// tenant cannot pay for.
-    pub(crate) fn hold_answer(&mut self, bytes: usize) -> wasmtime::Result<()> {
-        if !self.limiter.reserve_answer(bytes as u64) {
-            return self.refuse_answer(bytes);
-        }
-        Ok(())
-    }
-
-    /// Charges the `state.set` value of `bytes` the host keeps for the rest
-    /// of the run to its tenant's node memory budget, in place of the one it
-    /// replaces; traps as `memory_limit` if the budget does not hold it.
-    pub(crate) fn keep_state(&mut self, bytes: usize) -> wasmtime::Result<()> {
-        if !self.limiter.keep_state(bytes as u64) {
-            return self.refuse("the state set", bytes);
-        }
-        Ok(())
-    }
-
-    fn refuse_answer(&mut self, bytes: usize) -> wasmtime::Result<()> {
-        self.refuse("a host call's answer", bytes)
-    }
-
-    fn refuse(&mut self, what: &str, bytes: usize) -> wasmtime::Result<()> {
-        self.flags.memory_denied.store(true, Ordering::Release);
-        Err(wasmtime::Error::msg(format!(
-            "{what} of {bytes} bytes exceeds what this job may hold"
-        )))
-    }
-
-    /// Re-reads what the guest may spend from the store's counter (`store`:
-    /// fuel the store has left). `false` once wasm and host calls together
-    /// have spent the limit.
-    fn observe_fuel(&mut self, store: u64) -> bool {
-        self.fuel_left = store.saturating_sub(self.host_fuel);
-        self.fuel_left > 0
-    }
-}
-
-impl WasiView for RunState {
-    fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView {
-            ctx: &mut self.wasi,
-            table: &mut self.table,
-        }
-    }
-}
 
 /// What the node gives every run besides the request.
 pub(crate) struct RunEnv {
@@ -414,6 +344,12 @@ fn classify(e: &wasmtime::Error, flags: &RunFlags, timeout_ms: u64) -> RunOutcom
     if flags.cancelled.load(Ordering::Acquire) {
         return RunOutcome::Interrupted;
     }
+    if flags.host_fault.load(Ordering::Acquire) {
+        return RunOutcome::Failed {
+            kind: ErrorKind::NodeFault,
+            message: format!("host error: {}", describe(e)),
+        };
+    }
     let trap = e.downcast_ref::<Trap>().copied();
     if flags.timed_out.load(Ordering::Acquire) || trap == Some(Trap::Interrupt) {
         return RunOutcome::Failed {
@@ -457,10 +393,11 @@ fn describe(e: &wasmtime::Error) -> String {
     s
 }
 
-/// A failure of the host itself around a run (not the guest's doing).
+/// A failure of the host itself around a run (not the guest's doing): a
+/// node fault, released uncharged, never the guest's `trap`.
 fn host_failure(e: wasmtime::Error) -> RunOutcome {
     RunOutcome::Failed {
-        kind: ErrorKind::Trap,
+        kind: ErrorKind::NodeFault,
         message: format!("host error: {}", describe(&e)),
     }
 }

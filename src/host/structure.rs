@@ -13,7 +13,7 @@
 //! nesting in one function, and bodies up to 427 KB. A Rust agent is far
 //! smaller still.
 
-use super::AdmissionError;
+use super::config::AdmissionError;
 use wasmtime::wasmparser::{Operator, Parser, Payload};
 
 /// Function bodies in one component, all core modules together.
