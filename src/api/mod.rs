@@ -17,6 +17,7 @@ mod edge;
 mod error;
 mod jobs;
 mod prom;
+mod query;
 mod tenants;
 mod uploads;
 
@@ -262,6 +263,17 @@ async fn ready(
         ApiError::Unavailable
     })?;
     Ok("ready\n")
+}
+
+/// The shape a job id may have: bounded and key-safe, since it becomes part
+/// of a Redis key. Anything else names no job and is refused before any
+/// lookup.
+fn job_id_ok(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// `sha256:<64 lowercase hex>`.

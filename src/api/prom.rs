@@ -13,9 +13,9 @@
 //! - `lease_renewals_total`, `lease_lost_total`, `scheduler_moved_total{step}`,
 //!   `worker_busy_slots`, `uploads_in_progress` (API upload slots held)
 
+use super::auth::Admin;
 use super::{ApiError, AppState};
 use axum::extract::State;
-use axum::http::HeaderMap;
 use axum::http::header::CONTENT_TYPE;
 use axum::response::IntoResponse;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -46,9 +46,8 @@ pub(super) fn handle() -> Option<PrometheusHandle> {
 /// tenant must not learn about another.
 pub(super) async fn render(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    _: Admin,
 ) -> Result<impl IntoResponse, ApiError> {
-    super::auth::authenticate(&state, &headers).await?.admin()?;
     let text = match &state.inner.metrics {
         Some(h) => {
             // Upkeep drains histogram buffers; the scrape is a natural,
