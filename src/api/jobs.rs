@@ -5,6 +5,7 @@ use super::auth::Tenant;
 use super::body::{expect_json, parse_json, read_body};
 use super::error::{ApiError, ApiResult};
 use super::query::{JobsQuery, Query, WaitQuery};
+use super::types::{JobPage, JobRef};
 use super::{AppState, job_id_ok, valid_digest};
 use crate::control::{JobRequest, SubmitSpec, TenantInfo};
 use crate::model::{Job, JobState, valid_name};
@@ -14,7 +15,6 @@ use axum::extract::{Path, State};
 use axum::http::header::CONTENT_TYPE;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
-use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use std::collections::HashSet;
 use std::time::Duration;
@@ -137,7 +137,7 @@ pub(super) async fn submit(
     Tenant(tenant): Tenant,
     headers: HeaderMap,
     body: Body,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<JobRef>)> {
     let idem = idempotency_key(&headers)?;
     expect_json(&headers)?;
     let cfg = state.config();
@@ -203,7 +203,10 @@ pub(super) async fn submit(
     };
     Ok((
         status,
-        Json(json!({"id": submitted.id, "state": submitted.state})),
+        Json(JobRef {
+            id: submitted.id,
+            state: submitted.state,
+        }),
     ))
 }
 
@@ -282,7 +285,7 @@ pub(super) async fn cancel(
     State(state): State<AppState>,
     Path(id): Path<String>,
     Tenant(tenant): Tenant,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<JobRef>> {
     let tenant = tenant.as_str();
     if !job_id_ok(&id) {
         return Err(ApiError::NotFound("job"));
@@ -302,7 +305,7 @@ pub(super) async fn cancel(
             other => other,
         },
     };
-    Ok(Json(json!({"id": id, "state": now})))
+    Ok(Json(JobRef { id, state: now }))
 }
 
 /// `GET /v1/jobs?state=&limit=&cursor=` → `{"jobs":[…],"next_cursor"}`.
@@ -310,14 +313,17 @@ pub(super) async fn list(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
     Query(q): Query<JobsQuery>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<JobPage>> {
     let tenant = tenant.as_str();
     let (jobs, next) = state
         .control()
         .list_jobs(tenant, q.state, q.limit, q.cursor.as_deref())
         .await
         .map_err(|e| ApiError::from_cp(e, "job"))?;
-    Ok(Json(json!({"jobs": jobs, "next_cursor": next})))
+    Ok(Json(JobPage {
+        jobs,
+        next_cursor: next,
+    }))
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@ mod jobs;
 mod prom;
 mod query;
 mod tenants;
+mod types;
 mod uploads;
 
 pub use auth::{Caller, new_tenant_token, token_hash};
@@ -26,6 +27,7 @@ pub use edge::{MAX_HEADERS, serve};
 pub use error::{ApiError, ApiResult};
 pub use jobs::parse_job_request;
 pub use prom::{install_metrics, metrics_app};
+pub use types::{Balance, JobPage, JobRef, TenantToken};
 
 use crate::control::ControlPlane;
 use crate::host::{Host, HostConfig};

@@ -12,8 +12,8 @@ use super::job_id_ok;
 use crate::model::JobState;
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
-use serde::de::{DeserializeOwned, Deserializer, Error as _};
 use serde::Deserialize;
+use serde::de::{DeserializeOwned, Deserializer, Error as _};
 
 /// `GET /v1/jobs` page sizes.
 pub const DEFAULT_PAGE: usize = 100;
@@ -88,9 +88,7 @@ fn page_size<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
     s.parse::<usize>()
         .ok()
         .filter(|n| (1..=MAX_PAGE).contains(n))
-        .ok_or_else(|| {
-            D::Error::custom(format!("`limit` must be an integer from 1 to {MAX_PAGE}"))
-        })
+        .ok_or_else(|| D::Error::custom(format!("`limit` must be an integer from 1 to {MAX_PAGE}")))
 }
 
 fn cursor<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {

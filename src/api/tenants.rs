@@ -4,13 +4,14 @@ use super::AppState;
 use super::auth::{Admin, Caller, new_tenant_token, token_hash};
 use super::body::{expect_json, parse_json, read_body};
 use super::error::{ApiError, ApiResult};
+use super::types::{Balance, TenantToken};
 use crate::control::{LimitsPatch, TenantPatch, TenantSpec};
 use crate::model::valid_tenant_id;
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 /// Admin bodies are small; 64 KiB is plenty and bounds a hostile one.
 const MAX_ADMIN_BODY: usize = 64 << 10;
@@ -67,7 +68,7 @@ pub(super) async fn create(
     _: Admin,
     headers: HeaderMap,
     body: Body,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<TenantToken>)> {
     let spec: TenantSpec = admin_json(&state, &headers, body, "tenant body").await?;
     if !valid_tenant_id(&spec.id) {
         return Err(ApiError::Invalid(
@@ -88,7 +89,7 @@ pub(super) async fn create(
     tracing::info!(tenant = %spec.id, "tenant created");
     Ok((
         StatusCode::CREATED,
-        Json(json!({"id": spec.id, "token": token})),
+        Json(TenantToken { id: spec.id, token }),
     ))
 }
 
@@ -140,7 +141,7 @@ pub(super) async fn credits(
     _: Admin,
     headers: HeaderMap,
     body: Body,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Balance>> {
     let Grant { amount } = admin_json(&state, &headers, body, "credits body").await?;
     if !valid_tenant_id(&id) {
         return Err(ApiError::NotFound("tenant"));
@@ -150,7 +151,7 @@ pub(super) async fn credits(
         .grant_credits(&id, amount)
         .await
         .map_err(|e| ApiError::from_cp(e, "tenant"))?;
-    Ok(Json(json!({"id": id, "balance": balance})))
+    Ok(Json(Balance { id, balance }))
 }
 
 /// The tenant as `GET /v1/tenants/{id}` shows it.

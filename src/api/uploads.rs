@@ -14,7 +14,7 @@ use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 /// `POST /v1/components`: raw bytes → 201 `{"digest","size",…}`.
 pub(super) async fn push_component(
@@ -83,7 +83,7 @@ pub(super) async fn push_context(
     Tenant(tenant): Tenant,
     headers: HeaderMap,
     body: Body,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<ContextMeta>)> {
     expect_json(&headers)?;
     state.upload_allowed(&tenant)?;
     let limit = state.config().max_context_bytes;
@@ -124,15 +124,7 @@ pub(super) async fn push_context(
         .await
         .map_err(|e| ApiError::from_cp(e, "context"))?;
     tracing::info!(%tenant, name = %meta.name, digest = %meta.digest, "context stored");
-    Ok((
-        StatusCode::CREATED,
-        Json(json!({
-            "name": meta.name,
-            "digest": meta.digest,
-            "documents": meta.documents,
-            "dim": meta.dim,
-        })),
-    ))
+    Ok((StatusCode::CREATED, Json(meta)))
 }
 
 /// `GET /v1/contexts/{name}`: metadata of this tenant's context.
