@@ -147,6 +147,11 @@ impl ApiClient {
         &self.base
     }
 
+    /// The token it calls with.
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
     fn request(&self, method: Method, path: &str) -> (String, RequestBuilder) {
         let url = format!("{}{path}", self.base);
         let mut req = self.http.request(method, &url);
