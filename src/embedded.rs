@@ -15,7 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// How to get `redis-server` when it is missing.
-pub const INSTALL_HINT: &str = "redis-server was not found on PATH. Install it \
+const INSTALL_HINT: &str = "redis-server was not found on PATH. Install it \
 (Debian/Ubuntu: `sudo apt-get install redis-server`; macOS: `brew install redis`) \
 or point agentplane at an existing Redis with `--redis redis://HOST:PORT`.";
 

@@ -85,7 +85,7 @@ impl FromRequestParts<AppState> for Admin {
 }
 
 /// A fresh tenant token: `<tenant_id>.<64 hex chars>` (32 random bytes).
-pub fn new_tenant_token(tenant: &str) -> String {
+pub(super) fn new_tenant_token(tenant: &str) -> String {
     let mut secret = [0u8; 32];
     rand::rng().fill_bytes(&mut secret);
     format!("{tenant}.{}", hex::encode(secret))

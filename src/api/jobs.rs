@@ -331,6 +331,7 @@ mod tests {
     use super::*;
     use crate::control::Credits;
     use crate::model::Limits;
+    use serde_json::json;
 
     fn tenant() -> TenantInfo {
         TenantInfo {

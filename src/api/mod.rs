@@ -22,7 +22,7 @@ mod tenants;
 mod types;
 mod uploads;
 
-pub use auth::{Caller, new_tenant_token, token_hash};
+pub use auth::{Admin, Caller, Tenant, token_hash};
 pub use edge::{MAX_HEADERS, serve};
 pub use error::{ApiError, ApiResult};
 pub use jobs::parse_job_request;
@@ -30,7 +30,7 @@ pub use prom::{install_metrics, metrics_app};
 pub use types::{Balance, JobPage, JobRef, TenantToken};
 
 use crate::control::ControlPlane;
-use crate::host::{Host, HostConfig};
+use crate::host::Host;
 use axum::Router;
 use axum::routing::{get, post};
 use body::UploadSlots;
@@ -225,12 +225,6 @@ impl AppState {
     }
 }
 
-/// A `Host` for an API-only process: it admits uploads under the workers'
-/// engine configuration ([`HostConfig::admission`]) and never runs them.
-pub fn admission_host() -> anyhow::Result<Host> {
-    Host::new(HostConfig::admission())
-}
-
 /// The router of every route the README's API table lists.
 pub fn app(state: AppState) -> Router {
     let router = Router::new()
@@ -279,7 +273,7 @@ fn job_id_ok(id: &str) -> bool {
 }
 
 /// `sha256:<64 lowercase hex>`.
-pub fn valid_digest(d: &str) -> bool {
+fn valid_digest(d: &str) -> bool {
     d.strip_prefix("sha256:").is_some_and(|h| {
         h.len() == 64
             && h.bytes()

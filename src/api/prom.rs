@@ -4,14 +4,8 @@
 //! `worker` and `scheduler` processes serve theirs only when given
 //! `--metrics-listen`, off by default.
 //!
-//! Names (all prefixed `agentplane_`):
-//! - `jobs_submitted_total{tenant}`, `jobs_finished_total{tenant,state}`
-//!   (terminal states as workers settle them), `jobs_released_total`
-//! - `claim_seconds` (CLAIM round trip), `claimed_total`
-//! - `run_seconds{tenant}` (wall time of an attempt), `fuel_total{tenant}`,
-//!   `credits_total{tenant}` (settled credits of finished jobs)
-//! - `lease_renewals_total`, `lease_lost_total`, `scheduler_moved_total{step}`,
-//!   `worker_busy_slots`, `uploads_in_progress` (API upload slots held)
+//! Every series the code records (API, worker, host, scheduler) is listed
+//! in the README, under "Metrics"; a new series belongs in that list.
 
 use super::auth::Admin;
 use super::{ApiError, AppState};

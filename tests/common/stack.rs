@@ -106,7 +106,7 @@ impl Stack {
             .expect("connect control plane");
         let shutdown = CancellationToken::new();
         let mut tasks = Vec::new();
-        let api_host = Arc::new(api::admission_host().expect("admission host"));
+        let api_host = Arc::new(Host::new(HostConfig::admission()).expect("admission host"));
         let state = AppState::new(control.clone(), api_host, ADMIN.into(), opts.api);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
