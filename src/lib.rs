@@ -18,10 +18,12 @@
 //! - [`scheduler`]: promotion of delayed jobs and the lease reaper.
 //! - [`api`]: the HTTP API (axum). Owns authentication, validation, JSON errors.
 //! - [`embedded`]: the `redis-server` that `serve` starts when given no `--redis`.
+//! - [`client`]: the typed HTTP client of the API (CLI, `bench`, tests).
 //! - [`cli`]: command-line parsing and the client commands over the API.
 
 pub mod api;
 pub mod cli;
+pub mod client;
 pub mod context;
 pub mod control;
 pub mod embedded;

@@ -6,6 +6,7 @@ mod common;
 
 use agentplane::api::{self, ApiConfig, AppState, token_hash};
 use agentplane::control::{ControlConfig, ControlPlane};
+use agentplane::host::{Host, HostConfig};
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
 use common::redis::RedisServer;
@@ -20,7 +21,7 @@ async fn app(cfg: ApiConfig) -> (RedisServer, axum::Router) {
     let control = ControlPlane::connect(&redis.url, ControlConfig::default())
         .await
         .expect("control plane");
-    let host = Arc::new(api::admission_host().expect("host"));
+    let host = Arc::new(Host::new(HostConfig::admission()).expect("host"));
     let router = api::app(AppState::new(control, host, ADMIN.into(), cfg));
     (redis, router)
 }

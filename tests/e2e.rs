@@ -5,6 +5,8 @@
 mod common;
 
 use agentplane::api::ApiConfig;
+use agentplane::client::ApiClient;
+use agentplane::model::JobState;
 use common::guests::guest_wasm;
 use common::redis::RedisServer;
 use common::stack::*;
@@ -694,30 +696,14 @@ async fn serve_runs_its_own_redis_and_keeps_data_across_restarts() {
         std::fs::metadata(&token_file).unwrap().permissions().mode() & 0o777,
         0o600
     );
-    let http = reqwest::Client::new();
-    let (token, digest) = onboard_acme(&http, &base, &admin).await;
-    let r = http
-        .post(format!("{base}/v1/jobs"))
-        .bearer_auth(&token)
-        .json(&json!({"component": digest, "input": "embedded"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::CREATED);
-    let id = r.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let job: Value = http
-        .get(format!("{base}/v1/jobs/{id}?wait=30"))
-        .bearer_auth(&token)
-        .send()
+    let (acme, digest) = onboard_acme(&base, &admin).await;
+    let id = acme
+        .submit(&job_request(&digest, "embedded"), None)
         .await
         .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(job["output"], "embedded", "{job}");
+        .id;
+    let job = acme.job(&id, Some(30.0)).await.unwrap();
+    assert_eq!(job.output.as_deref(), Some("embedded"), "{job:?}");
 
     // SIGTERM: everything stops, Redis included.
     // SAFETY: kill(2) on our own child's pid.
@@ -745,14 +731,11 @@ async fn serve_runs_its_own_redis_and_keeps_data_across_restarts() {
         .trim()
         .to_string();
     assert_eq!(admin, admin2);
-    let r = http
-        .get(format!("{base}/v1/jobs/{id}"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
-    assert_eq!(r.json::<Value>().await.unwrap()["state"], "succeeded");
+    let acme = ApiClient::new(&base, None)
+        .unwrap()
+        .with_token(acme.token().unwrap());
+    let job = acme.job(&id, None).await.unwrap();
+    assert_eq!(job.state, JobState::Succeeded);
 }
 
 /// GPU jobs go only to workers that offer free GPU slots, and a tenant
@@ -886,40 +869,19 @@ async fn parts_run_as_separate_processes() {
         );
     }
 
-    let http = reqwest::Client::new();
-    let (token, digest) = onboard_acme(&http, &base, ADMIN).await;
+    let (acme, digest) = onboard_acme(&base, ADMIN).await;
     let mut ids = Vec::new();
     for i in 0..8 {
-        let r = http
-            .post(format!("{base}/v1/jobs"))
-            .bearer_auth(&token)
-            .json(&json!({"component": digest, "input": format!("job {i}")}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), StatusCode::CREATED);
-        ids.push(
-            r.json::<Value>().await.unwrap()["id"]
-                .as_str()
-                .unwrap()
-                .to_string(),
-        );
+        let req = job_request(&digest, &format!("job {i}"));
+        ids.push(acme.submit(&req, None).await.unwrap().id);
     }
     for (i, id) in ids.iter().enumerate() {
-        let job: Value = http
-            .get(format!("{base}/v1/jobs/{id}?wait=30"))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        assert_eq!(job["state"], "succeeded", "{job}");
-        assert_eq!(job["output"], format!("job {i}"));
+        let job = acme.job(id, Some(30.0)).await.unwrap();
+        assert_eq!(job.state, JobState::Succeeded, "{job:?}");
+        assert_eq!(job.output, Some(format!("job {i}")));
     }
     // The worker's own metrics endpoint counts what it ran.
-    let m = http
+    let m = reqwest::Client::new()
         .get(format!("http://127.0.0.1:{metrics_port}/metrics"))
         .send()
         .await

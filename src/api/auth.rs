@@ -4,11 +4,18 @@
 //! (tokens `<tenant_id>.<secret>` issued at tenant creation, of which only
 //! the sha256 is stored). Every comparison is constant-time so the answer's
 //! timing does not reveal how many leading bytes of a guess were right.
+//!
+//! Handlers name who may call them in their signature, with the extractors
+//! [`Tenant`], [`Admin`] and [`Caller`] (either): a route cannot forget
+//! to authenticate, and every route refuses in the same way (401 without a
+//! valid token, 403 with the wrong kind).
 
 use super::AppState;
 use super::error::ApiError;
+use axum::extract::FromRequestParts;
 use axum::http::HeaderMap;
 use axum::http::header::AUTHORIZATION;
+use axum::http::request::Parts;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -41,8 +48,44 @@ impl Caller {
     }
 }
 
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        authenticate(state, &parts.headers).await
+    }
+}
+
+/// A request authenticated by a tenant token: the tenant's id. The admin
+/// is refused (403): tenant routes act on one tenant's things and the
+/// admin owns none.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tenant(pub String);
+
+impl FromRequestParts<AppState> for Tenant {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let caller = authenticate(state, &parts.headers).await?;
+        caller.tenant().map(|t| Tenant(t.to_string()))
+    }
+}
+
+/// A request authenticated by the admin token; tenants are refused (403).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admin;
+
+impl FromRequestParts<AppState> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        authenticate(state, &parts.headers).await?.admin()?;
+        Ok(Admin)
+    }
+}
+
 /// A fresh tenant token: `<tenant_id>.<64 hex chars>` (32 random bytes).
-pub fn new_tenant_token(tenant: &str) -> String {
+pub(super) fn new_tenant_token(tenant: &str) -> String {
     let mut secret = [0u8; 32];
     rand::rng().fill_bytes(&mut secret);
     format!("{tenant}.{}", hex::encode(secret))
@@ -64,7 +107,7 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// Resolves the caller of a request, or 401.
-pub async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Caller, ApiError> {
+async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Caller, ApiError> {
     let token = bearer(headers).ok_or(ApiError::Unauthorized)?;
     let admin = state.admin_token().as_bytes();
     if !admin.is_empty() && bool::from(token.as_bytes().ct_eq(admin)) {

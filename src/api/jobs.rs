@@ -1,22 +1,22 @@
 //! `/v1/jobs`: submission (with idempotency), inspection with long-poll,
 //! logs, listing and cancellation.
 
-use super::auth::authenticate;
+use super::auth::Tenant;
 use super::body::{expect_json, parse_json, read_body};
 use super::error::{ApiError, ApiResult};
-use super::{AppState, valid_digest};
+use super::query::{JobsQuery, Query, WaitQuery};
+use super::types::{JobPage, JobRef};
+use super::{AppState, job_id_ok, valid_digest};
 use crate::control::{JobRequest, SubmitSpec, TenantInfo};
 use crate::model::{Job, JobState, valid_name};
 use axum::Json;
 use axum::body::Body;
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::header::CONTENT_TYPE;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
-use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -31,18 +31,6 @@ pub const MAX_DELAY_MS: u64 = 30 * 24 * 3600 * 1000;
 pub const MAX_CONTEXTS: usize = 32;
 /// `Idempotency-Key` length bound (it becomes part of a Redis key).
 pub const MAX_IDEMPOTENCY_KEY: usize = 255;
-/// `GET /v1/jobs` page sizes.
-pub const DEFAULT_PAGE: usize = 100;
-pub const MAX_PAGE: usize = crate::control::MAX_PAGE;
-
-fn job_id_ok(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 128
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-}
-
 /// Parses a `POST /v1/jobs` body and checks it against the tenant's
 /// settings, without touching Redis: the one path the handler and the
 /// fuzzer (`tests/fuzz`) share. Errors name the field at fault.
@@ -146,11 +134,10 @@ fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
 /// `POST /v1/jobs` → 201 `{"id","state"}`, or 200 for an idempotent replay.
 pub(super) async fn submit(
     State(state): State<AppState>,
+    Tenant(tenant): Tenant,
     headers: HeaderMap,
     body: Body,
-) -> ApiResult<(StatusCode, Json<Value>)> {
-    let caller = authenticate(&state, &headers).await?;
-    let tenant = caller.tenant()?.to_string();
+) -> ApiResult<(StatusCode, Json<JobRef>)> {
     let idem = idempotency_key(&headers)?;
     expect_json(&headers)?;
     let cfg = state.config();
@@ -216,7 +203,10 @@ pub(super) async fn submit(
     };
     Ok((
         status,
-        Json(json!({"id": submitted.id, "state": submitted.state})),
+        Json(JobRef {
+            id: submitted.id,
+            state: submitted.state,
+        }),
     ))
 }
 
@@ -232,50 +222,19 @@ async fn fetch_job(state: &AppState, tenant: &str, id: &str) -> ApiResult<Job> {
         .ok_or(ApiError::NotFound("job"))
 }
 
-fn query_map(
-    q: Result<Query<HashMap<String, String>>, QueryRejection>,
-) -> ApiResult<HashMap<String, String>> {
-    q.map(|Query(m)| m)
-        .map_err(|e| ApiError::Invalid(format!("invalid query string: {e}")))
-}
-
-fn only_params(q: &HashMap<String, String>, allowed: &[&str]) -> ApiResult<()> {
-    for k in q.keys() {
-        if !allowed.contains(&k.as_str()) {
-            return Err(ApiError::Invalid(format!(
-                "unknown query parameter `{k}`; expected one of: {}",
-                allowed.join(", ")
-            )));
-        }
-    }
-    Ok(())
-}
-
 /// `GET /v1/jobs/{id}?wait=SECONDS`: the job, held until it is terminal or
 /// the wait (capped) is over.
 pub(super) async fn get(
     State(state): State<AppState>,
-    headers: HeaderMap,
     Path(id): Path<String>,
-    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+    Tenant(tenant): Tenant,
+    Query(q): Query<WaitQuery>,
 ) -> ApiResult<Json<Job>> {
-    let caller = authenticate(&state, &headers).await?;
-    let tenant = caller.tenant()?;
-    let q = query_map(query)?;
-    only_params(&q, &["wait"])?;
-    let wait = match q.get("wait") {
-        None => Duration::ZERO,
-        Some(s) => {
-            let secs: f64 = s
-                .parse()
-                .ok()
-                .filter(|v: &f64| v.is_finite() && *v >= 0.0)
-                .ok_or_else(|| {
-                    ApiError::Invalid("`wait` must be a non-negative number of seconds".into())
-                })?;
-            Duration::from_secs_f64(secs.min(state.config().max_wait.as_secs_f64()))
-        }
-    };
+    let tenant = tenant.as_str();
+    // Capped before the conversion: a huge finite `wait` is valid and must
+    // not overflow a `Duration`.
+    let max = state.config().max_wait.as_secs_f64();
+    let wait = Duration::from_secs_f64(q.wait.unwrap_or(0.0).min(max));
     // A tenant over its long-poll share is answered at once: it may poll,
     // but not hold every connection of the server.
     let place = if wait.is_zero() {
@@ -305,11 +264,10 @@ pub(super) async fn get(
 /// `GET /v1/jobs/{id}/log`: the last attempt's log as `text/plain`.
 pub(super) async fn log(
     State(state): State<AppState>,
-    headers: HeaderMap,
     Path(id): Path<String>,
+    Tenant(tenant): Tenant,
 ) -> ApiResult<impl IntoResponse> {
-    let caller = authenticate(&state, &headers).await?;
-    let tenant = caller.tenant()?;
+    let tenant = tenant.as_str();
     if !job_id_ok(&id) {
         return Err(ApiError::NotFound("job"));
     }
@@ -325,11 +283,10 @@ pub(super) async fn log(
 /// `POST /v1/jobs/{id}/cancel` → `{"id","state"}`.
 pub(super) async fn cancel(
     State(state): State<AppState>,
-    headers: HeaderMap,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
-    let caller = authenticate(&state, &headers).await?;
-    let tenant = caller.tenant()?;
+    Tenant(tenant): Tenant,
+) -> ApiResult<Json<JobRef>> {
+    let tenant = tenant.as_str();
     if !job_id_ok(&id) {
         return Err(ApiError::NotFound("job"));
     }
@@ -348,50 +305,25 @@ pub(super) async fn cancel(
             other => other,
         },
     };
-    Ok(Json(json!({"id": id, "state": now})))
+    Ok(Json(JobRef { id, state: now }))
 }
 
 /// `GET /v1/jobs?state=&limit=&cursor=` → `{"jobs":[…],"next_cursor"}`.
 pub(super) async fn list(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    query: Result<Query<HashMap<String, String>>, QueryRejection>,
-) -> ApiResult<Json<Value>> {
-    let caller = authenticate(&state, &headers).await?;
-    let tenant = caller.tenant()?;
-    let q = query_map(query)?;
-    only_params(&q, &["state", "limit", "cursor"])?;
-    let st = match q.get("state").filter(|s| !s.is_empty()) {
-        None => None,
-        Some(s) => Some(s.parse::<JobState>().map_err(|_| {
-            ApiError::Invalid(
-                "`state` must be one of queued, delayed, running, succeeded, failed, cancelled"
-                    .into(),
-            )
-        })?),
-    };
-    let limit = match q.get("limit") {
-        None => DEFAULT_PAGE,
-        Some(s) => s
-            .parse::<usize>()
-            .ok()
-            .filter(|n| (1..=MAX_PAGE).contains(n))
-            .ok_or_else(|| {
-                ApiError::Invalid(format!("`limit` must be an integer from 1 to {MAX_PAGE}"))
-            })?,
-    };
-    let cursor = q.get("cursor").filter(|s| !s.is_empty());
-    if let Some(c) = cursor
-        && !job_id_ok(c)
-    {
-        return Err(ApiError::Invalid("`cursor` is not a job id".into()));
-    }
+    Tenant(tenant): Tenant,
+    Query(q): Query<JobsQuery>,
+) -> ApiResult<Json<JobPage>> {
+    let tenant = tenant.as_str();
     let (jobs, next) = state
         .control()
-        .list_jobs(tenant, st, limit, cursor.map(String::as_str))
+        .list_jobs(tenant, q.state, q.limit, q.cursor.as_deref())
         .await
         .map_err(|e| ApiError::from_cp(e, "job"))?;
-    Ok(Json(json!({"jobs": jobs, "next_cursor": next})))
+    Ok(Json(JobPage {
+        jobs,
+        next_cursor: next,
+    }))
 }
 
 #[cfg(test)]
@@ -399,6 +331,7 @@ mod tests {
     use super::*;
     use crate::control::Credits;
     use crate::model::Limits;
+    use serde_json::json;
 
     fn tenant() -> TenantInfo {
         TenantInfo {

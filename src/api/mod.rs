@@ -17,17 +17,20 @@ mod edge;
 mod error;
 mod jobs;
 mod prom;
+mod query;
 mod tenants;
+mod types;
 mod uploads;
 
-pub use auth::{Caller, new_tenant_token, token_hash};
+pub use auth::{Admin, Caller, Tenant, token_hash};
 pub use edge::{MAX_HEADERS, serve};
 pub use error::{ApiError, ApiResult};
 pub use jobs::parse_job_request;
 pub use prom::{install_metrics, metrics_app};
+pub use types::{Balance, JobPage, JobRef, TenantToken};
 
 use crate::control::ControlPlane;
-use crate::host::{Host, HostConfig};
+use crate::host::Host;
 use axum::Router;
 use axum::routing::{get, post};
 use body::UploadSlots;
@@ -222,12 +225,6 @@ impl AppState {
     }
 }
 
-/// A `Host` for an API-only process: it admits uploads under the workers'
-/// engine configuration ([`HostConfig::admission`]) and never runs them.
-pub fn admission_host() -> anyhow::Result<Host> {
-    Host::new(HostConfig::admission())
-}
-
 /// The router of every route the README's API table lists.
 pub fn app(state: AppState) -> Router {
     let router = Router::new()
@@ -264,8 +261,19 @@ async fn ready(
     Ok("ready\n")
 }
 
+/// The shape a job id may have: bounded and key-safe, since it becomes part
+/// of a Redis key. Anything else names no job and is refused before any
+/// lookup.
+fn job_id_ok(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
 /// `sha256:<64 lowercase hex>`.
-pub fn valid_digest(d: &str) -> bool {
+fn valid_digest(d: &str) -> bool {
     d.strip_prefix("sha256:").is_some_and(|h| {
         h.len() == 64
             && h.bytes()

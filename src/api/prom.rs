@@ -4,18 +4,12 @@
 //! `worker` and `scheduler` processes serve theirs only when given
 //! `--metrics-listen`, off by default.
 //!
-//! Names (all prefixed `agentplane_`):
-//! - `jobs_submitted_total{tenant}`, `jobs_finished_total{tenant,state}`
-//!   (terminal states as workers settle them), `jobs_released_total`
-//! - `claim_seconds` (CLAIM round trip), `claimed_total`
-//! - `run_seconds{tenant}` (wall time of an attempt), `fuel_total{tenant}`,
-//!   `credits_total{tenant}` (settled credits of finished jobs)
-//! - `lease_renewals_total`, `lease_lost_total`, `scheduler_moved_total{step}`,
-//!   `worker_busy_slots`, `uploads_in_progress` (API upload slots held)
+//! Every series the code records (API, worker, host, scheduler) is listed
+//! in the README, under "Metrics"; a new series belongs in that list.
 
+use super::auth::Admin;
 use super::{ApiError, AppState};
 use axum::extract::State;
-use axum::http::HeaderMap;
 use axum::http::header::CONTENT_TYPE;
 use axum::response::IntoResponse;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -46,9 +40,8 @@ pub(super) fn handle() -> Option<PrometheusHandle> {
 /// tenant must not learn about another.
 pub(super) async fn render(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    _: Admin,
 ) -> Result<impl IntoResponse, ApiError> {
-    super::auth::authenticate(&state, &headers).await?.admin()?;
     let text = match &state.inner.metrics {
         Some(h) => {
             // Upkeep drains histogram buffers; the scrape is a natural,

@@ -1,16 +1,17 @@
 //! `/v1/tenants`: creation, inspection, quota changes and credit grants.
 
 use super::AppState;
-use super::auth::{Caller, authenticate, new_tenant_token, token_hash};
+use super::auth::{Admin, Caller, new_tenant_token, token_hash};
 use super::body::{expect_json, parse_json, read_body};
 use super::error::{ApiError, ApiResult};
+use super::types::{Balance, TenantToken};
 use crate::control::{LimitsPatch, TenantPatch, TenantSpec};
 use crate::model::valid_tenant_id;
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 /// Admin bodies are small; 64 KiB is plenty and bounds a hostile one.
 const MAX_ADMIN_BODY: usize = 64 << 10;
@@ -64,10 +65,10 @@ fn validate_weight(w: Option<u32>) -> ApiResult<()> {
 /// `POST /v1/tenants` (admin) → 201 `{"id","token"}`.
 pub(super) async fn create(
     State(state): State<AppState>,
+    _: Admin,
     headers: HeaderMap,
     body: Body,
-) -> ApiResult<(StatusCode, Json<Value>)> {
-    authenticate(&state, &headers).await?.admin()?;
+) -> ApiResult<(StatusCode, Json<TenantToken>)> {
     let spec: TenantSpec = admin_json(&state, &headers, body, "tenant body").await?;
     if !valid_tenant_id(&spec.id) {
         return Err(ApiError::Invalid(
@@ -88,17 +89,16 @@ pub(super) async fn create(
     tracing::info!(tenant = %spec.id, "tenant created");
     Ok((
         StatusCode::CREATED,
-        Json(json!({"id": spec.id, "token": token})),
+        Json(TenantToken { id: spec.id, token }),
     ))
 }
 
 /// `GET /v1/tenants/{id}` (admin, or that tenant).
 pub(super) async fn get(
     State(state): State<AppState>,
-    headers: HeaderMap,
     Path(id): Path<String>,
+    caller: Caller,
 ) -> ApiResult<Json<Value>> {
-    let caller = authenticate(&state, &headers).await?;
     if let Caller::Tenant(t) = &caller
         && *t != id
     {
@@ -114,11 +114,11 @@ pub(super) async fn get(
 /// `PATCH /v1/tenants/{id}` (admin) → the updated tenant.
 pub(super) async fn patch(
     State(state): State<AppState>,
-    headers: HeaderMap,
     Path(id): Path<String>,
+    _: Admin,
+    headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Json<Value>> {
-    authenticate(&state, &headers).await?.admin()?;
     let patch: TenantPatch = admin_json(&state, &headers, body, "patch body").await?;
     validate_weight(patch.weight)?;
     validate_limits(&patch.limits)?;
@@ -137,11 +137,11 @@ pub(super) async fn patch(
 /// `{"id","balance"}`.
 pub(super) async fn credits(
     State(state): State<AppState>,
-    headers: HeaderMap,
     Path(id): Path<String>,
+    _: Admin,
+    headers: HeaderMap,
     body: Body,
-) -> ApiResult<Json<Value>> {
-    authenticate(&state, &headers).await?.admin()?;
+) -> ApiResult<Json<Balance>> {
     let Grant { amount } = admin_json(&state, &headers, body, "credits body").await?;
     if !valid_tenant_id(&id) {
         return Err(ApiError::NotFound("tenant"));
@@ -151,7 +151,7 @@ pub(super) async fn credits(
         .grant_credits(&id, amount)
         .await
         .map_err(|e| ApiError::from_cp(e, "tenant"))?;
-    Ok(Json(json!({"id": id, "balance": balance})))
+    Ok(Json(Balance { id, balance }))
 }
 
 /// The tenant as `GET /v1/tenants/{id}` shows it.

@@ -2,7 +2,7 @@
 //! context. Both are content-addressed; the metadata is per tenant, so a
 //! tenant only ever sees what it uploaded itself.
 
-use super::auth::authenticate;
+use super::auth::Tenant;
 use super::body::{expect_json, expect_wasm, parse_json, read_body};
 use super::error::{ApiError, ApiResult};
 use super::{AppState, valid_digest};
@@ -14,16 +14,15 @@ use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 /// `POST /v1/components`: raw bytes → 201 `{"digest","size",…}`.
 pub(super) async fn push_component(
     State(state): State<AppState>,
+    Tenant(tenant): Tenant,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
-    let caller = authenticate(&state, &headers).await?;
-    let tenant = caller.tenant()?.to_string();
     expect_wasm(&headers)?;
     state.upload_allowed(&tenant)?;
     let limit = state.config().max_component_bytes;
@@ -62,11 +61,10 @@ pub(super) async fn push_component(
 /// `GET /v1/components/{digest}`: metadata, 404 unless this tenant uploaded it.
 pub(super) async fn get_component(
     State(state): State<AppState>,
-    headers: HeaderMap,
     Path(digest): Path<String>,
+    Tenant(tenant): Tenant,
 ) -> ApiResult<Json<Value>> {
-    let caller = authenticate(&state, &headers).await?;
-    let tenant = caller.tenant()?;
+    let tenant = tenant.as_str();
     if !valid_digest(&digest) {
         return Err(ApiError::NotFound("component"));
     }
@@ -82,11 +80,10 @@ pub(super) async fn get_component(
 /// `POST /v1/contexts`: JSON upload → 201 `{"name","digest","documents","dim"}`.
 pub(super) async fn push_context(
     State(state): State<AppState>,
+    Tenant(tenant): Tenant,
     headers: HeaderMap,
     body: Body,
-) -> ApiResult<(StatusCode, Json<Value>)> {
-    let caller = authenticate(&state, &headers).await?;
-    let tenant = caller.tenant()?.to_string();
+) -> ApiResult<(StatusCode, Json<ContextMeta>)> {
     expect_json(&headers)?;
     state.upload_allowed(&tenant)?;
     let limit = state.config().max_context_bytes;
@@ -127,25 +124,16 @@ pub(super) async fn push_context(
         .await
         .map_err(|e| ApiError::from_cp(e, "context"))?;
     tracing::info!(%tenant, name = %meta.name, digest = %meta.digest, "context stored");
-    Ok((
-        StatusCode::CREATED,
-        Json(json!({
-            "name": meta.name,
-            "digest": meta.digest,
-            "documents": meta.documents,
-            "dim": meta.dim,
-        })),
-    ))
+    Ok((StatusCode::CREATED, Json(meta)))
 }
 
 /// `GET /v1/contexts/{name}`: metadata of this tenant's context.
 pub(super) async fn get_context(
     State(state): State<AppState>,
-    headers: HeaderMap,
     Path(name): Path<String>,
+    Tenant(tenant): Tenant,
 ) -> ApiResult<Json<Value>> {
-    let caller = authenticate(&state, &headers).await?;
-    let tenant = caller.tenant()?;
+    let tenant = tenant.as_str();
     if !valid_name(&name) {
         return Err(ApiError::NotFound("context"));
     }

@@ -7,9 +7,12 @@
 //! `created_at` → `finished_at`), throughput, and per-tenant counts. The
 //! report is measured, never asserted: compare runs on the same machine.
 
-use anyhow::{Context, bail};
+use crate::client::{ApiClient, NewTenant};
+use crate::control::JobRequest;
+use crate::model::JobState;
+use anyhow::Context;
 use clap::Args;
-use serde_json::{Value, json};
+use serde_json::json;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -51,47 +54,9 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
-fn millis(rfc3339: &Value) -> Option<f64> {
-    let s = rfc3339.as_str()?;
+fn millis(s: &str) -> Option<f64> {
     let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;
     Some((t.unix_timestamp_nanos() / 1_000_000) as f64)
-}
-
-struct Api {
-    http: reqwest::Client,
-    base: String,
-}
-
-impl Api {
-    async fn call(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        token: &str,
-        body: Option<reqwest::Body>,
-        json_body: bool,
-    ) -> anyhow::Result<Value> {
-        let mut req = self
-            .http
-            .request(method, format!("{}{path}", self.base))
-            .bearer_auth(token);
-        if let Some(b) = body {
-            if json_body {
-                req = req.header("content-type", "application/json");
-            }
-            req = req.body(b);
-        }
-        let resp = req
-            .send()
-            .await
-            .with_context(|| format!("calling {path}"))?;
-        let status = resp.status();
-        let v: Value = resp.json().await.unwrap_or(Value::Null);
-        if !status.is_success() {
-            bail!("{path} answered {status}: {v}");
-        }
-        Ok(v)
-    }
 }
 
 /// Runs the load and prints the report.
@@ -103,42 +68,23 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         .context("set AGENTPLANE_TOKEN (or --token) to the admin token")?;
     let wasm = std::fs::read(&args.component)
         .with_context(|| format!("reading {}", args.component.display()))?;
-    let api = Arc::new(Api {
-        http: reqwest::Client::builder()
-            .timeout(Duration::from_secs(90))
-            .build()?,
-        base: args.conn.url.trim_end_matches('/').to_string(),
-    });
+    let api = ApiClient::new(&args.conn.url, Some(admin))?;
     let run = format!("{:x}", rand::random::<u32>());
     let mut tenants = Vec::new();
     for i in 0..args.tenants.max(1) {
         let id = format!("bench-{run}-{i}");
         let weight = 1 + i % 3;
         let created = api
-            .call(
-                reqwest::Method::POST,
-                "/v1/tenants",
-                &admin,
-                Some(
-                    json!({"id": id, "weight": weight, "credits": 1_000_000_000_000i64})
-                        .to_string()
-                        .into(),
-                ),
-                true,
-            )
+            .create_tenant(&NewTenant {
+                id: id.clone(),
+                weight: Some(weight),
+                credits: Some(1_000_000_000_000),
+                ..NewTenant::default()
+            })
             .await?;
-        let token = created["token"].as_str().context("no token")?.to_string();
-        let comp = api
-            .call(
-                reqwest::Method::POST,
-                "/v1/components",
-                &token,
-                Some(wasm.clone().into()),
-                false,
-            )
-            .await?;
-        let digest = comp["digest"].as_str().context("no digest")?.to_string();
-        tenants.push((id, weight, token, digest));
+        let tenant = api.with_token(&created.token);
+        let digest = tenant.push_component(wasm.clone()).await?.digest;
+        tenants.push((id, weight, tenant, digest));
     }
     let tenants = Arc::new(tenants);
 
@@ -148,27 +94,25 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let mut set = tokio::task::JoinSet::new();
     for i in 0..args.jobs {
         let permit = gate.clone().acquire_owned().await?;
-        let (api, tenants, input) = (api.clone(), tenants.clone(), args.input.clone());
+        let (tenants, input) = (tenants.clone(), args.input.clone());
         set.spawn(async move {
             let _permit = permit;
             let t = i as usize % tenants.len();
-            let (_, _, token, digest) = &tenants[t];
-            let body = json!({"component": digest, "input": input}).to_string();
+            let (_, _, api, digest) = &tenants[t];
+            let req = JobRequest {
+                component: digest.clone(),
+                input,
+                agent_id: None,
+                contexts: Vec::new(),
+                gpus: 0,
+                max_attempts: None,
+                timeout_ms: None,
+                fuel: None,
+                delay_ms: 0,
+            };
             let start = Instant::now();
-            let r = api
-                .call(
-                    reqwest::Method::POST,
-                    "/v1/jobs",
-                    token,
-                    Some(body.into()),
-                    true,
-                )
-                .await;
-            (
-                t,
-                r.map(|v| v["id"].as_str().unwrap_or_default().to_string()),
-                start.elapsed(),
-            )
+            let r = api.submit(&req, None).await;
+            (t, r.map(|job| job.id), start.elapsed())
         });
     }
     let mut ids = Vec::new();
@@ -194,29 +138,13 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let mut set = tokio::task::JoinSet::new();
     for (t, id) in ids {
         let permit = gate.clone().acquire_owned().await?;
-        let (api, tenants) = (api.clone(), tenants.clone());
+        let tenants = tenants.clone();
         set.spawn(async move {
             let _permit = permit;
-            let token = &tenants[t].2;
+            let api = &tenants[t].2;
             loop {
-                let v = api
-                    .call(
-                        reqwest::Method::GET,
-                        &format!("/v1/jobs/{id}?wait=30"),
-                        token,
-                        None,
-                        false,
-                    )
-                    .await;
-                match v {
-                    Ok(v)
-                        if matches!(
-                            v["state"].as_str(),
-                            Some("succeeded" | "failed" | "cancelled")
-                        ) =>
-                    {
-                        return (t, Some(v));
-                    }
+                match api.job(&id, Some(30.0)).await {
+                    Ok(job) if job.state.is_terminal() => return (t, Some(job)),
                     _ if Instant::now() > deadline => return (t, None),
                     Ok(_) => {}
                     Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
@@ -234,14 +162,15 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
             unfinished += 1;
             continue;
         };
-        if job["state"] == "succeeded" {
+        if job.state == JobState::Succeeded {
             succeeded += 1;
             per_tenant[t].0 += 1;
         } else {
             failed += 1;
             per_tenant[t].1 += 1;
         }
-        if let (Some(c), Some(f)) = (millis(&job["created_at"]), millis(&job["finished_at"])) {
+        let finished = job.finished_at.as_deref().and_then(millis);
+        if let (Some(c), Some(f)) = (millis(&job.created_at), finished) {
             e2e.push(f - c);
             first_created = first_created.min(c);
             last_finished = last_finished.max(f);

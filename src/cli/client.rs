@@ -1,13 +1,15 @@
-//! Client commands: thin wrappers over the HTTP API that print its JSON
-//! answers. A non-2xx answer prints the error and exits with status 1.
+//! Client commands: thin wrappers over [`crate::client::ApiClient`] that
+//! print its typed answers as JSON. A non-2xx answer prints the error and
+//! exits with status 1.
 
+use crate::client::{ApiClient, ClientError, ClientResult, JobsFilter, NewTenant};
+use crate::control::{JobRequest, LimitsPatch};
+use crate::model::JobState;
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use reqwest::{Method, StatusCode};
-use serde_json::{Map, Value, json};
+use serde::Serialize;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 /// Where the API is and who we are.
 #[derive(Debug, Clone, Args)]
@@ -128,9 +130,10 @@ pub enum JobCmd {
     },
     /// Lists jobs, newest first.
     List {
-        /// Only jobs in this state.
+        /// Only jobs in this state (queued, delayed, running, succeeded,
+        /// failed, cancelled).
         #[arg(long)]
-        state: Option<String>,
+        state: Option<JobState>,
         /// Page size (default 100, at most 10000).
         #[arg(long)]
         limit: Option<usize>,
@@ -189,107 +192,25 @@ pub struct SubmitArgs {
     pub conn: Conn,
 }
 
-struct Client {
-    http: reqwest::Client,
-    base: String,
-    token: Option<String>,
-}
-
-enum Body {
-    None,
-    Json(Value),
-    Raw(Vec<u8>, &'static str),
-}
-
-impl Client {
-    fn new(conn: &Conn) -> anyhow::Result<Client> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            // Long-polls are held up to 60 s by the server.
-            .timeout(Duration::from_secs(600))
-            .build()
-            .context("building the HTTP client")?;
-        Ok(Client {
-            http,
-            base: conn.url.trim_end_matches('/').to_string(),
-            token: conn.token.clone(),
-        })
-    }
-
-    /// Sends a request; `Ok(Err(text))` for a non-2xx answer.
-    async fn call(
-        &self,
-        method: Method,
-        path: &str,
-        body: Body,
-        headers: &[(&str, String)],
-    ) -> anyhow::Result<Result<(StatusCode, String), String>> {
-        let url = format!("{}{}", self.base, path);
-        let mut req = self.http.request(method, &url);
-        if let Some(t) = &self.token {
-            req = req.bearer_auth(t);
-        }
-        for (k, v) in headers {
-            req = req.header(*k, v);
-        }
-        req = match body {
-            Body::None => req,
-            Body::Json(v) => req.json(&v),
-            Body::Raw(bytes, ct) => req.header("content-type", ct).body(bytes),
-        };
-        let resp = req
-            .send()
-            .await
-            .with_context(|| format!("requesting {url}"))?;
-        let status = resp.status();
-        let text = resp.text().await.context("reading the answer")?;
-        if status.is_success() {
-            Ok(Ok((status, text)))
-        } else {
-            Ok(Err(describe_error(status, &text)))
-        }
-    }
-}
-
-fn describe_error(status: StatusCode, text: &str) -> String {
-    let parsed: Option<Value> = serde_json::from_str(text).ok();
-    match parsed
-        .as_ref()
-        .and_then(|v| v.get("error"))
-        .map(|e| (e.get("code"), e.get("message")))
-    {
-        Some((Some(Value::String(c)), Some(Value::String(m)))) => {
-            format!("HTTP {}: {c}: {m}", status.as_u16())
-        }
-        _ => format!("HTTP {}: {}", status.as_u16(), text.trim()),
-    }
-}
-
-/// Prints a JSON answer pretty, anything else as is.
-fn print_answer(text: &str) {
-    match serde_json::from_str::<Value>(text) {
-        Ok(v) => println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default()),
-        Err(_) => print!("{text}"),
-    }
-}
-
-fn finish(r: Result<(StatusCode, String), String>) -> ExitCode {
+/// Prints an answer as pretty JSON, or the error; exit status 1 on an error.
+fn finish<T: Serialize>(r: ClientResult<T>) -> anyhow::Result<ExitCode> {
     match r {
-        Ok((_, text)) => {
-            print_answer(&text);
-            ExitCode::SUCCESS
+        Ok(v) => {
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(ExitCode::SUCCESS)
         }
-        Err(e) => {
+        Err(e @ ClientError::Api { .. }) => {
             eprintln!("error: {e}");
-            ExitCode::FAILURE
+            Ok(ExitCode::FAILURE)
         }
+        // No answer at all (or one of the wrong shape) is not the API's
+        // refusal: reported as the command's own failure, as before.
+        Err(e) => Err(e.into()),
     }
 }
 
-fn put(m: &mut Map<String, Value>, k: &str, v: Option<impl Into<Value>>) {
-    if let Some(v) = v {
-        m.insert(k.into(), v.into());
-    }
+fn client(conn: &Conn) -> anyhow::Result<ApiClient> {
+    Ok(ApiClient::new(&conn.url, conn.token.clone())?)
 }
 
 /// `agentplane tenant …`
@@ -307,49 +228,26 @@ pub async fn tenant(cmd: TenantCmd) -> anyhow::Result<ExitCode> {
             timeout_ms,
             conn,
         } => {
-            let mut body = Map::new();
-            body.insert("id".into(), id.into());
-            put(&mut body, "weight", weight);
-            put(&mut body, "credits", credits);
-            put(&mut body, "max_running", max_running);
-            put(&mut body, "max_queued", max_queued);
-            put(&mut body, "max_gpus", max_gpus);
-            let mut limits = Map::new();
-            put(&mut limits, "fuel", fuel);
-            put(&mut limits, "memory_bytes", memory_bytes);
-            put(&mut limits, "timeout_ms", timeout_ms);
-            if !limits.is_empty() {
-                body.insert("limits".into(), Value::Object(limits));
-            }
-            let c = Client::new(&conn)?;
-            let r = c
-                .call(
-                    Method::POST,
-                    "/v1/tenants",
-                    Body::Json(Value::Object(body)),
-                    &[],
-                )
-                .await?;
-            Ok(finish(r))
+            let limits = LimitsPatch {
+                fuel,
+                memory_bytes,
+                timeout_ms,
+            };
+            let spec = NewTenant {
+                id,
+                weight,
+                credits,
+                max_running,
+                max_queued,
+                max_gpus,
+                limits: (limits != LimitsPatch::default()).then_some(limits),
+                ..NewTenant::default()
+            };
+            finish(client(&conn)?.create_tenant(&spec).await)
         }
-        TenantCmd::Get { id, conn } => {
-            let c = Client::new(&conn)?;
-            Ok(finish(
-                c.call(Method::GET, &format!("/v1/tenants/{id}"), Body::None, &[])
-                    .await?,
-            ))
-        }
+        TenantCmd::Get { id, conn } => finish(client(&conn)?.tenant(&id).await),
         TenantCmd::Credits { id, amount, conn } => {
-            let c = Client::new(&conn)?;
-            let r = c
-                .call(
-                    Method::POST,
-                    &format!("/v1/tenants/{id}/credits"),
-                    Body::Json(json!({"amount": amount})),
-                    &[],
-                )
-                .await?;
-            Ok(finish(r))
+            finish(client(&conn)?.grant_credits(&id, amount).await)
         }
     }
 }
@@ -358,58 +256,14 @@ pub async fn tenant(cmd: TenantCmd) -> anyhow::Result<ExitCode> {
 pub async fn component(cmd: ComponentCmd) -> anyhow::Result<ExitCode> {
     let ComponentCmd::Push { file, conn } = cmd;
     let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
-    let c = Client::new(&conn)?;
-    let r = c
-        .call(
-            Method::POST,
-            "/v1/components",
-            Body::Raw(bytes, "application/wasm"),
-            &[],
-        )
-        .await?;
-    Ok(finish(r))
+    finish(client(&conn)?.push_component(bytes).await)
 }
 
 /// `agentplane context …`
 pub async fn context(cmd: ContextCmd) -> anyhow::Result<ExitCode> {
     let ContextCmd::Push { file, conn } = cmd;
     let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
-    let c = Client::new(&conn)?;
-    let r = c
-        .call(
-            Method::POST,
-            "/v1/contexts",
-            Body::Raw(bytes, "application/json"),
-            &[],
-        )
-        .await?;
-    Ok(finish(r))
-}
-
-/// Holds `GET /v1/jobs/{id}?wait=` until the job is terminal.
-async fn wait_terminal(
-    c: &Client,
-    id: &str,
-) -> anyhow::Result<Result<(StatusCode, String), String>> {
-    loop {
-        let r = c
-            .call(
-                Method::GET,
-                &format!("/v1/jobs/{id}?wait=60"),
-                Body::None,
-                &[],
-            )
-            .await?;
-        let Ok((status, text)) = r else { return Ok(r) };
-        let terminal = serde_json::from_str::<Value>(&text)
-            .ok()
-            .and_then(|v| v.get("state").and_then(Value::as_str).map(str::to_string))
-            .and_then(|s| s.parse::<crate::model::JobState>().ok())
-            .is_some_and(|s| s.is_terminal());
-        if terminal {
-            return Ok(Ok((status, text)));
-        }
-    }
+    finish(client(&conn)?.push_context(bytes).await)
 }
 
 /// `agentplane job …`
@@ -422,95 +276,45 @@ pub async fn job(cmd: JobCmd) -> anyhow::Result<ExitCode> {
                     .with_context(|| format!("reading {}", f.display()))?,
                 (None, None) => anyhow::bail!("give --input or --input-file"),
             };
-            let mut body = Map::new();
-            body.insert("component".into(), a.component.clone().into());
-            body.insert("input".into(), input.into());
-            put(&mut body, "agent_id", a.agent_id.clone());
-            if !a.contexts.is_empty() {
-                body.insert("contexts".into(), json!(a.contexts));
-            }
-            put(&mut body, "gpus", a.gpus);
-            put(&mut body, "max_attempts", a.max_attempts);
-            put(&mut body, "timeout_ms", a.timeout_ms);
-            put(&mut body, "fuel", a.fuel);
-            put(&mut body, "delay_ms", a.delay_ms);
-            let headers: Vec<(&str, String)> = a
-                .idempotency_key
-                .iter()
-                .map(|k| ("idempotency-key", k.clone()))
-                .collect();
-            let c = Client::new(&a.conn)?;
-            let r = c
-                .call(
-                    Method::POST,
-                    "/v1/jobs",
-                    Body::Json(Value::Object(body)),
-                    &headers,
-                )
-                .await?;
-            if !a.wait {
-                return Ok(finish(r));
-            }
-            let (_, text) = match r {
-                Ok(ok) => ok,
-                Err(e) => return Ok(finish(Err(e))),
+            let req = JobRequest {
+                component: a.component,
+                input,
+                agent_id: a.agent_id,
+                contexts: a.contexts,
+                gpus: a.gpus.unwrap_or(0),
+                max_attempts: a.max_attempts,
+                timeout_ms: a.timeout_ms,
+                fuel: a.fuel,
+                delay_ms: a.delay_ms.unwrap_or(0),
             };
-            let id = serde_json::from_str::<Value>(&text)
-                .ok()
-                .and_then(|v| v.get("id").and_then(Value::as_str).map(str::to_string))
-                .context("the submission answer has no job id")?;
-            Ok(finish(wait_terminal(&c, &id).await?))
+            let c = client(&a.conn)?;
+            let submitted = c.submit(&req, a.idempotency_key.as_deref()).await;
+            match submitted {
+                Ok(job) if a.wait => finish(c.wait_terminal(&job.id).await),
+                other => finish(other),
+            }
         }
-        JobCmd::Get { id, wait, conn } => {
-            let c = Client::new(&conn)?;
-            let path = match wait {
-                Some(w) => format!("/v1/jobs/{id}?wait={w}"),
-                None => format!("/v1/jobs/{id}"),
-            };
-            Ok(finish(c.call(Method::GET, &path, Body::None, &[]).await?))
-        }
-        JobCmd::Cancel { id, conn } => {
-            let c = Client::new(&conn)?;
-            Ok(finish(
-                c.call(
-                    Method::POST,
-                    &format!("/v1/jobs/{id}/cancel"),
-                    Body::None,
-                    &[],
-                )
-                .await?,
-            ))
-        }
-        JobCmd::Log { id, conn } => {
-            let c = Client::new(&conn)?;
-            Ok(finish(
-                c.call(Method::GET, &format!("/v1/jobs/{id}/log"), Body::None, &[])
-                    .await?,
-            ))
-        }
+        JobCmd::Get { id, wait, conn } => finish(client(&conn)?.job(&id, wait).await),
+        JobCmd::Cancel { id, conn } => finish(client(&conn)?.cancel(&id).await),
+        JobCmd::Log { id, conn } => match client(&conn)?.log(&id).await {
+            Ok(text) => {
+                print!("{text}");
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => finish::<()>(Err(e)),
+        },
         JobCmd::List {
             state,
             limit,
             cursor,
             conn,
         } => {
-            let mut q = Vec::new();
-            if let Some(s) = state {
-                q.push(format!("state={s}"));
-            }
-            if let Some(l) = limit {
-                q.push(format!("limit={l}"));
-            }
-            if let Some(cur) = cursor {
-                q.push(format!("cursor={cur}"));
-            }
-            let path = if q.is_empty() {
-                "/v1/jobs".to_string()
-            } else {
-                format!("/v1/jobs?{}", q.join("&"))
+            let filter = JobsFilter {
+                state,
+                limit,
+                cursor,
             };
-            let c = Client::new(&conn)?;
-            Ok(finish(c.call(Method::GET, &path, Body::None, &[]).await?))
+            finish(client(&conn)?.jobs(&filter).await)
         }
     }
 }

@@ -4,6 +4,7 @@
 mod audit;
 mod bench;
 mod client;
+mod datadir;
 mod server;
 
 use clap::{Args, Parser, Subcommand};
@@ -309,13 +310,6 @@ pub fn run(cli: Cli) -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// Parse, set up tracing, run: what `main` does.
-pub fn main() -> ExitCode {
-    let cli = Cli::parse();
-    init_tracing();
-    run(cli)
 }
 
 #[cfg(test)]

@@ -1,10 +1,11 @@
 //! The server commands: `serve` (all parts in one process) and the parts one
 //! per process (`worker`, `api`, `scheduler`).
 
+use super::datadir;
 use super::{ApiArgs, ControlArgs, SchedulerArgs, ServeArgs, SlotArgs, WorkerArgs};
 use crate::api::{self, AppState};
 use crate::control::{ControlConfig, ControlPlane};
-use crate::embedded::{self, EmbeddedRedis};
+use crate::embedded::EmbeddedRedis;
 use crate::host::{CompileChild, Host, HostConfig};
 use crate::scheduler::run_scheduler;
 use crate::worker::{WorkerConfig, run_worker};
@@ -127,7 +128,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // SAFETY: umask(2) only swaps the process's file-mode mask.
     unsafe { libc::umask(0o077) };
     let shutdown = shutdown_on_signals();
-    embedded::ensure_dir(&args.data)?;
+    datadir::ensure_dir(&args.data)?;
     // Dropped last, after every part stopped: the worker needs Redis to
     // release its leases while it drains.
     let mut embedded_redis = None;
@@ -161,7 +162,7 @@ async fn serve_parts(
         Some(args.data.join("cache")),
         args.limits.max_component_bytes,
     )?);
-    let (token, token_file) = embedded::admin_token(&args.data)?;
+    let (token, token_file) = datadir::admin_token(&args.data)?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;

@@ -6,7 +6,8 @@
 use super::guests::guest_bytes;
 use super::redis::{RedisCluster, RedisServer};
 use agentplane::api::{self, ApiConfig, AppState};
-use agentplane::control::{ControlConfig, ControlPlane};
+use agentplane::client::{ApiClient, NewTenant};
+use agentplane::control::{ControlConfig, ControlPlane, JobRequest};
 use agentplane::host::{Host, HostConfig};
 use agentplane::worker::{WorkerConfig, run_worker};
 use reqwest::StatusCode;
@@ -36,7 +37,11 @@ pub struct Stack {
     pub url: String,
     pub dir: std::path::PathBuf,
     pub base: String,
+    /// For requests the typed client cannot send: malformed, or checked
+    /// for their exact status, headers and error body.
     pub http: reqwest::Client,
+    /// The typed client, without a token (see [`Stack::as_caller`]).
+    pub api: ApiClient,
     pub lease_ms: u64,
     pub shutdown: CancellationToken,
     pub tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -101,7 +106,7 @@ impl Stack {
             .expect("connect control plane");
         let shutdown = CancellationToken::new();
         let mut tasks = Vec::new();
-        let api_host = Arc::new(api::admission_host().expect("admission host"));
+        let api_host = Arc::new(Host::new(HostConfig::admission()).expect("admission host"));
         let state = AppState::new(control.clone(), api_host, ADMIN.into(), opts.api);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
@@ -138,6 +143,7 @@ impl Stack {
             cluster,
             url,
             dir,
+            api: ApiClient::new(&base, None).expect("api client"),
             base,
             http: reqwest::Client::new(),
             lease_ms: opts.lease_ms,
@@ -205,11 +211,18 @@ impl Stack {
             .await
     }
 
+    /// The typed client calling with `token`.
+    pub fn as_caller(&self, token: &str) -> ApiClient {
+        self.api.with_token(token)
+    }
+
     /// Creates a tenant with generous limits; answers its token.
     pub async fn tenant(&self, id: &str) -> String {
         self.tenant_with(id, json!({})).await
     }
 
+    /// Creates a tenant with generous limits overridden by the fields of
+    /// `extra`; answers its token.
     pub async fn tenant_with(&self, id: &str, extra: Value) -> String {
         let mut body = json!({
             "id": id,
@@ -219,42 +232,47 @@ impl Stack {
         for (k, v) in extra.as_object().unwrap() {
             body[k] = v.clone();
         }
-        let (st, v) = self.post("/v1/tenants", ADMIN, body).await;
-        assert_eq!(st, StatusCode::CREATED, "{v}");
-        v["token"].as_str().unwrap().to_string()
+        let spec: NewTenant = serde_json::from_value(body).expect("a tenant body");
+        match self.as_caller(ADMIN).create_tenant(&spec).await {
+            Ok(created) => created.token,
+            Err(e) => panic!("creating tenant {id}: {e}"),
+        }
     }
 
+    /// Uploads the guest component `guest`; answers its digest.
     pub async fn push(&self, token: &str, guest: &str) -> String {
-        let resp = self
-            .http
-            .post(format!("{}/v1/components", self.base))
-            .bearer_auth(token)
-            .body(guest_bytes(guest))
-            .send()
+        match self
+            .as_caller(token)
+            .push_component(guest_bytes(guest))
             .await
-            .unwrap();
-        let st = resp.status();
-        let v: Value = resp.json().await.unwrap();
-        assert_eq!(st, StatusCode::CREATED, "{v}");
-        v["digest"].as_str().unwrap().to_string()
+        {
+            Ok(meta) => meta.digest,
+            Err(e) => panic!("pushing {guest}: {e}"),
+        }
     }
 
+    /// Submits a job given as its JSON body; answers its id.
     pub async fn submit(&self, token: &str, body: Value) -> String {
-        let (st, v) = self.post("/v1/jobs", token, body).await;
-        assert_eq!(st, StatusCode::CREATED, "{v}");
-        v["id"].as_str().unwrap().to_string()
+        let req: JobRequest = serde_json::from_value(body).expect("a job body");
+        match self.as_caller(token).submit(&req, None).await {
+            Ok(job) => job.id,
+            Err(e) => panic!("submitting: {e}"),
+        }
     }
 
     /// Long-polls until the job is terminal (fails the test after `secs`).
     pub async fn wait_terminal(&self, token: &str, id: &str, secs: u64) -> Value {
+        let api = self.as_caller(token);
         let deadline = Instant::now() + Duration::from_secs(secs);
         loop {
-            let (st, job) = self.get(&format!("/v1/jobs/{id}?wait=5"), token).await;
-            assert_eq!(st, StatusCode::OK, "{job}");
-            if ["succeeded", "failed", "cancelled"].contains(&job["state"].as_str().unwrap()) {
-                return job;
+            let job = match api.job(id, Some(5.0)).await {
+                Ok(job) => job,
+                Err(e) => panic!("job {id}: {e}"),
+            };
+            if job.state.is_terminal() {
+                return serde_json::to_value(job).unwrap();
             }
-            assert!(Instant::now() < deadline, "job {id} not terminal: {job}");
+            assert!(Instant::now() < deadline, "job {id} not terminal: {job:?}");
         }
     }
 
@@ -278,9 +296,10 @@ impl Stack {
     }
 
     pub async fn tenant_info(&self, id: &str) -> Value {
-        let (st, v) = self.get(&format!("/v1/tenants/{id}"), ADMIN).await;
-        assert_eq!(st, StatusCode::OK, "{v}");
-        v
+        match self.as_caller(ADMIN).tenant(id).await {
+            Ok(t) => serde_json::to_value(t).unwrap(),
+            Err(e) => panic!("tenant {id}: {e}"),
+        }
     }
 
     /// The money invariants (balance = granted − settled, nothing reserved)
@@ -299,6 +318,21 @@ impl Stack {
     }
 }
 
+/// A job body with only its component and input.
+pub fn job_request(component: &str, input: &str) -> JobRequest {
+    JobRequest {
+        component: component.to_string(),
+        input: input.to_string(),
+        agent_id: None,
+        contexts: Vec::new(),
+        gpus: 0,
+        max_attempts: None,
+        timeout_ms: None,
+        fuel: None,
+        delay_ms: 0,
+    }
+}
+
 pub fn state(job: &Value) -> &str {
     job["state"].as_str().unwrap_or("")
 }
@@ -307,34 +341,25 @@ pub fn error_code(v: &Value) -> &str {
     v["error"]["code"].as_str().unwrap_or("")
 }
 /// Against a server this test spawned (not a [`Stack`]): creates tenant
-/// `acme` with the admin token and uploads `echo`; answers its token and
-/// the component's digest.
-pub async fn onboard_acme(http: &reqwest::Client, base: &str, admin: &str) -> (String, String) {
-    let r = http
-        .post(format!("{base}/v1/tenants"))
-        .bearer_auth(admin)
-        .json(&json!({"id": "acme", "credits": 1_000_000_000i64}))
-        .send()
+/// `acme` with the admin token and uploads `echo`; answers the tenant's
+/// client and the component's digest.
+pub async fn onboard_acme(base: &str, admin: &str) -> (ApiClient, String) {
+    let api = ApiClient::new(base, Some(admin.to_string())).unwrap();
+    let created = api
+        .create_tenant(&NewTenant {
+            id: "acme".into(),
+            credits: Some(1_000_000_000),
+            ..NewTenant::default()
+        })
         .await
         .unwrap();
-    assert_eq!(r.status(), StatusCode::CREATED);
-    let token = r.json::<Value>().await.unwrap()["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let r = http
-        .post(format!("{base}/v1/components"))
-        .bearer_auth(&token)
-        .body(guest_bytes("echo"))
-        .send()
+    let acme = api.with_token(&created.token);
+    let digest = acme
+        .push_component(guest_bytes("echo"))
         .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::CREATED);
-    let digest = r.json::<Value>().await.unwrap()["digest"]
-        .as_str()
         .unwrap()
-        .to_string();
-    (token, digest)
+        .digest;
+    (acme, digest)
 }
 
 // ---- process-level faults, with the real binary ----

@@ -1,0 +1,35 @@
+//! The answers of the API that have no type elsewhere (jobs, tenants and
+//! metadata are `model::Job`, `control::TenantInfo`, `control::ComponentMeta`
+//! and `control::ContextMeta`). The handlers serialize them and
+//! `client::ApiClient` parses them, so both sides share one shape.
+
+use crate::model::{Job, JobState};
+use serde::{Deserialize, Serialize};
+
+/// `POST /v1/jobs` and `POST /v1/jobs/{id}/cancel`: `{"id","state"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobRef {
+    pub id: String,
+    pub state: JobState,
+}
+
+/// `GET /v1/jobs`: one page, newest first; `next_cursor` names the next.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobPage {
+    pub jobs: Vec<Job>,
+    pub next_cursor: Option<String>,
+}
+
+/// `POST /v1/tenants`: the new tenant's token, shown this once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantToken {
+    pub id: String,
+    pub token: String,
+}
+
+/// `POST /v1/tenants/{id}/credits`: the balance after the grant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Balance {
+    pub id: String,
+    pub balance: i64,
+}

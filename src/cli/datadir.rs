@@ -1,0 +1,72 @@
+//! The data dir of `serve`: created private, and home of the admin token
+//! when `AGENTPLANE_ADMIN_TOKEN` does not give one.
+
+use anyhow::Context;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// Creates the data dir if needed and makes it mode 0700 whether or not it
+/// existed: it holds the admin token and every tenant's data (the AOF), and
+/// a dir made by someone else with 0755 would let every local user read
+/// them.
+pub(super) fn ensure_dir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("making {} private (mode 0700)", dir.display()))?;
+    Ok(())
+}
+
+/// The admin token: `AGENTPLANE_ADMIN_TOKEN` if set, else the one in
+/// `<data>/admin-token`, generated (mode 0600) on first use. Answers the
+/// token and whether it came from the file.
+pub(super) fn admin_token(data_dir: &Path) -> anyhow::Result<(String, Option<PathBuf>)> {
+    if let Ok(t) = std::env::var("AGENTPLANE_ADMIN_TOKEN")
+        && !t.trim().is_empty()
+    {
+        return Ok((t.trim().to_string(), None));
+    }
+    ensure_dir(data_dir)?;
+    let path = data_dir.join("admin-token");
+    match std::fs::read_to_string(&path) {
+        Ok(t) if !t.trim().is_empty() => return Ok((t.trim().to_string(), Some(path))),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+    let mut secret = [0u8; 32];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut secret);
+    let token = format!("admin.{}", hex::encode(secret));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    writeln!(f, "{token}")?;
+    f.sync_all()?;
+    Ok((token, Some(path)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admin_token_is_generated_once_and_private() {
+        let dir = tempfile::tempdir().unwrap();
+        if std::env::var("AGENTPLANE_ADMIN_TOKEN").is_ok() {
+            // The variable wins by design; nothing of the file to test.
+            return;
+        }
+        let (a, path) = admin_token(dir.path()).unwrap();
+        let path = path.unwrap();
+        let (b, _) = admin_token(dir.path()).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+}
