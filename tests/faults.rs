@@ -64,7 +64,7 @@ async fn a_claim_whose_answer_is_lost_hands_its_jobs_to_the_retry() {
     );
     for c in &got {
         assert_eq!(c.attempt, 1, "{}: no run was burnt", c.lease.job_id);
-        assert_eq!(c.input.starts_with("job "), true);
+        assert!(c.input.starts_with("job "), "{}", c.input);
     }
     // Nothing more is queued, and another worker finds nothing to take.
     assert!(direct.claim("other", 8, 0).await.unwrap().is_empty());

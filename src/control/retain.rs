@@ -70,7 +70,7 @@ impl ControlPlane {
             }
         }
         match last_err {
-            Some(e) if !ok => Err(e.into()),
+            Some(e) if !ok => Err(e),
             _ => Ok(total),
         }
     }
