@@ -5,8 +5,11 @@
 -- ARGV[2]  tenant id
 -- ARGV[3..6] prices (see SUBMIT)
 -- create: ARGV[7] token hash, ARGV[8] initial credits, then field/value pairs
---         (weight, max_running, max_queued, max_gpus, fuel, memory_bytes, timeout_ms,
---         max_component_bytes, max_context_bytes, max_state_bytes)
+--         for every config field (weight, max_running, max_queued, max_gpus,
+--         fuel, memory_bytes, timeout_ms, max_component_bytes,
+--         max_context_bytes, max_state_bytes): the defaults live in the Rust
+--         side only (`TenantSpec`, `ControlConfig::default_limits`), so a
+--         create without one of them is refused as malformed.
 -- update: field/value pairs from ARGV[7] (same fields)
 -- grant:  ARGV[7] amount (may be negative)
 -- Returns: create {'ok'} | {'exists'}; update {'ok'} | {'not_found'};
@@ -40,12 +43,16 @@ if op == 'create' then
   if credits == nil then return fail('initial credits must be an integer in 0..2^53-1') end
   local kv, err = pairs_from(9)
   if kv == nil then return fail(err) end
+  local given = {}
+  for j = 1, #kv, 2 do given[kv[j]] = true end
+  for f in pairs(allowed) do
+    if not given[f] then return fail('create without ' .. f) end
+  end
   if exists then return { 'exists' } end
-  redis.call('HSET', KEYS[2], 'token_hash', ARGV[7], 'weight', 1, 'max_running', 1000000,
-    'max_queued', 1000000, 'max_gpus', 0, 'running', 0, 'gpus', 0, 'queued', 0,
+  -- Counters and scheduling state start here; the configuration is kv.
+  redis.call('HSET', KEYS[2], 'token_hash', ARGV[7], 'running', 0, 'gpus', 0, 'queued', 0,
     'granted', 0, 'settled', 0, 'reserved', 0, 'vtime', 0, 'avg_ms', 1000, 'parked', 'empty',
-    'qlast', '0-0', 'created', now_ms())
-  if #kv > 0 then redis.call('HSET', KEYS[2], unpack(kv)) end
+    'qlast', '0-0', 'created', now_ms(), unpack(kv))
   redis.call('XGROUP', 'CREATE', qkey(t), GROUP, '0', 'MKSTREAM')
   local T = hgetall(KEYS[2])
   if credits > 0 then

@@ -5,6 +5,30 @@
 //! plain reads for what the API shows, and [`CpError`] for what callers
 //! branch on. The key schema is [`keys::KeySpace`], documented in
 //! `lua/README.md`.
+//!
+//! # Layout
+//! One file per script or family, beside the script it drives:
+//! - `tenant.rs` (`tenant.lua`): create, patch, grant credits, read.
+//! - `submit.rs` (`submit.lua`), `cancel.rs` (`cancel.lua`).
+//! - `claim.rs` (`claim.lua`): fair claims across shards, a lost answer
+//!   asked again under the same claim id.
+//! - `lease.rs` (`renew.lua`, `finalize.lua`, `release.lua`).
+//! - `maintenance.rs` (`promote.lua`, `reap.lua`), `retain.rs`
+//!   (`retain.lua`), `quota.rs` (`usage.lua`).
+//! - `jobs.rs`: reads for the API (jobs, logs, lists, the ledger);
+//!   `blobs.rs`: components and contexts; `wake.rs`: waking idle workers.
+//! - `reply.rs`: the strict reader of script answers (a cursor that names
+//!   the script and field of anything malformed) and the status words;
+//!   `scripts.rs`: loading, and naming `lua/<file>:<line>` in Lua errors.
+//! - `config.rs`, `limits.rs` (every bound and default, once), `error.rs`,
+//!   `conn.rs` (one connection type over Redis and Redis Cluster, with the
+//!   retries of a moving slot), `keys.rs`, `num.rs` (the 2^53 − 1 bound on
+//!   JSON integers), `audit.rs` (`agentplane audit`).
+//!
+//! Each script's `…Args` writes its ARGV in the order the script's header
+//! documents, and every call goes through `ControlPlane::eval`, which
+//! declares the shard's never-existing `absent` key last so that no script
+//! runs while the shard's slot migrates.
 
 pub mod audit;
 mod conn;
@@ -13,6 +37,8 @@ pub mod num;
 mod quota;
 mod retain;
 mod scripts;
+
+pub mod limits;
 
 mod blobs;
 mod cancel;
@@ -40,11 +66,9 @@ use wake::WaitState;
 
 pub use tenant::{Credits, LimitsPatch, Storage, TenantInfo, TenantPatch, TenantSpec};
 
-pub use quota::{
-    DEFAULT_MAX_COMPONENT_BYTES, DEFAULT_MAX_CONTEXT_BYTES, DEFAULT_MAX_STATE_BYTES,
-    ITEM_OVERHEAD_BYTES, Stored,
-};
-pub use retain::{LEDGER_FOLD_BATCH, LedgerCheckpoint, Retained};
+pub use limits::*;
+pub use quota::Stored;
+pub use retain::{LedgerCheckpoint, Retained};
 
 use crate::model::{ErrorKind, Job, JobError, JobState, Limits, Usage, now_ms, rfc3339_ms};
 use conn::{Conn, Target};
@@ -56,23 +80,21 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Default of [`ControlConfig::max_node_faults`].
-pub const DEFAULT_MAX_NODE_FAULTS: u32 = 5;
+/// The arguments of lib.lua's one retry rule (`retry_or_fail`, `backoff`),
+/// written as three ARGV in this order by every script that retries:
+/// base delay, longest delay, jitter in 0..999.
+#[derive(Debug, Clone, Copy)]
+struct Retry {
+    base_ms: u64,
+    max_ms: u64,
+    jitter: u32,
+}
 
-/// The largest integer the scripts hold exactly (Lua numbers are doubles):
-/// every amount and count stays within ±this.
-pub const MAX_EXACT_INT: i64 = (1 << 53) - 1;
-
-/// Bytes of a node-fault message kept on the job.
-const FAULT_MESSAGE_MAX: usize = 1024;
-
-/// Attempts a job may lose to agent-state conflicts before it fails: each
-/// conflicting attempt did run (and was charged), so this bounds the bill.
-const MAX_STATE_CONFLICTS: u32 = 16;
-
-/// Largest page of `list_jobs` (the API answers 400 above it): a page is
-/// one pipelined read, so its size bounds what one request costs Redis.
-pub const MAX_PAGE: usize = 1_000;
+impl Retry {
+    fn write(&self, inv: &mut redis::ScriptInvocation<'_>) {
+        inv.arg(self.base_ms).arg(self.max_ms).arg(self.jitter);
+    }
+}
 
 /// Handle to the control plane; cheap to clone.
 #[derive(Clone)]
@@ -153,6 +175,15 @@ impl ControlPlane {
             p.gpu_slot_weight,
             p.credits_per_slot_second,
         ]
+    }
+
+    /// The retry rule's arguments for this call (a fresh jitter each time).
+    fn retry(&self) -> Retry {
+        Retry {
+            base_ms: self.cfg.retry_base_ms,
+            max_ms: self.cfg.retry_max_ms,
+            jitter: rand::random::<u32>() % 1000,
+        }
     }
 
     pub async fn ping(&self) -> Result<(), CpError> {

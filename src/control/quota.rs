@@ -5,22 +5,14 @@
 //! bytes end up not stored (the write failed, FINALIZE did not commit the
 //! state) is refunded, so usage is what is stored.
 
+use super::limits::{
+    DEFAULT_MAX_COMPONENT_BYTES, DEFAULT_MAX_CONTEXT_BYTES, DEFAULT_MAX_STATE_BYTES,
+    ITEM_OVERHEAD_BYTES,
+};
 use super::reply::{Reply, Status};
 use super::{AttemptOutcome, ControlPlane, CpError, Finish, Lease, scripts};
 use crate::model::ErrorKind;
 use redis::{AsyncCommands, Value};
-
-/// Default `max_component_bytes` of a tenant (1 GiB).
-pub const DEFAULT_MAX_COMPONENT_BYTES: u64 = 1 << 30;
-/// Default `max_context_bytes` of a tenant (4 GiB).
-pub const DEFAULT_MAX_CONTEXT_BYTES: u64 = 4 << 30;
-/// Default `max_state_bytes` of a tenant (1 GiB, all its agents together).
-pub const DEFAULT_MAX_STATE_BYTES: u64 = 1 << 30;
-
-/// Charged per stored item on top of its size: the metadata, usage entry
-/// and agent hash each item costs Redis. Without it a tenant could store
-/// millions of empty states (one per agent id) inside any byte quota.
-pub const ITEM_OVERHEAD_BYTES: u64 = 256;
 
 /// What a byte quota counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

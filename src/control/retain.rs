@@ -4,14 +4,11 @@
 //! ledger's folded amounts are kept as a per-tenant checkpoint, so balances
 //! stay exactly equal to checkpoint + remaining entries.
 
+use super::limits::LEDGER_FOLD_BATCH;
 use super::reply::Reply;
 use super::{ControlPlane, CpError, scripts};
 use redis::Value;
 use serde::Serialize;
-
-/// Ledger entries folded into checkpoints per shard per sweep call: one
-/// `XDEL` takes them all, so this bounds how long the call holds Redis.
-pub const LEDGER_FOLD_BATCH: u32 = 1_000;
 
 /// Sums of the ledger entries folded away, up to stream id `id` (empty when
 /// nothing was folded yet). `granted = grant + Σ grant entries`, likewise
