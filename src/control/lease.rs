@@ -54,6 +54,67 @@ pub fn truncate_utf8(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
+/// ARGV of `lua/finalize.lua`, in its header's order.
+struct FinalizeArgs<'a> {
+    job: &'a str,
+    token: u64,
+    outcome: &'a str,
+    kind: &'a str,
+    text: &'a str,
+    fuel: u64,
+    wall_ms: u64,
+    log: &'a str,
+    state_mode: &'a str,
+    state: &'a [u8],
+    retry: Retry,
+    max_conflicts: u32,
+    prices: [u64; 4],
+    max_faults: u32,
+}
+
+impl FinalizeArgs<'_> {
+    fn write(&self, inv: &mut redis::ScriptInvocation<'_>) {
+        inv.arg(self.job)
+            .arg(self.token)
+            .arg(self.outcome)
+            .arg(self.kind)
+            .arg(self.text)
+            .arg(self.fuel)
+            .arg(self.wall_ms)
+            .arg(self.log)
+            .arg(self.state_mode)
+            .arg(self.state);
+        self.retry.write(inv);
+        inv.arg(self.max_conflicts);
+        for p in self.prices {
+            inv.arg(p);
+        }
+        inv.arg(self.max_faults);
+    }
+}
+
+/// ARGV of `lua/release.lua`, in its header's order.
+struct ReleaseArgs<'a> {
+    job: &'a str,
+    token: u64,
+    prices: [u64; 4],
+    mode: &'a str,
+    message: &'a str,
+    max_faults: u32,
+    retry: Retry,
+}
+
+impl ReleaseArgs<'_> {
+    fn write(&self, inv: &mut redis::ScriptInvocation<'_>) {
+        inv.arg(self.job).arg(self.token);
+        for p in self.prices {
+            inv.arg(p);
+        }
+        inv.arg(self.mode).arg(self.message).arg(self.max_faults);
+        self.retry.write(inv);
+    }
+}
+
 impl ControlPlane {
     /// Extends the lease; `LeaseLost` or `Cancelled` tell the worker to stop.
     pub async fn renew(&self, lease: &Lease) -> Result<(), CpError> {
@@ -121,25 +182,24 @@ impl ControlPlane {
         let log = truncate_utf8(&finish.log, self.cfg.log_max_bytes);
         let mut inv = scripts::FINALIZE.prepare_invoke();
         inv.key(self.keys.tenant_anchor(&lease.tenant))
-            .key(self.keys.job(&lease.tenant, &lease.job_id))
-            .arg(&lease.job_id)
-            .arg(lease.token)
-            .arg(outcome)
-            .arg(kind)
-            .arg(text)
-            .arg(finish.fuel)
-            .arg(finish.wall_ms)
-            .arg(log)
-            .arg(smode)
-            .arg(svalue)
-            .arg(self.cfg.retry_base_ms)
-            .arg(self.cfg.retry_max_ms)
-            .arg(rand::random::<u32>() % 1000)
-            .arg(MAX_STATE_CONFLICTS);
-        for p in self.prices() {
-            inv.arg(p);
+            .key(self.keys.job(&lease.tenant, &lease.job_id));
+        FinalizeArgs {
+            job: &lease.job_id,
+            token: lease.token,
+            outcome,
+            kind,
+            text,
+            fuel: finish.fuel,
+            wall_ms: finish.wall_ms,
+            log,
+            state_mode: smode,
+            state: svalue,
+            retry: self.retry(),
+            max_conflicts: MAX_STATE_CONFLICTS,
+            prices: self.prices(),
+            max_faults: self.cfg.max_node_faults,
         }
-        inv.arg(self.cfg.max_node_faults);
+        .write(&mut inv);
         let v: Value = self
             .eval(&mut inv, self.keys.shard_of(&lease.tenant))
             .await?;
@@ -186,18 +246,17 @@ impl ControlPlane {
     ) -> Result<Finalized, CpError> {
         let mut inv = scripts::RELEASE.prepare_invoke();
         inv.key(self.keys.tenant_anchor(&lease.tenant))
-            .key(self.keys.job(&lease.tenant, &lease.job_id))
-            .arg(&lease.job_id)
-            .arg(lease.token);
-        for p in self.prices() {
-            inv.arg(p);
+            .key(self.keys.job(&lease.tenant, &lease.job_id));
+        ReleaseArgs {
+            job: &lease.job_id,
+            token: lease.token,
+            prices: self.prices(),
+            mode,
+            message,
+            max_faults: self.cfg.max_node_faults,
+            retry: self.retry(),
         }
-        inv.arg(mode)
-            .arg(message)
-            .arg(self.cfg.max_node_faults)
-            .arg(self.cfg.retry_base_ms)
-            .arg(self.cfg.retry_max_ms)
-            .arg(rand::random::<u32>() % 1000);
+        .write(&mut inv);
         let v: Value = self
             .eval(&mut inv, self.keys.shard_of(&lease.tenant))
             .await?;

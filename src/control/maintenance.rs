@@ -41,11 +41,8 @@ impl ControlPlane {
         let mut failed = Vec::new();
         for shard in 0..self.keys.shards() {
             let mut inv = scripts::REAP.prepare_invoke();
-            inv.key(self.keys.anchor(shard))
-                .arg(batch.max(1))
-                .arg(self.cfg.retry_base_ms)
-                .arg(self.cfg.retry_max_ms)
-                .arg(rand::random::<u32>() % 1000);
+            inv.key(self.keys.anchor(shard)).arg(batch.max(1));
+            self.retry().write(&mut inv);
             for p in self.prices() {
                 inv.arg(p);
             }

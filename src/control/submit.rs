@@ -53,6 +53,41 @@ pub struct Submitted {
     pub created: bool,
 }
 
+/// ARGV of `lua/submit.lua`, in its header's order. An absent limit
+/// (`timeout_ms`, `fuel`) is an empty string: the tenant's applies.
+struct SubmitArgs<'a> {
+    tenant: &'a str,
+    job: &'a str,
+    spec: &'a SubmitSpec,
+    contexts: &'a str,
+    body_hash: &'a str,
+    idempotency_ttl_s: u64,
+    prices: [u64; 4],
+}
+
+impl SubmitArgs<'_> {
+    fn write(&self, inv: &mut redis::ScriptInvocation<'_>) {
+        let s = self.spec;
+        let opt = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_default();
+        inv.arg(self.tenant)
+            .arg(self.job)
+            .arg(&s.component)
+            .arg(&s.input)
+            .arg(s.agent_id.as_deref().unwrap_or_default())
+            .arg(self.contexts)
+            .arg(s.gpus)
+            .arg(s.max_attempts)
+            .arg(opt(s.timeout_ms))
+            .arg(opt(s.fuel))
+            .arg(s.delay_ms)
+            .arg(self.body_hash)
+            .arg(self.idempotency_ttl_s);
+        for p in self.prices {
+            inv.arg(p);
+        }
+    }
+}
+
 impl ControlPlane {
     pub async fn submit(&self, tenant: &str, spec: &SubmitSpec) -> Result<Submitted, CpError> {
         if !crate::model::valid_tenant_id(tenant) {
@@ -74,23 +109,17 @@ impl ControlPlane {
         inv.key(self.keys.tenant_anchor(tenant))
             .key(self.keys.tenant(tenant))
             .key(self.keys.job(tenant, &id))
-            .key(idem_key)
-            .arg(tenant)
-            .arg(&id)
-            .arg(&spec.component)
-            .arg(&spec.input)
-            .arg(spec.agent_id.clone().unwrap_or_default())
-            .arg(contexts)
-            .arg(spec.gpus)
-            .arg(spec.max_attempts)
-            .arg(spec.timeout_ms.map(|v| v.to_string()).unwrap_or_default())
-            .arg(spec.fuel.map(|v| v.to_string()).unwrap_or_default())
-            .arg(spec.delay_ms)
-            .arg(body_hash)
-            .arg(self.idempotency_ttl_s());
-        for p in self.prices() {
-            inv.arg(p);
+            .key(idem_key);
+        SubmitArgs {
+            tenant,
+            job: &id,
+            spec,
+            contexts: &contexts,
+            body_hash: &body_hash,
+            idempotency_ttl_s: self.idempotency_ttl_s(),
+            prices: self.prices(),
         }
+        .write(&mut inv);
         let v: Value = self.eval(&mut inv, self.keys.shard_of(tenant)).await?;
         let (s, mut r) = Reply::status("SUBMIT", &v)?;
         match s {
