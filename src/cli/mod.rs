@@ -7,6 +7,8 @@ mod client;
 mod datadir;
 mod server;
 
+use crate::control::{ControlConfig, Prices};
+use crate::model::Limits;
 use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -58,10 +60,11 @@ pub enum Command {
 #[derive(Debug, Clone, Args)]
 pub struct ControlArgs {
     /// Tenants are spread over this many hash-tagged shards (Redis Cluster).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16384))]
+    #[arg(long, env = "AGENTPLANE_SHARDS", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=16384))]
     pub shards: u32,
     /// Prefix of every Redis key.
-    #[arg(long, default_value = "ap")]
+    #[arg(long, env = "AGENTPLANE_PREFIX", default_value = "ap")]
     pub prefix: String,
     /// Seconds finished jobs (with their logs and idempotency keys) and
     /// ledger entries are kept; then the scheduler removes them (ledger
@@ -75,13 +78,64 @@ pub struct ControlArgs {
     #[arg(long, env = "AGENTPLANE_PRICE_SLOT_SECOND", default_value_t = crate::control::Prices::default().credits_per_slot_second,
           value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     pub price_slot_second: u64,
+    /// Credits per million units of fuel.
+    #[arg(long, env = "AGENTPLANE_PRICE_MFUEL", default_value_t = Prices::default().credits_per_mfuel,
+          value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    pub price_mfuel: u64,
+    /// Credits per GPU-second of wall time.
+    #[arg(long, env = "AGENTPLANE_PRICE_GPU_SECOND", default_value_t = Prices::default().credits_per_gpu_second,
+          value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    pub price_gpu_second: u64,
+    /// How much slot-time one GPU weighs, in fair share and in the slot
+    /// price, relative to a CPU slot.
+    #[arg(long, env = "AGENTPLANE_GPU_SLOT_WEIGHT", default_value_t = Prices::default().gpu_slot_weight,
+          value_parser = clap::value_parser!(u64).range(0..=1_000))]
+    pub gpu_slot_weight: u64,
+    /// Seconds an Idempotency-Key is remembered.
+    #[arg(long, env = "AGENTPLANE_IDEMPOTENCY_TTL_S", default_value_t = ControlConfig::default().idempotency_ttl_s,
+          value_parser = clap::value_parser!(u64).range(1..=365 * 24 * 3600))]
+    pub idempotency_ttl_s: u64,
+    /// First retry delay of a failed attempt, in ms (doubled per attempt).
+    #[arg(long, env = "AGENTPLANE_RETRY_BASE_MS", default_value_t = ControlConfig::default().retry_base_ms,
+          value_parser = clap::value_parser!(u64).range(0..=24 * 3600 * 1000))]
+    pub retry_base_ms: u64,
+    /// Longest retry delay, in ms.
+    #[arg(long, env = "AGENTPLANE_RETRY_MAX_MS", default_value_t = ControlConfig::default().retry_max_ms,
+          value_parser = clap::value_parser!(u64).range(0..=7 * 24 * 3600 * 1000))]
+    pub retry_max_ms: u64,
+    /// Agent states larger than this many bytes are stored under their own
+    /// key rather than inline in the agent's hash.
+    #[arg(long, env = "AGENTPLANE_STATE_INLINE_MAX_BYTES", default_value_t = ControlConfig::default().state_inline_max,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=16 << 20))]
+    pub state_inline_max_bytes: usize,
+    /// Bytes of an attempt's log kept.
+    #[arg(long, env = "AGENTPLANE_LOG_MAX_BYTES", default_value_t = ControlConfig::default().log_max_bytes,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=16 << 20))]
+    pub log_max_bytes: usize,
+    /// Node faults a job may meet before it fails with `node_fault`.
+    #[arg(long, env = "AGENTPLANE_MAX_NODE_FAULTS", default_value_t = crate::control::DEFAULT_MAX_NODE_FAULTS,
+          value_parser = clap::value_parser!(u32).range(1..=1_000))]
+    pub max_node_faults: u32,
+    /// Fuel of a tenant created without limits.
+    #[arg(long, env = "AGENTPLANE_DEFAULT_FUEL", default_value_t = Limits::default().fuel,
+          value_parser = clap::value_parser!(u64).range(1..=crate::control::MAX_EXACT_INT as u64))]
+    pub default_fuel: u64,
+    /// Memory bytes of a tenant created without limits.
+    #[arg(long, env = "AGENTPLANE_DEFAULT_MEMORY_BYTES", default_value_t = Limits::default().memory_bytes,
+          value_parser = clap::value_parser!(u64).range(1..=1 << 40))]
+    pub default_memory_bytes: u64,
+    /// Timeout in ms of a tenant created without limits.
+    #[arg(long, env = "AGENTPLANE_DEFAULT_TIMEOUT_MS", default_value_t = Limits::default().timeout_ms,
+          value_parser = clap::value_parser!(u64).range(1..=7 * 24 * 3600 * 1000))]
+    pub default_timeout_ms: u64,
 }
 
 /// The lease length.
 #[derive(Debug, Clone, Args)]
 pub struct LeaseArgs {
     /// Lease length in ms: a dead worker's job runs again within about this.
-    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(100..))]
+    #[arg(long, env = "AGENTPLANE_LEASE_MS", default_value_t = ControlConfig::default().lease_ms,
+          value_parser = clap::value_parser!(u64).range(100..))]
     pub lease_ms: u64,
 }
 

@@ -35,10 +35,22 @@ fn control_config(c: &ControlArgs, lease_ms: u64) -> ControlConfig {
         lease_ms,
         retention_ms: c.retention_s.saturating_mul(1000),
         prices: crate::control::Prices {
+            credits_per_mfuel: c.price_mfuel,
+            credits_per_gpu_second: c.price_gpu_second,
+            gpu_slot_weight: c.gpu_slot_weight,
             credits_per_slot_second: c.price_slot_second,
-            ..crate::control::Prices::default()
         },
-        ..ControlConfig::default()
+        idempotency_ttl_s: c.idempotency_ttl_s,
+        retry_base_ms: c.retry_base_ms,
+        retry_max_ms: c.retry_max_ms,
+        state_inline_max: c.state_inline_max_bytes,
+        default_limits: crate::model::Limits {
+            fuel: c.default_fuel,
+            memory_bytes: c.default_memory_bytes,
+            timeout_ms: c.default_timeout_ms,
+        },
+        log_max_bytes: c.log_max_bytes,
+        max_node_faults: c.max_node_faults,
     }
 }
 
