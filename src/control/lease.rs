@@ -2,6 +2,7 @@
 //! `lua/finalize.lua`, `lua/release.lua`).
 
 use super::*;
+use std::borrow::Cow;
 
 /// How an attempt ended, as the worker reports it to FINALIZE.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,16 +43,44 @@ pub enum Finalized {
     StateConflict,
 }
 
-/// Cuts `s` to at most `max` bytes on a character boundary, marking the cut.
-pub fn truncate_utf8(s: &str, max: usize) -> &str {
+/// What a cut text ends with, so a reader knows it was cut.
+pub const CUT_MARK: &str = "\n[... truncated]";
+
+/// Cuts `s` to at most `max` bytes on a character boundary, marking the
+/// cut with [`CUT_MARK`] (counted in `max`; a `max` below the mark's length
+/// keeps the bare cut). A text that fits is returned as it is.
+pub fn truncate_utf8(s: &str, max: usize) -> Cow<'_, str> {
     if s.len() <= max {
-        return s;
+        return Cow::Borrowed(s);
     }
-    let mut end = max;
+    let room = max.checked_sub(CUT_MARK.len());
+    let mut end = room.unwrap_or(max);
     while !s.is_char_boundary(end) {
         end -= 1;
     }
-    &s[..end]
+    match room {
+        Some(_) => Cow::Owned(format!("{}{CUT_MARK}", &s[..end])),
+        None => Cow::Borrowed(&s[..end]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cut_is_marked_on_a_character_boundary_within_the_bound() {
+        assert_eq!(truncate_utf8("short", 100), "short");
+        let long = "é".repeat(100); // 200 bytes
+        let cut = truncate_utf8(&long, 50);
+        assert!(cut.len() <= 50, "{}", cut.len());
+        assert!(cut.ends_with(CUT_MARK));
+        assert!(cut.starts_with("éé"));
+        // 50 - 16 = 34 bytes of text: 17 whole characters.
+        assert_eq!(cut.trim_end_matches(CUT_MARK).chars().count(), 17);
+        // Below the mark's length: the bare cut, still on a boundary.
+        assert_eq!(truncate_utf8(&long, 15), "ééééééé");
+    }
 }
 
 /// ARGV of `lua/finalize.lua`, in its header's order.
@@ -191,7 +220,7 @@ impl ControlPlane {
             text,
             fuel: finish.fuel,
             wall_ms: finish.wall_ms,
-            log,
+            log: &log,
             state_mode: smode,
             state: svalue,
             retry: self.retry(),
@@ -234,7 +263,7 @@ impl ControlPlane {
     /// after a backoff, until it has met `max_node_faults` of them: then it
     /// fails with `node_fault` (answered as [`Finalized::Failed`]).
     pub async fn release_fault(&self, lease: &Lease, message: &str) -> Result<Finalized, CpError> {
-        self.release_script(lease, "fault", truncate_utf8(message, FAULT_MESSAGE_MAX))
+        self.release_script(lease, "fault", &truncate_utf8(message, FAULT_MESSAGE_MAX))
             .await
     }
 
