@@ -258,15 +258,49 @@ mod tests {
         }
     }
 
+    /// Sends one inline command and answers the first reply line.
+    fn command(socket: &Path, line: &str) -> String {
+        use std::io::{BufRead, BufReader};
+        let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        s.write_all(format!("{line}\r\n").as_bytes()).unwrap();
+        let mut r = BufReader::new(s);
+        let mut out = String::new();
+        r.read_line(&mut out).unwrap();
+        if out.starts_with('$') && out.trim() != "$-1" {
+            out.clear();
+            r.read_line(&mut out).unwrap();
+        }
+        out.trim().to_string()
+    }
+
+    /// What was acknowledged survives redis-server being SIGKILLed, not
+    /// only a clean stop: `serve` may be killed with its Redis.
+    #[test]
+    fn acknowledged_writes_survive_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = EmbeddedRedis::start(dir.path(), 64 << 20).unwrap();
+        assert_eq!(command(&r.socket, "SET k crash-proof"), "+OK");
+        let mut child = r.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(!ping(&r.socket));
+        let r = EmbeddedRedis::start(dir.path(), 64 << 20).unwrap();
+        assert_eq!(command(&r.socket, "GET k"), "crash-proof");
+    }
+
     #[test]
     fn embedded_redis_starts_persists_and_stops() {
         let dir = tempfile::tempdir().unwrap();
         let mut r = EmbeddedRedis::start(dir.path(), 64 << 20).unwrap();
         assert!(ping(&r.socket));
+        assert_eq!(command(&r.socket, "SET k kept"), "+OK");
         // A second start on the same dir is refused, not a second server.
         assert!(EmbeddedRedis::start(dir.path(), 64 << 20).is_err());
         r.stop();
         assert!(!ping(&r.socket));
         assert!(dir.path().join("appendonlydir").exists());
+        let r = EmbeddedRedis::start(dir.path(), 64 << 20).unwrap();
+        assert_eq!(command(&r.socket, "GET k"), "kept");
     }
 }

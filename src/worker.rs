@@ -428,6 +428,7 @@ async fn run_claim(shared: &Shared, claim: Claim, hard_stop: CancellationToken) 
             wall_ms: started.elapsed().as_millis() as u64,
             log: String::new(),
             new_state: None,
+            memory_peak: 0,
         },
     };
     renew_stop.cancel();

@@ -227,10 +227,24 @@ async fn hog_is_a_memory_limit() {
     };
     let r = host.run(request(&hog, "", lim)).await;
     assert_eq!(failed(&r).0, ErrorKind::MemoryLimit, "log:\n{}", r.log);
+    // The 128 MiB instance cap would also end as `memory_limit`: the peak
+    // shows it was the job's 32 MiB that stopped the hog.
+    assert_stopped_near(&r, 32 * MIB);
     assert_eq!(
         host.tenant_memory_in_use("t1"),
         0,
         "released with the store"
+    );
+}
+
+/// The hog grows 1 MiB at a time, so it is stopped within a few MiB under
+/// the bound that refused it, and never past it.
+fn assert_stopped_near(r: &RunReport, bound: u64) {
+    assert!(
+        r.memory_peak <= bound && r.memory_peak + 4 * MIB > bound,
+        "peak {} B, the bound under test {bound} B; log:\n{}",
+        r.memory_peak,
+        r.log
     );
 }
 
@@ -248,6 +262,7 @@ async fn the_node_cap_bounds_a_tenant_that_asks_for_more() {
     };
     let r = host.run(request(&hog, "", lim)).await;
     assert_eq!(failed(&r).0, ErrorKind::MemoryLimit, "log:\n{}", r.log);
+    assert_stopped_near(&r, 16 * MIB);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -279,12 +294,19 @@ async fn a_tenant_over_its_node_budget_gets_memory_limit_and_others_are_unaffect
     }
     // ...so a third cannot get its 40 MiB within t1's 100 MiB, while a small
     // echo still fits and t2, with its own budget, is unaffected.
+    let in_use = host.tenant_memory_in_use("t1");
     let third = spawn("t1", "40,10").await.unwrap();
     assert_eq!(
         failed(&third).0,
         ErrorKind::MemoryLimit,
         "log:\n{}",
         third.log
+    );
+    // Stopped by what was left of t1's budget, far below its own 64 MiB.
+    assert!(
+        third.memory_peak <= 100 * MIB - in_use,
+        "peak {} B with {in_use} B of t1's 100 MiB in use",
+        third.memory_peak
     );
     let echo = load(&host, "echo").await;
     let mut req = request(&echo, "small", lim);
@@ -523,8 +545,10 @@ async fn cancellation_interrupts_a_runaway_at_once() {
     };
     let req = request(&runaway, "", lim);
     let cancel = req.cancel.clone();
+    let host = Arc::new(host);
+    let h = host.clone();
     let canceller = tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        wait_instantiated(&h, "t1").await;
         cancel.cancel();
         Instant::now()
     });
@@ -539,6 +563,16 @@ async fn cancellation_interrupts_a_runaway_at_once() {
         "stopped {lag:?} after cancel"
     );
     assert!(r.fuel_used > 0, "stopped from inside, fuel still counted");
+}
+
+/// Waits until an instance of `tenant` holds memory: it was instantiated,
+/// so a cancel from now on stops a running guest, not a request.
+async fn wait_instantiated(host: &Host, tenant: &str) {
+    let t0 = Instant::now();
+    while host.tenant_memory_in_use(tenant) == 0 {
+        assert!(t0.elapsed() < Duration::from_secs(10), "never instantiated");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
 }
 
 #[tokio::test]
@@ -562,14 +596,20 @@ async fn cancellation_interrupts_a_guest_parked_in_a_host_call() {
     let sleeper = load(&host, "sleeper").await;
     let req = request(&sleeper, "60000", limits());
     let cancel = req.cancel.clone();
+    let host = Arc::new(host);
+    let h = host.clone();
     let canceller = tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        wait_instantiated(&h, "t1").await;
+        // The sleeper's first act is its sleep: a few ms more and it is
+        // parked there (cancelled earlier, it would still be stopped).
+        tokio::time::sleep(Duration::from_millis(50)).await;
         cancel.cancel();
         Instant::now()
     });
     let r = host.run(req).await;
     let lag = Instant::now() - canceller.await.unwrap();
     assert_eq!(r.outcome, RunOutcome::Interrupted);
+    assert!(r.wall_ms >= 50, "the run was stopped before it started");
     eprintln!("stopped {lag:?} after cancel");
     assert!(
         lag < Duration::from_millis(100),
@@ -825,7 +865,12 @@ async fn a_corrupt_cache_file_is_recompiled_not_trusted() {
         .await
         .unwrap();
     drop(first);
-    for entry in walk(dir.path()) {
+    let artifacts = walk(dir.path());
+    assert!(
+        !artifacts.is_empty(),
+        "the first host cached nothing on disk"
+    );
+    for entry in &artifacts {
         std::fs::write(entry, b"not an artifact").unwrap();
     }
     let second = Host::new(with_dir()).unwrap();
@@ -834,6 +879,15 @@ async fn a_corrupt_cache_file_is_recompiled_not_trusted() {
         .await
         .unwrap();
     assert_eq!(second.compile_count(), 1);
+    assert_eq!(second.disk_load_count(), 0, "a corrupt artifact was loaded");
+    for entry in walk(dir.path()) {
+        assert_ne!(
+            std::fs::read(&entry).unwrap(),
+            b"not an artifact",
+            "{} was left corrupt",
+            entry.display()
+        );
+    }
     let r = second.run(request(&echo, "ok", limits())).await;
     assert_eq!(r.outcome, RunOutcome::Ok("ok".into()));
 }

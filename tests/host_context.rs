@@ -136,41 +136,92 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Runs 1000 instances at once (every tenth one a rag-qa search when a
 /// context is given) and answers how much the process's RSS peaked above
-/// where it started.
+/// where it started. The others are sleepers, parked in a host call until
+/// all of them are live at the same time; only then are they cancelled.
+/// (Instances that each lived a fixed time never showed they overlapped:
+/// on a loaded machine the first ones ended before the last ones started.)
 async fn thousand_at_once(ctx: Option<Arc<HeavyContext>>, host: Arc<Host>) -> u64 {
-    let hold = load(&host, "hold").await;
+    let sleeper = load(&host, "sleeper").await;
     let rag = load(&host, "rag-qa").await;
+    let parked = match &ctx {
+        Some(_) => 900,
+        None => 1000,
+    };
+    let per_instance = parked_instance_bytes(&host, &sleeper).await;
     let before = rss_bytes();
+    let stop = CancellationToken::new();
     let mut tasks = Vec::new();
     for i in 0..1000 {
         let host = host.clone();
-        // Every instance stays alive ~3 s so all 1000 overlap; with a
-        // context, all of them mount it.
+        // With a context, all of them mount it.
         let mut req = match &ctx {
             Some(ctx) if i % 10 == 0 => request(&rag, r#"{"question":"lighthouse keeper"}"#, ctx),
-            _ => request_without_context(&hold, "0,3000"),
+            _ => RunRequest {
+                tenant: "parked".into(),
+                cancel: stop.clone(),
+                ..request_without_context(&sleeper, "120000")
+            },
         };
         if let Some(ctx) = &ctx {
             req.contexts = vec![("docs".into(), ctx.clone())];
         }
         tasks.push(tokio::spawn(async move { host.run(req).await }));
     }
-    let mut peak = 0;
-    while tasks.iter().any(|t| !t.is_finished()) {
+    let (mut peak, mut live) = (0, 0);
+    let t0 = std::time::Instant::now();
+    while live < parked {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(100),
+            "at most {live} of {parked} instances were live at once"
+        );
         peak = peak.max(rss_bytes());
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        live = live.max(host.tenant_memory_in_use("parked") / per_instance);
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+    peak = peak.max(rss_bytes());
+    stop.cancel();
     for t in tasks {
         let r = t.await.unwrap();
         assert!(
-            matches!(r.outcome, RunOutcome::Ok(_)),
+            matches!(r.outcome, RunOutcome::Ok(_) | RunOutcome::Interrupted),
             "{:?}\n{}",
             r.outcome,
             r.log
         );
+        if matches!(r.outcome, RunOutcome::Interrupted) {
+            assert!(r.wall_ms > 0, "a sleeper was cancelled before it ran");
+        }
     }
+    assert_eq!(host.tenant_memory_in_use("parked"), 0);
     eprintln!("rss before {} MiB, peak {} MiB", before / MIB, peak / MIB);
     peak.saturating_sub(before)
+}
+
+/// Bytes one sleeper holds while parked: the unit in which a tenant's
+/// memory in use counts its live instances.
+async fn parked_instance_bytes(host: &Arc<Host>, sleeper: &Arc<LoadedComponent>) -> u64 {
+    let req = RunRequest {
+        tenant: "solo".into(),
+        ..request_without_context(sleeper, "120000")
+    };
+    let cancel = req.cancel.clone();
+    let h = host.clone();
+    let run = tokio::spawn(async move { h.run(req).await });
+    let t0 = std::time::Instant::now();
+    let bytes = loop {
+        let b = host.tenant_memory_in_use("solo");
+        if b > 0 {
+            break b;
+        }
+        assert!(t0.elapsed() < std::time::Duration::from_secs(10));
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    };
+    // Parked in its sleep by now; its memory no longer changes.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let bytes = bytes.max(host.tenant_memory_in_use("solo"));
+    cancel.cancel();
+    assert_eq!(run.await.unwrap().outcome, RunOutcome::Interrupted);
+    bytes
 }
 
 fn thousand_slot_host() -> Arc<Host> {

@@ -408,32 +408,49 @@ mod tests {
             "1",
         ])
         .unwrap();
-        assert!(matches!(c.command, Command::Worker(_)));
+        let Command::Worker(w) = c.command else {
+            panic!("not a worker")
+        };
+        assert_eq!(
+            (w.redis.as_str(), w.slots.slots, w.slots.gpus),
+            ("redis://h:1", Some(2), 1)
+        );
         assert!(Cli::try_parse_from(["agentplane", "worker"]).is_err());
-        assert!(
-            Cli::try_parse_from([
-                "agentplane",
-                "scheduler",
-                "--redis",
-                "r",
-                "--lease-ms",
-                "5000"
-            ])
-            .is_ok()
+        let c = Cli::try_parse_from([
+            "agentplane",
+            "scheduler",
+            "--redis",
+            "r",
+            "--lease-ms",
+            "5000",
+        ])
+        .unwrap();
+        let Command::Scheduler(sc) = c.command else {
+            panic!("not the scheduler")
+        };
+        assert_eq!((sc.redis.as_str(), sc.lease.lease_ms), ("r", 5000));
+        let c = Cli::try_parse_from([
+            "agentplane",
+            "job",
+            "submit",
+            "--component",
+            "sha256:x",
+            "--input",
+            "hi",
+            "--wait",
+        ])
+        .unwrap();
+        let Command::Job(client::JobCmd::Submit(a)) = c.command else {
+            panic!("not job submit")
+        };
+        assert_eq!(
+            (a.component.as_str(), a.input.as_deref(), a.wait),
+            ("sha256:x", Some("hi"), true)
         );
-        assert!(
-            Cli::try_parse_from([
-                "agentplane",
-                "job",
-                "submit",
-                "--component",
-                "sha256:x",
-                "--input",
-                "hi",
-                "--wait"
-            ])
-            .is_ok()
-        );
-        assert!(Cli::try_parse_from(["agentplane", "tenant", "credits", "acme", "-5"]).is_ok());
+        let c = Cli::try_parse_from(["agentplane", "tenant", "credits", "acme", "-5"]).unwrap();
+        let Command::Tenant(client::TenantCmd::Credits { id, amount, .. }) = c.command else {
+            panic!("not tenant credits")
+        };
+        assert_eq!((id.as_str(), amount), ("acme", -5));
     }
 }

@@ -125,6 +125,12 @@ impl MemoryLimiter {
         true
     }
 
+    /// Bytes of linear memory this instance holds, which is also the most it
+    /// ever held: wasm memories only grow.
+    pub fn linear_bytes(&self) -> u64 {
+        self.used
+    }
+
     /// Gives back the answer charged by [`MemoryLimiter::reserve_answer`]:
     /// the guest made another host call, so the last answer has been copied
     /// into its memory (or dropped) by now.

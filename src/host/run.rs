@@ -60,6 +60,9 @@ pub struct RunReport {
     pub log: String,
     /// `Some` when the guest called `state.set` and the run succeeded.
     pub new_state: Option<Vec<u8>>,
+    /// The most linear memory the instance held (bytes). Shows which bound
+    /// stopped a guest: the limits all end as the same `memory_limit`.
+    pub memory_peak: u64,
 }
 
 /// How often a running guest checks its deadline and cancellation token.
@@ -139,12 +142,13 @@ async fn run_inner(env: RunEnv, mut req: RunRequest) -> RunReport {
             wall_ms: 0,
             log: String::new(),
             new_state: None,
+            memory_peak: 0,
         };
     }
     let stdout = Capture::new(env.capture_bytes);
     let stderr = Capture::new(env.capture_bytes);
     let log = Arc::new(Mutex::new(LogLines::new(env.capture_bytes)));
-    let (outcome, fuel_used, new_state) =
+    let (outcome, fuel_used, new_state, memory_peak) =
         attempt(env, req, started, &stdout, &stderr, log.clone()).await;
     RunReport {
         outcome,
@@ -152,6 +156,7 @@ async fn run_inner(env: RunEnv, mut req: RunRequest) -> RunReport {
         wall_ms: started.elapsed().as_millis() as u64,
         log: assemble_log(&log, &stdout, &stderr),
         new_state,
+        memory_peak,
     }
 }
 
@@ -190,7 +195,7 @@ async fn attempt(
     stdout: &Capture,
     stderr: &Capture,
     log: Arc<Mutex<LogLines>>,
-) -> (RunOutcome, u64, Option<Vec<u8>>) {
+) -> (RunOutcome, u64, Option<Vec<u8>>, u64) {
     let RunRequest {
         component,
         input,
@@ -234,7 +239,7 @@ async fn attempt(
             .set_fuel(limits.fuel)
             .and_then(|()| store.fuel_async_yield_interval(Some(FUEL_SYNC_INTERVAL)))
     {
-        return (host_failure(e), 0, None);
+        return (host_failure(e), 0, None, 0);
     }
     // Every few ticks the guest stops to check its cancellation token and
     // deadline, then yields to the executor so one busy guest cannot starve
@@ -301,7 +306,8 @@ async fn attempt(
         // worker something it must not write.
         _ => None,
     };
-    (outcome, fuel_used, new_state)
+    let memory_peak = store.data().limiter.linear_bytes();
+    (outcome, fuel_used, new_state, memory_peak)
 }
 
 /// Where a run stopped with an error.

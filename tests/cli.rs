@@ -1,0 +1,277 @@
+//! Every client command of the real `agentplane` binary against a live API:
+//! its output and its exit status (0 done, 1 refused by the API or
+//! unreachable, 2 a usage error). `tenant create`, `component push`,
+//! `context push`, `job submit --wait` and `job get` of a missing job are
+//! in `e2e.rs`; this file has the rest.
+
+mod common;
+
+use common::stack::{ADMIN, Opts, Stack, bin};
+use serde_json::Value;
+use std::process::{Command, Output};
+
+/// Runs the CLI with `token` against `base`; answers its output.
+async fn cli(base: &str, token: Option<&str>, args: &[&str]) -> Output {
+    let mut cmd = Command::new(bin());
+    cmd.args(args)
+        .env("AGENTPLANE_URL", base)
+        .env_remove("AGENTPLANE_TOKEN");
+    if let Some(t) = token {
+        cmd.env("AGENTPLANE_TOKEN", t);
+    }
+    tokio::task::spawn_blocking(move || cmd.output().expect("run agentplane"))
+        .await
+        .unwrap()
+}
+
+/// The JSON it printed, after checking it exited 0.
+fn json(out: &Output) -> Value {
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"))
+}
+
+/// Checks it exited 1 with the API's error `code` on stderr and nothing on
+/// stdout.
+fn refused(out: &Output, code: &str) {
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(out.stdout.is_empty(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(code), "expected {code}: {err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tenant_get_and_credits() {
+    let s = Stack::start(Opts {
+        worker_slots: None,
+        ..Opts::default()
+    })
+    .await;
+    s.tenant("acme").await;
+    let base = s.base.clone();
+    let admin = Some(ADMIN);
+
+    let t = json(&cli(&base, admin, &["tenant", "get", "acme"]).await);
+    assert_eq!(t["id"], "acme");
+    let before = t["credits"]["balance"].as_i64().unwrap();
+    assert_eq!(before, 1_000_000_000);
+
+    let b = json(&cli(&base, admin, &["tenant", "credits", "acme", "250"]).await);
+    assert_eq!(
+        (b["id"].as_str(), b["balance"].as_i64()),
+        (Some("acme"), Some(before + 250))
+    );
+    // A negative amount takes credits back (not parsed as a flag).
+    let b = json(&cli(&base, admin, &["tenant", "credits", "acme", "-1000"]).await);
+    assert_eq!(b["balance"].as_i64(), Some(before - 750));
+    let t = json(&cli(&base, admin, &["tenant", "get", "acme"]).await);
+    assert_eq!(t["credits"]["balance"].as_i64(), Some(before - 750));
+
+    refused(
+        &cli(&base, admin, &["tenant", "get", "nobody"]).await,
+        "not_found",
+    );
+    refused(
+        &cli(&base, admin, &["tenant", "credits", "nobody", "5"]).await,
+        "not_found",
+    );
+    // A tenant sees itself and nobody else, and cannot grant itself credits.
+    let acme2 = s.tenant("acme2").await;
+    let me = json(&cli(&base, Some(&acme2), &["tenant", "get", "acme2"]).await);
+    assert_eq!(me["id"], "acme2");
+    refused(
+        &cli(&base, Some(&acme2), &["tenant", "get", "acme"]).await,
+        "not_found",
+    );
+    refused(
+        &cli(&base, Some(&acme2), &["tenant", "credits", "acme2", "5"]).await,
+        "forbidden",
+    );
+    refused(
+        &cli(&base, None, &["tenant", "get", "acme"]).await,
+        "unauthorized",
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn job_commands_and_their_flags() {
+    let s = Stack::start(Opts::default()).await;
+    let token = s.tenant("acme").await;
+    let digest = s.push(&token, "echo").await;
+    let base = s.base.clone();
+    let tok = Some(token.as_str());
+
+    // --input-file: the file's bytes are the input, newlines included.
+    let input = s.dir.join("input.txt");
+    std::fs::write(&input, "from a file\nsecond line\n").unwrap();
+    let file = input.to_str().unwrap();
+    let submit = |key: &'static str, input_flag: &'static str, value: String| {
+        let (base, digest) = (base.clone(), digest.clone());
+        async move {
+            let args = [
+                "job",
+                "submit",
+                "--component",
+                &digest,
+                input_flag,
+                &value,
+                "--idempotency-key",
+                key,
+            ];
+            cli(&base, tok, &args).await
+        }
+    };
+    let first = json(&submit("k1", "--input-file", file.into()).await);
+    let id = first["id"].as_str().unwrap().to_string();
+    // --idempotency-key: the same key and body answer the same job...
+    let again = json(&submit("k1", "--input-file", file.into()).await);
+    assert_eq!(again["id"], first["id"]);
+    // ...the same key with another body is refused, exit 1.
+    refused(
+        &submit("k1", "--input", "another".into()).await,
+        "idempotency_conflict",
+    );
+
+    let done = json(&cli(&base, tok, &["job", "get", &id, "--wait", "30"]).await);
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(done["output"], "from a file\nsecond line\n");
+
+    // job log prints the log as text, not JSON.
+    let log = cli(&base, tok, &["job", "log", &id]).await;
+    assert_eq!(log.status.code(), Some(0), "{log:?}");
+    let text = String::from_utf8_lossy(&log.stdout);
+    assert!(text.contains("[info] echo got 24 bytes"), "{text}");
+
+    // job cancel: a delayed job is cancelled at once...
+    let delayed = json(
+        &cli(
+            &base,
+            tok,
+            &[
+                "job",
+                "submit",
+                "--component",
+                &digest,
+                "--input",
+                "later",
+                "--delay-ms",
+                "600000",
+            ],
+        )
+        .await,
+    );
+    assert_eq!(delayed["state"], "delayed");
+    let did = delayed["id"].as_str().unwrap().to_string();
+    let c = json(&cli(&base, tok, &["job", "cancel", &did]).await);
+    assert_eq!(
+        (c["id"].as_str(), c["state"].as_str()),
+        (Some(did.as_str()), Some("cancelled"))
+    );
+    // ...and a finished job is left as it finished.
+    let c = json(&cli(&base, tok, &["job", "cancel", &id]).await);
+    assert_eq!(c["state"], "succeeded");
+    let still = json(&cli(&base, tok, &["job", "get", &id]).await);
+    assert_eq!(still["output"], done["output"]);
+    refused(
+        &cli(&base, tok, &["job", "cancel", "01ARZ3NDEKTSV4RRFFQ69G5FAV"]).await,
+        "not_found",
+    );
+
+    // job list: newest first, filtered by state, paged by cursor.
+    let all = json(&cli(&base, tok, &["job", "list"]).await);
+    let ids: Vec<&str> = all["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [did.as_str(), id.as_str()], "{all}");
+    let page = json(&cli(&base, tok, &["job", "list", "--limit", "1"]).await);
+    assert_eq!(page["jobs"][0]["id"].as_str(), Some(did.as_str()));
+    let cursor = page["next_cursor"]
+        .as_str()
+        .expect("a next page")
+        .to_string();
+    let next = json(
+        &cli(
+            &base,
+            tok,
+            &["job", "list", "--limit", "1", "--cursor", &cursor],
+        )
+        .await,
+    );
+    assert_eq!(next["jobs"][0]["id"].as_str(), Some(id.as_str()), "{next}");
+    let ok = json(&cli(&base, tok, &["job", "list", "--state", "succeeded"]).await);
+    assert_eq!(ok["jobs"].as_array().unwrap().len(), 1, "{ok}");
+    assert_eq!(ok["jobs"][0]["id"].as_str(), Some(id.as_str()));
+    refused(
+        &cli(&base, tok, &["job", "list", "--cursor", "not-a-cursor"]).await,
+        "invalid",
+    );
+    s.assert_books_balance("acme").await;
+    s.stop().await;
+}
+
+/// Usage errors exit 2 before any request; an API that cannot be reached,
+/// or an input file that cannot be read, exit 1 with the reason.
+#[tokio::test]
+async fn exit_statuses() {
+    // Nothing listens here (bound, then closed).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let base = format!("http://127.0.0.1:{port}");
+    let usage = [
+        vec!["job", "submit", "--input", "x"],
+        vec!["job", "submit", "--component", "sha256:x"],
+        vec![
+            "job",
+            "submit",
+            "--component",
+            "c",
+            "--input",
+            "x",
+            "--input-file",
+            "f",
+        ],
+        vec!["job", "list", "--state", "sleeping"],
+        vec!["tenant", "credits", "acme", "lots"],
+        vec!["no-such-command"],
+    ];
+    for args in usage {
+        let out = cli(&base, Some("t"), &args).await;
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+        assert!(out.stdout.is_empty(), "{args:?}: {out:?}");
+    }
+    let out = cli(
+        &base,
+        Some("t"),
+        &["job", "get", "01ARZ3NDEKTSV4RRFFQ69G5FAV"],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).starts_with("error:"),
+        "{out:?}"
+    );
+    let out = cli(
+        &base,
+        Some("t"),
+        &[
+            "job",
+            "submit",
+            "--component",
+            "c",
+            "--input-file",
+            "/nonexistent/input",
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("/nonexistent/input"),
+        "{out:?}"
+    );
+}
