@@ -141,11 +141,15 @@ end
 -- Every pass either claims, or fails / drops a head, or parks a tenant;
 -- the cap is a backstop against a loop this file did not foresee.
 local passes = 0
+-- Tenant hashes read in this call: every write below updates the table
+-- with the hash, so a tenant picked again is not read again.
+local tenants = {}
 while #out < max_n and passes < 4 * max_n + 64 do
   passes = passes + 1
   local t = pick()
   if t == nil then break end
-  local T = hgetall(tkey(t))
+  local T = tenants[t] or hgetall(tkey(t))
+  tenants[t] = T
   local sid, jid = head(t, T)
   local J = jid and job_meta(jkey(jid)) or nil
   local ok = J ~= nil and J.state == 'queued'
@@ -163,6 +167,7 @@ while #out < max_n and passes < 4 * max_n + 64 do
   elseif not deliver(t, T, sid) then
     deactivate(t, T)
     redis.call('HSET', tkey(t), 'parked', 'stream_out_of_step')
+    T.parked = 'stream_out_of_step'
   else
     local g = n(J, 'gpus')
     local fuel, timeout, memory = effective(J, T)

@@ -56,13 +56,17 @@ else
   if cost > r then cost = r end
   T.settled = n(T, 'settled') + cost
   T.reserved = n(T, 'reserved') - r
-  redis.call('HSET', tkey(t), 'settled', I(T.settled), 'reserved', I(T.reserved))
+  -- The tenant's running average of wall time (CLAIM's estimate), written
+  -- with the money in one HSET.
+  local avg = n(T, 'avg_ms')
+  if avg <= 0 then avg = wall else avg = avg * 0.8 + wall * 0.2 end
+  T.avg_ms = math.max(avg, 1)
+  redis.call('HSET', tkey(t), 'settled', I(T.settled), 'reserved', I(T.reserved),
+    'avg_ms', T.avg_ms)
   ledger(t, 'settle', jid, attempt, cost, T)
   if r - cost > 0 then ledger(t, 'release', jid, attempt, r - cost, T) end
-  redis.call('HSET', KEYS[2], 'reserved', 0)
-  redis.call('HINCRBY', KEYS[2], 'u_fuel', I(fuel))
-  redis.call('HINCRBY', KEYS[2], 'u_wall', I(wall))
-  redis.call('HINCRBY', KEYS[2], 'u_credits', I(cost))
+  redis.call('HSET', KEYS[2], 'reserved', 0, 'u_fuel', I(n(J, 'u_fuel') + fuel),
+    'u_wall', I(n(J, 'u_wall') + wall), 'u_credits', I(n(J, 'u_credits') + cost))
 end
 
 end_attempt(jid, J, T)
@@ -72,13 +76,15 @@ if fault then
   correct_vtime(t, J, T, 0)
 else
   correct_vtime(t, J, T, wall * (1 + g * P.gpuw))
-  local avg = n(T, 'avg_ms')
-  if avg <= 0 then avg = wall else avg = avg * 0.8 + wall * 0.2 end
-  T.avg_ms = math.max(avg, 1)
-  redis.call('HSET', tkey(t), 'avg_ms', T.avg_ms)
 end
 
-redis.call('SET', B .. 'log:' .. jid, ARGV[8])
+-- The log is this attempt's: written if any, and a previous attempt's
+-- removed (a first attempt has none to remove).
+if ARGV[8] ~= '' then
+  redis.call('SET', B .. 'log:' .. jid, ARGV[8])
+elseif attempt > 1 then
+  redis.call('DEL', B .. 'log:' .. jid)
+end
 
 local result
 if outcome == 'cancelled' or J.cancel == '1' then
@@ -135,6 +141,6 @@ else
   redis.call('HSET', KEYS[2], 'ekind', kind, 'emsg', ARGV[5])
   result = retry_or_fail(jid, J, T, kind == 'agent_error' or kind == 'trap', base, maxd, jitter, now)
 end
-refresh(t, T, P)
-wake()
+-- Workers waiting for work are woken only if the tenant has a job ready.
+if refresh(t, T, P) then wake() end
 return result

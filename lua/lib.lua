@@ -96,21 +96,24 @@ local function hgetall(key)
   return h
 end
 
--- A job hash without its bulky fields. A job's input may be 1 MiB (and its
--- output and error message large too); HGETALL would copy them into Lua on
--- every read, so a PROMOTE or CLAIM batch over such jobs held Redis for
--- seconds. Every other field is read (HKEYS, then HMGET), so a field added
--- later is never silently missing. CLAIM reads the input once, by itself.
-local BULKY = { input = true, output = true, emsg = true }
+-- A job's fields as the scripts read them: one HMGET of the fields below,
+-- never the bulky ones (a job's input may be 1 MiB, and its output and
+-- error message large too; HGETALL copied them into Lua on every read, so a
+-- PROMOTE or CLAIM batch over such jobs held Redis for seconds). CLAIM
+-- reads the input once, by itself. JOB_FIELDS must name every field a
+-- script reads from a job table (`J.x`, `n(J, 'x')`): a Rust unit test
+-- (`control::scripts`) checks the scripts against it, so a field added
+-- later is never silently missing. Missing fields are nil, as in HGETALL.
+local JOB_FIELDS = { 'state', 'tenant', 'sid', 'agent_id', 'gpus', 'worker', 'attempts',
+  'counted', 'token', 'cancel', 'timeout_ms', 'reserved', 'max_attempts', 'lease_until',
+  'fuel', 'u_wall', 'u_fuel', 'u_credits', 'sver', 'started', 'releases', 'faults', 'est',
+  'cw', 'contexts', 'conflicts', 'component' }
 local function job_meta(key)
-  local want = {}
-  for _, f in ipairs(redis.call('HKEYS', key)) do
-    if not BULKY[f] then want[#want + 1] = f end
-  end
+  local vals = redis.call('HMGET', key, unpack(JOB_FIELDS))
   local h = {}
-  if #want == 0 then return h end
-  local vals = redis.call('HMGET', key, unpack(want))
-  for i, f in ipairs(want) do h[f] = vals[i] end
+  for i, f in ipairs(JOB_FIELDS) do
+    if vals[i] then h[f] = vals[i] end
+  end
   return h
 end
 

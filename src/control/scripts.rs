@@ -102,4 +102,66 @@ mod tests {
         assert!(locate(&msg).unwrap().ends_with("on lua/lib.lua:3."));
         assert_eq!(locate("ERR something else"), None);
     }
+
+    /// Every field a script reads from a job table is one `job_meta`
+    /// fetches: JOB_FIELDS in lib.lua is a fixed list (one HMGET), so a
+    /// field read but not listed would silently be nil.
+    #[test]
+    fn job_meta_fetches_every_field_the_scripts_read() {
+        let lib = LIB;
+        let start = lib
+            .find("local JOB_FIELDS = {")
+            .expect("JOB_FIELDS in lib.lua");
+        let end = start + lib[start..].find('}').unwrap();
+        let listed: Vec<&str> = lib[start..end].split('\'').skip(1).step_by(2).collect();
+        assert!(listed.len() > 20, "{listed:?}");
+        let mut sources = vec![LIB];
+        sources.extend([
+            include_str!("../../lua/submit.lua"),
+            include_str!("../../lua/claim.lua"),
+            include_str!("../../lua/renew.lua"),
+            include_str!("../../lua/finalize.lua"),
+            include_str!("../../lua/cancel.lua"),
+            include_str!("../../lua/promote.lua"),
+            include_str!("../../lua/reap.lua"),
+            include_str!("../../lua/release.lua"),
+            include_str!("../../lua/tenant.lua"),
+            include_str!("../../lua/retain.lua"),
+            include_str!("../../lua/usage.lua"),
+        ]);
+        let field = |s: &str| -> String {
+            s.chars()
+                .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                .collect()
+        };
+        let mut read = std::collections::BTreeSet::new();
+        for src in sources {
+            // Code only: comments may name fields loosely.
+            let code: String = src
+                .lines()
+                .map(|l| l.split("--").next().unwrap_or(""))
+                .collect::<Vec<_>>()
+                .join("\n");
+            let src = code.as_str();
+            for (i, _) in src.match_indices("J.") {
+                let before = src[..i].chars().last();
+                if before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_') {
+                    continue; // e.g. `xJ.` is another table
+                }
+                read.insert(field(&src[i + 2..]));
+            }
+            for (i, _) in src.match_indices("n(J, '") {
+                read.insert(field(&src[i + 6..]));
+            }
+        }
+        read.remove("");
+        for f in &read {
+            assert!(
+                listed.contains(&f.as_str()),
+                "a script reads job field `{f}` that job_meta does not fetch"
+            );
+        }
+        // counted(J) reads these two.
+        assert!(listed.contains(&"counted") && listed.contains(&"attempts"));
+    }
 }
