@@ -64,25 +64,6 @@ pub fn truncate_utf8(s: &str, max: usize) -> Cow<'_, str> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_cut_is_marked_on_a_character_boundary_within_the_bound() {
-        assert_eq!(truncate_utf8("short", 100), "short");
-        let long = "é".repeat(100); // 200 bytes
-        let cut = truncate_utf8(&long, 50);
-        assert!(cut.len() <= 50, "{}", cut.len());
-        assert!(cut.ends_with(CUT_MARK));
-        assert!(cut.starts_with("éé"));
-        // 50 - 16 = 34 bytes of text: 17 whole characters.
-        assert_eq!(cut.trim_end_matches(CUT_MARK).chars().count(), 17);
-        // Below the mark's length: the bare cut, still on a boundary.
-        assert_eq!(truncate_utf8(&long, 15), "ééééééé");
-    }
-}
-
 /// ARGV of `lua/finalize.lua`, in its header's order.
 struct FinalizeArgs<'a> {
     job: &'a str,
@@ -303,5 +284,24 @@ impl ControlPlane {
         };
         r.end()?;
         Ok(done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cut_is_marked_on_a_character_boundary_within_the_bound() {
+        assert_eq!(truncate_utf8("short", 100), "short");
+        let long = "é".repeat(100); // 200 bytes
+        let cut = truncate_utf8(&long, 50);
+        assert!(cut.len() <= 50, "{}", cut.len());
+        assert!(cut.ends_with(CUT_MARK));
+        assert!(cut.starts_with("éé"));
+        // 50 - 16 = 34 bytes of text: 17 whole characters.
+        assert_eq!(cut.trim_end_matches(CUT_MARK).chars().count(), 17);
+        // Below the mark's length: the bare cut, still on a boundary.
+        assert_eq!(truncate_utf8(&long, 15), "ééééééé");
     }
 }
