@@ -22,6 +22,7 @@ use super::conn::Conn;
 use super::{ControlPlane, CpError};
 use crate::model::JobState;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+use redis::streams::{StreamPendingCountReply, StreamPendingId};
 use redis::{AsyncCommands, Value};
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
@@ -401,21 +402,20 @@ impl ControlPlane {
                 ),
                 Some(_) => {}
             }
-            let pel: Vec<Value> = if sid.is_empty() {
+            let pel: Vec<StreamPendingId> = if sid.is_empty() {
                 Vec::new()
             } else {
-                redis::cmd("XPENDING")
+                let r: StreamPendingCountReply = redis::cmd("XPENDING")
                     .arg(self.keys.queue(t))
                     .arg("g")
                     .arg(&sid)
                     .arg(&sid)
                     .arg(1)
                     .query_async(&mut self.conn())
-                    .await?
+                    .await?;
+                r.ids
             };
-            let consumer = pel
-                .first()
-                .map(|e| super::v_arr(e).get(1).map(super::v_str).unwrap_or_default());
+            let consumer = pel.first().map(|e| e.consumer.clone());
             match consumer {
                 None => found.add(
                     "pel_missing",
@@ -436,21 +436,17 @@ impl ControlPlane {
             );
         }
         // PEL entries without a running job.
-        let pending: Vec<Value> = redis::cmd("XPENDING")
+        let pending: StreamPendingCountReply = redis::cmd("XPENDING")
             .arg(self.keys.queue(t))
             .arg("g")
             .arg("-")
             .arg("+")
             .arg(PAGE)
             .query_async(&mut self.conn())
-            .await
-            .unwrap_or_default();
-        for e in &pending {
-            let sid = super::v_arr(e)
-                .first()
-                .map(super::v_str)
-                .unwrap_or_default();
-            if !sids.contains_key(&sid) {
+            .await?;
+        for e in &pending.ids {
+            let sid = &e.id;
+            if !sids.contains_key(sid) {
                 found.add(
                     "pel_orphan",
                     format!("tenant {t}: PEL entry {sid} belongs to no running job"),

@@ -17,13 +17,6 @@ pub(super) fn v_str(v: &Value) -> String {
     }
 }
 
-pub(super) fn v_arr(v: &Value) -> &[Value] {
-    match v {
-        Value::Array(a) => a,
-        _ => &[],
-    }
-}
-
 /// The status word a script's answer starts with (each script's header in
 /// `lua/` lists the ones it answers). A word not listed here is an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
