@@ -3,6 +3,7 @@
 //! from `guest-examples/`.
 #![allow(dead_code)]
 
+pub mod books;
 pub mod fixtures;
 pub mod guests;
 pub mod proxy;
