@@ -6,6 +6,7 @@
 pub mod books;
 pub mod fixtures;
 pub mod guests;
+pub mod host;
 pub mod proxy;
 pub mod redis;
 pub mod stack;
