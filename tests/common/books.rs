@@ -52,3 +52,63 @@ pub async fn check_runs_are_unique(cp: &ControlPlane, t: &str) {
         assert_eq!(*n, 1, "{k:?} names {n} runs in the ledger: {ledger:?}");
     }
 }
+
+/// "Charged once", from the ledger alone. Not from the jobs' own
+/// `usage.credits`: FINALIZE raises it in the same script as the tenant's
+/// `settled`, so a double FINALIZE would still balance against it.
+///
+/// Each of `jobs` has exactly one `settle` entry, and it names the job's
+/// last run (the one that ran to the end; runs lost to a dead or stopped
+/// worker have a `reserve` and a `release`, never a `settle`). All the
+/// tenant's settles add up to granted − balance. Answers each job's settled
+/// amount, in the order of `jobs`.
+pub async fn assert_charged_once(cp: &ControlPlane, tenant: &str, jobs: &[String]) -> Vec<i64> {
+    let ledger = cp.ledger(tenant).await.expect("read the ledger");
+    let info = cp
+        .tenant(tenant)
+        .await
+        .expect("read the tenant")
+        .expect("the tenant exists");
+    let mut amounts = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        let settles: Vec<_> = ledger
+            .iter()
+            .filter(|e| e.op == "settle" && &e.job == job)
+            .collect();
+        assert_eq!(
+            settles.len(),
+            1,
+            "job {job} settled {} times: {ledger:?}",
+            settles.len()
+        );
+        let last_run = ledger
+            .iter()
+            .filter(|e| e.op == "reserve" && &e.job == job)
+            .map(|e| e.attempt)
+            .max();
+        assert_eq!(
+            Some(settles[0].attempt),
+            last_run,
+            "job {job}: the settle is not its last run's: {ledger:?}"
+        );
+        amounts.push(settles[0].amount);
+    }
+    let settled: i64 = ledger
+        .iter()
+        .filter(|e| e.op == "settle")
+        .map(|e| e.amount)
+        .sum();
+    assert_eq!(
+        settled,
+        info.granted - info.credits.balance,
+        "the ledger's settles are not what the tenant paid: {info:?}"
+    );
+    amounts
+}
+
+/// A control plane on a standalone stack's Redis, to read its books.
+pub async fn reader(url: &str) -> ControlPlane {
+    ControlPlane::connect(url, agentplane::control::ControlConfig::default())
+        .await
+        .expect("connect a ledger reader")
+}

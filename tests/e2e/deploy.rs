@@ -112,7 +112,10 @@ async fn serve_runs_its_own_redis_and_keeps_data_across_restarts() {
 }
 
 /// The parts one per process, as on many machines: `api`, `scheduler` and
-/// two `worker`s against one Redis, each its own `agentplane` process.
+/// two `worker`s against one Redis, each its own `agentplane` process. Two
+/// jobs only the scheduler can move (a delayed one, and one whose lease
+/// expires with a worker that vanished) must end, and both workers must
+/// run jobs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn parts_run_as_separate_processes() {
     use std::io::BufRead;
@@ -144,7 +147,6 @@ async fn parts_run_as_separate_processes() {
     })
     .await
     .unwrap();
-    let metrics_port = free_port();
     let mut children = KillOnDrop(vec![api]);
     children.0.push(
         Command::new(bin())
@@ -153,47 +155,95 @@ async fn parts_run_as_separate_processes() {
             .spawn()
             .unwrap(),
     );
-    for (i, extra) in [
-        vec![
-            "--metrics-listen".to_string(),
-            format!("127.0.0.1:{metrics_port}"),
-        ],
-        vec![],
-    ]
-    .into_iter()
-    .enumerate()
-    {
+
+    let (acme, digest) = onboard_acme(&base, ADMIN).await;
+    let hold = acme
+        .push_component(crate::common::guests::guest_bytes("hold"))
+        .await
+        .unwrap()
+        .digest;
+    // Before any worker runs: a job leased to a worker that then vanishes
+    // (only REAP frees it), and a delayed job (only PROMOTE queues it).
+    let ghost = acme
+        .submit(&job_request(&digest, "ghost"), None)
+        .await
+        .unwrap()
+        .id;
+    let cp = agentplane::control::ControlPlane::connect(
+        &redis.url,
+        agentplane::control::ControlConfig {
+            lease_ms: 1000,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let leased = cp.claim("vanished", 1, 0).await.unwrap();
+    assert_eq!(leased.len(), 1);
+    assert_eq!(leased[0].lease.job_id, ghost);
+    let later = acme
+        .submit(
+            &agentplane::control::JobRequest {
+                delay_ms: 1500,
+                ..job_request(&digest, "later")
+            },
+            None,
+        )
+        .await
+        .unwrap()
+        .id;
+
+    let metrics_ports = [free_port(), free_port()];
+    for (i, port) in metrics_ports.iter().enumerate() {
         children.0.push(
             Command::new(bin())
                 .args(["worker", "--redis", &redis.url, "--slots", "2"])
-                .args(extra)
+                .args(["--metrics-listen", &format!("127.0.0.1:{port}")])
                 .stderr(std::fs::File::create(dir.join(format!("w{i}.log"))).unwrap())
                 .spawn()
                 .unwrap(),
         );
     }
-
-    let (acme, digest) = onboard_acme(&base, ADMIN).await;
+    // More long jobs than one worker has slots: both get work.
     let mut ids = Vec::new();
     for i in 0..8 {
-        let req = job_request(&digest, &format!("job {i}"));
+        let req = job_request(&hold, &format!("0,{}", 400 + i));
         ids.push(acme.submit(&req, None).await.unwrap().id);
     }
     for (i, id) in ids.iter().enumerate() {
         let job = acme.job(id, Some(30.0)).await.unwrap();
         assert_eq!(job.state, JobState::Succeeded, "{job:?}");
-        assert_eq!(job.output, Some(format!("job {i}")));
+        assert_eq!(job.output, Some(format!("held 0 MiB for {} ms", 400 + i)));
     }
-    // The worker's own metrics endpoint counts what it ran.
-    let m = reqwest::Client::new()
-        .get(format!("http://127.0.0.1:{metrics_port}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(m.contains("agentplane_claim_seconds"), "{m}");
+    for (id, input) in [(&ghost, "ghost"), (&later, "later")] {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let job = loop {
+            let job = acme.job(id, Some(5.0)).await.unwrap();
+            if job.state.is_terminal() || Instant::now() > deadline {
+                break job;
+            }
+        };
+        assert_eq!(job.state, JobState::Succeeded, "{input}: {job:?}");
+        assert_eq!(job.output.as_deref(), Some(input));
+    }
+    // Each worker's own metrics endpoint counts what it ran.
+    for port in metrics_ports {
+        let m = reqwest::Client::new()
+            .get(format!("http://127.0.0.1:{port}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(m.contains("agentplane_claim_seconds"), "{m}");
+        let claimed: f64 = m
+            .lines()
+            .find_map(|l| l.strip_prefix("agentplane_claimed_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0);
+        assert!(claimed >= 1.0, "worker on :{port} ran no job:\n{m}");
+    }
     drop(children);
 }
 

@@ -2,6 +2,7 @@
 //! SIGSTOP past the lease, SIGTERM drains, kills in a loop. Each job is
 //! charged once, checked against the ledger.
 
+use crate::common::books::{assert_charged_once, reader};
 use crate::common::stack::*;
 use reqwest::StatusCode;
 use serde_json::json;
@@ -34,14 +35,16 @@ async fn sigkilled_worker_job_finishes_elsewhere_charged_once() {
     assert!(killed_at.elapsed() < Duration::from_secs(20));
     let after = s.assert_books_balance("acme").await;
     let charged = after["settled"].as_i64().unwrap() - before["settled"].as_i64().unwrap();
-    assert_eq!(
-        charged,
-        job["usage"]["credits"].as_i64().unwrap(),
-        "{job} {after}"
-    );
+    // The ledger, not the job's own usage, says it was charged once.
+    let settled = assert_charged_once(&reader(&s.url).await, "acme", &[id]).await;
+    assert_eq!(vec![charged], settled, "{job} {after}");
     s.stop().await;
 }
 
+/// A worker stopped (SIGSTOP) past its lease wakes while the job's next
+/// run holds it: its RENEW and FINALIZE must be refused. Each run of `hold
+/// …,stamp` reports when it started, so the kept output shows whose run
+/// finalized: the new holder's, started after the stop.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stopped_worker_past_its_lease_cannot_finalize() {
     let s = Stack::start(proc_opts()).await;
@@ -49,13 +52,23 @@ async fn stopped_worker_past_its_lease_cannot_finalize() {
     let hold = s.push(&token, "hold").await;
     let dir = s.dir.clone();
     let w1 = WorkerProc::spawn(&s.url, 1, 5_000, &dir.join("w1.log"));
-    let before = s.assert_books_balance("acme").await;
+    // A first job compiles `hold` on w1, so the next run starts its guest
+    // as soon as it is claimed (well before the stop below).
+    let warm = s
+        .submit(&token, json!({"component": hold, "input": "0,1"}))
+        .await;
+    assert_eq!(
+        state(&s.wait_terminal(&token, &warm, 60).await),
+        "succeeded"
+    );
 
     let id = s
-        .submit(&token, json!({"component": hold, "input": "0,2000"}))
+        .submit(&token, json!({"component": hold, "input": "0,2000,stamp"}))
         .await;
     s.wait_for(&token, &id, 30, |j| state(j) == "running").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     w1.signal(libc::SIGSTOP);
+    let stopped_at = agentplane::model::now_ms();
     // Past the lease and a reaper period: the job is reclaimed.
     let _w2 = WorkerProc::spawn(&s.url, 1, 5_000, &dir.join("w2.log"));
     s.wait_for(&token, &id, 30, |j| {
@@ -67,13 +80,26 @@ async fn stopped_worker_past_its_lease_cannot_finalize() {
     w1.signal(libc::SIGCONT);
     let job = s.wait_terminal(&token, &id, 60).await;
     assert_eq!(state(&job), "succeeded", "{job}");
+    // Whose run is this? w1's started before the stop, w2's after it.
+    let output = job["output"].as_str().unwrap_or_default();
+    let started: u64 = output
+        .rsplit("started at ")
+        .next()
+        .and_then(|ms| ms.parse().ok())
+        .unwrap_or_else(|| panic!("no start stamp in {job}"));
+    assert!(
+        started > stopped_at,
+        "the stopped worker's run (started {started}, stopped {stopped_at}) finalized: {job}"
+    );
     // Give the stale worker time to try whatever it would.
     tokio::time::sleep(Duration::from_millis(3 * PROC_LEASE_MS)).await;
     let (_, again) = s.get(&format!("/v1/jobs/{id}"), &token).await;
     assert_eq!(again, job, "a stale worker changed a finished job");
-    let after = s.assert_books_balance("acme").await;
-    let charged = after["settled"].as_i64().unwrap() - before["settled"].as_i64().unwrap();
-    assert_eq!(charged, job["usage"]["credits"].as_i64().unwrap());
+    s.assert_books_balance("acme").await;
+    let cp = reader(&s.url).await;
+    let settled = assert_charged_once(&cp, "acme", &[warm, id]).await;
+    assert_eq!(settled[1], job["usage"]["credits"].as_i64().unwrap());
+    drop(w1);
     s.stop().await;
 }
 
@@ -168,17 +194,20 @@ async fn repeated_worker_kills_lose_nothing_and_charge_once() {
             &dir.join(format!("w{victim}-{round}.log")),
         );
     }
-    let (mut charged, mut retried) = (0, 0);
+    let (mut charged, mut retried) = (Vec::new(), 0);
     for id in &ids {
         let job = s.wait_terminal(&token, id, 120).await;
         assert_eq!(state(&job), "succeeded", "{job}");
-        charged += job["usage"]["credits"].as_i64().unwrap();
+        charged.push(job["usage"]["credits"].as_i64().unwrap());
         retried += usize::from(job["attempts"].as_u64().unwrap() > 1);
     }
     // The kills did land on running jobs.
     assert!(retried > 0, "no job was ever interrupted");
-    let t = s.assert_books_balance("acme").await;
-    assert_eq!(t["settled"].as_i64().unwrap(), charged, "{t}");
+    s.assert_books_balance("acme").await;
+    // One settle per job, for the run that ran to the end, and the ledger
+    // adds up to what the tenant paid; each job shows what it was charged.
+    let settled = assert_charged_once(&reader(&s.url).await, "acme", &ids).await;
+    assert_eq!(settled, charged);
     drop(workers);
     s.stop().await;
 }
