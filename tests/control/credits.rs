@@ -3,8 +3,11 @@
 
 use crate::common::books::{check_credits, check_runs_are_unique};
 use crate::support::*;
-use agentplane::control::{AttemptOutcome, Claim, ControlConfig, CpError, Finish, SubmitSpec};
+use agentplane::control::{
+    AttemptOutcome, Claim, ControlConfig, CpError, Finalized, Finish, SubmitSpec,
+};
 use agentplane::model::{ErrorKind, JobState};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 pub(crate) async fn credit_invariant_under_random_operations(url: &str, shards: u32) {
@@ -19,6 +22,10 @@ pub(crate) async fn credit_invariant_under_random_operations(url: &str, shards: 
         },
     )
     .await;
+    // How often each branch was reached, over all seeds: a sequence that
+    // never settled, released or capped anything would prove nothing.
+    let mut reached: BTreeMap<&'static str, u32> = BTreeMap::new();
+    let mut hit = |what: &'static str| *reached.entry(what).or_default() += 1;
     for seed in 0..12u64 {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let t = format!("p{seed}");
@@ -41,14 +48,32 @@ pub(crate) async fn credit_invariant_under_random_operations(url: &str, shards: 
                     }
                     j.gpus = rng.random_range(0..2);
                     j.fuel = Some(rng.random_range(1..10) * 1_000_000);
-                    if let Ok(s) = cp.submit(&t, &j).await {
-                        jobs.push(s.id);
+                    match cp.submit(&t, &j).await {
+                        Ok(s) => {
+                            hit("submitted");
+                            jobs.push(s.id);
+                        }
+                        Err(CpError::InsufficientCredits) => hit("submit refused: credits"),
+                        Err(e) => panic!("submit: {e}"),
                     }
                 }
-                2 => held.extend(cp.claim("w", 2, rng.random_range(0..3)).await.unwrap()),
+                2 => {
+                    let got = cp.claim("w", 2, rng.random_range(0..3)).await.unwrap();
+                    hit(if got.is_empty() {
+                        "claim: none"
+                    } else {
+                        "claimed"
+                    });
+                    held.extend(got);
+                }
                 3 if !held.is_empty() => {
                     let c = held.swap_remove(rng.random_range(0..held.len()));
-                    let _ = cp.renew(&c.lease).await;
+                    match cp.renew(&c.lease).await {
+                        Ok(()) => hit("renewed"),
+                        Err(CpError::LeaseLost) => hit("renew refused: lost"),
+                        Err(CpError::Cancelled) => hit("renew refused: cancelled"),
+                        Err(e) => panic!("renew: {e}"),
+                    }
                     held.push(c);
                 }
                 4 if !held.is_empty() => {
@@ -71,30 +96,61 @@ pub(crate) async fn credit_invariant_under_random_operations(url: &str, shards: 
                             message: "t".into(),
                         };
                     }
-                    let _ = cp.finalize(&c.lease, &f).await;
+                    match cp.finalize(&c.lease, &f).await {
+                        Ok(Finalized::Succeeded) => hit("finalized: succeeded"),
+                        Ok(Finalized::Failed) => hit("finalized: failed"),
+                        Ok(Finalized::Retrying { .. }) => hit("finalized: retrying"),
+                        Ok(Finalized::Cancelled) => hit("finalized: cancelled"),
+                        Ok(Finalized::StateConflict) => hit("finalized: state conflict"),
+                        Err(CpError::LeaseLost) => hit("finalize refused: lost"),
+                        Err(e) => panic!("finalize: {e}"),
+                    }
                 }
                 5 => {
                     tokio::time::sleep(Duration::from_millis(60)).await;
-                    cp.reap(10).await.unwrap();
-                    cp.promote(10).await.unwrap();
+                    if cp.reap(10).await.unwrap() > 0 {
+                        hit("reaped");
+                    }
+                    if cp.promote(10).await.unwrap() > 0 {
+                        hit("promoted");
+                    }
                 }
                 6 if !jobs.is_empty() => {
                     let id = &jobs[rng.random_range(0..jobs.len())];
-                    cp.cancel(&t, id).await.unwrap();
+                    hit(match cp.cancel(&t, id).await.unwrap() {
+                        JobState::Running => "cancelled: running",
+                        JobState::Queued | JobState::Delayed => "cancelled: waiting",
+                        _ => "cancelled: already over",
+                    });
                 }
                 7 => {
-                    let amount = rng.random_range(-20..30);
+                    // Now and then, take back more than the balance: refused.
+                    let amount = if rng.random_bool(0.2) {
+                        let info = cp.tenant(&t).await.unwrap().unwrap();
+                        -(info.credits.balance + 1)
+                    } else {
+                        rng.random_range(-20..30)
+                    };
                     match cp.grant_credits(&t, amount).await {
-                        Ok(_) | Err(CpError::InsufficientCredits) => {}
+                        Ok(_) => hit("granted"),
+                        Err(CpError::InsufficientCredits) => hit("grant refused: credits"),
                         Err(e) => panic!("grant: {e}"),
                     }
                 }
                 8 if !held.is_empty() => {
                     let c = held.swap_remove(rng.random_range(0..held.len()));
                     if rng.random_bool(0.5) {
-                        let _ = cp.release(&c.lease).await;
+                        match cp.release(&c.lease).await {
+                            Ok(()) => hit("released"),
+                            Err(CpError::LeaseLost) => hit("release refused: lost"),
+                            Err(e) => panic!("release: {e}"),
+                        }
                     } else {
-                        let _ = cp.release_fault(&c.lease, "node").await;
+                        match cp.release_fault(&c.lease, "node").await {
+                            Ok(_) => hit("released: node fault"),
+                            Err(CpError::LeaseLost) => hit("release refused: lost"),
+                            Err(e) => panic!("release_fault: {e}"),
+                        }
                     }
                 }
                 _ => {}
@@ -137,6 +193,59 @@ pub(crate) async fn credit_invariant_under_random_operations(url: &str, shards: 
         assert_eq!(
             (info.queued, info.running, info.credits.reserved),
             (0, 0, 0)
+        );
+        // What the money did to each run, from the ledger: settled below its
+        // reservation (the rest released), capped at it, or released whole.
+        let ledger = cp.ledger(&t).await.unwrap();
+        let amount = |op: &str, job: &str, attempt: u32| {
+            ledger
+                .iter()
+                .find(|e| e.op == op && e.job == job && e.attempt == attempt)
+                .map(|e| e.amount)
+        };
+        for r in ledger.iter().filter(|e| e.op == "reserve") {
+            let settle = amount("settle", &r.job, r.attempt);
+            let release = amount("release", &r.job, r.attempt);
+            hit(match (settle, release) {
+                (Some(s), None) if s == r.amount => "run: capped at its reservation",
+                (Some(s), Some(l)) if s + l == r.amount => "run: settled, rest released",
+                (None, Some(l)) if l == r.amount => "run: released whole",
+                other => panic!("run {r:?} ended as {other:?}: {ledger:?}"),
+            });
+        }
+    }
+    // Every branch was taken, and the money moved every way it can: a
+    // change that made (say) every FINALIZE fail would show up here.
+    // About half of what the 12 seeds reach today (the sequences barely
+    // depend on timing), so a change of path shows, not a change of luck.
+    for (what, min) in [
+        ("submitted", 30),
+        ("submit refused: credits", 20),
+        ("claimed", 15),
+        ("renewed", 5),
+        ("renew refused: lost", 1),
+        ("finalized: succeeded", 3),
+        ("finalized: failed", 2),
+        ("finalized: retrying", 1),
+        ("finalized: cancelled", 1),
+        ("finalize refused: lost", 2),
+        ("reaped", 3),
+        ("promoted", 5),
+        ("cancelled: running", 1),
+        ("cancelled: waiting", 10),
+        ("granted", 30),
+        ("grant refused: credits", 2),
+        ("released", 2),
+        ("released: node fault", 3),
+        ("release refused: lost", 1),
+        ("run: capped at its reservation", 5),
+        ("run: settled, rest released", 10),
+        ("run: released whole", 10),
+    ] {
+        let n = reached.get(what).copied().unwrap_or(0);
+        assert!(
+            n >= min,
+            "`{what}` reached {n} times, want >= {min}: {reached:#?}"
         );
     }
 }
