@@ -48,10 +48,23 @@ pub(crate) async fn reaped_lease_fences_the_old_token(url: &str, shards: u32) {
     assert_eq!(c2.lease.job_id, s.id);
     assert!(c2.lease.token > c.lease.token);
     assert_eq!(c2.attempt, 2);
+    // The job is running again, so only the token tells the two runs apart:
+    // the old one's RENEW, FINALIZE and RELEASE are still refused.
+    assert!(matches!(cp.renew(&c.lease).await, Err(CpError::LeaseLost)));
+    assert!(matches!(
+        cp.finalize(&c.lease, &ok("stale", 10)).await,
+        Err(CpError::LeaseLost)
+    ));
+    assert!(matches!(
+        cp.release(&c.lease).await,
+        Err(CpError::LeaseLost)
+    ));
     assert_eq!(
         cp.finalize(&c2.lease, &ok("done", 10)).await.unwrap(),
         Finalized::Succeeded
     );
+    let j = cp.job("a", &s.id).await.unwrap().unwrap();
+    assert_eq!(j.output.as_deref(), Some("done"), "the new run's result");
     // Attempts lost to dead workers fail the job once max_attempts are spent.
     let mut spec = job("y");
     spec.max_attempts = 1;
