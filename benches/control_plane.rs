@@ -12,6 +12,10 @@
 #[path = "../tests/common/redis.rs"]
 #[allow(dead_code)]
 mod redis_proc;
+// The tests' control fixtures: one definition of "a plain tenant and job".
+#[path = "../tests/common/fixtures.rs"]
+#[allow(dead_code)]
+mod fixtures;
 
 use agentplane::control::{
     AttemptOutcome, ControlConfig, ControlPlane, Finish, SubmitSpec, TenantSpec,
@@ -20,18 +24,7 @@ use criterion::{Criterion, criterion_group};
 use std::time::{Duration, Instant};
 
 fn job() -> SubmitSpec {
-    SubmitSpec {
-        component: format!("sha256:{}", "0".repeat(64)),
-        input: "bench".into(),
-        agent_id: None,
-        contexts: vec![],
-        gpus: 0,
-        max_attempts: 3,
-        timeout_ms: None,
-        fuel: None,
-        delay_ms: 0,
-        idempotency: None,
-    }
+    fixtures::submit_spec("bench")
 }
 
 fn done() -> Finish {
@@ -50,16 +43,9 @@ async fn populate(cp: &ControlPlane, tenants: usize, jobs: usize) {
     for t in 0..tenants {
         cp.create_tenant(
             &TenantSpec {
-                id: format!("t{t}"),
                 weight: 1 + (t % 3) as u32,
-                credits: i64::MAX / 4,
-                max_running: 1_000_000,
                 max_queued: u32::MAX,
-                max_gpus: 0,
-                limits: None,
-                max_component_bytes: None,
-                max_context_bytes: None,
-                max_state_bytes: None,
+                ..fixtures::tenant_spec(&format!("t{t}"), i64::MAX / 4)
             },
             "h",
         )

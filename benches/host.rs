@@ -4,31 +4,18 @@
 //!
 //! `cargo bench --bench host -- --warm-up-time 1 --measurement-time 3`
 
+// The tests' guest builder: one way to build `guest-examples/`.
+#[path = "../tests/common/guests.rs"]
+#[allow(dead_code)]
+mod guests;
+
 use agentplane::host::{Host, HostConfig, LoadedComponent, RunOutcome, RunRequest};
 use agentplane::model::Limits;
 use criterion::{Criterion, criterion_group, criterion_main};
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use tokio::runtime::Runtime;
 use tokio_util::sync::CancellationToken;
-
-/// Builds `guest-examples/` (as the tests do) and reads component `name`.
-fn guest(name: &str) -> Vec<u8> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest-examples");
-    let mut cmd = Command::new("cargo");
-    cmd.current_dir(&dir)
-        .args(["build", "--release", "--target", "wasm32-wasip2"]);
-    for var in ["RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", "CARGO_TARGET_DIR"] {
-        cmd.env_remove(var);
-    }
-    assert!(cmd.status().unwrap().success(), "building guest-examples");
-    std::fs::read(dir.join(format!(
-        "target/wasm32-wasip2/release/{}.wasm",
-        name.replace('-', "_")
-    )))
-    .unwrap()
-}
 
 fn host(pooling: bool, fuel: bool, cache_dir: Option<&Path>) -> Host {
     Host::new(HostConfig {
@@ -72,7 +59,7 @@ fn run_ok(rt: &Runtime, host: &Host, c: &Arc<LoadedComponent>, input: &str) {
 
 fn per_job(c: &mut Criterion) {
     let rt = Runtime::new().unwrap();
-    let echo = guest("echo");
+    let echo = guests::guest_bytes("echo");
     let mut g = c.benchmark_group("echo_per_job");
     for (name, pooling) in [("pooling", true), ("on_demand", false)] {
         let h = host(pooling, true, None);
@@ -84,7 +71,7 @@ fn per_job(c: &mut Criterion) {
 
 fn fuel(c: &mut Criterion) {
     let rt = Runtime::new().unwrap();
-    let compute = guest("compute");
+    let compute = guests::guest_bytes("compute");
     let mut g = c.benchmark_group("compute_100k_rounds");
     for (name, fuel) in [("fuel_on", true), ("fuel_off", false)] {
         let h = host(true, fuel, None);
@@ -96,7 +83,7 @@ fn fuel(c: &mut Criterion) {
 
 fn disk_cache(c: &mut Criterion) {
     let rt = Runtime::new().unwrap();
-    let bytes = guest("rag-qa");
+    let bytes = guests::guest_bytes("rag-qa");
     let dir = tempfile::tempdir().unwrap();
     let digest = host(true, true, None).admit(&bytes).unwrap().digest;
     // Fill the disk cache once.

@@ -11,7 +11,7 @@
 //!   then stop the rest and RELEASE their leases, which puts the jobs back
 //!   in the queue uncharged.
 
-use crate::control::{AttemptOutcome, Claim, ControlPlane, CpError, Finalized, Finish, Lease};
+use crate::control::{Claim, ControlPlane, CpError, Finalized, Finish, Lease};
 use crate::host::{Host, HostError, RunOutcome, RunReport, RunRequest};
 use crate::model::{ErrorKind, JobState};
 use std::sync::Arc;
@@ -21,6 +21,9 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
+
+mod decide;
+use decide::{Decision, Verdict, decide};
 
 /// How long a slot waits after a node fault before handing its job back.
 const NODE_FAULT_BACKOFF: Duration = Duration::from_millis(200);
@@ -276,14 +279,6 @@ fn log_join(done: Result<RunEnd, tokio::task::JoinError>) {
     }
 }
 
-/// What the renew task learned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Verdict {
-    Held,
-    Lost,
-    Cancelled,
-}
-
 /// Renews `lease` every `lease/3` until `stop`; on `LeaseLost` or
 /// `Cancelled` cancels `run` and says which. If Redis cannot be reached for
 /// a whole lease, the lease has expired for sure: treated as lost.
@@ -438,20 +433,13 @@ async fn run_claim(shared: &Shared, claim: Claim, hard_stop: CancellationToken) 
     metrics::counter!("agentplane_fuel_total", "tenant" => tenant.clone())
         .increment(report.fuel_used);
 
-    let outcome = match (verdict, report.outcome) {
-        (Verdict::Lost, _) => {
-            // Someone else owns the job now; FINALIZE would be refused anyway.
+    let outcome = match decide(verdict, report.outcome) {
+        Decision::Discard => {
             tracing::warn!("lease lost; attempt discarded");
             return RunEnd::LeaseLost;
         }
-        (Verdict::Cancelled, _) => AttemptOutcome::Cancelled,
-        (
-            Verdict::Held,
-            RunOutcome::Failed {
-                kind: ErrorKind::NodeFault,
-                message,
-            },
-        ) => {
+        Decision::Finalize(outcome) => outcome,
+        Decision::ReleaseFault(message) => {
             // The node failed, not the guest (e.g. its instance pool is
             // exhausted): the job goes back to the queue, and neither its
             // attempts nor its tenant's credits are charged.
@@ -460,17 +448,11 @@ async fn run_claim(shared: &Shared, claim: Claim, hard_stop: CancellationToken) 
             // as other runs end, and claiming the job straight back would
             // only spin.
             tokio::time::sleep(NODE_FAULT_BACKOFF).await;
-            // As a node fault: bounded per job by the control plane.
             return release_fault(shared, &lease, &fault_for_tenant(&message)).await;
         }
-        (Verdict::Held, RunOutcome::Interrupted) => {
-            // Only the drain's hard stop interrupts a run whose lease is held.
+        Decision::Release => {
             tracing::info!("stopped by shutdown; releasing");
             return release(shared, &lease).await;
-        }
-        (Verdict::Held, RunOutcome::Ok(output)) => AttemptOutcome::Succeeded { output },
-        (Verdict::Held, RunOutcome::Failed { kind, message }) => {
-            AttemptOutcome::Failed { kind, message }
         }
     };
     let finish = Finish {

@@ -10,6 +10,7 @@ use agentplane::host::{
 };
 use agentplane::model::{ErrorKind, Limits};
 use common::guests::guest_bytes;
+use common::host::{load, load_bytes};
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,14 +26,6 @@ fn cfg() -> HostConfig {
         tenant_memory_budget: 1 << 30,
         ..HostConfig::default()
     }
-}
-
-async fn load(host: &Host, name: &str) -> Arc<LoadedComponent> {
-    let bytes = guest_bytes(name);
-    let digest = host.admit(&bytes).expect("guest admitted").digest;
-    host.component(&digest, || async move { Ok(Some(bytes)) })
-        .await
-        .expect("guest compiles")
 }
 
 fn limits() -> Limits {
@@ -326,13 +319,6 @@ async fn a_tenant_over_its_node_budget_gets_memory_limit_and_others_are_unaffect
     // The budget is back: t1 runs again.
     let r = host.run(request(&hold, "40,10", limits())).await;
     assert_eq!(r.outcome, RunOutcome::Ok("held 40 MiB for 10 ms".into()));
-}
-
-async fn load_bytes(host: &Host, bytes: Vec<u8>) -> Arc<LoadedComponent> {
-    let digest = host.admit(&bytes).expect("component admitted").digest;
-    host.component(&digest, || async move { Ok(Some(bytes)) })
-        .await
-        .expect("component compiles")
 }
 
 /// Pages of [`state_reader`]'s memory: room for an 8 MiB answer at 4096.
@@ -932,12 +918,6 @@ fn slow_to_compile(n: usize, locals: usize) -> Vec<u8> {
     wat::parse_str(&m).unwrap()
 }
 
-fn agentplane_bin() -> std::path::PathBuf {
-    std::env::var_os("AGENTPLANE_BIN")
-        .map(Into::into)
-        .unwrap_or_else(|| env!("CARGO_BIN_EXE_agentplane").into())
-}
-
 /// 7.3: compilation runs in a child process bounded in time: what the
 /// structural checks let through but takes too long is killed at the bound
 /// and refused, and what compiles there runs like any other component.
@@ -945,7 +925,7 @@ fn agentplane_bin() -> std::path::PathBuf {
 async fn the_compile_child_bounds_compile_time_and_its_artifacts_run() {
     let host = Host::new(HostConfig {
         compile_child: Some(CompileChild {
-            exe: agentplane_bin(),
+            exe: common::stack::bin(),
             timeout: Duration::from_secs(2),
             memory_bytes: 2 << 30,
         }),

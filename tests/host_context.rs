@@ -7,17 +7,11 @@ mod common;
 use agentplane::context::{ContextUpload, Document, HeavyContext, MAX_DIM, Tool, encode};
 use agentplane::host::{Host, HostConfig, LoadedComponent, RunOutcome, RunRequest};
 use agentplane::model::{ErrorKind, Limits};
-use common::guests::guest_bytes;
+use common::host::{load, rss_bytes};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 const MIB: u64 = 1 << 20;
-
-fn rss_bytes() -> u64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
-    let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
-    pages * 4096
-}
 
 /// A context of `n` documents; document 0 is the one about lighthouses.
 /// With `dim > 0` every document carries an embedding of that dimension.
@@ -66,14 +60,6 @@ async fn mounted(host: &Host, n: usize, dim: usize) -> Arc<HeavyContext> {
     host.context(&enc.digest, || async move { Ok(bytes) })
         .await
         .expect("context loads")
-}
-
-async fn load(host: &Host, name: &str) -> Arc<LoadedComponent> {
-    let bytes = guest_bytes(name);
-    let digest = host.admit(&bytes).unwrap().digest;
-    host.component(&digest, || async move { Ok(Some(bytes)) })
-        .await
-        .unwrap()
 }
 
 fn request(c: &Arc<LoadedComponent>, input: &str, ctx: &Arc<HeavyContext>) -> RunRequest {

@@ -6,26 +6,11 @@ mod common;
 
 use agentplane::host::{Host, HostConfig, LoadedComponent, RunOutcome, RunRequest};
 use agentplane::model::{ErrorKind, Limits};
-use common::guests::guest_bytes;
+use common::host::{load, rss_bytes};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 const MIB: u64 = 1 << 20;
-
-/// Resident set size of this process, from `/proc/self/statm` (pages).
-fn rss_bytes() -> u64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
-    let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
-    pages * 4096
-}
-
-async fn load(host: &Host, name: &str) -> Arc<LoadedComponent> {
-    let bytes = guest_bytes(name);
-    let digest = host.admit(&bytes).unwrap().digest;
-    host.component(&digest, || async move { Ok(Some(bytes)) })
-        .await
-        .unwrap()
-}
 
 fn request(c: &Arc<LoadedComponent>, limits: Limits) -> RunRequest {
     RunRequest {

@@ -1,10 +1,14 @@
 //! Helpers shared by the integration tests: real `redis-server` processes
-//! (standalone and cluster) started per test, and the guest components built
-//! from `guest-examples/`.
+//! (standalone and cluster) started per test (`redis`, `proxy`), the guest
+//! components built from `guest-examples/` (`guests`) and loaded into a host
+//! (`host`), the process stack and worker processes (`stack`), the control
+//! fixtures (`fixtures`) and the ledger checks (`books`).
 #![allow(dead_code)]
 
+pub mod books;
 pub mod fixtures;
 pub mod guests;
+pub mod host;
 pub mod proxy;
 pub mod redis;
 pub mod stack;
