@@ -86,7 +86,11 @@ async fn assert_balance(s: &Stack, tenant: &str, settled: i64) {
     assert_eq!(t["credits"]["reserved"], 0, "{t}");
     assert_eq!(t["settled"], settled, "{t}");
     let l = ledger(s, tenant).await;
-    let sum: i64 = l.iter().filter(|e| e.op == "settle").map(|e| e.amount).sum();
+    let sum: i64 = l
+        .iter()
+        .filter(|e| e.op == "settle")
+        .map(|e| e.amount)
+        .sum();
     assert_eq!(sum, settled, "{l:?}");
 }
 
@@ -124,11 +128,7 @@ async fn slot_price_is_exact_and_the_charge_is_capped_at_the_reservation() {
     // Reserved: 2M fuel = 2 credits, 5 s at 1000 per second = 5000.
     assert_eq!(amounts(&l, &ok, "reserve"), vec![2 + 5_000], "{l:?}");
     assert_eq!(amounts(&l, &ok, "settle"), vec![expected], "{l:?}");
-    assert_eq!(
-        amounts(&l, &ok, "release"),
-        vec![5_002 - expected],
-        "{l:?}"
-    );
+    assert_eq!(amounts(&l, &ok, "release"), vec![5_002 - expected], "{l:?}");
 
     // Past its timeout: 1M fuel, 1 s timeout; reservation 1 + 1000.
     let capped = s

@@ -59,12 +59,19 @@ async fn a_cancel_then_reap_ends_cancelled_uncharged_and_never_requeued() {
     w.wait_exit(Duration::from_secs(5));
     let (st, v) = cancel(&s, &token, &id).await;
     assert_eq!(st, StatusCode::OK, "{v}");
-    assert_eq!(v, json!({"id": id, "state": "running"}), "flagged, not ended");
+    assert_eq!(
+        v,
+        json!({"id": id, "state": "running"}),
+        "flagged, not ended"
+    );
     // A live worker, so a requeued job would be run again.
     let w2 = WorkerProc::spawn(&s.url, 1, 1_000, &s.dir.join("w2.log"));
     let job = s.wait_terminal(&token, &id, 30).await;
     assert_eq!(state(&job), "cancelled", "{job}");
-    assert_eq!(job["usage"]["credits"], 0, "the lost attempt is free: {job}");
+    assert_eq!(
+        job["usage"]["credits"], 0,
+        "the lost attempt is free: {job}"
+    );
     // w2 runs what it is given: the cancelled job was never among it.
     let after = s
         .submit(&token, json!({"component": echo, "input": "after"}))

@@ -128,7 +128,10 @@ async fn states_at_the_inline_threshold_and_the_16_mib_bound() {
     assert_eq!(stored(&s, "b").await, (0, "1".into(), true));
     assert_eq!(state_bytes(&s).await, before);
     let job = run(&s, &token, &counter, "b", "").await;
-    assert_eq!(job["output"], "2", "the refused state was not written: {job}");
+    assert_eq!(
+        job["output"], "2",
+        "the refused state was not written: {job}"
+    );
     s.assert_books_balance("acme").await;
     s.stop().await;
 }
