@@ -346,7 +346,11 @@ async fn prepare(
             // lags): a node fault, released uncharged and bounded per job
             // by the control plane, never a `trap` charged to the tenant.
             HostError::NotFound(d) => {
-                PrepError::Fatal(ErrorKind::NodeFault, format!("component {d} not found"))
+                // "stage: cause", as `fault_for_tenant` shows the tenant only the stage.
+                PrepError::Fatal(
+                    ErrorKind::NodeFault,
+                    format!("loading the component: {d} not found"),
+                )
             }
             // Will never compile here: a final failure, not a release (a
             // release would hand it to the next worker to fail again, forever).

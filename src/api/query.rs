@@ -96,7 +96,10 @@ fn cursor<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
     if s.is_empty() {
         return Ok(None);
     }
-    if !job_id_ok(&s) {
+    // Every cursor is a job id, and every job id a ULID: anything else is
+    // refused here, naming the field, rather than by the control plane's
+    // own check (whose message does not).
+    if !job_id_ok(&s) || ulid::Ulid::from_string(&s).is_err() {
         return Err(D::Error::custom("`cursor` is not a job id"));
     }
     Ok(Some(s))
@@ -114,10 +117,11 @@ mod tests {
     fn jobs_query_defaults_and_checks() {
         let q: JobsQuery = parse("").unwrap();
         assert_eq!((q.state, q.limit, q.cursor), (None, DEFAULT_PAGE, None));
-        let q: JobsQuery = parse("state=running&limit=5&cursor=abc").unwrap();
+        let q: JobsQuery =
+            parse("state=running&limit=5&cursor=01ARZ3NDEKTSV4RRFFQ69G5FAV").unwrap();
         assert_eq!(q.state, Some(JobState::Running));
         assert_eq!(q.limit, 5);
-        assert_eq!(q.cursor.as_deref(), Some("abc"));
+        assert_eq!(q.cursor.as_deref(), Some("01ARZ3NDEKTSV4RRFFQ69G5FAV"));
         let q: JobsQuery = parse("state=&cursor=").unwrap();
         assert_eq!((q.state, q.cursor), (None, None));
         for (bad, names) in [
@@ -125,6 +129,8 @@ mod tests {
             ("limit=", "`limit`"),
             ("state=sleeping", "`state`"),
             ("cursor=a:b", "`cursor`"),
+            ("cursor=abc", "`cursor`"),
+            ("cursor=not-a-cursor", "`cursor`"),
             ("colour=red", "colour"),
         ] {
             let e = parse::<JobsQuery>(bad).unwrap_err();

@@ -7,7 +7,7 @@ use super::guests::guest_bytes;
 use super::redis::{RedisCluster, RedisServer};
 use agentplane::api::{self, ApiConfig, AppState};
 use agentplane::client::{ApiClient, NewTenant};
-use agentplane::control::{ControlConfig, ControlPlane, JobRequest};
+use agentplane::control::{ControlConfig, ControlPlane, JobRequest, Prices};
 use agentplane::host::{Host, HostConfig};
 use agentplane::worker::{WorkerConfig, run_worker};
 use reqwest::StatusCode;
@@ -60,6 +60,9 @@ pub struct Opts {
     pub durable_redis: bool,
     /// Instance slots of the worker's pool.
     pub max_instances: u32,
+    /// Prices of the API, scheduler and in-process worker (a worker
+    /// process must be given the same as flags).
+    pub prices: Prices,
 }
 
 impl Default for Opts {
@@ -72,6 +75,7 @@ impl Default for Opts {
             retention_ms: None,
             durable_redis: false,
             max_instances: 16,
+            prices: Prices::default(),
         }
     }
 }
@@ -99,6 +103,7 @@ impl Stack {
             lease_ms: opts.lease_ms,
             shards,
             retention_ms: opts.retention_ms.unwrap_or(d.retention_ms),
+            prices: opts.prices,
             ..d
         };
         let control = ControlPlane::connect(&url, cfg)

@@ -3,6 +3,10 @@
 //! Input `pad:N:TEXT` (optional) stores the count followed by a newline and N
 //! bytes of TEXT repeated, to exercise agent states above the inline
 //! threshold (64 KiB); only the leading decimal is read back.
+//!
+//! Input `sleep:MS` waits MS ms between reading the state and storing the
+//! next one, so that another job of the same agent can commit meanwhile
+//! (an agent-state conflict on demand).
 
 wit_bindgen::generate!({ world: "agent", path: "../../wit" });
 
@@ -20,6 +24,10 @@ impl Guest for Counter {
                 .and_then(|s| s.trim().parse::<u64>().ok())
                 .ok_or("state is not a decimal u64")?,
         };
+        if let Some(ms) = input.strip_prefix("sleep:") {
+            let ms: u64 = ms.parse().map_err(|e| format!("sleep ms: {e}"))?;
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+        }
         let next = current + 1;
         let mut out = next.to_string().into_bytes();
         if let Some((n, text)) = input
