@@ -115,7 +115,7 @@ fn validate(req: &JobRequest, tenant: &TenantInfo, max_input: usize) -> ApiResul
     Ok(())
 }
 
-fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
+pub(super) fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
     let Some(v) = headers.get("idempotency-key") else {
         return Ok(None);
     };

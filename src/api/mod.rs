@@ -11,6 +11,7 @@
 //! that stalls or trickles (408). The accept loop, the header timeout and
 //! the connection cap are in `edge`.
 
+mod admin;
 mod auth;
 mod body;
 mod edge;
@@ -18,6 +19,7 @@ mod error;
 mod jobs;
 mod prom;
 mod query;
+mod report;
 mod tenants;
 mod types;
 mod uploads;
@@ -27,7 +29,7 @@ pub use edge::{MAX_HEADERS, serve};
 pub use error::{ApiError, ApiResult};
 pub use jobs::parse_job_request;
 pub use prom::{install_metrics, metrics_app};
-pub use types::{Balance, JobPage, JobRef, TenantToken};
+pub use types::{Balance, JobPage, JobRef, Retried, TenantPage, TenantToken};
 
 use crate::control::ControlPlane;
 use crate::host::Host;
@@ -234,6 +236,14 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/tenants", post(tenants::create))
         .route("/v1/tenants/{id}", get(tenants::get).patch(tenants::patch))
         .route("/v1/tenants/{id}/credits", post(tenants::credits))
+        .route("/v1/tenants/{id}/ledger", get(report::ledger))
+        .route("/v1/tenants/{id}/usage", get(report::usage))
+        .route("/v1/admin/tenants", get(admin::tenants))
+        .route("/v1/admin/jobs", get(admin::jobs))
+        .route(
+            "/v1/admin/tenants/{tenant}/jobs/{id}/retry",
+            post(admin::admin_retry),
+        )
         .route("/v1/components", post(uploads::push_component))
         .route("/v1/components/{digest}", get(uploads::get_component))
         .route("/v1/contexts", post(uploads::push_context))
@@ -242,6 +252,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/jobs/{id}", get(jobs::get))
         .route("/v1/jobs/{id}/log", get(jobs::log))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
+        .route("/v1/jobs/{id}/retry", post(admin::retry))
         .fallback(|| async { ApiError::NotFound("route") })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed });
     edge::layers(router, state)

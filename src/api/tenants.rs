@@ -134,7 +134,8 @@ pub(super) async fn patch(
 }
 
 /// `POST /v1/tenants/{id}/credits` (admin), body `{"amount": n}` →
-/// `{"id","balance"}`.
+/// `{"id","balance"}`; optional `Idempotency-Key` (a replay with the same
+/// amount credits nothing; another amount is 422).
 pub(super) async fn credits(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -142,15 +143,19 @@ pub(super) async fn credits(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Json<Balance>> {
+    let key = super::jobs::idempotency_key(&headers)?;
     let Grant { amount } = admin_json(&state, &headers, body, "credits body").await?;
     if !valid_tenant_id(&id) {
         return Err(ApiError::NotFound("tenant"));
     }
-    let balance = state
-        .control()
-        .grant_credits(&id, amount)
-        .await
-        .map_err(|e| ApiError::from_cp(e, "tenant"))?;
+    let cp = state.control();
+    // With an Idempotency-Key, a retried grant (its answer lost) credits
+    // once and answers the first grant's balance.
+    let balance = match &key {
+        Some(k) => cp.grant_credits_once(&id, amount, k).await,
+        None => cp.grant_credits(&id, amount).await,
+    }
+    .map_err(|e| ApiError::from_cp(e, "tenant"))?;
     Ok(Json(Balance { id, balance }))
 }
 
