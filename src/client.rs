@@ -3,7 +3,7 @@
 //! answers typed values, and every non-2xx answer is a [`ClientError::Api`]
 //! carrying the status and the contract's error code.
 
-use crate::api::{Balance, JobPage, JobRef, Retried, TenantPage, TenantToken};
+use crate::api::{Balance, BatchResult, JobPage, JobRef, Retried, TenantPage, TenantToken};
 use crate::control::{
     ComponentMeta, ContextMeta, JobRequest, LedgerPage, LimitsPatch, TenantInfo, TenantPatch,
     UsageReport,
@@ -403,6 +403,35 @@ impl ApiClient {
             req = req.header("idempotency-key", k);
         }
         self.call(url, req.json(job)).await
+    }
+
+    /// `POST /v1/jobs/batch`: up to 1,000 jobs, each with its own
+    /// idempotency key when given; one result per job, in order.
+    pub async fn submit_batch(
+        &self,
+        jobs: &[(JobRequest, Option<String>)],
+    ) -> ClientResult<Vec<BatchResult>> {
+        #[derive(Serialize)]
+        struct Item<'a> {
+            job: &'a JobRequest,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            idempotency_key: Option<&'a str>,
+        }
+        #[derive(Deserialize)]
+        struct Answer {
+            results: Vec<BatchResult>,
+        }
+        let items: Vec<Item> = jobs
+            .iter()
+            .map(|(job, key)| Item {
+                job,
+                idempotency_key: key.as_deref(),
+            })
+            .collect();
+        let a: Answer = self
+            .post_json("/v1/jobs/batch", &serde_json::json!({ "jobs": items }))
+            .await?;
+        Ok(a.results)
     }
 
     /// `GET /v1/jobs/{id}`, held until the job is terminal or `wait`

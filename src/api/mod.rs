@@ -27,7 +27,7 @@ mod uploads;
 pub use auth::{Admin, Caller, Tenant, token_hash};
 pub use edge::{MAX_HEADERS, serve};
 pub use error::{ApiError, ApiResult};
-pub use jobs::parse_job_request;
+pub use jobs::{BatchResult, MAX_BATCH, parse_job_request};
 pub use prom::{install_metrics, metrics_app};
 pub use types::{Balance, JobPage, JobRef, Retried, TenantPage, TenantToken};
 
@@ -139,6 +139,13 @@ impl ApiConfig {
             .saturating_mul(6)
             .saturating_add(64 << 10)
     }
+
+    /// A batch (`POST /v1/jobs/batch`) body: up to 1,000 jobs, but never
+    /// more than 16 MiB (or one job's bound, if that is larger); each
+    /// input is still checked against `max_input_bytes`.
+    pub fn max_batch_body_bytes(&self) -> usize {
+        self.max_job_body_bytes().max(16 << 20)
+    }
 }
 
 struct Inner {
@@ -249,6 +256,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/contexts", post(uploads::push_context))
         .route("/v1/contexts/{name}", get(uploads::get_context))
         .route("/v1/jobs", post(jobs::submit).get(jobs::list))
+        .route("/v1/jobs/batch", post(jobs::batch))
         .route("/v1/jobs/{id}", get(jobs::get))
         .route("/v1/jobs/{id}/log", get(jobs::log))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
