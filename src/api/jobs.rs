@@ -132,6 +132,7 @@ pub(super) fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> 
 }
 
 /// `POST /v1/jobs` → 201 `{"id","state"}`, or 200 for an idempotent replay.
+#[utoipa::path(post, path = "/v1/jobs", tag = "jobs", responses((status = 201, description = "`{\"id\",\"state\"}`; 200 on an idempotent replay (tenant)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
 pub(super) async fn submit(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
@@ -257,6 +258,7 @@ pub enum BatchResult {
 /// `POST /v1/jobs/batch` → 200 `{"results":[…]}`, one per job in order:
 /// each job is submitted on its own (its own checks, credits, queue space
 /// and idempotency key), so one refused job does not refuse the others.
+#[utoipa::path(post, path = "/v1/jobs/batch", tag = "jobs", responses((status = 200, description = "one result per job, in order (tenant)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
 pub(super) async fn batch(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
@@ -353,6 +355,7 @@ async fn fetch_job(state: &AppState, tenant: &str, id: &str) -> ApiResult<Job> {
 
 /// `GET /v1/jobs/{id}?wait=SECONDS`: the job, held until it is terminal or
 /// the wait (capped) is over.
+#[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs", params(("id" = String, Path)), responses((status = 200, description = "the job, held until terminal or `wait` seconds (tenant)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
 pub(super) async fn get(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -391,6 +394,7 @@ pub(super) async fn get(
 }
 
 /// `GET /v1/jobs/{id}/log`: the last attempt's log as `text/plain`.
+#[utoipa::path(get, path = "/v1/jobs/{id}/log", tag = "jobs", params(("id" = String, Path)), responses((status = 200, description = "the last attempt's log, `text/plain` (tenant)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
 pub(super) async fn log(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -410,6 +414,7 @@ pub(super) async fn log(
 }
 
 /// `POST /v1/jobs/{id}/cancel` → `{"id","state"}`.
+#[utoipa::path(post, path = "/v1/jobs/{id}/cancel", tag = "jobs", params(("id" = String, Path)), responses((status = 200, description = "`{\"id\",\"state\"}` (tenant)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
 pub(super) async fn cancel(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -438,6 +443,7 @@ pub(super) async fn cancel(
 }
 
 /// `GET /v1/jobs?state=&limit=&cursor=` → `{"jobs":[…],"next_cursor"}`.
+#[utoipa::path(get, path = "/v1/jobs", tag = "jobs", responses((status = 200, description = "`{\"jobs\",\"next_cursor\"}`, newest first (tenant)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
 pub(super) async fn list(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,

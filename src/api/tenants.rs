@@ -63,6 +63,7 @@ fn validate_weight(w: Option<u32>) -> ApiResult<()> {
 }
 
 /// `POST /v1/tenants` (admin) → 201 `{"id","token"}`.
+#[utoipa::path(post, path = "/v1/tenants", tag = "tenants", responses((status = 201, description = "the new tenant `{\"id\",\"token\"}` (admin)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
 pub(super) async fn create(
     State(state): State<AppState>,
     _: Admin,
@@ -94,6 +95,7 @@ pub(super) async fn create(
 }
 
 /// `GET /v1/tenants/{id}` (admin, or that tenant).
+#[utoipa::path(get, path = "/v1/tenants/{id}", tag = "tenants", params(("id" = String, Path)), responses((status = 200, description = "the tenant: settings, credits, counters, parked reason (admin, that tenant)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
 pub(super) async fn get(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -112,6 +114,7 @@ pub(super) async fn get(
 }
 
 /// `PATCH /v1/tenants/{id}` (admin) → the updated tenant.
+#[utoipa::path(patch, path = "/v1/tenants/{id}", tag = "tenants", params(("id" = String, Path)), responses((status = 200, description = "the tenant after the change (admin)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
 pub(super) async fn patch(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -136,6 +139,7 @@ pub(super) async fn patch(
 /// `POST /v1/tenants/{id}/credits` (admin), body `{"amount": n}` →
 /// `{"id","balance"}`; optional `Idempotency-Key` (a replay with the same
 /// amount credits nothing; another amount is 422).
+#[utoipa::path(post, path = "/v1/tenants/{id}/credits", tag = "tenants", params(("id" = String, Path)), responses((status = 200, description = "`{\"id\",\"balance\"}` after the grant; optional `Idempotency-Key` (admin)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
 pub(super) async fn credits(
     State(state): State<AppState>,
     Path(id): Path<String>,
