@@ -11,9 +11,14 @@
 --         side only (`TenantSpec`, `ControlConfig::default_limits`), so a
 --         create without one of them is refused as malformed.
 -- update: field/value pairs from ARGV[7] (same fields)
--- grant:  ARGV[7] amount (may be negative)
+-- grant:  ARGV[7] amount (may be negative); with an Idempotency-Key, KEYS[3] is the
+--         grant's key S:gidem:<tenant>:<sha256(key)> (the shard's absent key is then
+--         KEYS[4]) and ARGV[8] its TTL in seconds: a replay with the same amount
+--         answers the first grant's balance and credits nothing, another amount
+--         answers {'conflict'}
 -- Returns: create {'ok'} | {'exists'}; update {'ok'} | {'not_found'};
 --          grant {'ok', balance} | {'not_found'} | {'insufficient', balance, reserved}
+--                | {'conflict'} (the Idempotency-Key was used with another amount)
 --                | {'out_of_range'} (granted or balance would leave +-(2^53 - 1))
 -- Errors:  malformed arguments, unknown or non-integer fields (nothing written).
 local op, t = ARGV[1], ARGV[2]
@@ -74,7 +79,23 @@ elseif op == 'update' then
 elseif op == 'grant' then
   local amount = int(ARGV[7])
   if amount == nil then return fail('amount must be an integer') end
+  local idem, ttl = nil, nil
+  if #KEYS == 4 then
+    idem, ttl = KEYS[3], uint(ARGV[8])
+    if string.sub(idem, 1, #B + 6 + #t + 1) ~= B .. 'gidem:' .. t .. ':' or ttl == nil or ttl < 1 then
+      return fail('malformed idempotency key or ttl')
+    end
+  end
   if not exists then return { 'not_found' } end
+  if idem then
+    -- `amount \n balance` of the first grant under this key.
+    local prev = redis.call('GET', idem)
+    if prev then
+      local a, b = string.match(prev, '^(%-?%d+)\n(%-?%d+)$')
+      if a ~= I(amount) then return { 'conflict' } end
+      return { 'ok', tonumber(b) }
+    end
+  end
   local T = hgetall(KEYS[2])
   local granted = n(T, 'granted') + amount
   local balance = granted - n(T, 'settled')
@@ -85,6 +106,7 @@ elseif op == 'grant' then
   T.granted = granted
   redis.call('HSET', KEYS[2], 'granted', I(T.granted))
   ledger(t, 'grant', '', 0, amount, T)
+  if idem then redis.call('SET', idem, I(amount) .. '\n' .. I(balance), 'EX', ttl) end
   if refresh(t, T, P) then wake() end
   return { 'ok', balance }
 end

@@ -3,11 +3,12 @@
 //! answers typed values, and every non-2xx answer is a [`ClientError::Api`]
 //! carrying the status and the contract's error code.
 
-use crate::api::{Balance, JobPage, JobRef, TenantToken};
+use crate::api::{Balance, BatchResult, JobPage, JobRef, Retried, TenantPage, TenantToken};
 use crate::control::{
-    ComponentMeta, ContextMeta, JobRequest, LimitsPatch, TenantInfo, TenantPatch,
+    ComponentMeta, ContextMeta, JobRequest, LedgerPage, LimitsPatch, TenantInfo, TenantPatch,
+    UsageReport,
 };
-use crate::model::{Job, JobState};
+use crate::model::{ErrorKind, Job, JobState};
 use reqwest::{Method, RequestBuilder, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -100,6 +101,40 @@ pub struct NewTenant {
 pub struct JobsFilter {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub state: Option<JobState>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<String>,
+}
+
+/// A page of a listing that pages by cursor (ledger, admin tenants).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Page {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<String>,
+}
+
+/// `GET /v1/tenants/{id}/usage` window: RFC 3339 times or Unix ms, and
+/// `hour` or `day`; the server's defaults for what is not given.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct UsageWindow {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+}
+
+/// `GET /v1/admin/jobs` filter and page.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct AdminJobsFilter {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<JobState>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_kind: Option<ErrorKind>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub limit: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -258,6 +293,82 @@ impl ApiClient {
             .await
     }
 
+    /// `POST /v1/tenants/{id}/credits` (admin) with an `Idempotency-Key`:
+    /// a replay with the same amount credits nothing.
+    pub async fn grant_credits_once(
+        &self,
+        id: &str,
+        amount: i64,
+        key: &str,
+    ) -> ClientResult<Balance> {
+        let (url, req) = self.request(Method::POST, &format!("/v1/tenants/{id}/credits"));
+        let req = req
+            .header("idempotency-key", key)
+            .json(&serde_json::json!({ "amount": amount }));
+        self.call(url, req).await
+    }
+
+    /// `path` with `q` as its query string (none when `q` is empty).
+    fn with_query<Q: Serialize>(&self, path: &str, q: &Q) -> ClientResult<String> {
+        let q = serde_urlencoded::to_string(q).map_err(|e| ClientError::Decode {
+            url: format!("{}{path}", self.base),
+            why: e.to_string(),
+        })?;
+        Ok(if q.is_empty() {
+            path.to_string()
+        } else {
+            format!("{path}?{q}")
+        })
+    }
+
+    /// `GET /v1/tenants/{id}/ledger` (admin, or that tenant): one page,
+    /// oldest first.
+    pub async fn ledger(&self, id: &str, page: &Page) -> ClientResult<LedgerPage> {
+        self.get(&self.with_query(&format!("/v1/tenants/{id}/ledger"), page)?)
+            .await
+    }
+
+    /// The same page as CSV (`Accept: text/csv`).
+    pub async fn ledger_csv(&self, id: &str, page: &Page) -> ClientResult<String> {
+        let path = self.with_query(&format!("/v1/tenants/{id}/ledger"), page)?;
+        let (url, req) = self.request(Method::GET, &path);
+        self.send(url, req.header("accept", "text/csv"))
+            .await
+            .map(|(_, text)| text)
+    }
+
+    /// `GET /v1/tenants/{id}/usage` (admin, or that tenant).
+    pub async fn usage(&self, id: &str, window: &UsageWindow) -> ClientResult<UsageReport> {
+        self.get(&self.with_query(&format!("/v1/tenants/{id}/usage"), window)?)
+            .await
+    }
+
+    /// `GET /v1/admin/tenants` (admin).
+    pub async fn admin_tenants(&self, page: &Page) -> ClientResult<TenantPage> {
+        self.get(&self.with_query("/v1/admin/tenants", page)?).await
+    }
+
+    /// `GET /v1/admin/jobs` (admin): jobs across tenants, newest first.
+    pub async fn admin_jobs(&self, filter: &AdminJobsFilter) -> ClientResult<JobPage> {
+        self.get(&self.with_query("/v1/admin/jobs", filter)?).await
+    }
+
+    /// `POST /v1/jobs/{id}/retry` (the tenant): the failed job again, as a
+    /// new job.
+    pub async fn retry(&self, id: &str) -> ClientResult<Retried> {
+        let (url, req) = self.request(Method::POST, &format!("/v1/jobs/{id}/retry"));
+        self.call(url, req).await
+    }
+
+    /// `POST /v1/admin/tenants/{tenant}/jobs/{id}/retry` (admin).
+    pub async fn admin_retry(&self, tenant: &str, id: &str) -> ClientResult<Retried> {
+        let (url, req) = self.request(
+            Method::POST,
+            &format!("/v1/admin/tenants/{tenant}/jobs/{id}/retry"),
+        );
+        self.call(url, req).await
+    }
+
     /// `POST /v1/components`: uploads a Wasm component.
     pub async fn push_component(&self, wasm: Vec<u8>) -> ClientResult<ComponentMeta> {
         self.post_raw("/v1/components", wasm, "application/wasm")
@@ -292,6 +403,35 @@ impl ApiClient {
             req = req.header("idempotency-key", k);
         }
         self.call(url, req.json(job)).await
+    }
+
+    /// `POST /v1/jobs/batch`: up to 1,000 jobs, each with its own
+    /// idempotency key when given; one result per job, in order.
+    pub async fn submit_batch(
+        &self,
+        jobs: &[(JobRequest, Option<String>)],
+    ) -> ClientResult<Vec<BatchResult>> {
+        #[derive(Serialize)]
+        struct Item<'a> {
+            job: &'a JobRequest,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            idempotency_key: Option<&'a str>,
+        }
+        #[derive(Deserialize)]
+        struct Answer {
+            results: Vec<BatchResult>,
+        }
+        let items: Vec<Item> = jobs
+            .iter()
+            .map(|(job, key)| Item {
+                job,
+                idempotency_key: key.as_deref(),
+            })
+            .collect();
+        let a: Answer = self
+            .post_json("/v1/jobs/batch", &serde_json::json!({ "jobs": items }))
+            .await?;
+        Ok(a.results)
     }
 
     /// `GET /v1/jobs/{id}`, held until the job is terminal or `wait`

@@ -287,7 +287,7 @@ fn error_json(status: StatusCode, message: &str) -> Response {
         s if s.is_client_error() => "invalid_request",
         _ => "internal",
     };
-    let body = serde_json::json!({"error": {"code": code, "message": message}});
+    let body = super::error::error_body(code, message, code == "invalid_request");
     let mut r = (status, Body::from(body.to_string())).into_response();
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -302,6 +302,7 @@ pub(super) fn layers(router: Router<AppState>, state: AppState) -> Router {
             head_limits,
         ))
         .layer(axum::middleware::from_fn(json_errors))
+        .layer(axum::middleware::from_fn(super::error::with_request_id))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
 }

@@ -1,5 +1,10 @@
-//! The one error type of the HTTP API and its mapping to the contract's JSON
-//! body `{"error": {"code", "message"}}`.
+//! The one error type of the HTTP API and its mapping to the JSON body
+//! `{"error": {"code", "message", "param"?, "request_id"}}`.
+//!
+//! `request_id` is the id of the request (also sent as `X-Request-Id` on
+//! every answer, and logged), so a user can quote it; `param` names the
+//! field or parameter at fault when there is one (the first name a
+//! message quotes in backticks). 429 and 503 answers carry `Retry-After`.
 //!
 //! Messages that reach the client are written for the client. Internal causes
 //! (Redis errors, host failures) are logged with `tracing` and answered with a
@@ -151,12 +156,87 @@ impl From<CpError> for ApiError {
     }
 }
 
+tokio::task_local! {
+    /// The id of the request being handled (set by [`with_request_id`]).
+    static REQUEST_ID: String;
+}
+
+/// The current request's id; a fresh one outside a request (an answer the
+/// connection layer writes itself).
+pub(crate) fn request_id() -> String {
+    REQUEST_ID
+        .try_with(Clone::clone)
+        .unwrap_or_else(|_| ulid::Ulid::new().to_string())
+}
+
+/// A client's own `X-Request-Id` is kept when it is short and plain (it
+/// is echoed and logged); otherwise the request gets a new ULID.
+fn incoming_id(req: &axum::extract::Request) -> Option<String> {
+    let v = req.headers().get("x-request-id")?.to_str().ok()?;
+    let ok = !v.is_empty()
+        && v.len() <= 64
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
+    ok.then(|| v.to_string())
+}
+
+/// Gives each request an id, in scope while it is handled (so every error
+/// body names it) and sent back as `X-Request-Id`.
+pub(crate) async fn with_request_id(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let id = incoming_id(&req).unwrap_or_else(|| ulid::Ulid::new().to_string());
+    let span = tracing::info_span!("request", request_id = %id);
+    let mut resp =
+        tracing::Instrument::instrument(REQUEST_ID.scope(id.clone(), next.run(req)), span).await;
+    if let Ok(v) = axum::http::HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
+}
+
+/// The field a message names: its first `backticked` word.
+fn param_of(message: &str) -> Option<&str> {
+    let start = message.find('`')? + 1;
+    let len = message[start..].find('`')?;
+    let p = &message[start..start + len];
+    (!p.is_empty() && p.len() <= 128).then_some(p)
+}
+
+/// The JSON error body, with the request id and, when the message names
+/// one, the field at fault.
+pub(crate) fn error_body(code: &str, message: &str, names_param: bool) -> serde_json::Value {
+    let mut e = json!({"code": code, "message": message, "request_id": request_id()});
+    if names_param && let Some(p) = param_of(message) {
+        e["param"] = json!(p);
+    }
+    json!({ "error": e })
+}
+
+/// Seconds a client should wait before retrying a 429 or 503.
+fn retry_after(err: &ApiError) -> Option<u64> {
+    match err {
+        ApiError::RateLimited(secs) => Some(*secs),
+        ApiError::QueueFull
+        | ApiError::TooManyUploads(_)
+        | ApiError::TooManyBodies(_)
+        | ApiError::Unavailable
+        | ApiError::StorageFull => Some(1),
+        _ => None,
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.parts();
-        let body = json!({"error": {"code": code, "message": self.to_string()}});
+        let names_param = matches!(
+            self,
+            ApiError::Invalid(_) | ApiError::PayloadTooLarge(_) | ApiError::QuotaExceeded(_)
+        );
+        let body = error_body(code, &self.to_string(), names_param);
         let mut resp = (status, Json(body)).into_response();
-        if let ApiError::RateLimited(secs) = self {
+        if let Some(secs) = retry_after(&self) {
             resp.headers_mut().insert(
                 axum::http::header::RETRY_AFTER,
                 axum::http::HeaderValue::from(secs),
@@ -189,5 +269,19 @@ mod tests {
         let api = ApiError::from(CpError::Internal("key ap:{0}:x".into()));
         assert_eq!(api.parts().1, "internal");
         assert!(!api.to_string().contains("ap:"));
+    }
+
+    #[test]
+    fn the_param_is_the_first_quoted_name() {
+        assert_eq!(
+            param_of("`limits.fuel` must be positive"),
+            Some("limits.fuel")
+        );
+        assert_eq!(
+            param_of("invalid job body: `gpu`: unknown field `gpu`"),
+            Some("gpu")
+        );
+        assert_eq!(param_of("no name here"), None);
+        assert_eq!(param_of("an ` unclosed"), None);
     }
 }

@@ -115,7 +115,7 @@ fn validate(req: &JobRequest, tenant: &TenantInfo, max_input: usize) -> ApiResul
     Ok(())
 }
 
-fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
+pub(super) fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
     let Some(v) = headers.get("idempotency-key") else {
         return Ok(None);
     };
@@ -132,6 +132,7 @@ fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
 }
 
 /// `POST /v1/jobs` → 201 `{"id","state"}`, or 200 for an idempotent replay.
+#[utoipa::path(post, path = "/v1/jobs", tag = "jobs", responses((status = 201, description = "`{\"id\",\"state\"}`; 200 on an idempotent replay (tenant)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
 pub(super) async fn submit(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
@@ -164,36 +165,9 @@ pub(super) async fn submit(
         // was deleted in between.
         .ok_or(ApiError::Unauthorized)?;
     let req = parse_job_request(&bytes, &info, cfg.max_input_bytes)?;
-    cp.component_meta(&tenant, &req.component)
-        .await
-        .map_err(|e| ApiError::from_cp(e, "component"))?
-        .ok_or(ApiError::NotFound("component"))?;
-    let mut contexts = Vec::with_capacity(req.contexts.len());
-    for name in &req.contexts {
-        let meta = cp
-            .context_meta(&tenant, name)
-            .await
-            .map_err(|e| ApiError::from_cp(e, "context"))?
-            .ok_or(ApiError::NotFound("context"))?;
-        contexts.push((name.clone(), meta.digest));
-    }
-    let spec = SubmitSpec {
-        component: req.component,
-        input: req.input,
-        agent_id: req.agent_id,
-        contexts,
-        gpus: req.gpus,
-        max_attempts: req.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS),
-        timeout_ms: req.timeout_ms,
-        fuel: req.fuel,
-        delay_ms: req.delay_ms,
-        // The raw body is hashed, so a replay must repeat it byte for byte.
-        idempotency: idem.map(|k| (k, hex::encode(Sha256::digest(&bytes)))),
-    };
-    let submitted = cp
-        .submit(&tenant, &spec)
-        .await
-        .map_err(|e| ApiError::from_cp(e, "job"))?;
+    // The raw body is hashed, so a replay must repeat it byte for byte.
+    let idem = idem.map(|k| (k, hex::encode(Sha256::digest(&bytes))));
+    let submitted = submit_one(&state, &tenant, req, idem).await?;
     let status = if submitted.created {
         metrics::counter!("agentplane_jobs_submitted_total", "tenant" => tenant.clone())
             .increment(1);
@@ -210,6 +184,163 @@ pub(super) async fn submit(
     ))
 }
 
+/// Resolves a checked request's component and contexts and submits it.
+async fn submit_one(
+    state: &AppState,
+    tenant: &str,
+    req: JobRequest,
+    idempotency: Option<(String, String)>,
+) -> ApiResult<crate::control::Submitted> {
+    let cp = state.control();
+    cp.component_meta(tenant, &req.component)
+        .await
+        .map_err(|e| ApiError::from_cp(e, "component"))?
+        .ok_or(ApiError::NotFound("component"))?;
+    let mut contexts = Vec::with_capacity(req.contexts.len());
+    for name in &req.contexts {
+        let meta = cp
+            .context_meta(tenant, name)
+            .await
+            .map_err(|e| ApiError::from_cp(e, "context"))?
+            .ok_or(ApiError::NotFound("context"))?;
+        contexts.push((name.clone(), meta.digest));
+    }
+    let spec = SubmitSpec {
+        component: req.component,
+        input: req.input,
+        agent_id: req.agent_id,
+        contexts,
+        gpus: req.gpus,
+        max_attempts: req.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS),
+        timeout_ms: req.timeout_ms,
+        fuel: req.fuel,
+        delay_ms: req.delay_ms,
+        idempotency,
+    };
+    cp.submit(tenant, &spec)
+        .await
+        .map_err(|e| ApiError::from_cp(e, "job"))
+}
+
+/// Jobs one `POST /v1/jobs/batch` takes at most.
+pub const MAX_BATCH: usize = 1_000;
+
+/// `POST /v1/jobs/batch` body: `{"jobs":[{"job":{…},"idempotency_key"?}]}`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Batch {
+    jobs: Vec<BatchItem>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchItem {
+    job: serde_json::Value,
+    #[serde(default)]
+    idempotency_key: Option<String>,
+}
+
+/// One job's answer in a batch: the job, or why it was refused.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+pub enum BatchResult {
+    Submitted {
+        id: String,
+        state: JobState,
+        /// False when an idempotent replay found the existing job.
+        created: bool,
+    },
+    Refused {
+        error: serde_json::Value,
+    },
+}
+
+/// `POST /v1/jobs/batch` → 200 `{"results":[…]}`, one per job in order:
+/// each job is submitted on its own (its own checks, credits, queue space
+/// and idempotency key), so one refused job does not refuse the others.
+#[utoipa::path(post, path = "/v1/jobs/batch", tag = "jobs", responses((status = 200, description = "one result per job, in order (tenant)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
+pub(super) async fn batch(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Json<serde_json::Value>> {
+    expect_json(&headers)?;
+    let cfg = state.config();
+    let place = state
+        .body_place(&tenant)
+        .ok_or(ApiError::TooManyBodies(cfg.max_bodies_per_tenant))?;
+    let bytes = read_body(
+        &headers,
+        body,
+        cfg.max_batch_body_bytes(),
+        cfg,
+        "the batch body",
+    )
+    .await?;
+    drop(place);
+    let batch: Batch = parse_json(&bytes, "batch body")?;
+    if batch.jobs.is_empty() || batch.jobs.len() > MAX_BATCH {
+        return Err(ApiError::Invalid(format!(
+            "`jobs` must hold 1 to {MAX_BATCH} jobs"
+        )));
+    }
+    let info = state
+        .control()
+        .tenant(&tenant)
+        .await
+        .map_err(|e| ApiError::from_cp(e, "tenant"))?
+        .ok_or(ApiError::Unauthorized)?;
+    let mut results = Vec::with_capacity(batch.jobs.len());
+    for (i, item) in batch.jobs.into_iter().enumerate() {
+        let one = async {
+            let key = match item.idempotency_key {
+                Some(k)
+                    if k.is_empty()
+                        || k.len() > MAX_IDEMPOTENCY_KEY
+                        || !k.bytes().all(|b| b.is_ascii_graphic()) =>
+                {
+                    return Err(ApiError::Invalid(format!(
+                        "`jobs[{i}].idempotency_key` must be 1-{MAX_IDEMPOTENCY_KEY} printable ASCII characters"
+                    )));
+                }
+                k => k,
+            };
+            // The job's own JSON, as sent (keys in order), is what a replay
+            // must repeat.
+            let raw = serde_json::to_vec(&item.job).map_err(|_| ApiError::Internal)?;
+            let req = parse_job_request(&raw, &info, cfg.max_input_bytes)?;
+            let idem = key.map(|k| (k, hex::encode(Sha256::digest(&raw))));
+            submit_one(&state, &tenant, req, idem).await
+        };
+        results.push(match one.await {
+            Ok(s) => {
+                if s.created {
+                    metrics::counter!("agentplane_jobs_submitted_total", "tenant" => tenant.clone())
+                        .increment(1);
+                }
+                BatchResult::Submitted {
+                    id: s.id,
+                    state: s.state,
+                    created: s.created,
+                }
+            }
+            Err(e) => {
+                let (_, code) = e.parts();
+                let body = super::error::error_body(
+                    code,
+                    &e.to_string(),
+                    code == "invalid_request" || code == "payload_too_large",
+                );
+                BatchResult::Refused {
+                    error: body["error"].clone(),
+                }
+            }
+        });
+    }
+    Ok(Json(serde_json::json!({ "results": results })))
+}
+
 async fn fetch_job(state: &AppState, tenant: &str, id: &str) -> ApiResult<Job> {
     if !job_id_ok(id) {
         return Err(ApiError::NotFound("job"));
@@ -224,6 +355,7 @@ async fn fetch_job(state: &AppState, tenant: &str, id: &str) -> ApiResult<Job> {
 
 /// `GET /v1/jobs/{id}?wait=SECONDS`: the job, held until it is terminal or
 /// the wait (capped) is over.
+#[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs", params(("id" = String, Path)), responses((status = 200, description = "the job, held until terminal or `wait` seconds (tenant)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
 pub(super) async fn get(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -262,6 +394,7 @@ pub(super) async fn get(
 }
 
 /// `GET /v1/jobs/{id}/log`: the last attempt's log as `text/plain`.
+#[utoipa::path(get, path = "/v1/jobs/{id}/log", tag = "jobs", params(("id" = String, Path)), responses((status = 200, description = "the last attempt's log, `text/plain` (tenant)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
 pub(super) async fn log(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -281,6 +414,7 @@ pub(super) async fn log(
 }
 
 /// `POST /v1/jobs/{id}/cancel` → `{"id","state"}`.
+#[utoipa::path(post, path = "/v1/jobs/{id}/cancel", tag = "jobs", params(("id" = String, Path)), responses((status = 200, description = "`{\"id\",\"state\"}` (tenant)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
 pub(super) async fn cancel(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -309,6 +443,7 @@ pub(super) async fn cancel(
 }
 
 /// `GET /v1/jobs?state=&limit=&cursor=` → `{"jobs":[…],"next_cursor"}`.
+#[utoipa::path(get, path = "/v1/jobs", tag = "jobs", responses((status = 200, description = "`{\"jobs\",\"next_cursor\"}`, newest first (tenant)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
 pub(super) async fn list(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,

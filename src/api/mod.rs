@@ -11,6 +11,7 @@
 //! that stalls or trickles (408). The accept loop, the header timeout and
 //! the connection cap are in `edge`.
 
+mod admin;
 mod auth;
 mod body;
 mod edge;
@@ -18,6 +19,7 @@ mod error;
 mod jobs;
 mod prom;
 mod query;
+mod report;
 mod tenants;
 mod types;
 mod uploads;
@@ -25,14 +27,13 @@ mod uploads;
 pub use auth::{Admin, Caller, Tenant, token_hash};
 pub use edge::{MAX_HEADERS, serve};
 pub use error::{ApiError, ApiResult};
-pub use jobs::parse_job_request;
+pub use jobs::{BatchResult, MAX_BATCH, parse_job_request};
 pub use prom::{install_metrics, metrics_app};
-pub use types::{Balance, JobPage, JobRef, TenantToken};
+pub use types::{Balance, JobPage, JobRef, Retried, TenantPage, TenantToken};
 
 use crate::control::ControlPlane;
 use crate::host::Host;
 use axum::Router;
-use axum::routing::{get, post};
 use body::UploadSlots;
 pub(crate) use body::to_json;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -137,6 +138,13 @@ impl ApiConfig {
             .saturating_mul(6)
             .saturating_add(64 << 10)
     }
+
+    /// A batch (`POST /v1/jobs/batch`) body: up to 1,000 jobs, but never
+    /// more than 16 MiB (or one job's bound, if that is larger); each
+    /// input is still checked against `max_input_bytes`.
+    pub fn max_batch_body_bytes(&self) -> usize {
+        self.max_job_body_bytes().max(16 << 20)
+    }
 }
 
 struct Inner {
@@ -225,32 +233,73 @@ impl AppState {
     }
 }
 
-/// The router of every route the README's API table lists.
+/// The OpenAPI document's header; the paths come from the handlers'
+/// `#[utoipa::path]` annotations, registered with their routes.
+#[derive(utoipa::OpenApi)]
+#[openapi(info(
+    title = "agentplane",
+    description = "Multi-tenant, WebAssembly-sandboxed agent execution host. \
+        `Authorization: Bearer <token>`: the admin token, or a tenant's `<tenant>.<secret>`."
+))]
+struct ApiDoc;
+
+/// Every route with its OpenAPI operation: `routes!` registers a handler
+/// and its annotation together, so the router and the document cannot
+/// drift apart (`tests/openapi.rs` checks the document against the API).
+fn routes() -> utoipa_axum::router::OpenApiRouter<AppState> {
+    use utoipa::OpenApi;
+    use utoipa_axum::routes;
+    utoipa_axum::router::OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(health))
+        .routes(routes!(ready))
+        .routes(routes!(openapi_json))
+        .routes(routes!(prom::render))
+        .routes(routes!(tenants::create))
+        .routes(routes!(tenants::get, tenants::patch))
+        .routes(routes!(tenants::credits))
+        .routes(routes!(report::ledger))
+        .routes(routes!(report::usage))
+        .routes(routes!(admin::tenants))
+        .routes(routes!(admin::jobs))
+        .routes(routes!(admin::admin_retry))
+        .routes(routes!(uploads::push_component))
+        .routes(routes!(uploads::get_component))
+        .routes(routes!(uploads::push_context))
+        .routes(routes!(uploads::get_context))
+        .routes(routes!(jobs::submit, jobs::list))
+        .routes(routes!(jobs::batch))
+        .routes(routes!(jobs::get))
+        .routes(routes!(jobs::log))
+        .routes(routes!(jobs::cancel))
+        .routes(routes!(admin::retry))
+}
+
+/// The OpenAPI document of this API, built once.
+pub fn openapi() -> &'static utoipa::openapi::OpenApi {
+    static DOC: std::sync::OnceLock<utoipa::openapi::OpenApi> = std::sync::OnceLock::new();
+    DOC.get_or_init(|| routes().into_openapi())
+}
+
+/// The router of every route of the OpenAPI document ([`openapi`]).
 pub fn app(state: AppState) -> Router {
-    let router = Router::new()
-        .route("/healthz", get(health))
-        .route("/readyz", get(ready))
-        .route("/metrics", get(prom::render))
-        .route("/v1/tenants", post(tenants::create))
-        .route("/v1/tenants/{id}", get(tenants::get).patch(tenants::patch))
-        .route("/v1/tenants/{id}/credits", post(tenants::credits))
-        .route("/v1/components", post(uploads::push_component))
-        .route("/v1/components/{digest}", get(uploads::get_component))
-        .route("/v1/contexts", post(uploads::push_context))
-        .route("/v1/contexts/{name}", get(uploads::get_context))
-        .route("/v1/jobs", post(jobs::submit).get(jobs::list))
-        .route("/v1/jobs/{id}", get(jobs::get))
-        .route("/v1/jobs/{id}/log", get(jobs::log))
-        .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
+    let (router, _) = routes().split_for_parts();
+    let router = router
         .fallback(|| async { ApiError::NotFound("route") })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed });
     edge::layers(router, state)
 }
 
+#[utoipa::path(get, path = "/v1/openapi.json", tag = "ops", responses((status = 200, description = "this document (OpenAPI 3.1), for anyone")))]
+async fn openapi_json() -> axum::Json<&'static utoipa::openapi::OpenApi> {
+    axum::Json(openapi())
+}
+
+#[utoipa::path(get, path = "/healthz", tag = "ops", responses((status = 200, description = "liveness: `ok`")))]
 async fn health() -> &'static str {
     "ok\n"
 }
 
+#[utoipa::path(get, path = "/readyz", tag = "ops", responses((status = 200, description = "Redis reachable: `ready` (503 `unavailable` when not)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
 async fn ready(
     axum::extract::State(state): axum::extract::State<AppState>,
 ) -> ApiResult<&'static str> {

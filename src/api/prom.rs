@@ -38,6 +38,7 @@ pub(super) fn handle() -> Option<PrometheusHandle> {
 
 /// `GET /metrics` (admin): series are labelled with tenant ids, which one
 /// tenant must not learn about another.
+#[utoipa::path(get, path = "/metrics", tag = "ops", responses((status = 200, description = "Prometheus text (admin)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
 pub(super) async fn render(
     State(state): State<AppState>,
     _: Admin,

@@ -9,7 +9,7 @@
 
 use super::error::ApiError;
 use super::job_id_ok;
-use crate::model::JobState;
+use crate::model::{ErrorKind, JobState};
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use serde::Deserialize;
@@ -56,6 +56,114 @@ pub(crate) struct JobsQuery {
     /// `next_cursor` of the previous page; an empty `cursor=` means none.
     #[serde(default, deserialize_with = "cursor")]
     pub cursor: Option<String>,
+}
+
+/// `GET /v1/tenants/{id}/ledger?cursor=&limit=` and
+/// `GET /v1/admin/tenants?cursor=&limit=`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PageQuery {
+    /// Page size, 1 to `MAX_PAGE`.
+    #[serde(default = "default_page", deserialize_with = "page_size")]
+    pub limit: usize,
+    /// `next_cursor` of the previous page; an empty `cursor=` means none
+    /// (the route checks its shape).
+    #[serde(default, deserialize_with = "opt_string")]
+    pub cursor: Option<String>,
+}
+
+/// `GET /v1/tenants/{id}/usage?from=&to=&by=hour|day`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct UsageQuery {
+    /// Start, RFC 3339 or Unix ms (default: `to` less 24 buckets of `by`).
+    #[serde(default, deserialize_with = "opt_time")]
+    pub from: Option<u64>,
+    /// End, exclusive, RFC 3339 or Unix ms (default: now).
+    #[serde(default, deserialize_with = "opt_time")]
+    pub to: Option<u64>,
+    /// `hour` (default) or `day`.
+    #[serde(default, deserialize_with = "bucket")]
+    pub by: Option<Bucket>,
+}
+
+/// A usage bucket's width.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Bucket {
+    Hour,
+    Day,
+}
+
+impl Bucket {
+    pub fn ms(self) -> u64 {
+        match self {
+            Bucket::Hour => 3_600_000,
+            Bucket::Day => 86_400_000,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Bucket::Hour => "hour",
+            Bucket::Day => "day",
+        }
+    }
+}
+
+/// `GET /v1/admin/jobs?state=&error_kind=&limit=&cursor=`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AdminJobsQuery {
+    #[serde(default, deserialize_with = "job_state")]
+    pub state: Option<JobState>,
+    /// Only failed jobs of this error kind.
+    #[serde(default, deserialize_with = "error_kind")]
+    pub error_kind: Option<ErrorKind>,
+    #[serde(default = "default_page", deserialize_with = "page_size")]
+    pub limit: usize,
+    #[serde(default, deserialize_with = "cursor")]
+    pub cursor: Option<String>,
+}
+
+fn opt_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let s = String::deserialize(d)?;
+    Ok(Some(s).filter(|s| !s.is_empty()))
+}
+
+fn opt_time<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let s = String::deserialize(d)?;
+    if s.is_empty() {
+        return Ok(None);
+    }
+    if let Ok(ms) = s.parse::<u64>() {
+        return Ok(Some(ms));
+    }
+    let t = time::OffsetDateTime::parse(&s, &time::format_description::well_known::Rfc3339)
+        .map_err(|_| D::Error::custom("`from` and `to` must be RFC 3339 times or Unix ms"))?;
+    u64::try_from(t.unix_timestamp_nanos() / 1_000_000)
+        .map(Some)
+        .map_err(|_| D::Error::custom("`from` and `to` must be after 1970"))
+}
+
+fn bucket<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Bucket>, D::Error> {
+    match String::deserialize(d)?.as_str() {
+        "" => Ok(None),
+        "hour" => Ok(Some(Bucket::Hour)),
+        "day" => Ok(Some(Bucket::Day)),
+        _ => Err(D::Error::custom("`by` must be `hour` or `day`")),
+    }
+}
+
+fn error_kind<'de, D: Deserializer<'de>>(d: D) -> Result<Option<ErrorKind>, D::Error> {
+    let s = String::deserialize(d)?;
+    if s.is_empty() {
+        return Ok(None);
+    }
+    s.parse().map(Some).map_err(|_| {
+        D::Error::custom(format!(
+            "`error_kind` `{}` is not an error kind",
+            s.escape_default()
+        ))
+    })
 }
 
 fn default_page() -> usize {

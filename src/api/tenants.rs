@@ -63,6 +63,7 @@ fn validate_weight(w: Option<u32>) -> ApiResult<()> {
 }
 
 /// `POST /v1/tenants` (admin) → 201 `{"id","token"}`.
+#[utoipa::path(post, path = "/v1/tenants", tag = "tenants", responses((status = 201, description = "the new tenant `{\"id\",\"token\"}` (admin)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
 pub(super) async fn create(
     State(state): State<AppState>,
     _: Admin,
@@ -94,6 +95,7 @@ pub(super) async fn create(
 }
 
 /// `GET /v1/tenants/{id}` (admin, or that tenant).
+#[utoipa::path(get, path = "/v1/tenants/{id}", tag = "tenants", params(("id" = String, Path)), responses((status = 200, description = "the tenant: settings, credits, counters, parked reason (admin, that tenant)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
 pub(super) async fn get(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -112,6 +114,7 @@ pub(super) async fn get(
 }
 
 /// `PATCH /v1/tenants/{id}` (admin) → the updated tenant.
+#[utoipa::path(patch, path = "/v1/tenants/{id}", tag = "tenants", params(("id" = String, Path)), responses((status = 200, description = "the tenant after the change (admin)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
 pub(super) async fn patch(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -134,7 +137,9 @@ pub(super) async fn patch(
 }
 
 /// `POST /v1/tenants/{id}/credits` (admin), body `{"amount": n}` →
-/// `{"id","balance"}`.
+/// `{"id","balance"}`; optional `Idempotency-Key` (a replay with the same
+/// amount credits nothing; another amount is 422).
+#[utoipa::path(post, path = "/v1/tenants/{id}/credits", tag = "tenants", params(("id" = String, Path)), responses((status = 200, description = "`{\"id\",\"balance\"}` after the grant; optional `Idempotency-Key` (admin)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
 pub(super) async fn credits(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -142,15 +147,19 @@ pub(super) async fn credits(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Json<Balance>> {
+    let key = super::jobs::idempotency_key(&headers)?;
     let Grant { amount } = admin_json(&state, &headers, body, "credits body").await?;
     if !valid_tenant_id(&id) {
         return Err(ApiError::NotFound("tenant"));
     }
-    let balance = state
-        .control()
-        .grant_credits(&id, amount)
-        .await
-        .map_err(|e| ApiError::from_cp(e, "tenant"))?;
+    let cp = state.control();
+    // With an Idempotency-Key, a retried grant (its answer lost) credits
+    // once and answers the first grant's balance.
+    let balance = match &key {
+        Some(k) => cp.grant_credits_once(&id, amount, k).await,
+        None => cp.grant_credits(&id, amount).await,
+    }
+    .map_err(|e| ApiError::from_cp(e, "tenant"))?;
     Ok(Json(Balance { id, balance }))
 }
 

@@ -33,3 +33,18 @@ pub struct Balance {
     pub id: String,
     pub balance: i64,
 }
+
+/// `GET /v1/admin/tenants`: one page of tenants by id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TenantPage {
+    pub tenants: Vec<crate::control::TenantRow>,
+    pub next_cursor: Option<String>,
+}
+
+/// `POST /v1/jobs/{id}/retry`: the new job and the failed one it repeats.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retried {
+    pub id: String,
+    pub state: JobState,
+    pub retry_of: String,
+}

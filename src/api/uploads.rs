@@ -17,6 +17,7 @@ use axum::http::{HeaderMap, StatusCode};
 use serde_json::Value;
 
 /// `POST /v1/components`: raw bytes → 201 `{"digest","size",…}`.
+#[utoipa::path(post, path = "/v1/components", tag = "components", responses((status = 201, description = "`{\"digest\",\"size\"}` of the uploaded component (tenant)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
 pub(super) async fn push_component(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
@@ -59,6 +60,7 @@ pub(super) async fn push_component(
 }
 
 /// `GET /v1/components/{digest}`: metadata, 404 unless this tenant uploaded it.
+#[utoipa::path(get, path = "/v1/components/{digest}", tag = "components", params(("digest" = String, Path)), responses((status = 200, description = "component metadata (tenant)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
 pub(super) async fn get_component(
     State(state): State<AppState>,
     Path(digest): Path<String>,
@@ -78,6 +80,7 @@ pub(super) async fn get_component(
 }
 
 /// `POST /v1/contexts`: JSON upload → 201 `{"name","digest","documents","dim"}`.
+#[utoipa::path(post, path = "/v1/contexts", tag = "contexts", responses((status = 201, description = "`{\"name\",\"digest\",\"documents\",\"dim\"}` (tenant)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
 pub(super) async fn push_context(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
@@ -128,6 +131,7 @@ pub(super) async fn push_context(
 }
 
 /// `GET /v1/contexts/{name}`: metadata of this tenant's context.
+#[utoipa::path(get, path = "/v1/contexts/{name}", tag = "contexts", params(("name" = String, Path)), responses((status = 200, description = "context metadata (tenant)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
 pub(super) async fn get_context(
     State(state): State<AppState>,
     Path(name): Path<String>,

@@ -180,7 +180,11 @@ impl ControlPlane {
 
     /// SCAN of one shard's keys: on a cluster, on the node that owns the
     /// shard's slot (a plain SCAN would only see one random node).
-    async fn scan_shard(&self, tag: &str, pattern: &str) -> Result<Vec<String>, CpError> {
+    pub(super) async fn scan_shard(
+        &self,
+        tag: &str,
+        pattern: &str,
+    ) -> Result<Vec<String>, CpError> {
         let mut out = Vec::new();
         let mut cursor: u64 = 0;
         loop {

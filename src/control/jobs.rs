@@ -14,7 +14,7 @@ pub struct LedgerEntry {
 }
 
 impl ControlPlane {
-    fn job_from_hash(id: &str, h: &HashMap<String, String>) -> Option<Job> {
+    pub(super) fn job_from_hash(id: &str, h: &HashMap<String, String>) -> Option<Job> {
         let state = h.get("state")?.parse::<JobState>().ok()?;
         let kind = h
             .get("ekind")
@@ -79,13 +79,13 @@ impl ControlPlane {
         "max_attempts",
     ];
 
-    fn view_cmd(&self, tenant: &str, id: &str) -> redis::Cmd {
+    pub(super) fn view_cmd(&self, tenant: &str, id: &str) -> redis::Cmd {
         let mut c = redis::cmd("HMGET");
         c.arg(self.keys.job(tenant, id)).arg(&Self::JOB_VIEW[..]);
         c
     }
 
-    fn view_map(vals: Vec<Option<String>>) -> HashMap<String, String> {
+    pub(super) fn view_map(vals: Vec<Option<String>>) -> HashMap<String, String> {
         Self::JOB_VIEW
             .iter()
             .zip(vals)

@@ -40,6 +40,7 @@ mod scripts;
 
 pub mod limits;
 
+mod admin;
 mod blobs;
 mod cancel;
 mod claim;
@@ -49,10 +50,12 @@ mod jobs;
 mod lease;
 mod maintenance;
 mod reply;
+mod report;
 mod submit;
 mod tenant;
 mod wake;
 
+pub use admin::TenantRow;
 pub use blobs::{ComponentMeta, ContextMeta};
 pub use claim::{Claim, Lease};
 pub use config::{ControlConfig, Prices};
@@ -61,6 +64,7 @@ use error::answer_lost;
 pub use jobs::LedgerEntry;
 pub use lease::{AttemptOutcome, Finalized, Finish, truncate_utf8};
 use reply::*;
+pub use report::{LedgerPage, LedgerRow, UsageBucket, UsageReport};
 pub use submit::{JobRequest, SubmitSpec, Submitted};
 use wake::WaitState;
 

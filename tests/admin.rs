@@ -1,0 +1,178 @@
+//! What an operator sees, over real HTTP and a real `redis-server`:
+//! tenants with counts, credits and recent share; jobs across tenants by
+//! state and error kind; retry of a failed job as a new, charged job.
+
+mod common;
+
+use agentplane::client::{AdminJobsFilter, Page};
+use agentplane::model::{ErrorKind, JobState};
+use common::stack::*;
+use reqwest::StatusCode;
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_admin_lists_tenants_and_jobs_across_tenants() {
+    let s = Stack::start(Opts::default()).await;
+    let acme = s.tenant("acme").await;
+    let beta = s.tenant_with("beta", json!({"weight": 3})).await;
+    let _idle = s.tenant("idle").await;
+    let da = s.push(&acme, "echo").await;
+    let db = s.push(&beta, "echo").await;
+    let ok_a = s
+        .submit(&acme, json!({"component": da, "input": "a"}))
+        .await;
+    let bad_b = s
+        .submit(
+            &beta,
+            json!({"component": db, "input": "fail:x", "max_attempts": 1}),
+        )
+        .await;
+    let ok_b = s
+        .submit(&beta, json!({"component": db, "input": "b"}))
+        .await;
+    for (t, id) in [(&acme, &ok_a), (&beta, &bad_b), (&beta, &ok_b)] {
+        s.wait_terminal(t, id, 60).await;
+    }
+    let admin = s.as_caller(ADMIN);
+
+    // Tenants, by id, with their counters and recent share of capacity.
+    let page = admin.admin_tenants(&Page::default()).await.unwrap();
+    let ids: Vec<&str> = page.tenants.iter().map(|t| t.info.id.as_str()).collect();
+    assert_eq!(ids, ["acme", "beta", "idle"]);
+    assert_eq!(page.next_cursor, None);
+    let beta_row = &page.tenants[1];
+    assert_eq!(beta_row.info.weight, 3);
+    assert_eq!((beta_row.info.running, beta_row.info.queued), (0, 0));
+    assert!(beta_row.info.credits.balance < 1_000_000_000);
+    let shares: f64 = page.tenants.iter().map(|t| t.share_1m).sum();
+    assert!((shares - 1.0).abs() < 1e-9, "{page:?}");
+    assert!(beta_row.share_1m > 0.0 && page.tenants[2].share_1m == 0.0);
+    // Weights of the tenants that ran: acme 1, beta 3.
+    assert!((beta_row.weight_share - 0.75).abs() < 1e-9, "{beta_row:?}");
+    // Paged by id.
+    let p1 = admin
+        .admin_tenants(&Page {
+            limit: Some(2),
+            cursor: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(p1.tenants.len(), 2);
+    assert_eq!(p1.next_cursor.as_deref(), Some("beta"));
+    let p2 = admin
+        .admin_tenants(&Page {
+            limit: Some(2),
+            cursor: p1.next_cursor,
+        })
+        .await
+        .unwrap();
+    assert_eq!(p2.tenants[0].info.id, "idle");
+    assert_eq!(p2.next_cursor, None);
+
+    // Jobs across tenants, newest first; by state and by error kind.
+    let all = admin.admin_jobs(&AdminJobsFilter::default()).await.unwrap();
+    let ids: Vec<&str> = all.jobs.iter().map(|j| j.id.as_str()).collect();
+    assert_eq!(ids, [ok_b.as_str(), bad_b.as_str(), ok_a.as_str()]);
+    let failed = admin
+        .admin_jobs(&AdminJobsFilter {
+            state: Some(JobState::Failed),
+            error_kind: Some(ErrorKind::AgentError),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(failed.jobs.len(), 1);
+    assert_eq!(failed.jobs[0].id, bad_b);
+    assert_eq!(failed.jobs[0].tenant, "beta");
+    let none = admin
+        .admin_jobs(&AdminJobsFilter {
+            error_kind: Some(ErrorKind::Timeout),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(none.jobs.is_empty() && none.next_cursor.is_none());
+    let first = admin
+        .admin_jobs(&AdminJobsFilter {
+            limit: Some(2),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(first.jobs.len(), 2);
+    let rest = admin
+        .admin_jobs(&AdminJobsFilter {
+            limit: Some(2),
+            cursor: first.next_cursor.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(rest.jobs.len(), 1);
+    assert_eq!(rest.jobs[0].id, ok_a);
+
+    // Tenants may not read the admin's listings.
+    let e = s
+        .as_caller(&acme)
+        .admin_tenants(&Page::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(StatusCode::FORBIDDEN));
+    let (st, v) = s.get("/v1/admin/jobs?error_kind=oops", ADMIN).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("error_kind")
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_job_is_retried_once_as_a_new_charged_job() {
+    let s = Stack::start(Opts::default()).await;
+    let acme = s.tenant("acme").await;
+    let d = s.push(&acme, "echo").await;
+    let bad = s
+        .submit(
+            &acme,
+            json!({"component": d, "input": "fail:again", "max_attempts": 1}),
+        )
+        .await;
+    let good = s
+        .submit(&acme, json!({"component": d, "input": "ok"}))
+        .await;
+    s.wait_terminal(&acme, &bad, 60).await;
+    s.wait_terminal(&acme, &good, 60).await;
+    let settled = s.tenant_info("acme").await["settled"].as_i64().unwrap();
+    let api = s.as_caller(&acme);
+
+    let r = api.retry(&bad).await.unwrap();
+    assert_eq!(r.retry_of, bad);
+    assert_ne!(r.id, bad);
+    let job = s.wait_terminal(&acme, &r.id, 60).await;
+    // The same input fails the same way, and is charged as any run.
+    assert_eq!(state(&job), "failed", "{job}");
+    assert_eq!(job["max_attempts"], 1);
+    let info = s.assert_books_balance("acme").await;
+    assert!(info["settled"].as_i64().unwrap() > settled, "{info}");
+    // A second retry of the same job answers the same new job.
+    let (st, v) = s
+        .post(&format!("/v1/jobs/{bad}/retry"), &acme, json!(null))
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v["id"], r.id.as_str());
+    // The admin retries for a tenant; a job that did not fail is refused;
+    // another tenant's job does not exist.
+    let r2 = s.as_caller(ADMIN).admin_retry("acme", &r.id).await.unwrap();
+    assert_eq!(r2.retry_of, r.id);
+    let e = api.retry(&good).await.unwrap_err();
+    assert_eq!(e.code(), Some("invalid_request"), "{e}");
+    let other = s.tenant("other").await;
+    let e = s.as_caller(&other).retry(&bad).await.unwrap_err();
+    assert_eq!(e.code(), Some("not_found"));
+    s.wait_terminal(&acme, &r2.id, 60).await;
+    s.assert_books_balance("acme").await;
+    s.stop().await;
+}
