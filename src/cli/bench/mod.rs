@@ -58,3 +58,43 @@ pub async fn bench(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
         Some(Mode::Claim(a)) => claim::claim(a).await.map(|()| ExitCode::SUCCESS),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::cli::{Cli, Command};
+    use clap::Parser;
+
+    fn mode(args: &[&str]) -> super::BenchCmd {
+        match Cli::try_parse_from(args).expect("parses").command {
+            Command::Bench(b) => b,
+            other => panic!("not bench: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_api_load_generator_keeps_its_flags_and_modes_have_theirs() {
+        let b = mode(&["agentplane", "bench", "--tenants", "3", "--jobs", "60"]);
+        assert!(b.mode.is_none());
+        assert_eq!((b.api.tenants, b.api.jobs), (3, 60));
+        let b = mode(&[
+            "agentplane",
+            "bench",
+            "drain",
+            "--jobs",
+            "7",
+            "--slots",
+            "2",
+        ]);
+        match b.mode {
+            Some(super::Mode::Drain(d)) => assert_eq!((d.jobs, d.slots), (7, 2)),
+            other => panic!("{other:?}"),
+        }
+        let b = mode(&["agentplane", "bench", "claim", "--tenants", "10,1000"]);
+        match b.mode {
+            Some(super::Mode::Claim(c)) => assert_eq!(c.tenants, vec![10, 1000]),
+            other => panic!("{other:?}"),
+        }
+        // A mode's flags are not the load generator's.
+        assert!(Cli::try_parse_from(["agentplane", "bench", "--tenants", "3", "drain"]).is_err());
+    }
+}
