@@ -48,9 +48,10 @@ pub enum Command {
     /// Jobs (tenant token).
     #[command(subcommand)]
     Job(client::JobCmd),
-    /// Load generator over the API (admin token): creates tenants, submits
-    /// jobs, waits for them, prints rates and latencies as JSON.
-    Bench(bench::BenchArgs),
+    /// Benchmarks, each printing its figures as JSON: over the API (the
+    /// default; admin token), or `drain`, `tenants`, `density`, `claim`
+    /// against a Redis with a real worker.
+    Bench(bench::BenchCmd),
     /// Checks every control-plane invariant against a live deployment
     /// (read-only); prints each violation and exits 1 if there is any.
     Audit(audit::AuditArgs),

@@ -1,4 +1,4 @@
-//! `agentplane bench`: a load generator over the HTTP API.
+//! `agentplane bench [api]`: a load generator over the HTTP API.
 //!
 //! Creates `--tenants` fresh tenants (admin token), uploads the component
 //! for each, submits `--jobs` jobs spread over them with `--concurrency`
@@ -23,7 +23,7 @@ use tokio::sync::Semaphore;
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
     #[command(flatten)]
-    pub conn: super::client::Conn,
+    pub conn: super::super::client::Conn,
     /// The agent to run (a `.wasm` component).
     #[arg(
         long,
