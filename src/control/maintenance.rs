@@ -14,18 +14,20 @@ fn shards_result(done: u32, failed: Vec<String>) -> Result<u32, CpError> {
 }
 
 impl ControlPlane {
-    /// Moves due delayed jobs to their queues on every shard; answers how
-    /// many. A failing shard does not stop the others: every shard is tried,
-    /// then the failures are answered together ([`CpError::Shards`]).
-    pub async fn promote(&self, batch: u32) -> Result<u32, CpError> {
+    /// Runs `script` (its ARGV written by `args`) on every shard and sums
+    /// the counts. A failing shard does not stop the others: every shard
+    /// is tried, then the failures are answered together
+    /// ([`CpError::Shards`]).
+    async fn on_every_shard(
+        &self,
+        script: &redis::Script,
+        args: impl Fn(&mut redis::ScriptInvocation<'_>),
+    ) -> Result<u32, CpError> {
         let mut total = 0;
         let mut failed = Vec::new();
         for shard in 0..self.keys.shards() {
-            let mut inv = scripts::PROMOTE.prepare_invoke();
-            inv.key(self.keys.anchor(shard)).arg(batch.max(1));
-            for p in self.prices() {
-                inv.arg(p);
-            }
+            let mut inv = script.key(self.keys.anchor(shard));
+            args(&mut inv);
             match self.eval::<u32>(&mut inv, shard).await {
                 Ok(n) => total += n,
                 Err(e) => failed.push(format!("shard {shard}: {e}")),
@@ -34,23 +36,31 @@ impl ControlPlane {
         shards_result(total, failed)
     }
 
-    /// Reclaims expired leases on every shard; answers how many. Like
-    /// [`promote`](Self::promote), a failing shard does not stop the others.
-    pub async fn reap(&self, batch: u32) -> Result<u32, CpError> {
-        let mut total = 0;
-        let mut failed = Vec::new();
-        for shard in 0..self.keys.shards() {
-            let mut inv = scripts::REAP.prepare_invoke();
-            inv.key(self.keys.anchor(shard)).arg(batch.max(1));
-            self.retry().write(&mut inv);
-            for p in self.prices() {
+    /// Moves due delayed jobs to their queues on every shard; answers how
+    /// many (see [`on_every_shard`](Self::on_every_shard) for failures).
+    /// ARGV of `lua/promote.lua`: batch, prices.
+    pub async fn promote(&self, batch: u32) -> Result<u32, CpError> {
+        let prices = self.prices();
+        self.on_every_shard(&scripts::PROMOTE, |inv| {
+            inv.arg(batch.max(1));
+            for p in prices {
                 inv.arg(p);
             }
-            match self.eval::<u32>(&mut inv, shard).await {
-                Ok(n) => total += n,
-                Err(e) => failed.push(format!("shard {shard}: {e}")),
+        })
+        .await
+    }
+
+    /// Reclaims expired leases on every shard; answers how many. ARGV of
+    /// `lua/reap.lua`: batch, the retry rule's three, prices.
+    pub async fn reap(&self, batch: u32) -> Result<u32, CpError> {
+        let prices = self.prices();
+        self.on_every_shard(&scripts::REAP, |inv| {
+            inv.arg(batch.max(1));
+            self.retry().write(inv);
+            for p in prices {
+                inv.arg(p);
             }
-        }
-        shards_result(total, failed)
+        })
+        .await
     }
 }
