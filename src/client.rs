@@ -3,10 +3,11 @@
 //! answers typed values, and every non-2xx answer is a [`ClientError::Api`]
 //! carrying the status and the contract's error code.
 
-use crate::api::{Balance, BatchResult, JobPage, JobRef, Retried, TenantPage, TenantToken};
+use crate::api::{
+    Balance, BatchResult, JobPage, JobRef, JobRequest, Retried, TenantPage, TenantToken,
+};
 use crate::control::{
-    ComponentMeta, ContextMeta, JobRequest, LedgerPage, LimitsPatch, TenantInfo, TenantPatch,
-    UsageReport,
+    ComponentMeta, ContextMeta, LedgerPage, LimitsPatch, TenantInfo, TenantPatch, UsageReport,
 };
 use crate::model::{ErrorKind, Job, JobState};
 use reqwest::{Method, RequestBuilder, StatusCode};

@@ -29,5 +29,6 @@ pub mod control;
 pub mod embedded;
 pub mod host;
 pub mod model;
+pub mod num;
 pub mod scheduler;
 pub mod worker;

@@ -243,6 +243,74 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+// --- tenant request shapes (API bodies, the control plane's arguments) ---
+
+/// `POST /v1/tenants` body. Unknown fields are refused; every integer is
+/// bounded by [`crate::num`] (|n| <= 2^53 - 1).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TenantSpec {
+    pub id: String,
+    #[serde(default = "one")]
+    pub weight: u32,
+    #[serde(default, deserialize_with = "crate::num::i53")]
+    pub credits: i64,
+    #[serde(default = "big")]
+    pub max_running: u32,
+    #[serde(default = "big")]
+    pub max_queued: u32,
+    #[serde(default)]
+    pub max_gpus: u32,
+    #[serde(default)]
+    pub limits: Option<LimitsPatch>,
+    /// Bytes of components the tenant may store (default 1 GiB).
+    #[serde(default, deserialize_with = "crate::num::opt_u53")]
+    pub max_component_bytes: Option<u64>,
+    /// Bytes of contexts the tenant may store (default 4 GiB).
+    #[serde(default, deserialize_with = "crate::num::opt_u53")]
+    pub max_context_bytes: Option<u64>,
+    /// Bytes of agent state the tenant may store, all agents together
+    /// (default 1 GiB).
+    #[serde(default, deserialize_with = "crate::num::opt_u53")]
+    pub max_state_bytes: Option<u64>,
+}
+
+fn one() -> u32 {
+    1
+}
+fn big() -> u32 {
+    1_000_000
+}
+
+/// Optional limits (tenant creation and `PATCH`), each at most 2^53 - 1.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsPatch {
+    #[serde(default, deserialize_with = "crate::num::opt_u53")]
+    pub fuel: Option<u64>,
+    #[serde(default, deserialize_with = "crate::num::opt_u53")]
+    pub memory_bytes: Option<u64>,
+    #[serde(default, deserialize_with = "crate::num::opt_u53")]
+    pub timeout_ms: Option<u64>,
+}
+
+/// `PATCH /v1/tenants/{id}` body (unknown fields refused).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TenantPatch {
+    pub weight: Option<u32>,
+    pub max_running: Option<u32>,
+    pub max_queued: Option<u32>,
+    pub max_gpus: Option<u32>,
+    pub limits: Option<LimitsPatch>,
+    #[serde(default, deserialize_with = "crate::num::opt_u53")]
+    pub max_component_bytes: Option<u64>,
+    #[serde(default, deserialize_with = "crate::num::opt_u53")]
+    pub max_context_bytes: Option<u64>,
+    #[serde(default, deserialize_with = "crate::num::opt_u53")]
+    pub max_state_bytes: Option<u64>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -29,7 +29,7 @@ pub use edge::{MAX_HEADERS, serve};
 pub use error::{ApiError, ApiResult};
 pub use jobs::{BatchResult, MAX_BATCH, parse_job_request};
 pub use prom::{install_metrics, metrics_app};
-pub use types::{Balance, JobPage, JobRef, Retried, TenantPage, TenantToken};
+pub use types::{Balance, JobPage, JobRef, JobRequest, Retried, TenantPage, TenantToken};
 
 use crate::control::ControlPlane;
 use crate::host::Host;

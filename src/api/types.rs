@@ -1,10 +1,33 @@
-//! The answers of the API that have no type elsewhere (jobs, tenants and
+//! The job request body and the answers of the API that have no type
+//! elsewhere (jobs, tenants and
 //! metadata are `model::Job`, `control::TenantInfo`, `control::ComponentMeta`
 //! and `control::ContextMeta`). The handlers serialize them and
 //! `client::ApiClient` parses them, so both sides share one shape.
 
 use crate::model::{Job, JobState};
 use serde::{Deserialize, Serialize};
+
+/// `POST /v1/jobs` body.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct JobRequest {
+    pub component: String,
+    pub input: String,
+    #[serde(default)]
+    pub agent_id: Option<String>,
+    #[serde(default)]
+    pub contexts: Vec<String>,
+    #[serde(default)]
+    pub gpus: u32,
+    #[serde(default)]
+    pub max_attempts: Option<u32>,
+    #[serde(default, deserialize_with = "crate::num::opt_u53")]
+    pub timeout_ms: Option<u64>,
+    #[serde(default, deserialize_with = "crate::num::opt_u53")]
+    pub fuel: Option<u64>,
+    #[serde(default, deserialize_with = "crate::num::u53")]
+    pub delay_ms: u64,
+}
 
 /// `POST /v1/jobs` and `POST /v1/jobs/{id}/cancel`: `{"id","state"}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

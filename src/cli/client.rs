@@ -2,8 +2,9 @@
 //! print its typed answers as JSON. A non-2xx answer prints the error and
 //! exits with status 1.
 
+use crate::api::JobRequest;
 use crate::client::{ApiClient, ClientError, ClientResult, JobsFilter, NewTenant};
-use crate::control::{JobRequest, LimitsPatch};
+use crate::control::LimitsPatch;
 use crate::model::JobState;
 use anyhow::Context;
 use clap::{Args, Subcommand};

@@ -2,10 +2,7 @@
 //! scripts receive them as arguments (they hold no defaults of their own),
 //! and the API and CLI take their defaults from here.
 
-/// The largest integer the scripts hold exactly (Lua numbers are doubles):
-/// every amount, count and size stays within ±this, and is formatted as
-/// an integer everywhere.
-pub const MAX_EXACT_INT: i64 = (1 << 53) - 1;
+pub use crate::num::MAX_EXACT_INT;
 
 /// Default of [`ControlConfig::max_node_faults`](super::ControlConfig).
 pub const DEFAULT_MAX_NODE_FAULTS: u32 = 5;

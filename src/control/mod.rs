@@ -33,7 +33,7 @@
 pub mod audit;
 mod conn;
 pub mod keys;
-pub mod num;
+pub use crate::num;
 mod quota;
 mod retain;
 mod scripts;
@@ -65,10 +65,11 @@ pub use jobs::LedgerEntry;
 pub use lease::{AttemptOutcome, Finalized, Finish, truncate_utf8};
 use reply::*;
 pub use report::{LedgerPage, LedgerRow, UsageBucket, UsageReport};
-pub use submit::{JobRequest, SubmitSpec, Submitted};
+pub use submit::{SubmitSpec, Submitted};
 use wake::WaitState;
 
-pub use tenant::{Credits, LimitsPatch, Storage, TenantInfo, TenantPatch, TenantSpec};
+pub use crate::model::{LimitsPatch, TenantPatch, TenantSpec};
+pub use tenant::{Credits, Storage, TenantInfo};
 
 pub use limits::*;
 pub use quota::Stored;

@@ -3,28 +3,6 @@
 
 use super::*;
 
-/// `POST /v1/jobs` body.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct JobRequest {
-    pub component: String,
-    pub input: String,
-    #[serde(default)]
-    pub agent_id: Option<String>,
-    #[serde(default)]
-    pub contexts: Vec<String>,
-    #[serde(default)]
-    pub gpus: u32,
-    #[serde(default)]
-    pub max_attempts: Option<u32>,
-    #[serde(default, deserialize_with = "num::opt_u53")]
-    pub timeout_ms: Option<u64>,
-    #[serde(default, deserialize_with = "num::opt_u53")]
-    pub fuel: Option<u64>,
-    #[serde(default, deserialize_with = "num::u53")]
-    pub delay_ms: u64,
-}
-
 /// A submission after the API resolved names: what the SUBMIT script stores.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SubmitSpec {

@@ -5,9 +5,10 @@
 
 use super::guests::guest_bytes;
 use super::redis::{RedisCluster, RedisServer};
+use agentplane::api::JobRequest;
 use agentplane::api::{self, ApiConfig, AppState};
 use agentplane::client::{ApiClient, NewTenant};
-use agentplane::control::{ControlConfig, ControlPlane, JobRequest, Prices};
+use agentplane::control::{ControlConfig, ControlPlane, Prices};
 use agentplane::host::{Host, HostConfig};
 use agentplane::worker::{WorkerConfig, run_worker};
 use reqwest::StatusCode;

@@ -183,7 +183,7 @@ async fn parts_run_as_separate_processes() {
     assert_eq!(leased[0].lease.job_id, ghost);
     let later = acme
         .submit(
-            &agentplane::control::JobRequest {
+            &agentplane::api::JobRequest {
                 delay_ms: 1500,
                 ..job_request(&digest, "later")
             },

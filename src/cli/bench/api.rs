@@ -7,8 +7,8 @@
 //! `created_at` → `finished_at`), throughput, and per-tenant counts. The
 //! report is measured, never asserted: compare runs on the same machine.
 
+use crate::api::JobRequest;
 use crate::client::{ApiClient, NewTenant};
-use crate::control::JobRequest;
 use crate::model::JobState;
 use anyhow::Context;
 use clap::Args;

@@ -11,8 +11,13 @@
 
 use serde::de::{Deserialize, Deserializer, Error, Unexpected};
 
-/// [`super::MAX_EXACT_INT`] as the unsigned bound of a `u53`.
-const MAX_SAFE: u64 = super::MAX_EXACT_INT as u64;
+/// The largest integer the scripts hold exactly (Lua numbers are doubles):
+/// every amount, count and size stays within ±this, and is formatted as
+/// an integer everywhere.
+pub const MAX_EXACT_INT: i64 = (1 << 53) - 1;
+
+/// [`MAX_EXACT_INT`] as the unsigned bound of a `u53`.
+const MAX_SAFE: u64 = MAX_EXACT_INT as u64;
 
 const EXPECTED_U: &str = "an integer from 0 to 9007199254740991 (2^53 - 1)";
 const EXPECTED_I: &str = "an integer from -9007199254740991 to 9007199254740991 (±(2^53 - 1))";
