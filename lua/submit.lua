@@ -27,7 +27,8 @@ if ARGV[9] ~= '' and uint(ARGV[9]) == nil then return fail('malformed timeout_ms
 if ARGV[10] ~= '' and uint(ARGV[10]) == nil then return fail('malformed fuel') end
 if KEYS[2] ~= tkey(t) or KEYS[3] ~= jkey(jid) then return fail('keys do not match arguments') end
 
-if redis.call('EXISTS', KEYS[2]) == 0 then return { 'no_tenant' } end
+local T = hgetall(KEYS[2])
+if next(T) == nil then return { 'no_tenant' } end
 local body_hash = ARGV[12]
 if body_hash ~= '' then
   local prev = redis.call('GET', KEYS[4])
@@ -40,7 +41,6 @@ if body_hash ~= '' then
 end
 if redis.call('EXISTS', KEYS[3]) == 1 then return fail('job id already used') end
 
-local T = hgetall(KEYS[2])
 -- max_queued bounds admission of new jobs only. A job already accepted is
 -- never refused on its way back (retry, RELEASE, state conflict, REAP), so
 -- `queued` may pass max_queued, but queued + running stays within
@@ -67,5 +67,11 @@ end
 if body_hash ~= '' then
   redis.call('SET', KEYS[4], body_hash .. '\n' .. jid, 'EX', math.max(ttl, 1))
 end
-if refresh(t, T, P) then wake() end
+-- An eligible tenant (parked = '') stays eligible when a job joins the
+-- tail of its queue: its head, running count and credits are unchanged, so
+-- there is nothing to re-decide and no one to wake. Otherwise (parked
+-- `empty`, or any other reason) re-decide.
+if (T.parked or '') ~= '' then
+  if refresh(t, T, P) then wake() end
+end
 return { 'created', jid, J.state }
