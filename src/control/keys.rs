@@ -61,6 +61,12 @@ impl KeySpace {
         format!("{}:absent", self.tag(shard))
     }
 
+    /// A credit grant's idempotency record,
+    /// `{prefix:sN}:gidem:<tenant>:<sha256(key)>`: `amount \n balance`.
+    pub fn grant_idempotency(&self, tenant: &str, key_hash: &str) -> String {
+        format!("{}:gidem:{}:{}", self.tenant_tag(tenant), tenant, key_hash)
+    }
+
     pub fn tenant_anchor(&self, tenant: &str) -> String {
         self.anchor(self.shard_of(tenant))
     }

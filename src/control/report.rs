@@ -90,63 +90,6 @@ impl UsageBucket {
 }
 
 impl ControlPlane {
-    /// The key of a credit grant's `Idempotency-Key` (sha256 hex of it, so
-    /// a hostile key cannot shape key names), in the tenant's shard.
-    fn grant_idem_key(&self, tenant: &str, key_hash: &str) -> String {
-        format!(
-            "{}:gidem:{}:{}",
-            self.keys.tenant_tag(tenant),
-            tenant,
-            key_hash
-        )
-    }
-
-    /// Grants `amount` at most once per `key`: a replay with the same amount
-    /// answers the first grant's balance and credits nothing; another
-    /// amount is [`CpError::IdempotencyConflict`]. The key lives as long as
-    /// a job's (`idempotency_ttl_s`).
-    pub async fn grant_credits_once(
-        &self,
-        id: &str,
-        amount: i64,
-        key: &str,
-    ) -> Result<i64, CpError> {
-        if amount.abs() > MAX_EXACT_INT {
-            return Err(CpError::Invalid(format!(
-                "amount must be within ±{MAX_EXACT_INT}"
-            )));
-        }
-        if !crate::model::valid_tenant_id(id) {
-            return Err(CpError::NotFound);
-        }
-        let mut inv = scripts::TENANT.prepare_invoke();
-        inv.key(self.keys.tenant_anchor(id))
-            .key(self.keys.tenant(id))
-            .key(self.grant_idem_key(id, &sha256_hex(key.as_bytes())))
-            .arg("grant")
-            .arg(id);
-        for p in self.prices() {
-            inv.arg(p);
-        }
-        inv.arg(amount).arg(self.idempotency_ttl_s().max(1));
-        let v: Value = self.eval(&mut inv, self.keys.shard_of(id)).await?;
-        let (s, mut r) = Reply::status("TENANT grant", &v)?;
-        match s {
-            Status::Ok => {
-                let balance = r.int("balance")?;
-                r.end()?;
-                Ok(balance)
-            }
-            Status::NotFound => Err(CpError::NotFound),
-            Status::Conflict => Err(CpError::IdempotencyConflict),
-            Status::Insufficient => Err(CpError::InsufficientCredits),
-            Status::OutOfRange => Err(CpError::Invalid(format!(
-                "the grant would take the tenant's credits past ±{MAX_EXACT_INT}"
-            ))),
-            other => Err(r.unexpected(other)),
-        }
-    }
-
     /// Up to `limit` ledger entries after stream id `cursor`, oldest first.
     pub async fn ledger_page(
         &self,

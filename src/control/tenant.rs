@@ -177,14 +177,46 @@ impl ControlPlane {
     /// Adds `amount` (may be negative) and answers the new balance. A
     /// negative grant may not take the balance below what is reserved.
     pub async fn grant_credits(&self, id: &str, amount: i64) -> Result<i64, CpError> {
+        self.grant(id, amount, None).await
+    }
+
+    /// [`grant_credits`](Self::grant_credits) at most once per `key`: a
+    /// replay with the same amount answers the first grant's balance and
+    /// credits nothing; another amount is [`CpError::IdempotencyConflict`].
+    /// The key lives as long as a job's (`idempotency_ttl_s`).
+    pub async fn grant_credits_once(
+        &self,
+        id: &str,
+        amount: i64,
+        key: &str,
+    ) -> Result<i64, CpError> {
+        self.grant(id, amount, Some(key)).await
+    }
+
+    async fn grant(&self, id: &str, amount: i64, key: Option<&str>) -> Result<i64, CpError> {
         if amount.abs() > MAX_EXACT_INT {
             return Err(CpError::Invalid(format!(
                 "amount must be within ±{MAX_EXACT_INT}"
             )));
         }
-        let v = self
-            .tenant_script(id, "grant", &[amount.to_string()])
-            .await?;
+        if !crate::model::valid_tenant_id(id) {
+            return Err(CpError::NotFound);
+        }
+        let mut inv = scripts::TENANT.prepare_invoke();
+        inv.key(self.keys.tenant_anchor(id))
+            .key(self.keys.tenant(id));
+        if let Some(key) = key {
+            inv.key(self.keys.grant_idempotency(id, &sha256_hex(key.as_bytes())));
+        }
+        inv.arg("grant").arg(id);
+        for p in self.prices() {
+            inv.arg(p);
+        }
+        inv.arg(amount);
+        if key.is_some() {
+            inv.arg(self.idempotency_ttl_s().max(1));
+        }
+        let v: Value = self.eval(&mut inv, self.keys.shard_of(id)).await?;
         let (s, mut r) = Reply::status("TENANT grant", &v)?;
         match s {
             Status::Ok => {
@@ -193,6 +225,7 @@ impl ControlPlane {
                 Ok(balance)
             }
             Status::NotFound => Err(CpError::NotFound),
+            Status::Conflict => Err(CpError::IdempotencyConflict),
             Status::Insufficient => Err(CpError::InsufficientCredits),
             Status::OutOfRange => Err(CpError::Invalid(format!(
                 "the grant would take the tenant's credits past ±{MAX_EXACT_INT}"
