@@ -123,13 +123,16 @@ async fn gpu_jobs_wait_for_a_worker_with_free_gpus() {
         .await;
     let job = s.wait_terminal(&cpu_t, &cpu_job, 60).await;
     assert_eq!(state(&job), "succeeded", "{job}");
-    tokio::time::sleep(Duration::from_millis(2 * PROC_LEASE_MS)).await;
+    // Why the GPU job did not run, shown rather than waited for: the CPU
+    // worker (2 free slots, no GPUs) claimed the CPU job, submitted after
+    // the GPU job, so its CLAIM saw the GPU job queued and left it.
     let (_, job) = s.get(&format!("/v1/jobs/{gpu_job}"), &gpu_t).await;
     assert_eq!(
         state(&job),
         "queued",
         "a worker without GPUs took it: {job}"
     );
+    assert_eq!(job["attempts"], 0, "{job}");
 
     let _gpu = WorkerProc::spawn_with(&s.url, 1, 1_000, &["--gpus", "1"], &dir.join("gpu.log"));
     let job = s.wait_terminal(&gpu_t, &gpu_job, 60).await;
