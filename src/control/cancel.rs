@@ -2,6 +2,22 @@
 
 use super::*;
 
+/// ARGV of `lua/cancel.lua`, in its header's order.
+struct CancelArgs<'a> {
+    tenant: &'a str,
+    job: &'a str,
+    prices: [u64; 4],
+}
+
+impl CancelArgs<'_> {
+    fn write(&self, inv: &mut redis::ScriptInvocation<'_>) {
+        inv.arg(self.tenant).arg(self.job);
+        for p in self.prices {
+            inv.arg(p);
+        }
+    }
+}
+
 impl ControlPlane {
     /// Queued/delayed → cancelled now; running → cancelled at the next
     /// lease check. Answers the state the job was in.
@@ -11,12 +27,13 @@ impl ControlPlane {
         }
         let mut inv = scripts::CANCEL.prepare_invoke();
         inv.key(self.keys.tenant_anchor(tenant))
-            .key(self.keys.job(tenant, id))
-            .arg(tenant)
-            .arg(id);
-        for p in self.prices() {
-            inv.arg(p);
+            .key(self.keys.job(tenant, id));
+        CancelArgs {
+            tenant,
+            job: id,
+            prices: self.prices(),
         }
+        .write(&mut inv);
         let v: Value = self.eval(&mut inv, self.keys.shard_of(tenant)).await?;
         let (s, mut r) = Reply::status("CANCEL", &v)?;
         match s {

@@ -125,14 +125,30 @@ impl ReleaseArgs<'_> {
     }
 }
 
+/// ARGV of `lua/renew.lua`, in its header's order.
+struct RenewArgs<'a> {
+    job: &'a str,
+    token: u64,
+    lease_ms: u64,
+}
+
+impl RenewArgs<'_> {
+    fn write(&self, inv: &mut redis::ScriptInvocation<'_>) {
+        inv.arg(self.job).arg(self.token).arg(self.lease_ms);
+    }
+}
+
 impl ControlPlane {
     /// Extends the lease; `LeaseLost` or `Cancelled` tell the worker to stop.
     pub async fn renew(&self, lease: &Lease) -> Result<(), CpError> {
         let mut inv = scripts::RENEW.key(self.keys.tenant_anchor(&lease.tenant));
-        inv.key(self.keys.job(&lease.tenant, &lease.job_id))
-            .arg(&lease.job_id)
-            .arg(lease.token)
-            .arg(self.cfg.lease_ms);
+        inv.key(self.keys.job(&lease.tenant, &lease.job_id));
+        RenewArgs {
+            job: &lease.job_id,
+            token: lease.token,
+            lease_ms: self.cfg.lease_ms,
+        }
+        .write(&mut inv);
         let v: Value = self
             .eval(&mut inv, self.keys.shard_of(&lease.tenant))
             .await?;

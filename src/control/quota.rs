@@ -54,6 +54,29 @@ pub struct Charge {
     charged: u64,
 }
 
+/// ARGV of `lua/usage.lua`, in its header's order. A refund sets the item
+/// back to `size` (its size before) only if it is still at `refund_of`.
+struct UsageArgs<'a> {
+    tenant: &'a str,
+    what: Stored,
+    item: &'a str,
+    size: u64,
+    refund_of: Option<u64>,
+}
+
+impl UsageArgs<'_> {
+    fn write(&self, inv: &mut redis::ScriptInvocation<'_>) {
+        inv.arg(self.tenant)
+            .arg(self.what.kind())
+            .arg(self.item)
+            .arg(self.size)
+            .arg(self.what.default_quota());
+        if let Some(charged) = self.refund_of {
+            inv.arg("refund").arg(charged);
+        }
+    }
+}
+
 impl ControlPlane {
     /// Charges `size` bytes of `item` (plus [`ITEM_OVERHEAD_BYTES`]) to the
     /// tenant's quota for `what`; `QuotaExceeded` (naming the quota) when it
@@ -67,12 +90,15 @@ impl ControlPlane {
     ) -> Result<Charge, CpError> {
         let charged = size.saturating_add(ITEM_OVERHEAD_BYTES);
         let mut inv = scripts::USAGE.key(self.keys.tenant_anchor(tenant));
-        inv.key(self.keys.tenant(tenant))
-            .arg(tenant)
-            .arg(what.kind())
-            .arg(item)
-            .arg(charged)
-            .arg(what.default_quota());
+        inv.key(self.keys.tenant(tenant));
+        UsageArgs {
+            tenant,
+            what,
+            item,
+            size: charged,
+            refund_of: None,
+        }
+        .write(&mut inv);
         let v: Value = self.eval(&mut inv, self.keys.shard_of(tenant)).await?;
         let (s, mut r) = Reply::status("USAGE", &v)?;
         match s {
@@ -108,14 +134,15 @@ impl ControlPlane {
     /// this the bytes stayed counted until the item was stored again.
     pub async fn refund_bytes(&self, charge: &Charge) -> Result<(), CpError> {
         let mut inv = scripts::USAGE.key(self.keys.tenant_anchor(&charge.tenant));
-        inv.key(self.keys.tenant(&charge.tenant))
-            .arg(&charge.tenant)
-            .arg(charge.what.kind())
-            .arg(&charge.item)
-            .arg(charge.before)
-            .arg(charge.what.default_quota())
-            .arg("refund")
-            .arg(charge.charged);
+        inv.key(self.keys.tenant(&charge.tenant));
+        UsageArgs {
+            tenant: &charge.tenant,
+            what: charge.what,
+            item: &charge.item,
+            size: charge.before,
+            refund_of: Some(charge.charged),
+        }
+        .write(&mut inv);
         let v: Value = self
             .eval(&mut inv, self.keys.shard_of(&charge.tenant))
             .await?;

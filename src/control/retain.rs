@@ -32,6 +32,21 @@ pub struct Retained {
     pub ledger_entries: u32,
 }
 
+/// ARGV of `lua/retain.lua`, in its header's order.
+struct RetainArgs {
+    batch: u32,
+    retention_ms: u64,
+    fold_batch: u32,
+}
+
+impl RetainArgs {
+    fn write(&self, inv: &mut redis::ScriptInvocation<'_>) {
+        inv.arg(self.batch)
+            .arg(self.retention_ms)
+            .arg(self.fold_batch);
+    }
+}
+
 impl ControlPlane {
     /// Removes up to `batch` expired finished jobs per shard and folds old
     /// ledger entries; answers how many jobs went. A failing shard is
@@ -48,9 +63,12 @@ impl ControlPlane {
         let mut ok = false;
         for shard in 0..self.keys.shards() {
             let mut inv = scripts::RETAIN.key(self.keys.anchor(shard));
-            inv.arg(batch.max(1))
-                .arg(self.cfg.retention_ms)
-                .arg(LEDGER_FOLD_BATCH);
+            RetainArgs {
+                batch: batch.max(1),
+                retention_ms: self.cfg.retention_ms,
+                fold_batch: LEDGER_FOLD_BATCH,
+            }
+            .write(&mut inv);
             let v: Result<Value, _> = self.eval(&mut inv, shard).await;
             match v {
                 Ok(v) => {

@@ -48,6 +48,28 @@ pub struct Storage {
     pub state_bytes: u64,
 }
 
+/// ARGV of `lua/tenant.lua`, in its header's order: the op, the tenant,
+/// the prices, then the op's own arguments (`rest`, listed per op in the
+/// script's header).
+struct TenantArgs<'a> {
+    op: &'a str,
+    tenant: &'a str,
+    prices: [u64; 4],
+    rest: &'a [String],
+}
+
+impl TenantArgs<'_> {
+    fn write(&self, inv: &mut redis::ScriptInvocation<'_>) {
+        inv.arg(self.op).arg(self.tenant);
+        for p in self.prices {
+            inv.arg(p);
+        }
+        for a in self.rest {
+            inv.arg(a);
+        }
+    }
+}
+
 impl ControlPlane {
     fn tenant_fields(limits: Option<&LimitsPatch>, out: &mut Vec<(String, u64)>) {
         if let Some(l) = limits {
@@ -71,15 +93,14 @@ impl ControlPlane {
     ) -> Result<Value, CpError> {
         let mut inv = scripts::TENANT.prepare_invoke();
         inv.key(self.keys.tenant_anchor(tenant))
-            .key(self.keys.tenant(tenant))
-            .arg(op)
-            .arg(tenant);
-        for p in self.prices() {
-            inv.arg(p);
+            .key(self.keys.tenant(tenant));
+        TenantArgs {
+            op,
+            tenant,
+            prices: self.prices(),
+            rest: extra,
         }
-        for e in extra {
-            inv.arg(e);
-        }
+        .write(&mut inv);
         self.eval(&mut inv, self.keys.shard_of(tenant)).await
     }
 
@@ -208,14 +229,17 @@ impl ControlPlane {
         if let Some(key) = key {
             inv.key(self.keys.grant_idempotency(id, &sha256_hex(key.as_bytes())));
         }
-        inv.arg("grant").arg(id);
-        for p in self.prices() {
-            inv.arg(p);
-        }
-        inv.arg(amount);
+        let mut rest = vec![amount.to_string()];
         if key.is_some() {
-            inv.arg(self.idempotency_ttl_s().max(1));
+            rest.push(self.idempotency_ttl_s().max(1).to_string());
         }
+        TenantArgs {
+            op: "grant",
+            tenant: id,
+            prices: self.prices(),
+            rest: &rest,
+        }
+        .write(&mut inv);
         let v: Value = self.eval(&mut inv, self.keys.shard_of(id)).await?;
         let (s, mut r) = Reply::status("TENANT grant", &v)?;
         match s {
