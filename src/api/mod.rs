@@ -22,6 +22,7 @@ mod query;
 mod report;
 mod tenants;
 mod types;
+mod ui;
 mod uploads;
 
 pub use auth::{Admin, Caller, Tenant, token_hash};
@@ -254,6 +255,7 @@ fn routes() -> utoipa_axum::router::OpenApiRouter<AppState> {
         .routes(routes!(ready))
         .routes(routes!(openapi_json))
         .routes(routes!(prom::render))
+        .routes(routes!(ui::page))
         .routes(routes!(tenants::create))
         .routes(routes!(tenants::get, tenants::patch))
         .routes(routes!(tenants::credits))
