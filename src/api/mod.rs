@@ -16,6 +16,7 @@ mod auth;
 mod body;
 mod edge;
 mod error;
+mod events;
 mod jobs;
 mod prom;
 mod query;
@@ -272,6 +273,7 @@ fn routes() -> utoipa_axum::router::OpenApiRouter<AppState> {
         .routes(routes!(jobs::batch))
         .routes(routes!(jobs::get))
         .routes(routes!(jobs::log))
+        .routes(routes!(events::events))
         .routes(routes!(jobs::cancel))
         .routes(routes!(admin::retry))
 }
