@@ -1,13 +1,13 @@
 //! Every client command of the real `agentplane` binary against a live API:
 //! its output and its exit status (0 done, 1 refused by the API or
-//! unreachable, 2 a usage error). `tenant create`, `component push`,
+//! unreachable, 2 a usage error, 3 auth, 4 not found, 5 the job failed). `tenant create`, `component push`,
 //! `context push`, `job submit --wait` and `job get` of a missing job are
 //! in `e2e.rs`; this file has the rest.
 
 mod common;
 
 use common::stack::{ADMIN, Opts, Stack, bin};
-use serde_json::Value;
+use serde_json::{Value, json};
 use std::process::{Command, Output};
 
 /// Runs the CLI with `token` against `base`; answers its output.
@@ -30,13 +30,23 @@ fn json(out: &Output) -> Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"))
 }
 
-/// Checks it exited 1 with the API's error `code` on stderr and nothing on
-/// stdout.
-fn refused(out: &Output, code: &str) {
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
+/// Checks it exited with `status` (see `refused`) and the API's error
+/// `code` on stderr and nothing on stdout.
+fn refused_with(out: &Output, code: &str, status: i32) {
+    assert_eq!(out.status.code(), Some(status), "{out:?}");
     assert!(out.stdout.is_empty(), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(code), "expected {code}: {err}");
+}
+
+/// `refused_with` the status the CLI gives the API's error `code`.
+fn refused(out: &Output, code: &str) {
+    let status = match code {
+        "unauthorized" | "forbidden" => 3,
+        "not_found" => 4,
+        _ => 1,
+    };
+    refused_with(out, code, status)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -274,4 +284,157 @@ async fn exit_statuses() {
         String::from_utf8_lossy(&out.stderr).contains("/nonexistent/input"),
         "{out:?}"
     );
+}
+
+/// The commands for the routes beyond jobs (tenant patch, ledger, usage,
+/// component and context get, admin listings, retry, batch), `--output
+/// table`, and the exit statuses: 5 for a job that failed under `--wait`,
+/// 3 for the wrong token, 4 for what does not exist, 2 for a bad file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_route_has_a_command_and_exit_statuses_differ() {
+    let s = Stack::start(Opts::default()).await;
+    let token = s.tenant("acme").await;
+    let digest = s.push(&token, "echo").await;
+    let base = s.base.clone();
+    let (tok, admin) = (Some(token.as_str()), Some(ADMIN));
+    let submit = |input: &'static str| {
+        let (base, digest, token) = (base.clone(), digest.clone(), token.clone());
+        async move {
+            let args = [
+                "job",
+                "submit",
+                "--component",
+                &digest,
+                "--input",
+                input,
+                "--max-attempts",
+                "1",
+                "--wait",
+            ];
+            cli(&base, Some(&token), &args).await
+        }
+    };
+
+    // --wait: a job that fails is printed, and the status says so.
+    let failed = submit("fail:boom").await;
+    assert_eq!(failed.status.code(), Some(5), "{failed:?}");
+    let failed: Value = serde_json::from_slice(&failed.stdout).unwrap();
+    assert_eq!(failed["state"], "failed");
+    let fid = failed["id"].as_str().unwrap().to_string();
+    let ok = json(&submit("fine").await);
+    assert_eq!(ok["state"], "succeeded");
+
+    // Retry, by the tenant and (the same new job) by the admin.
+    let r = json(&cli(&base, tok, &["job", "retry", &fid]).await);
+    assert_eq!(r["retry_of"], json!(fid));
+    let again = json(&cli(&base, admin, &["admin", "retry", "acme", &fid]).await);
+    assert_eq!(again["id"], r["id"]);
+    s.wait_terminal(&token, r["id"].as_str().unwrap(), 60).await;
+
+    // Admin listings, as JSON and as a table.
+    let jobs = json(
+        &cli(
+            &base,
+            admin,
+            &["admin", "jobs", "--error-kind", "agent_error"],
+        )
+        .await,
+    );
+    // The failed job and its retry (which fails the same way), newest first.
+    let ids: Vec<&Value> = jobs["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| &j["id"])
+        .collect();
+    assert_eq!(ids, [&r["id"], &json!(fid)], "{jobs}");
+    let table = cli(&base, admin, &["admin", "tenants", "--output", "table"]).await;
+    assert_eq!(table.status.code(), Some(0), "{table:?}");
+    let text = String::from_utf8_lossy(&table.stdout);
+    let mut lines = text.lines();
+    let header = lines.next().unwrap();
+    assert!(
+        header.starts_with("id ") && header.contains("share_1m"),
+        "{text}"
+    );
+    assert!(lines.next().unwrap().starts_with("acme "), "{text}");
+    let one = cli(&base, tok, &["job", "get", &fid, "-o", "table"]).await;
+    let text = String::from_utf8_lossy(&one.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("error.kind") && l.ends_with("agent_error")),
+        "{text}"
+    );
+    // The admin routes refuse a tenant: auth, 3.
+    refused(&cli(&base, tok, &["admin", "tenants"]).await, "forbidden");
+
+    // Tenant patch, ledger (JSON and CSV) and usage.
+    let t = json(
+        &cli(
+            &base,
+            admin,
+            &[
+                "tenant", "patch", "acme", "--weight", "4", "--fuel", "5000000",
+            ],
+        )
+        .await,
+    );
+    assert_eq!(
+        (t["weight"].as_u64(), t["limits"]["fuel"].as_u64()),
+        (Some(4), Some(5_000_000))
+    );
+    let ledger = json(&cli(&base, tok, &["tenant", "ledger", "acme"]).await);
+    assert!(ledger["entries"].as_array().unwrap().len() >= 3, "{ledger}");
+    let csv = cli(
+        &base,
+        admin,
+        &["tenant", "ledger", "acme", "--csv", "--limit", "2"],
+    )
+    .await;
+    assert_eq!(csv.status.code(), Some(0), "{csv:?}");
+    let csv = String::from_utf8_lossy(&csv.stdout);
+    assert_eq!(csv.lines().count(), 3, "a header and 2 entries: {csv}");
+    let usage = json(&cli(&base, tok, &["tenant", "usage", "acme", "--by", "day"]).await);
+    assert_eq!(usage["total"]["jobs"]["failed"], 2, "{usage}");
+    refused(
+        &cli(&base, tok, &["tenant", "usage", "other"]).await,
+        "not_found",
+    );
+
+    // Component and context get; what does not exist is 4.
+    let c = json(&cli(&base, tok, &["component", "get", &digest]).await);
+    assert_eq!(c["digest"], json!(digest));
+    let none = format!("sha256:{}", "0".repeat(64));
+    refused(
+        &cli(&base, tok, &["component", "get", &none]).await,
+        "not_found",
+    );
+    refused(
+        &cli(&base, tok, &["context", "get", "nothing"]).await,
+        "not_found",
+    );
+
+    // Batch from a file: one result per job; any refusal exits 1.
+    let file = s.dir.join("batch.json");
+    let body = json!({"jobs": [
+        {"job": {"component": digest, "input": "one"}, "idempotency_key": "b1"},
+        {"job": {"component": digest, "input": "two"}},
+    ]});
+    std::fs::write(&file, body.to_string()).unwrap();
+    let b = json(&cli(&base, tok, &["job", "batch", file.to_str().unwrap()]).await);
+    assert_eq!(b["results"].as_array().unwrap().len(), 2, "{b}");
+    assert_eq!(b["results"][0]["created"], true);
+    let bare = json!([{"job": {"component": none, "input": "x"}}]);
+    std::fs::write(&file, bare.to_string()).unwrap();
+    let out = cli(&base, tok, &["job", "batch", file.to_str().unwrap()]).await;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let b: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(b["results"][0]["error"].is_object(), "{b}");
+    std::fs::write(&file, "not json").unwrap();
+    let out = cli(&base, tok, &["job", "batch", file.to_str().unwrap()]).await;
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    // Off a terminal no spinner is drawn: stderr stays empty.
+    let quiet = submit("quiet").await;
+    assert!(quiet.stderr.is_empty(), "{quiet:?}");
+    s.stop().await;
 }

@@ -58,6 +58,10 @@ pub enum ApiError {
     /// 429: the tenant is already sending this many job bodies.
     #[error("this tenant is already sending {0} job bodies; retry when one finishes")]
     TooManyBodies(usize),
+    /// 429: the tenant already holds its share of long-polls and event
+    /// streams.
+    #[error("this tenant already holds {0} long-polls and event streams; retry when one ends")]
+    TooManyWaits(usize),
     /// 405: the path exists with other methods.
     #[error("method not allowed")]
     MethodNotAllowed,
@@ -106,6 +110,7 @@ impl ApiError {
             ),
             ApiError::TooManyUploads(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_uploads"),
             ApiError::TooManyBodies(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_requests"),
+            ApiError::TooManyWaits(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_requests"),
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ApiError::RequestTimeout => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             ApiError::IdempotencyConflict => {
@@ -221,6 +226,7 @@ fn retry_after(err: &ApiError) -> Option<u64> {
         ApiError::QueueFull
         | ApiError::TooManyUploads(_)
         | ApiError::TooManyBodies(_)
+        | ApiError::TooManyWaits(_)
         | ApiError::Unavailable
         | ApiError::StorageFull => Some(1),
         _ => None,

@@ -342,7 +342,7 @@ pub(super) async fn batch(
     Ok(Json(serde_json::json!({ "results": results })))
 }
 
-async fn fetch_job(state: &AppState, tenant: &str, id: &str) -> ApiResult<Job> {
+pub(super) async fn fetch_job(state: &AppState, tenant: &str, id: &str) -> ApiResult<Job> {
     if !job_id_ok(id) {
         return Err(ApiError::NotFound("job"));
     }

@@ -16,12 +16,14 @@ mod auth;
 mod body;
 mod edge;
 mod error;
+mod events;
 mod jobs;
 mod prom;
 mod query;
 mod report;
 mod tenants;
 mod types;
+mod ui;
 mod uploads;
 
 pub use auth::{Admin, Caller, Tenant, token_hash};
@@ -254,6 +256,7 @@ fn routes() -> utoipa_axum::router::OpenApiRouter<AppState> {
         .routes(routes!(ready))
         .routes(routes!(openapi_json))
         .routes(routes!(prom::render))
+        .routes(routes!(ui::page))
         .routes(routes!(tenants::create))
         .routes(routes!(tenants::get, tenants::patch))
         .routes(routes!(tenants::credits))
@@ -270,6 +273,7 @@ fn routes() -> utoipa_axum::router::OpenApiRouter<AppState> {
         .routes(routes!(jobs::batch))
         .routes(routes!(jobs::get))
         .routes(routes!(jobs::log))
+        .routes(routes!(events::events))
         .routes(routes!(jobs::cancel))
         .routes(routes!(admin::retry))
 }

@@ -17,16 +17,32 @@ use std::sync::OnceLock;
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
+/// Upper bounds (seconds) of every histogram's buckets. Every histogram
+/// the code records is a duration (`*_seconds`), from a CLAIM round trip
+/// (about a millisecond) to a long agent run (minutes). Buckets, unlike
+/// the exporter's default summaries, add up across workers, so
+/// `histogram_quantile(0.99, sum by (le) (rate(..._bucket[5m])))` is the
+/// deployment's p99, not an average of each process's.
+pub const BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 120.0, 300.0,
+];
+
 /// Installs the Prometheus recorder once per process. A second call (tests
 /// build many apps in one process) answers the first handle; if another
 /// recorder was installed by someone else, metrics are not exposed.
 pub fn install_metrics() -> Option<PrometheusHandle> {
     HANDLE
-        .get_or_init(|| match PrometheusBuilder::new().install_recorder() {
-            Ok(h) => Some(h),
-            Err(e) => {
-                tracing::warn!(error = %e, "metrics recorder not installed");
-                None
+        .get_or_init(|| {
+            match PrometheusBuilder::new()
+                .set_buckets(BUCKETS)
+                .and_then(|b| b.install_recorder())
+            {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics recorder not installed");
+                    None
+                }
             }
         })
         .clone()
@@ -76,4 +92,30 @@ pub fn metrics_app() -> axum::Router {
                 }
             }),
         )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn histograms_render_with_buckets() {
+        let Some(h) = super::install_metrics() else {
+            panic!("no recorder")
+        };
+        metrics::histogram!("agentplane_claim_seconds").record(0.003);
+        h.run_upkeep();
+        let text = h.render();
+        assert!(
+            text.contains("# TYPE agentplane_claim_seconds histogram"),
+            "{text}"
+        );
+        assert!(
+            text.lines().any(
+                |l| l.starts_with("agentplane_claim_seconds_bucket{le=\"0.005\"} ")
+                    && !l.ends_with(" 0")
+            ),
+            "{text}"
+        );
+        assert!(text.contains("agentplane_claim_seconds_bucket{le=\"+Inf\"}"));
+        assert!(!text.contains("quantile="), "no summaries: {text}");
+    }
 }

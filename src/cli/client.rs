@@ -1,14 +1,15 @@
 //! Client commands: thin wrappers over [`crate::client::ApiClient`] that
-//! print its typed answers as JSON. A non-2xx answer prints the error and
-//! exits with status 1.
+//! print its typed answers as JSON (or a table with `--output table`). A
+//! non-2xx answer prints the error and exits with the status `output`
+//! names for it (3 auth, 4 not found, 1 otherwise).
 
+use super::output::{self, EXIT_JOB_FAILED, Format, Spinner, finish};
 use crate::api::JobRequest;
-use crate::client::{ApiClient, ClientError, ClientResult, JobsFilter, NewTenant};
-use crate::control::LimitsPatch;
+use crate::client::{ApiClient, JobsFilter, NewTenant, Page, UsageWindow};
+use crate::control::{LimitsPatch, TenantPatch};
 use crate::model::JobState;
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use serde::Serialize;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -21,6 +22,9 @@ pub struct Conn {
     /// Bearer token (admin token for `tenant`, a tenant token otherwise).
     #[arg(long, env = "AGENTPLANE_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// `json` (default) or `table`.
+    #[arg(long, short = 'o', value_enum, default_value_t = Format::Json)]
+    pub output: Format,
 }
 
 /// `agentplane tenant …`
@@ -71,9 +75,86 @@ pub enum TenantCmd {
         /// Credits to add (negative to take back).
         #[arg(allow_negative_numbers = true)]
         amount: i64,
+        /// Makes the grant safe to retry: a replay credits nothing.
+        #[arg(long)]
+        idempotency_key: Option<String>,
         #[command(flatten)]
         conn: Conn,
     },
+    /// Changes a tenant's weight, quotas or limits (only what is given).
+    Patch(PatchArgs),
+    /// Prints a page of the tenant's ledger, oldest first (admin, or the
+    /// tenant itself).
+    Ledger {
+        /// Tenant id.
+        id: String,
+        /// Page size (at most 1000).
+        #[arg(long)]
+        limit: Option<usize>,
+        /// `next_cursor` of the previous page.
+        #[arg(long)]
+        cursor: Option<String>,
+        /// Print the page as CSV, as the API writes it.
+        #[arg(long)]
+        csv: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Prints the tenant's usage by hour or day (admin, or the tenant).
+    Usage {
+        /// Tenant id.
+        id: String,
+        /// Start (RFC 3339 or Unix ms).
+        #[arg(long)]
+        from: Option<String>,
+        /// End, excluded (RFC 3339 or Unix ms).
+        #[arg(long)]
+        to: Option<String>,
+        /// Bucket: `hour` or `day`.
+        #[arg(long)]
+        by: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+/// `agentplane tenant patch`.
+#[derive(Debug, Args)]
+pub struct PatchArgs {
+    /// Tenant id.
+    pub id: String,
+    /// Share of capacity relative to other tenants.
+    #[arg(long)]
+    pub weight: Option<u32>,
+    /// Jobs running at once.
+    #[arg(long)]
+    pub max_running: Option<u32>,
+    /// Jobs waiting at once.
+    #[arg(long)]
+    pub max_queued: Option<u32>,
+    /// GPU slots in use at once.
+    #[arg(long)]
+    pub max_gpus: Option<u32>,
+    /// Default fuel per attempt.
+    #[arg(long)]
+    pub fuel: Option<u64>,
+    /// Default memory per instance.
+    #[arg(long)]
+    pub memory_bytes: Option<u64>,
+    /// Default wall-clock limit per attempt.
+    #[arg(long)]
+    pub timeout_ms: Option<u64>,
+    /// Largest component upload.
+    #[arg(long)]
+    pub max_component_bytes: Option<u64>,
+    /// Largest context upload.
+    #[arg(long)]
+    pub max_context_bytes: Option<u64>,
+    /// Largest agent state.
+    #[arg(long)]
+    pub max_state_bytes: Option<u64>,
+    #[command(flatten)]
+    pub conn: Conn,
 }
 
 /// `agentplane component …`
@@ -86,6 +167,13 @@ pub enum ComponentCmd {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Prints a component's metadata.
+    Get {
+        /// Digest `sha256:…`.
+        digest: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
 }
 
 /// `agentplane context …`
@@ -95,6 +183,13 @@ pub enum ContextCmd {
     Push {
         /// The JSON file.
         file: PathBuf,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Prints a context's metadata.
+    Get {
+        /// Context name.
+        name: String,
         #[command(flatten)]
         conn: Conn,
     },
@@ -126,6 +221,22 @@ pub enum JobCmd {
     Log {
         /// Job id.
         id: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Submits a failed job again as a new job (charged as usual).
+    Retry {
+        /// Job id of the failed job.
+        id: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Submits up to 1,000 jobs from a JSON file: the `POST /v1/jobs/batch`
+    /// body `{"jobs":[{"job":{…},"idempotency_key"?}]}` or just its list.
+    /// Exits 1 when any job was refused (each has its own result).
+    Batch {
+        /// The JSON file.
+        file: PathBuf,
         #[command(flatten)]
         conn: Conn,
     },
@@ -186,28 +297,12 @@ pub struct SubmitArgs {
     /// Makes the submission safe to retry: the same key and body give the same job.
     #[arg(long)]
     pub idempotency_key: Option<String>,
-    /// Wait until the job is terminal and print it.
+    /// Wait until the job is terminal and print it; exit 5 unless it
+    /// succeeded.
     #[arg(long)]
     pub wait: bool,
     #[command(flatten)]
     pub conn: Conn,
-}
-
-/// Prints an answer as pretty JSON, or the error; exit status 1 on an error.
-fn finish<T: Serialize>(r: ClientResult<T>) -> anyhow::Result<ExitCode> {
-    match r {
-        Ok(v) => {
-            println!("{}", serde_json::to_string_pretty(&v)?);
-            Ok(ExitCode::SUCCESS)
-        }
-        Err(e @ ClientError::Api { .. }) => {
-            eprintln!("error: {e}");
-            Ok(ExitCode::FAILURE)
-        }
-        // No answer at all (or one of the wrong shape) is not the API's
-        // refusal: reported as the command's own failure, as before.
-        Err(e) => Err(e.into()),
-    }
 }
 
 fn client(conn: &Conn) -> anyhow::Result<ApiClient> {
@@ -244,27 +339,107 @@ pub async fn tenant(cmd: TenantCmd) -> anyhow::Result<ExitCode> {
                 limits: (limits != LimitsPatch::default()).then_some(limits),
                 ..NewTenant::default()
             };
-            finish(client(&conn)?.create_tenant(&spec).await)
+            finish(conn.output, client(&conn)?.create_tenant(&spec).await)
         }
-        TenantCmd::Get { id, conn } => finish(client(&conn)?.tenant(&id).await),
-        TenantCmd::Credits { id, amount, conn } => {
-            finish(client(&conn)?.grant_credits(&id, amount).await)
+        TenantCmd::Get { id, conn } => finish(conn.output, client(&conn)?.tenant(&id).await),
+        TenantCmd::Credits {
+            id,
+            amount,
+            idempotency_key,
+            conn,
+        } => {
+            let c = client(&conn)?;
+            let r = match idempotency_key {
+                Some(k) => c.grant_credits_once(&id, amount, &k).await,
+                None => c.grant_credits(&id, amount).await,
+            };
+            finish(conn.output, r)
+        }
+        TenantCmd::Patch(a) => {
+            let limits = LimitsPatch {
+                fuel: a.fuel,
+                memory_bytes: a.memory_bytes,
+                timeout_ms: a.timeout_ms,
+            };
+            let patch = TenantPatch {
+                weight: a.weight,
+                max_running: a.max_running,
+                max_queued: a.max_queued,
+                max_gpus: a.max_gpus,
+                limits: (limits != LimitsPatch::default()).then_some(limits),
+                max_component_bytes: a.max_component_bytes,
+                max_context_bytes: a.max_context_bytes,
+                max_state_bytes: a.max_state_bytes,
+            };
+            finish(
+                a.conn.output,
+                client(&a.conn)?.patch_tenant(&a.id, &patch).await,
+            )
+        }
+        TenantCmd::Ledger {
+            id,
+            limit,
+            cursor,
+            csv,
+            conn,
+        } => {
+            let c = client(&conn)?;
+            let page = Page { limit, cursor };
+            if csv {
+                match c.ledger_csv(&id, &page).await {
+                    Ok(text) => {
+                        print!("{text}");
+                        Ok(ExitCode::SUCCESS)
+                    }
+                    Err(e) => finish::<()>(conn.output, Err(e)),
+                }
+            } else {
+                finish(conn.output, c.ledger(&id, &page).await)
+            }
+        }
+        TenantCmd::Usage {
+            id,
+            from,
+            to,
+            by,
+            conn,
+        } => {
+            let window = UsageWindow { from, to, by };
+            finish(conn.output, client(&conn)?.usage(&id, &window).await)
         }
     }
 }
 
 /// `agentplane component …`
 pub async fn component(cmd: ComponentCmd) -> anyhow::Result<ExitCode> {
-    let ComponentCmd::Push { file, conn } = cmd;
-    let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
-    finish(client(&conn)?.push_component(bytes).await)
+    match cmd {
+        ComponentCmd::Push { file, conn } => {
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let spin = Spinner::start(format!("uploading {} bytes", bytes.len()));
+            let r = client(&conn)?.push_component(bytes).await;
+            drop(spin);
+            finish(conn.output, r)
+        }
+        ComponentCmd::Get { digest, conn } => {
+            finish(conn.output, client(&conn)?.component(&digest).await)
+        }
+    }
 }
 
 /// `agentplane context …`
 pub async fn context(cmd: ContextCmd) -> anyhow::Result<ExitCode> {
-    let ContextCmd::Push { file, conn } = cmd;
-    let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
-    finish(client(&conn)?.push_context(bytes).await)
+    match cmd {
+        ContextCmd::Push { file, conn } => {
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let spin = Spinner::start(format!("uploading {} bytes", bytes.len()));
+            let r = client(&conn)?.push_context(bytes).await;
+            drop(spin);
+            finish(conn.output, r)
+        }
+        ContextCmd::Get { name, conn } => finish(conn.output, client(&conn)?.context(&name).await),
+    }
 }
 
 /// `agentplane job …`
@@ -290,19 +465,35 @@ pub async fn job(cmd: JobCmd) -> anyhow::Result<ExitCode> {
             };
             let c = client(&a.conn)?;
             let submitted = c.submit(&req, a.idempotency_key.as_deref()).await;
+            let out = a.conn.output;
             match submitted {
-                Ok(job) if a.wait => finish(c.wait_terminal(&job.id).await),
-                other => finish(other),
+                Ok(job) if a.wait => {
+                    let spin = Spinner::start(format!("waiting for job {}", job.id));
+                    let r = c.wait_terminal(&job.id).await;
+                    drop(spin);
+                    match r {
+                        // Printed like a success, but the status says the
+                        // job did not do its work.
+                        Ok(job) if job.state != JobState::Succeeded => {
+                            output::print(out, &job)?;
+                            Ok(ExitCode::from(EXIT_JOB_FAILED))
+                        }
+                        r => finish(out, r),
+                    }
+                }
+                other => finish(out, other),
             }
         }
-        JobCmd::Get { id, wait, conn } => finish(client(&conn)?.job(&id, wait).await),
-        JobCmd::Cancel { id, conn } => finish(client(&conn)?.cancel(&id).await),
+        JobCmd::Get { id, wait, conn } => finish(conn.output, client(&conn)?.job(&id, wait).await),
+        JobCmd::Cancel { id, conn } => finish(conn.output, client(&conn)?.cancel(&id).await),
+        JobCmd::Retry { id, conn } => finish(conn.output, client(&conn)?.retry(&id).await),
+        JobCmd::Batch { file, conn } => batch(&file, &conn).await,
         JobCmd::Log { id, conn } => match client(&conn)?.log(&id).await {
             Ok(text) => {
                 print!("{text}");
                 Ok(ExitCode::SUCCESS)
             }
-            Err(e) => finish::<()>(Err(e)),
+            Err(e) => finish::<()>(conn.output, Err(e)),
         },
         JobCmd::List {
             state,
@@ -315,7 +506,53 @@ pub async fn job(cmd: JobCmd) -> anyhow::Result<ExitCode> {
                 limit,
                 cursor,
             };
-            finish(client(&conn)?.jobs(&filter).await)
+            finish(conn.output, client(&conn)?.jobs(&filter).await)
         }
+    }
+}
+
+/// `agentplane job batch FILE`.
+async fn batch(file: &std::path::Path, conn: &Conn) -> anyhow::Result<ExitCode> {
+    #[derive(serde::Deserialize)]
+    struct Item {
+        job: JobRequest,
+        #[serde(default)]
+        idempotency_key: Option<String>,
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Body {
+        Wrapped { jobs: Vec<Item> },
+        Bare(Vec<Item>),
+    }
+    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let body: Body = match serde_json::from_slice(&bytes) {
+        Ok(b) => b,
+        // The file is not what the command takes: a usage error.
+        Err(e) => {
+            eprintln!("error: {}: not a batch of jobs: {e}", file.display());
+            return Ok(ExitCode::from(output::EXIT_USAGE));
+        }
+    };
+    let items = match body {
+        Body::Wrapped { jobs } | Body::Bare(jobs) => jobs,
+    };
+    let jobs: Vec<_> = items
+        .into_iter()
+        .map(|i| (i.job, i.idempotency_key))
+        .collect();
+    match client(conn)?.submit_batch(&jobs).await {
+        Ok(results) => {
+            let refused = results
+                .iter()
+                .any(|r| matches!(r, crate::api::BatchResult::Refused { .. }));
+            output::print(conn.output, &serde_json::json!({ "results": results }))?;
+            Ok(if refused {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        Err(e) => finish::<()>(conn.output, Err(e)),
     }
 }

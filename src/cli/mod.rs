@@ -1,10 +1,12 @@
 //! Command-line interface: the server parts (`serve`, `worker`,
 //! `api`, `scheduler`) and the client commands over the HTTP API.
 
+mod admin;
 mod audit;
 mod bench;
 mod client;
 mod datadir;
+mod output;
 mod server;
 
 use crate::control::{ControlConfig, Prices};
@@ -48,6 +50,9 @@ pub enum Command {
     /// Jobs (tenant token).
     #[command(subcommand)]
     Job(client::JobCmd),
+    /// Listings across tenants and retries (admin token).
+    #[command(subcommand)]
+    Admin(admin::AdminCmd),
     /// Benchmarks, each printing its figures as JSON: over the API (the
     /// default; admin token), or `drain`, `tenants`, `density`, `claim`
     /// against a Redis with a real worker.
@@ -354,7 +359,11 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Component(c) => client::component(c).await,
             Command::Context(c) => client::context(c).await,
             Command::Job(c) => client::job(c).await,
-            Command::Bench(a) => bench::bench(a).await,
+            Command::Admin(c) => admin::admin(c).await,
+            Command::Bench(a) => {
+                let _spin = output::Spinner::start("benchmarking");
+                bench::bench(a).await
+            }
             Command::Audit(a) => audit::audit(a).await,
         }
     });

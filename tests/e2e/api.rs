@@ -150,8 +150,8 @@ async fn echo_round_trip_over_http_and_cli() {
     assert!(ctx.status.success(), "{ctx:?}");
     let c: Value = serde_json::from_slice(&ctx.stdout).unwrap();
     assert_eq!(c["documents"], 1);
-    // A non-2xx answer: the error on stderr, exit status 1.
-    assert_eq!(missing.status.code(), Some(1), "{missing:?}");
+    // A 404: the error on stderr, exit status 4 (not found).
+    assert_eq!(missing.status.code(), Some(4), "{missing:?}");
     assert!(String::from_utf8_lossy(&missing.stderr).contains("not_found"));
     assert!(pushed.status.success());
     assert!(submitted.status.success(), "{submitted:?}");

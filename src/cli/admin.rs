@@ -1,0 +1,86 @@
+//! `agentplane admin …`: what an operator sees across tenants, and the
+//! retry of any tenant's failed job (admin token).
+
+use super::client::Conn;
+use super::output::finish;
+use crate::client::{AdminJobsFilter, ApiClient, Page};
+use crate::model::{ErrorKind, JobState};
+use clap::Subcommand;
+use std::process::ExitCode;
+
+/// `agentplane admin …`
+#[derive(Debug, Subcommand)]
+pub enum AdminCmd {
+    /// Lists tenants by id with running and queued counts, credits, parked
+    /// reason and share of capacity over the last minute.
+    Tenants {
+        /// Page size (at most 1000).
+        #[arg(long)]
+        limit: Option<usize>,
+        /// `next_cursor` of the previous page.
+        #[arg(long)]
+        cursor: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Lists jobs across tenants, newest first.
+    Jobs {
+        /// Only jobs in this state.
+        #[arg(long)]
+        state: Option<JobState>,
+        /// Only failed jobs of this error kind (`agent_error`, `trap`, …).
+        #[arg(long)]
+        error_kind: Option<ErrorKind>,
+        /// Page size (at most 1000).
+        #[arg(long)]
+        limit: Option<usize>,
+        /// `next_cursor` of the previous page.
+        #[arg(long)]
+        cursor: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Submits a tenant's failed job again as a new job.
+    Retry {
+        /// Tenant id.
+        tenant: String,
+        /// Job id of the failed job.
+        id: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+/// `agentplane admin …`
+pub async fn admin(cmd: AdminCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        AdminCmd::Tenants {
+            limit,
+            cursor,
+            conn,
+        } => {
+            let c = ApiClient::new(&conn.url, conn.token.clone())?;
+            finish(conn.output, c.admin_tenants(&Page { limit, cursor }).await)
+        }
+        AdminCmd::Jobs {
+            state,
+            error_kind,
+            limit,
+            cursor,
+            conn,
+        } => {
+            let c = ApiClient::new(&conn.url, conn.token.clone())?;
+            let filter = AdminJobsFilter {
+                state,
+                error_kind,
+                limit,
+                cursor,
+            };
+            finish(conn.output, c.admin_jobs(&filter).await)
+        }
+        AdminCmd::Retry { tenant, id, conn } => {
+            let c = ApiClient::new(&conn.url, conn.token.clone())?;
+            finish(conn.output, c.admin_retry(&tenant, &id).await)
+        }
+    }
+}
