@@ -170,26 +170,11 @@ impl ControlPlane {
         }
         let limit = limit.clamp(1, MAX_PAGE);
         let scan = limit * if kind.is_some() { SCAN_FACTOR } else { 1 };
-        let max = cursor.map_or_else(|| "+".to_string(), |c| format!("({c}"));
         // The newest `scan + 1` ids of each tenant below the cursor, merged:
         // the newest `scan` of them all are among these.
         let mut ids: Vec<(String, String)> = Vec::new();
         for t in self.tenant_ids().await? {
-            let index = match state {
-                Some(s) => self.keys.jobs_in_state(&t, s.as_str()),
-                None => self.keys.jobs(&t),
-            };
-            let mine: Vec<String> = redis::cmd("ZRANGE")
-                .arg(&index)
-                .arg(&max)
-                .arg("-")
-                .arg("BYLEX")
-                .arg("REV")
-                .arg("LIMIT")
-                .arg(0)
-                .arg(scan + 1)
-                .query_async(&mut self.conn())
-                .await?;
+            let mine = self.newest_ids(&t, state, cursor, scan + 1).await?;
             ids.extend(mine.into_iter().map(|j| (j, t.clone())));
         }
         ids.sort_by(|a, b| b.0.cmp(&a.0));

@@ -14,6 +14,34 @@ pub struct LedgerEntry {
 }
 
 impl ControlPlane {
+    /// Up to `n` of a tenant's job ids, newest first, older than `cursor`
+    /// (job ids are ULIDs, so the index's lexical order is their age), from
+    /// the index of `state` or of all its jobs.
+    pub(super) async fn newest_ids(
+        &self,
+        tenant: &str,
+        state: Option<JobState>,
+        cursor: Option<&str>,
+        n: usize,
+    ) -> Result<Vec<String>, CpError> {
+        let index = match state {
+            Some(s) => self.keys.jobs_in_state(tenant, s.as_str()),
+            None => self.keys.jobs(tenant),
+        };
+        let max = cursor.map_or_else(|| "+".to_string(), |c| format!("({c}"));
+        Ok(redis::cmd("ZRANGE")
+            .arg(&index)
+            .arg(&max)
+            .arg("-")
+            .arg("BYLEX")
+            .arg("REV")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(n)
+            .query_async(&mut self.conn())
+            .await?)
+    }
+
     pub(super) fn job_from_hash(id: &str, h: &HashMap<String, String>) -> Option<Job> {
         let state = h.get("state")?.parse::<JobState>().ok()?;
         let kind = h
@@ -134,24 +162,7 @@ impl ControlPlane {
             return Err(CpError::Invalid("cursor is not a job id".into()));
         }
         let limit = limit.clamp(1, MAX_PAGE);
-        let index = match state {
-            Some(s) => self.keys.jobs_in_state(tenant, s.as_str()),
-            None => self.keys.jobs(tenant),
-        };
-        let max = cursor
-            .map(|c| format!("({c}"))
-            .unwrap_or_else(|| "+".into());
-        let ids: Vec<String> = redis::cmd("ZRANGE")
-            .arg(&index)
-            .arg(&max)
-            .arg("-")
-            .arg("BYLEX")
-            .arg("REV")
-            .arg("LIMIT")
-            .arg(0)
-            .arg(limit + 1)
-            .query_async(&mut self.conn())
-            .await?;
+        let ids = self.newest_ids(tenant, state, cursor, limit + 1).await?;
         let more = ids.len() > limit;
         let ids = &ids[..ids.len().min(limit)];
         let mut pipe = redis::pipe();
