@@ -143,20 +143,15 @@ pub(super) async fn submit(
     let idem = idempotency_key(&headers)?;
     expect_json(&headers)?;
     let cfg = state.config();
-    // Each body in flight may buffer up to `max_job_body_bytes` for as long
-    // as the body rules allow: a tenant holds a bounded number of them.
-    let place = state
-        .body_place(&tenant)
-        .ok_or(ApiError::TooManyBodies(cfg.max_bodies_per_tenant))?;
-    let bytes = read_body(
+    let bytes = tenant_body(
+        &state,
+        &tenant,
         &headers,
         body,
         cfg.max_job_body_bytes(),
-        cfg,
         "the job body",
     )
     .await?;
-    drop(place);
     let cp = state.control();
     let info = cp
         .tenant(&tenant)
@@ -268,18 +263,15 @@ pub(super) async fn batch(
 ) -> ApiResult<Json<serde_json::Value>> {
     expect_json(&headers)?;
     let cfg = state.config();
-    let place = state
-        .body_place(&tenant)
-        .ok_or(ApiError::TooManyBodies(cfg.max_bodies_per_tenant))?;
-    let bytes = read_body(
+    let bytes = tenant_body(
+        &state,
+        &tenant,
         &headers,
         body,
         cfg.max_batch_body_bytes(),
-        cfg,
         "the batch body",
     )
     .await?;
-    drop(place);
     let batch: Batch = parse_json(&bytes, "batch body")?;
     if batch.jobs.is_empty() || batch.jobs.len() > MAX_BATCH {
         return Err(ApiError::Invalid(format!(
@@ -460,6 +452,24 @@ pub(super) async fn list(
         jobs,
         next_cursor: next,
     }))
+}
+
+/// Reads a tenant's JSON body of at most `max` bytes. Each body in flight
+/// may buffer up to `max` for as long as the body rules allow, so a tenant
+/// holds a bounded number of them (a place, released once it is read).
+async fn tenant_body(
+    state: &AppState,
+    tenant: &str,
+    headers: &HeaderMap,
+    body: Body,
+    max: usize,
+    what: &str,
+) -> ApiResult<axum::body::Bytes> {
+    let cfg = state.config();
+    let _place = state
+        .body_place(tenant)
+        .ok_or(ApiError::TooManyBodies(cfg.max_bodies_per_tenant))?;
+    read_body(headers, body, max, cfg, what).await
 }
 
 #[cfg(test)]
