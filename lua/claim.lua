@@ -83,20 +83,21 @@ local leased = {}
 -- The eligible tenant with the lowest virtual time whose next job fits:
 -- the CPU set's first, or the first of each GPU bucket that fits the free
 -- GPUs (one ZRANGE per bucket, never a scan of the tenants that do not fit).
+-- Answers the tenant and the set it is in (ACT_CPU or ACT_GPU).
 local function pick()
-  local best, best_v = nil, nil
+  local best, best_v, from = nil, nil, nil
   local c = redis.call('ZRANGE', ACT_CPU, 0, 0, 'WITHSCORES')
-  if #c > 0 then best, best_v = c[1], tonumber(c[2]) end
+  if #c > 0 then best, best_v, from = c[1], tonumber(c[2]), ACT_CPU end
   if gpus_left > 0 then
     local gs = redis.call('ZRANGEBYSCORE', GBUCKETS, 1, gpus_left)
     for _, g in ipairs(gs) do
       local e = redis.call('ZRANGE', gbucket(g), 0, 0, 'WITHSCORES')
       if #e > 0 and (best_v == nil or tonumber(e[2]) < best_v) then
-        best, best_v = e[1], tonumber(e[2])
+        best, best_v, from = e[1], tonumber(e[2]), ACT_GPU
       end
     end
   end
-  return best
+  return best, from
 end
 
 -- Takes back a delivery that was not the head: a running job's own entry
@@ -144,14 +145,41 @@ local passes = 0
 -- Tenant hashes read in this call: every write below updates the table
 -- with the hash, so a tenant picked again is not read again.
 local tenants = {}
+-- Each served tenant's next head, as the `refresh` after its claim read
+-- it: valid while its `qlast` is unchanged (nothing else in this call
+-- touches its stream without clearing the entry).
+local heads = {}
+-- Tenants whose claim fields (vtime, qlast, counts) changed: each is
+-- written with one HSET after the loop (its table `T` is what every
+-- decision in the loop reads meanwhile).
+local dirty = {}
+-- Fencing tokens: the shard's counter is moved once per call, by what this
+-- call may still hand out, on its first claim; tokens only need to grow
+-- and never repeat, so those not handed out are simply never used.
+local tokens_next, tokens_last = 0, -1
+local function next_token()
+  if tokens_next > tokens_last then
+    tokens_last = redis.call('INCRBY', FENCE, max_n - #out)
+    tokens_next = tokens_last - (max_n - #out) + 1
+  end
+  tokens_next = tokens_next + 1
+  return tokens_next - 1
+end
 while #out < max_n and passes < 4 * max_n + 64 do
   passes = passes + 1
-  local t = pick()
+  local t, from = pick()
   if t == nil then break end
   local T = tenants[t] or hgetall(tkey(t))
   tenants[t] = T
-  local sid, jid = head(t, T)
-  local J = jid and job_meta(jkey(jid)) or nil
+  local sid, jid, J
+  local h = heads[t]
+  heads[t] = nil
+  if h and h.qlast == T.qlast then
+    sid, jid, J = h.sid, h.jid, h.J
+  else
+    sid, jid = head(t, T)
+    J = jid and job_meta(jkey(jid)) or nil
+  end
   local ok = J ~= nil and J.state == 'queued'
   if not ok then
     -- A stale head (should not happen: CANCEL deletes its entry). Drop it
@@ -172,39 +200,48 @@ while #out < max_n and passes < 4 * max_n + 64 do
     local g = n(J, 'gpus')
     local fuel, timeout, memory = effective(J, T)
     local r = reservation(fuel, timeout, g, P)
-    local token = redis.call('INCR', FENCE)
+    local token = next_token()
     local attempt = n(J, 'attempts') + 1
     local est = math.max(n(T, 'avg_ms'), 1) * (1 + g * P.gpuw)
     local weight = math.max(n(T, 'weight'), 1)
     local v = n(T, 'vtime')
     -- The shard's clock follows the lowest virtual time actually served.
-    local vclock = tonumber(redis.call('GET', VCLOCK) or 0) or 0
-    if v > vclock then redis.call('SET', VCLOCK, v) end
+    advance_vclock(v)
     T.vtime = v + est / weight
     T.qlast = sid
     T.running = n(T, 'running') + 1
     T.gpus = n(T, 'gpus') + g
     T.reserved = n(T, 'reserved') + r
     T.queued = n(T, 'queued') - 1
-    redis.call('HSET', tkey(t), 'vtime', T.vtime, 'qlast', sid, 'running', I(T.running),
-      'gpus', I(T.gpus), 'reserved', I(T.reserved), 'queued', I(T.queued))
+    -- Written once per tenant, after the loop (`dirty`).
+    if not dirty[t] then
+      dirty[t] = true
+      dirty[#dirty + 1] = t
+    end
     local started = J.started
     if started == nil or started == '' then started = now end
     -- `cw`: the weight `est` is charged at, which FINALIZE, RELEASE and
     -- REAP correct with (the tenant's weight may change meanwhile).
-    redis.call('HSET', jkey(jid), 'attempts', I(attempt), 'counted', I(counted(J) + 1),
-      'token', token, 'worker', worker, 'lease_until', I(now + lease), 'reserved', I(r),
-      'est', est, 'cw', I(weight), 'started', started, 'sid', sid)
-    set_state(jid, J, 'running')
+    move_state(jid, J, 'running')
+    redis.call('HSET', jkey(jid), 'state', 'running', 'attempts', I(attempt),
+      'counted', I(counted(J) + 1), 'token', token, 'worker', worker,
+      'lease_until', I(now + lease), 'reserved', I(r), 'est', est, 'cw', I(weight),
+      'started', started, 'sid', sid)
     redis.call('ZADD', LEASES, now + lease, jid)
     ledger(t, 'reserve', jid, attempt, r, T)
-    -- Re-score or park the tenant for its next job.
-    deactivate(t, T)
-    refresh(t, T, P)
+    -- Re-score (at its new virtual time) or park the tenant for its next
+    -- job, and keep that job for the next pick of this tenant.
+    local _, hsid, hjid, hJ = refresh(t, T, P, from)
+    if hsid then heads[t] = { qlast = T.qlast, sid = hsid, jid = hjid, J = hJ } end
     gpus_left = gpus_left - g
     out[#out + 1] = entry(jid, t, J, T, token, attempt)
     leased[#leased + 1] = jid .. ' ' .. token .. '\n'
   end
+end
+for _, t in ipairs(dirty) do
+  local T = tenants[t]
+  redis.call('HSET', tkey(t), 'vtime', T.vtime, 'qlast', T.qlast, 'running', I(T.running),
+    'gpus', I(T.gpus), 'reserved', I(T.reserved), 'queued', I(T.queued))
 end
 if #leased > 0 then
   redis.call('SET', record, table.concat(leased), 'PX', lease)

@@ -52,6 +52,21 @@ local LEASES = B .. 'leases'
 local WAKE = B .. 'wake'
 local DONE = B .. 'done'         -- finished jobs by finish time, for RETAIN
 
+-- The shard's virtual clock (see CLAIM), read at most once per call.
+local vclock_cached = nil
+local function vclock()
+  if vclock_cached == nil then
+    vclock_cached = tonumber(redis.call('GET', VCLOCK) or 0) or 0
+  end
+  return vclock_cached
+end
+local function advance_vclock(v)
+  if v > vclock() then
+    redis.call('SET', VCLOCK, v)
+    vclock_cached = v
+  end
+end
+
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -163,22 +178,32 @@ local function ledger(t, op, job, attempt, amount, T)
   -- or only live jobs, included) without scanning tenants. Set once (the
   -- oldest entry stays oldest); RETAIN moves it on as it folds. A ledger
   -- written before this index existed is entered at its first entry.
+  -- Checked once per tenant per call (`T._indexed`): nothing in a script
+  -- takes a tenant out of the index but RETAIN, which writes no entry.
+  if T._indexed then return end
   local idx = B .. 'ledgers'
   if not redis.call('ZSCORE', idx, t) then
     local first = redis.call('XRANGE', ledgerkey(t), '-', '+', 'COUNT', 1)[1][1]
     redis.call('ZADD', idx, string.match(first, '^(%d+)'), t)
   end
+  T._indexed = true
 end
 
--- Moves a job between the per-state indexes and records the new state.
-local function set_state(jid, J, state)
+-- Moves a job between the per-state indexes; the caller writes `state`
+-- into the job hash in its own HSET (one write per job, not two).
+local function move_state(jid, J, state)
   local t = J.tenant
   if J.state ~= nil and J.state ~= '' then
     redis.call('ZREM', statekey(t, J.state), jid)
   end
   redis.call('ZADD', statekey(t, state), 0, jid)
-  redis.call('HSET', jkey(jid), 'state', state)
   J.state = state
+end
+
+-- Moves a job between the per-state indexes and records the new state.
+local function set_state(jid, J, state)
+  move_state(jid, J, state)
+  redis.call('HSET', jkey(jid), 'state', state)
 end
 
 -- The next undelivered entry of a tenant's stream: entry id and job id.
@@ -208,15 +233,6 @@ local function deactivate(t, T)
     if redis.call('ZCARD', gbucket(old)) == 0 then redis.call('ZREM', GBUCKETS, old) end
     redis.call('HSET', tkey(t), 'agpus', '')
     T.agpus = ''
-  end
-end
-
--- Moves an active tenant's score to its current virtual time.
-local function rescore(t, T)
-  if redis.call('ZSCORE', ACT_CPU, t) then redis.call('ZADD', ACT_CPU, T.vtime, t) end
-  if redis.call('ZSCORE', ACT_GPU, t) then
-    redis.call('ZADD', ACT_GPU, T.vtime, t)
-    if (T.agpus or '') ~= '' then redis.call('ZADD', gbucket(T.agpus), T.vtime, t) end
   end
 end
 
@@ -267,11 +283,13 @@ local UNSCHEDULABLE_BATCH = 32
 -- never rescans them. A tenant that becomes eligible again starts no earlier
 -- than the shard's virtual clock: idle time banks nothing. A head job that
 -- can never run fails here (`never_runs`), so it cannot block the tenant.
-local function refresh(t, T, P)
+local function refresh(t, T, P, served)
   local reason = ''
   local set = nil
   local g = 0
   local stranded = true
+  -- The head examined (answered, so CLAIM can take it without reading it again).
+  local head_sid, head_jid, head_J = nil, nil, nil
   for _ = 1, UNSCHEDULABLE_BATCH do
     local sid, jid = head(t, T)
     if sid == nil then
@@ -285,6 +303,7 @@ local function refresh(t, T, P)
       fail_unschedulable(t, T, sid, jid, J, why)
     else
       stranded = false
+      head_sid, head_jid, head_J = sid, jid, J
       g = n(J, 'gpus')
       if n(T, 'running') >= n(T, 'max_running') then
         reason = 'max_running'
@@ -310,19 +329,47 @@ local function refresh(t, T, P)
     set, g = ACT_CPU, 0
   end
   local bucket = (set == ACT_GPU) and tostring(g) or ''
-  if set == nil or (T.agpus or '') ~= bucket or redis.call('ZSCORE', set, t) == false then
+  -- Where t is: `served` names the set CLAIM just took it from (then it is
+  -- there, and is placed anew at its advanced virtual time, as a tenant
+  -- coming back is); otherwise ask Redis.
+  local inset = false
+  if set ~= nil and (T.agpus or '') == bucket then
+    if served ~= nil then
+      inset = served == set
+    else
+      inset = redis.call('ZSCORE', set, t) ~= false
+    end
+  end
+  if inset then
+    -- Staying: re-score when the virtual time moved in this call
+    -- (`T._vmoved`, set by CLAIM and `correct_vtime`).
+    local v = n(T, 'vtime')
+    if served ~= nil then
+      v = math.max(v, vclock())
+      if v ~= n(T, 'vtime') then
+        T.vtime = v
+        redis.call('HSET', tkey(t), 'vtime', v)
+      end
+    end
+    if T._vmoved or served ~= nil then
+      redis.call('ZADD', set, v, t)
+      if set == ACT_GPU then redis.call('ZADD', gbucket(bucket), v, t) end
+    end
+  else
     -- Parked, or moving between sets or buckets: start from no set. The
-    -- score carries over a move (a tenant keeps its place in line).
+    -- score carries over a move (a tenant keeps its place in line; an
+    -- active tenant's score is its virtual time), but not for the tenant
+    -- CLAIM just served, which is placed as one coming back.
     local kept = nil
-    if set ~= nil then
-      kept = redis.call('ZSCORE', ACT_CPU, t) or redis.call('ZSCORE', ACT_GPU, t)
+    if set ~= nil and served == nil
+      and (redis.call('ZSCORE', ACT_CPU, t) or redis.call('ZSCORE', ACT_GPU, t)) then
+      kept = n(T, 'vtime')
     end
     deactivate(t, T)
     if set ~= nil then
-      local v = tonumber(kept or '')
+      local v = kept
       if v == nil then
-        local vclock = tonumber(redis.call('GET', VCLOCK) or 0) or 0
-        v = math.max(n(T, 'vtime'), vclock)
+        v = math.max(n(T, 'vtime'), vclock())
         T.vtime = v
         redis.call('HSET', tkey(t), 'vtime', v)
       end
@@ -339,7 +386,8 @@ local function refresh(t, T, P)
     redis.call('HSET', tkey(t), 'parked', reason)
     T.parked = reason
   end
-  return set ~= nil
+  T._vmoved = nil
+  return set ~= nil, head_sid, head_jid, head_J
 end
 
 -- Wakes waiting workers (a bounded blocking list: a lost signal only costs
@@ -379,8 +427,8 @@ end
 -- Appends a job to its tenant's ready stream.
 local function to_ready(jid, J, T)
   local sid = redis.call('XADD', qkey(J.tenant), '*', 'j', jid)
-  redis.call('HSET', jkey(jid), 'sid', sid)
-  set_state(jid, J, 'queued')
+  move_state(jid, J, 'queued')
+  redis.call('HSET', jkey(jid), 'sid', sid, 'state', 'queued')
 end
 
 -- Puts a job back at the end of its tenant's ready stream (a job that is
@@ -401,21 +449,37 @@ local function retire_consumer(t, consumer)
 end
 
 -- Ends an attempt's hold on the worker: PEL entry, lease, running count,
--- GPU slots. Shared by FINALIZE, REAP and RELEASE.
-local function end_attempt(jid, J, T)
+-- GPU slots. Shared by FINALIZE, REAP and RELEASE. `tfields` and `jfields`
+-- (flat name, value lists, optional) join its tenant and job HSETs, so a
+-- caller writes each hash once. With `retire` (a table), the worker's
+-- consumer is noted there for the caller to retire once, after all its
+-- attempts, instead of at once.
+local function end_attempt(jid, J, T, tfields, jfields, retire)
   local t = J.tenant
   if (J.sid or '') ~= '' then
     redis.call('XACK', qkey(t), GROUP, J.sid)
     redis.call('XDEL', qkey(t), J.sid)
   end
-  retire_consumer(t, J.worker)
+  if retire then
+    local k = t .. '\n' .. (J.worker or '')
+    if not retire[k] then
+      retire[k] = true
+      retire[#retire + 1] = { t, J.worker }
+    end
+  else
+    retire_consumer(t, J.worker)
+  end
   redis.call('ZREM', LEASES, jid)
   local g = n(J, 'gpus')
   T.running = n(T, 'running') - 1
   T.gpus = n(T, 'gpus') - g
   -- HSET, not HINCRBY: Lua renders -0 as "-0", which HINCRBY refuses.
-  redis.call('HSET', tkey(t), 'running', I(T.running), 'gpus', I(T.gpus))
-  redis.call('HSET', jkey(jid), 'sid', '', 'worker', '', 'lease_until', 0)
+  local tf = { 'running', I(T.running), 'gpus', I(T.gpus) }
+  for _, x in ipairs(tfields or {}) do tf[#tf + 1] = x end
+  redis.call('HSET', tkey(t), unpack(tf))
+  local jf = { 'sid', '', 'worker', '', 'lease_until', 0 }
+  for _, x in ipairs(jfields or {}) do jf[#jf + 1] = x end
+  redis.call('HSET', jkey(jid), unpack(jf))
 end
 
 -- Releases the attempt's whole reservation uncharged.
@@ -429,9 +493,12 @@ local function release_reservation(jid, J, T)
   redis.call('HSET', jkey(jid), 'reserved', 0)
 end
 
-local function finish(jid, J, state, now)
-  set_state(jid, J, state)
-  redis.call('HSET', jkey(jid), 'finished', I(now))
+-- `fields`: more job fields to write in the same HSET (flat name, value).
+local function finish(jid, J, state, now, fields)
+  move_state(jid, J, state)
+  local f = { 'state', state, 'finished', I(now) }
+  for _, x in ipairs(fields or {}) do f[#f + 1] = x end
+  redis.call('HSET', jkey(jid), unpack(f))
   -- RETAIN removes it (with its log and index entries) after the retention.
   redis.call('ZADD', DONE, now, jid)
 end
@@ -470,8 +537,7 @@ end
 -- Ends the job as cancelled by its tenant: the cancel flag wins on every
 -- path out of a run (FINALIZE, RELEASE, REAP) and ends a queued job at once.
 local function finish_cancelled(jid, J, now)
-  redis.call('HSET', jkey(jid), 'ekind', 'cancelled', 'emsg', 'cancelled by the tenant')
-  finish(jid, J, 'cancelled', now)
+  finish(jid, J, 'cancelled', now, { 'ekind', 'cancelled', 'emsg', 'cancelled by the tenant' })
 end
 
 -- Replaces the slot-time CLAIM charged in advance (`est` at the weight of
@@ -479,12 +545,14 @@ end
 -- node faults pass 0: a run that was not the tenant's costs it no share.
 -- The weight at claim, not the current one: claiming at weight 1000 and
 -- correcting at weight 1 would bank priority.
-local function correct_vtime(t, J, T, actual)
+-- The tenant's score follows at its next `refresh` (every caller ends with
+-- one), and `deferred` leaves the HSET of `vtime` to the caller's own.
+local function correct_vtime(t, J, T, actual, deferred)
   local w = n(J, 'cw')
   if w <= 0 then w = math.max(n(T, 'weight'), 1) end
   T.vtime = n(T, 'vtime') + (actual - n(J, 'est')) / w
-  redis.call('HSET', tkey(t), 'vtime', T.vtime)
-  rescore(t, T)
+  T._vmoved = true
+  if not deferred then redis.call('HSET', tkey(t), 'vtime', T.vtime) end
 end
 
 -- A run the node could not give what it needs (the node's fault, not the

@@ -53,17 +53,28 @@ local balance = n(T, 'granted') - n(T, 'settled')
 if balance < r then return { 'credits', r, balance } end
 
 local now = now_ms()
-redis.call('HSET', KEYS[3], 'tenant', t, 'component', ARGV[3], 'input', ARGV[4],
+-- The job's hash is written once, with its state (and, ready at once, its
+-- stream entry).
+local fields = { 'tenant', t, 'component', ARGV[3], 'input', ARGV[4],
   'agent_id', ARGV[5], 'contexts', ARGV[6], 'gpus', I(gpus), 'max_attempts', I(max_attempts),
   'timeout_ms', ARGV[9], 'fuel', ARGV[10], 'attempts', 0, 'counted', 0, 'conflicts', 0, 'token', 0,
-  'reserved', 0, 'u_fuel', 0, 'u_wall', 0, 'u_credits', 0, 'created', I(now), 'cancel', 0)
+  'reserved', 0, 'u_fuel', 0, 'u_wall', 0, 'u_credits', 0, 'created', I(now), 'cancel', 0 }
+local state = 'queued'
+if delay > 0 then
+  state = 'delayed'
+  redis.call('ZADD', DELAYED, now + delay, jid)
+else
+  local sid = redis.call('XADD', qkey(t), '*', 'j', jid)
+  fields[#fields + 1] = 'sid'
+  fields[#fields + 1] = sid
+end
+fields[#fields + 1] = 'state'
+fields[#fields + 1] = state
+redis.call('HSET', KEYS[3], unpack(fields))
 redis.call('ZADD', jobskey(t), 0, jid)
 J.state = ''
-if delay > 0 then
-  to_delayed(jid, J, T, now + delay)
-else
-  requeue(jid, J, T)
-end
+move_state(jid, J, state)
+add_queued(t, T, 1)
 if body_hash ~= '' then
   redis.call('SET', KEYS[4], body_hash .. '\n' .. jid, 'EX', math.max(ttl, 1))
 end

@@ -11,7 +11,7 @@
 //!   then stop the rest and RELEASE their leases, which puts the jobs back
 //!   in the queue uncharged.
 
-use crate::control::{Claim, ControlPlane, CpError, Finalized, Finish, Lease};
+use crate::control::{Claim, ControlPlane, CpError, Finalized, Finish, Lease, Settled};
 use crate::host::{Host, HostError, RunOutcome, RunReport, RunRequest};
 use crate::model::{ErrorKind, JobState};
 use std::sync::Arc;
@@ -23,7 +23,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 mod decide;
+mod finalizer;
 use decide::{Decision, Verdict, decide};
+use finalizer::Finalizer;
 
 /// How long a slot waits after a node fault before handing its job back.
 const NODE_FAULT_BACKOFF: Duration = Duration::from_millis(200);
@@ -100,6 +102,7 @@ struct Shared {
     control: ControlPlane,
     host: Arc<Host>,
     free_gpus: AtomicU32,
+    finalizer: Finalizer,
 }
 
 /// Returns GPU slots when a run ends, however it ends.
@@ -120,11 +123,13 @@ pub struct Worker {
 }
 
 impl Worker {
+    /// Needs a Tokio runtime (it starts the task that sends FINALIZEs).
     pub fn new(cfg: WorkerConfig, control: ControlPlane, host: Arc<Host>) -> Worker {
         let gpus = cfg.gpus;
         Worker {
             shared: Arc::new(Shared {
                 cfg,
+                finalizer: Finalizer::start(control.clone()),
                 control,
                 host,
                 free_gpus: AtomicU32::new(gpus),
@@ -470,20 +475,24 @@ async fn run_claim(shared: &Shared, claim: Claim, hard_stop: CancellationToken) 
         log: report.log,
         new_state: report.new_state,
     };
-    finalize(shared, &lease, &finish).await
+    finalize(shared, Arc::new(lease), Arc::new(finish)).await
 }
 
 /// FINALIZE, retried through transient Redis errors for up to one lease
 /// (after that the reaper owns the job and FINALIZE would be refused).
-async fn finalize(shared: &Shared, lease: &Lease, finish: &Finish) -> RunEnd {
+async fn finalize(shared: &Shared, lease: Arc<Lease>, finish: Arc<Finish>) -> RunEnd {
     let give_up = Instant::now() + Duration::from_millis(shared.control.config().lease_ms);
     let mut pause = Duration::from_millis(50);
     loop {
-        match shared.control.finalize(lease, finish).await {
-            Ok(f) => {
-                tracing::info!(result = ?f, "finalized");
-                record_terminal(shared, lease, &f).await;
-                return RunEnd::Finalized(f);
+        match shared
+            .finalizer
+            .finalize(lease.clone(), finish.clone())
+            .await
+        {
+            Ok(Settled { result, credits }) => {
+                tracing::info!(result = ?result, "finalized");
+                record_terminal(&lease, &result, Some(credits));
+                return RunEnd::Finalized(result);
             }
             Err(CpError::LeaseLost) => {
                 metrics::counter!("agentplane_lease_lost_total").increment(1);
@@ -503,8 +512,9 @@ async fn finalize(shared: &Shared, lease: &Lease, finish: &Finish) -> RunEnd {
     }
 }
 
-/// Counts a job that reached a terminal state, with what it cost in all.
-async fn record_terminal(shared: &Shared, lease: &Lease, f: &Finalized) {
+/// Counts a job that reached a terminal state, with what it cost in all
+/// (as FINALIZE answered it; RELEASE does not say, and charges nothing).
+fn record_terminal(lease: &Lease, f: &Finalized, credits: Option<u64>) {
     let state = match f {
         Finalized::Succeeded => JobState::Succeeded,
         Finalized::Failed => JobState::Failed,
@@ -517,13 +527,11 @@ async fn record_terminal(shared: &Shared, lease: &Lease, f: &Finalized) {
         "state" => state.as_str()
     )
     .increment(1);
-    // The settled total is the control plane's to compute; read it back
-    // rather than re-deriving prices here.
-    if let Ok(Some(job)) = shared.control.job(&lease.tenant, &lease.job_id).await
-        && job.usage.credits > 0
-    {
+    // The settled total is the control plane's to compute, not re-derived
+    // from prices here.
+    if let Some(credits) = credits.filter(|&c| c > 0) {
         metrics::counter!("agentplane_credits_total", "tenant" => lease.tenant.clone())
-            .increment(job.usage.credits as u64);
+            .increment(credits);
     }
 }
 
@@ -538,7 +546,19 @@ async fn release_fault(shared: &Shared, lease: &Lease, message: &str) -> RunEnd 
     match shared.control.release_fault(lease, message).await {
         Ok(f) => {
             metrics::counter!("agentplane_jobs_released_total").increment(1);
-            record_terminal(shared, lease, &f).await;
+            // RELEASE answers no cost: a job it ended may have paid for
+            // earlier attempts, so read what it cost in all.
+            let credits = match f {
+                Finalized::Failed | Finalized::Cancelled => shared
+                    .control
+                    .job(&lease.tenant, &lease.job_id)
+                    .await
+                    .ok()
+                    .flatten()
+                    .map(|j| j.usage.credits as u64),
+                _ => None,
+            };
+            record_terminal(lease, &f, credits);
             RunEnd::Finalized(f)
         }
         Err(CpError::LeaseLost) => RunEnd::LeaseLost,

@@ -40,6 +40,35 @@ pub enum CpError {
     Shards { done: u32, failed: Vec<String> },
 }
 
+impl CpError {
+    /// The same error for each of several callers whose requests went in
+    /// one call (a batched FINALIZE): the variants callers branch on are
+    /// kept; a Redis error keeps its text (an answer lost stays an I/O
+    /// error, so the callers still know the call may have run).
+    pub(crate) fn replicate(&self) -> CpError {
+        match self {
+            CpError::LeaseLost => CpError::LeaseLost,
+            CpError::Cancelled => CpError::Cancelled,
+            CpError::NotFound => CpError::NotFound,
+            CpError::TenantExists => CpError::TenantExists,
+            CpError::QueueFull => CpError::QueueFull,
+            CpError::InsufficientCredits => CpError::InsufficientCredits,
+            CpError::IdempotencyConflict => CpError::IdempotencyConflict,
+            CpError::Invalid(m) => CpError::Invalid(m.clone()),
+            CpError::StorageFull => CpError::StorageFull,
+            CpError::QuotaExceeded(m) => CpError::QuotaExceeded(m.clone()),
+            CpError::Redis(e) => CpError::Redis(redis::RedisError::from(std::io::Error::other(
+                e.to_string(),
+            ))),
+            CpError::Internal(m) => CpError::Internal(m.clone()),
+            CpError::Shards { done, failed } => CpError::Shards {
+                done: *done,
+                failed: failed.clone(),
+            },
+        }
+    }
+}
+
 /// The command may have run and only its answer was lost: the connection
 /// dropped or the answer timed out.
 pub(super) fn answer_lost(e: &redis::RedisError) -> bool {

@@ -43,6 +43,14 @@ pub enum Finalized {
     StateConflict,
 }
 
+/// What FINALIZE did with one attempt, and what the job has cost so far.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settled {
+    pub result: Finalized,
+    /// Credits settled over all the job's attempts.
+    pub credits: u64,
+}
+
 /// What a cut text ends with, so a reader knows it was cut.
 pub const CUT_MARK: &str = "\n[... truncated]";
 
@@ -64,8 +72,18 @@ pub fn truncate_utf8(s: &str, max: usize) -> Cow<'_, str> {
     }
 }
 
-/// ARGV of `lua/finalize.lua`, in its header's order.
+/// ARGV of `lua/finalize.lua`, in its header's order: the call's
+/// settings, then each attempt's fields.
 struct FinalizeArgs<'a> {
+    retry: Retry,
+    max_conflicts: u32,
+    prices: [u64; 4],
+    max_faults: u32,
+    attempts: Vec<FinalizeAttempt<'a>>,
+}
+
+/// One attempt's fields in FINALIZE's ARGV.
+struct FinalizeAttempt<'a> {
     job: &'a str,
     token: u64,
     outcome: &'a str,
@@ -73,33 +91,34 @@ struct FinalizeArgs<'a> {
     text: &'a str,
     fuel: u64,
     wall_ms: u64,
-    log: &'a str,
+    log: Cow<'a, str>,
     state_mode: &'a str,
     state: &'a [u8],
-    retry: Retry,
-    max_conflicts: u32,
-    prices: [u64; 4],
-    max_faults: u32,
+    jitter: u32,
 }
 
 impl FinalizeArgs<'_> {
     fn write(&self, inv: &mut redis::ScriptInvocation<'_>) {
-        inv.arg(self.job)
-            .arg(self.token)
-            .arg(self.outcome)
-            .arg(self.kind)
-            .arg(self.text)
-            .arg(self.fuel)
-            .arg(self.wall_ms)
-            .arg(self.log)
-            .arg(self.state_mode)
-            .arg(self.state);
-        self.retry.write(inv);
-        inv.arg(self.max_conflicts);
+        inv.arg(self.retry.base_ms)
+            .arg(self.retry.max_ms)
+            .arg(self.max_conflicts);
         for p in self.prices {
             inv.arg(p);
         }
-        inv.arg(self.max_faults);
+        inv.arg(self.max_faults).arg(self.attempts.len());
+        for a in &self.attempts {
+            inv.arg(a.job)
+                .arg(a.token)
+                .arg(a.outcome)
+                .arg(a.kind)
+                .arg(a.text)
+                .arg(a.fuel)
+                .arg(a.wall_ms)
+                .arg(a.log.as_ref())
+                .arg(a.state_mode)
+                .arg(a.state)
+                .arg(a.jitter);
+        }
     }
 }
 
@@ -164,73 +183,166 @@ impl ControlPlane {
         }
     }
 
+    /// Ends one attempt: [`ControlPlane::finalize_many`] of one.
     pub async fn finalize(&self, lease: &Lease, finish: &Finish) -> Result<Finalized, CpError> {
-        // Over `max_state_bytes`, the attempt fails and no state is written.
-        let (over_quota, charge) = self.charge_state(lease, finish).await?;
-        let finish = over_quota.as_ref().unwrap_or(finish);
-        let done = self.finalize_script(lease, finish).await;
-        // A state FINALIZE did not commit (lost, conflict, cancel wins) is
-        // not kept counted; any other error leaves it unknown (the script
-        // may have run), so the charge stays.
-        let committed = matches!(done, Ok(Finalized::Succeeded)) || done.is_err();
-        if let Some(charge) = charge
-            && (!committed || matches!(done, Err(CpError::LeaseLost)))
-        {
-            // The job's outcome stands either way: a failed refund is logged.
-            if let Err(e) = self.refund_bytes(&charge).await {
-                tracing::warn!(error = %e, "byte quota refund failed");
-            }
-        }
-        done
+        let mut done = self.finalize_many(&[(lease, finish)]).await;
+        done.pop()
+            .expect("one answer per attempt")
+            .map(|s| s.result)
     }
 
-    async fn finalize_script(&self, lease: &Lease, finish: &Finish) -> Result<Finalized, CpError> {
-        let (outcome, kind, text) = match &finish.outcome {
-            AttemptOutcome::Succeeded { output } => ("ok", "", output.as_str()),
-            AttemptOutcome::Failed { kind, message } => ("failed", kind.as_str(), message.as_str()),
-            AttemptOutcome::Cancelled => ("cancelled", "", ""),
-        };
-        if matches!(kind, "lease_expired" | "cancelled" | "unschedulable") {
-            return Err(CpError::Invalid(format!(
-                "`{kind}` is decided by the control plane, not reported by a worker"
-            )));
-        }
-        // Large states go to their own key, written by the script itself
-        // with the commit (and the superseded version deleted in the same
-        // step): nothing is written for a state that loses its race.
-        let (smode, svalue): (&str, &[u8]) = match (&finish.new_state, &finish.outcome) {
-            (Some(s), AttemptOutcome::Succeeded { .. }) if s.len() > self.cfg.state_inline_max => {
-                ("blob", s)
+    /// Ends several attempts, in one FINALIZE call per shard: what a worker
+    /// sends when ends pile up while its previous call is in flight. Each
+    /// attempt is settled on its own (its token checked, its cost, its
+    /// outcome), exactly as if it came alone; answers are in order.
+    pub async fn finalize_many(&self, ends: &[(&Lease, &Finish)]) -> Vec<Result<Settled, CpError>> {
+        let mut answers: Vec<Option<Result<Settled, CpError>>> =
+            ends.iter().map(|_| None).collect();
+        // Over `max_state_bytes`, the attempt fails and no state is written.
+        let mut finishes: Vec<Option<Finish>> = Vec::with_capacity(ends.len());
+        let mut charges = Vec::with_capacity(ends.len());
+        for (i, (lease, finish)) in ends.iter().enumerate() {
+            match self.charge_state(lease, finish).await {
+                Ok((over_quota, charge)) => {
+                    finishes.push(over_quota);
+                    charges.push(charge);
+                }
+                Err(e) => {
+                    finishes.push(None);
+                    charges.push(None);
+                    answers[i] = Some(Err(e));
+                }
             }
-            (Some(s), AttemptOutcome::Succeeded { .. }) => ("inline", s),
-            _ => ("none", &[]),
-        };
-        let log = truncate_utf8(&finish.log, self.cfg.log_max_bytes);
+        }
+        // One call per shard, over the attempts still to send.
+        let mut shards: Vec<u32> = Vec::new();
+        for (i, (lease, _)) in ends.iter().enumerate() {
+            let s = self.keys.shard_of(&lease.tenant);
+            if answers[i].is_none() && !shards.contains(&s) {
+                shards.push(s);
+            }
+        }
+        for shard in shards {
+            let idx: Vec<usize> = (0..ends.len())
+                .filter(|&i| answers[i].is_none() && self.keys.shard_of(&ends[i].0.tenant) == shard)
+                .collect();
+            let batch: Vec<(&Lease, &Finish)> = idx
+                .iter()
+                .map(|&i| (ends[i].0, finishes[i].as_ref().unwrap_or(ends[i].1)))
+                .collect();
+            match self.finalize_script(&batch, shard).await {
+                Ok(done) => {
+                    for (&i, d) in idx.iter().zip(done) {
+                        answers[i] = Some(d);
+                    }
+                }
+                Err(e) => {
+                    // The call as a whole failed: every attempt in it gets
+                    // the error (it may have run; the worker retries, and a
+                    // repeated attempt answers `lost`).
+                    for &i in &idx {
+                        answers[i] = Some(Err(e.replicate()));
+                    }
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(ends.len());
+        for (answer, charge) in answers.into_iter().zip(charges) {
+            let done = answer.expect("every attempt answered");
+            // A state FINALIZE did not commit (lost, conflict, cancel wins) is
+            // not kept counted; any other error leaves it unknown (the script
+            // may have run), so the charge stays.
+            let committed = matches!(
+                done,
+                Ok(Settled {
+                    result: Finalized::Succeeded,
+                    ..
+                })
+            ) || done.is_err();
+            if let Some(charge) = charge
+                && (!committed || matches!(done, Err(CpError::LeaseLost)))
+            {
+                // The job's outcome stands either way: a failed refund is logged.
+                if let Err(e) = self.refund_bytes(&charge).await {
+                    tracing::warn!(error = %e, "byte quota refund failed");
+                }
+            }
+            out.push(done);
+        }
+        out
+    }
+
+    async fn finalize_script(
+        &self,
+        ends: &[(&Lease, &Finish)],
+        shard: u32,
+    ) -> Result<Vec<Result<Settled, CpError>>, CpError> {
+        let mut attempts = Vec::with_capacity(ends.len());
         let mut inv = scripts::FINALIZE.prepare_invoke();
-        inv.key(self.keys.tenant_anchor(&lease.tenant))
-            .key(self.keys.job(&lease.tenant, &lease.job_id));
+        inv.key(self.keys.anchor(shard));
+        for (lease, finish) in ends {
+            let (outcome, kind, text) = match &finish.outcome {
+                AttemptOutcome::Succeeded { output } => ("ok", "", output.as_str()),
+                AttemptOutcome::Failed { kind, message } => {
+                    ("failed", kind.as_str(), message.as_str())
+                }
+                AttemptOutcome::Cancelled => ("cancelled", "", ""),
+            };
+            if matches!(kind, "lease_expired" | "cancelled" | "unschedulable") {
+                return Err(CpError::Invalid(format!(
+                    "`{kind}` is decided by the control plane, not reported by a worker"
+                )));
+            }
+            // Large states go to their own key, written by the script itself
+            // with the commit (and the superseded version deleted in the same
+            // step): nothing is written for a state that loses its race.
+            let (state_mode, state): (&str, &[u8]) = match (&finish.new_state, &finish.outcome) {
+                (Some(s), AttemptOutcome::Succeeded { .. })
+                    if s.len() > self.cfg.state_inline_max =>
+                {
+                    ("blob", s)
+                }
+                (Some(s), AttemptOutcome::Succeeded { .. }) => ("inline", s),
+                _ => ("none", &[]),
+            };
+            inv.key(self.keys.job(&lease.tenant, &lease.job_id));
+            attempts.push(FinalizeAttempt {
+                job: &lease.job_id,
+                token: lease.token,
+                outcome,
+                kind,
+                text,
+                fuel: finish.fuel,
+                wall_ms: finish.wall_ms,
+                log: truncate_utf8(&finish.log, self.cfg.log_max_bytes),
+                state_mode,
+                state,
+                jitter: self.retry().jitter,
+            });
+        }
+        let retry = self.retry();
         FinalizeArgs {
-            job: &lease.job_id,
-            token: lease.token,
-            outcome,
-            kind,
-            text,
-            fuel: finish.fuel,
-            wall_ms: finish.wall_ms,
-            log: &log,
-            state_mode: smode,
-            state: svalue,
-            retry: self.retry(),
+            retry,
             max_conflicts: MAX_STATE_CONFLICTS,
             prices: self.prices(),
             max_faults: self.cfg.max_node_faults,
+            attempts,
         }
         .write(&mut inv);
-        let v: Value = self
-            .eval(&mut inv, self.keys.shard_of(&lease.tenant))
-            .await?;
-        let (s, mut r) = Reply::status("FINALIZE", &v)?;
-        let done = match s {
+        let v: Value = self.eval(&mut inv, shard).await?;
+        let mut all = Reply::new("FINALIZE", &v)?;
+        let mut out = Vec::with_capacity(ends.len());
+        for _ in ends {
+            out.push(Self::finalized(all.item("answer")?));
+        }
+        all.end()?;
+        Ok(out)
+    }
+
+    /// One attempt's answer in FINALIZE's reply.
+    fn finalized(v: &Value) -> Result<Settled, CpError> {
+        let (s, mut r) = Reply::status("FINALIZE", v)?;
+        let result = match s {
             Status::Succeeded => Finalized::Succeeded,
             Status::Failed => Finalized::Failed,
             Status::Cancelled => Finalized::Cancelled,
@@ -238,11 +350,15 @@ impl ControlPlane {
                 delay_ms: r.uint("delay_ms")?,
             },
             Status::Conflict => Finalized::StateConflict,
-            Status::Lost => return Err(CpError::LeaseLost),
+            Status::Lost => {
+                r.end()?;
+                return Err(CpError::LeaseLost);
+            }
             other => return Err(r.unexpected(other)),
         };
+        let credits = r.uint("credits")?;
         r.end()?;
-        Ok(done)
+        Ok(Settled { result, credits })
     }
 
     /// Hands a claimed job back to the queue uncharged (worker draining).

@@ -62,7 +62,7 @@ pub use config::{ControlConfig, Prices};
 pub use error::CpError;
 use error::answer_lost;
 pub use jobs::LedgerEntry;
-pub use lease::{AttemptOutcome, Finalized, Finish, truncate_utf8};
+pub use lease::{AttemptOutcome, Finalized, Finish, Settled, truncate_utf8};
 use reply::*;
 pub use report::{LedgerPage, LedgerRow, UsageBucket, UsageReport};
 pub use submit::{SubmitSpec, Submitted};

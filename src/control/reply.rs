@@ -108,6 +108,11 @@ impl<'a> Reply<'a> {
         ))
     }
 
+    /// A nested value (an answer within an array of answers).
+    pub(super) fn item(&mut self, what: &str) -> Result<&'a Value, CpError> {
+        self.next(what)
+    }
+
     fn next(&mut self, what: &str) -> Result<&'a Value, CpError> {
         let v = self.items.get(self.at).ok_or_else(|| {
             bad(format!(

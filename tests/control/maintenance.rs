@@ -8,6 +8,7 @@ use std::time::Duration;
 pub(crate) async fn racing_schedulers_promote_once(url: &str, shards: u32) {
     let cp = connect(url, cfg(shards)).await;
     let mut ids = Vec::new();
+    let t0 = std::time::Instant::now();
     for t in ["r1", "r2", "r3", "r4"] {
         cp.create_tenant(&tenant(t, 1_000_000), "h").await.unwrap();
         for _ in 0..50 {
@@ -18,7 +19,11 @@ pub(crate) async fn racing_schedulers_promote_once(url: &str, shards: u32) {
             ids.push(s.id);
         }
     }
-    assert_eq!(cp.promote(1000).await.unwrap(), 0, "nothing due yet");
+    // (On a loaded machine the submissions may outlast the delay: then
+    // the first jobs are due already and this check says nothing.)
+    if t0.elapsed() < Duration::from_millis(250) {
+        assert_eq!(cp.promote(1000).await.unwrap(), 0, "nothing due yet");
+    }
     tokio::time::sleep(Duration::from_millis(350)).await;
     let mut tasks = Vec::new();
     for _ in 0..2 {
