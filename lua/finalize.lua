@@ -58,7 +58,8 @@ for i = 1, count do
 end
 
 local now = now_ms()
--- Tenants read in this call (each once), whether each was eligible before
+-- Tenants read in this call (each once; their counts, money and virtual
+-- time are written once, at the end), whether each was eligible before
 -- it, and the consumers to retire once all the attempts are ended.
 local tenants, was_eligible, order, retire = {}, {}, {}, {}
 
@@ -82,10 +83,10 @@ local function finalize_one(x)
   local fault = outcome == 'failed' and kind == 'node_fault'
 
   -- Money: the actual cost, never above what was reserved for this attempt.
-  -- The tenant's and the job's fields are gathered here and written by
-  -- `end_attempt`, one HSET each.
+  -- The job's fields are gathered here and written by `end_attempt`, in
+  -- one HSET; the tenant's stay in T, written once per tenant at the end.
   local r = n(J, 'reserved')
-  local tf, jf = {}, {}
+  local jf = {}
   if fault then
     release_reservation(jid, J, T)
   else
@@ -99,7 +100,6 @@ local function finalize_one(x)
     local avg = n(T, 'avg_ms')
     if avg <= 0 then avg = wall else avg = avg * 0.8 + wall * 0.2 end
     T.avg_ms = math.max(avg, 1)
-    tf = { 'settled', I(T.settled), 'reserved', I(T.reserved), 'avg_ms', T.avg_ms }
     ledger(t, 'settle', jid, attempt, cost, T)
     if r - cost > 0 then ledger(t, 'release', jid, attempt, r - cost, T) end
     jf = { 'reserved', 0, 'u_fuel', I(n(J, 'u_fuel') + fuel),
@@ -112,10 +112,7 @@ local function finalize_one(x)
   else
     correct_vtime(t, J, T, wall * (1 + g * P.gpuw), true)
   end
-  tf[#tf + 1] = 'vtime'
-  tf[#tf + 1] = T.vtime
-
-  end_attempt(jid, J, T, tf, jf, retire)
+  end_attempt(jid, J, T, nil, jf, retire)
 
   -- The log is this attempt's: written if any, and a previous attempt's
   -- removed (a first attempt has none to remove).
@@ -191,7 +188,15 @@ for _, c in ipairs(retire) do retire_consumer(c[1], c[2]) end
 -- head waits (a CLAIM would have taken it), as in SUBMIT.
 local woken = false
 for _, t in ipairs(order) do
-  if refresh(t, tenants[t], P) and not was_eligible[t] then woken = true end
+  local T = tenants[t]
+  if refresh(t, T, P) and not was_eligible[t] then woken = true end
+  local f = { 'running', I(n(T, 'running')), 'gpus', I(n(T, 'gpus')),
+    'settled', I(n(T, 'settled')), 'reserved', I(n(T, 'reserved')), 'vtime', n(T, 'vtime') }
+  if T.avg_ms ~= nil then
+    f[#f + 1] = 'avg_ms'
+    f[#f + 1] = T.avg_ms
+  end
+  redis.call('HSET', tkey(t), unpack(f))
 end
 if woken then wake() end
 return out

@@ -451,20 +451,21 @@ end
 -- Ends an attempt's hold on the worker: PEL entry, lease, running count,
 -- GPU slots. Shared by FINALIZE, REAP and RELEASE. `tfields` and `jfields`
 -- (flat name, value lists, optional) join its tenant and job HSETs, so a
--- caller writes each hash once. With `retire` (a table), the worker's
--- consumer is noted there for the caller to retire once, after all its
--- attempts, instead of at once.
-local function end_attempt(jid, J, T, tfields, jfields, retire)
+-- caller writes each hash once. With `batch` (FINALIZE's, ending several
+-- attempts), the tenant's counts are left in T for the caller to write once
+-- per tenant (`tfields` then unused), and the worker's consumer is noted in
+-- `batch` for the caller to retire once, after all its attempts.
+local function end_attempt(jid, J, T, tfields, jfields, batch)
   local t = J.tenant
   if (J.sid or '') ~= '' then
     redis.call('XACK', qkey(t), GROUP, J.sid)
     redis.call('XDEL', qkey(t), J.sid)
   end
-  if retire then
+  if batch then
     local k = t .. '\n' .. (J.worker or '')
-    if not retire[k] then
-      retire[k] = true
-      retire[#retire + 1] = { t, J.worker }
+    if not batch[k] then
+      batch[k] = true
+      batch[#batch + 1] = { t, J.worker }
     end
   else
     retire_consumer(t, J.worker)
@@ -474,9 +475,11 @@ local function end_attempt(jid, J, T, tfields, jfields, retire)
   T.running = n(T, 'running') - 1
   T.gpus = n(T, 'gpus') - g
   -- HSET, not HINCRBY: Lua renders -0 as "-0", which HINCRBY refuses.
-  local tf = { 'running', I(T.running), 'gpus', I(T.gpus) }
-  for _, x in ipairs(tfields or {}) do tf[#tf + 1] = x end
-  redis.call('HSET', tkey(t), unpack(tf))
+  if not batch then
+    local tf = { 'running', I(T.running), 'gpus', I(T.gpus) }
+    for _, x in ipairs(tfields or {}) do tf[#tf + 1] = x end
+    redis.call('HSET', tkey(t), unpack(tf))
+  end
   local jf = { 'sid', '', 'worker', '', 'lease_until', 0 }
   for _, x in ipairs(jfields or {}) do jf[#jf + 1] = x end
   redis.call('HSET', jkey(jid), unpack(jf))
