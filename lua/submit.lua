@@ -1,88 +1,126 @@
--- SUBMIT: accept a job for a tenant, idempotently.
+-- SUBMIT: accept jobs for a tenant, idempotently; one call takes one job or
+-- a batch of them (each decided as if submitted alone, in order).
 --
 -- KEYS[1]  shard anchor `{prefix:sN}:anchor` (all other keys derive from its tag)
 -- KEYS[2]  tenant hash          KEYS[1]:t:<tenant>
--- KEYS[3]  job hash             KEYS[1]:j:<job>
--- KEYS[4]  idempotency string   KEYS[1]:idem:<tenant>:<sha256(key)>
--- ARGV[1]  tenant id            ARGV[2]  new job id (ULID)
--- ARGV[3]  component digest     ARGV[4]  input
--- ARGV[5]  agent id or ''       ARGV[6]  contexts, JSON [[name, digest], ...]
--- ARGV[7]  gpus                 ARGV[8]  max_attempts (>= 1)
--- ARGV[9]  timeout_ms or ''     ARGV[10] fuel or ''
--- ARGV[11] delay_ms             ARGV[12] sha256 of the body, '' without a key
--- ARGV[13] idempotency TTL (s)  ARGV[14..17] prices: credits/Mfuel, credits/GPU-s, GPU slot weight,
---                               credits/slot-s
--- Returns: {'created', id, state} | {'exists', id, state} | {'conflict'}
+-- then for each job i:
+-- KEYS[1 + 2i]  job hash              KEYS[1]:j:<job>
+-- KEYS[2 + 2i]  idempotency string    KEYS[1]:idem:<tenant>:<sha256(key)>
+-- ARGV[1]  tenant id            ARGV[2]  idempotency TTL (s)
+-- ARGV[3..6] prices: credits/Mfuel, credits/GPU-s, GPU slot weight, credits/slot-s
+-- ARGV[7]  N, the number of jobs; then for each job i, 11 fields from
+--          ARGV[8 + 11 * (i - 1)]:
+--   new job id (ULID), component digest, input, agent id or '', contexts
+--   (JSON [[name, digest], ...]), gpus, max_attempts (>= 1), timeout_ms or '',
+--   fuel or '', delay_ms, sha256 of the body ('' without an idempotency key)
+-- Returns: an array with one answer per job, in order, each
+--          {'created', id, state} | {'exists', id, state} | {'conflict'}
 --          | {'no_tenant'} | {'queue_full'} | {'credits', reservation, balance}
--- Errors:  malformed arguments (nothing written).
-local t, jid = ARGV[1], ARGV[2]
-local gpus, max_attempts, delay = uint(ARGV[7]), uint(ARGV[8]), uint(ARGV[11])
-local ttl = uint(ARGV[13])
-local P = prices(ARGV[14], ARGV[15], ARGV[16], ARGV[17])
-if t == '' or jid == '' or ARGV[3] == '' then return fail('empty tenant, job or component') end
-if gpus == nil or max_attempts == nil or max_attempts < 1 or delay == nil or ttl == nil or P == nil then
-  return fail('malformed numeric argument')
+-- Errors:  malformed arguments (nothing written, for any job).
+local t, ttl = ARGV[1], uint(ARGV[2])
+local P = prices(ARGV[3], ARGV[4], ARGV[5], ARGV[6])
+local count = uint(ARGV[7])
+local STRIDE = 11
+if t == '' or ttl == nil or P == nil or count == nil or count < 1
+  or #ARGV ~= 7 + STRIDE * count or #KEYS ~= 3 + 2 * count then
+  return fail('malformed arguments')
 end
-if ARGV[9] ~= '' and uint(ARGV[9]) == nil then return fail('malformed timeout_ms') end
-if ARGV[10] ~= '' and uint(ARGV[10]) == nil then return fail('malformed fuel') end
-if KEYS[2] ~= tkey(t) or KEYS[3] ~= jkey(jid) then return fail('keys do not match arguments') end
+if KEYS[2] ~= tkey(t) then return fail('keys do not match arguments') end
 
+-- Every job's arguments are checked before anything is written.
+local jobs = {}
+for i = 1, count do
+  local a = 7 + STRIDE * (i - 1)
+  local x = { jid = ARGV[a + 1], component = ARGV[a + 2], input = ARGV[a + 3],
+    agent = ARGV[a + 4], contexts = ARGV[a + 5], gpus = uint(ARGV[a + 6]),
+    max_attempts = uint(ARGV[a + 7]), timeout_ms = ARGV[a + 8], fuel = ARGV[a + 9],
+    delay = uint(ARGV[a + 10]), body_hash = ARGV[a + 11],
+    key = KEYS[1 + 2 * i], idem = KEYS[2 + 2 * i] }
+  if x.jid == '' or x.component == '' then return fail('empty tenant, job or component') end
+  if x.gpus == nil or x.max_attempts == nil or x.max_attempts < 1 or x.delay == nil then
+    return fail('malformed numeric argument')
+  end
+  if x.timeout_ms ~= '' and uint(x.timeout_ms) == nil then return fail('malformed timeout_ms') end
+  if x.fuel ~= '' and uint(x.fuel) == nil then return fail('malformed fuel') end
+  if x.key ~= jkey(x.jid) then return fail('keys do not match arguments') end
+  -- A ULID drawn twice: never expected; refused rather than overwritten.
+  if redis.call('EXISTS', x.key) == 1 then return fail('job id already used') end
+  jobs[i] = x
+end
+
+local out = {}
 local T = hgetall(KEYS[2])
-if next(T) == nil then return { 'no_tenant' } end
-local body_hash = ARGV[12]
-if body_hash ~= '' then
-  local prev = redis.call('GET', KEYS[4])
-  if prev then
-    local sep = string.find(prev, '\n', 1, true)
-    local h, old = string.sub(prev, 1, sep - 1), string.sub(prev, sep + 1)
-    if h ~= body_hash then return { 'conflict' } end
-    return { 'exists', old, redis.call('HGET', jkey(old), 'state') or 'queued' }
+if next(T) == nil then
+  for i = 1, count do out[i] = { 'no_tenant' } end
+  return out
+end
+local now = now_ms()
+
+local function submit_one(x)
+  local jid = x.jid
+  if x.body_hash ~= '' then
+    local prev = redis.call('GET', x.idem)
+    if prev then
+      local sep = string.find(prev, '\n', 1, true)
+      local h, old = string.sub(prev, 1, sep - 1), string.sub(prev, sep + 1)
+      if h ~= x.body_hash then return { 'conflict' } end
+      return { 'exists', old, redis.call('HGET', jkey(old), 'state') or 'queued' }
+    end
+  end
+
+  -- max_queued bounds admission of new jobs only. A job already accepted is
+  -- never refused on its way back (retry, RELEASE, state conflict, REAP), so
+  -- `queued` may pass max_queued, but queued + running stays within
+  -- max_queued + max_running: only SUBMIT adds, and only below max_queued.
+  if n(T, 'queued') >= n(T, 'max_queued') then return { 'queue_full' } end
+  local J = { fuel = x.fuel, timeout_ms = x.timeout_ms, tenant = t }
+  local fuel, timeout = effective(J, T)
+  local r = reservation(fuel, timeout, x.gpus, P)
+  local balance = n(T, 'granted') - n(T, 'settled')
+  if balance < r then return { 'credits', r, balance } end
+
+  -- The job's hash is written once, with its state (and, ready at once, its
+  -- stream entry).
+  local fields = { 'tenant', t, 'component', x.component, 'input', x.input,
+    'agent_id', x.agent, 'contexts', x.contexts, 'gpus', I(x.gpus),
+    'max_attempts', I(x.max_attempts), 'timeout_ms', x.timeout_ms, 'fuel', x.fuel,
+    'attempts', 0, 'counted', 0, 'conflicts', 0, 'token', 0, 'reserved', 0, 'u_fuel', 0,
+    'u_wall', 0, 'u_credits', 0, 'created', I(now), 'cancel', 0 }
+  local state = 'queued'
+  if x.delay > 0 then
+    state = 'delayed'
+    redis.call('ZADD', DELAYED, now + x.delay, jid)
+  else
+    local sid = redis.call('XADD', qkey(t), '*', 'j', jid)
+    fields[#fields + 1] = 'sid'
+    fields[#fields + 1] = sid
+  end
+  fields[#fields + 1] = 'state'
+  fields[#fields + 1] = state
+  redis.call('HSET', x.key, unpack(fields))
+  redis.call('ZADD', jobskey(t), 0, jid)
+  J.state = ''
+  move_state(jid, J, state)
+  T.queued = n(T, 'queued') + 1
+  if x.body_hash ~= '' then
+    redis.call('SET', x.idem, x.body_hash .. '\n' .. jid, 'EX', math.max(ttl, 1))
+  end
+  return { 'created', jid, state }
+end
+
+local created = 0
+for i, x in ipairs(jobs) do
+  out[i] = submit_one(x)
+  if out[i][1] == 'created' then created = created + 1 end
+end
+if created > 0 then
+  redis.call('HINCRBY', KEYS[2], 'queued', created)
+  -- An eligible tenant (parked = '') stays eligible when jobs join the tail
+  -- of its queue: its head, running count and credits are unchanged, so
+  -- there is nothing to re-decide and no one to wake. Otherwise (parked
+  -- `empty`, or any other reason) re-decide.
+  if (T.parked or '') ~= '' then
+    if refresh(t, T, P) then wake() end
   end
 end
-if redis.call('EXISTS', KEYS[3]) == 1 then return fail('job id already used') end
-
--- max_queued bounds admission of new jobs only. A job already accepted is
--- never refused on its way back (retry, RELEASE, state conflict, REAP), so
--- `queued` may pass max_queued, but queued + running stays within
--- max_queued + max_running: only SUBMIT adds, and only below max_queued.
-if n(T, 'queued') >= n(T, 'max_queued') then return { 'queue_full' } end
-local J = { fuel = ARGV[10], timeout_ms = ARGV[9], tenant = t }
-local fuel, timeout = effective(J, T)
-local r = reservation(fuel, timeout, gpus, P)
-local balance = n(T, 'granted') - n(T, 'settled')
-if balance < r then return { 'credits', r, balance } end
-
-local now = now_ms()
--- The job's hash is written once, with its state (and, ready at once, its
--- stream entry).
-local fields = { 'tenant', t, 'component', ARGV[3], 'input', ARGV[4],
-  'agent_id', ARGV[5], 'contexts', ARGV[6], 'gpus', I(gpus), 'max_attempts', I(max_attempts),
-  'timeout_ms', ARGV[9], 'fuel', ARGV[10], 'attempts', 0, 'counted', 0, 'conflicts', 0, 'token', 0,
-  'reserved', 0, 'u_fuel', 0, 'u_wall', 0, 'u_credits', 0, 'created', I(now), 'cancel', 0 }
-local state = 'queued'
-if delay > 0 then
-  state = 'delayed'
-  redis.call('ZADD', DELAYED, now + delay, jid)
-else
-  local sid = redis.call('XADD', qkey(t), '*', 'j', jid)
-  fields[#fields + 1] = 'sid'
-  fields[#fields + 1] = sid
-end
-fields[#fields + 1] = 'state'
-fields[#fields + 1] = state
-redis.call('HSET', KEYS[3], unpack(fields))
-redis.call('ZADD', jobskey(t), 0, jid)
-J.state = ''
-move_state(jid, J, state)
-add_queued(t, T, 1)
-if body_hash ~= '' then
-  redis.call('SET', KEYS[4], body_hash .. '\n' .. jid, 'EX', math.max(ttl, 1))
-end
--- An eligible tenant (parked = '') stays eligible when a job joins the
--- tail of its queue: its head, running count and credits are unchanged, so
--- there is nothing to re-decide and no one to wake. Otherwise (parked
--- `empty`, or any other reason) re-decide.
-if (T.parked or '') ~= '' then
-  if refresh(t, T, P) then wake() end
-end
-return { 'created', jid, J.state }
+return out

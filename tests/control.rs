@@ -92,4 +92,6 @@ conformance!(
     stream_out_of_step_is_repaired,
     impossible_head_fails_and_frees_its_queue,
     gpu_tenant_that_fits_is_found_behind_many_that_do_not,
+    a_batch_submit_decides_each_job_in_order,
+    a_batch_finalize_settles_each_attempt_alone,
 );

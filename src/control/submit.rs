@@ -31,75 +31,118 @@ pub struct Submitted {
     pub created: bool,
 }
 
-/// ARGV of `lua/submit.lua`, in its header's order. An absent limit
-/// (`timeout_ms`, `fuel`) is an empty string: the tenant's applies.
+/// ARGV of `lua/submit.lua`, in its header's order: the call's settings,
+/// then each job's fields.
 struct SubmitArgs<'a> {
     tenant: &'a str,
-    job: &'a str,
-    spec: &'a SubmitSpec,
-    contexts: &'a str,
-    body_hash: &'a str,
     idempotency_ttl_s: u64,
     prices: [u64; 4],
+    jobs: Vec<SubmitJob<'a>>,
+}
+
+/// One job's fields in SUBMIT's ARGV. An absent limit (`timeout_ms`,
+/// `fuel`) is an empty string: the tenant's applies.
+struct SubmitJob<'a> {
+    job: String,
+    spec: &'a SubmitSpec,
+    contexts: String,
+    body_hash: &'a str,
 }
 
 impl SubmitArgs<'_> {
     fn write(&self, inv: &mut redis::ScriptInvocation<'_>) {
-        let s = self.spec;
-        let opt = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_default();
-        inv.arg(self.tenant)
-            .arg(self.job)
-            .arg(&s.component)
-            .arg(&s.input)
-            .arg(s.agent_id.as_deref().unwrap_or_default())
-            .arg(self.contexts)
-            .arg(s.gpus)
-            .arg(s.max_attempts)
-            .arg(opt(s.timeout_ms))
-            .arg(opt(s.fuel))
-            .arg(s.delay_ms)
-            .arg(self.body_hash)
-            .arg(self.idempotency_ttl_s);
+        inv.arg(self.tenant).arg(self.idempotency_ttl_s);
         for p in self.prices {
             inv.arg(p);
+        }
+        inv.arg(self.jobs.len());
+        let opt = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_default();
+        for j in &self.jobs {
+            let s = j.spec;
+            inv.arg(&j.job)
+                .arg(&s.component)
+                .arg(&s.input)
+                .arg(s.agent_id.as_deref().unwrap_or_default())
+                .arg(&j.contexts)
+                .arg(s.gpus)
+                .arg(s.max_attempts)
+                .arg(opt(s.timeout_ms))
+                .arg(opt(s.fuel))
+                .arg(s.delay_ms)
+                .arg(j.body_hash);
         }
     }
 }
 
 impl ControlPlane {
+    /// SUBMIT of one job: [`ControlPlane::submit_many`] of one.
     pub async fn submit(&self, tenant: &str, spec: &SubmitSpec) -> Result<Submitted, CpError> {
+        self.submit_many(tenant, std::slice::from_ref(spec))
+            .await?
+            .pop()
+            .expect("one answer per job")
+    }
+
+    /// SUBMIT of a batch of one tenant's jobs in one call: each is decided
+    /// as if submitted alone, in order (its own checks, credits, queue
+    /// space and idempotency key), so one refused job refuses no other.
+    /// Answers are in order; an `Err` of the whole is a call that failed
+    /// (it may have run: retry with the idempotency keys).
+    pub async fn submit_many(
+        &self,
+        tenant: &str,
+        specs: &[SubmitSpec],
+    ) -> Result<Vec<Result<Submitted, CpError>>, CpError> {
         if !crate::model::valid_tenant_id(tenant) {
             return Err(CpError::NotFound);
         }
-        if spec.max_attempts == 0 {
+        if specs.is_empty() {
+            return Ok(Vec::new());
+        }
+        if specs.iter().any(|s| s.max_attempts == 0) {
             return Err(CpError::Invalid("max_attempts must be at least 1".into()));
         }
-        let id = ulid::Ulid::new().to_string();
-        let (idem_key, body_hash) = match &spec.idempotency {
-            Some((k, h)) => (
-                self.keys.idempotency(tenant, &sha256_hex(k.as_bytes())),
-                h.clone(),
-            ),
-            None => (self.keys.idempotency(tenant, "-"), String::new()),
-        };
-        let contexts = serde_json::to_string(&spec.contexts).map_err(|e| bad(e.to_string()))?;
         let mut inv = scripts::SUBMIT.prepare_invoke();
         inv.key(self.keys.tenant_anchor(tenant))
-            .key(self.keys.tenant(tenant))
-            .key(self.keys.job(tenant, &id))
-            .key(idem_key);
+            .key(self.keys.tenant(tenant));
+        let mut jobs = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let id = ulid::Ulid::new().to_string();
+            let (idem_key, body_hash) = match &spec.idempotency {
+                Some((k, h)) => (
+                    self.keys.idempotency(tenant, &sha256_hex(k.as_bytes())),
+                    h.as_str(),
+                ),
+                None => (self.keys.idempotency(tenant, "-"), ""),
+            };
+            inv.key(self.keys.job(tenant, &id)).key(idem_key);
+            jobs.push(SubmitJob {
+                job: id,
+                spec,
+                contexts: serde_json::to_string(&spec.contexts).map_err(|e| bad(e.to_string()))?,
+                body_hash,
+            });
+        }
         SubmitArgs {
             tenant,
-            job: &id,
-            spec,
-            contexts: &contexts,
-            body_hash: &body_hash,
             idempotency_ttl_s: self.idempotency_ttl_s(),
             prices: self.prices(),
+            jobs,
         }
         .write(&mut inv);
         let v: Value = self.eval(&mut inv, self.keys.shard_of(tenant)).await?;
-        let (s, mut r) = Reply::status("SUBMIT", &v)?;
+        let mut all = Reply::new("SUBMIT", &v)?;
+        let mut out = Vec::with_capacity(specs.len());
+        for _ in specs {
+            out.push(Self::submitted(all.item("answer")?));
+        }
+        all.end()?;
+        Ok(out)
+    }
+
+    /// One job's answer in SUBMIT's reply.
+    fn submitted(v: &Value) -> Result<Submitted, CpError> {
+        let (s, mut r) = Reply::status("SUBMIT", v)?;
         match s {
             Status::Created | Status::Exists => {
                 let id = r.string("job id")?;

@@ -403,3 +403,72 @@ async fn worker_bounds_a_job_no_node_can_start() {
     assert_eq!(state(&job2), "succeeded", "{job2}");
     stack.stop().await;
 }
+
+/// A batch FINALIZE settles each attempt on its own: a stale token in the
+/// batch is refused alone, the others are charged once each, and the books
+/// balance.
+pub(crate) async fn a_batch_finalize_settles_each_attempt_alone(url: &str, shards: u32) {
+    let cp = connect(url, cfg(shards)).await;
+    cp.create_tenant(&tenant("bf", 1_000_000_000), "h")
+        .await
+        .unwrap();
+    cp.create_tenant(&tenant("bg", 1_000_000_000), "h")
+        .await
+        .unwrap();
+    for t in ["bf", "bg"] {
+        for i in 0..3 {
+            cp.submit(t, &job(&format!("{t}{i}"))).await.unwrap();
+        }
+    }
+    let claims = cp.claim("w", 10, 0).await.unwrap();
+    assert_eq!(claims.len(), 6);
+    let mut stale = claims[0].lease.clone();
+    stale.token += 1_000;
+    let endings = [
+        ok("a", 10),
+        ok("b", 20),
+        failed(ErrorKind::Trap),
+        ok("d", 30),
+        ok("e", 40),
+    ];
+    let mut ends: Vec<_> = claims[1..]
+        .iter()
+        .map(|c| &c.lease)
+        .zip(endings.iter())
+        .collect();
+    ends.insert(0, (&stale, &endings[0]));
+    let got = cp.finalize_many(&ends).await;
+    assert_eq!(got.len(), 6);
+    assert!(matches!(got[0], Err(CpError::LeaseLost)), "{:?}", got[0]);
+    for (i, g) in got.iter().enumerate().skip(1) {
+        let s = g.as_ref().unwrap();
+        let want = if i == 3 {
+            Finalized::Retrying { delay_ms: 0 }
+        } else {
+            Finalized::Succeeded
+        };
+        match (&s.result, &want) {
+            (Finalized::Retrying { .. }, Finalized::Retrying { .. }) => {}
+            (a, b) => assert_eq!(a, b, "attempt {i}"),
+        }
+        assert!(s.credits > 0, "attempt {i} was charged: {s:?}");
+    }
+    // The stale one's job is still running under its real token, and ends.
+    assert!(matches!(
+        cp.finalize(&claims[0].lease, &ok("late", 5)).await,
+        Ok(Finalized::Succeeded)
+    ));
+    // Again: each attempt answers `lost` now.
+    let again = cp.finalize_many(&ends[1..]).await;
+    assert!(
+        again.iter().all(|r| matches!(r, Err(CpError::LeaseLost))),
+        "{again:?}"
+    );
+    for t in ["bf", "bg"] {
+        check_credits(&cp, t).await;
+        check_runs_are_unique(&cp, t).await;
+        let info = cp.tenant(t).await.unwrap().unwrap();
+        assert_eq!(info.running, 0, "{t}: {info:?}");
+        assert_eq!(info.credits.reserved, 0, "{t}: {info:?}");
+    }
+}

@@ -122,3 +122,60 @@ pub(crate) async fn wake_up_signals_survive_an_abandoned_wait(url: &str, _shards
         t0.elapsed()
     );
 }
+
+/// A batch SUBMIT decides each job as if it came alone, in order: a key
+/// repeated within the batch finds the first job, a queue that fills up
+/// refuses the rest, and every job is answered in its place.
+pub(crate) async fn a_batch_submit_decides_each_job_in_order(url: &str, shards: u32) {
+    let cp = connect(url, cfg(shards)).await;
+    let mut spec = tenant("bs", 1_000_000);
+    spec.max_queued = 3;
+    cp.create_tenant(&spec, "h").await.unwrap();
+    let keyed = |k: &str, h: &str| {
+        let mut j = job("k");
+        j.idempotency = Some((k.into(), h.into()));
+        j
+    };
+    let batch = vec![
+        keyed("a", "hash-1"),
+        keyed("a", "hash-1"), // the same key and body: the first job
+        keyed("a", "hash-2"), // the same key, another body
+        job("plain"),
+        job("third"),
+        job("over"), // the queue holds 3
+    ];
+    let got = cp.submit_many("bs", &batch).await.unwrap();
+    assert_eq!(got.len(), 6);
+    let first = got[0].as_ref().unwrap();
+    assert!(first.created);
+    let again = got[1].as_ref().unwrap();
+    assert!(!again.created);
+    assert_eq!(again.id, first.id);
+    assert!(
+        matches!(got[2], Err(CpError::IdempotencyConflict)),
+        "{:?}",
+        got[2]
+    );
+    assert!(got[3].as_ref().unwrap().created);
+    assert!(got[4].as_ref().unwrap().created);
+    assert!(matches!(got[5], Err(CpError::QueueFull)), "{:?}", got[5]);
+    let info = cp.tenant("bs").await.unwrap().unwrap();
+    assert_eq!(info.queued, 3, "three jobs entered the queue");
+    // They run in submission order.
+    let claimed = cp.claim("w", 10, 0).await.unwrap();
+    let ids: Vec<&str> = claimed.iter().map(|c| c.lease.job_id.as_str()).collect();
+    let want: Vec<&str> = [0, 3, 4]
+        .iter()
+        .map(|&i| got[i].as_ref().unwrap().id.as_str())
+        .collect();
+    assert_eq!(ids, want);
+    // A batch for a tenant that does not exist answers each job.
+    let none = cp
+        .submit_many("nobody", &[job("x"), job("y")])
+        .await
+        .unwrap();
+    assert!(
+        none.iter().all(|r| matches!(r, Err(CpError::NotFound))),
+        "{none:?}"
+    );
+}

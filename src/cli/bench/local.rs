@@ -221,7 +221,7 @@ pub fn job(component: &str, input: &str) -> SubmitSpec {
     }
 }
 
-/// Submits every `(tenant, spec)` with `in_flight` SUBMITs at once and
+/// Submits every `(tenant, spec)`, about `in_flight` jobs at once, and
 /// answers `(tenant, job id)` in submission order.
 pub async fn submit_all(
     cp: &ControlPlane,
@@ -229,19 +229,40 @@ pub async fn submit_all(
     in_flight: usize,
 ) -> anyhow::Result<Vec<(String, String)>> {
     use futures::StreamExt;
-    let results: Vec<anyhow::Result<(String, String)>> = futures::stream::iter(jobs)
-        .map(|(tenant, spec)| {
+    // Consecutive jobs of one tenant go in one SUBMIT call, up to
+    // SUBMIT_CHUNK (as BullMQ's `addBulk` takes a chunk); `in_flight` jobs
+    // are in flight at most, in whole chunks.
+    let mut chunks: Vec<(String, Vec<SubmitSpec>)> = Vec::new();
+    for (tenant, spec) in jobs {
+        match chunks.last_mut() {
+            Some((t, specs)) if *t == tenant && specs.len() < SUBMIT_CHUNK => specs.push(spec),
+            _ => chunks.push((tenant, vec![spec])),
+        }
+    }
+    let calls = (in_flight / SUBMIT_CHUNK).max(2);
+    let results: Vec<anyhow::Result<Vec<(String, String)>>> = futures::stream::iter(chunks)
+        .map(|(tenant, specs)| {
             let cp = cp.clone();
             async move {
-                let id = cp.submit(&tenant, &spec).await?.id;
-                Ok((tenant, id))
+                let mut ids = Vec::with_capacity(specs.len());
+                for s in cp.submit_many(&tenant, &specs).await? {
+                    ids.push((tenant.clone(), s?.id));
+                }
+                Ok(ids)
             }
         })
-        .buffered(in_flight.max(1))
+        .buffered(calls)
         .collect()
         .await;
-    results.into_iter().collect()
+    let mut ids = Vec::new();
+    for r in results {
+        ids.extend(r?);
+    }
+    Ok(ids)
 }
+
+/// Most jobs in one SUBMIT call of the bench's fill.
+const SUBMIT_CHUNK: usize = 100;
 
 /// Waits until none of `tenants` has a queued or running job (the worker
 /// is checked every poll). Answers when that was seen.
