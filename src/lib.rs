@@ -14,7 +14,8 @@
 //!   components, the sandbox (WASI with nothing granted) and per-tenant limits.
 //! - [`context`]: the heavy-context cache. Owns the read-only, node-wide copy of
 //!   each tenant context (documents, embeddings, BM25 index, tool registry).
-//! - [`worker`]: the worker loop. Owns slots, claiming, lease renewal, draining.
+//! - [`worker`]: the worker loop. Owns slots, claiming, lease renewal, draining,
+//!   and the group commit of FINALIZE (`worker/finalizer.rs`).
 //! - [`scheduler`]: promotion of delayed jobs and the lease reaper.
 //! - [`api`]: the HTTP API (axum). Owns authentication, validation, JSON errors.
 //! - [`embedded`]: the `redis-server` that `serve` starts when given no `--redis`.
