@@ -3,20 +3,21 @@
 -- The lease index (a sorted set by expiry) finds expired leases in O(log n);
 -- each one's delivery is then taken back from the tenant stream's PEL
 -- (XCLAIM to the reaper, XACK, XDEL). The lost attempt is not charged: its
--- whole reservation is released. The job goes back through the delayed
--- queue with backoff, or fails with `lease_expired` once max_attempts are
--- spent, or ends `cancelled` if the tenant had cancelled it. The claim's
--- fair-share estimate is refunded: the tenant got no slot-time from it.
+-- whole reservation is released. The job goes straight back to the end of
+-- its tenant's ready queue (as BullMQ moves a stalled job back to wait: the
+-- worker died, the job did not fail, so it waits no backoff), or fails with
+-- `lease_expired` once max_attempts are spent (a job that kills every
+-- worker it runs on is bounded by that), or ends `cancelled` if the tenant
+-- had cancelled it. The claim's fair-share estimate is refunded: the tenant
+-- got no slot-time from it. Waiting workers are woken.
 --
 -- KEYS[1]  shard anchor (derived: leases, j:<job>, t:<tenant>, q:<tenant>, ...)
--- ARGV[1]  batch size           ARGV[2]  retry base ms
--- ARGV[3]  retry max ms         ARGV[4]  jitter 0..999
--- ARGV[5..8] prices (see SUBMIT)
+-- ARGV[1]  batch size           ARGV[2..5] prices (see SUBMIT)
 -- Returns: number of jobs reaped.
 -- Errors:  malformed arguments.
-local batch, base, maxd, jitter = uint(ARGV[1]), uint(ARGV[2]), uint(ARGV[3]), uint(ARGV[4])
-local P = prices(ARGV[5], ARGV[6], ARGV[7], ARGV[8])
-if batch == nil or base == nil or maxd == nil or jitter == nil or P == nil then
+local batch = uint(ARGV[1])
+local P = prices(ARGV[2], ARGV[3], ARGV[4], ARGV[5])
+if batch == nil or P == nil then
   return fail('malformed arguments')
 end
 local now = now_ms()
@@ -40,15 +41,18 @@ for _, jid in ipairs(due) do
       finish_cancelled(jid, J, now)
     else
       local c = counted(J)
-      local msg = 'worker lost its lease; retrying'
       if c >= n(J, 'max_attempts') then
-        msg = 'lost ' .. c .. ' attempt(s) to workers that stopped renewing their lease'
+        finish(jid, J, 'failed', now, { 'ekind', 'lease_expired',
+          'emsg', 'lost ' .. c .. ' attempt(s) to workers that stopped renewing their lease' })
+      else
+        redis.call('HSET', jkey(jid), 'ekind', 'lease_expired',
+          'emsg', 'worker lost its lease; retrying')
+        requeue(jid, J, T)
       end
-      redis.call('HSET', jkey(jid), 'ekind', 'lease_expired', 'emsg', msg)
-      retry_or_fail(jid, J, T, true, base, maxd, jitter, now)
     end
     refresh(t, T, P)
     reaped = reaped + 1
   end
 end
+if reaped > 0 then wake() end
 return reaped

@@ -51,12 +51,11 @@ impl ControlPlane {
     }
 
     /// Reclaims expired leases on every shard; answers how many. ARGV of
-    /// `lua/reap.lua`: batch, the retry rule's three, prices.
+    /// `lua/reap.lua`: batch, prices.
     pub async fn reap(&self, batch: u32) -> Result<u32, CpError> {
         let prices = self.prices();
         self.on_every_shard(&scripts::REAP, |inv| {
             inv.arg(batch.max(1));
-            self.retry().write(inv);
             for p in prices {
                 inv.arg(p);
             }

@@ -403,10 +403,16 @@ impl WorkerProc {
     ) -> WorkerProc {
         let log_path = log.to_path_buf();
         let log = std::fs::File::create(log).unwrap();
+        // PROC_LEASE_MS unless `extra` names another lease.
+        let lease = if extra.contains(&"--lease-ms") {
+            vec![]
+        } else {
+            vec!["--lease-ms".to_string(), PROC_LEASE_MS.to_string()]
+        };
         let child = Command::new(bin())
             .args(["worker", "--redis", redis_url])
             .args(["--slots", &slots.to_string()])
-            .args(["--lease-ms", &PROC_LEASE_MS.to_string()])
+            .args(lease)
             .args(["--drain-ms", &drain_ms.to_string()])
             .args(extra)
             .env("RUST_LOG", "info")

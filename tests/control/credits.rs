@@ -230,7 +230,7 @@ pub(crate) async fn credit_invariant_under_random_operations(url: &str, shards: 
         ("finalized: cancelled", 1),
         ("finalize refused: lost", 2),
         ("reaped", 3),
-        ("promoted", 5),
+        ("promoted", 2),
         ("cancelled: running", 1),
         ("cancelled: waiting", 10),
         ("granted", 30),

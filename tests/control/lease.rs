@@ -39,11 +39,10 @@ pub(crate) async fn reaped_lease_fences_the_old_token(url: &str, shards: u32) {
     assert_eq!(t2, after, "a stale token changes nothing");
     assert_eq!(cp.queue_group("a").await.unwrap(), (0, 0), "PEL reclaimed");
     let j = cp.job("a", &s.id).await.unwrap().unwrap();
-    assert_eq!(j.state, JobState::Delayed);
+    // Straight back in the queue (its worker died; it did not fail), and
+    // it runs again with a newer token.
+    assert_eq!(j.state, JobState::Queued);
     assert_eq!(j.usage.credits, 0);
-    // It runs again after its backoff, with a newer token.
-    tokio::time::sleep(Duration::from_millis(150)).await;
-    assert_eq!(cp.promote(100).await.unwrap(), 1);
     let c2 = claim_one(&cp).await;
     assert_eq!(c2.lease.job_id, s.id);
     assert!(c2.lease.token > c.lease.token);

@@ -41,6 +41,51 @@ async fn sigkilled_worker_job_finishes_elsewhere_charged_once() {
     s.stop().await;
 }
 
+/// A killed worker's job runs again on another, idle worker within one
+/// lease and a second of the kill (README: one lease plus one scheduler
+/// tick of at most 250 ms, with no backoff): the reaper wakes at most a
+/// quarter second late and puts the job straight back in its queue, and
+/// the waiting worker is woken, not left to its next poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_workers_job_runs_again_within_a_lease_and_a_second() {
+    // A lease long enough that a scheduler tick of a fifth of it would be
+    // more than a second.
+    const LEASE_MS: u64 = 6_000;
+    let lease = LEASE_MS.to_string();
+    let extra = ["--lease-ms", lease.as_str()];
+    let s = Stack::start(Opts {
+        lease_ms: LEASE_MS,
+        ..proc_opts()
+    })
+    .await;
+    let token = s.tenant("acme").await;
+    let hold = s.push(&token, "hold").await;
+    let dir = s.dir.clone();
+    let mut w1 = WorkerProc::spawn_with(&s.url, 1, 5_000, &extra, &dir.join("w1.log"));
+    let id = s
+        .submit(&token, json!({"component": hold, "input": "0,20000"}))
+        .await;
+    s.wait_for(&token, &id, 30, |j| state(j) == "running").await;
+    // The second worker is up and idle before the kill.
+    let _w2 = WorkerProc::spawn_with(&s.url, 1, 5_000, &extra, &dir.join("w2.log"));
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    w1.signal(libc::SIGKILL);
+    let killed_at = Instant::now();
+    w1.wait_exit(Duration::from_secs(5));
+    let job = s
+        .wait_for(&token, &id, 30, |j| {
+            state(j) == "running" && j["attempts"].as_u64() == Some(2)
+        })
+        .await;
+    let back = killed_at.elapsed();
+    eprintln!("a killed worker's job ran again after {back:?} (lease {LEASE_MS} ms)");
+    assert!(
+        back <= Duration::from_millis(LEASE_MS + 1_000),
+        "ran again {back:?} after the kill, lease {LEASE_MS} ms: {job}"
+    );
+    s.stop().await;
+}
+
 /// A worker stopped (SIGSTOP) past its lease wakes while the job's next
 /// run holds it: its RENEW and FINALIZE must be refused. Each run of `hold
 /// …,stamp` reports when it started, so the kept output shows whose run
