@@ -7,12 +7,14 @@
 //!   answering `LeaseLost` stops the instance and the worker changes nothing
 //!   more (the job belongs to someone else now); `Cancelled` stops the
 //!   instance and finalizes the attempt as cancelled.
+//! - Beside each run a log task stores the agent's new log lines every
+//!   250 ms (or 4 KiB), so readers see them while it runs (`lua/log.lua`).
 //! - Shutdown: stop claiming, let runs finish for up to the drain timeout,
 //!   then stop the rest and RELEASE their leases, which puts the jobs back
 //!   in the queue uncharged.
 
-use crate::control::{Claim, ControlPlane, CpError, Finalized, Finish, Lease};
-use crate::host::{Host, HostError, RunOutcome, RunReport, RunRequest};
+use crate::control::{Claim, ControlPlane, CpError, Finalized, Finish, Lease, LogStored};
+use crate::host::{Host, HostError, LiveLog, RunOutcome, RunReport, RunRequest};
 use crate::model::{ErrorKind, JobState};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -324,6 +326,42 @@ async fn renew_loop(
     }
 }
 
+/// How often a running attempt's new log lines are stored (sooner once
+/// [`crate::host::LIVE_FLUSH_BYTES`] are waiting).
+const LOG_FLUSH_EVERY: Duration = Duration::from_millis(250);
+
+/// Stores what the agent of `lease` logs while it runs, in batches: every
+/// [`LOG_FLUSH_EVERY`], or as soon as [`crate::host::LIVE_FLUSH_BYTES`] are waiting;
+/// never per line, and nothing when nothing is new. Stops at `stop`, when
+/// the lease is lost, or when the log is full. A failed store is tried
+/// again with the next batch (the log is only a view: FINALIZE stores the
+/// whole of it).
+async fn flush_log(control: ControlPlane, lease: Lease, live: LiveLog, stop: CancellationToken) {
+    let mut stored = 0usize;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(LOG_FLUSH_EVERY) => {}
+            _ = live.grown() => {}
+            _ = stop.cancelled() => return,
+        }
+        let chunk = live.since(stored);
+        if chunk.is_empty() {
+            continue;
+        }
+        match control.append_log(&lease, stored, &chunk).await {
+            Ok(LogStored::Stored(len)) => {
+                stored = len;
+                live.taken(stored);
+            }
+            // Not what this run stored (a retried call, or a log replaced
+            // under it): send it all again.
+            Ok(LogStored::Conflict(_)) => stored = 0,
+            Ok(LogStored::Full) | Err(CpError::LeaseLost) => return,
+            Err(e) => tracing::debug!(error = %e, "storing the live log failed"),
+        }
+    }
+}
+
 /// Loads what the claim needs from the host caches.
 async fn prepare(
     shared: &Shared,
@@ -411,7 +449,22 @@ async fn run_claim(shared: &Shared, claim: Claim, hard_stop: CancellationToken) 
 
     let started = Instant::now();
     let report = match prepare(shared, &claim, run.clone()).await {
-        Ok(req) => shared.host.run(req).await,
+        Ok(req) => {
+            // The agent's log lines go to the control plane in batches while
+            // it runs; FINALIZE then stores the attempt's whole log.
+            let live = shared.host.live_log();
+            let flush_stop = CancellationToken::new();
+            let flusher = tokio::spawn(flush_log(
+                shared.control.clone(),
+                lease.clone(),
+                live.clone(),
+                flush_stop.clone(),
+            ));
+            let report = shared.host.run_live(req, live).await;
+            flush_stop.cancel();
+            let _ = flusher.await;
+            report
+        }
         Err(PrepError::Transient(msg)) => {
             // The node's failure, not the guest's: handed back uncharged and
             // uncounted, but as a node fault, which the control plane bounds
