@@ -13,6 +13,9 @@ pub enum CpError {
     NotFound,
     #[error("tenant already exists")]
     TenantExists,
+    /// RETRY: only a failed job runs again; the job is in this state.
+    #[error("the job is {0}, not failed: only a failed job can be retried")]
+    NotFailed(crate::model::JobState),
     #[error("tenant's max_queued reached")]
     QueueFull,
     #[error("credits below the job's reservation")]

@@ -14,6 +14,7 @@
 //!   asked again under the same claim id.
 //! - `lease.rs` (`renew.lua`, `finalize.lua`, `release.lua`); `log.rs`
 //!   (`log.lua`): an attempt's log stored while it runs.
+//! - `retry.rs` (`retry.lua`): a failed job back in its queue.
 //! - `maintenance.rs` (`promote.lua`, `reap.lua`), `retain.rs`
 //!   (`retain.lua`), `quota.rs` (`usage.lua`).
 //! - `jobs.rs`: reads for the API (jobs, logs, lists, the ledger);
@@ -53,6 +54,7 @@ mod log;
 mod maintenance;
 mod reply;
 mod report;
+mod retry;
 mod submit;
 mod tenant;
 mod wake;
