@@ -411,7 +411,8 @@ async fn every_route_has_a_command_and_exit_statuses_differ() {
     let csv = String::from_utf8_lossy(&csv.stdout);
     assert_eq!(csv.lines().count(), 3, "a header and 2 entries: {csv}");
     let usage = json(&cli(&base, tok, &["tenant", "usage", "acme", "--by", "day"]).await);
-    assert_eq!(usage["total"]["jobs"]["failed"], 2, "{usage}");
+    // The failed job once, however often it was retried.
+    assert_eq!(usage["total"]["jobs"]["failed"], 1, "{usage}");
     refused(
         &cli(&base, tok, &["tenant", "usage", "other"]).await,
         "not_found",
