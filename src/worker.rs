@@ -332,23 +332,30 @@ const LOG_FLUSH_EVERY: Duration = Duration::from_millis(250);
 
 /// Stores what the agent of `lease` logs while it runs, in batches: every
 /// [`LOG_FLUSH_EVERY`], or as soon as [`crate::host::LIVE_FLUSH_BYTES`] are waiting;
-/// never per line, and nothing when nothing is new. Stops at `stop`, when
-/// the lease is lost, or when the log is full. A failed store is tried
-/// again with the next batch (the log is only a view: FINALIZE stores the
-/// whole of it).
+/// never per line, and nothing when nothing is new. Stops at `stop` (even
+/// mid-call: the run's end never waits on it), when the lease is lost, or
+/// when the log is full. A failed store is tried again a tick later (the
+/// log is only a view: FINALIZE stores the whole of it).
 async fn flush_log(control: ControlPlane, lease: Lease, live: LiveLog, stop: CancellationToken) {
     let mut stored = 0usize;
+    let mut failed = false;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(LOG_FLUSH_EVERY) => {}
-            _ = live.grown() => {}
+            // Not after a failure: a full batch must not retry in a loop.
+            _ = live.grown(), if !failed => {}
             _ = stop.cancelled() => return,
         }
         let chunk = live.since(stored);
         if chunk.is_empty() {
             continue;
         }
-        match control.append_log(&lease, stored, &chunk).await {
+        let answer = tokio::select! {
+            a = control.append_log(&lease, stored, &chunk) => a,
+            _ = stop.cancelled() => return,
+        };
+        failed = false;
+        match answer {
             Ok(LogStored::Stored(len)) => {
                 stored = len;
                 live.taken(stored);
@@ -357,7 +364,10 @@ async fn flush_log(control: ControlPlane, lease: Lease, live: LiveLog, stop: Can
             // under it): send it all again.
             Ok(LogStored::Conflict(_)) => stored = 0,
             Ok(LogStored::Full) | Err(CpError::LeaseLost) => return,
-            Err(e) => tracing::debug!(error = %e, "storing the live log failed"),
+            Err(e) => {
+                failed = true;
+                tracing::debug!(error = %e, "storing the live log failed");
+            }
         }
     }
 }
