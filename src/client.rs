@@ -3,9 +3,7 @@
 //! answers typed values, and every non-2xx answer is a [`ClientError::Api`]
 //! carrying the status and the contract's error code.
 
-use crate::api::{
-    Balance, BatchResult, JobPage, JobRef, JobRequest, Retried, TenantPage, TenantToken,
-};
+use crate::api::{Balance, BatchResult, JobPage, JobRef, JobRequest, TenantPage, TenantToken};
 use crate::control::{
     ComponentMeta, ContextMeta, LedgerPage, LimitsPatch, TenantInfo, TenantPatch, UsageReport,
 };
@@ -354,20 +352,30 @@ impl ApiClient {
         self.get(&self.with_query("/v1/admin/jobs", filter)?).await
     }
 
-    /// `POST /v1/jobs/{id}/retry` (the tenant): the failed job again, as a
-    /// new job.
-    pub async fn retry(&self, id: &str) -> ClientResult<Retried> {
+    /// `POST /v1/jobs/{id}/retry` (the tenant): the failed job queued again
+    /// as its next attempt (same id); the job's state now.
+    pub async fn retry(&self, id: &str) -> ClientResult<JobRef> {
         let (url, req) = self.request(Method::POST, &format!("/v1/jobs/{id}/retry"));
         self.call(url, req).await
     }
 
     /// `POST /v1/admin/tenants/{tenant}/jobs/{id}/retry` (admin).
-    pub async fn admin_retry(&self, tenant: &str, id: &str) -> ClientResult<Retried> {
+    pub async fn admin_retry(&self, tenant: &str, id: &str) -> ClientResult<JobRef> {
         let (url, req) = self.request(
             Method::POST,
             &format!("/v1/admin/tenants/{tenant}/jobs/{id}/retry"),
         );
         self.call(url, req).await
+    }
+
+    /// `GET /v1/admin/tenants/{tenant}/jobs/{id}/log` (admin): any
+    /// tenant's job's log.
+    pub async fn admin_log(&self, tenant: &str, id: &str) -> ClientResult<String> {
+        let (url, req) = self.request(
+            Method::GET,
+            &format!("/v1/admin/tenants/{tenant}/jobs/{id}/log"),
+        );
+        self.send(url, req).await.map(|(_, text)| text)
     }
 
     /// `POST /v1/components`: uploads a Wasm component.
@@ -473,7 +481,8 @@ impl ApiClient {
         self.call(url, req).await
     }
 
-    /// `GET /v1/jobs/{id}/log`: the last attempt's log.
+    /// `GET /v1/jobs/{id}/log`: the last attempt's log (or what the running
+    /// one has logged so far).
     pub async fn log(&self, id: &str) -> ClientResult<String> {
         let (url, req) = self.request(Method::GET, &format!("/v1/jobs/{id}/log"));
         self.send(url, req).await.map(|(_, text)| text)

@@ -7,6 +7,8 @@
 //!   answering `LeaseLost` stops the instance and the worker changes nothing
 //!   more (the job belongs to someone else now); `Cancelled` stops the
 //!   instance and finalizes the attempt as cancelled.
+//! - Beside each run a log task stores the agent's new log lines every
+//!   250 ms (or 4 KiB), so readers see them while it runs (`lua/log.lua`).
 //! - Shutdown: stop claiming, let runs finish for up to the drain timeout,
 //!   then stop the rest and RELEASE their leases, which puts the jobs back
 //!   in the queue uncharged.
@@ -24,8 +26,10 @@ use tracing::Instrument;
 
 mod decide;
 mod finalizer;
+mod lease;
 use decide::{Decision, Verdict, decide};
 use finalizer::Finalizer;
+use lease::{flush_log, renew_loop};
 
 /// How long a slot waits after a node fault before handing its job back.
 const NODE_FAULT_BACKOFF: Duration = Duration::from_millis(200);
@@ -284,51 +288,6 @@ fn log_join(done: Result<RunEnd, tokio::task::JoinError>) {
     }
 }
 
-/// Renews `lease` every `lease/3` until `stop`; on `LeaseLost` or
-/// `Cancelled` cancels `run` and says which. If Redis cannot be reached for
-/// a whole lease, the lease has expired for sure: treated as lost.
-async fn renew_loop(
-    control: ControlPlane,
-    lease: Lease,
-    run: CancellationToken,
-    stop: CancellationToken,
-) -> Verdict {
-    let lease_len = Duration::from_millis(control.config().lease_ms.max(3));
-    let period = lease_len / 3;
-    let mut last_ok = Instant::now();
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(period) => {}
-            _ = stop.cancelled() => return Verdict::Held,
-        }
-        match control.renew(&lease).await {
-            Ok(()) => {
-                last_ok = Instant::now();
-                metrics::counter!("agentplane_lease_renewals_total").increment(1);
-            }
-            Err(CpError::LeaseLost) => {
-                metrics::counter!("agentplane_lease_lost_total").increment(1);
-                tracing::warn!(job = %lease.job_id, "lease lost: stopping the run");
-                run.cancel();
-                return Verdict::Lost;
-            }
-            Err(CpError::Cancelled) => {
-                tracing::info!(job = %lease.job_id, "job cancelled: stopping the run");
-                run.cancel();
-                return Verdict::Cancelled;
-            }
-            Err(e) => {
-                tracing::warn!(job = %lease.job_id, error = %e, "renew failed");
-                if last_ok.elapsed() >= lease_len {
-                    metrics::counter!("agentplane_lease_lost_total").increment(1);
-                    run.cancel();
-                    return Verdict::Lost;
-                }
-            }
-        }
-    }
-}
-
 /// Loads what the claim needs from the host caches.
 async fn prepare(
     shared: &Shared,
@@ -416,7 +375,22 @@ async fn run_claim(shared: &Shared, claim: Claim, hard_stop: CancellationToken) 
 
     let started = Instant::now();
     let report = match prepare(shared, &claim, run.clone()).await {
-        Ok(req) => shared.host.run(req).await,
+        Ok(req) => {
+            // The agent's log lines go to the control plane in batches while
+            // it runs; FINALIZE then stores the attempt's whole log.
+            let live = shared.host.live_log();
+            let flush_stop = CancellationToken::new();
+            let flusher = tokio::spawn(flush_log(
+                shared.control.clone(),
+                lease.clone(),
+                live.clone(),
+                flush_stop.clone(),
+            ));
+            let report = shared.host.run_live(req, live).await;
+            flush_stop.cancel();
+            let _ = flusher.await;
+            report
+        }
         Err(PrepError::Transient(msg)) => {
             // The node's failure, not the guest's: handed back uncharged and
             // uncounted, but as a node fault, which the control plane bounds

@@ -1,6 +1,7 @@
 //! What an operator sees, over real HTTP and a real `redis-server`:
 //! tenants with counts, credits and recent share; jobs across tenants by
-//! state and error kind; retry of a failed job as a new, charged job.
+//! state and error kind; any tenant's job's log; retry of a failed job as
+//! its next, charged attempt.
 
 mod common;
 
@@ -130,7 +131,7 @@ async fn the_admin_lists_tenants_and_jobs_across_tenants() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_failed_job_is_retried_once_as_a_new_charged_job() {
+async fn a_failed_job_is_retried_as_its_next_attempt_and_charged_as_usual() {
     let s = Stack::start(Opts::default()).await;
     let acme = s.tenant("acme").await;
     let d = s.push(&acme, "echo").await;
@@ -148,31 +149,64 @@ async fn a_failed_job_is_retried_once_as_a_new_charged_job() {
     let settled = s.tenant_info("acme").await["settled"].as_i64().unwrap();
     let api = s.as_caller(&acme);
 
-    let r = api.retry(&bad).await.unwrap();
-    assert_eq!(r.retry_of, bad);
-    assert_ne!(r.id, bad);
-    let job = s.wait_terminal(&acme, &r.id, 60).await;
-    // The same input fails the same way, and is charged as any run.
+    // Two retries at once: exactly one wins, the other is 409 not_failed.
+    let path = format!("/v1/jobs/{bad}/retry");
+    let (a, b) = tokio::join!(
+        s.post(&path, &acme, json!(null)),
+        s.post(&path, &acme, json!(null))
+    );
+    let mut codes = [a.0, b.0];
+    codes.sort();
+    assert_eq!(codes, [StatusCode::OK, StatusCode::CONFLICT], "{a:?} {b:?}");
+    let (won, lost) = if a.0 == StatusCode::OK {
+        (a.1, b.1)
+    } else {
+        (b.1, a.1)
+    };
+    // The same job, queued again (or already running its next attempt).
+    assert_eq!(won["id"], bad.as_str(), "{won}");
+    assert_eq!(error_code(&lost), "not_failed", "{lost}");
+    let job = s.wait_terminal(&acme, &bad, 60).await;
+    // The same input fails the same way, as one counted attempt of its
+    // own, and that run is charged as any.
     assert_eq!(state(&job), "failed", "{job}");
-    assert_eq!(job["max_attempts"], 1);
+    assert_eq!(job["attempts"], 1, "{job}");
     let info = s.assert_books_balance("acme").await;
     assert!(info["settled"].as_i64().unwrap() > settled, "{info}");
-    // A second retry of the same job answers the same new job.
-    let (st, v) = s
-        .post(&format!("/v1/jobs/{bad}/retry"), &acme, json!(null))
-        .await;
-    assert_eq!(st, StatusCode::OK, "{v}");
-    assert_eq!(v["id"], r.id.as_str());
-    // The admin retries for a tenant; a job that did not fail is refused;
+    // The ledger names each run of the job once: runs 1 and 2.
+    let ledger = s
+        .as_caller(ADMIN)
+        .ledger("acme", &Page::default())
+        .await
+        .unwrap();
+    let mut runs: Vec<(String, u32)> = ledger
+        .entries
+        .iter()
+        .filter(|e| e.job == bad && e.op != "release")
+        .map(|e| (e.op.clone(), e.attempt))
+        .collect();
+    runs.sort();
+    assert_eq!(
+        runs,
+        [
+            ("reserve".into(), 1),
+            ("reserve".into(), 2),
+            ("settle".into(), 1),
+            ("settle".into(), 2)
+        ]
+    );
+    // The admin retries for a tenant; a job that did not fail is 409;
     // another tenant's job does not exist.
-    let r2 = s.as_caller(ADMIN).admin_retry("acme", &r.id).await.unwrap();
-    assert_eq!(r2.retry_of, r.id);
+    let r2 = s.as_caller(ADMIN).admin_retry("acme", &bad).await.unwrap();
+    assert_eq!(r2.id, bad);
     let e = api.retry(&good).await.unwrap_err();
-    assert_eq!(e.code(), Some("invalid_request"), "{e}");
+    assert_eq!(e.status(), Some(StatusCode::CONFLICT), "{e}");
+    assert_eq!(e.code(), Some("not_failed"), "{e}");
     let other = s.tenant("other").await;
     let e = s.as_caller(&other).retry(&bad).await.unwrap_err();
     assert_eq!(e.code(), Some("not_found"));
-    s.wait_terminal(&acme, &r2.id, 60).await;
+    let job = s.wait_terminal(&acme, &bad, 60).await;
+    assert_eq!(state(&job), "failed", "{job}");
     s.assert_books_balance("acme").await;
     s.stop().await;
 }

@@ -14,6 +14,8 @@ mod claim;
 mod credits;
 #[path = "control/lease.rs"]
 mod lease;
+#[path = "control/live.rs"]
+mod live;
 #[path = "control/maintenance.rs"]
 mod maintenance;
 #[path = "control/state.rs"]
@@ -32,6 +34,7 @@ use cancel::*;
 use claim::*;
 use credits::*;
 use lease::*;
+use live::*;
 use maintenance::*;
 use state::*;
 use submit::*;
@@ -94,4 +97,6 @@ conformance!(
     gpu_tenant_that_fits_is_found_behind_many_that_do_not,
     a_batch_submit_decides_each_job_in_order,
     a_batch_finalize_settles_each_attempt_alone,
+    live_log_is_fenced_and_capped,
+    retry_queues_a_failed_job_as_its_next_attempt,
 );

@@ -1,6 +1,6 @@
 //! `GET /v1/jobs/{id}/events` over real HTTP and a real `redis-server`:
-//! state changes pushed as they happen, the log at the end, `end`; the
-//! tenant's long-poll bound; a stream that ends at `max_wait`.
+//! state changes pushed as they happen, log lines while the agent runs,
+//! `end`; the tenant's long-poll bound; a stream that ends at `max_wait`.
 
 mod common;
 
@@ -10,34 +10,58 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use std::time::Duration;
 
-/// `(event, data)` of every event until `end` (or the stream closes).
-async fn read_events(mut resp: reqwest::Response) -> Vec<(String, String)> {
-    let mut buf = String::new();
-    let mut out = Vec::new();
-    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(30), resp.chunk())
-        .await
-        .expect("an event within 30 s")
-        .unwrap()
-    {
-        buf.push_str(&String::from_utf8_lossy(&chunk));
-        while let Some(i) = buf.find("\n\n") {
-            let block: String = buf.drain(..i + 2).collect();
-            let (mut event, mut data) = (String::new(), Vec::new());
-            for line in block.lines() {
-                if let Some(e) = line.strip_prefix("event: ") {
-                    event = e.to_string();
-                } else if let Some(d) = line.strip_prefix("data: ").or(line.strip_prefix("data:")) {
-                    data.push(d.to_string());
+/// A reader of an event stream, one event at a time.
+struct Events {
+    resp: reqwest::Response,
+    buf: String,
+}
+
+impl Events {
+    fn new(resp: reqwest::Response) -> Events {
+        Events {
+            resp,
+            buf: String::new(),
+        }
+    }
+
+    /// The next `(event, data)`; `None` once the stream closes.
+    async fn next(&mut self) -> Option<(String, String)> {
+        loop {
+            while let Some(i) = self.buf.find("\n\n") {
+                let block: String = self.buf.drain(..i + 2).collect();
+                let (mut event, mut data) = (String::new(), Vec::new());
+                for line in block.lines() {
+                    if let Some(e) = line.strip_prefix("event: ") {
+                        event = e.to_string();
+                    } else if let Some(d) =
+                        line.strip_prefix("data: ").or(line.strip_prefix("data:"))
+                    {
+                        data.push(d.to_string());
+                    }
                 }
+                if !event.is_empty() {
+                    return Some((event, data.join("\n")));
+                }
+                // A keep-alive comment.
             }
-            if event.is_empty() {
-                continue; // a keep-alive comment
-            }
-            let end = event == "end";
-            out.push((event, data.join("\n")));
-            if end {
-                return out;
-            }
+            let chunk = tokio::time::timeout(Duration::from_secs(30), self.resp.chunk())
+                .await
+                .expect("an event within 30 s")
+                .unwrap()?;
+            self.buf.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    }
+}
+
+/// `(event, data)` of every event until `end` (or the stream closes).
+async fn read_events(resp: reqwest::Response) -> Vec<(String, String)> {
+    let mut ev = Events::new(resp);
+    let mut out = Vec::new();
+    while let Some(e) = ev.next().await {
+        let end = e.0 == "end";
+        out.push(e);
+        if end {
+            break;
         }
     }
     out
@@ -128,6 +152,62 @@ async fn a_job_pushes_its_states_then_its_log() {
         .await
         .unwrap();
     assert_eq!(anon.status(), StatusCode::UNAUTHORIZED);
+    s.stop().await;
+}
+
+/// A guest that logs a line, then sleeps 3 s in a host call: the stream
+/// sends the line while the job still runs (the worker stores it within
+/// ~250 ms), never twice, and the whole log by the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn log_lines_are_pushed_while_the_agent_runs() {
+    let s = Stack::start(Opts::default()).await;
+    let t = s.tenant("acme").await;
+    let d = s.push(&t, "deadline").await;
+    let id = s
+        .submit(&t, json!({"component": d, "input": "1000,3000"}))
+        .await;
+    let mut ev = Events::new(open(&s, &t, &id).await);
+    let mut seen = Vec::new();
+    let first_line = loop {
+        let (e, data) = ev.next().await.expect("the stream ends with `end`");
+        assert_ne!(e, "end", "no log line before the end: {seen:?}");
+        seen.push((e.clone(), data.clone()));
+        if e == "log" {
+            break data;
+        }
+    };
+    // The line came while the agent still runs, and GET /log has it too.
+    let (_, job) = s.get(&format!("/v1/jobs/{id}"), &t).await;
+    assert_eq!(state(&job), "running", "{seen:?}");
+    assert!(first_line.starts_with("[info] result "), "{first_line}");
+    let (_, live) = s.get(&format!("/v1/jobs/{id}/log"), &t).await;
+    assert_eq!(live.as_str().unwrap(), format!("{first_line}\n"));
+    // No terminal state was sent before the line.
+    let terminal = |(e, d): &(String, String)| {
+        e == "state" && serde_json::from_str::<Value>(d).unwrap()["state"] == "succeeded"
+    };
+    assert!(!seen.iter().any(terminal), "{seen:?}");
+    while let Some(e) = ev.next().await {
+        let end = e.0 == "end";
+        seen.push(e);
+        if end {
+            break;
+        }
+    }
+    // Every line once, as the final log has them; then the end.
+    let (_, log) = s.get(&format!("/v1/jobs/{id}/log"), &t).await;
+    let lines: Vec<&str> = seen
+        .iter()
+        .filter(|(e, _)| e == "log")
+        .map(|(_, d)| d.as_str())
+        .collect();
+    assert_eq!(lines, log.as_str().unwrap().lines().collect::<Vec<_>>());
+    let last_state = seen.iter().rev().find(|(e, _)| e == "state").unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(&last_state.1).unwrap()["state"],
+        "succeeded"
+    );
+    assert_eq!(seen.last().unwrap().0, "end");
     s.stop().await;
 }
 

@@ -148,6 +148,12 @@ async fn the_dashboard_shows_what_the_api_answers() {
         .map(|v| v.as_str().unwrap())
         .collect();
     assert_eq!(failures, ["agent_error", "1"], "{admin_view}");
+    // The admin opens any tenant's job, with its log.
+    let job: Value = serde_json::from_str(admin_view["job"].as_str().unwrap()).unwrap();
+    assert_eq!(job["id"], json!(ok));
+    let (_, log) = s.get(&format!("/v1/jobs/{ok}/log"), &acme).await;
+    assert!(!log.as_str().unwrap().is_empty());
+    assert_eq!(admin_view["log"], log);
 
     // A tenant sees only itself, read-only, and a job with its log.
     let tenant_view = &seen[1];

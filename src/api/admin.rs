@@ -1,16 +1,15 @@
-//! `/v1/admin/*`: what an operator sees across tenants, and the retry of a
-//! failed job.
+//! `/v1/admin/*`: what an operator sees across tenants (a job's log
+//! included), and the retry of a failed job.
 
 use super::AppState;
 use super::auth::{Admin, Tenant};
 use super::error::{ApiError, ApiResult};
 use super::job_id_ok;
 use super::query::{AdminJobsQuery, PageQuery, Query};
-use super::types::{JobPage, Retried, TenantPage};
+use super::types::{JobPage, JobRef, TenantPage};
 use crate::model::valid_tenant_id;
 use axum::Json;
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
 
 /// `GET /v1/admin/tenants?cursor=&limit=` (admin): tenants by id, with
 /// running and queued counts, credits, parked reason and the share of
@@ -56,53 +55,57 @@ pub(super) async fn jobs(
 
 /// `POST /v1/jobs/{id}/retry` (the tenant) and
 /// `POST /v1/admin/tenants/{tenant}/jobs/{id}/retry` (admin): a failed job
-/// submitted again as a new job, charged as usual → 201 `{"id","state",
-/// "retry_of"}` (200 with the same new job when it was already retried).
-#[utoipa::path(post, path = "/v1/jobs/{id}/retry", tag = "jobs", params(("id" = String, Path)), responses((status = 201, description = "the failed job submitted again as a new job `{\"id\",\"state\",\"retry_of\"}` (tenant)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
+/// runs again as a new attempt of the same job (same id, back at the end
+/// of its tenant's queue, its counted attempts reset), reserved and
+/// charged as any attempt → 200 `{"id","state"}`. Admitted as a submission
+/// is (429 `queue_full`, 402 `insufficient_credits`); 409 `not_failed`
+/// for a job in any other state, so of two concurrent retries one wins.
+#[utoipa::path(post, path = "/v1/jobs/{id}/retry", tag = "jobs", params(("id" = String, Path)), responses((status = 200, description = "the failed job queued again as its next attempt, same id: `{\"id\",\"state\"}` (tenant)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`; 409 `not_failed` when the job is not failed")))]
 pub(super) async fn retry(
     State(state): State<AppState>,
     Path(id): Path<String>,
     Tenant(tenant): Tenant,
-) -> ApiResult<(StatusCode, Json<Retried>)> {
+) -> ApiResult<Json<JobRef>> {
     retry_as(&state, &tenant, &id).await
 }
 
-#[utoipa::path(post, path = "/v1/admin/tenants/{tenant}/jobs/{id}/retry", tag = "admin", params(("tenant" = String, Path), ("id" = String, Path)), responses((status = 201, description = "a failed job of any tenant submitted again (admin)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
+#[utoipa::path(post, path = "/v1/admin/tenants/{tenant}/jobs/{id}/retry", tag = "admin", params(("tenant" = String, Path), ("id" = String, Path)), responses((status = 200, description = "a failed job of any tenant queued again as its next attempt, same id: `{\"id\",\"state\"}` (admin)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`; 409 `not_failed` when the job is not failed")))]
 pub(super) async fn admin_retry(
     State(state): State<AppState>,
     Path((tenant, id)): Path<(String, String)>,
     _: Admin,
-) -> ApiResult<(StatusCode, Json<Retried>)> {
+) -> ApiResult<Json<JobRef>> {
     if !valid_tenant_id(&tenant) {
         return Err(ApiError::NotFound("job"));
     }
     retry_as(&state, &tenant, &id).await
 }
 
-async fn retry_as(
-    state: &AppState,
-    tenant: &str,
-    id: &str,
-) -> ApiResult<(StatusCode, Json<Retried>)> {
+async fn retry_as(state: &AppState, tenant: &str, id: &str) -> ApiResult<Json<JobRef>> {
     if !job_id_ok(id) {
         return Err(ApiError::NotFound("job"));
     }
-    let s = state
+    let now = state
         .control()
         .retry_job(tenant, id)
         .await
         .map_err(|e| ApiError::from_cp(e, "job"))?;
-    let status = if s.created {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
-    };
-    Ok((
-        status,
-        Json(Retried {
-            id: s.id,
-            state: s.state,
-            retry_of: id.to_string(),
-        }),
-    ))
+    Ok(Json(JobRef {
+        id: id.to_string(),
+        state: now,
+    }))
+}
+
+/// `GET /v1/admin/tenants/{tenant}/jobs/{id}/log` (admin): any tenant's
+/// job's log, as the tenant's own `GET /v1/jobs/{id}/log` shows it.
+#[utoipa::path(get, path = "/v1/admin/tenants/{tenant}/jobs/{id}/log", tag = "admin", params(("tenant" = String, Path), ("id" = String, Path)), responses((status = 200, description = "the job's log, `text/plain`: the last attempt's, or what the running attempt has logged so far (admin)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
+pub(super) async fn admin_log(
+    State(state): State<AppState>,
+    Path((tenant, id)): Path<(String, String)>,
+    _: Admin,
+) -> ApiResult<impl axum::response::IntoResponse> {
+    if !valid_tenant_id(&tenant) {
+        return Err(ApiError::NotFound("job"));
+    }
+    super::jobs::log_of(&state, &tenant, &id).await
 }

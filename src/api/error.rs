@@ -40,6 +40,9 @@ pub enum ApiError {
     /// 409: `POST /v1/tenants` with an id that exists.
     #[error("tenant already exists")]
     TenantExists,
+    /// 409: a retry of a job that is not `failed` (or was retried already).
+    #[error("the job is {0}, not failed: only a failed job can be retried")]
+    NotFailed(&'static str),
     /// 413: a body or the job input is larger than allowed.
     #[error("{0}")]
     PayloadTooLarge(String),
@@ -100,6 +103,7 @@ impl ApiError {
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::InsufficientCredits => (StatusCode::PAYMENT_REQUIRED, "insufficient_credits"),
             ApiError::TenantExists => (StatusCode::CONFLICT, "tenant_exists"),
+            ApiError::NotFailed(_) => (StatusCode::CONFLICT, "not_failed"),
             ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             ApiError::UnsupportedMediaType(_) => {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
@@ -131,6 +135,7 @@ impl ApiError {
         match err {
             CpError::NotFound => ApiError::NotFound(what),
             CpError::TenantExists => ApiError::TenantExists,
+            CpError::NotFailed(state) => ApiError::NotFailed(state.as_str()),
             CpError::QueueFull => ApiError::QueueFull,
             CpError::InsufficientCredits => ApiError::InsufficientCredits,
             CpError::IdempotencyConflict => ApiError::IdempotencyConflict,

@@ -3,10 +3,13 @@
 //!
 //! The server polls the job record (every `wait_poll`, about 100-200 ms)
 //! and sends a `state` event with the whole job whenever its state or
-//! attempt count changes (the first one at once). Workers store an
-//! attempt's log when the attempt settles, not while the agent writes it,
-//! so the log comes once the job is terminal, a `log` event per line,
-//! followed by `end`. A stream is bounded like `?wait=`: it holds one of
+//! attempt count changes (the first one at once). Workers store what the
+//! agent logs while it runs, in batches (every ~250 ms or 4 KiB), and the
+//! stream reads that stored log with the job on each poll and sends each
+//! new line as a `log` event: only what is past the byte offset it has
+//! sent, and only lines of the current run (a new run's log starts over).
+//! Once the job is terminal the rest of its final log follows, then `end`.
+//! A stream is bounded like `?wait=`: it holds one of
 //! the tenant's long-poll places (429 when it has none left) and lasts at
 //! most `max_wait`, after which it ends with `end` `{"reason":"timeout"}`;
 //! a client (an `EventSource`) reconnects and gets the current state first.
@@ -22,7 +25,7 @@ use futures::channel::mpsc;
 use std::convert::Infallible;
 use std::time::{Duration, Instant};
 
-#[utoipa::path(get, path = "/v1/jobs/{id}/events", tag = "jobs", params(("id" = String, Path)), responses((status = 200, description = "`text/event-stream`: `state` (the job, on each change), `log` (a line, once terminal), `end` (tenant)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
+#[utoipa::path(get, path = "/v1/jobs/{id}/events", tag = "jobs", params(("id" = String, Path)), responses((status = 200, description = "`text/event-stream`: `state` (the job, on each change), `log` (a line of the agent's log, as it is written), `end` (tenant)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
 pub(super) async fn events(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -41,6 +44,8 @@ pub(super) async fn events(
         let period = state.config().wait_poll.max(Duration::from_millis(50));
         let mut job = first;
         let mut last = None;
+        // The run whose log is being sent, and the bytes of it sent.
+        let mut log_at = (0u32, 0usize);
         loop {
             let seen = (job.state, job.attempts);
             if last != Some(seen) {
@@ -51,22 +56,13 @@ pub(super) async fn events(
                     return;
                 }
             }
+            if send_log(&state, &tenant, &job.id, &mut log_at, &mut tx)
+                .await
+                .is_err()
+            {
+                return;
+            }
             if job.state.is_terminal() {
-                let log = state
-                    .control()
-                    .job_log(&tenant, &job.id)
-                    .await
-                    .ok()
-                    .flatten()
-                    .unwrap_or_default();
-                for line in log.lines() {
-                    if send(&mut tx, Ok(Event::default().event("log").data(line)))
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
                 let _ = send(&mut tx, end("terminal")).await;
                 return;
             }
@@ -91,6 +87,47 @@ pub(super) async fn events(
         }
     });
     Ok(Sse::new(rx).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+/// Sends the lines of the job's stored log past `at` (`(run, bytes sent)`):
+/// whole lines only while the job may still write more, all of it once it
+/// is terminal. A log that is not the current run's yet (a new run that
+/// has stored nothing) sends nothing; a new run starts from its first byte.
+async fn send_log(
+    state: &AppState,
+    tenant: &str,
+    id: &str,
+    at: &mut (u32, usize),
+    tx: &mut mpsc::Sender<Result<Event, Infallible>>,
+) -> Result<(), ()> {
+    let offset = at.1;
+    // A read that fails is tried again at the next poll.
+    let Ok(Some(mut tail)) = state.control().log_tail(tenant, id, offset).await else {
+        return Ok(());
+    };
+    if tail.run != at.0 {
+        *at = (tail.run, 0);
+        if offset > 0 {
+            match state.control().log_tail(tenant, id, 0).await {
+                Ok(Some(t)) if t.run == tail.run => tail = t,
+                _ => return Ok(()),
+            }
+        }
+    }
+    if !tail.is_current() {
+        return Ok(());
+    }
+    let text = if tail.state.is_terminal() {
+        tail.text.as_str()
+    } else {
+        // Only whole lines: the rest comes with the next read.
+        tail.text.rfind('\n').map_or("", |i| &tail.text[..=i])
+    };
+    for line in text.lines() {
+        send(tx, Ok(Event::default().event("log").data(line))).await?;
+    }
+    at.1 += text.len();
+    Ok(())
 }
 
 fn end(reason: &str) -> Result<Event, axum::Error> {

@@ -386,20 +386,30 @@ pub(super) async fn get(
     }
 }
 
-/// `GET /v1/jobs/{id}/log`: the last attempt's log as `text/plain`.
-#[utoipa::path(get, path = "/v1/jobs/{id}/log", tag = "jobs", params(("id" = String, Path)), responses((status = 200, description = "the last attempt's log, `text/plain` (tenant)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
+/// `GET /v1/jobs/{id}/log`: the last attempt's log as `text/plain` (while
+/// an attempt runs, what it has logged so far, stored in batches).
+#[utoipa::path(get, path = "/v1/jobs/{id}/log", tag = "jobs", params(("id" = String, Path)), responses((status = 200, description = "the last attempt's log, `text/plain`, or what the running attempt has logged so far (tenant)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
 pub(super) async fn log(
     State(state): State<AppState>,
     Path(id): Path<String>,
     Tenant(tenant): Tenant,
 ) -> ApiResult<impl IntoResponse> {
-    let tenant = tenant.as_str();
-    if !job_id_ok(&id) {
+    log_of(&state, &tenant, &id).await
+}
+
+/// The log of `tenant`'s job `id` as `text/plain` (the tenant's route and
+/// the admin's).
+pub(super) async fn log_of(
+    state: &AppState,
+    tenant: &str,
+    id: &str,
+) -> ApiResult<impl IntoResponse + use<>> {
+    if !job_id_ok(id) {
         return Err(ApiError::NotFound("job"));
     }
     let text = state
         .control()
-        .job_log(tenant, &id)
+        .job_log(tenant, id)
         .await
         .map_err(|e| ApiError::from_cp(e, "job"))?
         .ok_or(ApiError::NotFound("job"))?;

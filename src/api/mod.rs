@@ -31,7 +31,7 @@ pub use edge::{MAX_HEADERS, serve};
 pub use error::{ApiError, ApiResult};
 pub use jobs::{BatchResult, MAX_BATCH, parse_job_request};
 pub use prom::{install_metrics, metrics_app};
-pub use types::{Balance, JobPage, JobRef, JobRequest, Retried, TenantPage, TenantToken};
+pub use types::{Balance, JobPage, JobRef, JobRequest, TenantPage, TenantToken};
 
 use crate::control::ControlPlane;
 use crate::host::Host;
@@ -265,6 +265,7 @@ fn routes() -> utoipa_axum::router::OpenApiRouter<AppState> {
         .routes(routes!(admin::tenants))
         .routes(routes!(admin::jobs))
         .routes(routes!(admin::admin_retry))
+        .routes(routes!(admin::admin_log))
         .routes(routes!(uploads::push_component))
         .routes(routes!(uploads::get_component))
         .routes(routes!(uploads::push_context))

@@ -63,11 +63,3 @@ pub struct TenantPage {
     pub tenants: Vec<crate::control::TenantRow>,
     pub next_cursor: Option<String>,
 }
-
-/// `POST /v1/jobs/{id}/retry`: the new job and the failed one it repeats.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Retried {
-    pub id: String,
-    pub state: JobState,
-    pub retry_of: String,
-}

@@ -1,5 +1,5 @@
 //! `agentplane admin …`: what an operator sees across tenants, and the
-//! retry of any tenant's failed job (admin token).
+//! log and the retry of any tenant's job (admin token).
 
 use super::client::Conn;
 use super::output::finish;
@@ -40,11 +40,21 @@ pub enum AdminCmd {
         #[command(flatten)]
         conn: Conn,
     },
-    /// Submits a tenant's failed job again as a new job.
+    /// Queues a tenant's failed job again as its next attempt (same job id,
+    /// charged as usual).
     Retry {
         /// Tenant id.
         tenant: String,
         /// Job id of the failed job.
+        id: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Prints any tenant's job's log.
+    Log {
+        /// Tenant id.
+        tenant: String,
+        /// Job id.
         id: String,
         #[command(flatten)]
         conn: Conn,
@@ -81,6 +91,16 @@ pub async fn admin(cmd: AdminCmd) -> anyhow::Result<ExitCode> {
         AdminCmd::Retry { tenant, id, conn } => {
             let c = ApiClient::new(&conn.url, conn.token.clone())?;
             finish(conn.output, c.admin_retry(&tenant, &id).await)
+        }
+        AdminCmd::Log { tenant, id, conn } => {
+            let c = ApiClient::new(&conn.url, conn.token.clone())?;
+            match c.admin_log(&tenant, &id).await {
+                Ok(text) => {
+                    print!("{text}");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => finish::<()>(conn.output, Err(e)),
+            }
         }
     }
 }

@@ -224,7 +224,8 @@ pub enum JobCmd {
         #[command(flatten)]
         conn: Conn,
     },
-    /// Submits a failed job again as a new job (charged as usual).
+    /// Queues a failed job again as its next attempt (same job id, charged
+    /// as usual).
     Retry {
         /// Job id of the failed job.
         id: String,

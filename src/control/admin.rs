@@ -209,67 +209,6 @@ impl ControlPlane {
         let next = if exhausted { None } else { last_examined };
         Ok((jobs, next))
     }
-
-    /// Submits a failed job of `tenant` again, as a new job with the same
-    /// component, input, agent, contexts, GPUs and limits, charged as any
-    /// submission. At most once per failed job: a second retry answers the
-    /// same new job (`created: false`); retry that one to go on.
-    pub async fn retry_job(&self, tenant: &str, id: &str) -> Result<Submitted, CpError> {
-        if !crate::model::valid_tenant_id(tenant) || ulid::Ulid::from_string(id).is_err() {
-            return Err(CpError::NotFound);
-        }
-        let fields = [
-            "tenant",
-            "state",
-            "component",
-            "input",
-            "agent_id",
-            "contexts",
-            "gpus",
-            "max_attempts",
-            "timeout_ms",
-            "fuel",
-        ];
-        let row: Vec<Option<String>> = redis::cmd("HMGET")
-            .arg(self.keys.job(tenant, id))
-            .arg(&fields[..])
-            .query_async(&mut self.conn())
-            .await?;
-        let h: HashMap<String, String> = fields
-            .iter()
-            .zip(row)
-            .filter_map(|(k, v)| v.map(|v| (k.to_string(), v)))
-            .collect();
-        if h.get("tenant").map(String::as_str) != Some(tenant) {
-            return Err(CpError::NotFound);
-        }
-        if h.get("state").map(String::as_str) != Some(JobState::Failed.as_str()) {
-            return Err(CpError::Invalid(
-                "only a failed job can be retried".to_string(),
-            ));
-        }
-        let opt = |k: &str| {
-            h.get(k)
-                .filter(|v| !v.is_empty())
-                .and_then(|v| v.parse::<u64>().ok())
-        };
-        let contexts: Vec<(String, String)> =
-            serde_json::from_str(h.get("contexts").map_or("[]", String::as_str))
-                .map_err(|e| bad(format!("job contexts: {e}")))?;
-        let spec = SubmitSpec {
-            component: h.get("component").cloned().unwrap_or_default(),
-            input: h.get("input").cloned().unwrap_or_default(),
-            agent_id: h.get("agent_id").filter(|a| !a.is_empty()).cloned(),
-            contexts,
-            gpus: num(&h, "gpus").max(0) as u32,
-            max_attempts: (num(&h, "max_attempts").max(1)) as u32,
-            timeout_ms: opt("timeout_ms"),
-            fuel: opt("fuel"),
-            delay_ms: 0,
-            idempotency: Some((format!("retry:{id}"), sha256_hex(id.as_bytes()))),
-        };
-        self.submit(tenant, &spec).await
-    }
 }
 
 /// The first `limit` of `rows` (fetched `limit + 1`), and the cursor of

@@ -13,6 +13,9 @@ pub enum CpError {
     NotFound,
     #[error("tenant already exists")]
     TenantExists,
+    /// RETRY: only a failed job runs again; the job is in this state.
+    #[error("the job is {0}, not failed: only a failed job can be retried")]
+    NotFailed(crate::model::JobState),
     #[error("tenant's max_queued reached")]
     QueueFull,
     #[error("credits below the job's reservation")]
@@ -55,6 +58,7 @@ impl CpError {
             CpError::InsufficientCredits => CpError::InsufficientCredits,
             CpError::IdempotencyConflict => CpError::IdempotencyConflict,
             CpError::Invalid(m) => CpError::Invalid(m.clone()),
+            CpError::NotFailed(m) => CpError::NotFailed(m.clone()),
             CpError::StorageFull => CpError::StorageFull,
             CpError::QuotaExceeded(m) => CpError::QuotaExceeded(m.clone()),
             CpError::Redis(e) => CpError::Redis(redis::RedisError::from(std::io::Error::other(

@@ -12,7 +12,9 @@
 //! - `submit.rs` (`submit.lua`), `cancel.rs` (`cancel.lua`).
 //! - `claim.rs` (`claim.lua`): fair claims across shards, a lost answer
 //!   asked again under the same claim id.
-//! - `lease.rs` (`renew.lua`, `finalize.lua`, `release.lua`).
+//! - `lease.rs` (`renew.lua`, `finalize.lua`, `release.lua`); `log.rs`
+//!   (`log.lua`): an attempt's log stored while it runs.
+//! - `retry.rs` (`retry.lua`): a failed job back in its queue.
 //! - `maintenance.rs` (`promote.lua`, `reap.lua`), `retain.rs`
 //!   (`retain.lua`), `quota.rs` (`usage.lua`).
 //! - `jobs.rs`: reads for the API (jobs, logs, lists, the ledger);
@@ -48,9 +50,11 @@ mod config;
 mod error;
 mod jobs;
 mod lease;
+mod log;
 mod maintenance;
 mod reply;
 mod report;
+mod retry;
 mod submit;
 mod tenant;
 mod wake;
@@ -63,6 +67,7 @@ pub use error::CpError;
 use error::answer_lost;
 pub use jobs::LedgerEntry;
 pub use lease::{AttemptOutcome, Finalized, Finish, Settled, truncate_utf8};
+pub use log::{LogStored, LogTail};
 use reply::*;
 pub use report::{LedgerPage, LedgerRow, UsageBucket, UsageReport};
 pub use submit::{SubmitSpec, Submitted};

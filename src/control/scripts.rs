@@ -36,6 +36,8 @@ scripts! {
     TENANT => "tenant.lua",
     RETAIN => "retain.lua",
     USAGE => "usage.lua",
+    LOG => "log.lua",
+    RETRY => "retry.lua",
 }
 
 /// Rewrites each place a Lua runtime error names, `user_script:<line>` of
@@ -128,6 +130,8 @@ mod tests {
             include_str!("../../lua/tenant.lua"),
             include_str!("../../lua/retain.lua"),
             include_str!("../../lua/usage.lua"),
+            include_str!("../../lua/log.lua"),
+            include_str!("../../lua/retry.lua"),
         ]);
         let field = |s: &str| -> String {
             s.chars()

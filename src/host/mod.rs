@@ -6,7 +6,8 @@
 //! - `Host::component(digest, fetch)` gives a compiled, pre-instantiated
 //!   component from the LRU / disk cache, fetching bytes on a miss.
 //! - `Host::context(digest, fetch)` gives a shared heavy context.
-//! - `Host::run(RunRequest)` runs one attempt and reports what happened.
+//! - `Host::run(RunRequest)` runs one attempt and reports what happened;
+//!   `Host::run_live` also hands its log lines out as they are written.
 //!
 //! # Modules, one way down
 //!
@@ -52,6 +53,7 @@ mod structure;
 pub use compile::child_main as compile_child_main;
 pub use config::{AdmissionError, Admitted, CompileChild, HostConfig, HostError};
 pub use run::{RunOutcome, RunReport, RunRequest};
+pub use sandbox::{LIVE_FLUSH_BYTES, LiveLog};
 pub use state::LoadedComponent;
 
 use crate::context::HeavyContext;
@@ -275,13 +277,25 @@ impl Host {
     /// `req.cancel` while guest code runs (~20 ms when the guest is parked
     /// in a host call).
     pub async fn run(&self, req: RunRequest) -> RunReport {
+        self.run_live(req, self.live_log()).await
+    }
+
+    /// An empty live log, bounded like the run's log (`stdio_capture_bytes`).
+    pub fn live_log(&self) -> LiveLog {
+        LiveLog::new(self.cfg.stdio_capture_bytes)
+    }
+
+    /// [`Host::run`], with the run's `log.write` lines written to `log`
+    /// as they come, so that a reader can take them while the run is in
+    /// flight (the worker pushes them to the control plane).
+    pub async fn run_live(&self, req: RunRequest, log: LiveLog) -> RunReport {
         let env = run::RunEnv {
             fuel: self.cfg.fuel,
             max_memory_per_instance: self.cfg.max_memory_per_instance,
             capture_bytes: self.cfg.stdio_capture_bytes,
             tenant: self.tenant_budget(&req.tenant),
         };
-        run::run(env, req).await
+        run::run(env, req, log).await
     }
 
     /// Components compiled from bytes by this host (not loaded from the disk

@@ -4,12 +4,12 @@
 use super::bindings::AgentPre;
 use super::budget::{MemoryLimiter, RunFlags, TenantBudget};
 use super::engine::{EPOCH_TICK, ticks_for};
-use super::sandbox::{self, Capture, LogLines};
+use super::sandbox::{self, Capture, LiveLog};
 use super::state::{LoadedComponent, RunState};
 use crate::context::HeavyContext;
 use crate::model::{ErrorKind, Limits};
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use wasmtime::component::ResourceTable;
@@ -112,9 +112,9 @@ pub(crate) struct RunEnv {
 }
 
 /// Runs `req` to its end; never panics on anything the guest does.
-pub(crate) async fn run(env: RunEnv, req: RunRequest) -> RunReport {
+pub(crate) async fn run(env: RunEnv, req: RunRequest, log: LiveLog) -> RunReport {
     let span = tracing::debug_span!("run", tenant = %req.tenant, job = %req.job_id);
-    let report = tracing::Instrument::instrument(run_inner(env, req), span).await;
+    let report = tracing::Instrument::instrument(run_inner(env, req, log), span).await;
     let outcome = match &report.outcome {
         RunOutcome::Ok(_) => "ok",
         RunOutcome::Failed { kind, .. } => kind.as_str(),
@@ -131,7 +131,7 @@ pub(crate) async fn run(env: RunEnv, req: RunRequest) -> RunReport {
     report
 }
 
-async fn run_inner(env: RunEnv, mut req: RunRequest) -> RunReport {
+async fn run_inner(env: RunEnv, mut req: RunRequest, log: LiveLog) -> RunReport {
     let started = Instant::now();
     req.limits.timeout_ms = req.limits.timeout_ms.min(MAX_TIMEOUT_MS);
     if req.cancel.is_cancelled() {
@@ -147,7 +147,6 @@ async fn run_inner(env: RunEnv, mut req: RunRequest) -> RunReport {
     }
     let stdout = Capture::new(env.capture_bytes);
     let stderr = Capture::new(env.capture_bytes);
-    let log = Arc::new(Mutex::new(LogLines::new(env.capture_bytes)));
     let (outcome, fuel_used, new_state, memory_peak) =
         attempt(env, req, started, &stdout, &stderr, log.clone()).await;
     RunReport {
@@ -178,8 +177,8 @@ async fn backstop(started: Instant, timeout: Duration, cancel: &CancellationToke
     }
 }
 
-fn assemble_log(log: &Mutex<LogLines>, stdout: &Capture, stderr: &Capture) -> String {
-    let mut out = log.lock().unwrap_or_else(|e| e.into_inner()).text();
+fn assemble_log(log: &LiveLog, stdout: &Capture, stderr: &Capture) -> String {
+    let mut out = log.text();
     for (tag, cap) in [("stdout", stdout), ("stderr", stderr)] {
         for line in cap.text().lines() {
             out.push_str(&format!("[{tag}] {line}\n"));
@@ -194,7 +193,7 @@ async fn attempt(
     started: Instant,
     stdout: &Capture,
     stderr: &Capture,
-    log: Arc<Mutex<LogLines>>,
+    log: LiveLog,
 ) -> (RunOutcome, u64, Option<Vec<u8>>, u64) {
     let RunRequest {
         component,

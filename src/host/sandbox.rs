@@ -153,6 +153,85 @@ impl LogLines {
     }
 }
 
+/// Unflushed bytes of a live log at which its reader is woken before its
+/// next tick (see [`LiveLog::grown`]).
+pub const LIVE_FLUSH_BYTES: usize = 4 << 10;
+
+struct LiveInner {
+    lines: Mutex<LogLines>,
+    /// Bytes the reader has taken (set by [`LiveLog::taken`]).
+    taken: std::sync::atomic::AtomicUsize,
+    grown: tokio::sync::Notify,
+}
+
+/// The `log.write` lines of one run as they are written: the same bounded
+/// buffer the run's final log is made of, shared with a reader (the worker)
+/// that takes what is new while the run is in flight. The text only grows,
+/// by whole lines, so a reader keeps a byte offset into it.
+#[derive(Clone)]
+pub struct LiveLog(Arc<LiveInner>);
+
+impl LiveLog {
+    /// An empty log holding at most `cap` bytes of lines.
+    pub fn new(cap: usize) -> LiveLog {
+        LiveLog(Arc::new(LiveInner {
+            lines: Mutex::new(LogLines::new(cap)),
+            taken: Default::default(),
+            grown: tokio::sync::Notify::new(),
+        }))
+    }
+
+    fn lines(&self) -> std::sync::MutexGuard<'_, LogLines> {
+        self.0.lines.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn push(&self, level: &str, message: &str) {
+        use std::sync::atomic::Ordering;
+        let len = {
+            let mut l = self.lines();
+            l.push(level, message);
+            l.text.len()
+        };
+        // Not per line: the reader is woken once a batch is waiting.
+        if len >= self.0.taken.load(Ordering::Acquire) + LIVE_FLUSH_BYTES {
+            self.0.grown.notify_waiters();
+        }
+    }
+
+    /// The lines written since byte `offset` (whole lines; empty when
+    /// nothing is new). The cut mark of a full log is not part of it.
+    pub fn since(&self, offset: usize) -> String {
+        self.lines().text.get(offset..).unwrap_or("").to_string()
+    }
+
+    /// Says the reader has taken the first `offset` bytes.
+    pub fn taken(&self, offset: usize) {
+        self.0
+            .taken
+            .store(offset, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Resolves once [`LIVE_FLUSH_BYTES`] or more were written past what the
+    /// reader has taken.
+    pub async fn grown(&self) {
+        use std::sync::atomic::Ordering;
+        loop {
+            let notified = self.0.grown.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.lines().text.len() >= self.0.taken.load(Ordering::Acquire) + LIVE_FLUSH_BYTES {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// The whole log as the run reports it (with the cut mark when full).
+    pub(crate) fn text(&self) -> String {
+        self.lines().text()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,5 +247,29 @@ mod tests {
         l.push("info", "a long line that does not fit");
         l.push("info", "x");
         assert_eq!(l.text(), format!("[info] hello\n{TRUNCATED}\n"));
+    }
+
+    #[tokio::test]
+    async fn a_live_log_hands_out_what_is_new_and_wakes_its_reader_per_batch() {
+        let l = LiveLog::new(1 << 20);
+        l.push("info", "one");
+        assert_eq!(l.since(0), "[info] one\n");
+        l.taken(11);
+        assert_eq!(l.since(11), "");
+        // One short line does not wake the reader; a batch does.
+        let waiting = tokio::spawn({
+            let l = l.clone();
+            async move { l.grown().await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        l.push("info", "two");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(!waiting.is_finished());
+        l.push("info", &"x".repeat(LIVE_FLUSH_BYTES));
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+            .await
+            .expect("woken by a batch")
+            .unwrap();
+        assert!(l.since(11).starts_with("[info] two\n[info] xxx"));
     }
 }

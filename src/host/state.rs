@@ -17,13 +17,13 @@ use super::budget::{MemoryLimiter, RunFlags};
 use super::limits::{
     BYTES_PER_FUEL, CALL_FUEL, MAX_LOG_MESSAGE, MAX_QUERY_BYTES, MAX_RESULT_BYTES, MAX_STATE_BYTES,
 };
-use super::sandbox::LogLines;
+use super::sandbox::LiveLog;
 // Results per search and the longest query embedding are the context's
 // own bounds: a query longer than any context may hold can never match, so
 // it is refused before a scan is paid.
 use crate::context::{HeavyContext, MAX_DIM, MAX_K};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 use wasmtime::Trap;
@@ -59,7 +59,7 @@ pub(crate) struct RunState {
     pub(crate) contexts: Vec<(String, Arc<HeavyContext>)>,
     pub(crate) state: Option<Vec<u8>>,
     pub(crate) new_state: Option<Vec<u8>>,
-    pub(crate) log: Arc<Mutex<LogLines>>,
+    pub(crate) log: LiveLog,
     pub(crate) flags: Arc<RunFlags>,
     pub(crate) cancel: CancellationToken,
     pub(crate) deadline: Instant,
@@ -376,10 +376,7 @@ impl log::Host for RunState {
         while !message.is_char_boundary(end) {
             end -= 1;
         }
-        self.log
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(level, &message[..end]);
+        self.log.push(level, &message[..end]);
         Ok(())
     }
 }

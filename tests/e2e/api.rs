@@ -494,5 +494,40 @@ async fn bench_load_generator_runs_jobs_through_the_api() {
         .collect();
     assert_eq!(per, vec![20, 20, 20], "{report}");
     assert!(report["end_to_end_ms"]["p99"].as_f64().unwrap() > 0.0);
+
+    // `--output table`: the same report as `field  value` lines.
+    let (base, echo) = (s.base.clone(), guest_wasm("echo"));
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(bin())
+            .args(["bench", "--url", &base, "--tenants", "2", "--jobs", "6"])
+            .args(["--output", "table", "--timeout-s", "120", "--component"])
+            .arg(echo)
+            .env("AGENTPLANE_TOKEN", ADMIN)
+            .output()
+            .expect("run agentplane bench")
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(serde_json::from_str::<Value>(&text).is_err(), "{text}");
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(' ')?;
+                (k == name).then(|| v.trim().to_string())
+            })
+            .unwrap_or_else(|| panic!("no `{name}` line: {text}"))
+    };
+    assert_eq!(field("succeeded"), "6", "{text}");
+    assert_eq!(field("unfinished"), "0", "{text}");
+    assert!(
+        field("end_to_end_ms.p99").parse::<f64>().unwrap() > 0.0,
+        "{text}"
+    );
     s.stop().await;
 }

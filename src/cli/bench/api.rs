@@ -4,8 +4,9 @@
 //! for each, submits `--jobs` jobs spread over them with `--concurrency`
 //! requests in flight, waits until every job is terminal, and prints one
 //! JSON report: submit rate and latency, end-to-end latency (the jobs' own
-//! `created_at` → `finished_at`), throughput, and per-tenant counts. The
-//! report is measured, never asserted: compare runs on the same machine.
+//! `created_at` → `finished_at`), throughput, and per-tenant counts (as
+//! aligned `field  value` lines with `--output table`). The report is
+//! measured, never asserted: compare runs on the same machine.
 
 use crate::api::JobRequest;
 use crate::client::{ApiClient, NewTenant};
@@ -196,7 +197,8 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
             json!({"id": id, "weight": w, "succeeded": ok, "failed": bad})
         }).collect::<Vec<_>>(),
     });
-    println!("{}", serde_json::to_string_pretty(&report)?);
+    // `--output table` (`-o table`): the same figures as aligned lines.
+    super::super::output::print(args.conn.output, &report)?;
     Ok(if unfinished == 0 && submit_errors == 0 {
         ExitCode::SUCCESS
     } else {
