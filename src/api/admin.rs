@@ -5,9 +5,10 @@ use super::AppState;
 use super::auth::{Admin, Tenant};
 use super::error::{ApiError, ApiResult};
 use super::job_id_ok;
+use super::path::TenantJobPath;
 use super::query::{AdminJobsQuery, PageQuery, Query};
 use super::types::{JobPage, Retried, TenantPage};
-use crate::model::valid_tenant_id;
+use crate::model::TenantId;
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -22,7 +23,7 @@ pub(super) async fn tenants(
     Query(q): Query<PageQuery>,
 ) -> ApiResult<Json<TenantPage>> {
     if let Some(c) = &q.cursor
-        && !valid_tenant_id(c)
+        && TenantId::parse(c).is_err()
     {
         return Err(ApiError::Invalid("`cursor` is not a tenant id".into()));
     }
@@ -70,18 +71,15 @@ pub(super) async fn retry(
 #[utoipa::path(post, path = "/v1/admin/tenants/{tenant}/jobs/{id}/retry", tag = "admin", params(("tenant" = String, Path), ("id" = String, Path)), responses((status = 201, description = "a failed job of any tenant submitted again (admin)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
 pub(super) async fn admin_retry(
     State(state): State<AppState>,
-    Path((tenant, id)): Path<(String, String)>,
     _: Admin,
+    TenantJobPath(tenant, id): TenantJobPath,
 ) -> ApiResult<(StatusCode, Json<Retried>)> {
-    if !valid_tenant_id(&tenant) {
-        return Err(ApiError::NotFound("job"));
-    }
     retry_as(&state, &tenant, &id).await
 }
 
 async fn retry_as(
     state: &AppState,
-    tenant: &str,
+    tenant: &TenantId,
     id: &str,
 ) -> ApiResult<(StatusCode, Json<Retried>)> {
     if !job_id_ok(id) {

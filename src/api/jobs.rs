@@ -9,7 +9,7 @@ use super::types::{JobPage, JobRef};
 use super::{AppState, job_id_ok, valid_digest};
 use crate::api::JobRequest;
 use crate::control::{SubmitSpec, TenantInfo};
-use crate::model::{Job, JobState, valid_name};
+use crate::model::{Job, JobState, TenantId, valid_name};
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -183,19 +183,19 @@ pub(super) async fn submit(
 /// Resolves a checked request's component and contexts and submits it.
 async fn submit_one(
     state: &AppState,
-    tenant: &str,
+    tenant: &TenantId,
     req: JobRequest,
     idempotency: Option<(String, String)>,
 ) -> ApiResult<crate::control::Submitted> {
     let cp = state.control();
-    cp.component_meta(tenant, &req.component)
+    cp.component_meta(&tenant, &req.component)
         .await
         .map_err(|e| ApiError::from_cp(e, "component"))?
         .ok_or(ApiError::NotFound("component"))?;
     let mut contexts = Vec::with_capacity(req.contexts.len());
     for name in &req.contexts {
         let meta = cp
-            .context_meta(tenant, name)
+            .context_meta(&tenant, name)
             .await
             .map_err(|e| ApiError::from_cp(e, "context"))?
             .ok_or(ApiError::NotFound("context"))?;
@@ -334,13 +334,13 @@ pub(super) async fn batch(
     Ok(Json(serde_json::json!({ "results": results })))
 }
 
-pub(super) async fn fetch_job(state: &AppState, tenant: &str, id: &str) -> ApiResult<Job> {
+pub(super) async fn fetch_job(state: &AppState, tenant: &TenantId, id: &str) -> ApiResult<Job> {
     if !job_id_ok(id) {
         return Err(ApiError::NotFound("job"));
     }
     state
         .control()
-        .job(tenant, id)
+        .job(&tenant, id)
         .await
         .map_err(|e| ApiError::from_cp(e, "job"))?
         .ok_or(ApiError::NotFound("job"))
@@ -355,7 +355,6 @@ pub(super) async fn get(
     Tenant(tenant): Tenant,
     Query(q): Query<WaitQuery>,
 ) -> ApiResult<Json<Job>> {
-    let tenant = tenant.as_str();
     // Capped before the conversion: a huge finite `wait` is valid and must
     // not overflow a `Duration`.
     let max = state.config().max_wait.as_secs_f64();
@@ -365,7 +364,7 @@ pub(super) async fn get(
     let place = if wait.is_zero() {
         None
     } else {
-        state.wait_place(tenant)
+        state.wait_place(&tenant)
     };
     let wait = if place.is_some() {
         wait
@@ -376,7 +375,7 @@ pub(super) async fn get(
     let base = state.config().wait_poll;
     let mut period = base;
     loop {
-        let job = fetch_job(&state, tenant, &id).await?;
+        let job = fetch_job(&state, &tenant, &id).await?;
         let now = Instant::now();
         if job.state.is_terminal() || now >= deadline {
             return Ok(Json(job));
@@ -393,13 +392,12 @@ pub(super) async fn log(
     Path(id): Path<String>,
     Tenant(tenant): Tenant,
 ) -> ApiResult<impl IntoResponse> {
-    let tenant = tenant.as_str();
     if !job_id_ok(&id) {
         return Err(ApiError::NotFound("job"));
     }
     let text = state
         .control()
-        .job_log(tenant, &id)
+        .job_log(&tenant, &id)
         .await
         .map_err(|e| ApiError::from_cp(e, "job"))?
         .ok_or(ApiError::NotFound("job"))?;
@@ -413,19 +411,18 @@ pub(super) async fn cancel(
     Path(id): Path<String>,
     Tenant(tenant): Tenant,
 ) -> ApiResult<Json<JobRef>> {
-    let tenant = tenant.as_str();
     if !job_id_ok(&id) {
         return Err(ApiError::NotFound("job"));
     }
     let answered = state
         .control()
-        .cancel(tenant, &id)
+        .cancel(&tenant, &id)
         .await
         .map_err(|e| ApiError::from_cp(e, "job"))?;
     // Answer the state as it is now (`cancelled` for a job that was waiting,
     // `running` for one that stops at its next lease check), whatever the
     // script reported.
-    let now = match state.control().job(tenant, &id).await {
+    let now = match state.control().job(&tenant, &id).await {
         Ok(Some(job)) => job.state,
         _ => match answered {
             JobState::Queued | JobState::Delayed => JobState::Cancelled,
@@ -442,10 +439,9 @@ pub(super) async fn list(
     Tenant(tenant): Tenant,
     Query(q): Query<JobsQuery>,
 ) -> ApiResult<Json<JobPage>> {
-    let tenant = tenant.as_str();
     let (jobs, next) = state
         .control()
-        .list_jobs(tenant, q.state, q.limit, q.cursor.as_deref())
+        .list_jobs(&tenant, q.state, q.limit, q.cursor.as_deref())
         .await
         .map_err(|e| ApiError::from_cp(e, "job"))?;
     Ok(Json(JobPage {
@@ -459,7 +455,7 @@ pub(super) async fn list(
 /// holds a bounded number of them (a place, released once it is read).
 async fn tenant_body(
     state: &AppState,
-    tenant: &str,
+    tenant: &TenantId,
     headers: &HeaderMap,
     body: Body,
     max: usize,

@@ -18,6 +18,7 @@ mod edge;
 mod error;
 mod events;
 mod jobs;
+mod path;
 mod prom;
 mod query;
 mod report;

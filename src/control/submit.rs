@@ -67,10 +67,7 @@ impl SubmitArgs<'_> {
 }
 
 impl ControlPlane {
-    pub async fn submit(&self, tenant: &str, spec: &SubmitSpec) -> Result<Submitted, CpError> {
-        if !crate::model::valid_tenant_id(tenant) {
-            return Err(CpError::NotFound);
-        }
+    pub async fn submit(&self, tenant: &TenantId, spec: &SubmitSpec) -> Result<Submitted, CpError> {
         if spec.max_attempts == 0 {
             return Err(CpError::Invalid("max_attempts must be at least 1".into()));
         }

@@ -1,6 +1,7 @@
 //! SUBMIT: idempotency keys, argument checks that write nothing, and the
 //! wake-up signal a submission sends to idle workers.
 
+use crate::common::fixtures::tid;
 use crate::support::*;
 use agentplane::control::{ControlConfig, CpError, TenantPatch};
 use std::time::Duration;
@@ -19,24 +20,24 @@ pub(crate) async fn idempotency_keys(url: &str, shards: u32) {
         .unwrap();
     let mut j = job("same");
     j.idempotency = Some(("key-1".into(), "bodyhash-A".into()));
-    let first = cp.submit("i", &j).await.unwrap();
+    let first = cp.submit(&tid("i"), &j).await.unwrap();
     assert!(first.created);
-    let again = cp.submit("i", &j).await.unwrap();
+    let again = cp.submit(&tid("i"), &j).await.unwrap();
     assert!(!again.created);
     assert_eq!(again.id, first.id);
     let mut other = j.clone();
     other.idempotency = Some(("key-1".into(), "bodyhash-B".into()));
     assert!(matches!(
-        cp.submit("i", &other).await,
+        cp.submit(&tid("i"), &other).await,
         Err(CpError::IdempotencyConflict)
     ));
     // Keys are per tenant.
     cp.create_tenant(&tenant("i2", 1_000_000), "h")
         .await
         .unwrap();
-    assert!(cp.submit("i2", &j).await.unwrap().created);
+    assert!(cp.submit(&tid("i2"), &j).await.unwrap().created);
     tokio::time::sleep(Duration::from_millis(2100)).await;
-    let later = cp.submit("i", &j).await.unwrap();
+    let later = cp.submit(&tid("i"), &j).await.unwrap();
     assert!(later.created);
     assert_ne!(later.id, first.id);
 }
@@ -52,17 +53,20 @@ pub(crate) async fn malformed_arguments_write_nothing(url: &str, shards: u32) {
         cp.create_tenant(&tenant("Bad:Id", 1), "h").await,
         Err(CpError::Invalid(_))
     ));
-    let before = cp.tenant("m").await.unwrap().unwrap();
+    let before = cp.tenant(&tid("m")).await.unwrap().unwrap();
     let mut j = job("x");
     j.max_attempts = 0;
-    assert!(matches!(cp.submit("m", &j).await, Err(CpError::Invalid(_))));
     assert!(matches!(
-        cp.submit("nobody", &job("x")).await,
+        cp.submit(&tid("m"), &j).await,
+        Err(CpError::Invalid(_))
+    ));
+    assert!(matches!(
+        cp.submit(&tid("nobody"), &job("x")).await,
         Err(CpError::NotFound)
     ));
     assert!(matches!(
         cp.update_tenant(
-            "m",
+            &tid("m"),
             &TenantPatch {
                 weight: Some(0),
                 ..TenantPatch::default()
@@ -72,12 +76,12 @@ pub(crate) async fn malformed_arguments_write_nothing(url: &str, shards: u32) {
         Err(CpError::Invalid(_))
     ));
     assert!(matches!(
-        cp.grant_credits("m", -101).await,
+        cp.grant_credits(&tid("m"), -101).await,
         Err(CpError::InsufficientCredits)
     ));
-    assert_eq!(cp.tenant("m").await.unwrap().unwrap(), before);
-    assert_eq!(cp.grant_credits("m", -40).await.unwrap(), 60);
-    let (jobs, _) = cp.list_jobs("m", None, 10, None).await.unwrap();
+    assert_eq!(cp.tenant(&tid("m")).await.unwrap().unwrap(), before);
+    assert_eq!(cp.grant_credits(&tid("m"), -40).await.unwrap(), 60);
+    let (jobs, _) = cp.list_jobs(&tid("m"), None, 10, None).await.unwrap();
     assert!(jobs.is_empty());
 }
 
@@ -101,7 +105,7 @@ pub(crate) async fn wake_up_signals_survive_an_abandoned_wait(url: &str, _shards
         })
     };
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let c = cp.submit("wk", &job("a")).await.unwrap();
+    let c = cp.submit(&tid("wk"), &job("a")).await.unwrap();
     assert!(waiter.await.unwrap() < Duration::from_secs(2));
     let claimed = claim_one(&cp).await;
     assert_eq!(claimed.lease.job_id, c.id);
@@ -113,7 +117,7 @@ pub(crate) async fn wake_up_signals_survive_an_abandoned_wait(url: &str, _shards
         _ = cp.wait_for_work(Duration::from_secs(5)) => panic!("no work was signalled"),
         _ = tokio::time::sleep(Duration::from_millis(100)) => {}
     }
-    cp.submit("wk", &job("b")).await.unwrap();
+    cp.submit(&tid("wk"), &job("b")).await.unwrap();
     let t0 = std::time::Instant::now();
     cp.wait_for_work(Duration::from_secs(5)).await.unwrap();
     assert!(

@@ -1,0 +1,47 @@
+//! Path parameters parsed into their types before a handler runs. A
+//! segment that cannot name what the route looks up is answered as an
+//! absent one would be (404 with the route's resource), so a malformed id
+//! and an unknown one cannot be told apart.
+//!
+//! Handlers list these after their `Tenant`/`Admin`/`Caller` extractor, so
+//! authentication is decided first (401/403 before 404).
+
+use super::error::ApiError;
+use crate::model::TenantId;
+use axum::extract::{FromRequestParts, Path};
+use axum::http::request::Parts;
+
+/// `{id}` of the `/v1/tenants/{id}` routes; a malformed id is 404 `tenant`.
+#[derive(Debug, Clone)]
+pub(crate) struct TenantPath(pub TenantId);
+
+impl<S: Send + Sync> FromRequestParts<S> for TenantPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Path(id) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|_| ApiError::NotFound("tenant"))?;
+        TenantId::parse(&id)
+            .map(TenantPath)
+            .map_err(|_| ApiError::NotFound("tenant"))
+    }
+}
+
+/// `{tenant}/jobs/{id}` of the admin's job routes; a malformed tenant is
+/// 404 `job` (the job id is checked by the handler, as the tenant routes'
+/// are).
+#[derive(Debug, Clone)]
+pub(crate) struct TenantJobPath(pub TenantId, pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for TenantJobPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Path((tenant, id)) = Path::<(String, String)>::from_request_parts(parts, state)
+            .await
+            .map_err(|_| ApiError::NotFound("job"))?;
+        let tenant = TenantId::parse(&tenant).map_err(|_| ApiError::NotFound("job"))?;
+        Ok(TenantJobPath(tenant, id))
+    }
+}
