@@ -1,7 +1,7 @@
 //! `GET /v1/jobs/{id}/events`: a job's progress as Server-Sent Events,
 //! pushed instead of polled by the client.
 //!
-//! The server polls the job record (every `wait_poll`, about 100-200 ms)
+//! The server polls the job record (every `limits::WAIT_POLL`, 100 ms)
 //! and sends a `state` event with the whole job whenever its state or
 //! attempt count changes (the first one at once). Workers store an
 //! attempt's log when the attempt settles, not while the agent writes it,
@@ -38,7 +38,7 @@ pub(super) async fn events(
         // Held for the stream's life: the tenant's share of long-polls.
         let _place = place;
         let deadline = Instant::now() + state.config().max_wait;
-        let period = state.config().wait_poll.max(Duration::from_millis(50));
+        let period = super::limits::WAIT_POLL;
         let mut job = first;
         let mut last = None;
         loop {

@@ -21,17 +21,10 @@ use std::collections::HashSet;
 use std::time::Duration;
 use tokio::time::Instant;
 
-/// Default `max_attempts` when the request names none.
-pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
-/// Upper bound of `max_attempts`: retries cost credits and queue space.
-pub const MAX_ATTEMPTS_CAP: u32 = 100;
-/// Upper bound of `delay_ms` (30 days): a typo of a few zeros should be
-/// refused, not parked forever.
-pub const MAX_DELAY_MS: u64 = 30 * 24 * 3600 * 1000;
-/// Upper bound of the contexts one job mounts.
-pub const MAX_CONTEXTS: usize = 32;
-/// `Idempotency-Key` length bound (it becomes part of a Redis key).
-pub const MAX_IDEMPOTENCY_KEY: usize = 255;
+use super::limits::{
+    DEFAULT_MAX_ATTEMPTS, MAX_ATTEMPTS_CAP, MAX_BATCH, MAX_CONTEXTS, MAX_DELAY_MS,
+    MAX_IDEMPOTENCY_KEY,
+};
 /// Parses a `POST /v1/jobs` body and checks it against the tenant's
 /// settings, without touching Redis: the one path the handler and the
 /// fuzzer (`tests/fuzz`) share. Errors name the field at fault.
@@ -188,14 +181,14 @@ async fn submit_one(
     idempotency: Option<(String, String)>,
 ) -> ApiResult<crate::control::Submitted> {
     let cp = state.control();
-    cp.component_meta(&tenant, &req.component)
+    cp.component_meta(tenant, &req.component)
         .await
         .map_err(|e| ApiError::from_cp(e, "component"))?
         .ok_or(ApiError::NotFound("component"))?;
     let mut contexts = Vec::with_capacity(req.contexts.len());
     for name in &req.contexts {
         let meta = cp
-            .context_meta(&tenant, name)
+            .context_meta(tenant, name)
             .await
             .map_err(|e| ApiError::from_cp(e, "context"))?
             .ok_or(ApiError::NotFound("context"))?;
@@ -217,9 +210,6 @@ async fn submit_one(
         .await
         .map_err(|e| ApiError::from_cp(e, "job"))
 }
-
-/// Jobs one `POST /v1/jobs/batch` takes at most.
-pub const MAX_BATCH: usize = 1_000;
 
 /// `POST /v1/jobs/batch` body: `{"jobs":[{"job":{…},"idempotency_key"?}]}`.
 #[derive(serde::Deserialize)]
@@ -340,7 +330,7 @@ pub(super) async fn fetch_job(state: &AppState, tenant: &TenantId, id: &str) -> 
     }
     state
         .control()
-        .job(&tenant, id)
+        .job(tenant, id)
         .await
         .map_err(|e| ApiError::from_cp(e, "job"))?
         .ok_or(ApiError::NotFound("job"))
@@ -372,7 +362,7 @@ pub(super) async fn get(
         Duration::ZERO
     };
     let deadline = Instant::now() + wait;
-    let base = state.config().wait_poll;
+    let base = super::limits::WAIT_POLL;
     let mut period = base;
     loop {
         let job = fetch_job(&state, &tenant, &id).await?;

@@ -15,8 +15,9 @@ use axum::http::HeaderMap;
 use axum::http::header::{ACCEPT, CONTENT_TYPE};
 use axum::response::{IntoResponse, Response};
 
-/// Widest usage window: a year of hours is 8,760 buckets.
-const MAX_WINDOW_MS: u64 = 400 * 86_400_000;
+use super::limits::MAX_USAGE_WINDOW_DAYS;
+
+const MAX_WINDOW_MS: u64 = MAX_USAGE_WINDOW_DAYS * 86_400_000;
 
 /// Whether the caller may read tenant `id`: the admin, or the tenant
 /// itself (anyone else is answered 404, as if it did not exist).
@@ -110,9 +111,9 @@ pub(super) async fn usage(
         return Err(ApiError::Invalid("`from` must be before `to`".into()));
     }
     if to - from > MAX_WINDOW_MS {
-        return Err(ApiError::Invalid(
-            "`from` to `to` may span at most 400 days".into(),
-        ));
+        return Err(ApiError::Invalid(format!(
+            "`from` to `to` may span at most {MAX_USAGE_WINDOW_DAYS} days"
+        )));
     }
     exists(&state, &id).await?;
     let report = state

@@ -14,8 +14,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use serde_json::Value;
 
-/// Admin bodies are small; 64 KiB is plenty and bounds a hostile one.
-const MAX_ADMIN_BODY: usize = 64 << 10;
+use super::limits::MAX_ADMIN_BODY;
 
 /// Reads an admin route's JSON body (bounded in size and time) straight
 /// into `T`, whose type refuses unknown fields; errors name the field.

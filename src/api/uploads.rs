@@ -157,8 +157,7 @@ pub(super) struct UploadRate {
     buckets: std::sync::Mutex<std::collections::HashMap<String, (f64, std::time::Instant)>>,
 }
 
-/// Buckets kept before full (idle) ones are forgotten.
-const RATE_BUCKETS_PRUNE_AT: usize = 10_000;
+use super::limits::RATE_BUCKETS_PRUNE_AT;
 
 impl UploadRate {
     pub(super) fn new(burst: u32, per_minute: u32) -> Self {

@@ -246,7 +246,7 @@ pub enum JobCmd {
         /// failed, cancelled).
         #[arg(long)]
         state: Option<JobState>,
-        /// Page size (default 100, at most 10000).
+        /// Page size (default 100, at most 1000).
         #[arg(long)]
         limit: Option<usize>,
         /// `next_cursor` of the previous page.
