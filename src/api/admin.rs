@@ -4,13 +4,12 @@
 use super::AppState;
 use super::auth::{Admin, Tenant};
 use super::error::{ApiError, ApiResult};
-use super::job_id_ok;
-use super::path::TenantJobPath;
+use super::path::{JobPath, TenantJobPath};
 use super::query::{AdminJobsQuery, PageQuery, Query};
 use super::types::{JobPage, Retried, TenantPage};
 use crate::model::TenantId;
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 
 /// `GET /v1/admin/tenants?cursor=&limit=` (admin): tenants by id, with
@@ -62,8 +61,8 @@ pub(super) async fn jobs(
 #[utoipa::path(post, path = "/v1/jobs/{id}/retry", tag = "jobs", params(("id" = String, Path)), responses((status = 201, description = "the failed job submitted again as a new job `{\"id\",\"state\",\"retry_of\"}` (tenant)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
 pub(super) async fn retry(
     State(state): State<AppState>,
-    Path(id): Path<String>,
     Tenant(tenant): Tenant,
+    JobPath(id): JobPath,
 ) -> ApiResult<(StatusCode, Json<Retried>)> {
     retry_as(&state, &tenant, &id).await
 }
@@ -82,9 +81,6 @@ async fn retry_as(
     tenant: &TenantId,
     id: &str,
 ) -> ApiResult<(StatusCode, Json<Retried>)> {
-    if !job_id_ok(id) {
-        return Err(ApiError::NotFound("job"));
-    }
     let s = state
         .control()
         .retry_job(tenant, id)

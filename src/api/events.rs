@@ -15,7 +15,8 @@ use super::AppState;
 use super::auth::Tenant;
 use super::error::{ApiError, ApiResult};
 use super::jobs::fetch_job;
-use axum::extract::{Path, State};
+use super::path::JobPath;
+use axum::extract::State;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use futures::SinkExt;
 use futures::channel::mpsc;
@@ -25,8 +26,8 @@ use std::time::{Duration, Instant};
 #[utoipa::path(get, path = "/v1/jobs/{id}/events", tag = "jobs", params(("id" = String, Path)), responses((status = 200, description = "`text/event-stream`: `state` (the job, on each change), `log` (a line, once terminal), `end` (tenant)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
 pub(super) async fn events(
     State(state): State<AppState>,
-    Path(id): Path<String>,
     Tenant(tenant): Tenant,
+    JobPath(id): JobPath,
 ) -> ApiResult<impl axum::response::IntoResponse> {
     // The first read answers 404 as a plain error, before any stream.
     let first = fetch_job(&state, &tenant, &id).await?;

@@ -4,15 +4,16 @@
 use super::auth::Tenant;
 use super::body::{expect_json, parse_json, read_body};
 use super::error::{ApiError, ApiResult};
+use super::path::JobPath;
 use super::query::{JobsQuery, Query, WaitQuery};
 use super::types::{JobPage, JobRef};
-use super::{AppState, job_id_ok, valid_digest};
+use super::{AppState, valid_digest};
 use crate::api::JobRequest;
 use crate::control::{SubmitSpec, TenantInfo};
 use crate::model::{Job, JobState, TenantId, valid_name};
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::header::CONTENT_TYPE;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
@@ -325,9 +326,6 @@ pub(super) async fn batch(
 }
 
 pub(super) async fn fetch_job(state: &AppState, tenant: &TenantId, id: &str) -> ApiResult<Job> {
-    if !job_id_ok(id) {
-        return Err(ApiError::NotFound("job"));
-    }
     state
         .control()
         .job(tenant, id)
@@ -341,8 +339,8 @@ pub(super) async fn fetch_job(state: &AppState, tenant: &TenantId, id: &str) -> 
 #[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs", params(("id" = String, Path)), responses((status = 200, description = "the job, held until terminal or `wait` seconds (tenant)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
 pub(super) async fn get(
     State(state): State<AppState>,
-    Path(id): Path<String>,
     Tenant(tenant): Tenant,
+    JobPath(id): JobPath,
     Query(q): Query<WaitQuery>,
 ) -> ApiResult<Json<Job>> {
     // Capped before the conversion: a huge finite `wait` is valid and must
@@ -379,12 +377,9 @@ pub(super) async fn get(
 #[utoipa::path(get, path = "/v1/jobs/{id}/log", tag = "jobs", params(("id" = String, Path)), responses((status = 200, description = "the last attempt's log, `text/plain` (tenant)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
 pub(super) async fn log(
     State(state): State<AppState>,
-    Path(id): Path<String>,
     Tenant(tenant): Tenant,
+    JobPath(id): JobPath,
 ) -> ApiResult<impl IntoResponse> {
-    if !job_id_ok(&id) {
-        return Err(ApiError::NotFound("job"));
-    }
     let text = state
         .control()
         .job_log(&tenant, &id)
@@ -398,12 +393,9 @@ pub(super) async fn log(
 #[utoipa::path(post, path = "/v1/jobs/{id}/cancel", tag = "jobs", params(("id" = String, Path)), responses((status = 200, description = "`{\"id\",\"state\"}` (tenant)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
 pub(super) async fn cancel(
     State(state): State<AppState>,
-    Path(id): Path<String>,
     Tenant(tenant): Tenant,
+    JobPath(id): JobPath,
 ) -> ApiResult<Json<JobRef>> {
-    if !job_id_ok(&id) {
-        return Err(ApiError::NotFound("job"));
-    }
     let answered = state
         .control()
         .cancel(&tenant, &id)

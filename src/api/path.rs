@@ -7,6 +7,7 @@
 //! authentication is decided first (401/403 before 404).
 
 use super::error::ApiError;
+use super::job_id_ok;
 use crate::model::TenantId;
 use axum::extract::{FromRequestParts, Path};
 use axum::http::request::Parts;
@@ -28,9 +29,8 @@ impl<S: Send + Sync> FromRequestParts<S> for TenantPath {
     }
 }
 
-/// `{tenant}/jobs/{id}` of the admin's job routes; a malformed tenant is
-/// 404 `job` (the job id is checked by the handler, as the tenant routes'
-/// are).
+/// `{tenant}/jobs/{id}` of the admin's job routes; a malformed tenant or
+/// job id is 404 `job`.
 #[derive(Debug, Clone)]
 pub(crate) struct TenantJobPath(pub TenantId, pub String);
 
@@ -42,6 +42,28 @@ impl<S: Send + Sync> FromRequestParts<S> for TenantJobPath {
             .await
             .map_err(|_| ApiError::NotFound("job"))?;
         let tenant = TenantId::parse(&tenant).map_err(|_| ApiError::NotFound("job"))?;
+        if !job_id_ok(&id) {
+            return Err(ApiError::NotFound("job"));
+        }
         Ok(TenantJobPath(tenant, id))
+    }
+}
+
+/// `{id}` of the `/v1/jobs/{id}` routes; an id no job can have is 404
+/// `job` before any lookup.
+#[derive(Debug, Clone)]
+pub(crate) struct JobPath(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for JobPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Path(id) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|_| ApiError::NotFound("job"))?;
+        if !job_id_ok(&id) {
+            return Err(ApiError::NotFound("job"));
+        }
+        Ok(JobPath(id))
     }
 }
