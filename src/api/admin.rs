@@ -54,10 +54,9 @@ pub(super) async fn jobs(
     Ok(Json(JobPage { jobs, next_cursor }))
 }
 
-/// `POST /v1/jobs/{id}/retry` (the tenant) and
-/// `POST /v1/admin/tenants/{tenant}/jobs/{id}/retry` (admin): a failed job
-/// submitted again as a new job, charged as usual → 201 `{"id","state",
-/// "retry_of"}` (200 with the same new job when it was already retried).
+/// `POST /v1/jobs/{id}/retry` (the tenant): a failed job submitted again
+/// as a new job, charged as usual → 201 `{"id","state","retry_of"}` (200
+/// with the same new job when it was already retried).
 #[utoipa::path(post, path = "/v1/jobs/{id}/retry", tag = "jobs", params(("id" = String, Path)), responses((status = 201, description = "the failed job submitted again as a new job `{\"id\",\"state\",\"retry_of\"}` (tenant)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
 pub(super) async fn retry(
     State(state): State<AppState>,
@@ -67,6 +66,8 @@ pub(super) async fn retry(
     retry_as(&state, &tenant, &id).await
 }
 
+/// `POST /v1/admin/tenants/{tenant}/jobs/{id}/retry` (admin): the same for
+/// a failed job of any tenant.
 #[utoipa::path(post, path = "/v1/admin/tenants/{tenant}/jobs/{id}/retry", tag = "admin", params(("tenant" = String, Path), ("id" = String, Path)), responses((status = 201, description = "a failed job of any tenant submitted again (admin)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
 pub(super) async fn admin_retry(
     State(state): State<AppState>,

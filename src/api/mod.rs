@@ -9,7 +9,9 @@
 //! `Content-Length` above the route's limit before reading anything, stops
 //! reading a streamed body as soon as it passes the limit, and cuts a body
 //! that stalls or trickles (408). The accept loop, the header timeout and
-//! the connection cap are in `edge`.
+//! the connection cap are in `edge`. Path ids are parsed into their types
+//! by the extractors of `path` (tenant ids, job ids), query strings by
+//! `query`; every bound and default is in [`limits`].
 
 mod admin;
 mod auth;
