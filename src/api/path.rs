@@ -1,7 +1,8 @@
 //! Path parameters parsed into their types before a handler runs. A
 //! segment that cannot name what the route looks up is answered as an
 //! absent one would be (404 with the route's resource), so a malformed id
-//! and an unknown one cannot be told apart.
+//! and an unknown one cannot be told apart; one that does not even decode
+//! (percent-escapes that are not UTF-8) is 400 `invalid_request`.
 //!
 //! Handlers list these after their `Tenant`/`Admin`/`Caller` extractor, so
 //! authentication is decided first (401/403 before 404).
@@ -12,6 +13,15 @@ use crate::model::TenantId;
 use axum::extract::{FromRequestParts, Path};
 use axum::http::request::Parts;
 
+/// The route's one path segment; one that does not decode (not UTF-8) is
+/// 400, as axum's own rejection was.
+async fn segment<S: Send + Sync>(parts: &mut Parts, state: &S) -> Result<String, ApiError> {
+    Path::<String>::from_request_parts(parts, state)
+        .await
+        .map(|Path(s)| s)
+        .map_err(|e| ApiError::Invalid(e.body_text()))
+}
+
 /// `{id}` of the `/v1/tenants/{id}` routes; a malformed id is 404 `tenant`.
 #[derive(Debug, Clone)]
 pub(crate) struct TenantPath(pub TenantId);
@@ -20,10 +30,7 @@ impl<S: Send + Sync> FromRequestParts<S> for TenantPath {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        let Path(id) = Path::<String>::from_request_parts(parts, state)
-            .await
-            .map_err(|_| ApiError::NotFound("tenant"))?;
-        TenantId::parse(&id)
+        TenantId::parse(&segment(parts, state).await?)
             .map(TenantPath)
             .map_err(|_| ApiError::NotFound("tenant"))
     }
@@ -40,7 +47,7 @@ impl<S: Send + Sync> FromRequestParts<S> for TenantJobPath {
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
         let Path((tenant, id)) = Path::<(String, String)>::from_request_parts(parts, state)
             .await
-            .map_err(|_| ApiError::NotFound("job"))?;
+            .map_err(|e| ApiError::Invalid(e.body_text()))?;
         let tenant = TenantId::parse(&tenant).map_err(|_| ApiError::NotFound("job"))?;
         if !job_id_ok(&id) {
             return Err(ApiError::NotFound("job"));
@@ -58,9 +65,7 @@ impl<S: Send + Sync> FromRequestParts<S> for JobPath {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        let Path(id) = Path::<String>::from_request_parts(parts, state)
-            .await
-            .map_err(|_| ApiError::NotFound("job"))?;
+        let id = segment(parts, state).await?;
         if !job_id_ok(&id) {
             return Err(ApiError::NotFound("job"));
         }
