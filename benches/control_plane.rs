@@ -21,6 +21,7 @@ use agentplane::control::{
     AttemptOutcome, ControlConfig, ControlPlane, Finish, SubmitSpec, TenantSpec,
 };
 use criterion::{Criterion, criterion_group};
+use fixtures::tid;
 use std::time::{Duration, Instant};
 
 fn job() -> SubmitSpec {
@@ -59,7 +60,7 @@ async fn populate(cp: &ControlPlane, tenants: usize, jobs: usize) {
         let cp = cp.clone();
         let spec = spec.clone();
         let t = format!("t{}", i % tenants);
-        set.spawn(async move { cp.submit(&t, &spec).await.unwrap() });
+        set.spawn(async move { cp.submit(&tid(&t), &spec).await.unwrap() });
         if set.len() >= 64 {
             set.join_next().await;
         }
@@ -144,7 +145,9 @@ fn claim_finalize_pair(c: &mut Criterion) {
 
 async fn populate_more(cp: &ControlPlane) {
     for i in 0..1_000 {
-        cp.submit(&format!("t{}", i % 10), &job()).await.unwrap();
+        cp.submit(&tid(&format!("t{}", i % 10)), &job())
+            .await
+            .unwrap();
     }
 }
 

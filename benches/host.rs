@@ -37,7 +37,7 @@ fn load(rt: &Runtime, host: &Host, bytes: &[u8]) -> Arc<LoadedComponent> {
 
 fn request(c: &Arc<LoadedComponent>, input: &str) -> RunRequest {
     RunRequest {
-        tenant: "bench".into(),
+        tenant: "bench".parse().unwrap(),
         job_id: "j".into(),
         component: c.clone(),
         input: input.into(),

@@ -23,7 +23,7 @@
 -- Errors:  malformed arguments, unknown or non-integer fields (nothing written).
 local op, t = ARGV[1], ARGV[2]
 local P = prices(ARGV[3], ARGV[4], ARGV[5], ARGV[6])
-if P == nil or t == '' or KEYS[2] ~= tkey(t) then return fail('malformed arguments') end
+if P == nil or KEYS[2] ~= tkey(t) then return fail('malformed arguments') end
 local allowed = { weight = true, max_running = true, max_queued = true, max_gpus = true,
   fuel = true, memory_bytes = true, timeout_ms = true,
   max_component_bytes = true, max_context_bytes = true, max_state_bytes = true }
@@ -35,7 +35,6 @@ local function pairs_from(i)
     if not allowed[ARGV[j]] then return nil, 'unknown field ' .. ARGV[j] end
     local v = uint(ARGV[j + 1])
     if v == nil then return nil, 'field ' .. ARGV[j] .. ' is not an integer in 0..2^53-1' end
-    if ARGV[j] == 'weight' and v < 1 then return nil, 'weight must be at least 1' end
     kv[#kv + 1] = ARGV[j]
     kv[#kv + 1] = I(v)
   end

@@ -13,9 +13,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
-/// Longest `?wait=` the server honours (`ApiConfig::max_wait`): asking for
-/// more only holds the connection as long.
-const WAIT_SECS: u32 = 60;
+/// Longest `?wait=` a default server honours (`--max-wait-ms`): asking
+/// for more only holds the connection as long.
+const WAIT_SECS: u64 = crate::api::limits::DEFAULT_MAX_WAIT.as_secs();
 
 /// A failed call.
 #[derive(Debug, thiserror::Error)]
@@ -455,7 +455,7 @@ impl ApiClient {
     /// Long-polls `GET /v1/jobs/{id}` until the job is terminal.
     pub async fn wait_terminal(&self, id: &str) -> ClientResult<Job> {
         loop {
-            let job = self.job(id, Some(f64::from(WAIT_SECS))).await?;
+            let job = self.job(id, Some(WAIT_SECS as f64)).await?;
             if job.state.is_terminal() {
                 return Ok(job);
             }

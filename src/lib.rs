@@ -7,17 +7,22 @@
 //! they were handed, and may vanish at any instant.
 //!
 //! # Layout
-//! - [`model`]: the shared vocabulary — job states, error kinds, limits, usage.
+//! - [`model`]: the shared vocabulary — job states, error kinds, limits, usage,
+//!   and the ids checked once where they enter (`model::TenantId`).
 //! - [`control`]: the control plane. Owns every job/tenant transition, each one
 //!   an atomic Lua script from `lua/`, and the Redis key schema.
 //! - [`host`]: the Wasm host. Owns the wasmtime engine, admission of uploaded
-//!   components, the sandbox (WASI with nothing granted) and per-tenant limits.
-//! - [`context`]: the heavy-context cache. Owns the read-only, node-wide copy of
-//!   each tenant context (documents, embeddings, BM25 index, tool registry).
+//!   components, the sandbox (WASI with nothing granted), per-tenant limits,
+//!   and the node's one cache of compiled components and decoded contexts.
+//! - [`context`]: heavy contexts. Owns the upload format, its validation and
+//!   the read-only searchable form (documents, embeddings, BM25 index, tool
+//!   registry) that the host's cache keeps one copy of per node.
 //! - [`worker`]: the worker loop. Owns slots, claiming, lease renewal, draining,
 //!   and the group commit of FINALIZE (`worker/finalizer.rs`).
 //! - [`scheduler`]: promotion of delayed jobs and the lease reaper.
-//! - [`api`]: the HTTP API (axum). Owns authentication, validation, JSON errors.
+//! - [`api`]: the HTTP API (axum). Owns authentication, validation, JSON errors,
+//!   and every API bound and default (`api::limits`).
+//! - [`num`]: the 2^53 − 1 bound on every integer the API accepts.
 //! - [`embedded`]: the `redis-server` that `serve` starts when given no `--redis`.
 //! - [`client`]: the typed HTTP client of the API (CLI, `bench`, tests).
 //! - [`cli`]: command-line parsing and the client commands over the API.

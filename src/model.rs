@@ -6,6 +6,43 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
 
+mod ids;
+pub use ids::{InvalidTenantId, TenantId};
+
+/// Writes each variant's wire name once and derives from that table
+/// `ALL`, `as_str`, `Display` and `FromStr` (whose error names `what`).
+/// The serde names (`rename_all = "snake_case"`) are the same strings; a
+/// unit test checks they agree.
+macro_rules! wire_names {
+    ($ty:ident, $what:literal, { $($v:ident => $s:literal),+ $(,)? }) => {
+        impl $ty {
+            pub const ALL: [$ty; [$($s),+].len()] = [$($ty::$v),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($ty::$v => $s),+
+                }
+            }
+        }
+
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl FromStr for $ty {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                $ty::ALL
+                    .into_iter()
+                    .find(|v| v.as_str() == s)
+                    .ok_or_else(|| format!(concat!("unknown ", $what, " `{}`"), s))
+            }
+        }
+    };
+}
+
 /// Life cycle of a job (README, "The HTTP API").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -18,49 +55,22 @@ pub enum JobState {
     Cancelled,
 }
 
+wire_names!(JobState, "job state", {
+    Queued => "queued",
+    Delayed => "delayed",
+    Running => "running",
+    Succeeded => "succeeded",
+    Failed => "failed",
+    Cancelled => "cancelled",
+});
+
 impl JobState {
-    pub const ALL: [JobState; 6] = [
-        JobState::Queued,
-        JobState::Delayed,
-        JobState::Running,
-        JobState::Succeeded,
-        JobState::Failed,
-        JobState::Cancelled,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobState::Queued => "queued",
-            JobState::Delayed => "delayed",
-            JobState::Running => "running",
-            JobState::Succeeded => "succeeded",
-            JobState::Failed => "failed",
-            JobState::Cancelled => "cancelled",
-        }
-    }
-
     /// Terminal states never change again.
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
             JobState::Succeeded | JobState::Failed | JobState::Cancelled
         )
-    }
-}
-
-impl fmt::Display for JobState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for JobState {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        JobState::ALL
-            .into_iter()
-            .find(|st| st.as_str() == s)
-            .ok_or_else(|| format!("unknown job state `{s}`"))
     }
 }
 
@@ -97,55 +107,24 @@ pub enum ErrorKind {
     Unschedulable,
 }
 
+wire_names!(ErrorKind, "error kind", {
+    AgentError => "agent_error",
+    Trap => "trap",
+    FuelExhausted => "fuel_exhausted",
+    MemoryLimit => "memory_limit",
+    Timeout => "timeout",
+    LeaseExpired => "lease_expired",
+    Cancelled => "cancelled",
+    NodeFault => "node_fault",
+    InvalidComponent => "invalid_component",
+    Unschedulable => "unschedulable",
+});
+
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 10] = [
-        ErrorKind::AgentError,
-        ErrorKind::Trap,
-        ErrorKind::FuelExhausted,
-        ErrorKind::MemoryLimit,
-        ErrorKind::Timeout,
-        ErrorKind::LeaseExpired,
-        ErrorKind::Cancelled,
-        ErrorKind::NodeFault,
-        ErrorKind::InvalidComponent,
-        ErrorKind::Unschedulable,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorKind::AgentError => "agent_error",
-            ErrorKind::Trap => "trap",
-            ErrorKind::FuelExhausted => "fuel_exhausted",
-            ErrorKind::MemoryLimit => "memory_limit",
-            ErrorKind::Timeout => "timeout",
-            ErrorKind::LeaseExpired => "lease_expired",
-            ErrorKind::Cancelled => "cancelled",
-            ErrorKind::NodeFault => "node_fault",
-            ErrorKind::InvalidComponent => "invalid_component",
-            ErrorKind::Unschedulable => "unschedulable",
-        }
-    }
-
     /// Whether another attempt may succeed. Limits are final: running the
     /// same code under the same limits would hit them again and bill again.
     pub fn is_retryable(self) -> bool {
         matches!(self, ErrorKind::AgentError | ErrorKind::Trap)
-    }
-}
-
-impl fmt::Display for ErrorKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for ErrorKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        ErrorKind::ALL
-            .into_iter()
-            .find(|k| k.as_str() == s)
-            .ok_or_else(|| format!("unknown error kind `{s}`"))
     }
 }
 
@@ -207,16 +186,6 @@ pub struct Job {
     pub max_attempts: u32,
 }
 
-/// Tenant identifiers appear inside Redis keys and tokens, so they are kept
-/// to a small, unambiguous alphabet.
-pub fn valid_tenant_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 64
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
-}
-
 /// Agent ids and context names share the same bound: printable, no
 /// separators that could forge another key.
 pub fn valid_name(s: &str) -> bool {
@@ -250,7 +219,7 @@ pub fn now_ms() -> u64 {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TenantSpec {
-    pub id: String,
+    pub id: TenantId,
     #[serde(default = "one")]
     pub weight: u32,
     #[serde(default, deserialize_with = "crate::num::i53")]
@@ -323,7 +292,9 @@ mod tests {
         }
         for k in ErrorKind::ALL {
             assert_eq!(k.as_str().parse::<ErrorKind>().unwrap(), k);
+            assert_eq!(serde_json::to_string(&k).unwrap(), format!("\"{k}\""));
         }
+        assert_eq!(ErrorKind::ALL.len(), 10);
         assert!("running2".parse::<JobState>().is_err());
     }
 
@@ -331,14 +302,5 @@ mod tests {
     fn rfc3339_has_milliseconds() {
         assert_eq!(rfc3339_ms(0), "1970-01-01T00:00:00.000Z");
         assert_eq!(rfc3339_ms(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
-    }
-
-    #[test]
-    fn tenant_ids_are_key_safe() {
-        assert!(valid_tenant_id("acme-01"));
-        assert!(!valid_tenant_id("Acme"));
-        assert!(!valid_tenant_id("a:b"));
-        assert!(!valid_tenant_id("a{b}"));
-        assert!(!valid_tenant_id(""));
     }
 }

@@ -14,26 +14,13 @@ use serde_json::json;
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_admin_lists_tenants_and_jobs_across_tenants() {
     let s = Stack::start(Opts::default()).await;
-    let acme = s.tenant("acme").await;
-    let beta = s.tenant_with("beta", json!({"weight": 3})).await;
-    let _idle = s.tenant("idle").await;
-    let da = s.push(&acme, "echo").await;
-    let db = s.push(&beta, "echo").await;
-    let ok_a = s
-        .submit(&acme, json!({"component": da, "input": "a"}))
-        .await;
-    let bad_b = s
-        .submit(
-            &beta,
-            json!({"component": db, "input": "fail:x", "max_attempts": 1}),
-        )
-        .await;
-    let ok_b = s
-        .submit(&beta, json!({"component": db, "input": "b"}))
-        .await;
-    for (t, id) in [(&acme, &ok_a), (&beta, &bad_b), (&beta, &ok_b)] {
-        s.wait_terminal(t, id, 60).await;
-    }
+    let Scene {
+        acme,
+        ok_a,
+        bad_b,
+        ok_b,
+        ..
+    } = s.three_finished_jobs("a").await;
     let admin = s.as_caller(ADMIN);
 
     // Tenants, by id, with their counters and recent share of capacity.

@@ -3,6 +3,7 @@
 
 mod common;
 
+use crate::common::fixtures::tid;
 use agentplane::control::{
     AttemptOutcome, ControlConfig, ControlPlane, Finish, SubmitSpec, TenantSpec,
 };
@@ -132,7 +133,7 @@ async fn a_clean_deployment_audits_clean_and_each_corruption_is_named() {
     for t in ["holder", "idle"] {
         cp.create_tenant(&tenant_spec(t), "h").await.unwrap();
     }
-    cp.submit("holder", &spec(Some("big"))).await.unwrap();
+    cp.submit(&tid("holder"), &spec(Some("big"))).await.unwrap();
     let claim = cp.claim("test-worker", 1, 0).await.unwrap().pop().unwrap();
     cp.finalize(
         &claim.lease,
@@ -140,10 +141,10 @@ async fn a_clean_deployment_audits_clean_and_each_corruption_is_named() {
     )
     .await
     .unwrap();
-    let held = cp.submit("holder", &spec(None)).await.unwrap().id;
+    let held = cp.submit(&tid("holder"), &spec(None)).await.unwrap().id;
     let running = cp.claim("test-worker", 1, 0).await.unwrap().pop().unwrap();
     assert_eq!(running.lease.job_id, held);
-    cp.submit("idle", &spec(None)).await.unwrap();
+    cp.submit(&tid("idle"), &spec(None)).await.unwrap();
 
     let (code, out) = audit(&stack.url, 1);
     assert_eq!(code, 0, "a clean deployment must audit clean:\n{out}");
@@ -261,7 +262,7 @@ async fn audit_sees_every_shard_of_a_cluster() {
             continue;
         }
         cp.create_tenant(&tenant_spec(&t), "h").await.unwrap();
-        cp.submit(&t, &spec(None)).await.unwrap();
+        cp.submit(&tid(&t), &spec(None)).await.unwrap();
         tenants.push(t);
         if tenants.len() == shards as usize {
             break;

@@ -14,6 +14,7 @@
 
 mod common;
 
+use crate::common::fixtures::tid;
 use agentplane::control::{ControlConfig, ControlPlane, LedgerEntry, Prices};
 use common::stack::{Opts, Stack, WorkerProc, proc_opts, state};
 use serde_json::{Value, json};
@@ -60,7 +61,7 @@ async fn ledger(s: &Stack, tenant: &str) -> Vec<LedgerEntry> {
     let cp = ControlPlane::connect(&s.url, ControlConfig::default())
         .await
         .unwrap();
-    cp.ledger(tenant).await.unwrap()
+    cp.ledger(&tid(tenant)).await.unwrap()
 }
 
 fn amounts(l: &[LedgerEntry], job: &str, op: &str) -> Vec<i64> {

@@ -6,6 +6,7 @@
 
 mod common;
 
+use crate::common::fixtures::tid;
 use agentplane::control::{
     AttemptOutcome, ControlConfig, ControlPlane, Finalized, Finish, LedgerEntry,
 };
@@ -80,7 +81,7 @@ async fn a_cancel_then_reap_ends_cancelled_uncharged_and_never_requeued() {
         state(&s.wait_terminal(&token, &after, 30).await),
         "succeeded"
     );
-    let l = cp(&s).await.ledger("acme").await.unwrap();
+    let l = cp(&s).await.ledger(&tid("acme")).await.unwrap();
     let reserved = ops(&l, &id, "reserve");
     assert_eq!(reserved.len(), 1, "run once, never requeued: {l:?}");
     assert_eq!(ops(&l, &id, "release"), reserved, "released whole: {l:?}");
@@ -119,7 +120,7 @@ async fn a_cancel_during_a_drain_ends_cancelled_not_requeued() {
     assert!(status.success(), "a drain exits cleanly: {status:?}");
     let job = s.wait_terminal(&token, &id, 10).await;
     assert_eq!(state(&job), "cancelled", "{job}");
-    let l = cp(&s).await.ledger("acme").await.unwrap();
+    let l = cp(&s).await.ledger(&tid("acme")).await.unwrap();
     assert_eq!(ops(&l, &id, "reserve").len(), 1, "not requeued: {l:?}");
     // Charged what it used if the renewal won (FINALIZE), nothing if the
     // drain's RELEASE did; never both, never more than the formula.
@@ -175,7 +176,7 @@ async fn a_cancel_during_a_failing_attempt_ends_cancelled_without_a_retry() {
         cp.claim("test-worker", 1, 0).await.unwrap().is_empty(),
         "not retried"
     );
-    let l = cp.ledger("acme").await.unwrap();
+    let l = cp.ledger(&tid("acme")).await.unwrap();
     assert_eq!(ops(&l, &id, "settle"), vec![(1, 9)], "{l:?}");
     assert_eq!(ops(&l, &id, "reserve").len(), 1, "{l:?}");
     s.assert_books_balance("acme").await;
@@ -203,14 +204,17 @@ async fn cancelling_a_finished_job_answers_its_state_and_changes_nothing() {
         let before = s.wait_terminal(&token, id, 30).await;
         assert_eq!(state(&before), want, "{before}");
         let books = s.tenant_info("acme").await;
-        let ledger = cp(&s).await.ledger("acme").await.unwrap().len();
+        let ledger = cp(&s).await.ledger(&tid("acme")).await.unwrap().len();
         let (st, v) = cancel(&s, &token, id).await;
         assert_eq!(st, StatusCode::OK, "{v}");
         assert_eq!(v, json!({"id": id, "state": want}));
         let (_, after) = s.get(&format!("/v1/jobs/{id}"), &token).await;
         assert_eq!(after, before, "the record is unchanged");
         assert_eq!(s.tenant_info("acme").await, books);
-        assert_eq!(cp(&s).await.ledger("acme").await.unwrap().len(), ledger);
+        assert_eq!(
+            cp(&s).await.ledger(&tid("acme")).await.unwrap().len(),
+            ledger
+        );
     }
     // Another tenant's finished job is not found, as if it did not exist.
     let other = s.tenant("other").await;

@@ -12,6 +12,7 @@
 
 mod common;
 
+use crate::common::fixtures::tid;
 use agentplane::control::{ControlConfig, ControlPlane};
 use common::redis::{move_slot, node, owner};
 use common::stack::{Opts, PROC_LEASE_MS, Stack, WorkerProc, bin};
@@ -547,7 +548,7 @@ async fn chaos(backend: Backend) {
     // Checked after the audit, so one run shows every kind of damage.
     let mut twice: Vec<String> = Vec::new();
     for t in tenants.iter() {
-        let info = cp.tenant(&t.id).await.unwrap().unwrap();
+        let info = cp.tenant(&tid(&t.id)).await.unwrap().unwrap();
         assert_eq!(info.credits.reserved, 0, "{}: reserved at rest", t.id);
         assert_eq!(
             info.credits.balance,
@@ -556,7 +557,7 @@ async fn chaos(backend: Backend) {
             t.id
         );
         assert_eq!((info.running, info.queued), (0, 0), "{}", t.id);
-        let ledger = cp.ledger(&t.id).await.unwrap();
+        let ledger = cp.ledger(&tid(&t.id)).await.unwrap();
         let mut per: HashMap<(String, String, u32), u32> = HashMap::new();
         let (mut grant, mut reserve, mut settle, mut release) = (0i64, 0i64, 0i64, 0i64);
         for e in &ledger {

@@ -151,3 +151,76 @@ async fn a_batch_submits_each_job_on_its_own() {
     );
     s.stop().await;
 }
+
+/// A tenant id is checked once, where the request enters: a path segment
+/// that cannot be a tenant id is the same 404 `not_found` on every route
+/// that takes one, exactly as an unknown tenant is (a malformed id and a
+/// missing one cannot be told apart), and writes nothing. A token whose
+/// tenant part is malformed is the same 401 as a wrong secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_malformed_tenant_id_is_the_same_answer_on_every_route() {
+    use reqwest::Method;
+    let s = Stack::start(Opts {
+        worker_slots: None,
+        ..Opts::default()
+    })
+    .await;
+    let token = s.tenant("acme").await;
+    let before = s.tenant_info("acme").await;
+    let job = "01ARZ3NDEKTSV4RRFFQ69G5FAV";
+    let long = "a".repeat(65);
+    for bad in ["ghost", "Acme", "a:b", "a%7Bb%7D", "a.b", long.as_str()] {
+        let routes: [(Method, String, Option<serde_json::Value>, &str); 6] = [
+            (Method::GET, format!("/v1/tenants/{bad}"), None, "tenant"),
+            (
+                Method::PATCH,
+                format!("/v1/tenants/{bad}"),
+                Some(json!({"weight": 2})),
+                "tenant",
+            ),
+            (
+                Method::POST,
+                format!("/v1/tenants/{bad}/credits"),
+                Some(json!({"amount": 5})),
+                "tenant",
+            ),
+            (
+                Method::GET,
+                format!("/v1/tenants/{bad}/ledger"),
+                None,
+                "tenant",
+            ),
+            (
+                Method::GET,
+                format!("/v1/tenants/{bad}/usage"),
+                None,
+                "tenant",
+            ),
+            (
+                Method::POST,
+                format!("/v1/admin/tenants/{bad}/jobs/{job}/retry"),
+                None,
+                "job",
+            ),
+        ];
+        for (method, path, body, what) in routes {
+            let (st, v) = s.call(method.clone(), &path, Some(ADMIN), body).await;
+            assert_eq!(st, StatusCode::NOT_FOUND, "{method} {path}: {v}");
+            assert_eq!(error_code(&v), "not_found", "{method} {path}: {v}");
+            let message = v["error"]["message"].as_str().unwrap_or_default();
+            assert!(message.contains(what), "{method} {path}: {v}");
+        }
+        // Another tenant's token is answered as for an unknown tenant too.
+        let (st, v) = s.get(&format!("/v1/tenants/{bad}/ledger"), &token).await;
+        assert_eq!(st, StatusCode::NOT_FOUND, "{bad}: {v}");
+        // A token naming a malformed tenant is a wrong token.
+        let (st, v) = s.get("/v1/jobs", &format!("{bad}.secret")).await;
+        assert_eq!(st, StatusCode::UNAUTHORIZED, "{bad}: {v}");
+    }
+    // The malformed id of a new tenant is named.
+    let (st, v) = s.post("/v1/tenants", ADMIN, json!({"id": "a:b"})).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(v["error"]["param"], "id", "{v}");
+    assert_eq!(s.tenant_info("acme").await, before, "nothing written");
+    s.stop().await;
+}

@@ -5,6 +5,7 @@
 
 mod common;
 
+use crate::common::fixtures::tid;
 use agentplane::control::{AttemptOutcome, ControlConfig, ControlPlane, Finalized, Finish};
 use agentplane::model::JobState;
 use common::fixtures;
@@ -46,7 +47,7 @@ async fn a_claim_whose_answer_is_lost_hands_its_jobs_to_the_retry() {
     let mut ids = Vec::new();
     for i in 0..3 {
         let s = fixtures::submit_spec(&format!("job {i}"));
-        ids.push(direct.submit("acme", &s).await.unwrap().id);
+        ids.push(direct.submit(&tid("acme"), &s).await.unwrap().id);
     }
 
     proxy.lose_answer_to(b"worker-that-loses-answers");
@@ -71,11 +72,15 @@ async fn a_claim_whose_answer_is_lost_hands_its_jobs_to_the_retry() {
     for c in &got {
         let f = direct.finalize(&c.lease, &succeed(&c.input)).await.unwrap();
         assert_eq!(f, Finalized::Succeeded);
-        let j = direct.job("acme", &c.lease.job_id).await.unwrap().unwrap();
+        let j = direct
+            .job(&tid("acme"), &c.lease.job_id)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(j.state, JobState::Succeeded);
         assert_eq!(j.attempts, 1);
     }
-    let t = direct.tenant("acme").await.unwrap().unwrap();
+    let t = direct.tenant(&tid("acme")).await.unwrap().unwrap();
     assert_eq!(t.credits.reserved, 0);
     assert_eq!(t.running, 0);
     let report = direct.audit(Default::default()).await.unwrap();
@@ -96,7 +101,7 @@ async fn a_finished_job_is_never_answered_again() {
         .await
         .unwrap();
     let a = cp
-        .submit("acme", &fixtures::submit_spec("a"))
+        .submit(&tid("acme"), &fixtures::submit_spec("a"))
         .await
         .unwrap()
         .id;
@@ -105,7 +110,7 @@ async fn a_finished_job_is_never_answered_again() {
     assert_eq!(first[0].lease.job_id, a);
     cp.finalize(&first[0].lease, &succeed("a")).await.unwrap();
     let b = cp
-        .submit("acme", &fixtures::submit_spec("b"))
+        .submit(&tid("acme"), &fixtures::submit_spec("b"))
         .await
         .unwrap()
         .id;

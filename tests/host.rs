@@ -38,7 +38,7 @@ fn limits() -> Limits {
 
 fn request(c: &Arc<LoadedComponent>, input: &str, limits: Limits) -> RunRequest {
     RunRequest {
-        tenant: "t1".into(),
+        tenant: "t1".parse().unwrap(),
         job_id: "job-1".into(),
         component: c.clone(),
         input: input.into(),
@@ -271,7 +271,7 @@ async fn a_tenant_over_its_node_budget_gets_memory_limit_and_others_are_unaffect
     let lim = limits();
     let spawn = |tenant: &str, input: &str| {
         let mut req = request(&hold, input, lim);
-        req.tenant = tenant.into();
+        req.tenant = tenant.parse().unwrap();
         let host = host.clone();
         tokio::spawn(async move { host.run(req).await })
     };
@@ -303,7 +303,7 @@ async fn a_tenant_over_its_node_budget_gets_memory_limit_and_others_are_unaffect
     );
     let echo = load(&host, "echo").await;
     let mut req = request(&echo, "small", lim);
-    req.tenant = "t1".into();
+    req.tenant = "t1".parse().unwrap();
     assert_eq!(host.run(req).await.outcome, RunOutcome::Ok("small".into()));
     let other = spawn("t2", "40,10").await.unwrap();
     assert_eq!(
@@ -390,7 +390,7 @@ async fn answers_the_host_holds_are_charged_to_the_tenant_budget() {
     let reader = load_bytes(&host, state_reader(false)).await;
     let req = |c: &Arc<LoadedComponent>, tenant: &str| {
         let mut r = request(c, "", limits());
-        r.tenant = tenant.into();
+        r.tenant = tenant.parse().unwrap();
         r.state = Some(vec![7; answer as usize]);
         r.limits.fuel = u64::MAX;
         r
@@ -486,7 +486,7 @@ async fn state_the_host_keeps_is_charged_to_the_tenant_budget() {
     let writer = load_bytes(&host, state_writer(false)).await;
     let req = |c: &Arc<LoadedComponent>, tenant: &str| {
         let mut r = request(c, "", limits());
-        r.tenant = tenant.into();
+        r.tenant = tenant.parse().unwrap();
         r.limits.fuel = u64::MAX;
         r
     };
@@ -965,7 +965,7 @@ async fn an_exhausted_pool_is_a_node_fault() {
     let echo = load(&host, "echo").await;
     let mut hold = request(&sleeper, "20000", limits());
     let stop = hold.cancel.clone();
-    hold.tenant = "holder".into();
+    hold.tenant = "holder".parse().unwrap();
     let h = host.clone();
     let holder = tokio::spawn(async move { h.run(hold).await });
     let t0 = Instant::now();

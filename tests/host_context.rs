@@ -71,7 +71,7 @@ fn request(c: &Arc<LoadedComponent>, input: &str, ctx: &Arc<HeavyContext>) -> Ru
 
 fn request_without_context(c: &Arc<LoadedComponent>, input: &str) -> RunRequest {
     RunRequest {
-        tenant: "rag".into(),
+        tenant: "rag".parse().unwrap(),
         job_id: "j".into(),
         component: c.clone(),
         input: input.into(),
@@ -143,7 +143,7 @@ async fn thousand_at_once(ctx: Option<Arc<HeavyContext>>, host: Arc<Host>) -> u6
         let mut req = match &ctx {
             Some(ctx) if i % 10 == 0 => request(&rag, r#"{"question":"lighthouse keeper"}"#, ctx),
             _ => RunRequest {
-                tenant: "parked".into(),
+                tenant: "parked".parse().unwrap(),
                 cancel: stop.clone(),
                 ..request_without_context(&sleeper, "120000")
             },
@@ -187,7 +187,7 @@ async fn thousand_at_once(ctx: Option<Arc<HeavyContext>>, host: Arc<Host>) -> u6
 /// memory in use counts its live instances.
 async fn parked_instance_bytes(host: &Arc<Host>, sleeper: &Arc<LoadedComponent>) -> u64 {
     let req = RunRequest {
-        tenant: "solo".into(),
+        tenant: "solo".parse().unwrap(),
         ..request_without_context(sleeper, "120000")
     };
     let cancel = req.cancel.clone();

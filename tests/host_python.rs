@@ -127,7 +127,7 @@ async fn a_componentize_py_agent_is_admitted_and_runs() {
         .await
         .unwrap();
     let req = |input: &str, state: Option<Vec<u8>>| RunRequest {
-        tenant: "py".into(),
+        tenant: "py".parse().unwrap(),
         job_id: "j".into(),
         component: agent.clone(),
         input: input.into(),

@@ -14,7 +14,7 @@ const MIB: u64 = 1 << 20;
 
 fn request(c: &Arc<LoadedComponent>, limits: Limits) -> RunRequest {
     RunRequest {
-        tenant: "soak".into(),
+        tenant: "soak".parse().unwrap(),
         job_id: "j".into(),
         component: c.clone(),
         input: "x".into(),

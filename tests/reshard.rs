@@ -7,6 +7,7 @@
 
 mod common;
 
+use crate::common::fixtures::tid;
 use agentplane::control::{
     AttemptOutcome, ControlConfig, ControlPlane, CpError, Finish, SubmitSpec, TenantSpec,
 };
@@ -87,7 +88,7 @@ async fn move_under_load(paused: bool) {
         tasks.push(tokio::spawn(async move {
             for i in 0..300 {
                 let t = &tenants[i % tenants.len()];
-                match cp.submit(t, &job(i)).await {
+                match cp.submit(&tid(t), &job(i)).await {
                     Ok(s) => submitted.lock().unwrap().push((t.clone(), s.id)),
                     Err(e) => errors.lock().unwrap().push(format!("submit: {e}")),
                 }
@@ -208,7 +209,7 @@ async fn move_under_load(paused: bool) {
     while !pending.is_empty() && Instant::now() < deadline {
         let mut still = Vec::new();
         for (t, id) in pending {
-            let j = cp.job(&t, &id).await.unwrap();
+            let j = cp.job(&tid(&t), &id).await.unwrap();
             if !j.map(|j| j.state.is_terminal()).unwrap_or(false) {
                 still.push((t, id));
             }
@@ -239,12 +240,12 @@ async fn move_under_load(paused: bool) {
     assert_eq!(jobs.len(), 300, "every submission accepted");
     assert_eq!(lost.load(Ordering::SeqCst), 0, "leases lost");
     for (t, id) in &jobs {
-        let j = cp.job(t, id).await.unwrap().unwrap();
+        let j = cp.job(&tid(t), id).await.unwrap().unwrap();
         assert_eq!(j.state, JobState::Succeeded, "{id}");
         assert_eq!(j.attempts, 1, "{id} ran more than once");
     }
     for t in &tenants {
-        let info = cp.tenant(t).await.unwrap().unwrap();
+        let info = cp.tenant(&tid(t)).await.unwrap().unwrap();
         assert_eq!(info.credits.balance, info.granted - info.settled, "{t}");
         assert_eq!(info.credits.reserved, 0, "{t}");
         assert_eq!(info.running, 0, "{t}");
@@ -263,7 +264,7 @@ async fn a_paused_shard_runs_no_script_until_resumed() {
         .await
         .unwrap();
     cp.create_tenant(&tenant("acme"), "h").await.unwrap();
-    let id = cp.submit("acme", &job(0)).await.unwrap().id;
+    let id = cp.submit(&tid("acme"), &job(0)).await.unwrap().id;
     let mut raw = redis::Client::open(r.url.as_str())
         .unwrap()
         .get_multiplexed_async_connection()
@@ -307,7 +308,7 @@ async fn a_paused_shard_runs_no_script_until_resumed() {
     };
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert!(!claimer.is_finished(), "a claim on a paused shard waits");
-    let j = cp.job("acme", &id).await.unwrap().unwrap();
+    let j = cp.job(&tid("acme"), &id).await.unwrap().unwrap();
     assert_eq!(
         j.state,
         JobState::Queued,

@@ -8,6 +8,7 @@
 
 mod common;
 
+use crate::common::fixtures::tid;
 use agentplane::api::ApiConfig;
 use agentplane::control::{
     AttemptOutcome, ControlConfig, ControlPlane, Finish, ITEM_OVERHEAD_BYTES, LedgerCheckpoint,
@@ -86,7 +87,7 @@ async fn evalsha_usec(c: &mut redis::aio::MultiplexedConnection) -> u64 {
 /// Sums of the tenant's remaining ledger entries by op.
 async fn ledger_sums(cp: &ControlPlane, t: &str) -> HashMap<String, i64> {
     let mut sums = HashMap::new();
-    for e in cp.ledger(t).await.unwrap() {
+    for e in cp.ledger(&tid(t)).await.unwrap() {
         *sums.entry(e.op).or_insert(0) += e.amount;
     }
     sums
@@ -94,8 +95,8 @@ async fn ledger_sums(cp: &ControlPlane, t: &str) -> HashMap<String, i64> {
 
 /// balance = checkpoint + remaining entries, exactly, for every counter.
 async fn assert_ledger_exact(cp: &ControlPlane, t: &str) -> (LedgerCheckpoint, usize) {
-    let info = cp.tenant(t).await.unwrap().unwrap();
-    let ck = cp.ledger_checkpoint(t).await.unwrap();
+    let info = cp.tenant(&tid(t)).await.unwrap().unwrap();
+    let ck = cp.ledger_checkpoint(&tid(t)).await.unwrap();
     let s = ledger_sums(cp, t).await;
     let g = |k: &str| s.get(k).copied().unwrap_or(0);
     assert_eq!(info.granted, ck.grant + g("grant"), "granted {ck:?} {s:?}");
@@ -110,7 +111,7 @@ async fn assert_ledger_exact(cp: &ControlPlane, t: &str) -> (LedgerCheckpoint, u
         "reserved {ck:?} {s:?}"
     );
     assert_eq!(info.credits.balance, info.granted - info.settled);
-    (ck, cp.ledger(t).await.unwrap().len())
+    (ck, cp.ledger(&tid(t)).await.unwrap().len())
 }
 
 /// With retention at two seconds, finished jobs, their logs, index entries,
@@ -156,7 +157,7 @@ where
     for i in 0..6 {
         let key = format!("k{i}");
         let s = cp
-            .submit(t, &spec(format!("input {i}"), 0, Some(&key)))
+            .submit(&tid(t), &spec(format!("input {i}"), 0, Some(&key)))
             .await
             .unwrap();
         done.push(s.id);
@@ -169,7 +170,7 @@ where
             .await
             .unwrap();
     }
-    cp.cancel(t, &done[4]).await.unwrap();
+    cp.cancel(&tid(t), &done[4]).await.unwrap();
     let live = done.pop().unwrap();
     let ks = cp.keys().clone();
     for id in &done {
@@ -195,7 +196,7 @@ where
     for id in &done {
         assert!(!c.exists::<_, bool>(ks.job(t, id)).await.unwrap(), "{id}");
         assert!(!c.exists::<_, bool>(ks.job_log(t, id)).await.unwrap());
-        assert!(cp.job(t, id).await.unwrap().is_none());
+        assert!(cp.job(&tid(t), id).await.unwrap().is_none());
     }
     for st in ["succeeded", "cancelled", "failed"] {
         let n: u64 = c.zcard(ks.jobs_in_state(t, st)).await.unwrap();
@@ -214,7 +215,7 @@ where
         );
     }
     // The live job is untouched and still runs.
-    assert!(cp.job(t, &live).await.unwrap().is_some());
+    assert!(cp.job(&tid(t), &live).await.unwrap().is_some());
     // Old ledger entries are folded into the checkpoint; the books are exact.
     let (ck, after) = assert_ledger_exact(&cp, t).await;
     assert!(after < before, "ledger not compacted: {before} -> {after}");
@@ -224,9 +225,9 @@ where
     assert_eq!(claim.lease.job_id, live);
     assert_ledger_exact(&cp, t).await;
     cp.finalize(&claim.lease, &ok_finish("x")).await.unwrap();
-    cp.grant_credits(t, 5).await.unwrap();
+    cp.grant_credits(&tid(t), 5).await.unwrap();
     assert_ledger_exact(&cp, t).await;
-    assert!(cp.tenant(t).await.unwrap().is_some());
+    assert!(cp.tenant(&tid(t)).await.unwrap().is_some());
 }
 
 /// The scheduler runs the sweep: through the API, a finished job answers 404
@@ -243,7 +244,7 @@ async fn the_scheduler_expires_finished_jobs() {
     let cp = ControlPlane::connect(&stack.url, ControlConfig::default())
         .await
         .unwrap();
-    cp.put_component("sched", FAKE_DIGEST, b"not wasm")
+    cp.put_component(&tid("sched"), FAKE_DIGEST, b"not wasm")
         .await
         .unwrap();
     let id = stack
@@ -284,7 +285,7 @@ async fn listing_reads_no_inputs_and_pages_are_capped() {
         .unwrap();
     let big = "x".repeat(1 << 20);
     for _ in 0..20 {
-        cp.submit("lister", &spec(big.clone(), 0, None))
+        cp.submit(&tid("lister"), &spec(big.clone(), 0, None))
             .await
             .unwrap();
     }
@@ -334,7 +335,9 @@ async fn scripts_do_not_copy_job_inputs() {
         cp.create_tenant(&tenant_spec(t), "h").await.unwrap();
         let input = "y".repeat(size);
         for _ in 0..n {
-            cp.submit(t, &spec(input.clone(), 1, None)).await.unwrap();
+            cp.submit(&tid(t), &spec(input.clone(), 1, None))
+                .await
+                .unwrap();
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
         let _: () = redis::cmd("CONFIG")
@@ -345,14 +348,14 @@ async fn scripts_do_not_copy_job_inputs() {
         assert_eq!(cp.promote(500).await.unwrap(), n);
         // CANCEL reads the job too.
         for id in cp
-            .list_jobs(t, None, 5, None)
+            .list_jobs(&tid(t), None, 5, None)
             .await
             .unwrap()
             .0
             .iter()
             .map(|j| j.id.clone())
         {
-            cp.cancel(t, &id).await.unwrap();
+            cp.cancel(&tid(t), &id).await.unwrap();
         }
         usec.push(evalsha_usec(&mut c).await);
     }
@@ -394,7 +397,7 @@ async fn a_full_redis_is_a_clear_503_and_writes_nothing() {
     let cp = ControlPlane::connect(&stack.url, ControlConfig::default())
         .await
         .unwrap();
-    cp.put_component("filler", FAKE_DIGEST, b"not wasm")
+    cp.put_component(&tid("filler"), FAKE_DIGEST, b"not wasm")
         .await
         .unwrap();
     let mut c = raw(&stack.url).await;
@@ -444,7 +447,7 @@ async fn a_full_redis_is_a_clear_503_and_writes_nothing() {
         .await
         .unwrap();
     assert_eq!(queued.len(), created.len());
-    let info = cp.tenant("filler").await.unwrap().unwrap();
+    let info = cp.tenant(&tid("filler")).await.unwrap().unwrap();
     assert_eq!(info.queued as usize, created.len());
     let xlen: usize = c.xlen(ks.queue("filler")).await.unwrap();
     assert_eq!(xlen, created.len());
@@ -469,7 +472,7 @@ async fn a_full_redis_is_a_clear_503_and_writes_nothing() {
         )
         .await;
     assert_eq!(st, StatusCode::CREATED, "{v}");
-    let info = cp.tenant("filler").await.unwrap().unwrap();
+    let info = cp.tenant(&tid("filler")).await.unwrap().unwrap();
     assert_eq!(info.queued as usize, created.len() + 1);
     stack.stop().await;
 }
@@ -498,9 +501,12 @@ async fn redis_bytes_per_finished_job() {
         let input = "i".repeat(input_size);
         let log = "l".repeat(200);
         for k in 0..n {
-            cp.submit("bench", &spec(input.clone(), 0, Some(&format!("key-{k}"))))
-                .await
-                .unwrap();
+            cp.submit(
+                &tid("bench"),
+                &spec(input.clone(), 0, Some(&format!("key-{k}"))),
+            )
+            .await
+            .unwrap();
             let claim = cp.claim("w", 1, 0).await.unwrap().pop().unwrap();
             cp.finalize(&claim.lease, &ok_finish(&log)).await.unwrap();
         }
@@ -616,7 +622,7 @@ async fn byte_quotas_refuse_what_does_not_fit() {
         async move {
             let mut s = spec("x".into(), 0, None);
             s.agent_id = Some(agent.into());
-            let id = cp.submit("quota", &s).await.unwrap().id;
+            let id = cp.submit(&tid("quota"), &s).await.unwrap().id;
             let claim = cp.claim("w", 1, 0).await.unwrap().pop().unwrap();
             assert_eq!(claim.lease.job_id, id);
             let mut f = ok_finish("");
@@ -631,7 +637,7 @@ async fn byte_quotas_refuse_what_does_not_fit() {
         matches!(r, agentplane::control::Finalized::Retrying { .. }),
         "{r:?}"
     );
-    let job = cp.job("quota", &id).await.unwrap().unwrap();
+    let job = cp.job(&tid("quota"), &id).await.unwrap().unwrap();
     let err = job.error.unwrap();
     assert_eq!(err.kind.as_str(), "agent_error");
     assert!(
@@ -646,7 +652,7 @@ async fn byte_quotas_refuse_what_does_not_fit() {
             .unwrap(),
         "state written over quota"
     );
-    cp.cancel("quota", &id).await.unwrap();
+    cp.cancel(&tid("quota"), &id).await.unwrap();
     // A smaller state for `a` gives bytes back; then `b` fits.
     let (_, r) = run("a", 10_000).await;
     assert_eq!(r, agentplane::control::Finalized::Succeeded);
@@ -665,7 +671,7 @@ async fn byte_quotas_refuse_what_does_not_fit() {
         let (id, r) = run(agent, 0).await;
         if r != agentplane::control::Finalized::Succeeded {
             refused = true;
-            cp.cancel("quota", &id).await.unwrap();
+            cp.cancel(&tid("quota"), &id).await.unwrap();
             break;
         }
     }
@@ -705,7 +711,7 @@ async fn retention_frees_a_full_redis() {
     cp.create_tenant(&tenant_spec("full"), "h").await.unwrap();
     let big = "b".repeat(1 << 20);
     for _ in 0..5 {
-        cp.submit("full", &spec(big.clone(), 0, None))
+        cp.submit(&tid("full"), &spec(big.clone(), 0, None))
             .await
             .unwrap();
         let claim = cp.claim("w", 1, 0).await.unwrap().pop().unwrap();
@@ -724,7 +730,7 @@ async fn retention_frees_a_full_redis() {
             .await
             .unwrap();
     }
-    let err = cp.submit("full", &spec("x".into(), 0, None)).await;
+    let err = cp.submit(&tid("full"), &spec("x".into(), 0, None)).await;
     assert!(
         matches!(err, Err(agentplane::control::CpError::StorageFull)),
         "{err:?}"
@@ -738,7 +744,7 @@ async fn retention_frees_a_full_redis() {
     let deadline = Instant::now() + Duration::from_secs(5);
     // UNLINK frees in the background: wait until the memory is back.
     loop {
-        match cp.submit("full", &spec("x".into(), 0, None)).await {
+        match cp.submit(&tid("full"), &spec("x".into(), 0, None)).await {
             Ok(_) => break,
             Err(agentplane::control::CpError::StorageFull) if Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(50)).await
@@ -761,7 +767,7 @@ async fn assert_audit_clean(cp: &ControlPlane) {
 /// Usage recorded for a tenant: (`<kind>_bytes` of the tenant, sum of its
 /// `usage:<t>` entries of that kind).
 async fn usage_of(cp: &ControlPlane, url: &str, t: &str, kind: &str) -> (u64, u64) {
-    let info = cp.tenant(t).await.unwrap().unwrap();
+    let info = cp.tenant(&tid(t)).await.unwrap().unwrap();
     let total = match kind {
         "component" => info.storage.component_bytes,
         "context" => info.storage.context_bytes,
@@ -795,17 +801,17 @@ async fn ledgers_of_tenants_without_expiring_jobs_are_compacted() {
     // More entries than one call folds: the rest must be finished later.
     let n = agentplane::control::LEDGER_FOLD_BATCH as i64 + 200;
     for i in 0..n {
-        cp.grant_credits("grants", 1 + i % 3).await.unwrap();
+        cp.grant_credits(&tid("grants"), 1 + i % 3).await.unwrap();
     }
     let id = cp
-        .submit("queued", &spec("x".into(), 0, None))
+        .submit(&tid("queued"), &spec("x".into(), 0, None))
         .await
         .unwrap()
         .id;
     assert_ledger_exact(&cp, "grants").await;
     tokio::time::sleep(Duration::from_millis(1_700)).await;
     // One newer grant that must stay.
-    cp.grant_credits("grants", 7).await.unwrap();
+    cp.grant_credits(&tid("grants"), 7).await.unwrap();
     let mut calls = 0;
     loop {
         let got = cp.retain_all(100).await.unwrap();
@@ -823,10 +829,10 @@ async fn ledgers_of_tenants_without_expiring_jobs_are_compacted() {
     assert!(ck.grant > 1_000_000_000, "{ck:?}");
     let (ck, left) = assert_ledger_exact(&cp, "queued").await;
     assert_eq!((left, ck.grant), (0, 1_000_000_000), "{ck:?}");
-    assert!(cp.job("queued", &id).await.unwrap().is_some());
+    assert!(cp.job(&tid("queued"), &id).await.unwrap().is_some());
     assert_audit_clean(&cp).await;
     // Later writes are folded in their turn.
-    cp.grant_credits("queued", 3).await.unwrap();
+    cp.grant_credits(&tid("queued"), 3).await.unwrap();
     tokio::time::sleep(Duration::from_millis(1_700)).await;
     cp.retain_all(100).await.unwrap();
     let (ck, left) = assert_ledger_exact(&cp, "queued").await;
@@ -850,13 +856,13 @@ async fn a_failed_upload_is_not_counted() {
     let meta = cp.keys().component(t, FAKE_DIGEST);
     let _: () = c.set(&meta, "in the way").await.unwrap();
     assert!(
-        cp.put_component(t, FAKE_DIGEST, &[7u8; 5_000])
+        cp.put_component(&tid(t), FAKE_DIGEST, &[7u8; 5_000])
             .await
             .is_err()
     );
     assert_eq!(usage_of(&cp, &r.url, t, "component").await, (0, 0));
     let _: () = c.del(&meta).await.unwrap();
-    cp.put_component(t, FAKE_DIGEST, &[7u8; 5_000])
+    cp.put_component(&tid(t), FAKE_DIGEST, &[7u8; 5_000])
         .await
         .unwrap();
     let want = 5_000 + ITEM_OVERHEAD_BYTES;
@@ -868,11 +874,17 @@ async fn a_failed_upload_is_not_counted() {
         documents: n,
         dim: 4,
     };
-    cp.put_context(t, &ctx(1), &[1u8; 1_000]).await.unwrap();
+    cp.put_context(&tid(t), &ctx(1), &[1u8; 1_000])
+        .await
+        .unwrap();
     let ckey = cp.keys().context(t, "docs");
     let _: () = c.del(&ckey).await.unwrap();
     let _: () = c.set(&ckey, "in the way").await.unwrap();
-    assert!(cp.put_context(t, &ctx(2), &[2u8; 9_000]).await.is_err());
+    assert!(
+        cp.put_context(&tid(t), &ctx(2), &[2u8; 9_000])
+            .await
+            .is_err()
+    );
     let want = 1_000 + ITEM_OVERHEAD_BYTES;
     assert_eq!(usage_of(&cp, &r.url, t, "context").await, (want, want));
     assert_audit_clean(&cp).await;
@@ -896,8 +908,8 @@ async fn a_state_finalize_did_not_commit_is_not_counted() {
     };
     let mut s = spec("x".into(), 0, None);
     s.agent_id = Some("a".into());
-    cp.submit(t, &s).await.unwrap();
-    cp.submit(t, &s).await.unwrap();
+    cp.submit(&tid(t), &s).await.unwrap();
+    cp.submit(&tid(t), &s).await.unwrap();
     let first = cp.claim("w", 1, 0).await.unwrap().pop().unwrap();
     let second = cp.claim("w", 1, 0).await.unwrap().pop().unwrap();
     // Stale token: lost, nothing stored.

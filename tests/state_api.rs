@@ -6,6 +6,7 @@
 
 mod common;
 
+use crate::common::fixtures::tid;
 use agentplane::control::keys::KeySpace;
 use agentplane::control::{ControlConfig, ControlPlane, MAX_STATE_CONFLICTS};
 use common::stack::{Opts, Stack, state};
@@ -182,7 +183,7 @@ async fn a_job_that_always_loses_its_state_fails_after_the_conflict_limit() {
     let cp = ControlPlane::connect(&s.url, ControlConfig::default())
         .await
         .unwrap();
-    let l = cp.ledger("acme").await.unwrap();
+    let l = cp.ledger(&tid("acme")).await.unwrap();
     let settles: Vec<u32> = l
         .iter()
         .filter(|e| e.job == slow && e.op == "settle")

@@ -62,26 +62,7 @@ async fn the_dashboard_shows_what_the_api_answers() {
         return;
     };
 
-    let acme = s.tenant("acme").await;
-    let beta = s.tenant_with("beta", json!({"weight": 3})).await;
-    let _idle = s.tenant("idle").await;
-    let da = s.push(&acme, "echo").await;
-    let db = s.push(&beta, "echo").await;
-    let ok = s
-        .submit(&acme, json!({"component": da, "input": "hello dashboard"}))
-        .await;
-    let bad = s
-        .submit(
-            &beta,
-            json!({"component": db, "input": "fail:x", "max_attempts": 1}),
-        )
-        .await;
-    let ok_b = s
-        .submit(&beta, json!({"component": db, "input": "b"}))
-        .await;
-    for (t, id) in [(&acme, &ok), (&beta, &bad), (&beta, &ok_b)] {
-        s.wait_terminal(t, id, 60).await;
-    }
+    let Scene { acme, ok_a: ok, .. } = s.three_finished_jobs("hello dashboard").await;
 
     let shot = if std::env::var_os("UPDATE_SCREENSHOT").is_some() {
         PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/dashboard.png"))

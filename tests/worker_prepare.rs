@@ -7,6 +7,7 @@
 
 mod common;
 
+use crate::common::fixtures::tid;
 use agentplane::control::keys::KeySpace;
 use agentplane::control::{ControlConfig, ControlPlane, LedgerEntry};
 use common::stack::{Stack, WorkerProc, proc_opts, state};
@@ -46,7 +47,7 @@ async fn ledger(s: &Stack, tenant: &str) -> Vec<LedgerEntry> {
     let cp = ControlPlane::connect(&s.url, ControlConfig::default())
         .await
         .unwrap();
-    cp.ledger(tenant).await.unwrap()
+    cp.ledger(&tid(tenant)).await.unwrap()
 }
 
 fn ops<'a>(l: &'a [LedgerEntry], job: &str, op: &str) -> Vec<&'a LedgerEntry> {

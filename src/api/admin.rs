@@ -4,12 +4,12 @@
 use super::AppState;
 use super::auth::{Admin, Tenant};
 use super::error::{ApiError, ApiResult};
-use super::job_id_ok;
+use super::path::{JobPath, TenantJobPath};
 use super::query::{AdminJobsQuery, PageQuery, Query};
 use super::types::{JobPage, JobRef, TenantPage};
-use crate::model::valid_tenant_id;
+use crate::model::TenantId;
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 
 /// `GET /v1/admin/tenants?cursor=&limit=` (admin): tenants by id, with
 /// running and queued counts, credits, parked reason and the share of
@@ -21,7 +21,7 @@ pub(super) async fn tenants(
     Query(q): Query<PageQuery>,
 ) -> ApiResult<Json<TenantPage>> {
     if let Some(c) = &q.cursor
-        && !valid_tenant_id(c)
+        && TenantId::parse(c).is_err()
     {
         return Err(ApiError::Invalid("`cursor` is not a tenant id".into()));
     }
@@ -63,8 +63,8 @@ pub(super) async fn jobs(
 #[utoipa::path(post, path = "/v1/jobs/{id}/retry", tag = "jobs", params(("id" = String, Path)), responses((status = 200, description = "the failed job queued again as its next attempt, same id: `{\"id\",\"state\"}` (tenant)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`; 409 `not_failed` when the job is not failed")))]
 pub(super) async fn retry(
     State(state): State<AppState>,
-    Path(id): Path<String>,
     Tenant(tenant): Tenant,
+    JobPath(id): JobPath,
 ) -> ApiResult<Json<JobRef>> {
     retry_as(&state, &tenant, &id).await
 }
@@ -72,19 +72,13 @@ pub(super) async fn retry(
 #[utoipa::path(post, path = "/v1/admin/tenants/{tenant}/jobs/{id}/retry", tag = "admin", params(("tenant" = String, Path), ("id" = String, Path)), responses((status = 200, description = "a failed job of any tenant queued again as its next attempt, same id: `{\"id\",\"state\"}` (admin)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`; 409 `not_failed` when the job is not failed")))]
 pub(super) async fn admin_retry(
     State(state): State<AppState>,
-    Path((tenant, id)): Path<(String, String)>,
     _: Admin,
+    TenantJobPath(tenant, id): TenantJobPath,
 ) -> ApiResult<Json<JobRef>> {
-    if !valid_tenant_id(&tenant) {
-        return Err(ApiError::NotFound("job"));
-    }
     retry_as(&state, &tenant, &id).await
 }
 
-async fn retry_as(state: &AppState, tenant: &str, id: &str) -> ApiResult<Json<JobRef>> {
-    if !job_id_ok(id) {
-        return Err(ApiError::NotFound("job"));
-    }
+async fn retry_as(state: &AppState, tenant: &TenantId, id: &str) -> ApiResult<Json<JobRef>> {
     let now = state
         .control()
         .retry_job(tenant, id)
@@ -101,11 +95,8 @@ async fn retry_as(state: &AppState, tenant: &str, id: &str) -> ApiResult<Json<Jo
 #[utoipa::path(get, path = "/v1/admin/tenants/{tenant}/jobs/{id}/log", tag = "admin", params(("tenant" = String, Path), ("id" = String, Path)), responses((status = 200, description = "the job's log, `text/plain`: the last attempt's, or what the running attempt has logged so far (admin)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
 pub(super) async fn admin_log(
     State(state): State<AppState>,
-    Path((tenant, id)): Path<(String, String)>,
     _: Admin,
+    TenantJobPath(tenant, id): TenantJobPath,
 ) -> ApiResult<impl axum::response::IntoResponse> {
-    if !valid_tenant_id(&tenant) {
-        return Err(ApiError::NotFound("job"));
-    }
     super::jobs::log_of(&state, &tenant, &id).await
 }

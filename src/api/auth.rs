@@ -12,6 +12,7 @@
 
 use super::AppState;
 use super::error::ApiError;
+use crate::model::TenantId;
 use axum::extract::FromRequestParts;
 use axum::http::HeaderMap;
 use axum::http::header::AUTHORIZATION;
@@ -24,13 +25,13 @@ use subtle::ConstantTimeEq;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Caller {
     Admin,
-    Tenant(String),
+    Tenant(TenantId),
 }
 
 impl Caller {
     /// The tenant id, or 403 for the admin: tenant routes act on one tenant's
     /// things and the admin owns none.
-    pub fn tenant(&self) -> Result<&str, ApiError> {
+    pub fn tenant(&self) -> Result<&TenantId, ApiError> {
         match self {
             Caller::Tenant(t) => Ok(t),
             Caller::Admin => Err(ApiError::Forbidden(
@@ -60,14 +61,14 @@ impl FromRequestParts<AppState> for Caller {
 /// is refused (403): tenant routes act on one tenant's things and the
 /// admin owns none.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Tenant(pub String);
+pub struct Tenant(pub TenantId);
 
 impl FromRequestParts<AppState> for Tenant {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let caller = authenticate(state, &parts.headers).await?;
-        caller.tenant().map(|t| Tenant(t.to_string()))
+        caller.tenant().cloned().map(Tenant)
     }
 }
 
@@ -85,7 +86,7 @@ impl FromRequestParts<AppState> for Admin {
 }
 
 /// A fresh tenant token: `<tenant_id>.<64 hex chars>` (32 random bytes).
-pub(super) fn new_tenant_token(tenant: &str) -> String {
+pub(super) fn new_tenant_token(tenant: &TenantId) -> String {
     let mut secret = [0u8; 32];
     rand::rng().fill_bytes(&mut secret);
     format!("{tenant}.{}", hex::encode(secret))
@@ -114,12 +115,13 @@ async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Caller, A
         return Ok(Caller::Admin);
     }
     let (tenant, secret) = token.split_once('.').ok_or(ApiError::Unauthorized)?;
-    if !crate::model::valid_tenant_id(tenant) || secret.is_empty() {
+    if secret.is_empty() {
         return Err(ApiError::Unauthorized);
     }
+    let tenant = TenantId::parse(tenant).map_err(|_| ApiError::Unauthorized)?;
     let stored = state
         .control()
-        .tenant_token_hash(tenant)
+        .tenant_token_hash(&tenant)
         .await
         .map_err(ApiError::from)?;
     let presented = token_hash(token);
@@ -127,7 +129,7 @@ async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Caller, A
     // the same path as a wrong secret.
     let stored = stored.unwrap_or_else(|| "0".repeat(64));
     if bool::from(presented.as_bytes().ct_eq(stored.as_bytes())) {
-        Ok(Caller::Tenant(tenant.to_string()))
+        Ok(Caller::Tenant(tenant))
     } else {
         Err(ApiError::Unauthorized)
     }
@@ -140,12 +142,13 @@ mod tests {
 
     #[test]
     fn tokens_name_their_tenant_and_hash_to_hex() {
-        let t = new_tenant_token("acme");
+        let acme = TenantId::parse("acme").unwrap();
+        let t = new_tenant_token(&acme);
         let (id, secret) = t.split_once('.').unwrap();
         assert_eq!(id, "acme");
         assert_eq!(secret.len(), 64);
         assert!(secret.bytes().all(|b| b.is_ascii_hexdigit()));
-        assert_ne!(new_tenant_token("acme"), t);
+        assert_ne!(new_tenant_token(&acme), t);
         assert_eq!(
             token_hash("abc"),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"

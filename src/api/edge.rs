@@ -33,8 +33,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{Semaphore, watch};
 
-/// Most header lines a request may carry (JSON 431 beyond).
-pub const MAX_HEADERS: usize = 100;
+pub use super::limits::MAX_HEADERS;
 
 /// Serves `app(state)` on `listener` until `shutdown` resolves, then lets
 /// requests in flight finish.

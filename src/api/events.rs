@@ -1,7 +1,7 @@
 //! `GET /v1/jobs/{id}/events`: a job's progress as Server-Sent Events,
 //! pushed instead of polled by the client.
 //!
-//! The server polls the job record (every `wait_poll`, about 100-200 ms)
+//! The server polls the job record (every `limits::WAIT_POLL`, 100 ms)
 //! and sends a `state` event with the whole job whenever its state or
 //! attempt count changes (the first one at once). Workers store what the
 //! agent logs while it runs, in batches (every ~250 ms or 4 KiB), and the
@@ -18,7 +18,9 @@ use super::AppState;
 use super::auth::Tenant;
 use super::error::{ApiError, ApiResult};
 use super::jobs::fetch_job;
-use axum::extract::{Path, State};
+use super::path::JobPath;
+use crate::model::TenantId;
+use axum::extract::State;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use futures::SinkExt;
 use futures::channel::mpsc;
@@ -28,8 +30,8 @@ use std::time::{Duration, Instant};
 #[utoipa::path(get, path = "/v1/jobs/{id}/events", tag = "jobs", params(("id" = String, Path)), responses((status = 200, description = "`text/event-stream`: `state` (the job, on each change), `log` (a line of the agent's log, as it is written), `end` (tenant)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
 pub(super) async fn events(
     State(state): State<AppState>,
-    Path(id): Path<String>,
     Tenant(tenant): Tenant,
+    JobPath(id): JobPath,
 ) -> ApiResult<impl axum::response::IntoResponse> {
     // The first read answers 404 as a plain error, before any stream.
     let first = fetch_job(&state, &tenant, &id).await?;
@@ -41,7 +43,7 @@ pub(super) async fn events(
         // Held for the stream's life: the tenant's share of long-polls.
         let _place = place;
         let deadline = Instant::now() + state.config().max_wait;
-        let period = state.config().wait_poll.max(Duration::from_millis(50));
+        let period = super::limits::WAIT_POLL;
         let mut job = first;
         let mut last = None;
         // The run whose log is being sent, and the bytes of it sent.
@@ -95,7 +97,7 @@ pub(super) async fn events(
 /// has stored nothing) sends nothing; a new run starts from its first byte.
 async fn send_log(
     state: &AppState,
-    tenant: &str,
+    tenant: &TenantId,
     id: &str,
     at: &mut (u32, usize),
     tx: &mut mpsc::Sender<Result<Event, Infallible>>,

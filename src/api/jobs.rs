@@ -4,15 +4,16 @@
 use super::auth::Tenant;
 use super::body::{expect_json, parse_json, read_body};
 use super::error::{ApiError, ApiResult};
+use super::path::JobPath;
 use super::query::{JobsQuery, Query, WaitQuery};
 use super::types::{JobPage, JobRef};
-use super::{AppState, job_id_ok, valid_digest};
+use super::{AppState, valid_digest};
 use crate::api::JobRequest;
 use crate::control::{SubmitSpec, TenantInfo};
-use crate::model::{Job, JobState, valid_name};
+use crate::model::{Job, JobState, TenantId, valid_name};
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::header::CONTENT_TYPE;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
@@ -21,17 +22,10 @@ use std::collections::HashSet;
 use std::time::Duration;
 use tokio::time::Instant;
 
-/// Default `max_attempts` when the request names none.
-pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
-/// Upper bound of `max_attempts`: retries cost credits and queue space.
-pub const MAX_ATTEMPTS_CAP: u32 = 100;
-/// Upper bound of `delay_ms` (30 days): a typo of a few zeros should be
-/// refused, not parked forever.
-pub const MAX_DELAY_MS: u64 = 30 * 24 * 3600 * 1000;
-/// Upper bound of the contexts one job mounts.
-pub const MAX_CONTEXTS: usize = 32;
-/// `Idempotency-Key` length bound (it becomes part of a Redis key).
-pub const MAX_IDEMPOTENCY_KEY: usize = 255;
+use super::limits::{
+    DEFAULT_MAX_ATTEMPTS, MAX_ATTEMPTS_CAP, MAX_BATCH, MAX_CONTEXTS, MAX_DELAY_MS,
+    MAX_IDEMPOTENCY_KEY,
+};
 /// Parses a `POST /v1/jobs` body and checks it against the tenant's
 /// settings, without touching Redis: the one path the handler and the
 /// fuzzer (`tests/fuzz`) share. Errors name the field at fault.
@@ -183,7 +177,7 @@ pub(super) async fn submit(
 /// Resolves a checked request's component and contexts and submits it.
 async fn submit_one(
     state: &AppState,
-    tenant: &str,
+    tenant: &TenantId,
     req: JobRequest,
     idempotency: Option<(String, String)>,
 ) -> ApiResult<crate::control::Submitted> {
@@ -217,9 +211,6 @@ async fn submit_one(
         .await
         .map_err(|e| ApiError::from_cp(e, "job"))
 }
-
-/// Jobs one `POST /v1/jobs/batch` takes at most.
-pub const MAX_BATCH: usize = 1_000;
 
 /// `POST /v1/jobs/batch` body: `{"jobs":[{"job":{…},"idempotency_key"?}]}`.
 #[derive(serde::Deserialize)]
@@ -334,10 +325,7 @@ pub(super) async fn batch(
     Ok(Json(serde_json::json!({ "results": results })))
 }
 
-pub(super) async fn fetch_job(state: &AppState, tenant: &str, id: &str) -> ApiResult<Job> {
-    if !job_id_ok(id) {
-        return Err(ApiError::NotFound("job"));
-    }
+pub(super) async fn fetch_job(state: &AppState, tenant: &TenantId, id: &str) -> ApiResult<Job> {
     state
         .control()
         .job(tenant, id)
@@ -351,11 +339,10 @@ pub(super) async fn fetch_job(state: &AppState, tenant: &str, id: &str) -> ApiRe
 #[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs", params(("id" = String, Path)), responses((status = 200, description = "the job, held until terminal or `wait` seconds (tenant)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
 pub(super) async fn get(
     State(state): State<AppState>,
-    Path(id): Path<String>,
     Tenant(tenant): Tenant,
+    JobPath(id): JobPath,
     Query(q): Query<WaitQuery>,
 ) -> ApiResult<Json<Job>> {
-    let tenant = tenant.as_str();
     // Capped before the conversion: a huge finite `wait` is valid and must
     // not overflow a `Duration`.
     let max = state.config().max_wait.as_secs_f64();
@@ -365,7 +352,7 @@ pub(super) async fn get(
     let place = if wait.is_zero() {
         None
     } else {
-        state.wait_place(tenant)
+        state.wait_place(&tenant)
     };
     let wait = if place.is_some() {
         wait
@@ -373,10 +360,10 @@ pub(super) async fn get(
         Duration::ZERO
     };
     let deadline = Instant::now() + wait;
-    let base = state.config().wait_poll;
+    let base = super::limits::WAIT_POLL;
     let mut period = base;
     loop {
-        let job = fetch_job(&state, tenant, &id).await?;
+        let job = fetch_job(&state, &tenant, &id).await?;
         let now = Instant::now();
         if job.state.is_terminal() || now >= deadline {
             return Ok(Json(job));
@@ -391,8 +378,8 @@ pub(super) async fn get(
 #[utoipa::path(get, path = "/v1/jobs/{id}/log", tag = "jobs", params(("id" = String, Path)), responses((status = 200, description = "the last attempt's log, `text/plain`, or what the running attempt has logged so far (tenant)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
 pub(super) async fn log(
     State(state): State<AppState>,
-    Path(id): Path<String>,
     Tenant(tenant): Tenant,
+    JobPath(id): JobPath,
 ) -> ApiResult<impl IntoResponse> {
     log_of(&state, &tenant, &id).await
 }
@@ -401,12 +388,9 @@ pub(super) async fn log(
 /// the admin's).
 pub(super) async fn log_of(
     state: &AppState,
-    tenant: &str,
+    tenant: &TenantId,
     id: &str,
 ) -> ApiResult<impl IntoResponse + use<>> {
-    if !job_id_ok(id) {
-        return Err(ApiError::NotFound("job"));
-    }
     let text = state
         .control()
         .job_log(tenant, id)
@@ -420,22 +404,18 @@ pub(super) async fn log_of(
 #[utoipa::path(post, path = "/v1/jobs/{id}/cancel", tag = "jobs", params(("id" = String, Path)), responses((status = 200, description = "`{\"id\",\"state\"}` (tenant)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
 pub(super) async fn cancel(
     State(state): State<AppState>,
-    Path(id): Path<String>,
     Tenant(tenant): Tenant,
+    JobPath(id): JobPath,
 ) -> ApiResult<Json<JobRef>> {
-    let tenant = tenant.as_str();
-    if !job_id_ok(&id) {
-        return Err(ApiError::NotFound("job"));
-    }
     let answered = state
         .control()
-        .cancel(tenant, &id)
+        .cancel(&tenant, &id)
         .await
         .map_err(|e| ApiError::from_cp(e, "job"))?;
     // Answer the state as it is now (`cancelled` for a job that was waiting,
     // `running` for one that stops at its next lease check), whatever the
     // script reported.
-    let now = match state.control().job(tenant, &id).await {
+    let now = match state.control().job(&tenant, &id).await {
         Ok(Some(job)) => job.state,
         _ => match answered {
             JobState::Queued | JobState::Delayed => JobState::Cancelled,
@@ -452,10 +432,9 @@ pub(super) async fn list(
     Tenant(tenant): Tenant,
     Query(q): Query<JobsQuery>,
 ) -> ApiResult<Json<JobPage>> {
-    let tenant = tenant.as_str();
     let (jobs, next) = state
         .control()
-        .list_jobs(tenant, q.state, q.limit, q.cursor.as_deref())
+        .list_jobs(&tenant, q.state, q.limit, q.cursor.as_deref())
         .await
         .map_err(|e| ApiError::from_cp(e, "job"))?;
     Ok(Json(JobPage {
@@ -469,7 +448,7 @@ pub(super) async fn list(
 /// holds a bounded number of them (a place, released once it is read).
 async fn tenant_body(
     state: &AppState,
-    tenant: &str,
+    tenant: &TenantId,
     headers: &HeaderMap,
     body: Body,
     max: usize,

@@ -9,7 +9,9 @@
 //! `Content-Length` above the route's limit before reading anything, stops
 //! reading a streamed body as soon as it passes the limit, and cuts a body
 //! that stalls or trickles (408). The accept loop, the header timeout and
-//! the connection cap are in `edge`.
+//! the connection cap are in `edge`. Path ids are parsed into their types
+//! by the extractors of `path` (tenant ids, job ids), query strings by
+//! `query`; every bound and default is in [`limits`].
 
 mod admin;
 mod auth;
@@ -18,6 +20,8 @@ mod edge;
 mod error;
 mod events;
 mod jobs;
+pub mod limits;
+mod path;
 mod prom;
 mod query;
 mod report;
@@ -29,7 +33,8 @@ mod uploads;
 pub use auth::{Admin, Caller, Tenant, token_hash};
 pub use edge::{MAX_HEADERS, serve};
 pub use error::{ApiError, ApiResult};
-pub use jobs::{BatchResult, MAX_BATCH, parse_job_request};
+pub use jobs::{BatchResult, parse_job_request};
+pub use limits::MAX_BATCH;
 pub use prom::{install_metrics, metrics_app};
 pub use types::{Balance, JobPage, JobRef, JobRequest, TenantPage, TenantToken};
 
@@ -55,10 +60,6 @@ pub struct ApiConfig {
     /// Longest `?wait=` honoured; longer requests are cut to it so a client
     /// cannot pin a connection forever.
     pub max_wait: Duration,
-    /// How often a long-poll first re-reads the job; the period doubles up
-    /// to 5× this while the job stays unfinished, so many waiting clients
-    /// on long jobs cost Redis little.
-    pub wait_poll: Duration,
     /// Longest pause between two chunks of a request body (408 beyond).
     pub body_idle_timeout: Duration,
     /// Uploads (components, contexts) handled at once. Each may buffer up to
@@ -109,24 +110,23 @@ pub struct ApiConfig {
 impl Default for ApiConfig {
     fn default() -> Self {
         ApiConfig {
-            max_component_bytes: crate::host::limits::DEFAULT_MAX_COMPONENT_BYTES,
-            max_input_bytes: 1 << 20,
-            max_context_bytes: 64 << 20,
-            max_wait: Duration::from_secs(60),
-            wait_poll: Duration::from_millis(100),
-            max_concurrent_uploads: 4,
-            body_idle_timeout: Duration::from_secs(30),
-            uploads_per_tenant: 2,
-            body_min_rate: 16 << 10,
-            body_grace: Duration::from_secs(10),
-            header_timeout: Duration::from_secs(10),
-            max_connections: 1024,
-            max_header_bytes: 16 << 10,
-            max_waits_per_tenant: 32,
-            write_timeout: Duration::from_secs(30),
-            max_bodies_per_tenant: 16,
-            upload_burst: 30,
-            uploads_per_minute: 30,
+            max_component_bytes: limits::DEFAULT_MAX_COMPONENT_BYTES,
+            max_input_bytes: limits::DEFAULT_MAX_INPUT_BYTES,
+            max_context_bytes: limits::DEFAULT_MAX_CONTEXT_BYTES,
+            max_wait: limits::DEFAULT_MAX_WAIT,
+            max_concurrent_uploads: limits::DEFAULT_MAX_CONCURRENT_UPLOADS,
+            body_idle_timeout: limits::DEFAULT_BODY_IDLE_TIMEOUT,
+            uploads_per_tenant: limits::DEFAULT_UPLOADS_PER_TENANT,
+            body_min_rate: limits::DEFAULT_BODY_MIN_RATE,
+            body_grace: limits::DEFAULT_BODY_GRACE,
+            header_timeout: limits::DEFAULT_HEADER_TIMEOUT,
+            max_connections: limits::DEFAULT_MAX_CONNECTIONS,
+            max_header_bytes: limits::DEFAULT_MAX_HEADER_BYTES,
+            max_waits_per_tenant: limits::DEFAULT_MAX_WAITS_PER_TENANT,
+            write_timeout: limits::DEFAULT_WRITE_TIMEOUT,
+            max_bodies_per_tenant: limits::DEFAULT_MAX_BODIES_PER_TENANT,
+            upload_burst: limits::DEFAULT_UPLOAD_BURST,
+            uploads_per_minute: limits::DEFAULT_UPLOADS_PER_MINUTE,
         }
     }
 }

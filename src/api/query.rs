@@ -15,9 +15,7 @@ use axum::http::request::Parts;
 use serde::Deserialize;
 use serde::de::{DeserializeOwned, Deserializer, Error as _};
 
-/// `GET /v1/jobs` page sizes.
-pub const DEFAULT_PAGE: usize = 100;
-pub const MAX_PAGE: usize = crate::control::MAX_PAGE;
+use super::limits::{DEFAULT_PAGE, MAX_PAGE};
 
 /// The query string of a request parsed into `T`, or 400 `invalid_request`.
 pub(crate) struct Query<T>(pub T);

@@ -5,33 +5,32 @@
 use super::AppState;
 use super::auth::Caller;
 use super::error::{ApiError, ApiResult};
+use super::path::TenantPath;
 use super::query::{Bucket, PageQuery, Query, UsageQuery};
 use crate::control::{LedgerPage, UsageReport};
-use crate::model::{now_ms, valid_tenant_id};
+use crate::model::{TenantId, now_ms};
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::http::header::{ACCEPT, CONTENT_TYPE};
 use axum::response::{IntoResponse, Response};
 
-/// Widest usage window: a year of hours is 8,760 buckets.
-const MAX_WINDOW_MS: u64 = 400 * 86_400_000;
+use super::limits::MAX_USAGE_WINDOW_DAYS;
 
-/// The tenant `id` when the caller may read it: the admin, or the tenant
+const MAX_WINDOW_MS: u64 = MAX_USAGE_WINDOW_DAYS * 86_400_000;
+
+/// Whether the caller may read tenant `id`: the admin, or the tenant
 /// itself (anyone else is answered 404, as if it did not exist).
-fn readable(caller: &Caller, id: &str) -> ApiResult<()> {
+pub(super) fn readable(caller: &Caller, id: &TenantId) -> ApiResult<()> {
     if let Caller::Tenant(t) = caller
         && t != id
     {
         return Err(ApiError::NotFound("tenant"));
     }
-    if !valid_tenant_id(id) {
-        return Err(ApiError::NotFound("tenant"));
-    }
     Ok(())
 }
 
-async fn exists(state: &AppState, id: &str) -> ApiResult<()> {
+async fn exists(state: &AppState, id: &TenantId) -> ApiResult<()> {
     state
         .control()
         .tenant(id)
@@ -56,8 +55,8 @@ fn wants_csv(headers: &HeaderMap) -> bool {
 #[utoipa::path(get, path = "/v1/tenants/{id}/ledger", tag = "usage", params(("id" = String, Path)), responses((status = 200, description = "ledger entries oldest first, JSON or CSV (`Accept: text/csv`) (admin, that tenant)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
 pub(super) async fn ledger(
     State(state): State<AppState>,
-    Path(id): Path<String>,
     caller: Caller,
+    TenantPath(id): TenantPath,
     headers: HeaderMap,
     Query(q): Query<PageQuery>,
 ) -> ApiResult<Response> {
@@ -100,8 +99,8 @@ fn ledger_csv(page: &LedgerPage) -> Response {
 #[utoipa::path(get, path = "/v1/tenants/{id}/usage", tag = "usage", params(("id" = String, Path)), responses((status = 200, description = "fuel, slot and GPU time, credits and jobs by outcome, by hour or day (admin, that tenant)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
 pub(super) async fn usage(
     State(state): State<AppState>,
-    Path(id): Path<String>,
     caller: Caller,
+    TenantPath(id): TenantPath,
     Query(q): Query<UsageQuery>,
 ) -> ApiResult<Json<UsageReport>> {
     readable(&caller, &id)?;
@@ -112,9 +111,9 @@ pub(super) async fn usage(
         return Err(ApiError::Invalid("`from` must be before `to`".into()));
     }
     if to - from > MAX_WINDOW_MS {
-        return Err(ApiError::Invalid(
-            "`from` to `to` may span at most 400 days".into(),
-        ));
+        return Err(ApiError::Invalid(format!(
+            "`from` to `to` may span at most {MAX_USAGE_WINDOW_DAYS} days"
+        )));
     }
     exists(&state, &id).await?;
     let report = state

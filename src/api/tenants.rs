@@ -4,17 +4,17 @@ use super::AppState;
 use super::auth::{Admin, Caller, new_tenant_token, token_hash};
 use super::body::{expect_json, parse_json, read_body};
 use super::error::{ApiError, ApiResult};
+use super::path::TenantPath;
 use super::types::{Balance, TenantToken};
 use crate::control::{LimitsPatch, TenantPatch, TenantSpec};
-use crate::model::valid_tenant_id;
+use crate::model::TenantId;
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use serde_json::Value;
 
-/// Admin bodies are small; 64 KiB is plenty and bounds a hostile one.
-const MAX_ADMIN_BODY: usize = 64 << 10;
+use super::limits::MAX_ADMIN_BODY;
 
 /// Reads an admin route's JSON body (bounded in size and time) straight
 /// into `T`, whose type refuses unknown fields; errors name the field.
@@ -70,12 +70,8 @@ pub(super) async fn create(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<(StatusCode, Json<TenantToken>)> {
+    // `id` is a `TenantId`: a malformed one fails here, naming `id`.
     let spec: TenantSpec = admin_json(&state, &headers, body, "tenant body").await?;
-    if !valid_tenant_id(&spec.id) {
-        return Err(ApiError::Invalid(
-            "`id` must be 1-64 characters of a-z, 0-9, `-` and `_`".into(),
-        ));
-    }
     validate_weight(Some(spec.weight))?;
     validate_limits(&spec.limits)?;
     if spec.credits < 0 {
@@ -90,7 +86,10 @@ pub(super) async fn create(
     tracing::info!(tenant = %spec.id, "tenant created");
     Ok((
         StatusCode::CREATED,
-        Json(TenantToken { id: spec.id, token }),
+        Json(TenantToken {
+            id: spec.id.into(),
+            token,
+        }),
     ))
 }
 
@@ -98,18 +97,11 @@ pub(super) async fn create(
 #[utoipa::path(get, path = "/v1/tenants/{id}", tag = "tenants", params(("id" = String, Path)), responses((status = 200, description = "the tenant: settings, credits, counters, parked reason (admin, that tenant)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
 pub(super) async fn get(
     State(state): State<AppState>,
-    Path(id): Path<String>,
     caller: Caller,
+    TenantPath(id): TenantPath,
 ) -> ApiResult<Json<Value>> {
-    if let Caller::Tenant(t) = &caller
-        && *t != id
-    {
-        // Another tenant's existence is not revealed.
-        return Err(ApiError::NotFound("tenant"));
-    }
-    if !valid_tenant_id(&id) {
-        return Err(ApiError::NotFound("tenant"));
-    }
+    // Another tenant's existence is not revealed.
+    super::report::readable(&caller, &id)?;
     tenant_json(&state, &id).await
 }
 
@@ -117,17 +109,14 @@ pub(super) async fn get(
 #[utoipa::path(patch, path = "/v1/tenants/{id}", tag = "tenants", params(("id" = String, Path)), responses((status = 200, description = "the tenant after the change (admin)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
 pub(super) async fn patch(
     State(state): State<AppState>,
-    Path(id): Path<String>,
     _: Admin,
+    TenantPath(id): TenantPath,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Json<Value>> {
     let patch: TenantPatch = admin_json(&state, &headers, body, "patch body").await?;
     validate_weight(patch.weight)?;
     validate_limits(&patch.limits)?;
-    if !valid_tenant_id(&id) {
-        return Err(ApiError::NotFound("tenant"));
-    }
     state
         .control()
         .update_tenant(&id, &patch)
@@ -142,16 +131,13 @@ pub(super) async fn patch(
 #[utoipa::path(post, path = "/v1/tenants/{id}/credits", tag = "tenants", params(("id" = String, Path)), responses((status = 200, description = "`{\"id\",\"balance\"}` after the grant; optional `Idempotency-Key` (admin)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
 pub(super) async fn credits(
     State(state): State<AppState>,
-    Path(id): Path<String>,
     _: Admin,
+    TenantPath(id): TenantPath,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Json<Balance>> {
     let key = super::jobs::idempotency_key(&headers)?;
     let Grant { amount } = admin_json(&state, &headers, body, "credits body").await?;
-    if !valid_tenant_id(&id) {
-        return Err(ApiError::NotFound("tenant"));
-    }
     let cp = state.control();
     // With an Idempotency-Key, a retried grant (its answer lost) credits
     // once and answers the first grant's balance.
@@ -160,11 +146,14 @@ pub(super) async fn credits(
         None => cp.grant_credits(&id, amount).await,
     }
     .map_err(|e| ApiError::from_cp(e, "tenant"))?;
-    Ok(Json(Balance { id, balance }))
+    Ok(Json(Balance {
+        id: id.into(),
+        balance,
+    }))
 }
 
 /// The tenant as `GET /v1/tenants/{id}` shows it.
-async fn tenant_json(state: &AppState, id: &str) -> ApiResult<Json<Value>> {
+async fn tenant_json(state: &AppState, id: &TenantId) -> ApiResult<Json<Value>> {
     let info = state
         .control()
         .tenant(id)

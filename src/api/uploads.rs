@@ -66,13 +66,12 @@ pub(super) async fn get_component(
     Path(digest): Path<String>,
     Tenant(tenant): Tenant,
 ) -> ApiResult<Json<Value>> {
-    let tenant = tenant.as_str();
     if !valid_digest(&digest) {
         return Err(ApiError::NotFound("component"));
     }
     let meta = state
         .control()
-        .component_meta(tenant, &digest)
+        .component_meta(&tenant, &digest)
         .await
         .map_err(|e| ApiError::from_cp(e, "component"))?
         .ok_or(ApiError::NotFound("component"))?;
@@ -137,13 +136,12 @@ pub(super) async fn get_context(
     Path(name): Path<String>,
     Tenant(tenant): Tenant,
 ) -> ApiResult<Json<Value>> {
-    let tenant = tenant.as_str();
     if !valid_name(&name) {
         return Err(ApiError::NotFound("context"));
     }
     let meta = state
         .control()
-        .context_meta(tenant, &name)
+        .context_meta(&tenant, &name)
         .await
         .map_err(|e| ApiError::from_cp(e, "context"))?
         .ok_or(ApiError::NotFound("context"))?;
@@ -159,8 +157,7 @@ pub(super) struct UploadRate {
     buckets: std::sync::Mutex<std::collections::HashMap<String, (f64, std::time::Instant)>>,
 }
 
-/// Buckets kept before full (idle) ones are forgotten.
-const RATE_BUCKETS_PRUNE_AT: usize = 10_000;
+use super::limits::RATE_BUCKETS_PRUNE_AT;
 
 impl UploadRate {
     pub(super) fn new(burst: u32, per_minute: u32) -> Self {

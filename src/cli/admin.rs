@@ -1,7 +1,7 @@
 //! `agentplane admin …`: what an operator sees across tenants, and the
 //! log and the retry of any tenant's job (admin token).
 
-use super::client::Conn;
+use super::client::{Conn, PageArgs};
 use super::output::finish;
 use crate::client::{AdminJobsFilter, ApiClient, Page};
 use crate::model::{ErrorKind, JobState};
@@ -14,12 +14,8 @@ pub enum AdminCmd {
     /// Lists tenants by id with running and queued counts, credits, parked
     /// reason and share of capacity over the last minute.
     Tenants {
-        /// Page size (at most 1000).
-        #[arg(long)]
-        limit: Option<usize>,
-        /// `next_cursor` of the previous page.
-        #[arg(long)]
-        cursor: Option<String>,
+        #[command(flatten)]
+        page: PageArgs,
         #[command(flatten)]
         conn: Conn,
     },
@@ -31,12 +27,8 @@ pub enum AdminCmd {
         /// Only failed jobs of this error kind (`agent_error`, `trap`, …).
         #[arg(long)]
         error_kind: Option<ErrorKind>,
-        /// Page size (at most 1000).
-        #[arg(long)]
-        limit: Option<usize>,
-        /// `next_cursor` of the previous page.
-        #[arg(long)]
-        cursor: Option<String>,
+        #[command(flatten)]
+        page: PageArgs,
         #[command(flatten)]
         conn: Conn,
     },
@@ -64,27 +56,22 @@ pub enum AdminCmd {
 /// `agentplane admin …`
 pub async fn admin(cmd: AdminCmd) -> anyhow::Result<ExitCode> {
     match cmd {
-        AdminCmd::Tenants {
-            limit,
-            cursor,
-            conn,
-        } => {
+        AdminCmd::Tenants { page, conn } => {
             let c = ApiClient::new(&conn.url, conn.token.clone())?;
-            finish(conn.output, c.admin_tenants(&Page { limit, cursor }).await)
+            finish(conn.output, c.admin_tenants(&Page::from(page)).await)
         }
         AdminCmd::Jobs {
             state,
             error_kind,
-            limit,
-            cursor,
+            page,
             conn,
         } => {
             let c = ApiClient::new(&conn.url, conn.token.clone())?;
             let filter = AdminJobsFilter {
                 state,
                 error_kind,
-                limit,
-                cursor,
+                limit: page.limit,
+                cursor: page.cursor,
             };
             finish(conn.output, c.admin_jobs(&filter).await)
         }

@@ -88,12 +88,8 @@ pub enum TenantCmd {
     Ledger {
         /// Tenant id.
         id: String,
-        /// Page size (at most 1000).
-        #[arg(long)]
-        limit: Option<usize>,
-        /// `next_cursor` of the previous page.
-        #[arg(long)]
-        cursor: Option<String>,
+        #[command(flatten)]
+        page: PageArgs,
         /// Print the page as CSV, as the API writes it.
         #[arg(long)]
         csv: bool,
@@ -247,12 +243,8 @@ pub enum JobCmd {
         /// failed, cancelled).
         #[arg(long)]
         state: Option<JobState>,
-        /// Page size (default 100, at most 10000).
-        #[arg(long)]
-        limit: Option<usize>,
-        /// `next_cursor` of the previous page.
-        #[arg(long)]
-        cursor: Option<String>,
+        #[command(flatten)]
+        page: PageArgs,
         #[command(flatten)]
         conn: Conn,
     },
@@ -304,6 +296,40 @@ pub struct SubmitArgs {
     pub wait: bool,
     #[command(flatten)]
     pub conn: Conn,
+}
+
+/// `--limit` and `--cursor` of every listing.
+#[derive(Debug, Clone, Args)]
+pub struct PageArgs {
+    /// Page size (default 100, at most 1000).
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// `next_cursor` of the previous page.
+    #[arg(long)]
+    pub cursor: Option<String>,
+}
+
+impl From<PageArgs> for Page {
+    fn from(p: PageArgs) -> Page {
+        Page {
+            limit: p.limit,
+            cursor: p.cursor,
+        }
+    }
+}
+
+/// Reads `file` and uploads it with `upload` (a component or a context),
+/// with a spinner while it goes.
+async fn push_file<T: serde::Serialize>(
+    file: &std::path::Path,
+    conn: &Conn,
+    upload: impl AsyncFnOnce(&ApiClient, Vec<u8>) -> crate::client::ClientResult<T>,
+) -> anyhow::Result<ExitCode> {
+    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let spin = Spinner::start(format!("uploading {} bytes", bytes.len()));
+    let r = upload(&client(conn)?, bytes).await;
+    drop(spin);
+    finish(conn.output, r)
 }
 
 fn client(conn: &Conn) -> anyhow::Result<ApiClient> {
@@ -379,13 +405,12 @@ pub async fn tenant(cmd: TenantCmd) -> anyhow::Result<ExitCode> {
         }
         TenantCmd::Ledger {
             id,
-            limit,
-            cursor,
+            page,
             csv,
             conn,
         } => {
             let c = client(&conn)?;
-            let page = Page { limit, cursor };
+            let page = Page::from(page);
             if csv {
                 match c.ledger_csv(&id, &page).await {
                     Ok(text) => {
@@ -415,12 +440,7 @@ pub async fn tenant(cmd: TenantCmd) -> anyhow::Result<ExitCode> {
 pub async fn component(cmd: ComponentCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         ComponentCmd::Push { file, conn } => {
-            let bytes =
-                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
-            let spin = Spinner::start(format!("uploading {} bytes", bytes.len()));
-            let r = client(&conn)?.push_component(bytes).await;
-            drop(spin);
-            finish(conn.output, r)
+            push_file(&file, &conn, async |c, b| c.push_component(b).await).await
         }
         ComponentCmd::Get { digest, conn } => {
             finish(conn.output, client(&conn)?.component(&digest).await)
@@ -432,12 +452,7 @@ pub async fn component(cmd: ComponentCmd) -> anyhow::Result<ExitCode> {
 pub async fn context(cmd: ContextCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         ContextCmd::Push { file, conn } => {
-            let bytes =
-                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
-            let spin = Spinner::start(format!("uploading {} bytes", bytes.len()));
-            let r = client(&conn)?.push_context(bytes).await;
-            drop(spin);
-            finish(conn.output, r)
+            push_file(&file, &conn, async |c, b| c.push_context(b).await).await
         }
         ContextCmd::Get { name, conn } => finish(conn.output, client(&conn)?.context(&name).await),
     }
@@ -496,16 +511,11 @@ pub async fn job(cmd: JobCmd) -> anyhow::Result<ExitCode> {
             }
             Err(e) => finish::<()>(conn.output, Err(e)),
         },
-        JobCmd::List {
-            state,
-            limit,
-            cursor,
-            conn,
-        } => {
+        JobCmd::List { state, page, conn } => {
             let filter = JobsFilter {
                 state,
-                limit,
-                cursor,
+                limit: page.limit,
+                cursor: page.cursor,
             };
             finish(conn.output, client(&conn)?.jobs(&filter).await)
         }

@@ -9,6 +9,7 @@ mod datadir;
 mod output;
 mod server;
 
+use crate::api::limits as L;
 use crate::control::{ControlConfig, Prices};
 use crate::model::Limits;
 use clap::{Args, Parser, Subcommand};
@@ -167,62 +168,87 @@ pub struct SlotArgs {
 pub struct ApiLimitArgs {
     /// Largest component upload, in bytes (also what this process's
     /// admission and, under `serve`, its workers compile).
-    #[arg(long, env = "AGENTPLANE_MAX_COMPONENT_BYTES",
-          default_value_t = crate::host::limits::DEFAULT_MAX_COMPONENT_BYTES)]
+    #[arg(long, env = "AGENTPLANE_MAX_COMPONENT_BYTES", default_value_t = L::DEFAULT_MAX_COMPONENT_BYTES)]
     pub max_component_bytes: usize,
     /// Largest job input, in bytes.
-    #[arg(long, env = "AGENTPLANE_MAX_INPUT_BYTES", default_value_t = 1 << 20)]
+    #[arg(long, env = "AGENTPLANE_MAX_INPUT_BYTES", default_value_t = L::DEFAULT_MAX_INPUT_BYTES)]
     pub max_input_bytes: usize,
     /// Largest context upload (JSON), in bytes.
-    #[arg(long, env = "AGENTPLANE_MAX_CONTEXT_BYTES", default_value_t = 64 << 20)]
+    #[arg(long, env = "AGENTPLANE_MAX_CONTEXT_BYTES", default_value_t = L::DEFAULT_MAX_CONTEXT_BYTES)]
     pub max_context_bytes: usize,
     /// Connections served at once; more wait in the listen backlog.
-    #[arg(long, env = "AGENTPLANE_MAX_CONNECTIONS", default_value_t = 1024,
+    #[arg(long, env = "AGENTPLANE_MAX_CONNECTIONS", default_value_t = L::DEFAULT_MAX_CONNECTIONS as u32,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
     /// Longest time to receive a request's head, in ms; also how long an
     /// idle keep-alive connection stays open.
-    #[arg(long, env = "AGENTPLANE_HEADER_TIMEOUT_MS", default_value_t = 10_000,
+    #[arg(long, env = "AGENTPLANE_HEADER_TIMEOUT_MS", default_value_t = ms(L::DEFAULT_HEADER_TIMEOUT),
           value_parser = clap::value_parser!(u64).range(100..))]
     pub header_timeout_ms: u64,
+    /// Largest request head (request line and headers), in bytes (431
+    /// beyond).
+    #[arg(long, env = "AGENTPLANE_MAX_HEADER_BYTES", default_value_t = L::DEFAULT_MAX_HEADER_BYTES as u32,
+          value_parser = clap::value_parser!(u32).range(1024..=(1 << 20)))]
+    pub max_header_bytes: u32,
     /// Longest pause between two chunks of a request body, in ms.
-    #[arg(long, env = "AGENTPLANE_BODY_IDLE_TIMEOUT_MS", default_value_t = 30_000,
+    #[arg(long, env = "AGENTPLANE_BODY_IDLE_TIMEOUT_MS", default_value_t = ms(L::DEFAULT_BODY_IDLE_TIMEOUT),
           value_parser = clap::value_parser!(u64).range(100..))]
     pub body_idle_timeout_ms: u64,
     /// Slowest average body rate accepted once the grace time has passed,
     /// in bytes per second (0: no minimum).
-    #[arg(long, env = "AGENTPLANE_BODY_MIN_RATE", default_value_t = 64 << 10)]
+    #[arg(long, env = "AGENTPLANE_BODY_MIN_RATE", default_value_t = L::DEFAULT_BODY_MIN_RATE)]
     pub body_min_rate: u64,
     /// Time a body may take before the minimum rate applies, in ms.
-    #[arg(long, env = "AGENTPLANE_BODY_GRACE_MS", default_value_t = 10_000)]
+    #[arg(long, env = "AGENTPLANE_BODY_GRACE_MS", default_value_t = ms(L::DEFAULT_BODY_GRACE))]
     pub body_grace_ms: u64,
     /// Uploads (components, contexts) buffered and processed at once.
-    #[arg(long, env = "AGENTPLANE_MAX_CONCURRENT_UPLOADS", default_value_t = 4,
+    #[arg(long, env = "AGENTPLANE_MAX_CONCURRENT_UPLOADS", default_value_t = L::DEFAULT_MAX_CONCURRENT_UPLOADS as u32,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrent_uploads: u32,
     /// Of those, how many one tenant may hold (429 beyond).
-    #[arg(long, env = "AGENTPLANE_UPLOADS_PER_TENANT", default_value_t = 2,
+    #[arg(long, env = "AGENTPLANE_UPLOADS_PER_TENANT", default_value_t = L::DEFAULT_UPLOADS_PER_TENANT as u32,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub uploads_per_tenant: u32,
+    /// Uploads one tenant may start in a burst (429 `rate_limited` beyond),
+    /// refilled at `--uploads-per-minute`.
+    #[arg(long, env = "AGENTPLANE_UPLOAD_BURST", default_value_t = L::DEFAULT_UPLOAD_BURST,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub upload_burst: u32,
+    /// Uploads per minute one tenant may sustain.
+    #[arg(long, env = "AGENTPLANE_UPLOADS_PER_MINUTE", default_value_t = L::DEFAULT_UPLOADS_PER_MINUTE,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub uploads_per_minute: u32,
+    /// Longest `?wait=` (and event stream) honoured, in ms; longer ones are
+    /// cut to it.
+    #[arg(long, env = "AGENTPLANE_MAX_WAIT_MS", default_value_t = ms(L::DEFAULT_MAX_WAIT),
+          value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
+    pub max_wait_ms: u64,
     /// Long-polls (`GET /v1/jobs/{id}?wait=`) one tenant may hold at once;
     /// more are answered without waiting.
-    #[arg(long, env = "AGENTPLANE_MAX_WAITS_PER_TENANT", default_value_t = 32,
+    #[arg(long, env = "AGENTPLANE_MAX_WAITS_PER_TENANT", default_value_t = L::DEFAULT_MAX_WAITS_PER_TENANT as u32,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_waits_per_tenant: u32,
     /// Longest time an answer may make no progress (the client stopped
     /// reading) before its connection is dropped, in ms.
-    #[arg(long, env = "AGENTPLANE_WRITE_TIMEOUT_MS", default_value_t = 30_000,
+    #[arg(long, env = "AGENTPLANE_WRITE_TIMEOUT_MS", default_value_t = ms(L::DEFAULT_WRITE_TIMEOUT),
           value_parser = clap::value_parser!(u64).range(100..))]
     pub write_timeout_ms: u64,
     /// Job submissions whose bodies one tenant may be sending at once (429
     /// beyond).
-    #[arg(long, env = "AGENTPLANE_MAX_BODIES_PER_TENANT", default_value_t = 16,
+    #[arg(long, env = "AGENTPLANE_MAX_BODIES_PER_TENANT", default_value_t = L::DEFAULT_MAX_BODIES_PER_TENANT as u32,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_bodies_per_tenant: u32,
 }
 
+/// A default duration as the whole milliseconds its flag takes.
+const fn ms(d: Duration) -> u64 {
+    d.as_millis() as u64
+}
+
 impl ApiLimitArgs {
-    /// The API configuration these flags describe.
+    /// The API configuration these flags describe: every field is a flag
+    /// (no `..Default::default()`, so a new setting without one does not
+    /// compile).
     pub fn api_config(&self) -> crate::api::ApiConfig {
         crate::api::ApiConfig {
             max_component_bytes: self.max_component_bytes,
@@ -230,15 +256,18 @@ impl ApiLimitArgs {
             max_context_bytes: self.max_context_bytes,
             max_connections: self.max_connections as usize,
             header_timeout: Duration::from_millis(self.header_timeout_ms),
+            max_header_bytes: self.max_header_bytes as usize,
             body_idle_timeout: Duration::from_millis(self.body_idle_timeout_ms),
             body_min_rate: self.body_min_rate,
             body_grace: Duration::from_millis(self.body_grace_ms),
             max_concurrent_uploads: self.max_concurrent_uploads as usize,
             uploads_per_tenant: self.uploads_per_tenant as usize,
+            upload_burst: self.upload_burst,
+            uploads_per_minute: self.uploads_per_minute,
+            max_wait: Duration::from_millis(self.max_wait_ms),
             max_waits_per_tenant: self.max_waits_per_tenant as usize,
             write_timeout: Duration::from_millis(self.write_timeout_ms),
             max_bodies_per_tenant: self.max_bodies_per_tenant as usize,
-            ..crate::api::ApiConfig::default()
         }
     }
 }

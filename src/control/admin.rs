@@ -31,8 +31,9 @@ pub struct TenantRow {
 }
 
 impl ControlPlane {
-    /// Every tenant id, sorted (SCAN of each shard, never KEYS).
-    pub async fn tenant_ids(&self) -> Result<Vec<String>, CpError> {
+    /// Every tenant id, sorted (SCAN of each shard, never KEYS). Keys under
+    /// `t:` that are not a tenant's (`t:<id>:...` sub-keys) do not parse.
+    pub async fn tenant_ids(&self) -> Result<Vec<TenantId>, CpError> {
         let mut out = Vec::new();
         for shard in 0..self.keys.shards() {
             let tag = self.keys.tag(shard);
@@ -41,8 +42,10 @@ impl ControlPlane {
                 self.scan_shard(&tag, &format!("{prefix}*"))
                     .await?
                     .into_iter()
-                    .filter_map(|k| k.strip_prefix(&prefix).map(str::to_string))
-                    .filter(|t| crate::model::valid_tenant_id(t)),
+                    .filter_map(|k| {
+                        k.strip_prefix(&prefix)
+                            .and_then(|t| TenantId::parse(t).ok())
+                    }),
             );
         }
         out.sort();
@@ -53,7 +56,7 @@ impl ControlPlane {
     /// Slot-ms each tenant used in the last [`SHARE_WINDOW_MS`]: running
     /// jobs since they started, jobs finished in the window for the part
     /// of their run inside it.
-    async fn recent_slot_ms(&self, tenants: &[String]) -> Result<HashMap<String, f64>, CpError> {
+    async fn recent_slot_ms(&self, tenants: &[TenantId]) -> Result<HashMap<String, f64>, CpError> {
         let now = now_ms();
         let since = now.saturating_sub(SHARE_WINDOW_MS);
         let gpuw = self.cfg.prices.gpu_slot_weight as f64;
@@ -172,7 +175,7 @@ impl ControlPlane {
         let scan = limit * if kind.is_some() { SCAN_FACTOR } else { 1 };
         // The newest `scan + 1` ids of each tenant below the cursor, merged:
         // the newest `scan` of them all are among these.
-        let mut ids: Vec<(String, String)> = Vec::new();
+        let mut ids: Vec<(String, TenantId)> = Vec::new();
         for t in self.tenant_ids().await? {
             let mine = self.newest_ids(&t, state, cursor, scan + 1).await?;
             ids.extend(mine.into_iter().map(|j| (j, t.clone())));

@@ -23,7 +23,7 @@ pub struct ContextMeta {
 impl ControlPlane {
     pub async fn put_component(
         &self,
-        tenant: &str,
+        tenant: &TenantId,
         digest: &str,
         bytes: &[u8],
     ) -> Result<ComponentMeta, CpError> {
@@ -66,7 +66,7 @@ impl ControlPlane {
 
     pub async fn component_meta(
         &self,
-        tenant: &str,
+        tenant: &TenantId,
         digest: &str,
     ) -> Result<Option<ComponentMeta>, CpError> {
         let h = self.hgetall(&self.keys.component(tenant, digest)).await?;
@@ -86,7 +86,7 @@ impl ControlPlane {
 
     pub async fn put_context(
         &self,
-        tenant: &str,
+        tenant: &TenantId,
         meta: &ContextMeta,
         bytes: &[u8],
     ) -> Result<(), CpError> {
@@ -120,7 +120,7 @@ impl ControlPlane {
 
     pub async fn context_meta(
         &self,
-        tenant: &str,
+        tenant: &TenantId,
         name: &str,
     ) -> Result<Option<ContextMeta>, CpError> {
         let h = self.hgetall(&self.keys.context(tenant, name)).await?;

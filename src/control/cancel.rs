@@ -21,8 +21,8 @@ impl CancelArgs<'_> {
 impl ControlPlane {
     /// Queued/delayed → cancelled now; running → cancelled at the next
     /// lease check. Answers the state the job was in.
-    pub async fn cancel(&self, tenant: &str, id: &str) -> Result<JobState, CpError> {
-        if !crate::model::valid_tenant_id(tenant) || ulid::Ulid::from_string(id).is_err() {
+    pub async fn cancel(&self, tenant: &TenantId, id: &str) -> Result<JobState, CpError> {
+        if ulid::Ulid::from_string(id).is_err() {
             return Err(CpError::NotFound);
         }
         let mut inv = scripts::CANCEL.prepare_invoke();

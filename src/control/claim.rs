@@ -7,7 +7,7 @@ use super::*;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
     pub job_id: String,
-    pub tenant: String,
+    pub tenant: TenantId,
     pub token: u64,
 }
 
@@ -77,7 +77,7 @@ impl ClaimRecord {
         let lease = (|| {
             Ok::<_, CpError>(Lease {
                 job_id: r.string("job")?,
-                tenant: r.string("tenant")?,
+                tenant: r.tenant("tenant")?,
                 token: r.uint("token")?,
             })
         })()

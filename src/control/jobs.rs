@@ -122,8 +122,8 @@ impl ControlPlane {
     }
 
     /// The tenant's job `id`; `None` when absent or another tenant's.
-    pub async fn job(&self, tenant: &str, id: &str) -> Result<Option<Job>, CpError> {
-        if !crate::model::valid_tenant_id(tenant) || ulid::Ulid::from_string(id).is_err() {
+    pub async fn job(&self, tenant: &TenantId, id: &str) -> Result<Option<Job>, CpError> {
+        if ulid::Ulid::from_string(id).is_err() {
             return Ok(None);
         }
         let vals: Vec<Option<String>> = self
@@ -137,7 +137,7 @@ impl ControlPlane {
         Ok(Self::job_from_hash(id, &h))
     }
 
-    pub async fn job_log(&self, tenant: &str, id: &str) -> Result<Option<String>, CpError> {
+    pub async fn job_log(&self, tenant: &TenantId, id: &str) -> Result<Option<String>, CpError> {
         if self.job(tenant, id).await?.is_none() {
             return Ok(None);
         }
@@ -148,14 +148,11 @@ impl ControlPlane {
     /// Newest first; `cursor` is the last id of the previous page.
     pub async fn list_jobs(
         &self,
-        tenant: &str,
+        tenant: &TenantId,
         state: Option<JobState>,
         limit: usize,
         cursor: Option<&str>,
     ) -> Result<(Vec<Job>, Option<String>), CpError> {
-        if !crate::model::valid_tenant_id(tenant) {
-            return Ok((Vec::new(), None));
-        }
         if let Some(c) = cursor
             && ulid::Ulid::from_string(c).is_err()
         {
@@ -186,7 +183,7 @@ impl ControlPlane {
 
     /// Consumers and pending (delivered, unacknowledged) entries of the
     /// tenant's ready-queue consumer group, for operators and tests.
-    pub async fn queue_group(&self, tenant: &str) -> Result<(usize, usize), CpError> {
+    pub async fn queue_group(&self, tenant: &TenantId) -> Result<(usize, usize), CpError> {
         let info: redis::streams::StreamInfoGroupsReply =
             self.conn().xinfo_groups(self.keys.queue(tenant)).await?;
         Ok(info
@@ -199,7 +196,7 @@ impl ControlPlane {
     /// The tenant's remaining credit ledger, oldest first: `(op, job,
     /// attempt, amount)`. Entries older than the retention are folded into
     /// [`ControlPlane::ledger_checkpoint`].
-    pub async fn ledger(&self, tenant: &str) -> Result<Vec<LedgerEntry>, CpError> {
+    pub async fn ledger(&self, tenant: &TenantId) -> Result<Vec<LedgerEntry>, CpError> {
         let entries: redis::streams::StreamRangeReply =
             self.conn().xrange_all(self.keys.ledger(tenant)).await?;
         entries

@@ -103,11 +103,11 @@ impl ControlPlane {
     /// again). `None` when absent or another tenant's.
     pub async fn log_tail(
         &self,
-        tenant: &str,
+        tenant: &TenantId,
         id: &str,
         offset: usize,
     ) -> Result<Option<LogTail>, CpError> {
-        if !crate::model::valid_tenant_id(tenant) || ulid::Ulid::from_string(id).is_err() {
+        if ulid::Ulid::from_string(id).is_err() {
             return Ok(None);
         }
         const FIELDS: [&str; 4] = ["tenant", "state", "attempts", "logat"];

@@ -80,7 +80,9 @@ pub use limits::*;
 pub use quota::Stored;
 pub use retain::{LedgerCheckpoint, Retained};
 
-use crate::model::{ErrorKind, Job, JobError, JobState, Limits, Usage, now_ms, rfc3339_ms};
+use crate::model::{
+    ErrorKind, Job, JobError, JobState, Limits, TenantId, Usage, now_ms, rfc3339_ms,
+};
 use conn::{Conn, Target};
 use keys::KeySpace;
 use redis::{AsyncCommands, Value};

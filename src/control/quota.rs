@@ -11,7 +11,7 @@ use super::limits::{
 };
 use super::reply::{Reply, Status};
 use super::{AttemptOutcome, ControlPlane, CpError, Finish, Lease, scripts};
-use crate::model::ErrorKind;
+use crate::model::{ErrorKind, TenantId};
 use redis::{AsyncCommands, Value};
 
 /// What a byte quota counts.
@@ -83,7 +83,7 @@ impl ControlPlane {
     /// does not fit. The caller refunds the [`Charge`] if the write fails.
     pub async fn charge_bytes(
         &self,
-        tenant: &str,
+        tenant: &TenantId,
         what: Stored,
         item: &str,
         size: u64,

@@ -146,6 +146,18 @@ impl<'a> Reply<'a> {
         }
     }
 
+    /// A tenant id field: a string that must parse as a [`TenantId`].
+    pub(super) fn tenant(&mut self, what: &str) -> Result<crate::model::TenantId, CpError> {
+        let s = self.string(what)?;
+        crate::model::TenantId::parse(&s).map_err(|_| {
+            bad(format!(
+                "{}: `{what}` (field {}) is {s:?}, not a tenant id",
+                self.script,
+                self.at - 1
+            ))
+        })
+    }
+
     /// A byte-string field (an agent's state).
     pub(super) fn bytes(&mut self, what: &str) -> Result<Vec<u8>, CpError> {
         let v = self.next(what)?;

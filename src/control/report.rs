@@ -93,7 +93,7 @@ impl ControlPlane {
     /// Up to `limit` ledger entries after stream id `cursor`, oldest first.
     pub async fn ledger_page(
         &self,
-        tenant: &str,
+        tenant: &TenantId,
         cursor: Option<&str>,
         limit: usize,
     ) -> Result<LedgerPage, CpError> {
@@ -153,7 +153,7 @@ impl ControlPlane {
     /// window, never the tenant's whole history.
     pub async fn usage(
         &self,
-        tenant: &str,
+        tenant: &TenantId,
         from_ms: u64,
         to_ms: u64,
         bucket_ms: u64,

@@ -7,6 +7,7 @@
 use super::limits::LEDGER_FOLD_BATCH;
 use super::reply::Reply;
 use super::{ControlPlane, CpError, scripts};
+use crate::model::TenantId;
 use redis::Value;
 use serde::Serialize;
 
@@ -91,7 +92,7 @@ impl ControlPlane {
     }
 
     /// The tenant's ledger checkpoint (all zero before the first fold).
-    pub async fn ledger_checkpoint(&self, tenant: &str) -> Result<LedgerCheckpoint, CpError> {
+    pub async fn ledger_checkpoint(&self, tenant: &TenantId) -> Result<LedgerCheckpoint, CpError> {
         let v: Vec<Option<String>> = redis::cmd("HMGET")
             .arg(self.keys.tenant(tenant))
             .arg(&["ck_id", "ck_grant", "ck_reserve", "ck_settle", "ck_release"])

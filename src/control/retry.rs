@@ -26,8 +26,8 @@ impl ControlPlane {
     /// (`QueueFull`, `InsufficientCredits`); `NotFailed` when the job is in
     /// any other state (of two concurrent retries, one wins). Answers the
     /// state it is in now.
-    pub async fn retry_job(&self, tenant: &str, id: &str) -> Result<JobState, CpError> {
-        if !crate::model::valid_tenant_id(tenant) || ulid::Ulid::from_string(id).is_err() {
+    pub async fn retry_job(&self, tenant: &TenantId, id: &str) -> Result<JobState, CpError> {
+        if ulid::Ulid::from_string(id).is_err() {
             return Err(CpError::NotFound);
         }
         let mut inv = scripts::RETRY.prepare_invoke();
@@ -35,7 +35,7 @@ impl ControlPlane {
             .key(self.keys.job(tenant, id))
             .key(self.keys.tenant(tenant));
         RetryArgs {
-            tenant,
+            tenant: tenant.as_str(),
             job: id,
             prices: self.prices(),
         }

@@ -76,7 +76,7 @@ impl SubmitArgs<'_> {
 
 impl ControlPlane {
     /// SUBMIT of one job: [`ControlPlane::submit_many`] of one.
-    pub async fn submit(&self, tenant: &str, spec: &SubmitSpec) -> Result<Submitted, CpError> {
+    pub async fn submit(&self, tenant: &TenantId, spec: &SubmitSpec) -> Result<Submitted, CpError> {
         self.submit_many(tenant, std::slice::from_ref(spec))
             .await?
             .pop()
@@ -90,12 +90,9 @@ impl ControlPlane {
     /// (it may have run: retry with the idempotency keys).
     pub async fn submit_many(
         &self,
-        tenant: &str,
+        tenant: &TenantId,
         specs: &[SubmitSpec],
     ) -> Result<Vec<Result<Submitted, CpError>>, CpError> {
-        if !crate::model::valid_tenant_id(tenant) {
-            return Err(CpError::NotFound);
-        }
         if specs.is_empty() {
             return Ok(Vec::new());
         }
@@ -124,7 +121,7 @@ impl ControlPlane {
             });
         }
         SubmitArgs {
-            tenant,
+            tenant: tenant.as_str(),
             idempotency_ttl_s: self.idempotency_ttl_s(),
             prices: self.prices(),
             jobs,

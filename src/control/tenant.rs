@@ -105,11 +105,6 @@ impl ControlPlane {
     }
 
     pub async fn create_tenant(&self, spec: &TenantSpec, token_hash: &str) -> Result<(), CpError> {
-        if !crate::model::valid_tenant_id(&spec.id) {
-            return Err(CpError::Invalid(
-                "tenant id must be 1-64 characters of a-z, 0-9, `-` and `_`".into(),
-            ));
-        }
         if spec.weight == 0 {
             return Err(CpError::Invalid("weight must be at least 1".into()));
         }
@@ -158,7 +153,7 @@ impl ControlPlane {
         }
     }
 
-    pub async fn update_tenant(&self, id: &str, patch: &TenantPatch) -> Result<(), CpError> {
+    pub async fn update_tenant(&self, id: &TenantId, patch: &TenantPatch) -> Result<(), CpError> {
         if patch.weight == Some(0) {
             return Err(CpError::Invalid("weight must be at least 1".into()));
         }
@@ -197,7 +192,7 @@ impl ControlPlane {
 
     /// Adds `amount` (may be negative) and answers the new balance. A
     /// negative grant may not take the balance below what is reserved.
-    pub async fn grant_credits(&self, id: &str, amount: i64) -> Result<i64, CpError> {
+    pub async fn grant_credits(&self, id: &TenantId, amount: i64) -> Result<i64, CpError> {
         self.grant(id, amount, None).await
     }
 
@@ -207,21 +202,18 @@ impl ControlPlane {
     /// The key lives as long as a job's (`idempotency_ttl_s`).
     pub async fn grant_credits_once(
         &self,
-        id: &str,
+        id: &TenantId,
         amount: i64,
         key: &str,
     ) -> Result<i64, CpError> {
         self.grant(id, amount, Some(key)).await
     }
 
-    async fn grant(&self, id: &str, amount: i64, key: Option<&str>) -> Result<i64, CpError> {
+    async fn grant(&self, id: &TenantId, amount: i64, key: Option<&str>) -> Result<i64, CpError> {
         if amount.abs() > MAX_EXACT_INT {
             return Err(CpError::Invalid(format!(
                 "amount must be within ±{MAX_EXACT_INT}"
             )));
-        }
-        if !crate::model::valid_tenant_id(id) {
-            return Err(CpError::NotFound);
         }
         let mut inv = scripts::TENANT.prepare_invoke();
         inv.key(self.keys.tenant_anchor(id))
@@ -258,10 +250,7 @@ impl ControlPlane {
         }
     }
 
-    pub async fn tenant(&self, id: &str) -> Result<Option<TenantInfo>, CpError> {
-        if !crate::model::valid_tenant_id(id) {
-            return Ok(None);
-        }
+    pub async fn tenant(&self, id: &TenantId) -> Result<Option<TenantInfo>, CpError> {
         let h = self.hgetall(&self.keys.tenant(id)).await?;
         if h.is_empty() {
             return Ok(None);
@@ -317,10 +306,7 @@ impl ControlPlane {
     }
 
     /// The stored sha256 hex of the tenant's token, for authentication.
-    pub async fn tenant_token_hash(&self, id: &str) -> Result<Option<String>, CpError> {
-        if !crate::model::valid_tenant_id(id) {
-            return Ok(None);
-        }
+    pub async fn tenant_token_hash(&self, id: &TenantId) -> Result<Option<String>, CpError> {
         Ok(self.conn().hget(self.keys.tenant(id), "token_hash").await?)
     }
 }

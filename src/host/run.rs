@@ -7,7 +7,7 @@ use super::engine::{EPOCH_TICK, ticks_for};
 use super::sandbox::{self, Capture, LiveLog};
 use super::state::{LoadedComponent, RunState};
 use crate::context::HeavyContext;
-use crate::model::{ErrorKind, Limits};
+use crate::model::{ErrorKind, Limits, TenantId};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -18,7 +18,7 @@ use wasmtime::{Store, Trap, UpdateDeadline};
 /// One attempt to run.
 pub struct RunRequest {
     /// Whose job: its instances share the tenant's node memory budget.
-    pub tenant: String,
+    pub tenant: TenantId,
     /// For the log and traces only.
     pub job_id: String,
     /// What to run, from [`Host::component`].

@@ -3,12 +3,14 @@
 //! the service-level tests (which connect a `ControlPlane` to their stack's
 //! Redis to read the ledger).
 
+use crate::common::fixtures::tid;
 use agentplane::control::ControlPlane;
 use std::collections::HashMap;
 
 /// balance = granted − settled, 0 ≤ reserved ≤ balance, and the ledger
 /// accounts for both, checked after every step.
 pub async fn check_credits(cp: &ControlPlane, t: &str) {
+    let t = &tid(t);
     let info = cp.tenant(t).await.unwrap().unwrap();
     assert_eq!(info.credits.balance, info.granted - info.settled);
     assert!(info.credits.reserved >= 0, "{info:?}");
@@ -33,6 +35,7 @@ pub async fn check_credits(cp: &ControlPlane, t: &str) {
 /// No two runs of a job share an attempt number in the ledger: at most one
 /// reserve per (job, attempt), and every settle/release follows its reserve.
 pub async fn check_runs_are_unique(cp: &ControlPlane, t: &str) {
+    let t = &tid(t);
     let ledger = cp.ledger(t).await.unwrap();
     let mut reserves: HashMap<(String, u32), u32> = HashMap::new();
     let mut settles: HashMap<(String, u32), u32> = HashMap::new();
@@ -63,6 +66,7 @@ pub async fn check_runs_are_unique(cp: &ControlPlane, t: &str) {
 /// tenant's settles add up to granted − balance. Answers each job's settled
 /// amount, in the order of `jobs`.
 pub async fn assert_charged_once(cp: &ControlPlane, tenant: &str, jobs: &[String]) -> Vec<i64> {
+    let tenant = &tid(tenant);
     let ledger = cp.ledger(tenant).await.expect("read the ledger");
     let info = cp
         .tenant(tenant)

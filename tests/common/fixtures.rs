@@ -3,16 +3,23 @@
 //! change the one field they are about with struct-update syntax.
 
 use agentplane::control::{SubmitSpec, TenantSpec};
+use agentplane::model::TenantId;
 
 /// A component digest nothing needs to exist for (the control plane never
 /// reads the component; only the API checks it was uploaded).
 pub const ZERO_DIGEST: &str =
     "sha256:0000000000000000000000000000000000000000000000000000000000000000";
 
+/// `s` as a tenant id; the tests' ids are all valid, so a bad one is the
+/// test's own bug.
+pub fn tid(s: &str) -> TenantId {
+    TenantId::parse(s).unwrap_or_else(|e| panic!("{s:?}: {e}"))
+}
+
 /// Tenant `id` with `credits`, weight 1 and no quota in the way.
 pub fn tenant_spec(id: &str, credits: i64) -> TenantSpec {
     TenantSpec {
-        id: id.into(),
+        id: tid(id),
         weight: 1,
         credits,
         max_running: 1_000_000,

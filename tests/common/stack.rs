@@ -217,6 +217,19 @@ impl Stack {
             .await
     }
 
+    /// Each `(query, name)`: `GET {path}?{query}` is 400 and its message
+    /// names `name`.
+    pub async fn assert_queries_refused(&self, path: &str, token: &str, cases: &[(&str, &str)]) {
+        for (q, name) in cases {
+            let (st, v) = self.get(&format!("{path}?{q}"), token).await;
+            assert_eq!(st, StatusCode::BAD_REQUEST, "{q}: {v}");
+            assert!(
+                v["error"]["message"].as_str().unwrap().contains(name),
+                "{q}: {v}"
+            );
+        }
+    }
+
     /// The typed client calling with `token`.
     pub fn as_caller(&self, token: &str) -> ApiClient {
         self.api.with_token(token)
@@ -330,6 +343,54 @@ impl Stack {
         );
         assert_eq!(t["credits"]["reserved"].as_i64().unwrap(), 0, "{t}");
         t
+    }
+}
+
+/// Three tenants and three finished jobs, the scene the admin listings
+/// and the dashboard are shown over (see [`Stack::three_finished_jobs`]).
+pub struct Scene {
+    /// Tokens of `acme` (weight 1) and `beta` (weight 3); `idle` has none
+    /// kept and never runs.
+    pub acme: String,
+    pub beta: String,
+    /// acme's job that succeeded, beta's that failed (`fail:x`, one
+    /// attempt), beta's that succeeded, submitted in this order.
+    pub ok_a: String,
+    pub bad_b: String,
+    pub ok_b: String,
+}
+
+impl Stack {
+    /// Creates `acme`, `beta` (weight 3) and `idle`, runs the three jobs of
+    /// [`Scene`] (acme's with `acme_input`) to their end and answers them.
+    pub async fn three_finished_jobs(&self, acme_input: &str) -> Scene {
+        let acme = self.tenant("acme").await;
+        let beta = self.tenant_with("beta", json!({"weight": 3})).await;
+        let _idle = self.tenant("idle").await;
+        let da = self.push(&acme, "echo").await;
+        let db = self.push(&beta, "echo").await;
+        let ok_a = self
+            .submit(&acme, json!({"component": da, "input": acme_input}))
+            .await;
+        let bad_b = self
+            .submit(
+                &beta,
+                json!({"component": db, "input": "fail:x", "max_attempts": 1}),
+            )
+            .await;
+        let ok_b = self
+            .submit(&beta, json!({"component": db, "input": "b"}))
+            .await;
+        for (t, id) in [(&acme, &ok_a), (&beta, &bad_b), (&beta, &ok_b)] {
+            self.wait_terminal(t, id, 60).await;
+        }
+        Scene {
+            acme,
+            beta,
+            ok_a,
+            bad_b,
+            ok_b,
+        }
     }
 }
 

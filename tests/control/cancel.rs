@@ -2,6 +2,7 @@
 //! path out of FINALIZE.
 
 use crate::common::books::{check_credits, check_runs_are_unique};
+use crate::common::fixtures::tid;
 use crate::support::*;
 use agentplane::control::{AttemptOutcome, CpError, Finalized, Finish, SubmitSpec};
 use agentplane::model::{ErrorKind, JobState};
@@ -14,23 +15,26 @@ pub(crate) async fn cancel_queued_and_running(url: &str, shards: u32) {
     cp.create_tenant(&tenant("other", 1_000_000), "h")
         .await
         .unwrap();
-    let queued = cp.submit("c", &job("q")).await.unwrap();
+    let queued = cp.submit(&tid("c"), &job("q")).await.unwrap();
     assert!(matches!(
-        cp.cancel("other", &queued.id).await,
+        cp.cancel(&tid("other"), &queued.id).await,
         Err(CpError::NotFound)
     ));
-    assert!(cp.job("other", &queued.id).await.unwrap().is_none());
-    assert_eq!(cp.cancel("c", &queued.id).await.unwrap(), JobState::Queued);
-    let j = cp.job("c", &queued.id).await.unwrap().unwrap();
+    assert!(cp.job(&tid("other"), &queued.id).await.unwrap().is_none());
+    assert_eq!(
+        cp.cancel(&tid("c"), &queued.id).await.unwrap(),
+        JobState::Queued
+    );
+    let j = cp.job(&tid("c"), &queued.id).await.unwrap().unwrap();
     assert_eq!(j.state, JobState::Cancelled);
     assert_eq!(j.error.unwrap().kind, ErrorKind::Cancelled);
     assert!(cp.claim("w", 5, 0).await.unwrap().is_empty());
-    assert_eq!(cp.tenant("c").await.unwrap().unwrap().queued, 0);
+    assert_eq!(cp.tenant(&tid("c")).await.unwrap().unwrap().queued, 0);
 
-    let running = cp.submit("c", &job("r")).await.unwrap();
+    let running = cp.submit(&tid("c"), &job("r")).await.unwrap();
     let c = claim_one(&cp).await;
     assert_eq!(
-        cp.cancel("c", &running.id).await.unwrap(),
+        cp.cancel(&tid("c"), &running.id).await.unwrap(),
         JobState::Running
     );
     assert!(matches!(cp.renew(&c.lease).await, Err(CpError::Cancelled)));
@@ -42,16 +46,16 @@ pub(crate) async fn cancel_queued_and_running(url: &str, shards: u32) {
         cp.finalize(&c.lease, &f).await.unwrap(),
         Finalized::Cancelled
     );
-    let j = cp.job("c", &running.id).await.unwrap().unwrap();
+    let j = cp.job(&tid("c"), &running.id).await.unwrap().unwrap();
     assert_eq!(j.state, JobState::Cancelled);
-    let info = cp.tenant("c").await.unwrap().unwrap();
+    let info = cp.tenant(&tid("c")).await.unwrap().unwrap();
     assert_eq!((info.running, info.credits.reserved), (0, 0));
     // 1 Mfuel + 40 ms of a slot (rounded up to 1 credit).
     assert_eq!(info.settled, 2, "the cancelled attempt pays what it used");
 
     let delayed = cp
         .submit(
-            "c",
+            &tid("c"),
             &SubmitSpec {
                 delay_ms: 60_000,
                 ..job("d")
@@ -60,21 +64,21 @@ pub(crate) async fn cancel_queued_and_running(url: &str, shards: u32) {
         .await
         .unwrap();
     assert_eq!(
-        cp.cancel("c", &delayed.id).await.unwrap(),
+        cp.cancel(&tid("c"), &delayed.id).await.unwrap(),
         JobState::Delayed
     );
     assert_eq!(
-        cp.job("c", &delayed.id).await.unwrap().unwrap().state,
+        cp.job(&tid("c"), &delayed.id).await.unwrap().unwrap().state,
         JobState::Cancelled
     );
     let (list, next) = cp
-        .list_jobs("c", Some(JobState::Cancelled), 2, None)
+        .list_jobs(&tid("c"), Some(JobState::Cancelled), 2, None)
         .await
         .unwrap();
     assert_eq!(list.len(), 2);
     assert_eq!(list[0].id, delayed.id, "newest first");
     let (rest, _) = cp
-        .list_jobs("c", Some(JobState::Cancelled), 2, next.as_deref())
+        .list_jobs(&tid("c"), Some(JobState::Cancelled), 2, next.as_deref())
         .await
         .unwrap();
     assert_eq!(rest.len(), 1);
@@ -87,8 +91,8 @@ pub(crate) async fn cancel_wins_on_every_path_out_of_finalize(url: &str, shards:
         .await
         .unwrap();
     // The state-conflict path.
-    let a = cp.submit("k", &with_agent("a")).await.unwrap();
-    let b = cp.submit("k", &with_agent("b")).await.unwrap();
+    let a = cp.submit(&tid("k"), &with_agent("a")).await.unwrap();
+    let b = cp.submit(&tid("k"), &with_agent("b")).await.unwrap();
     let ca = claim_one(&cp).await;
     let cb = claim_one(&cp).await;
     assert_eq!((&ca.lease.job_id, &cb.lease.job_id), (&a.id, &b.id));
@@ -96,13 +100,16 @@ pub(crate) async fn cancel_wins_on_every_path_out_of_finalize(url: &str, shards:
         cp.finalize(&ca.lease, &set_state(b"1")).await.unwrap(),
         Finalized::Succeeded
     );
-    assert_eq!(cp.cancel("k", &b.id).await.unwrap(), JobState::Running);
+    assert_eq!(
+        cp.cancel(&tid("k"), &b.id).await.unwrap(),
+        JobState::Running
+    );
     assert_eq!(
         cp.finalize(&cb.lease, &set_state(b"2")).await.unwrap(),
         Finalized::Cancelled,
         "a cancelled job must not be requeued on a state conflict"
     );
-    let j = cp.job("k", &b.id).await.unwrap().unwrap();
+    let j = cp.job(&tid("k"), &b.id).await.unwrap().unwrap();
     assert_eq!(j.state, JobState::Cancelled);
     assert_eq!(j.error.unwrap().kind, ErrorKind::Cancelled);
     assert!(
@@ -110,29 +117,29 @@ pub(crate) async fn cancel_wins_on_every_path_out_of_finalize(url: &str, shards:
         "nothing requeued"
     );
     // The success path: the flag wins and nothing is committed.
-    let c = cp.submit("k", &with_agent("c")).await.unwrap();
+    let c = cp.submit(&tid("k"), &with_agent("c")).await.unwrap();
     let cc = claim_one(&cp).await;
-    cp.cancel("k", &c.id).await.unwrap();
+    cp.cancel(&tid("k"), &c.id).await.unwrap();
     assert_eq!(
         cp.finalize(&cc.lease, &set_state(b"3")).await.unwrap(),
         Finalized::Cancelled
     );
     // The retryable-failure path.
-    let d = cp.submit("k", &with_agent("d")).await.unwrap();
+    let d = cp.submit(&tid("k"), &with_agent("d")).await.unwrap();
     let cd = claim_one(&cp).await;
     assert_eq!(
         cd.state.as_deref(),
         Some(&b"1"[..]),
         "no cancelled job committed"
     );
-    cp.cancel("k", &d.id).await.unwrap();
+    cp.cancel(&tid("k"), &d.id).await.unwrap();
     assert_eq!(
         cp.finalize(&cd.lease, &failed(ErrorKind::AgentError))
             .await
             .unwrap(),
         Finalized::Cancelled
     );
-    let info = cp.tenant("k").await.unwrap().unwrap();
+    let info = cp.tenant(&tid("k")).await.unwrap().unwrap();
     assert_eq!(
         (info.running, info.queued, info.credits.reserved),
         (0, 0, 0)

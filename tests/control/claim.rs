@@ -2,6 +2,7 @@
 //! burst after idling, estimate corrections) and finding work past obstacles.
 
 use crate::common::books::check_credits;
+use crate::common::fixtures::tid;
 use crate::support::*;
 use agentplane::control::{Claim, ControlConfig, CpError, Finalized, SubmitSpec, TenantPatch};
 use agentplane::model::JobState;
@@ -20,7 +21,7 @@ pub(crate) async fn exactly_once_with_8_claimers(url: &str, shards: u32) {
     let mut submitted = Vec::new();
     for i in 0..5000 {
         let t = &tenants[i % tenants.len()];
-        let s = cp.submit(t, &job(&format!("job {i}"))).await.unwrap();
+        let s = cp.submit(&tid(t), &job(&format!("job {i}"))).await.unwrap();
         submitted.push((t.clone(), s.id));
     }
     let claims: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
@@ -72,13 +73,13 @@ pub(crate) async fn exactly_once_with_8_claimers(url: &str, shards: u32) {
     assert!(claims.values().all(|&n| n == 1), "no job claimed twice");
     assert!(finals.values().all(|&n| n == 1), "no job finalized twice");
     for (t, id) in submitted.iter().step_by(97) {
-        let j = cp.job(t, id).await.unwrap().unwrap();
+        let j = cp.job(&tid(t), id).await.unwrap().unwrap();
         assert_eq!(j.state, JobState::Succeeded);
         assert_eq!(j.attempts, 1);
         assert!(j.output.as_deref().unwrap().starts_with("job "));
     }
     for t in &tenants {
-        let info = cp.tenant(t).await.unwrap().unwrap();
+        let info = cp.tenant(&tid(t)).await.unwrap().unwrap();
         assert_eq!(info.running, 0);
         assert_eq!(info.queued, 0);
         assert_eq!(info.credits.reserved, 0);
@@ -86,7 +87,7 @@ pub(crate) async fn exactly_once_with_8_claimers(url: &str, shards: u32) {
         // 1 credit/slot-s, rounded up to 1).
         assert_eq!(info.settled, 500);
         // Nothing pending, and no consumer left behind by the 8 workers.
-        assert_eq!(cp.queue_group(t).await.unwrap(), (0, 0), "{t}");
+        assert_eq!(cp.queue_group(&tid(t)).await.unwrap(), (0, 0), "{t}");
     }
 }
 
@@ -115,7 +116,7 @@ pub(crate) async fn idle_tenant_gets_no_burst(url: &str, _shards: u32) {
         .unwrap();
     serve_sequentially(&cp, 200, 50).await;
     for i in 0..100 {
-        cp.submit("c", &job(&i.to_string())).await.unwrap();
+        cp.submit(&tid("c"), &job(&i.to_string())).await.unwrap();
     }
     let counts = serve_sequentially(&cp, 30, 50).await;
     let c = counts.get("c").copied().unwrap_or(0);
@@ -130,7 +131,7 @@ pub(crate) async fn light_tenant_is_not_stuck_behind_a_flood(url: &str, _shards:
     cp.create_tenant(&tenant("light", 1_000_000_000), "h")
         .await
         .unwrap();
-    let s = cp.submit("light", &job("me")).await.unwrap();
+    let s = cp.submit(&tid("light"), &job("me")).await.unwrap();
     let mut waited = 0;
     loop {
         let c = claim_one(&cp).await;
@@ -156,7 +157,7 @@ pub(crate) async fn virtual_time_is_corrected_at_the_claim_weight(url: &str, _sh
     // ...finalized after the weight fell to 1: the correction must use the
     // weight the estimate was charged at, or hw banks ~1 s of priority.
     cp.update_tenant(
-        "hw",
+        &tid("hw"),
         &TenantPatch {
             weight: Some(1),
             ..TenantPatch::default()
@@ -191,7 +192,7 @@ pub(crate) async fn release_and_reap_refund_the_claim_estimate(url: &str, _shard
     for i in 0..20 {
         let mut j = job(&i.to_string());
         j.max_attempts = 10;
-        cp.submit("ra", &j).await.unwrap();
+        cp.submit(&tid("ra"), &j).await.unwrap();
     }
     // ra's head is handed back three times and lost to a dead worker twice:
     // none of it is ra's slot-time, so none of it may cost ra its share.
@@ -212,7 +213,7 @@ pub(crate) async fn release_and_reap_refund_the_claim_estimate(url: &str, _shard
     for _ in 0..20 {
         cp.promote(10).await.unwrap();
         let c = claim_one(&cp).await;
-        *counts.entry(c.lease.tenant.clone()).or_default() += 1;
+        *counts.entry(c.lease.tenant.to_string()).or_default() += 1;
         cp.finalize(&c.lease, &ok("", 100)).await.unwrap();
     }
     let ra = counts.get("ra").copied().unwrap_or(0);
@@ -234,7 +235,12 @@ pub(crate) async fn stream_out_of_step_is_repaired(url: &str, shards: u32) {
     let ids: Vec<String> = {
         let mut v = Vec::new();
         for i in 0..3 {
-            v.push(cp.submit("o", &job(&format!("o{i}"))).await.unwrap().id);
+            v.push(
+                cp.submit(&tid("o"), &job(&format!("o{i}")))
+                    .await
+                    .unwrap()
+                    .id,
+            );
         }
         v
     };
@@ -261,10 +267,10 @@ pub(crate) async fn stream_out_of_step_is_repaired(url: &str, shards: u32) {
             break;
         }
     }
-    let first = cp.job("o", &ids[0]).await.unwrap().unwrap();
+    let first = cp.job(&tid("o"), &ids[0]).await.unwrap().unwrap();
     assert_eq!(first.state, JobState::Running, "CLAIM repaired the group");
-    let (_, pending) = cp.queue_group("o").await.unwrap();
-    let running = cp.tenant("o").await.unwrap().unwrap().running as usize;
+    let (_, pending) = cp.queue_group(&tid("o")).await.unwrap();
+    let running = cp.tenant(&tid("o")).await.unwrap().unwrap().running as usize;
     assert_eq!(pending, running, "one PEL entry per running job, no more");
 
     // The group set back behind jobs that are running: their deliveries go
@@ -277,10 +283,10 @@ pub(crate) async fn stream_out_of_step_is_repaired(url: &str, shards: u32) {
         }
         held.extend(got);
     }
-    let (_, pending) = cp.queue_group("o").await.unwrap();
+    let (_, pending) = cp.queue_group(&tid("o")).await.unwrap();
     assert_eq!(pending, 3, "every job running, one PEL entry each");
     for id in &ids {
-        let j = cp.job("o", id).await.unwrap().unwrap();
+        let j = cp.job(&tid("o"), id).await.unwrap().unwrap();
         assert_eq!(j.state, JobState::Running, "{j:?}");
     }
     // Every lease still finalizes, the first one's too (its delivery was
@@ -292,12 +298,16 @@ pub(crate) async fn stream_out_of_step_is_repaired(url: &str, shards: u32) {
             Finalized::Succeeded
         );
     }
-    assert_eq!(cp.queue_group("o").await.unwrap().1, 0, "no PEL entry left");
+    assert_eq!(
+        cp.queue_group(&tid("o")).await.unwrap().1,
+        0,
+        "no PEL entry left"
+    );
     check_credits(&cp, "o").await;
 
     // The group itself lost (a partial restore): recreated on the head.
-    let a = cp.submit("o", &job("a")).await.unwrap();
-    let b = cp.submit("o", &job("b")).await.unwrap();
+    let a = cp.submit(&tid("o"), &job("a")).await.unwrap();
+    let b = cp.submit(&tid("o"), &job("b")).await.unwrap();
     let ca = claim_one(&cp).await;
     assert_eq!(ca.lease.job_id, a.id);
     let _: () = r.q(&cmd(&["XGROUP", "DESTROY", &q, "g"])).await.unwrap();
@@ -313,7 +323,7 @@ pub(crate) async fn stream_out_of_step_is_repaired(url: &str, shards: u32) {
             Finalized::Succeeded
         );
     }
-    assert_eq!(cp.queue_group("o").await.unwrap().1, 0);
+    assert_eq!(cp.queue_group(&tid("o")).await.unwrap().1, 0);
     check_credits(&cp, "o").await;
 }
 
@@ -332,7 +342,7 @@ pub(crate) async fn gpu_tenant_that_fits_is_found_behind_many_that_do_not(url: &
         spec.max_gpus = 4;
         cp.create_tenant(&spec, "h").await.unwrap();
         cp.submit(
-            t,
+            &tid(t),
             &SubmitSpec {
                 gpus: 4,
                 ..job("wide")
@@ -346,7 +356,7 @@ pub(crate) async fn gpu_tenant_that_fits_is_found_behind_many_that_do_not(url: &
     cp.create_tenant(&spec, "h").await.unwrap();
     let s = cp
         .submit(
-            "zsmall",
+            &tid("zsmall"),
             &SubmitSpec {
                 gpus: 1,
                 ..job("narrow")

@@ -2,6 +2,7 @@
 //! exact integer amounts, slot-time billing.
 
 use crate::common::books::{check_credits, check_runs_are_unique};
+use crate::common::fixtures::tid;
 use crate::support::*;
 use agentplane::control::{
     AttemptOutcome, Claim, ControlConfig, CpError, Finalized, Finish, SubmitSpec,
@@ -48,7 +49,7 @@ pub(crate) async fn credit_invariant_under_random_operations(url: &str, shards: 
                     }
                     j.gpus = rng.random_range(0..2);
                     j.fuel = Some(rng.random_range(1..10) * 1_000_000);
-                    match cp.submit(&t, &j).await {
+                    match cp.submit(&tid(&t), &j).await {
                         Ok(s) => {
                             hit("submitted");
                             jobs.push(s.id);
@@ -117,7 +118,7 @@ pub(crate) async fn credit_invariant_under_random_operations(url: &str, shards: 
                 }
                 6 if !jobs.is_empty() => {
                     let id = &jobs[rng.random_range(0..jobs.len())];
-                    hit(match cp.cancel(&t, id).await.unwrap() {
+                    hit(match cp.cancel(&tid(&t), id).await.unwrap() {
                         JobState::Running => "cancelled: running",
                         JobState::Queued | JobState::Delayed => "cancelled: waiting",
                         _ => "cancelled: already over",
@@ -126,12 +127,12 @@ pub(crate) async fn credit_invariant_under_random_operations(url: &str, shards: 
                 7 => {
                     // Now and then, take back more than the balance: refused.
                     let amount = if rng.random_bool(0.2) {
-                        let info = cp.tenant(&t).await.unwrap().unwrap();
+                        let info = cp.tenant(&tid(&t)).await.unwrap().unwrap();
                         -(info.credits.balance + 1)
                     } else {
                         rng.random_range(-20..30)
                     };
-                    match cp.grant_credits(&t, amount).await {
+                    match cp.grant_credits(&tid(&t), amount).await {
                         Ok(_) => hit("granted"),
                         Err(CpError::InsufficientCredits) => hit("grant refused: credits"),
                         Err(e) => panic!("grant: {e}"),
@@ -157,22 +158,24 @@ pub(crate) async fn credit_invariant_under_random_operations(url: &str, shards: 
             }
             check_credits(&cp, &t).await;
             check_runs_are_unique(&cp, &t).await;
-            let info = cp.tenant(&t).await.unwrap().unwrap();
+            let info = cp.tenant(&tid(&t)).await.unwrap().unwrap();
             let mut waiting = 0;
             for st in [JobState::Queued, JobState::Delayed] {
                 waiting += cp
-                    .list_jobs(&t, Some(st), 1000, None)
+                    .list_jobs(&tid(&t), Some(st), 1000, None)
                     .await
                     .unwrap()
                     .0
                     .len() as u32;
             }
             assert_eq!(info.queued, waiting, "the queued counter drifted");
-            let running = cp.list_jobs(&t, Some(JobState::Running), 1000, None).await;
+            let running = cp
+                .list_jobs(&tid(&t), Some(JobState::Running), 1000, None)
+                .await;
             assert_eq!(info.running, running.unwrap().0.len() as u32);
         }
         // Nothing stuck: with credits to spare, every job ends.
-        cp.grant_credits(&t, 1_000_000).await.unwrap();
+        cp.grant_credits(&tid(&t), 1_000_000).await.unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         loop {
             tokio::time::sleep(Duration::from_millis(60)).await;
@@ -181,7 +184,7 @@ pub(crate) async fn credit_invariant_under_random_operations(url: &str, shards: 
             for c in cp.claim("w2", 10, 4).await.unwrap() {
                 let _ = cp.finalize(&c.lease, &ok("", 1)).await;
             }
-            let (jl, _) = cp.list_jobs(&t, None, 1000, None).await.unwrap();
+            let (jl, _) = cp.list_jobs(&tid(&t), None, 1000, None).await.unwrap();
             if jl.iter().all(|j| j.state.is_terminal()) {
                 break;
             }
@@ -189,14 +192,14 @@ pub(crate) async fn credit_invariant_under_random_operations(url: &str, shards: 
         }
         check_credits(&cp, &t).await;
         check_runs_are_unique(&cp, &t).await;
-        let info = cp.tenant(&t).await.unwrap().unwrap();
+        let info = cp.tenant(&tid(&t)).await.unwrap().unwrap();
         assert_eq!(
             (info.queued, info.running, info.credits.reserved),
             (0, 0, 0)
         );
         // What the money did to each run, from the ledger: settled below its
         // reservation (the rest released), capped at it, or released whole.
-        let ledger = cp.ledger(&t).await.unwrap();
+        let ledger = cp.ledger(&tid(&t)).await.unwrap();
         let amount = |op: &str, job: &str, attempt: u32| {
             ledger
                 .iter()
@@ -275,12 +278,12 @@ pub(crate) async fn ledger_amounts_stay_exact_integers(url: &str, shards: u32) {
     cp.create_tenant(&spec, "h").await.unwrap();
     let mut j = job("x");
     j.fuel = Some(1_000_000_000_000);
-    cp.submit("big", &j).await.unwrap();
+    cp.submit(&tid("big"), &j).await.unwrap();
     let c = claim_one(&cp).await;
     let mut f = ok("", 1);
     f.fuel = 300_000_000_000;
     cp.finalize(&c.lease, &f).await.unwrap();
-    let ledger = cp.ledger("big").await.unwrap();
+    let ledger = cp.ledger(&tid("big")).await.unwrap();
     let amounts: Vec<(&str, i64)> = ledger.iter().map(|e| (e.op.as_str(), e.amount)).collect();
     assert_eq!(
         amounts,
@@ -291,21 +294,21 @@ pub(crate) async fn ledger_amounts_stay_exact_integers(url: &str, shards: u32) {
             ("release", 700_000_000_000_000),
         ]
     );
-    let info = cp.tenant("big").await.unwrap().unwrap();
+    let info = cp.tenant(&tid("big")).await.unwrap().unwrap();
     assert_eq!(info.settled, 300_000_000_000_000);
     assert_eq!(info.credits.balance, two52 - 300_000_000_000_000);
     check_credits(&cp, "big").await;
     // A grant that would take the books past 2^53 - 1 is refused, unwritten.
     let max = (1i64 << 53) - 1;
     assert!(matches!(
-        cp.grant_credits("big", max).await,
+        cp.grant_credits(&tid("big"), max).await,
         Err(CpError::Invalid(_))
     ));
-    assert_eq!(cp.tenant("big").await.unwrap().unwrap(), info);
-    assert_eq!(cp.ledger("big").await.unwrap().len(), 4);
+    assert_eq!(cp.tenant(&tid("big")).await.unwrap().unwrap(), info);
+    assert_eq!(cp.ledger(&tid("big")).await.unwrap().len(), 4);
     let top = max - info.granted;
     assert_eq!(
-        cp.grant_credits("big", top).await.unwrap(),
+        cp.grant_credits(&tid("big"), top).await.unwrap(),
         max - info.settled
     );
     check_credits(&cp, "big").await;
@@ -344,17 +347,22 @@ pub(crate) async fn slot_time_is_billed_exactly(url: &str, shards: u32) {
     };
     assert!(
         matches!(
-            cp.submit("p", &gpu_job).await,
+            cp.submit(&tid("p"), &gpu_job).await,
             Err(CpError::InsufficientCredits)
         ),
         "SUBMIT's 402 uses the slot-time reservation"
     );
-    cp.grant_credits("p", 1).await.unwrap();
-    let g = cp.submit("p", &gpu_job).await.unwrap();
+    cp.grant_credits(&tid("p"), 1).await.unwrap();
+    let g = cp.submit(&tid("p"), &gpu_job).await.unwrap();
     let c = cp.claim("w", 1, 1).await.unwrap().pop().expect("claimed");
     assert_eq!(c.lease.job_id, g.id);
     assert_eq!(
-        cp.tenant("p").await.unwrap().unwrap().credits.reserved,
+        cp.tenant(&tid("p"))
+            .await
+            .unwrap()
+            .unwrap()
+            .credits
+            .reserved,
         reservation
     );
     // 2.5 Mfuel, 1234 ms: 3 + ceil(1234 * 177 / 1000 = 218.418) = 222.
@@ -363,14 +371,14 @@ pub(crate) async fn slot_time_is_billed_exactly(url: &str, shards: u32) {
         ..ok("", 1234)
     };
     cp.finalize(&c.lease, &f).await.unwrap();
-    let j = cp.job("p", &g.id).await.unwrap().unwrap();
+    let j = cp.job(&tid("p"), &g.id).await.unwrap().unwrap();
     assert_eq!((j.usage.credits, j.usage.wall_ms), (222, 1234));
-    let info = cp.tenant("p").await.unwrap().unwrap();
+    let info = cp.tenant(&tid("p")).await.unwrap().unwrap();
     assert_eq!((info.settled, info.credits.reserved), (222, 0));
 
     // No fuel at all (a guest asleep in a host call): the slot still costs.
-    cp.grant_credits("p", 10_000).await.unwrap();
-    let s = cp.submit("p", &job("sleeper")).await.unwrap();
+    cp.grant_credits(&tid("p"), 10_000).await.unwrap();
+    let s = cp.submit(&tid("p"), &job("sleeper")).await.unwrap();
     let c = claim_one(&cp).await;
     let f = Finish {
         fuel: 0,
@@ -378,7 +386,15 @@ pub(crate) async fn slot_time_is_billed_exactly(url: &str, shards: u32) {
     };
     cp.finalize(&c.lease, &f).await.unwrap();
     // ceil(999 * 7 / 1000 = 6.993) = 7.
-    assert_eq!(cp.job("p", &s.id).await.unwrap().unwrap().usage.credits, 7);
+    assert_eq!(
+        cp.job(&tid("p"), &s.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .usage
+            .credits,
+        7
+    );
 
     // Capped at the reservation: timeout 1 s, 1 Mfuel -> 1 + 7 = 8.
     let capped = SubmitSpec {
@@ -386,12 +402,28 @@ pub(crate) async fn slot_time_is_billed_exactly(url: &str, shards: u32) {
         fuel: Some(1_000_000),
         ..job("capped")
     };
-    let s = cp.submit("p", &capped).await.unwrap();
+    let s = cp.submit(&tid("p"), &capped).await.unwrap();
     let c = claim_one(&cp).await;
-    assert_eq!(cp.tenant("p").await.unwrap().unwrap().credits.reserved, 8);
+    assert_eq!(
+        cp.tenant(&tid("p"))
+            .await
+            .unwrap()
+            .unwrap()
+            .credits
+            .reserved,
+        8
+    );
     cp.finalize(&c.lease, &ok("", 5_000)).await.unwrap();
-    assert_eq!(cp.job("p", &s.id).await.unwrap().unwrap().usage.credits, 8);
-    let info = cp.tenant("p").await.unwrap().unwrap();
+    assert_eq!(
+        cp.job(&tid("p"), &s.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .usage
+            .credits,
+        8
+    );
+    let info = cp.tenant(&tid("p")).await.unwrap().unwrap();
     assert_eq!(info.settled, 222 + 7 + 8);
     check_credits(&cp, "p").await;
 }

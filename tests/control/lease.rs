@@ -2,6 +2,7 @@
 //! numbers and node faults.
 
 use crate::common::books::{check_credits, check_runs_are_unique};
+use crate::common::fixtures::tid;
 use crate::support::*;
 use agentplane::control::{ControlConfig, CpError, Finalized};
 use agentplane::model::{ErrorKind, JobState};
@@ -19,15 +20,15 @@ pub(crate) async fn reaped_lease_fences_the_old_token(url: &str, shards: u32) {
     cp.create_tenant(&tenant("a", 1_000_000), "h")
         .await
         .unwrap();
-    let s = cp.submit("a", &job("x")).await.unwrap();
+    let s = cp.submit(&tid("a"), &job("x")).await.unwrap();
     let c = claim_one(&cp).await;
     assert_eq!(c.lease.job_id, s.id);
     cp.renew(&c.lease).await.unwrap();
-    let before = cp.tenant("a").await.unwrap().unwrap();
+    let before = cp.tenant(&tid("a")).await.unwrap().unwrap();
     assert!(before.credits.reserved > 0);
     tokio::time::sleep(Duration::from_millis(450)).await;
     assert_eq!(cp.reap(100).await.unwrap(), 1);
-    let after = cp.tenant("a").await.unwrap().unwrap();
+    let after = cp.tenant(&tid("a")).await.unwrap().unwrap();
     assert_eq!(after.credits.reserved, 0, "reservation released");
     assert_eq!(after.settled, 0, "lost attempt not charged");
     assert!(matches!(cp.renew(&c.lease).await, Err(CpError::LeaseLost)));
@@ -35,10 +36,14 @@ pub(crate) async fn reaped_lease_fences_the_old_token(url: &str, shards: u32) {
         cp.finalize(&c.lease, &ok("late", 10)).await,
         Err(CpError::LeaseLost)
     ));
-    let t2 = cp.tenant("a").await.unwrap().unwrap();
+    let t2 = cp.tenant(&tid("a")).await.unwrap().unwrap();
     assert_eq!(t2, after, "a stale token changes nothing");
-    assert_eq!(cp.queue_group("a").await.unwrap(), (0, 0), "PEL reclaimed");
-    let j = cp.job("a", &s.id).await.unwrap().unwrap();
+    assert_eq!(
+        cp.queue_group(&tid("a")).await.unwrap(),
+        (0, 0),
+        "PEL reclaimed"
+    );
+    let j = cp.job(&tid("a"), &s.id).await.unwrap().unwrap();
     // Straight back in the queue (its worker died; it did not fail), and
     // it runs again with a newer token.
     assert_eq!(j.state, JobState::Queued);
@@ -62,16 +67,16 @@ pub(crate) async fn reaped_lease_fences_the_old_token(url: &str, shards: u32) {
         cp.finalize(&c2.lease, &ok("done", 10)).await.unwrap(),
         Finalized::Succeeded
     );
-    let j = cp.job("a", &s.id).await.unwrap().unwrap();
+    let j = cp.job(&tid("a"), &s.id).await.unwrap().unwrap();
     assert_eq!(j.output.as_deref(), Some("done"), "the new run's result");
     // Attempts lost to dead workers fail the job once max_attempts are spent.
     let mut spec = job("y");
     spec.max_attempts = 1;
-    let s = cp.submit("a", &spec).await.unwrap();
+    let s = cp.submit(&tid("a"), &spec).await.unwrap();
     let _c = claim_one(&cp).await;
     tokio::time::sleep(Duration::from_millis(450)).await;
     assert_eq!(cp.reap(100).await.unwrap(), 1);
-    let j = cp.job("a", &s.id).await.unwrap().unwrap();
+    let j = cp.job(&tid("a"), &s.id).await.unwrap().unwrap();
     assert_eq!(j.state, JobState::Failed);
     assert_eq!(j.error.unwrap().kind, ErrorKind::LeaseExpired);
 }
@@ -81,7 +86,7 @@ pub(crate) async fn failing_job_returns_after_backoff(url: &str, shards: u32) {
     cp.create_tenant(&tenant("f", 1_000_000), "h")
         .await
         .unwrap();
-    let s = cp.submit("f", &job("x")).await.unwrap();
+    let s = cp.submit(&tid("f"), &job("x")).await.unwrap();
     let c = claim_one(&cp).await;
     let r = cp
         .finalize(&c.lease, &failed(ErrorKind::AgentError))
@@ -91,7 +96,7 @@ pub(crate) async fn failing_job_returns_after_backoff(url: &str, shards: u32) {
         panic!("expected a retry, got {r:?}")
     };
     assert!((50..=100).contains(&delay_ms), "first backoff {delay_ms}");
-    let j = cp.job("f", &s.id).await.unwrap().unwrap();
+    let j = cp.job(&tid("f"), &s.id).await.unwrap().unwrap();
     assert_eq!(j.state, JobState::Delayed);
     assert_eq!(j.error.as_ref().unwrap().kind, ErrorKind::AgentError);
     assert!(cp.claim("w", 1, 0).await.unwrap().is_empty());
@@ -115,7 +120,7 @@ pub(crate) async fn failing_job_returns_after_backoff(url: &str, shards: u32) {
             .unwrap(),
         Finalized::Failed
     );
-    let j = cp.job("f", &s.id).await.unwrap().unwrap();
+    let j = cp.job(&tid("f"), &s.id).await.unwrap().unwrap();
     assert_eq!((j.state, j.attempts), (JobState::Failed, 3));
     assert_eq!(
         j.usage.credits, 9,
@@ -127,16 +132,19 @@ pub(crate) async fn failing_job_returns_after_backoff(url: &str, shards: u32) {
         ErrorKind::MemoryLimit,
         ErrorKind::Timeout,
     ] {
-        let s = cp.submit("f", &job("y")).await.unwrap();
+        let s = cp.submit(&tid("f"), &job("y")).await.unwrap();
         let c = claim_one(&cp).await;
         assert_eq!(
             cp.finalize(&c.lease, &failed(kind)).await.unwrap(),
             Finalized::Failed
         );
-        let j = cp.job("f", &s.id).await.unwrap().unwrap();
+        let j = cp.job(&tid("f"), &s.id).await.unwrap().unwrap();
         assert_eq!(j.error.unwrap().kind, kind);
     }
-    assert_eq!(cp.job_log("f", &s.id).await.unwrap().unwrap(), "log line");
+    assert_eq!(
+        cp.job_log(&tid("f"), &s.id).await.unwrap().unwrap(),
+        "log line"
+    );
 }
 
 pub(crate) async fn released_job_goes_back_uncharged(url: &str, shards: u32) {
@@ -144,19 +152,19 @@ pub(crate) async fn released_job_goes_back_uncharged(url: &str, shards: u32) {
     cp.create_tenant(&tenant("d", 1_000_000), "h")
         .await
         .unwrap();
-    let s = cp.submit("d", &job("x")).await.unwrap();
+    let s = cp.submit(&tid("d"), &job("x")).await.unwrap();
     let c = claim_one(&cp).await;
     cp.release(&c.lease).await.unwrap();
     assert!(matches!(
         cp.release(&c.lease).await,
         Err(CpError::LeaseLost)
     ));
-    let j = cp.job("d", &s.id).await.unwrap().unwrap();
+    let j = cp.job(&tid("d"), &s.id).await.unwrap().unwrap();
     assert_eq!(
         (j.state, j.attempts, j.usage.credits),
         (JobState::Queued, 0, 0)
     );
-    let info = cp.tenant("d").await.unwrap().unwrap();
+    let info = cp.tenant(&tid("d")).await.unwrap().unwrap();
     assert_eq!(
         (info.running, info.credits.reserved, info.settled),
         (0, 0, 0)
@@ -164,7 +172,7 @@ pub(crate) async fn released_job_goes_back_uncharged(url: &str, shards: u32) {
     let c2 = claim_one(&cp).await;
     // The second run has its own number, but only one attempt counts.
     assert_eq!((c2.lease.job_id.as_str(), c2.attempt), (s.id.as_str(), 2));
-    assert_eq!(cp.job("d", &s.id).await.unwrap().unwrap().attempts, 1);
+    assert_eq!(cp.job(&tid("d"), &s.id).await.unwrap().unwrap().attempts, 1);
 }
 
 pub(crate) async fn every_run_has_its_own_attempt_number(url: &str, shards: u32) {
@@ -172,12 +180,12 @@ pub(crate) async fn every_run_has_its_own_attempt_number(url: &str, shards: u32)
     cp.create_tenant(&tenant("n", 1_000_000), "h")
         .await
         .unwrap();
-    let s = cp.submit("n", &with_agent("x")).await.unwrap();
+    let s = cp.submit(&tid("n"), &with_agent("x")).await.unwrap();
     // Run 1: handed back by a draining worker.
     let c1 = claim_one(&cp).await;
     cp.release(&c1.lease).await.unwrap();
     // Run 2: another job of the agent commits meanwhile (state conflict).
-    let other = cp.submit("n", &with_agent("y")).await.unwrap();
+    let other = cp.submit(&tid("n"), &with_agent("y")).await.unwrap();
     let c2 = claim_one(&cp).await;
     let co = claim_one(&cp).await;
     assert_eq!((&c2.lease.job_id, &co.lease.job_id), (&s.id, &other.id));
@@ -207,14 +215,14 @@ pub(crate) async fn every_run_has_its_own_attempt_number(url: &str, shards: u32)
     }
     let runs: Vec<u32> = [&c1, &c2, &c3, &c4].iter().map(|c| c.attempt).collect();
     assert_eq!(runs, vec![1, 2, 3, 4], "each run has its own number");
-    let j = cp.job("n", &s.id).await.unwrap().unwrap();
+    let j = cp.job(&tid("n"), &s.id).await.unwrap().unwrap();
     assert_eq!(
         (j.state, j.attempts),
         (JobState::Succeeded, 2),
         "`attempts` counts only what counts toward max_attempts"
     );
     let reserves: Vec<u32> = cp
-        .ledger("n")
+        .ledger(&tid("n"))
         .await
         .unwrap()
         .into_iter()
@@ -254,7 +262,7 @@ pub(crate) async fn node_faults_are_bounded_and_never_charged(url: &str, shards:
     // after 3 node faults, even with max_attempts 1, and costs nothing.
     let mut spec = job("x");
     spec.max_attempts = 1;
-    let s = cp.submit("nf", &spec).await.unwrap();
+    let s = cp.submit(&tid("nf"), &spec).await.unwrap();
     for i in 1..=3u32 {
         let c = claim_after_backoff().await;
         assert_eq!((c.lease.job_id.as_str(), c.attempt), (s.id.as_str(), i));
@@ -264,13 +272,13 @@ pub(crate) async fn node_faults_are_bounded_and_never_charged(url: &str, shards:
             .unwrap();
         if i < 3 {
             assert!(matches!(r, Finalized::Retrying { .. }), "{r:?}");
-            let j = cp.job("nf", &s.id).await.unwrap().unwrap();
+            let j = cp.job(&tid("nf"), &s.id).await.unwrap().unwrap();
             assert_eq!((j.state, j.attempts), (JobState::Delayed, 0));
         } else {
             assert_eq!(r, Finalized::Failed);
         }
     }
-    let j = cp.job("nf", &s.id).await.unwrap().unwrap();
+    let j = cp.job(&tid("nf"), &s.id).await.unwrap().unwrap();
     assert_eq!(
         (j.state, j.attempts, j.usage.credits),
         (JobState::Failed, 0, 0)
@@ -278,7 +286,7 @@ pub(crate) async fn node_faults_are_bounded_and_never_charged(url: &str, shards:
     let e = j.error.unwrap();
     assert_eq!(e.kind, ErrorKind::NodeFault);
     assert!(e.message.contains("pool allocator"), "{}", e.message);
-    let info = cp.tenant("nf").await.unwrap().unwrap();
+    let info = cp.tenant(&tid("nf")).await.unwrap().unwrap();
     assert_eq!(
         (
             info.settled,
@@ -290,25 +298,25 @@ pub(crate) async fn node_faults_are_bounded_and_never_charged(url: &str, shards:
     );
     // A worker that reports a node fault through FINALIZE: same rule, even
     // though the run burnt fuel on the node.
-    let s = cp.submit("nf", &job("y")).await.unwrap();
+    let s = cp.submit(&tid("nf"), &job("y")).await.unwrap();
     let c = claim_after_backoff().await;
     let r = cp
         .finalize(&c.lease, &failed(ErrorKind::NodeFault))
         .await
         .unwrap();
     assert!(matches!(r, Finalized::Retrying { .. }), "{r:?}");
-    let j = cp.job("nf", &s.id).await.unwrap().unwrap();
+    let j = cp.job(&tid("nf"), &s.id).await.unwrap().unwrap();
     assert_eq!((j.attempts, j.usage.credits), (0, 0));
-    assert_eq!(cp.tenant("nf").await.unwrap().unwrap().settled, 0);
+    assert_eq!(cp.tenant(&tid("nf")).await.unwrap().unwrap().settled, 0);
     // ...and a cancel still wins over it.
     let c = claim_after_backoff().await;
-    cp.cancel("nf", &s.id).await.unwrap();
+    cp.cancel(&tid("nf"), &s.id).await.unwrap();
     assert_eq!(
         cp.release_fault(&c.lease, "again").await.unwrap(),
         Finalized::Cancelled
     );
     // A draining worker's hand-back is no fault and never fails the job.
-    let s = cp.submit("nf", &spec).await.unwrap();
+    let s = cp.submit(&tid("nf"), &spec).await.unwrap();
     for _ in 0..5 {
         let c = claim_after_backoff().await;
         cp.release(&c.lease).await.unwrap();
@@ -318,7 +326,7 @@ pub(crate) async fn node_faults_are_bounded_and_never_charged(url: &str, shards:
     cp.finalize(&c.lease, &ok("done", 1)).await.unwrap();
     // A component that can never instantiate is final at once, and charged
     // like any failure (it is the tenant's component).
-    let s = cp.submit("nf", &job("z")).await.unwrap();
+    let s = cp.submit(&tid("nf"), &job("z")).await.unwrap();
     let c = claim_after_backoff().await;
     assert_eq!(
         cp.finalize(&c.lease, &failed(ErrorKind::InvalidComponent))
@@ -326,7 +334,7 @@ pub(crate) async fn node_faults_are_bounded_and_never_charged(url: &str, shards:
             .unwrap(),
         Finalized::Failed
     );
-    let j = cp.job("nf", &s.id).await.unwrap().unwrap();
+    let j = cp.job(&tid("nf"), &s.id).await.unwrap().unwrap();
     assert_eq!(j.error.unwrap().kind, ErrorKind::InvalidComponent);
     assert_eq!(j.attempts, 1);
     check_credits(&cp, "nf").await;
@@ -384,7 +392,7 @@ async fn worker_bounds_a_job_no_node_can_start() {
     assert_eq!(t["settled"], 0, "{t}");
     // Exactly max_node_faults (5) runs, each its own, each released whole.
     let cp = connect(&stack.url, ControlConfig::default()).await;
-    let ledger = cp.ledger("nfs").await.unwrap();
+    let ledger = cp.ledger(&tid("nfs")).await.unwrap();
     let runs: Vec<u32> = ledger
         .iter()
         .filter(|e| e.op == "reserve")
@@ -416,7 +424,7 @@ pub(crate) async fn a_batch_finalize_settles_each_attempt_alone(url: &str, shard
         .unwrap();
     for t in ["bf", "bg"] {
         for i in 0..3 {
-            cp.submit(t, &job(&format!("{t}{i}"))).await.unwrap();
+            cp.submit(&tid(t), &job(&format!("{t}{i}"))).await.unwrap();
         }
     }
     let claims = cp.claim("w", 10, 0).await.unwrap();
@@ -466,7 +474,7 @@ pub(crate) async fn a_batch_finalize_settles_each_attempt_alone(url: &str, shard
     for t in ["bf", "bg"] {
         check_credits(&cp, t).await;
         check_runs_are_unique(&cp, t).await;
-        let info = cp.tenant(t).await.unwrap().unwrap();
+        let info = cp.tenant(&tid(t)).await.unwrap().unwrap();
         assert_eq!(info.running, 0, "{t}: {info:?}");
         assert_eq!(info.credits.reserved, 0, "{t}: {info:?}");
     }

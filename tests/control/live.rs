@@ -2,6 +2,7 @@
 //! queued again as its next attempt).
 
 use crate::common::books::{check_credits, check_runs_are_unique};
+use crate::common::fixtures::tid;
 use crate::support::*;
 use agentplane::control::{ControlConfig, CpError, Finalized, Lease, LogStored};
 use agentplane::model::{ErrorKind, JobState};
@@ -21,9 +22,9 @@ pub(crate) async fn live_log_is_fenced_and_capped(url: &str, shards: u32) {
         .unwrap();
     let mut spec = job("x");
     spec.max_attempts = 2;
-    let s = cp.submit("a", &spec).await.unwrap();
+    let s = cp.submit(&tid("a"), &spec).await.unwrap();
     let c = claim_one(&cp).await;
-    let log = || async { cp.job_log("a", &s.id).await.unwrap().unwrap() };
+    let log = || async { cp.job_log(&tid("a"), &s.id).await.unwrap().unwrap() };
 
     // Batches append at the offset the worker has stored.
     assert_eq!(
@@ -45,13 +46,13 @@ pub(crate) async fn live_log_is_fenced_and_capped(url: &str, shards: u32) {
         cp.append_log(&c.lease, 2, "zz\n").await.unwrap(),
         LogStored::Conflict(8)
     );
-    let tail = cp.log_tail("a", &s.id, 4).await.unwrap().unwrap();
+    let tail = cp.log_tail(&tid("a"), &s.id, 4).await.unwrap().unwrap();
     assert_eq!(
         (tail.state, tail.run, tail.logged_run, tail.text.as_str()),
         (JobState::Running, 1, Some(1), "two\n")
     );
     assert!(tail.is_current());
-    assert!(cp.log_tail("b", &s.id, 0).await.unwrap().is_none());
+    assert!(cp.log_tail(&tid("b"), &s.id, 0).await.unwrap().is_none());
 
     // The cap holds in the script: a batch past it writes nothing.
     assert_eq!(
@@ -101,7 +102,7 @@ pub(crate) async fn live_log_is_fenced_and_capped(url: &str, shards: u32) {
     assert_eq!(cp.promote(100).await.unwrap(), 1);
     let c2 = claim_one(&cp).await;
     assert_eq!(c2.attempt, 2);
-    let tail = cp.log_tail("a", &s.id, 0).await.unwrap().unwrap();
+    let tail = cp.log_tail(&tid("a"), &s.id, 0).await.unwrap().unwrap();
     assert_eq!((tail.run, tail.logged_run), (2, Some(1)));
     assert!(!tail.is_current());
     // Its first batch must start at 0 (an offset into the last run's log
@@ -115,7 +116,7 @@ pub(crate) async fn live_log_is_fenced_and_capped(url: &str, shards: u32) {
         LogStored::Stored(7)
     );
     assert_eq!(log().await, "second\n");
-    let tail = cp.log_tail("a", &s.id, 0).await.unwrap().unwrap();
+    let tail = cp.log_tail(&tid("a"), &s.id, 0).await.unwrap().unwrap();
     assert_eq!((tail.run, tail.logged_run), (2, Some(2)));
     assert!(matches!(
         cp.append_log(&c.lease, 7, "old\n").await,
@@ -132,15 +133,15 @@ pub(crate) async fn retry_queues_a_failed_job_as_its_next_attempt(url: &str, sha
     cp.create_tenant(&spec, "h").await.unwrap();
     let mut one = job("x");
     one.max_attempts = 1;
-    let s = cp.submit("a", &one).await.unwrap();
+    let s = cp.submit(&tid("a"), &one).await.unwrap();
     // Not failed yet: refused with its state, nothing changed.
     assert!(matches!(
-        cp.retry_job("a", &s.id).await,
+        cp.retry_job(&tid("a"), &s.id).await,
         Err(CpError::NotFailed(JobState::Queued))
     ));
     let c = claim_one(&cp).await;
     assert!(matches!(
-        cp.retry_job("a", &s.id).await,
+        cp.retry_job(&tid("a"), &s.id).await,
         Err(CpError::NotFailed(JobState::Running))
     ));
     assert_eq!(
@@ -152,12 +153,13 @@ pub(crate) async fn retry_queues_a_failed_job_as_its_next_attempt(url: &str, sha
     // Another tenant's job, or none, is not found.
     cp.create_tenant(&tenant("b", 1_000), "h").await.unwrap();
     assert!(matches!(
-        cp.retry_job("b", &s.id).await,
+        cp.retry_job(&tid("b"), &s.id).await,
         Err(CpError::NotFound)
     ));
 
     // Two retries at once: exactly one wins.
-    let (r1, r2) = tokio::join!(cp.retry_job("a", &s.id), cp.retry_job("a", &s.id));
+    let a = tid("a");
+    let (r1, r2) = tokio::join!(cp.retry_job(&a, &s.id), cp.retry_job(&a, &s.id));
     let wins = [&r1, &r2].iter().filter(|r| r.is_ok()).count();
     assert_eq!(wins, 1, "{r1:?} {r2:?}");
     assert!(
@@ -166,11 +168,11 @@ pub(crate) async fn retry_queues_a_failed_job_as_its_next_attempt(url: &str, sha
             .any(|r| matches!(r, Err(CpError::NotFailed(JobState::Queued)))),
         "{r1:?} {r2:?}"
     );
-    let j = cp.job("a", &s.id).await.unwrap().unwrap();
+    let j = cp.job(&tid("a"), &s.id).await.unwrap().unwrap();
     assert_eq!(j.state, JobState::Queued);
     assert_eq!(j.attempts, 0, "counted attempts reset");
     assert!(j.error.is_none() && j.finished_at.is_none(), "{j:?}");
-    let t = cp.tenant("a").await.unwrap().unwrap();
+    let t = cp.tenant(&tid("a")).await.unwrap().unwrap();
     assert_eq!(t.queued, 1);
     // Out of the `done` index: retention does not delete a live job.
     let mut r = raw(url).await;
@@ -186,12 +188,12 @@ pub(crate) async fn retry_queues_a_failed_job_as_its_next_attempt(url: &str, sha
         cp.finalize(&c2.lease, &ok("again", 10)).await.unwrap(),
         Finalized::Succeeded
     );
-    let j = cp.job("a", &s.id).await.unwrap().unwrap();
+    let j = cp.job(&tid("a"), &s.id).await.unwrap().unwrap();
     assert_eq!(
         (j.state, j.attempts, j.output.as_deref()),
         (JobState::Succeeded, 1, Some("again"))
     );
-    let ledger = cp.ledger("a").await.unwrap();
+    let ledger = cp.ledger(&tid("a")).await.unwrap();
     let runs: Vec<(String, u32)> = ledger
         .iter()
         .filter(|e| e.job == s.id && e.op == "settle")
@@ -202,23 +204,23 @@ pub(crate) async fn retry_queues_a_failed_job_as_its_next_attempt(url: &str, sha
     check_credits(&cp, "a").await;
     // A succeeded job is not retried.
     assert!(matches!(
-        cp.retry_job("a", &s.id).await,
+        cp.retry_job(&tid("a"), &s.id).await,
         Err(CpError::NotFailed(JobState::Succeeded))
     ));
 
     // Admitted as SUBMIT admits: refused at max_queued.
-    let f = cp.submit("a", &one).await.unwrap();
+    let f = cp.submit(&tid("a"), &one).await.unwrap();
     let c = claim_one(&cp).await;
     cp.finalize(&c.lease, &failed(ErrorKind::Trap))
         .await
         .unwrap();
-    cp.submit("a", &job("q1")).await.unwrap();
-    cp.submit("a", &job("q2")).await.unwrap();
+    cp.submit(&tid("a"), &job("q1")).await.unwrap();
+    cp.submit(&tid("a"), &job("q2")).await.unwrap();
     assert!(matches!(
-        cp.retry_job("a", &f.id).await,
+        cp.retry_job(&tid("a"), &f.id).await,
         Err(CpError::QueueFull)
     ));
-    let j = cp.job("a", &f.id).await.unwrap().unwrap();
+    let j = cp.job(&tid("a"), &f.id).await.unwrap().unwrap();
     assert_eq!(j.state, JobState::Failed, "nothing written on a refusal");
     check_credits(&cp, "a").await;
 }

@@ -1,5 +1,6 @@
 //! Maintenance: PROMOTE and REAP, racing and past a failing shard.
 
+use crate::common::fixtures::tid;
 use crate::support::*;
 use agentplane::control::{ControlConfig, CpError};
 use agentplane::model::JobState;
@@ -14,7 +15,7 @@ pub(crate) async fn racing_schedulers_promote_once(url: &str, shards: u32) {
         for _ in 0..50 {
             let mut j = job("d");
             j.delay_ms = 300;
-            let s = cp.submit(t, &j).await.unwrap();
+            let s = cp.submit(&tid(t), &j).await.unwrap();
             assert_eq!(s.state, JobState::Delayed);
             ids.push(s.id);
         }
@@ -73,10 +74,15 @@ pub(crate) async fn claims_and_maintenance_go_on_past_a_failing_shard(url: &str,
     for t in [&a, &b] {
         cp.create_tenant(&tenant(t, 1_000_000), "h").await.unwrap();
     }
-    cp.submit(&a, &job("stuck")).await.unwrap();
+    cp.submit(&tid(&a), &job("stuck")).await.unwrap();
     let mut mine = Vec::new();
     for i in 0..8 {
-        mine.push(cp.submit(&b, &job(&format!("b{i}"))).await.unwrap().id);
+        mine.push(
+            cp.submit(&tid(&b), &job(&format!("b{i}")))
+                .await
+                .unwrap()
+                .id,
+        );
     }
     let tag0 = cp.keys().tag(0);
     for suffix in ["act:cpu", "delayed", "leases"] {
@@ -118,8 +124,8 @@ pub(crate) async fn claims_and_maintenance_go_on_past_a_failing_shard(url: &str,
     // Straight back in their queue on the good shard (no backoff: their
     // worker died, they did not fail).
     for id in &mine {
-        let j = cp.job(&b, id).await.unwrap().unwrap();
+        let j = cp.job(&tid(&b), id).await.unwrap().unwrap();
         assert_eq!(j.state, JobState::Queued, "{j:?}");
     }
-    assert_eq!(cp.tenant(&b).await.unwrap().unwrap().queued, 8);
+    assert_eq!(cp.tenant(&tid(&b)).await.unwrap().unwrap().queued, 8);
 }

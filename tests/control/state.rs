@@ -1,6 +1,7 @@
 //! Agent state: versioned commits, the blob tier, a missing blob.
 
 use crate::common::books::check_credits;
+use crate::common::fixtures::tid;
 use crate::support::*;
 use agentplane::control::{Finalized, Finish, SubmitSpec};
 use agentplane::model::{ErrorKind, JobState};
@@ -14,8 +15,8 @@ pub(crate) async fn agent_state_commits_only_on_current_version(url: &str, shard
         agent_id: Some("bot".into()),
         ..job(input)
     };
-    let a = cp.submit("s", &with_agent("a")).await.unwrap();
-    let b = cp.submit("s", &with_agent("b")).await.unwrap();
+    let a = cp.submit(&tid("s"), &with_agent("a")).await.unwrap();
+    let b = cp.submit(&tid("s"), &with_agent("b")).await.unwrap();
     let ca = claim_one(&cp).await;
     let cb = claim_one(&cp).await;
     assert_eq!((ca.state.clone(), cb.state.clone()), (None, None));
@@ -33,7 +34,7 @@ pub(crate) async fn agent_state_commits_only_on_current_version(url: &str, shard
         Finalized::StateConflict
     );
     assert_eq!(
-        cp.job("s", &b.id).await.unwrap().unwrap().state,
+        cp.job(&tid("s"), &b.id).await.unwrap().unwrap().state,
         JobState::Queued
     );
     let cb2 = claim_one(&cp).await;
@@ -41,7 +42,7 @@ pub(crate) async fn agent_state_commits_only_on_current_version(url: &str, shard
     assert_eq!(cb2.state.as_deref(), Some(&b"1"[..]));
     assert_eq!(cb2.attempt, 2, "a new run number for the rerun");
     assert_eq!(
-        cp.job("s", &b.id).await.unwrap().unwrap().attempts,
+        cp.job(&tid("s"), &b.id).await.unwrap().unwrap().attempts,
         1,
         "a conflict does not use up an attempt"
     );
@@ -51,7 +52,7 @@ pub(crate) async fn agent_state_commits_only_on_current_version(url: &str, shard
         cp.finalize(&cb2.lease, &set(&big)).await.unwrap(),
         Finalized::Succeeded
     );
-    cp.submit("s", &with_agent("c")).await.unwrap();
+    cp.submit(&tid("s"), &with_agent("c")).await.unwrap();
     let cc = claim_one(&cp).await;
     assert_eq!(cc.state.as_deref(), Some(&big[..]));
     assert_eq!(cc.state_version, 2);
@@ -61,10 +62,10 @@ pub(crate) async fn agent_state_commits_only_on_current_version(url: &str, shard
         ..failed(ErrorKind::FuelExhausted)
     };
     cp.finalize(&cc.lease, &f).await.unwrap();
-    cp.submit("s", &with_agent("d")).await.unwrap();
+    cp.submit(&tid("s"), &with_agent("d")).await.unwrap();
     assert_eq!(claim_one(&cp).await.state.as_deref(), Some(&big[..]));
     assert_eq!(
-        cp.job("s", &a.id).await.unwrap().unwrap().state,
+        cp.job(&tid("s"), &a.id).await.unwrap().unwrap().state,
         JobState::Succeeded
     );
 }
@@ -77,7 +78,7 @@ pub(crate) async fn large_agent_states_never_delete_themselves(url: &str, shards
     let big = vec![9u8; 100_000];
     // An agent that writes its large state back unchanged keeps it.
     for round in 0..3 {
-        cp.submit("sa", &with_agent("x")).await.unwrap();
+        cp.submit(&tid("sa"), &with_agent("x")).await.unwrap();
         let c = claim_one(&cp).await;
         let want = (round > 0).then(|| big.clone());
         assert_eq!(c.state, want, "round {round}");
@@ -87,26 +88,26 @@ pub(crate) async fn large_agent_states_never_delete_themselves(url: &str, shards
         );
     }
     // Another tenant whose state happens to be identical...
-    cp.submit("sb", &with_agent("x")).await.unwrap();
+    cp.submit(&tid("sb"), &with_agent("x")).await.unwrap();
     let c = claim_one(&cp).await;
     assert_eq!(c.state, None);
     cp.finalize(&c.lease, &set_state(&big)).await.unwrap();
     // ...is untouched when the first tenant's agent moves on.
     let big2 = vec![3u8; 90_000];
-    cp.submit("sa", &with_agent("y")).await.unwrap();
+    cp.submit(&tid("sa"), &with_agent("y")).await.unwrap();
     let c = claim_one(&cp).await;
     cp.finalize(&c.lease, &set_state(&big2)).await.unwrap();
-    cp.submit("sb", &with_agent("z")).await.unwrap();
+    cp.submit(&tid("sb"), &with_agent("z")).await.unwrap();
     let c = claim_one(&cp).await;
     assert_eq!(c.lease.tenant, "sb");
     assert_eq!(c.state.as_deref(), Some(&big[..]), "sb's state survived");
     cp.finalize(&c.lease, &ok("", 1)).await.unwrap();
-    cp.submit("sa", &with_agent("w")).await.unwrap();
+    cp.submit(&tid("sa"), &with_agent("w")).await.unwrap();
     let c = claim_one(&cp).await;
     assert_eq!(c.state.as_deref(), Some(&big2[..]));
     // A claim that read the old version keeps its bytes while a newer
     // version commits (the read is atomic with the pointer).
-    cp.submit("sa", &with_agent("v")).await.unwrap();
+    cp.submit(&tid("sa"), &with_agent("v")).await.unwrap();
     let old_reader = claim_one(&cp).await;
     assert_eq!(
         cp.finalize(&c.lease, &set_state(&big)).await.unwrap(),
@@ -125,7 +126,7 @@ pub(crate) async fn large_agent_states_never_delete_themselves(url: &str, shards
     cp.finalize(&again.lease, &set_state(b"small"))
         .await
         .unwrap();
-    cp.submit("sa", &with_agent("u")).await.unwrap();
+    cp.submit(&tid("sa"), &with_agent("u")).await.unwrap();
     assert_eq!(claim_one(&cp).await.state.as_deref(), Some(&b"small"[..]));
 }
 
@@ -142,7 +143,7 @@ pub(crate) async fn missing_state_blob_fails_its_job_alone(url: &str, shards: u3
         max_attempts: 1,
         ..job(input)
     };
-    cp.submit("s", &with_agent("first")).await.unwrap();
+    cp.submit(&tid("s"), &with_agent("first")).await.unwrap();
     let c = claim_one(&cp).await;
     let big = vec![7u8; 200_000];
     let commit = Finish {
@@ -164,28 +165,28 @@ pub(crate) async fn missing_state_blob_fails_its_job_alone(url: &str, shards: u3
     let n: u32 = r.q(&cmd(&["DEL", &blob])).await.unwrap();
     assert_eq!(n, 1);
 
-    let h1 = cp.submit("s", &job("h1")).await.unwrap();
-    let bad = cp.submit("s", &with_agent("bad")).await.unwrap();
-    let h2 = cp.submit("s", &job("h2")).await.unwrap();
+    let h1 = cp.submit(&tid("s"), &job("h1")).await.unwrap();
+    let bad = cp.submit(&tid("s"), &with_agent("bad")).await.unwrap();
+    let h2 = cp.submit(&tid("s"), &job("h2")).await.unwrap();
     let got = cp
         .claim("w1", 3, 0)
         .await
         .expect("one bad job must not fail the batch");
     let ids: Vec<&str> = got.iter().map(|c| c.lease.job_id.as_str()).collect();
     assert_eq!(ids, [h1.id.as_str(), h2.id.as_str()]);
-    let j = cp.job("s", &bad.id).await.unwrap().unwrap();
+    let j = cp.job(&tid("s"), &bad.id).await.unwrap().unwrap();
     assert_eq!(j.state, JobState::Failed, "{j:?}");
     let e = j.error.unwrap();
     assert_eq!(e.kind, ErrorKind::AgentError);
     assert!(e.message.contains("missing"), "{}", e.message);
     assert_eq!(j.usage.credits, 0, "an attempt that never ran is free");
-    let info = cp.tenant("s").await.unwrap().unwrap();
+    let info = cp.tenant(&tid("s")).await.unwrap().unwrap();
     assert_eq!(info.running, 2, "only the jobs handed out hold a lease");
     for c in &got {
         cp.finalize(&c.lease, &ok("", 5)).await.unwrap();
     }
     assert_eq!(
-        cp.queue_group("s").await.unwrap().1,
+        cp.queue_group(&tid("s")).await.unwrap().1,
         0,
         "no stray PEL entry"
     );

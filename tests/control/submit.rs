@@ -1,6 +1,7 @@
 //! SUBMIT: idempotency keys, argument checks that write nothing, and the
 //! wake-up signal a submission sends to idle workers.
 
+use crate::common::fixtures::tid;
 use crate::support::*;
 use agentplane::control::{ControlConfig, CpError, TenantPatch};
 use std::time::Duration;
@@ -19,24 +20,24 @@ pub(crate) async fn idempotency_keys(url: &str, shards: u32) {
         .unwrap();
     let mut j = job("same");
     j.idempotency = Some(("key-1".into(), "bodyhash-A".into()));
-    let first = cp.submit("i", &j).await.unwrap();
+    let first = cp.submit(&tid("i"), &j).await.unwrap();
     assert!(first.created);
-    let again = cp.submit("i", &j).await.unwrap();
+    let again = cp.submit(&tid("i"), &j).await.unwrap();
     assert!(!again.created);
     assert_eq!(again.id, first.id);
     let mut other = j.clone();
     other.idempotency = Some(("key-1".into(), "bodyhash-B".into()));
     assert!(matches!(
-        cp.submit("i", &other).await,
+        cp.submit(&tid("i"), &other).await,
         Err(CpError::IdempotencyConflict)
     ));
     // Keys are per tenant.
     cp.create_tenant(&tenant("i2", 1_000_000), "h")
         .await
         .unwrap();
-    assert!(cp.submit("i2", &j).await.unwrap().created);
+    assert!(cp.submit(&tid("i2"), &j).await.unwrap().created);
     tokio::time::sleep(Duration::from_millis(2100)).await;
-    let later = cp.submit("i", &j).await.unwrap();
+    let later = cp.submit(&tid("i"), &j).await.unwrap();
     assert!(later.created);
     assert_ne!(later.id, first.id);
 }
@@ -48,21 +49,23 @@ pub(crate) async fn malformed_arguments_write_nothing(url: &str, shards: u32) {
         cp.create_tenant(&tenant("m", 100), "h").await,
         Err(CpError::TenantExists)
     ));
-    assert!(matches!(
-        cp.create_tenant(&tenant("Bad:Id", 1), "h").await,
-        Err(CpError::Invalid(_))
-    ));
-    let before = cp.tenant("m").await.unwrap().unwrap();
+    // A malformed id cannot even be put to the control plane: it takes a
+    // `TenantId`, which only a valid id parses into.
+    assert!(agentplane::model::TenantId::parse("Bad:Id").is_err());
+    let before = cp.tenant(&tid("m")).await.unwrap().unwrap();
     let mut j = job("x");
     j.max_attempts = 0;
-    assert!(matches!(cp.submit("m", &j).await, Err(CpError::Invalid(_))));
     assert!(matches!(
-        cp.submit("nobody", &job("x")).await,
+        cp.submit(&tid("m"), &j).await,
+        Err(CpError::Invalid(_))
+    ));
+    assert!(matches!(
+        cp.submit(&tid("nobody"), &job("x")).await,
         Err(CpError::NotFound)
     ));
     assert!(matches!(
         cp.update_tenant(
-            "m",
+            &tid("m"),
             &TenantPatch {
                 weight: Some(0),
                 ..TenantPatch::default()
@@ -72,12 +75,12 @@ pub(crate) async fn malformed_arguments_write_nothing(url: &str, shards: u32) {
         Err(CpError::Invalid(_))
     ));
     assert!(matches!(
-        cp.grant_credits("m", -101).await,
+        cp.grant_credits(&tid("m"), -101).await,
         Err(CpError::InsufficientCredits)
     ));
-    assert_eq!(cp.tenant("m").await.unwrap().unwrap(), before);
-    assert_eq!(cp.grant_credits("m", -40).await.unwrap(), 60);
-    let (jobs, _) = cp.list_jobs("m", None, 10, None).await.unwrap();
+    assert_eq!(cp.tenant(&tid("m")).await.unwrap().unwrap(), before);
+    assert_eq!(cp.grant_credits(&tid("m"), -40).await.unwrap(), 60);
+    let (jobs, _) = cp.list_jobs(&tid("m"), None, 10, None).await.unwrap();
     assert!(jobs.is_empty());
 }
 
@@ -101,7 +104,7 @@ pub(crate) async fn wake_up_signals_survive_an_abandoned_wait(url: &str, _shards
         })
     };
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let c = cp.submit("wk", &job("a")).await.unwrap();
+    let c = cp.submit(&tid("wk"), &job("a")).await.unwrap();
     assert!(waiter.await.unwrap() < Duration::from_secs(2));
     let claimed = claim_one(&cp).await;
     assert_eq!(claimed.lease.job_id, c.id);
@@ -113,7 +116,7 @@ pub(crate) async fn wake_up_signals_survive_an_abandoned_wait(url: &str, _shards
         _ = cp.wait_for_work(Duration::from_secs(5)) => panic!("no work was signalled"),
         _ = tokio::time::sleep(Duration::from_millis(100)) => {}
     }
-    cp.submit("wk", &job("b")).await.unwrap();
+    cp.submit(&tid("wk"), &job("b")).await.unwrap();
     let t0 = std::time::Instant::now();
     cp.wait_for_work(Duration::from_secs(5)).await.unwrap();
     assert!(
@@ -144,7 +147,7 @@ pub(crate) async fn a_batch_submit_decides_each_job_in_order(url: &str, shards: 
         job("third"),
         job("over"), // the queue holds 3
     ];
-    let got = cp.submit_many("bs", &batch).await.unwrap();
+    let got = cp.submit_many(&tid("bs"), &batch).await.unwrap();
     assert_eq!(got.len(), 6);
     let first = got[0].as_ref().unwrap();
     assert!(first.created);
@@ -159,7 +162,7 @@ pub(crate) async fn a_batch_submit_decides_each_job_in_order(url: &str, shards: 
     assert!(got[3].as_ref().unwrap().created);
     assert!(got[4].as_ref().unwrap().created);
     assert!(matches!(got[5], Err(CpError::QueueFull)), "{:?}", got[5]);
-    let info = cp.tenant("bs").await.unwrap().unwrap();
+    let info = cp.tenant(&tid("bs")).await.unwrap().unwrap();
     assert_eq!(info.queued, 3, "three jobs entered the queue");
     // They run in submission order.
     let claimed = cp.claim("w", 10, 0).await.unwrap();
@@ -171,7 +174,7 @@ pub(crate) async fn a_batch_submit_decides_each_job_in_order(url: &str, shards: 
     assert_eq!(ids, want);
     // A batch for a tenant that does not exist answers each job.
     let none = cp
-        .submit_many("nobody", &[job("x"), job("y")])
+        .submit_many(&tid("nobody"), &[job("x"), job("y")])
         .await
         .unwrap();
     assert!(

@@ -2,6 +2,7 @@
 //! claim/serve shortcuts, and a raw connection for tests that break data.
 
 use crate::common;
+use crate::common::fixtures::tid;
 use agentplane::control::{
     AttemptOutcome, Claim, ControlConfig, ControlPlane, Finish, SubmitSpec, TenantSpec,
 };
@@ -85,7 +86,7 @@ pub(crate) async fn serve_sequentially(
     let mut counts = HashMap::new();
     for _ in 0..n {
         let c = claim_one(cp).await;
-        *counts.entry(c.lease.tenant.clone()).or_default() += 1;
+        *counts.entry(c.lease.tenant.to_string()).or_default() += 1;
         cp.finalize(&c.lease, &ok("", wall_ms)).await.unwrap();
     }
     counts
@@ -96,7 +97,7 @@ pub(crate) async fn backlog(cp: &ControlPlane, t: &str, weight: u32, jobs: usize
     spec.weight = weight;
     cp.create_tenant(&spec, "h").await.unwrap();
     for i in 0..jobs {
-        cp.submit(t, &job(&i.to_string())).await.unwrap();
+        cp.submit(&tid(t), &job(&i.to_string())).await.unwrap();
     }
 }
 

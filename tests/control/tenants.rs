@@ -2,6 +2,7 @@
 //! claim and on every way back to the queue.
 
 use crate::common::books::check_credits;
+use crate::common::fixtures::tid;
 use crate::support::*;
 use agentplane::control::{Claim, CpError, Finalized, SubmitSpec, TenantPatch};
 use agentplane::model::{ErrorKind, JobState};
@@ -11,7 +12,7 @@ pub(crate) async fn tenant_at_max_running_does_not_slow_others(url: &str, _shard
     let cp = connect(url, cfg(1)).await;
     backlog(&cp, "x", 1, 100).await;
     cp.update_tenant(
-        "x",
+        &tid("x"),
         &TenantPatch {
             max_running: Some(1),
             ..TenantPatch::default()
@@ -34,7 +35,7 @@ pub(crate) async fn tenant_at_max_running_does_not_slow_others(url: &str, _shard
     // When x's job ends, x is unparked and served again.
     let xc = held.iter().find(|c| c.lease.tenant == "x").unwrap();
     cp.finalize(&xc.lease, &ok("", 1)).await.unwrap();
-    assert_eq!(cp.tenant("x").await.unwrap().unwrap().running, 0);
+    assert_eq!(cp.tenant(&tid("x")).await.unwrap().unwrap().running, 0);
     let mut seen_x = false;
     for _ in 0..3 {
         seen_x |= claim_one(&cp).await.lease.tenant == "x";
@@ -55,11 +56,11 @@ pub(crate) async fn quotas_and_gpu_slots_hold_at_every_claim(url: &str, shards: 
         for _ in 0..60 {
             let mut j = job("g");
             j.gpus = rng.random_range(0..3);
-            cp.submit(t, &j).await.unwrap();
+            cp.submit(&tid(t), &j).await.unwrap();
         }
         // max_queued holds at submission.
         assert!(matches!(
-            cp.submit(t, &job("over")).await,
+            cp.submit(&tid(t), &job("over")).await,
             Err(CpError::QueueFull)
         ));
     }
@@ -72,7 +73,7 @@ pub(crate) async fn quotas_and_gpu_slots_hold_at_every_claim(url: &str, shards: 
         assert!(used <= free, "worker with {free} free GPUs got {used}");
         held.extend(got);
         for t in ["g1", "g2", "g3"] {
-            let info = cp.tenant(t).await.unwrap().unwrap();
+            let info = cp.tenant(&tid(t)).await.unwrap().unwrap();
             assert!(info.running <= 3, "{t} running {}", info.running);
             assert!(info.gpus_in_use <= 2, "{t} gpus {}", info.gpus_in_use);
             let mine: u32 = held
@@ -93,7 +94,7 @@ pub(crate) async fn quotas_and_gpu_slots_hold_at_every_claim(url: &str, shards: 
     let mut j = job("expensive");
     j.fuel = Some(50_000_000);
     assert!(matches!(
-        cp.submit("poor", &j).await,
+        cp.submit(&tid("poor"), &j).await,
         Err(CpError::InsufficientCredits)
     ));
 }
@@ -118,14 +119,16 @@ pub(crate) async fn requeues_bypass_admission_and_the_queue_stays_bounded(url: &
     // two queued: the queue is full.
     let mut held = Vec::new();
     for i in 0..4 {
-        cp.submit("q", &with_agent(&i.to_string())).await.unwrap();
+        cp.submit(&tid("q"), &with_agent(&i.to_string()))
+            .await
+            .unwrap();
         held.push(claim_one(&cp).await);
     }
     for _ in 0..2 {
-        cp.submit("q", &job("later")).await.unwrap();
+        cp.submit(&tid("q"), &job("later")).await.unwrap();
     }
     assert!(matches!(
-        cp.submit("q", &job("over")).await,
+        cp.submit(&tid("q"), &job("over")).await,
         Err(CpError::QueueFull)
     ));
     // Each accepted job comes back however full the queue is.
@@ -148,19 +151,19 @@ pub(crate) async fn requeues_bypass_admission_and_the_queue_stays_bounded(url: &
         cp.finalize(&c3.lease, &set_state(b"t")).await.unwrap(),
         Finalized::StateConflict
     );
-    let info = cp.tenant("q").await.unwrap().unwrap();
+    let info = cp.tenant(&tid("q")).await.unwrap().unwrap();
     assert_eq!((info.queued, info.running), (5, 0), "{info:?}");
     bound(&info);
     // New submissions are still refused until the queue drains below max_queued.
     assert!(matches!(
-        cp.submit("q", &job("over")).await,
+        cp.submit(&tid("q"), &job("over")).await,
         Err(CpError::QueueFull)
     ));
     // The counter is exact: it is the number of queued and delayed jobs.
     let mut n = 0;
     for st in [JobState::Queued, JobState::Delayed] {
         n += cp
-            .list_jobs("q", Some(st), 100, None)
+            .list_jobs(&tid("q"), Some(st), 100, None)
             .await
             .unwrap()
             .0
@@ -172,7 +175,7 @@ pub(crate) async fn requeues_bypass_admission_and_the_queue_stays_bounded(url: &
     for _ in 0..200 {
         cp.promote(100).await.unwrap();
         let got = cp.claim("w", 3, 0).await.unwrap();
-        bound(&cp.tenant("q").await.unwrap().unwrap());
+        bound(&cp.tenant(&tid("q")).await.unwrap().unwrap());
         for c in got {
             cp.finalize(&c.lease, &ok("", 1)).await.unwrap();
             done += 1;
@@ -183,12 +186,12 @@ pub(crate) async fn requeues_bypass_admission_and_the_queue_stays_bounded(url: &
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(done, 5);
-    let info = cp.tenant("q").await.unwrap().unwrap();
+    let info = cp.tenant(&tid("q")).await.unwrap().unwrap();
     assert_eq!(
         (info.queued, info.running, info.credits.reserved),
         (0, 0, 0)
     );
-    assert!(cp.submit("q", &job("fits")).await.is_ok());
+    assert!(cp.submit(&tid("q"), &job("fits")).await.is_ok());
 }
 
 /// A head job that can never run as its tenant now stands fails at once
@@ -200,7 +203,7 @@ pub(crate) async fn impossible_head_fails_and_frees_its_queue(url: &str, shards:
     cp.create_tenant(&spec, "h").await.unwrap();
     let big = cp
         .submit(
-            "i",
+            &tid("i"),
             &SubmitSpec {
                 gpus: 2,
                 ..job("big")
@@ -208,9 +211,9 @@ pub(crate) async fn impossible_head_fails_and_frees_its_queue(url: &str, shards:
         )
         .await
         .unwrap();
-    let small = cp.submit("i", &job("small")).await.unwrap();
+    let small = cp.submit(&tid("i"), &job("small")).await.unwrap();
     cp.update_tenant(
-        "i",
+        &tid("i"),
         &TenantPatch {
             max_gpus: Some(1),
             ..TenantPatch::default()
@@ -221,7 +224,7 @@ pub(crate) async fn impossible_head_fails_and_frees_its_queue(url: &str, shards:
     let got = cp.claim("w", 2, 4).await.unwrap();
     let ids: Vec<&str> = got.iter().map(|c| c.lease.job_id.as_str()).collect();
     assert_eq!(ids, [small.id.as_str()], "the tenant's queue moves on");
-    let j = cp.job("i", &big.id).await.unwrap().unwrap();
+    let j = cp.job(&tid("i"), &big.id).await.unwrap().unwrap();
     assert_eq!(j.state, JobState::Failed);
     let e = j.error.unwrap();
     assert_eq!(e.kind, ErrorKind::Unschedulable);
@@ -231,7 +234,7 @@ pub(crate) async fn impossible_head_fails_and_frees_its_queue(url: &str, shards:
     cp.create_tenant(&tenant("k", 2_000), "h").await.unwrap();
     let costly = cp
         .submit(
-            "k",
+            &tid("k"),
             &SubmitSpec {
                 fuel: Some(1_500_000_000),
                 ..job("costly")
@@ -241,7 +244,7 @@ pub(crate) async fn impossible_head_fails_and_frees_its_queue(url: &str, shards:
         .unwrap();
     let cheap = cp
         .submit(
-            "k",
+            &tid("k"),
             &SubmitSpec {
                 fuel: Some(1_000_000),
                 timeout_ms: Some(1_000),
@@ -250,16 +253,16 @@ pub(crate) async fn impossible_head_fails_and_frees_its_queue(url: &str, shards:
         )
         .await
         .unwrap();
-    cp.grant_credits("k", -1_900).await.unwrap();
+    cp.grant_credits(&tid("k"), -1_900).await.unwrap();
     let got = cp.claim("w", 2, 0).await.unwrap();
     let ids: Vec<&str> = got.iter().map(|c| c.lease.job_id.as_str()).collect();
     assert_eq!(ids, [cheap.id.as_str()]);
-    let j = cp.job("k", &costly.id).await.unwrap().unwrap();
+    let j = cp.job(&tid("k"), &costly.id).await.unwrap().unwrap();
     assert_eq!(j.state, JobState::Failed);
     let e = j.error.unwrap();
     assert_eq!(e.kind, ErrorKind::Unschedulable);
     assert!(e.message.contains("credits"), "{}", e.message);
-    let info = cp.tenant("k").await.unwrap().unwrap();
+    let info = cp.tenant(&tid("k")).await.unwrap().unwrap();
     assert_eq!((info.queued, info.running), (0, 1));
     check_credits(&cp, "k").await;
 
@@ -271,14 +274,14 @@ pub(crate) async fn impossible_head_fails_and_frees_its_queue(url: &str, shards:
         fuel: Some(50_000_000),
         ..job("heavy")
     };
-    cp.submit("wait", &heavy).await.unwrap();
-    let second = cp.submit("wait", &heavy).await.unwrap();
+    cp.submit(&tid("wait"), &heavy).await.unwrap();
+    let second = cp.submit(&tid("wait"), &heavy).await.unwrap();
     let first = claim_one(&cp).await;
     assert!(cp.claim("w", 1, 0).await.unwrap().is_empty());
-    let info = cp.tenant("wait").await.unwrap().unwrap();
+    let info = cp.tenant(&tid("wait")).await.unwrap().unwrap();
     assert_eq!(info.parked.as_deref(), Some("credits"), "{info:?}");
     cp.finalize(&first.lease, &ok("", 5)).await.unwrap();
     let next = claim_one(&cp).await;
     assert_eq!(next.lease.job_id, second.id);
-    assert_eq!(cp.tenant("wait").await.unwrap().unwrap().parked, None);
+    assert_eq!(cp.tenant(&tid("wait")).await.unwrap().unwrap().parked, None);
 }

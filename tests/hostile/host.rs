@@ -7,6 +7,7 @@
 //! and log flood), `recurse` (deep recursion), `hog` (memory growth),
 //! `runaway` (endless loop) and `escape` (files, env, network).
 
+use crate::common::fixtures::tid;
 use crate::common::stack::*;
 use agentplane::control::{ControlConfig, ControlPlane};
 use reqwest::StatusCode;
@@ -251,7 +252,7 @@ async fn a_component_workers_cannot_run_is_refused_or_fails_for_good() {
         .unwrap();
     let digest = digest_of(&nine);
     control
-        .put_component("mallory", &digest, &nine)
+        .put_component(&tid("mallory"), &digest, &nine)
         .await
         .unwrap();
     let mut ids = Vec::new();

@@ -56,9 +56,9 @@ pub async fn claim(args: ClaimArgs) -> anyhow::Result<()> {
             }
             let prefix = format!("{}t{tenants}d{depth}", redis.prefix);
             let cp = redis.control_at(&prefix).await?;
-            let ids: Vec<String> = (0..tenants.max(1)).map(|t| format!("c{t}")).collect();
-            for (i, t) in ids.iter().enumerate() {
-                local::create_tenant(&cp, t, 1 + (i % 3) as u32).await?;
+            let mut ids = Vec::new();
+            for i in 0..tenants.max(1) as usize {
+                ids.push(local::create_tenant(&cp, &format!("c{i}"), 1 + (i % 3) as u32).await?);
             }
             let spec = local::job(&digest, "bench");
             // The samples are claimed and finalized, so queue that many more.

@@ -98,8 +98,7 @@ pub async fn density(args: DensityArgs) -> anyhow::Result<()> {
     let mut tenants = Vec::new();
     let mut digests = Vec::new();
     for i in 0..n_tenants {
-        let id = format!("dense-{i}");
-        local::create_tenant(&cp, &id, 1).await?;
+        let id = local::create_tenant(&cp, &format!("dense-{i}"), 1).await?;
         digests.push(local::put_component(&cp, &id, &wasm).await?);
         cp.put_context(&id, &meta, &blob).await?;
         tenants.push(id);

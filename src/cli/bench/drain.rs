@@ -61,8 +61,7 @@ pub async fn drain(args: DrainArgs) -> anyhow::Result<()> {
     let mut tenants = Vec::new();
     let mut digests = Vec::new();
     for i in 0..args.tenants.max(1) {
-        let id = format!("drain-{i}");
-        local::create_tenant(&cp, &id, 1).await?;
+        let id = local::create_tenant(&cp, &format!("drain-{i}"), 1).await?;
         digests.push(local::put_component(&cp, &id, &wasm).await?);
         tenants.push(id);
     }

@@ -5,7 +5,7 @@
 
 use crate::control::{ControlConfig, ControlPlane, SubmitSpec, TenantSpec, sha256_hex};
 use crate::embedded::EmbeddedRedis;
-use crate::model::Job;
+use crate::model::{Job, TenantId};
 use anyhow::{Context, bail};
 use clap::Args;
 use serde_json::{Value, json};
@@ -176,11 +176,12 @@ impl WorkerProc {
     }
 }
 
-/// A tenant that never runs out of credits or running slots.
-pub async fn create_tenant(cp: &ControlPlane, id: &str, weight: u32) -> anyhow::Result<()> {
+/// A tenant that never runs out of credits or running slots; answers its id.
+pub async fn create_tenant(cp: &ControlPlane, id: &str, weight: u32) -> anyhow::Result<TenantId> {
+    let id = TenantId::parse(id).with_context(|| format!("bench tenant id {id:?}"))?;
     cp.create_tenant(
         &TenantSpec {
-            id: id.to_string(),
+            id: id.clone(),
             weight,
             credits: 1 << 50,
             max_running: 1_000_000,
@@ -194,12 +195,17 @@ pub async fn create_tenant(cp: &ControlPlane, id: &str, weight: u32) -> anyhow::
         &sha256_hex(id.as_bytes()),
     )
     .await
-    .with_context(|| format!("creating tenant {id}"))
+    .with_context(|| format!("creating tenant {id}"))?;
+    Ok(id)
 }
 
 /// Stores a component for `tenant` (as the API does after admission;
 /// the worker compiles it as for any upload) and answers its digest.
-pub async fn put_component(cp: &ControlPlane, tenant: &str, wasm: &[u8]) -> anyhow::Result<String> {
+pub async fn put_component(
+    cp: &ControlPlane,
+    tenant: &TenantId,
+    wasm: &[u8],
+) -> anyhow::Result<String> {
     let digest = format!("sha256:{}", sha256_hex(wasm));
     cp.put_component(tenant, &digest, wasm).await?;
     Ok(digest)
@@ -225,14 +231,14 @@ pub fn job(component: &str, input: &str) -> SubmitSpec {
 /// answers `(tenant, job id)` in submission order.
 pub async fn submit_all(
     cp: &ControlPlane,
-    jobs: Vec<(String, SubmitSpec)>,
+    jobs: Vec<(TenantId, SubmitSpec)>,
     in_flight: usize,
-) -> anyhow::Result<Vec<(String, String)>> {
+) -> anyhow::Result<Vec<(TenantId, String)>> {
     use futures::StreamExt;
     // Consecutive jobs of one tenant go in one SUBMIT call, up to
     // SUBMIT_CHUNK (as BullMQ's `addBulk` takes a chunk); `in_flight` jobs
     // are in flight at most, in whole chunks.
-    let mut chunks: Vec<(String, Vec<SubmitSpec>)> = Vec::new();
+    let mut chunks: Vec<(TenantId, Vec<SubmitSpec>)> = Vec::new();
     for (tenant, spec) in jobs {
         match chunks.last_mut() {
             Some((t, specs)) if *t == tenant && specs.len() < SUBMIT_CHUNK => specs.push(spec),
@@ -240,7 +246,7 @@ pub async fn submit_all(
         }
     }
     let calls = (in_flight / SUBMIT_CHUNK).max(2);
-    let results: Vec<anyhow::Result<Vec<(String, String)>>> = futures::stream::iter(chunks)
+    let results: Vec<anyhow::Result<Vec<(TenantId, String)>>> = futures::stream::iter(chunks)
         .map(|(tenant, specs)| {
             let cp = cp.clone();
             async move {
@@ -268,7 +274,7 @@ const SUBMIT_CHUNK: usize = 100;
 /// is checked every poll). Answers when that was seen.
 pub async fn wait_idle(
     cp: &ControlPlane,
-    tenants: &[String],
+    tenants: &[TenantId],
     worker: &mut WorkerProc,
     timeout: Duration,
 ) -> anyhow::Result<Instant> {
@@ -297,7 +303,7 @@ pub async fn wait_idle(
 
 /// Reads back every job (after the measurement: these reads are not
 /// counted).
-pub async fn read_jobs(cp: &ControlPlane, ids: &[(String, String)]) -> anyhow::Result<Vec<Job>> {
+pub async fn read_jobs(cp: &ControlPlane, ids: &[(TenantId, String)]) -> anyhow::Result<Vec<Job>> {
     use futures::StreamExt;
     let jobs: Vec<anyhow::Result<Job>> = futures::stream::iter(ids)
         .map(|(t, id)| async move { cp.job(t, id).await?.context("a bench job vanished") })

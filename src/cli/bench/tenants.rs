@@ -59,9 +59,8 @@ pub async fn tenants(args: TenantsArgs) -> anyhow::Result<()> {
     let mut weights = HashMap::new();
     let mut digests: Vec<Vec<String>> = Vec::new();
     for i in 0..args.tenants.max(1) {
-        let id = format!("mix-{i}");
         let weight = 1 + i % 3;
-        local::create_tenant(&cp, &id, weight).await?;
+        let id = local::create_tenant(&cp, &format!("mix-{i}"), weight).await?;
         let mut d = Vec::new();
         for w in &wasm {
             d.push(local::put_component(&cp, &id, w).await?);
