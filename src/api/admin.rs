@@ -15,7 +15,7 @@ use axum::http::StatusCode;
 /// `GET /v1/admin/tenants?cursor=&limit=` (admin): tenants by id, with
 /// running and queued counts, credits, parked reason and the share of
 /// capacity each used over the last minute.
-#[utoipa::path(get, path = "/v1/admin/tenants", tag = "admin", responses((status = 200, description = "tenants with counters and share of capacity over the last minute (admin)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
+#[utoipa::path(get, path = "/v1/admin/tenants", tag = "admin", responses((status = 200, description = "tenants with counters and share of capacity over the last minute (admin)", body = super::types::TenantPage), (status = "4XX", description = "the error, `param` naming the field at fault", body = crate::api::ErrorBody), (status = "5XX", description = "`internal`, `unavailable` or `storage_full` (503 with `Retry-After`)", body = crate::api::ErrorBody)))]
 pub(super) async fn tenants(
     State(state): State<AppState>,
     _: Admin,
@@ -40,7 +40,7 @@ pub(super) async fn tenants(
 /// `GET /v1/admin/jobs?state=&error_kind=&limit=&cursor=` (admin): jobs
 /// across tenants, newest first. A page filtered by `error_kind` may be
 /// short; only a `null` `next_cursor` means the end.
-#[utoipa::path(get, path = "/v1/admin/jobs", tag = "admin", responses((status = 200, description = "jobs across tenants by state and error kind (admin)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
+#[utoipa::path(get, path = "/v1/admin/jobs", tag = "admin", responses((status = 200, description = "jobs across tenants by state and error kind (admin)", body = super::types::JobPage), (status = "4XX", description = "the error, `param` naming the field at fault", body = crate::api::ErrorBody), (status = "5XX", description = "`internal`, `unavailable` or `storage_full` (503 with `Retry-After`)", body = crate::api::ErrorBody)))]
 pub(super) async fn jobs(
     State(state): State<AppState>,
     _: Admin,
@@ -58,7 +58,7 @@ pub(super) async fn jobs(
 /// `POST /v1/admin/tenants/{tenant}/jobs/{id}/retry` (admin): a failed job
 /// submitted again as a new job, charged as usual → 201 `{"id","state",
 /// "retry_of"}` (200 with the same new job when it was already retried).
-#[utoipa::path(post, path = "/v1/jobs/{id}/retry", tag = "jobs", params(("id" = String, Path)), responses((status = 201, description = "the failed job submitted again as a new job `{\"id\",\"state\",\"retry_of\"}` (tenant)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
+#[utoipa::path(post, path = "/v1/jobs/{id}/retry", tag = "jobs", params(("id" = String, Path)), responses((status = 201, description = "the failed job submitted again as a new job `{\"id\",\"state\",\"retry_of\"}` (tenant)", body = super::types::Retried), (status = 200, description = "already retried: the same new job", body = super::types::Retried), (status = "4XX", description = "the error, `param` naming the field at fault", body = crate::api::ErrorBody), (status = "5XX", description = "`internal`, `unavailable` or `storage_full` (503 with `Retry-After`)", body = crate::api::ErrorBody)))]
 pub(super) async fn retry(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -67,7 +67,7 @@ pub(super) async fn retry(
     retry_as(&state, &tenant, &id).await
 }
 
-#[utoipa::path(post, path = "/v1/admin/tenants/{tenant}/jobs/{id}/retry", tag = "admin", params(("tenant" = String, Path), ("id" = String, Path)), responses((status = 201, description = "a failed job of any tenant submitted again (admin)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
+#[utoipa::path(post, path = "/v1/admin/tenants/{tenant}/jobs/{id}/retry", tag = "admin", params(("tenant" = String, Path), ("id" = String, Path)), responses((status = 201, description = "a failed job of any tenant submitted again (admin)", body = super::types::Retried), (status = 200, description = "already retried: the same new job", body = super::types::Retried), (status = "4XX", description = "the error, `param` naming the field at fault", body = crate::api::ErrorBody), (status = "5XX", description = "`internal`, `unavailable` or `storage_full` (503 with `Retry-After`)", body = crate::api::ErrorBody)))]
 pub(super) async fn admin_retry(
     State(state): State<AppState>,
     Path((tenant, id)): Path<(String, String)>,

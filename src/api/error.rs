@@ -201,6 +201,27 @@ pub(crate) async fn with_request_id(
     resp
 }
 
+/// The body of every error answer (the OpenAPI schema of
+/// [`error_body`]'s value).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+/// `{"code","message","request_id","param"?}` of an error answer.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// A stable code (`invalid_request`, `not_found`, `queue_full`, ...).
+    pub code: String,
+    /// A sentence for the client.
+    pub message: String,
+    /// The id of the request (also its `X-Request-Id`).
+    pub request_id: String,
+    /// The field or parameter at fault, when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub param: Option<String>,
+}
+
 /// The field a message names: its first `backticked` word.
 fn param_of(message: &str) -> Option<&str> {
     let start = message.find('`')? + 1;

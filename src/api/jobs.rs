@@ -133,7 +133,7 @@ pub(super) fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> 
 }
 
 /// `POST /v1/jobs` → 201 `{"id","state"}`, or 200 for an idempotent replay.
-#[utoipa::path(post, path = "/v1/jobs", tag = "jobs", responses((status = 201, description = "`{\"id\",\"state\"}`; 200 on an idempotent replay (tenant)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
+#[utoipa::path(post, path = "/v1/jobs", tag = "jobs", request_body = super::types::JobRequest, responses((status = 201, description = "`{\"id\",\"state\"}`; 200 on an idempotent replay (tenant)", body = super::types::JobRef), (status = 200, description = "an idempotent replay: the job the key first made", body = super::types::JobRef), (status = "4XX", description = "the error, `param` naming the field at fault", body = crate::api::ErrorBody), (status = "5XX", description = "`internal`, `unavailable` or `storage_full` (503 with `Retry-After`)", body = crate::api::ErrorBody)))]
 pub(super) async fn submit(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
@@ -222,13 +222,13 @@ async fn submit_one(
 pub const MAX_BATCH: usize = 1_000;
 
 /// `POST /v1/jobs/batch` body: `{"jobs":[{"job":{…},"idempotency_key"?}]}`.
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Batch {
     jobs: Vec<BatchItem>,
 }
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct BatchItem {
     job: serde_json::Value,
@@ -237,7 +237,7 @@ struct BatchItem {
 }
 
 /// One job's answer in a batch: the job, or why it was refused.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum BatchResult {
     Submitted {
@@ -247,20 +247,27 @@ pub enum BatchResult {
         created: bool,
     },
     Refused {
+        #[schema(value_type = crate::api::ErrorDetail)]
         error: serde_json::Value,
     },
+}
+
+/// `POST /v1/jobs/batch` answer: one result per job, in order.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct BatchResults {
+    pub results: Vec<BatchResult>,
 }
 
 /// `POST /v1/jobs/batch` → 200 `{"results":[…]}`, one per job in order:
 /// each job is submitted on its own (its own checks, credits, queue space
 /// and idempotency key), so one refused job does not refuse the others.
-#[utoipa::path(post, path = "/v1/jobs/batch", tag = "jobs", responses((status = 200, description = "one result per job, in order (tenant)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
+#[utoipa::path(post, path = "/v1/jobs/batch", tag = "jobs", request_body = Batch, responses((status = 200, description = "one result per job, in order (tenant)", body = BatchResults), (status = "4XX", description = "the error, `param` naming the field at fault", body = crate::api::ErrorBody), (status = "5XX", description = "`internal`, `unavailable` or `storage_full` (503 with `Retry-After`)", body = crate::api::ErrorBody)))]
 pub(super) async fn batch(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
     headers: HeaderMap,
     body: Body,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<BatchResults>> {
     expect_json(&headers)?;
     let cfg = state.config();
     let bytes = tenant_body(
@@ -331,7 +338,7 @@ pub(super) async fn batch(
             }
         });
     }
-    Ok(Json(serde_json::json!({ "results": results })))
+    Ok(Json(BatchResults { results }))
 }
 
 pub(super) async fn fetch_job(state: &AppState, tenant: &str, id: &str) -> ApiResult<Job> {
@@ -348,7 +355,7 @@ pub(super) async fn fetch_job(state: &AppState, tenant: &str, id: &str) -> ApiRe
 
 /// `GET /v1/jobs/{id}?wait=SECONDS`: the job, held until it is terminal or
 /// the wait (capped) is over.
-#[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs", params(("id" = String, Path)), responses((status = 200, description = "the job, held until terminal or `wait` seconds (tenant)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
+#[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs", params(("id" = String, Path)), responses((status = 200, description = "the job, held until terminal or `wait` seconds (tenant)", body = crate::model::Job), (status = "4XX", description = "the error, `param` naming the field at fault", body = crate::api::ErrorBody), (status = "5XX", description = "`internal`, `unavailable` or `storage_full` (503 with `Retry-After`)", body = crate::api::ErrorBody)))]
 pub(super) async fn get(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -387,7 +394,7 @@ pub(super) async fn get(
 }
 
 /// `GET /v1/jobs/{id}/log`: the last attempt's log as `text/plain`.
-#[utoipa::path(get, path = "/v1/jobs/{id}/log", tag = "jobs", params(("id" = String, Path)), responses((status = 200, description = "the last attempt's log, `text/plain` (tenant)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
+#[utoipa::path(get, path = "/v1/jobs/{id}/log", tag = "jobs", params(("id" = String, Path)), responses((status = 200, description = "the last attempt's log, `text/plain` (tenant)", content_type = "text/plain", body = String), (status = "4XX", description = "the error, `param` naming the field at fault", body = crate::api::ErrorBody), (status = "5XX", description = "`internal`, `unavailable` or `storage_full` (503 with `Retry-After`)", body = crate::api::ErrorBody)))]
 pub(super) async fn log(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -407,7 +414,7 @@ pub(super) async fn log(
 }
 
 /// `POST /v1/jobs/{id}/cancel` → `{"id","state"}`.
-#[utoipa::path(post, path = "/v1/jobs/{id}/cancel", tag = "jobs", params(("id" = String, Path)), responses((status = 200, description = "`{\"id\",\"state\"}` (tenant)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
+#[utoipa::path(post, path = "/v1/jobs/{id}/cancel", tag = "jobs", params(("id" = String, Path)), responses((status = 200, description = "`{\"id\",\"state\"}` (tenant)", body = super::types::JobRef), (status = "4XX", description = "the error, `param` naming the field at fault", body = crate::api::ErrorBody), (status = "5XX", description = "`internal`, `unavailable` or `storage_full` (503 with `Retry-After`)", body = crate::api::ErrorBody)))]
 pub(super) async fn cancel(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -436,7 +443,7 @@ pub(super) async fn cancel(
 }
 
 /// `GET /v1/jobs?state=&limit=&cursor=` → `{"jobs":[…],"next_cursor"}`.
-#[utoipa::path(get, path = "/v1/jobs", tag = "jobs", responses((status = 200, description = "`{\"jobs\",\"next_cursor\"}`, newest first (tenant)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
+#[utoipa::path(get, path = "/v1/jobs", tag = "jobs", responses((status = 200, description = "`{\"jobs\",\"next_cursor\"}`, newest first (tenant)", body = super::types::JobPage), (status = "4XX", description = "the error, `param` naming the field at fault", body = crate::api::ErrorBody), (status = "5XX", description = "`internal`, `unavailable` or `storage_full` (503 with `Retry-After`)", body = crate::api::ErrorBody)))]
 pub(super) async fn list(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,

@@ -29,7 +29,8 @@ mod uploads;
 pub use auth::{Admin, Caller, Tenant, token_hash};
 pub use edge::{MAX_HEADERS, serve};
 pub use error::{ApiError, ApiResult};
-pub use jobs::{BatchResult, MAX_BATCH, parse_job_request};
+pub use error::{ErrorBody, ErrorDetail};
+pub use jobs::{BatchResult, BatchResults, MAX_BATCH, parse_job_request};
 pub use prom::{install_metrics, metrics_app};
 pub use types::{Balance, JobPage, JobRef, JobRequest, Retried, TenantPage, TenantToken};
 
@@ -293,17 +294,17 @@ pub fn app(state: AppState) -> Router {
     edge::layers(router, state)
 }
 
-#[utoipa::path(get, path = "/v1/openapi.json", tag = "ops", responses((status = 200, description = "this document (OpenAPI 3.1), for anyone")))]
+#[utoipa::path(get, path = "/v1/openapi.json", tag = "ops", responses((status = 200, description = "this document (OpenAPI 3.1), for anyone", content_type = "application/json", body = Object)))]
 async fn openapi_json() -> axum::Json<&'static utoipa::openapi::OpenApi> {
     axum::Json(openapi())
 }
 
-#[utoipa::path(get, path = "/healthz", tag = "ops", responses((status = 200, description = "liveness: `ok`")))]
+#[utoipa::path(get, path = "/healthz", tag = "ops", responses((status = 200, description = "liveness: `ok`", content_type = "text/plain", body = String)))]
 async fn health() -> &'static str {
     "ok\n"
 }
 
-#[utoipa::path(get, path = "/readyz", tag = "ops", responses((status = 200, description = "Redis reachable: `ready` (503 `unavailable` when not)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
+#[utoipa::path(get, path = "/readyz", tag = "ops", responses((status = 200, description = "Redis reachable: `ready` (503 `unavailable` when not)", content_type = "text/plain", body = String), (status = "4XX", description = "the error, `param` naming the field at fault", body = crate::api::ErrorBody), (status = "5XX", description = "`internal`, `unavailable` or `storage_full` (503 with `Retry-After`)", body = crate::api::ErrorBody)))]
 async fn ready(
     axum::extract::State(state): axum::extract::State<AppState>,
 ) -> ApiResult<&'static str> {

@@ -8,7 +8,7 @@ use crate::model::{Job, JobState};
 use serde::{Deserialize, Serialize};
 
 /// `POST /v1/jobs` body.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JobRequest {
     pub component: String,
@@ -30,42 +30,42 @@ pub struct JobRequest {
 }
 
 /// `POST /v1/jobs` and `POST /v1/jobs/{id}/cancel`: `{"id","state"}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobRef {
     pub id: String,
     pub state: JobState,
 }
 
 /// `GET /v1/jobs`: one page, newest first; `next_cursor` names the next.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobPage {
     pub jobs: Vec<Job>,
     pub next_cursor: Option<String>,
 }
 
 /// `POST /v1/tenants`: the new tenant's token, shown this once.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TenantToken {
     pub id: String,
     pub token: String,
 }
 
 /// `POST /v1/tenants/{id}/credits`: the balance after the grant.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Balance {
     pub id: String,
     pub balance: i64,
 }
 
 /// `GET /v1/admin/tenants`: one page of tenants by id.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TenantPage {
     pub tenants: Vec<crate::control::TenantRow>,
     pub next_cursor: Option<String>,
 }
 
 /// `POST /v1/jobs/{id}/retry`: the new job and the failed one it repeats.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Retried {
     pub id: String,
     pub state: JobState,
