@@ -51,6 +51,7 @@ local DELAYED = B .. 'delayed'
 local LEASES = B .. 'leases'
 local WAKE = B .. 'wake'
 local DONE = B .. 'done'         -- finished jobs by finish time, for RETAIN
+local HOOKS = B .. 'hooks'       -- callbacks owed, by due time (lua/hooks.lua)
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -434,6 +435,8 @@ local function finish(jid, J, state, now)
   redis.call('HSET', jkey(jid), 'finished', I(now))
   -- RETAIN removes it (with its log and index entries) after the retention.
   redis.call('ZADD', DONE, now, jid)
+  -- A job with a `callback_url` is owed a delivery (lua/hooks.lua).
+  if redis.call('HSTRLEN', jkey(jid), 'callback') > 0 then redis.call('ZADD', HOOKS, now, jid) end
 end
 
 -- Attempts that count toward max_attempts. `attempts` numbers every run

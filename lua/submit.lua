@@ -12,6 +12,7 @@
 -- ARGV[11] delay_ms             ARGV[12] sha256 of the body, '' without a key
 -- ARGV[13] idempotency TTL (s)  ARGV[14..17] prices: credits/Mfuel, credits/GPU-s, GPU slot weight,
 --                               credits/slot-s
+-- ARGV[18] callback_url or '' (checked by the API against the egress rules)
 -- Returns: {'created', id, state} | {'exists', id, state} | {'conflict'}
 --          | {'no_tenant'} | {'queue_full'} | {'credits', reservation, balance}
 -- Errors:  malformed arguments (nothing written).
@@ -56,7 +57,8 @@ local now = now_ms()
 redis.call('HSET', KEYS[3], 'tenant', t, 'component', ARGV[3], 'input', ARGV[4],
   'agent_id', ARGV[5], 'contexts', ARGV[6], 'gpus', I(gpus), 'max_attempts', I(max_attempts),
   'timeout_ms', ARGV[9], 'fuel', ARGV[10], 'attempts', 0, 'counted', 0, 'conflicts', 0, 'token', 0,
-  'reserved', 0, 'u_fuel', 0, 'u_wall', 0, 'u_credits', 0, 'created', I(now), 'cancel', 0)
+  'reserved', 0, 'u_fuel', 0, 'u_wall', 0, 'u_credits', 0, 'created', I(now), 'cancel', 0,
+  'callback', ARGV[18] or '')
 redis.call('ZADD', jobskey(t), 0, jid)
 J.state = ''
 if delay > 0 then

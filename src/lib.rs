@@ -17,11 +17,14 @@
 //! - [`worker`]: the worker loop. Owns slots, claiming, lease renewal, draining.
 //! - [`scheduler`]: promotion of delayed jobs and the lease reaper.
 //! - [`api`]: the HTTP API (axum). Owns authentication, validation, JSON errors.
+//! - [`callbacks`]: job callbacks: egress rules, signing, the dispatcher
+//!   that delivers them (run by every API process).
 //! - [`embedded`]: the `redis-server` that `serve` starts when given no `--redis`.
 //! - [`client`]: the typed HTTP client of the API (CLI, `bench`, tests).
 //! - [`cli`]: command-line parsing and the client commands over the API.
 
 pub mod api;
+pub mod callbacks;
 pub mod cli;
 pub mod client;
 pub mod context;

@@ -205,6 +205,20 @@ pub struct Job {
     pub gpus: u32,
     #[serde(default)]
     pub max_attempts: u32,
+    /// The job's `callback_url` and its delivery, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback: Option<Callback>,
+}
+
+/// A job's callback: where its result is delivered and how that went.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Callback {
+    pub url: String,
+    /// `pending` (owed, not tried yet), `retrying`, `delivered`, `failed`
+    /// (every attempt failed) or `refused` (the egress rules refused it).
+    pub state: String,
+    /// Attempts made.
+    pub attempts: u32,
 }
 
 /// Tenant identifiers appear inside Redis keys and tokens, so they are kept

@@ -597,7 +597,11 @@ async fn real_answers_match_their_schemas() {
         let (st, _) = checked(&s, &doc, "GET", path, &[], token, None).await;
         assert_eq!(st, 200, "{path}");
     }
-    for path in ["/v1/tenants/{id}/ledger", "/v1/tenants/{id}/usage"] {
+    for path in [
+        "/v1/tenants/{id}/ledger",
+        "/v1/tenants/{id}/usage",
+        "/v1/tenants/{id}/callback-key",
+    ] {
         let (st, _) = checked(&s, &doc, "GET", path, &[("id", "acme")], &tok, None).await;
         assert_eq!(st, 200, "{path}");
     }

@@ -84,6 +84,9 @@ pub enum ApiError {
     /// 413: a per-tenant byte quota would be exceeded (the message names it).
     #[error("{0}")]
     QuotaExceeded(String),
+    /// 400: a `callback_url` the deployment's egress rules refuse.
+    #[error("{0}")]
+    CallbackRefused(String),
     /// 500: anything else (cause logged, not shown).
     #[error("internal error")]
     Internal,
@@ -121,6 +124,7 @@ impl ApiError {
             ApiError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::StorageFull => (StatusCode::SERVICE_UNAVAILABLE, "storage_full"),
             ApiError::QuotaExceeded(_) => (StatusCode::PAYLOAD_TOO_LARGE, "quota_exceeded"),
+            ApiError::CallbackRefused(_) => (StatusCode::BAD_REQUEST, "callback_not_allowed"),
             ApiError::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -259,7 +263,10 @@ impl IntoResponse for ApiError {
         let (status, code) = self.parts();
         let names_param = matches!(
             self,
-            ApiError::Invalid(_) | ApiError::PayloadTooLarge(_) | ApiError::QuotaExceeded(_)
+            ApiError::Invalid(_)
+                | ApiError::PayloadTooLarge(_)
+                | ApiError::QuotaExceeded(_)
+                | ApiError::CallbackRefused(_)
         );
         let body = error_body(code, &self.to_string(), names_param);
         let mut resp = (status, Json(body)).into_response();

@@ -45,6 +45,18 @@ pub fn parse_job_request(
     Ok(req)
 }
 
+/// Checks a request's `callback_url` against the deployment's egress rules.
+fn check_callback(state: &AppState, req: &JobRequest) -> ApiResult<()> {
+    if let Some(url) = &req.callback_url {
+        state
+            .config()
+            .callbacks
+            .check(url)
+            .map_err(|e| ApiError::CallbackRefused(e.0))?;
+    }
+    Ok(())
+}
+
 /// Checks a request against the tenant's settings; names the field at fault.
 fn validate(req: &JobRequest, tenant: &TenantInfo, max_input: usize) -> ApiResult<()> {
     if !valid_digest(&req.component) {
@@ -161,6 +173,7 @@ pub(super) async fn submit(
         // was deleted in between.
         .ok_or(ApiError::Unauthorized)?;
     let req = parse_job_request(&bytes, &info, cfg.max_input_bytes)?;
+    check_callback(&state, &req)?;
     // The raw body is hashed, so a replay must repeat it byte for byte.
     let idem = idem.map(|k| (k, hex::encode(Sha256::digest(&bytes))));
     let submitted = submit_one(&state, &tenant, req, idem).await?;
@@ -212,6 +225,7 @@ async fn submit_one(
         fuel: req.fuel,
         delay_ms: req.delay_ms,
         idempotency,
+        callback_url: req.callback_url,
     };
     cp.submit(tenant, &spec)
         .await
@@ -310,6 +324,7 @@ pub(super) async fn batch(
             // must repeat.
             let raw = serde_json::to_vec(&item.job).map_err(|_| ApiError::Internal)?;
             let req = parse_job_request(&raw, &info, cfg.max_input_bytes)?;
+            check_callback(&state, &req)?;
             let idem = key.map(|k| (k, hex::encode(Sha256::digest(&raw))));
             submit_one(&state, &tenant, req, idem).await
         };
@@ -330,7 +345,10 @@ pub(super) async fn batch(
                 let body = super::error::error_body(
                     code,
                     &e.to_string(),
-                    code == "invalid_request" || code == "payload_too_large",
+                    matches!(
+                        code,
+                        "invalid_request" | "payload_too_large" | "callback_not_allowed"
+                    ),
                 );
                 BatchResult::Refused {
                     error: body["error"].clone(),

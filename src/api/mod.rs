@@ -32,7 +32,9 @@ pub use error::{ApiError, ApiResult};
 pub use error::{ErrorBody, ErrorDetail};
 pub use jobs::{BatchResult, BatchResults, MAX_BATCH, parse_job_request};
 pub use prom::{install_metrics, metrics_app};
-pub use types::{Balance, JobPage, JobRef, JobRequest, Retried, TenantPage, TenantToken};
+pub use types::{
+    Balance, CallbackKey, JobPage, JobRef, JobRequest, Retried, TenantPage, TenantToken,
+};
 
 use crate::control::ControlPlane;
 use crate::host::Host;
@@ -105,6 +107,9 @@ pub struct ApiConfig {
     pub upload_burst: u32,
     /// Uploads per minute one tenant may sustain.
     pub uploads_per_minute: u32,
+    /// Egress rules and signing secret of job callbacks (none allowed by
+    /// default).
+    pub callbacks: crate::callbacks::Callbacks,
 }
 
 impl Default for ApiConfig {
@@ -128,6 +133,7 @@ impl Default for ApiConfig {
             max_bodies_per_tenant: 16,
             upload_burst: 30,
             uploads_per_minute: 30,
+            callbacks: crate::callbacks::Callbacks::default(),
         }
     }
 }
@@ -239,7 +245,10 @@ impl AppState {
 /// The OpenAPI document's header; the paths come from the handlers'
 /// `#[utoipa::path]` annotations, registered with their routes.
 #[derive(utoipa::OpenApi)]
-#[openapi(info(
+#[openapi(
+    // What a job's `callback_url` receives (README, "Callbacks").
+    components(schemas(crate::callbacks::CallbackBody)),
+    info(
     title = "agentplane",
     description = "Multi-tenant, WebAssembly-sandboxed agent execution host. \
         `Authorization: Bearer <token>`: the admin token, or a tenant's `<tenant>.<secret>`."
@@ -261,6 +270,7 @@ fn routes() -> utoipa_axum::router::OpenApiRouter<AppState> {
         .routes(routes!(tenants::create))
         .routes(routes!(tenants::get, tenants::patch))
         .routes(routes!(tenants::credits))
+        .routes(routes!(tenants::callback_key))
         .routes(routes!(report::ledger))
         .routes(routes!(report::usage))
         .routes(routes!(admin::tenants))

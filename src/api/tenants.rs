@@ -163,6 +163,32 @@ pub(super) async fn credits(
     Ok(Json(Balance { id, balance }))
 }
 
+/// `GET /v1/tenants/{id}/callback-key` (admin, or that tenant): the key
+/// that signs the tenant's callbacks (README, "Callbacks").
+#[utoipa::path(get, path = "/v1/tenants/{id}/callback-key", tag = "tenants", params(("id" = String, Path)), responses((status = 200, description = "`{\"tenant\",\"key\"}`: the HMAC-SHA256 key of the tenant's callback signatures (admin, that tenant)", body = super::types::CallbackKey), (status = "4XX", description = "the error, `param` naming the field at fault", body = crate::api::ErrorBody), (status = "5XX", description = "`internal`, `unavailable` or `storage_full` (503 with `Retry-After`)", body = crate::api::ErrorBody)))]
+pub(super) async fn callback_key(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    caller: Caller,
+) -> ApiResult<Json<super::types::CallbackKey>> {
+    if let Caller::Tenant(t) = &caller
+        && *t != id
+    {
+        return Err(ApiError::NotFound("tenant"));
+    }
+    if !valid_tenant_id(&id) {
+        return Err(ApiError::NotFound("tenant"));
+    }
+    state
+        .control()
+        .tenant(&id)
+        .await
+        .map_err(|e| ApiError::from_cp(e, "tenant"))?
+        .ok_or(ApiError::NotFound("tenant"))?;
+    let key = state.config().callbacks.tenant_key(&id);
+    Ok(Json(super::types::CallbackKey { tenant: id, key }))
+}
+
 /// The tenant as `GET /v1/tenants/{id}` shows it.
 async fn tenant_json(state: &AppState, id: &str) -> ApiResult<Json<Value>> {
     let info = state

@@ -27,6 +27,10 @@ pub struct JobRequest {
     pub fuel: Option<u64>,
     #[serde(default, deserialize_with = "crate::num::u53")]
     pub delay_ms: u64,
+    /// Where the finished job is POSTed, signed (README, "Callbacks"):
+    /// `http://` or `https://`, allowed by the deployment's egress rules.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback_url: Option<String>,
 }
 
 /// `POST /v1/jobs` and `POST /v1/jobs/{id}/cancel`: `{"id","state"}`.
@@ -48,6 +52,15 @@ pub struct JobPage {
 pub struct TenantToken {
     pub id: String,
     pub token: String,
+}
+
+/// `GET /v1/tenants/{id}/callback-key`: the key that signs the tenant's
+/// callbacks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct CallbackKey {
+    pub tenant: String,
+    /// 64 hex digits; the HMAC-SHA256 key is this text.
+    pub key: String,
 }
 
 /// `POST /v1/tenants/{id}/credits`: the balance after the grant.

@@ -219,6 +219,16 @@ pub struct ApiLimitArgs {
     #[arg(long, env = "AGENTPLANE_MAX_BODIES_PER_TENANT", default_value_t = 16,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_bodies_per_tenant: u32,
+    /// Where job callbacks may go: `scheme://host[:port]` rules (`*.` for
+    /// any subdomain), comma-separated or repeated. Names must resolve to
+    /// public addresses; a private or loopback address must be named
+    /// itself. None (the default): every `callback_url` is refused.
+    #[arg(
+        long = "callback-allow",
+        env = "AGENTPLANE_CALLBACK_ALLOW",
+        value_delimiter = ','
+    )]
+    pub callback_allow: Vec<String>,
 }
 
 impl ApiLimitArgs {

@@ -211,7 +211,7 @@ impl ControlPlane {
     }
 
     /// Submits a failed job of `tenant` again, as a new job with the same
-    /// component, input, agent, contexts, GPUs and limits, charged as any
+    /// component, input, agent, contexts, GPUs, limits and callback, charged as any
     /// submission. At most once per failed job: a second retry answers the
     /// same new job (`created: false`); retry that one to go on.
     pub async fn retry_job(&self, tenant: &str, id: &str) -> Result<Submitted, CpError> {
@@ -229,6 +229,7 @@ impl ControlPlane {
             "max_attempts",
             "timeout_ms",
             "fuel",
+            "callback",
         ];
         let row: Vec<Option<String>> = redis::cmd("HMGET")
             .arg(self.keys.job(tenant, id))
@@ -267,6 +268,8 @@ impl ControlPlane {
             fuel: opt("fuel"),
             delay_ms: 0,
             idempotency: Some((format!("retry:{id}"), sha256_hex(id.as_bytes()))),
+            // The dispatcher checks it against the egress rules again.
+            callback_url: h.get("callback").filter(|c| !c.is_empty()).cloned(),
         };
         self.submit(tenant, &spec).await
     }

@@ -46,6 +46,7 @@ mod cancel;
 mod claim;
 mod config;
 mod error;
+mod hooks;
 mod jobs;
 mod lease;
 mod maintenance;
@@ -61,6 +62,7 @@ pub use claim::{Claim, Lease};
 pub use config::{ControlConfig, Prices};
 pub use error::CpError;
 use error::answer_lost;
+pub use hooks::{DueHook, HookOutcome};
 pub use jobs::LedgerEntry;
 pub use lease::{AttemptOutcome, Finalized, Finish, truncate_utf8};
 use reply::*;
@@ -75,7 +77,9 @@ pub use limits::*;
 pub use quota::Stored;
 pub use retain::{LedgerCheckpoint, Retained};
 
-use crate::model::{ErrorKind, Job, JobError, JobState, Limits, Usage, now_ms, rfc3339_ms};
+use crate::model::{
+    Callback, ErrorKind, Job, JobError, JobState, Limits, Usage, now_ms, rfc3339_ms,
+};
 use conn::{Conn, Target};
 use keys::KeySpace;
 use redis::{AsyncCommands, Value};

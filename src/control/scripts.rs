@@ -36,6 +36,7 @@ scripts! {
     TENANT => "tenant.lua",
     RETAIN => "retain.lua",
     USAGE => "usage.lua",
+    HOOKS => "hooks.lua",
 }
 
 /// Rewrites each place a Lua runtime error names, `user_script:<line>` of
