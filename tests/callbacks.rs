@@ -112,6 +112,10 @@ impl Receiver {
 
 /// A stack whose callbacks may go to `rules`, retried quickly.
 async fn stack(rules: &[&str]) -> Stack {
+    stack_with(rules, None).await
+}
+
+async fn stack_with(rules: &[&str], retention_ms: Option<u64>) -> Stack {
     let mut cb = Callbacks::new(rules.iter().map(|r| r.parse().unwrap()).collect(), [42; 32]);
     cb.delivery.backoff_base = Duration::from_millis(200);
     cb.delivery.timeout = Duration::from_secs(5);
@@ -122,6 +126,7 @@ async fn stack(rules: &[&str]) -> Stack {
             callbacks: cb,
             ..ApiConfig::default()
         },
+        retention_ms,
         ..Opts::default()
     })
     .await
@@ -327,6 +332,45 @@ async fn a_receiver_that_never_answers_does_not_stall_other_tenants() {
         tar.got().len() <= 2,
         "the evil tenant held more than its places: {}",
         tar.got().len()
+    );
+    s.stop().await;
+}
+
+/// Retention removes a callback still owed with its job: a receiver that
+/// always fails is not called for ever after the job is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_removes_an_owed_callback_with_its_job() {
+    let r = receiver(vec![500], false).await;
+    let s = stack_with(&[&r.rule], Some(1_500)).await;
+    let tok = s.tenant("acme").await;
+    let d = s.push(&tok, "echo").await;
+    let id = s.submit(&tok, job_with_callback(&d, "x", &r.url)).await;
+    r.wait(1, 30).await;
+    let hooks = || async {
+        let c = redis::Client::open(s.url.as_str()).unwrap();
+        let mut con = c.get_multiplexed_async_connection().await.unwrap();
+        redis::cmd("ZCARD")
+            .arg("{ap:s0}:hooks")
+            .query_async::<u64>(&mut con)
+            .await
+            .unwrap()
+    };
+    assert_eq!(hooks().await, 1, "owed while the job is kept");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (st, _) = s.get(&format!("/v1/jobs/{id}"), &tok).await;
+        if st == StatusCode::NOT_FOUND {
+            break;
+        }
+        assert!(Instant::now() < deadline, "job still kept");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(hooks().await, 0, "the hook outlived its job");
+    let n = r.got().len();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        r.got().len() <= n + 1,
+        "still called after its job was removed"
     );
     s.stop().await;
 }
