@@ -51,6 +51,7 @@ local DELAYED = B .. 'delayed'
 local LEASES = B .. 'leases'
 local WAKE = B .. 'wake'
 local DONE = B .. 'done'         -- finished jobs by finish time, for RETAIN
+local HOOKS = B .. 'hooks'       -- callbacks owed, by due time (lua/hooks.lua)
 
 -- The shard's virtual clock (see CLAIM), read at most once per call.
 local vclock_cached = nil
@@ -122,7 +123,7 @@ end
 local JOB_FIELDS = { 'state', 'tenant', 'sid', 'agent_id', 'gpus', 'worker', 'attempts',
   'counted', 'token', 'cancel', 'timeout_ms', 'reserved', 'max_attempts', 'lease_until',
   'fuel', 'u_wall', 'u_fuel', 'u_credits', 'sver', 'started', 'releases', 'faults', 'est',
-  'cw', 'contexts', 'conflicts', 'component' }
+  'cw', 'contexts', 'conflicts', 'component', 'callback' }
 local function job_meta(key)
   local vals = redis.call('HMGET', key, unpack(JOB_FIELDS))
   local h = {}
@@ -504,6 +505,8 @@ local function finish(jid, J, state, now, fields)
   redis.call('HSET', jkey(jid), unpack(f))
   -- RETAIN removes it (with its log and index entries) after the retention.
   redis.call('ZADD', DONE, now, jid)
+  -- A job with a `callback_url` is owed a delivery (lua/hooks.lua).
+  if (J.callback or '') ~= '' then redis.call('ZADD', HOOKS, now, jid) end
 end
 
 -- Attempts that count toward max_attempts. `attempts` numbers every run

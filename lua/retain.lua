@@ -21,7 +21,7 @@
 -- Deletes first (UNLINK/ZREM/XTRIM need no memory), so a Redis at its
 -- maxmemory can still run it.
 --
--- KEYS[1]  shard anchor (derived: done, j:<job>, log:<job>, jobs:<t>, js:<t>:*,
+-- KEYS[1]  shard anchor (derived: done, hooks, j:<job>, log:<job>, jobs:<t>, js:<t>:*,
 --          ledger:<t>, t:<t>, ledgers, compact)
 -- ARGV[1]  jobs per call (>= 1)  ARGV[2]  retention ms
 -- ARGV[3]  ledger entries folded per call (1..5000)
@@ -53,6 +53,7 @@ for _, jid in ipairs(redis.call('ZRANGEBYSCORE', DONE, '-inf', cutoff, 'LIMIT', 
     -- UNLINK: a job hash with a 1 MiB input is freed in the background,
     -- not while this script holds Redis.
     redis.call('UNLINK', jkey(jid), B .. 'log:' .. jid)
+    redis.call('ZREM', HOOKS, jid)
     removed = removed + 1
     touch(t)
   end

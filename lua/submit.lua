@@ -8,11 +8,12 @@
 -- KEYS[2 + 2i]  idempotency string    KEYS[1]:idem:<tenant>:<sha256(key)>
 -- ARGV[1]  tenant id            ARGV[2]  idempotency TTL (s)
 -- ARGV[3..6] prices: credits/Mfuel, credits/GPU-s, GPU slot weight, credits/slot-s
--- ARGV[7]  N, the number of jobs; then for each job i, 11 fields from
---          ARGV[8 + 11 * (i - 1)]:
+-- ARGV[7]  N, the number of jobs; then for each job i, 12 fields from
+--          ARGV[8 + 12 * (i - 1)]:
 --   new job id (ULID), component digest, input, agent id or '', contexts
 --   (JSON [[name, digest], ...]), gpus, max_attempts (>= 1), timeout_ms or '',
---   fuel or '', delay_ms, sha256 of the body ('' without an idempotency key)
+--   fuel or '', delay_ms, sha256 of the body ('' without an idempotency key),
+--   callback_url or '' (checked by the API against the egress rules)
 -- Returns: an array with one answer per job, in order, each
 --          {'created', id, state} | {'exists', id, state} | {'conflict'}
 --          | {'no_tenant'} | {'queue_full'} | {'credits', reservation, balance}
@@ -20,7 +21,7 @@
 local t, ttl = ARGV[1], uint(ARGV[2])
 local P = prices(ARGV[3], ARGV[4], ARGV[5], ARGV[6])
 local count = uint(ARGV[7])
-local STRIDE = 11
+local STRIDE = 12
 if t == '' or ttl == nil or P == nil or count == nil or count < 1
   or #ARGV ~= 7 + STRIDE * count or #KEYS ~= 3 + 2 * count then
   return fail('malformed arguments')
@@ -34,7 +35,7 @@ for i = 1, count do
   local x = { jid = ARGV[a + 1], component = ARGV[a + 2], input = ARGV[a + 3],
     agent = ARGV[a + 4], contexts = ARGV[a + 5], gpus = uint(ARGV[a + 6]),
     max_attempts = uint(ARGV[a + 7]), timeout_ms = ARGV[a + 8], fuel = ARGV[a + 9],
-    delay = uint(ARGV[a + 10]), body_hash = ARGV[a + 11],
+    delay = uint(ARGV[a + 10]), body_hash = ARGV[a + 11], callback = ARGV[a + 12],
     key = KEYS[1 + 2 * i], idem = KEYS[2 + 2 * i] }
   if x.jid == '' or x.component == '' then return fail('empty tenant, job or component') end
   if x.gpus == nil or x.max_attempts == nil or x.max_attempts < 1 or x.delay == nil then
@@ -85,7 +86,7 @@ local function submit_one(x)
     'agent_id', x.agent, 'contexts', x.contexts, 'gpus', I(x.gpus),
     'max_attempts', I(x.max_attempts), 'timeout_ms', x.timeout_ms, 'fuel', x.fuel,
     'attempts', 0, 'counted', 0, 'conflicts', 0, 'token', 0, 'reserved', 0, 'u_fuel', 0,
-    'u_wall', 0, 'u_credits', 0, 'created', I(now), 'cancel', 0 }
+    'u_wall', 0, 'u_credits', 0, 'created', I(now), 'cancel', 0, 'callback', x.callback }
   local state = 'queued'
   if x.delay > 0 then
     state = 'delayed'

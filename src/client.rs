@@ -148,10 +148,24 @@ pub struct ApiClient {
     token: Option<String>,
 }
 
+/// Installs rustls's ring provider as the process default, once: reqwest
+/// is built without a provider of its own (the tree already has ring; no
+/// second crypto library), so this must run before any `reqwest::Client`
+/// is built. Every client of the crate calls it; so must a program that
+/// builds its own.
+pub fn tls_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // Err: another provider is installed already, which is as good.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
 impl ApiClient {
     /// A client of the API at `base` (`http://host:port`), calling with
     /// `token` (the admin's or a tenant's) when given.
     pub fn new(base: &str, token: Option<String>) -> ClientResult<ApiClient> {
+        tls_provider();
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             // Long-polls are held up to a minute by the server.

@@ -23,11 +23,14 @@
 //! - [`api`]: the HTTP API (axum). Owns authentication, validation, JSON errors,
 //!   and every API bound and default (`api::limits`).
 //! - [`num`]: the 2^53 − 1 bound on every integer the API accepts.
+//! - [`callbacks`]: job callbacks: egress rules, signing, the dispatcher
+//!   that delivers them (run by every API process).
 //! - [`embedded`]: the `redis-server` that `serve` starts when given no `--redis`.
 //! - [`client`]: the typed HTTP client of the API (CLI, `bench`, tests).
 //! - [`cli`]: command-line parsing and the client commands over the API.
 
 pub mod api;
+pub mod callbacks;
 pub mod cli;
 pub mod client;
 pub mod context;

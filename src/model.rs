@@ -44,7 +44,7 @@ macro_rules! wire_names {
 }
 
 /// Life cycle of a job (README, "The HTTP API").
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
     Queued,
@@ -75,7 +75,7 @@ impl JobState {
 }
 
 /// Why an attempt or a job failed (README, "Jobs: error kinds").
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorKind {
     /// `run` returned `Err`: retried up to `max_attempts`.
@@ -129,7 +129,7 @@ impl ErrorKind {
 }
 
 /// Per-attempt resource limits. A tenant has defaults; a job may only lower them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Limits {
     /// Wasm fuel (roughly instructions) one attempt may burn.
     pub fuel: u64,
@@ -150,7 +150,7 @@ impl Default for Limits {
 }
 
 /// What an attempt (or the whole job) consumed.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Usage {
     pub fuel: u64,
     pub wall_ms: u64,
@@ -158,14 +158,14 @@ pub struct Usage {
 }
 
 /// `{"kind", "message"}` of a failed job.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobError {
     pub kind: ErrorKind,
     pub message: String,
 }
 
 /// A job as the API shows it (`GET /v1/jobs/{id}`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Job {
     pub id: String,
     pub tenant: String,
@@ -184,6 +184,20 @@ pub struct Job {
     pub gpus: u32,
     #[serde(default)]
     pub max_attempts: u32,
+    /// The job's `callback_url` and its delivery, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback: Option<Callback>,
+}
+
+/// A job's callback: where its result is delivered and how that went.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Callback {
+    pub url: String,
+    /// `pending` (owed, not tried yet), `retrying`, `delivered`, `failed`
+    /// (every attempt failed) or `refused` (the egress rules refused it).
+    pub state: String,
+    /// Attempts made.
+    pub attempts: u32,
 }
 
 /// Agent ids and context names share the same bound: printable, no
@@ -216,7 +230,7 @@ pub fn now_ms() -> u64 {
 
 /// `POST /v1/tenants` body. Unknown fields are refused; every integer is
 /// bounded by [`crate::num`] (|n| <= 2^53 - 1).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TenantSpec {
     pub id: TenantId,
@@ -252,7 +266,7 @@ fn big() -> u32 {
 }
 
 /// Optional limits (tenant creation and `PATCH`), each at most 2^53 - 1.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsPatch {
     #[serde(default, deserialize_with = "crate::num::opt_u53")]
@@ -264,7 +278,7 @@ pub struct LimitsPatch {
 }
 
 /// `PATCH /v1/tenants/{id}` body (unknown fields refused).
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TenantPatch {
     pub weight: Option<u32>,

@@ -14,7 +14,7 @@ use axum::extract::State;
 /// `GET /v1/admin/tenants?cursor=&limit=` (admin): tenants by id, with
 /// running and queued counts, credits, parked reason and the share of
 /// capacity each used over the last minute.
-#[utoipa::path(get, path = "/v1/admin/tenants", tag = "admin", responses((status = 200, description = "tenants with counters and share of capacity over the last minute (admin)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
+#[utoipa::path(get, path = "/v1/admin/tenants", tag = "admin", responses((status = 200, description = "tenants with counters and share of capacity over the last minute (admin)", body = super::types::TenantPage), (status = "4XX", description = "the error, `param` naming the field at fault", body = crate::api::ErrorBody), (status = "5XX", description = "`internal`, `unavailable` or `storage_full` (503 with `Retry-After`)", body = crate::api::ErrorBody)))]
 pub(super) async fn tenants(
     State(state): State<AppState>,
     _: Admin,
@@ -39,7 +39,7 @@ pub(super) async fn tenants(
 /// `GET /v1/admin/jobs?state=&error_kind=&limit=&cursor=` (admin): jobs
 /// across tenants, newest first. A page filtered by `error_kind` may be
 /// short; only a `null` `next_cursor` means the end.
-#[utoipa::path(get, path = "/v1/admin/jobs", tag = "admin", responses((status = 200, description = "jobs across tenants by state and error kind (admin)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
+#[utoipa::path(get, path = "/v1/admin/jobs", tag = "admin", responses((status = 200, description = "jobs across tenants by state and error kind (admin)", body = super::types::JobPage), (status = "4XX", description = "the error, `param` naming the field at fault", body = crate::api::ErrorBody), (status = "5XX", description = "`internal`, `unavailable` or `storage_full` (503 with `Retry-After`)", body = crate::api::ErrorBody)))]
 pub(super) async fn jobs(
     State(state): State<AppState>,
     _: Admin,
@@ -60,7 +60,7 @@ pub(super) async fn jobs(
 /// charged as any attempt → 200 `{"id","state"}`. Admitted as a submission
 /// is (429 `queue_full`, 402 `insufficient_credits`); 409 `not_failed`
 /// for a job in any other state, so of two concurrent retries one wins.
-#[utoipa::path(post, path = "/v1/jobs/{id}/retry", tag = "jobs", params(("id" = String, Path)), responses((status = 200, description = "the failed job queued again as its next attempt, same id: `{\"id\",\"state\"}` (tenant)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`; 409 `not_failed` when the job is not failed")))]
+#[utoipa::path(post, path = "/v1/jobs/{id}/retry", tag = "jobs", params(("id" = String, Path)), responses((status = 200, description = "the failed job queued again as its next attempt, same id: `{\"id\",\"state\"}` (tenant)", body = super::types::JobRef), (status = "4XX", description = "the error, `param` naming the field at fault; 409 `not_failed` when the job is not failed", body = crate::api::ErrorBody), (status = "5XX", description = "`internal`, `unavailable` or `storage_full` (503 with `Retry-After`)", body = crate::api::ErrorBody)))]
 pub(super) async fn retry(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
@@ -69,7 +69,7 @@ pub(super) async fn retry(
     retry_as(&state, &tenant, &id).await
 }
 
-#[utoipa::path(post, path = "/v1/admin/tenants/{tenant}/jobs/{id}/retry", tag = "admin", params(("tenant" = String, Path), ("id" = String, Path)), responses((status = 200, description = "a failed job of any tenant queued again as its next attempt, same id: `{\"id\",\"state\"}` (admin)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`; 409 `not_failed` when the job is not failed")))]
+#[utoipa::path(post, path = "/v1/admin/tenants/{tenant}/jobs/{id}/retry", tag = "admin", params(("tenant" = String, Path), ("id" = String, Path)), responses((status = 200, description = "a failed job of any tenant queued again as its next attempt, same id: `{\"id\",\"state\"}` (admin)", body = super::types::JobRef), (status = "4XX", description = "the error, `param` naming the field at fault; 409 `not_failed` when the job is not failed", body = crate::api::ErrorBody), (status = "5XX", description = "`internal`, `unavailable` or `storage_full` (503 with `Retry-After`)", body = crate::api::ErrorBody)))]
 pub(super) async fn admin_retry(
     State(state): State<AppState>,
     _: Admin,
@@ -92,7 +92,7 @@ async fn retry_as(state: &AppState, tenant: &TenantId, id: &str) -> ApiResult<Js
 
 /// `GET /v1/admin/tenants/{tenant}/jobs/{id}/log` (admin): any tenant's
 /// job's log, as the tenant's own `GET /v1/jobs/{id}/log` shows it.
-#[utoipa::path(get, path = "/v1/admin/tenants/{tenant}/jobs/{id}/log", tag = "admin", params(("tenant" = String, Path), ("id" = String, Path)), responses((status = 200, description = "the job's log, `text/plain`: the last attempt's, or what the running attempt has logged so far (admin)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
+#[utoipa::path(get, path = "/v1/admin/tenants/{tenant}/jobs/{id}/log", tag = "admin", params(("tenant" = String, Path), ("id" = String, Path)), responses((status = 200, description = "the job's log, `text/plain`: the last attempt's, or what the running attempt has logged so far (admin)", content_type = "text/plain", body = String), (status = "4XX", description = "the error, `param` naming the field at fault", body = crate::api::ErrorBody), (status = "5XX", description = "`internal`, `unavailable` or `storage_full` (503 with `Retry-After`)", body = crate::api::ErrorBody)))]
 pub(super) async fn admin_log(
     State(state): State<AppState>,
     _: Admin,

@@ -87,6 +87,9 @@ pub enum ApiError {
     /// 413: a per-tenant byte quota would be exceeded (the message names it).
     #[error("{0}")]
     QuotaExceeded(String),
+    /// 400: a `callback_url` the deployment's egress rules refuse.
+    #[error("{0}")]
+    CallbackRefused(String),
     /// 500: anything else (cause logged, not shown).
     #[error("internal error")]
     Internal,
@@ -125,6 +128,7 @@ impl ApiError {
             ApiError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::StorageFull => (StatusCode::SERVICE_UNAVAILABLE, "storage_full"),
             ApiError::QuotaExceeded(_) => (StatusCode::PAYLOAD_TOO_LARGE, "quota_exceeded"),
+            ApiError::CallbackRefused(_) => (StatusCode::BAD_REQUEST, "callback_not_allowed"),
             ApiError::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -206,6 +210,27 @@ pub(crate) async fn with_request_id(
     resp
 }
 
+/// The body of every error answer (the OpenAPI schema of
+/// [`error_body`]'s value).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+/// `{"code","message","request_id","param"?}` of an error answer.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// A stable code (`invalid_request`, `not_found`, `queue_full`, ...).
+    pub code: String,
+    /// A sentence for the client.
+    pub message: String,
+    /// The id of the request (also its `X-Request-Id`).
+    pub request_id: String,
+    /// The field or parameter at fault, when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub param: Option<String>,
+}
+
 /// The field a message names: its first `backticked` word.
 fn param_of(message: &str) -> Option<&str> {
     let start = message.find('`')? + 1;
@@ -243,7 +268,10 @@ impl IntoResponse for ApiError {
         let (status, code) = self.parts();
         let names_param = matches!(
             self,
-            ApiError::Invalid(_) | ApiError::PayloadTooLarge(_) | ApiError::QuotaExceeded(_)
+            ApiError::Invalid(_)
+                | ApiError::PayloadTooLarge(_)
+                | ApiError::QuotaExceeded(_)
+                | ApiError::CallbackRefused(_)
         );
         let body = error_body(code, &self.to_string(), names_param);
         let mut resp = (status, Json(body)).into_response();

@@ -27,7 +27,7 @@ use futures::channel::mpsc;
 use std::convert::Infallible;
 use std::time::{Duration, Instant};
 
-#[utoipa::path(get, path = "/v1/jobs/{id}/events", tag = "jobs", params(("id" = String, Path)), responses((status = 200, description = "`text/event-stream`: `state` (the job, on each change), `log` (a line of the agent's log, as it is written), `end` (tenant)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
+#[utoipa::path(get, path = "/v1/jobs/{id}/events", tag = "jobs", params(("id" = String, Path)), responses((status = 200, description = "`text/event-stream`: `state` (the job, on each change), `log` (a line of the agent's log, as it is written), `end` (tenant)", content_type = "text/event-stream", body = String), (status = "4XX", description = "the error, `param` naming the field at fault", body = crate::api::ErrorBody), (status = "5XX", description = "`internal`, `unavailable` or `storage_full` (503 with `Retry-After`)", body = crate::api::ErrorBody)))]
 pub(super) async fn events(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,

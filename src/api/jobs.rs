@@ -39,6 +39,18 @@ pub fn parse_job_request(
     Ok(req)
 }
 
+/// Checks a request's `callback_url` against the deployment's egress rules.
+fn check_callback(state: &AppState, req: &JobRequest) -> ApiResult<()> {
+    if let Some(url) = &req.callback_url {
+        state
+            .config()
+            .callbacks
+            .check(url)
+            .map_err(|e| ApiError::CallbackRefused(e.0))?;
+    }
+    Ok(())
+}
+
 /// Checks a request against the tenant's settings; names the field at fault.
 fn validate(req: &JobRequest, tenant: &TenantInfo, max_input: usize) -> ApiResult<()> {
     if !valid_digest(&req.component) {
@@ -127,7 +139,7 @@ pub(super) fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> 
 }
 
 /// `POST /v1/jobs` → 201 `{"id","state"}`, or 200 for an idempotent replay.
-#[utoipa::path(post, path = "/v1/jobs", tag = "jobs", responses((status = 201, description = "`{\"id\",\"state\"}`; 200 on an idempotent replay (tenant)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
+#[utoipa::path(post, path = "/v1/jobs", tag = "jobs", request_body = super::types::JobRequest, responses((status = 201, description = "`{\"id\",\"state\"}`; 200 on an idempotent replay (tenant)", body = super::types::JobRef), (status = 200, description = "an idempotent replay: the job the key first made", body = super::types::JobRef), (status = "4XX", description = "the error, `param` naming the field at fault", body = crate::api::ErrorBody), (status = "5XX", description = "`internal`, `unavailable` or `storage_full` (503 with `Retry-After`)", body = crate::api::ErrorBody)))]
 pub(super) async fn submit(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
@@ -155,6 +167,7 @@ pub(super) async fn submit(
         // was deleted in between.
         .ok_or(ApiError::Unauthorized)?;
     let req = parse_job_request(&bytes, &info, cfg.max_input_bytes)?;
+    check_callback(&state, &req)?;
     // The raw body is hashed, so a replay must repeat it byte for byte.
     let idem = idem.map(|k| (k, hex::encode(Sha256::digest(&bytes))));
     let submitted = submit_one(&state, &tenant, req, idem).await?;
@@ -206,6 +219,7 @@ async fn submit_one(
         fuel: req.fuel,
         delay_ms: req.delay_ms,
         idempotency,
+        callback_url: req.callback_url,
     };
     cp.submit(tenant, &spec)
         .await
@@ -213,13 +227,13 @@ async fn submit_one(
 }
 
 /// `POST /v1/jobs/batch` body: `{"jobs":[{"job":{…},"idempotency_key"?}]}`.
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Batch {
     jobs: Vec<BatchItem>,
 }
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct BatchItem {
     job: serde_json::Value,
@@ -228,7 +242,7 @@ struct BatchItem {
 }
 
 /// One job's answer in a batch: the job, or why it was refused.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum BatchResult {
     Submitted {
@@ -238,20 +252,27 @@ pub enum BatchResult {
         created: bool,
     },
     Refused {
+        #[schema(value_type = crate::api::ErrorDetail)]
         error: serde_json::Value,
     },
+}
+
+/// `POST /v1/jobs/batch` answer: one result per job, in order.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct BatchResults {
+    pub results: Vec<BatchResult>,
 }
 
 /// `POST /v1/jobs/batch` → 200 `{"results":[…]}`, one per job in order:
 /// each job is submitted on its own (its own checks, credits, queue space
 /// and idempotency key), so one refused job does not refuse the others.
-#[utoipa::path(post, path = "/v1/jobs/batch", tag = "jobs", responses((status = 200, description = "one result per job, in order (tenant)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
+#[utoipa::path(post, path = "/v1/jobs/batch", tag = "jobs", request_body = Batch, responses((status = 200, description = "one result per job, in order (tenant)", body = BatchResults), (status = "4XX", description = "the error, `param` naming the field at fault", body = crate::api::ErrorBody), (status = "5XX", description = "`internal`, `unavailable` or `storage_full` (503 with `Retry-After`)", body = crate::api::ErrorBody)))]
 pub(super) async fn batch(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
     headers: HeaderMap,
     body: Body,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<BatchResults>> {
     expect_json(&headers)?;
     let cfg = state.config();
     let bytes = tenant_body(
@@ -294,6 +315,7 @@ pub(super) async fn batch(
             // must repeat.
             let raw = serde_json::to_vec(&item.job).map_err(|_| ApiError::Internal)?;
             let req = parse_job_request(&raw, &info, cfg.max_input_bytes)?;
+            check_callback(&state, &req)?;
             let idem = key.map(|k| (k, hex::encode(Sha256::digest(&raw))));
             submit_one(&state, &tenant, req, idem).await
         };
@@ -314,7 +336,10 @@ pub(super) async fn batch(
                 let body = super::error::error_body(
                     code,
                     &e.to_string(),
-                    code == "invalid_request" || code == "payload_too_large",
+                    matches!(
+                        code,
+                        "invalid_request" | "payload_too_large" | "callback_not_allowed"
+                    ),
                 );
                 BatchResult::Refused {
                     error: body["error"].clone(),
@@ -322,7 +347,7 @@ pub(super) async fn batch(
             }
         });
     }
-    Ok(Json(serde_json::json!({ "results": results })))
+    Ok(Json(BatchResults { results }))
 }
 
 pub(super) async fn fetch_job(state: &AppState, tenant: &TenantId, id: &str) -> ApiResult<Job> {
@@ -336,7 +361,7 @@ pub(super) async fn fetch_job(state: &AppState, tenant: &TenantId, id: &str) -> 
 
 /// `GET /v1/jobs/{id}?wait=SECONDS`: the job, held until it is terminal or
 /// the wait (capped) is over.
-#[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs", params(("id" = String, Path)), responses((status = 200, description = "the job, held until terminal or `wait` seconds (tenant)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
+#[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs", params(("id" = String, Path)), responses((status = 200, description = "the job, held until terminal or `wait` seconds (tenant)", body = crate::model::Job), (status = "4XX", description = "the error, `param` naming the field at fault", body = crate::api::ErrorBody), (status = "5XX", description = "`internal`, `unavailable` or `storage_full` (503 with `Retry-After`)", body = crate::api::ErrorBody)))]
 pub(super) async fn get(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
@@ -375,7 +400,7 @@ pub(super) async fn get(
 
 /// `GET /v1/jobs/{id}/log`: the last attempt's log as `text/plain` (while
 /// an attempt runs, what it has logged so far, stored in batches).
-#[utoipa::path(get, path = "/v1/jobs/{id}/log", tag = "jobs", params(("id" = String, Path)), responses((status = 200, description = "the last attempt's log, `text/plain`, or what the running attempt has logged so far (tenant)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
+#[utoipa::path(get, path = "/v1/jobs/{id}/log", tag = "jobs", params(("id" = String, Path)), responses((status = 200, description = "the last attempt's log, `text/plain`, or what the running attempt has logged so far (tenant)", content_type = "text/plain", body = String), (status = "4XX", description = "the error, `param` naming the field at fault", body = crate::api::ErrorBody), (status = "5XX", description = "`internal`, `unavailable` or `storage_full` (503 with `Retry-After`)", body = crate::api::ErrorBody)))]
 pub(super) async fn log(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
@@ -401,7 +426,7 @@ pub(super) async fn log_of(
 }
 
 /// `POST /v1/jobs/{id}/cancel` → `{"id","state"}`.
-#[utoipa::path(post, path = "/v1/jobs/{id}/cancel", tag = "jobs", params(("id" = String, Path)), responses((status = 200, description = "`{\"id\",\"state\"}` (tenant)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
+#[utoipa::path(post, path = "/v1/jobs/{id}/cancel", tag = "jobs", params(("id" = String, Path)), responses((status = 200, description = "`{\"id\",\"state\"}` (tenant)", body = super::types::JobRef), (status = "4XX", description = "the error, `param` naming the field at fault", body = crate::api::ErrorBody), (status = "5XX", description = "`internal`, `unavailable` or `storage_full` (503 with `Retry-After`)", body = crate::api::ErrorBody)))]
 pub(super) async fn cancel(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
@@ -426,7 +451,7 @@ pub(super) async fn cancel(
 }
 
 /// `GET /v1/jobs?state=&limit=&cursor=` → `{"jobs":[…],"next_cursor"}`.
-#[utoipa::path(get, path = "/v1/jobs", tag = "jobs", responses((status = 200, description = "`{\"jobs\",\"next_cursor\"}`, newest first (tenant)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
+#[utoipa::path(get, path = "/v1/jobs", tag = "jobs", responses((status = 200, description = "`{\"jobs\",\"next_cursor\"}`, newest first (tenant)", body = super::types::JobPage), (status = "4XX", description = "the error, `param` naming the field at fault", body = crate::api::ErrorBody), (status = "5XX", description = "`internal`, `unavailable` or `storage_full` (503 with `Retry-After`)", body = crate::api::ErrorBody)))]
 pub(super) async fn list(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,

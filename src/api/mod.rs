@@ -33,10 +33,11 @@ mod uploads;
 pub use auth::{Admin, Caller, Tenant, token_hash};
 pub use edge::{MAX_HEADERS, serve};
 pub use error::{ApiError, ApiResult};
-pub use jobs::{BatchResult, parse_job_request};
+pub use error::{ErrorBody, ErrorDetail};
+pub use jobs::{BatchResult, BatchResults, parse_job_request};
 pub use limits::MAX_BATCH;
 pub use prom::{install_metrics, metrics_app};
-pub use types::{Balance, JobPage, JobRef, JobRequest, TenantPage, TenantToken};
+pub use types::{Balance, CallbackKey, JobPage, JobRef, JobRequest, TenantPage, TenantToken};
 
 use crate::control::ControlPlane;
 use crate::host::Host;
@@ -105,6 +106,9 @@ pub struct ApiConfig {
     pub upload_burst: u32,
     /// Uploads per minute one tenant may sustain.
     pub uploads_per_minute: u32,
+    /// Egress rules and signing secret of job callbacks (none allowed by
+    /// default).
+    pub callbacks: crate::callbacks::Callbacks,
 }
 
 impl Default for ApiConfig {
@@ -127,6 +131,7 @@ impl Default for ApiConfig {
             max_bodies_per_tenant: limits::DEFAULT_MAX_BODIES_PER_TENANT,
             upload_burst: limits::DEFAULT_UPLOAD_BURST,
             uploads_per_minute: limits::DEFAULT_UPLOADS_PER_MINUTE,
+            callbacks: crate::callbacks::Callbacks::default(),
         }
     }
 }
@@ -238,7 +243,10 @@ impl AppState {
 /// The OpenAPI document's header; the paths come from the handlers'
 /// `#[utoipa::path]` annotations, registered with their routes.
 #[derive(utoipa::OpenApi)]
-#[openapi(info(
+#[openapi(
+    // What a job's `callback_url` receives (README, "Callbacks").
+    components(schemas(crate::callbacks::CallbackBody)),
+    info(
     title = "agentplane",
     description = "Multi-tenant, WebAssembly-sandboxed agent execution host. \
         `Authorization: Bearer <token>`: the admin token, or a tenant's `<tenant>.<secret>`."
@@ -260,6 +268,7 @@ fn routes() -> utoipa_axum::router::OpenApiRouter<AppState> {
         .routes(routes!(tenants::create))
         .routes(routes!(tenants::get, tenants::patch))
         .routes(routes!(tenants::credits))
+        .routes(routes!(tenants::callback_key))
         .routes(routes!(report::ledger))
         .routes(routes!(report::usage))
         .routes(routes!(admin::tenants))
@@ -294,17 +303,17 @@ pub fn app(state: AppState) -> Router {
     edge::layers(router, state)
 }
 
-#[utoipa::path(get, path = "/v1/openapi.json", tag = "ops", responses((status = 200, description = "this document (OpenAPI 3.1), for anyone")))]
+#[utoipa::path(get, path = "/v1/openapi.json", tag = "ops", responses((status = 200, description = "this document (OpenAPI 3.1), for anyone", content_type = "application/json", body = Object)))]
 async fn openapi_json() -> axum::Json<&'static utoipa::openapi::OpenApi> {
     axum::Json(openapi())
 }
 
-#[utoipa::path(get, path = "/healthz", tag = "ops", responses((status = 200, description = "liveness: `ok`")))]
+#[utoipa::path(get, path = "/healthz", tag = "ops", responses((status = 200, description = "liveness: `ok`", content_type = "text/plain", body = String)))]
 async fn health() -> &'static str {
     "ok\n"
 }
 
-#[utoipa::path(get, path = "/readyz", tag = "ops", responses((status = 200, description = "Redis reachable: `ready` (503 `unavailable` when not)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
+#[utoipa::path(get, path = "/readyz", tag = "ops", responses((status = 200, description = "Redis reachable: `ready` (503 `unavailable` when not)", content_type = "text/plain", body = String), (status = "4XX", description = "the error, `param` naming the field at fault", body = crate::api::ErrorBody), (status = "5XX", description = "`internal`, `unavailable` or `storage_full` (503 with `Retry-After`)", body = crate::api::ErrorBody)))]
 async fn ready(
     axum::extract::State(state): axum::extract::State<AppState>,
 ) -> ApiResult<&'static str> {

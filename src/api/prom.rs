@@ -54,7 +54,7 @@ pub(super) fn handle() -> Option<PrometheusHandle> {
 
 /// `GET /metrics` (admin): series are labelled with tenant ids, which one
 /// tenant must not learn about another.
-#[utoipa::path(get, path = "/metrics", tag = "ops", responses((status = 200, description = "Prometheus text (admin)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
+#[utoipa::path(get, path = "/metrics", tag = "ops", responses((status = 200, description = "Prometheus text (admin)", content_type = "text/plain", body = String), (status = "4XX", description = "the error, `param` naming the field at fault", body = crate::api::ErrorBody), (status = "5XX", description = "`internal`, `unavailable` or `storage_full` (503 with `Retry-After`)", body = crate::api::ErrorBody)))]
 pub(super) async fn render(
     State(state): State<AppState>,
     _: Admin,

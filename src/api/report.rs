@@ -52,7 +52,7 @@ fn wants_csv(headers: &HeaderMap) -> bool {
 /// `GET /v1/tenants/{id}/ledger?cursor=&limit=`: entries oldest first,
 /// JSON `{"entries","next_cursor","checkpoint"}`, or CSV (one header line,
 /// then one line per entry; the next cursor in the `Next-Cursor` header).
-#[utoipa::path(get, path = "/v1/tenants/{id}/ledger", tag = "usage", params(("id" = String, Path)), responses((status = 200, description = "ledger entries oldest first, JSON or CSV (`Accept: text/csv`) (admin, that tenant)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
+#[utoipa::path(get, path = "/v1/tenants/{id}/ledger", tag = "usage", params(("id" = String, Path)), responses((status = 200, description = "ledger entries oldest first, JSON or CSV (`Accept: text/csv`) (admin, that tenant)", content((crate::control::LedgerPage = "application/json"), (String = "text/csv"))), (status = "4XX", description = "the error, `param` naming the field at fault", body = crate::api::ErrorBody), (status = "5XX", description = "`internal`, `unavailable` or `storage_full` (503 with `Retry-After`)", body = crate::api::ErrorBody)))]
 pub(super) async fn ledger(
     State(state): State<AppState>,
     caller: Caller,
@@ -96,7 +96,7 @@ fn ledger_csv(page: &LedgerPage) -> Response {
 
 /// `GET /v1/tenants/{id}/usage?from=&to=&by=hour|day`: fuel, slot and GPU
 /// time, credits and jobs by outcome, in buckets by submission time.
-#[utoipa::path(get, path = "/v1/tenants/{id}/usage", tag = "usage", params(("id" = String, Path)), responses((status = 200, description = "fuel, slot and GPU time, credits and jobs by outcome, by hour or day (admin, that tenant)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
+#[utoipa::path(get, path = "/v1/tenants/{id}/usage", tag = "usage", params(("id" = String, Path)), responses((status = 200, description = "fuel, slot and GPU time, credits and jobs by outcome, by hour or day (admin, that tenant)", body = crate::control::UsageReport), (status = "4XX", description = "the error, `param` naming the field at fault", body = crate::api::ErrorBody), (status = "5XX", description = "`internal`, `unavailable` or `storage_full` (503 with `Retry-After`)", body = crate::api::ErrorBody)))]
 pub(super) async fn usage(
     State(state): State<AppState>,
     caller: Caller,

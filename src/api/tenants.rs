@@ -30,7 +30,7 @@ async fn admin_json<T: serde::de::DeserializeOwned>(
 }
 
 /// `POST /v1/tenants/{id}/credits` body.
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Grant {
     /// May be negative; |amount| <= 2^53 - 1.
@@ -63,7 +63,7 @@ fn validate_weight(w: Option<u32>) -> ApiResult<()> {
 }
 
 /// `POST /v1/tenants` (admin) → 201 `{"id","token"}`.
-#[utoipa::path(post, path = "/v1/tenants", tag = "tenants", responses((status = 201, description = "the new tenant `{\"id\",\"token\"}` (admin)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
+#[utoipa::path(post, path = "/v1/tenants", tag = "tenants", request_body = crate::model::TenantSpec, responses((status = 201, description = "the new tenant `{\"id\",\"token\"}` (admin)", body = super::types::TenantToken), (status = "4XX", description = "the error, `param` naming the field at fault", body = crate::api::ErrorBody), (status = "5XX", description = "`internal`, `unavailable` or `storage_full` (503 with `Retry-After`)", body = crate::api::ErrorBody)))]
 pub(super) async fn create(
     State(state): State<AppState>,
     _: Admin,
@@ -94,7 +94,7 @@ pub(super) async fn create(
 }
 
 /// `GET /v1/tenants/{id}` (admin, or that tenant).
-#[utoipa::path(get, path = "/v1/tenants/{id}", tag = "tenants", params(("id" = String, Path)), responses((status = 200, description = "the tenant: settings, credits, counters, parked reason (admin, that tenant)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
+#[utoipa::path(get, path = "/v1/tenants/{id}", tag = "tenants", params(("id" = String, Path)), responses((status = 200, description = "the tenant: settings, credits, counters, parked reason (admin, that tenant)", body = crate::control::TenantInfo), (status = "4XX", description = "the error, `param` naming the field at fault", body = crate::api::ErrorBody), (status = "5XX", description = "`internal`, `unavailable` or `storage_full` (503 with `Retry-After`)", body = crate::api::ErrorBody)))]
 pub(super) async fn get(
     State(state): State<AppState>,
     caller: Caller,
@@ -106,7 +106,7 @@ pub(super) async fn get(
 }
 
 /// `PATCH /v1/tenants/{id}` (admin) → the updated tenant.
-#[utoipa::path(patch, path = "/v1/tenants/{id}", tag = "tenants", params(("id" = String, Path)), responses((status = 200, description = "the tenant after the change (admin)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
+#[utoipa::path(patch, path = "/v1/tenants/{id}", tag = "tenants", params(("id" = String, Path)), request_body = crate::model::TenantPatch, responses((status = 200, description = "the tenant after the change (admin)", body = crate::control::TenantInfo), (status = "4XX", description = "the error, `param` naming the field at fault", body = crate::api::ErrorBody), (status = "5XX", description = "`internal`, `unavailable` or `storage_full` (503 with `Retry-After`)", body = crate::api::ErrorBody)))]
 pub(super) async fn patch(
     State(state): State<AppState>,
     _: Admin,
@@ -128,7 +128,7 @@ pub(super) async fn patch(
 /// `POST /v1/tenants/{id}/credits` (admin), body `{"amount": n}` →
 /// `{"id","balance"}`; optional `Idempotency-Key` (a replay with the same
 /// amount credits nothing; another amount is 422).
-#[utoipa::path(post, path = "/v1/tenants/{id}/credits", tag = "tenants", params(("id" = String, Path)), responses((status = 200, description = "`{\"id\",\"balance\"}` after the grant; optional `Idempotency-Key` (admin)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
+#[utoipa::path(post, path = "/v1/tenants/{id}/credits", tag = "tenants", params(("id" = String, Path)), request_body = Grant, responses((status = 200, description = "`{\"id\",\"balance\"}` after the grant; optional `Idempotency-Key` (admin)", body = super::types::Balance), (status = "4XX", description = "the error, `param` naming the field at fault", body = crate::api::ErrorBody), (status = "5XX", description = "`internal`, `unavailable` or `storage_full` (503 with `Retry-After`)", body = crate::api::ErrorBody)))]
 pub(super) async fn credits(
     State(state): State<AppState>,
     _: Admin,
@@ -149,6 +149,29 @@ pub(super) async fn credits(
     Ok(Json(Balance {
         id: id.into(),
         balance,
+    }))
+}
+
+/// `GET /v1/tenants/{id}/callback-key` (admin, or that tenant): the key
+/// that signs the tenant's callbacks (README, "Callbacks").
+#[utoipa::path(get, path = "/v1/tenants/{id}/callback-key", tag = "tenants", params(("id" = String, Path)), responses((status = 200, description = "`{\"tenant\",\"key\"}`: the HMAC-SHA256 key of the tenant's callback signatures (admin, that tenant)", body = super::types::CallbackKey), (status = "4XX", description = "the error, `param` naming the field at fault", body = crate::api::ErrorBody), (status = "5XX", description = "`internal`, `unavailable` or `storage_full` (503 with `Retry-After`)", body = crate::api::ErrorBody)))]
+pub(super) async fn callback_key(
+    State(state): State<AppState>,
+    caller: Caller,
+    TenantPath(id): TenantPath,
+) -> ApiResult<Json<super::types::CallbackKey>> {
+    // Another tenant's existence is not revealed.
+    super::report::readable(&caller, &id)?;
+    state
+        .control()
+        .tenant(&id)
+        .await
+        .map_err(|e| ApiError::from_cp(e, "tenant"))?
+        .ok_or(ApiError::NotFound("tenant"))?;
+    let key = state.config().callbacks.tenant_key(&id);
+    Ok(Json(super::types::CallbackKey {
+        tenant: id.into_string(),
+        key,
     }))
 }
 

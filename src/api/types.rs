@@ -8,7 +8,7 @@ use crate::model::{Job, JobState};
 use serde::{Deserialize, Serialize};
 
 /// `POST /v1/jobs` body.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JobRequest {
     pub component: String,
@@ -27,38 +27,51 @@ pub struct JobRequest {
     pub fuel: Option<u64>,
     #[serde(default, deserialize_with = "crate::num::u53")]
     pub delay_ms: u64,
+    /// Where the finished job is POSTed, signed (README, "Callbacks"):
+    /// `http://` or `https://`, allowed by the deployment's egress rules.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback_url: Option<String>,
 }
 
 /// `POST /v1/jobs` and `POST /v1/jobs/{id}/cancel`: `{"id","state"}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobRef {
     pub id: String,
     pub state: JobState,
 }
 
 /// `GET /v1/jobs`: one page, newest first; `next_cursor` names the next.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobPage {
     pub jobs: Vec<Job>,
     pub next_cursor: Option<String>,
 }
 
 /// `POST /v1/tenants`: the new tenant's token, shown this once.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TenantToken {
     pub id: String,
     pub token: String,
 }
 
+/// `GET /v1/tenants/{id}/callback-key`: the key that signs the tenant's
+/// callbacks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct CallbackKey {
+    pub tenant: String,
+    /// 64 hex digits; the HMAC-SHA256 key is this text.
+    pub key: String,
+}
+
 /// `POST /v1/tenants/{id}/credits`: the balance after the grant.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Balance {
     pub id: String,
     pub balance: i64,
 }
 
 /// `GET /v1/admin/tenants`: one page of tenants by id.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TenantPage {
     pub tenants: Vec<crate::control::TenantRow>,
     pub next_cursor: Option<String>,

@@ -7,7 +7,7 @@ use axum::response::IntoResponse;
 
 const PAGE: &str = include_str!("ui.html");
 
-#[utoipa::path(get, path = "/ui", tag = "ops", responses((status = 200, description = "the dashboard (HTML, for anyone; it reads the API with the token entered in it)")))]
+#[utoipa::path(get, path = "/ui", tag = "ops", responses((status = 200, description = "the dashboard (HTML, for anyone; it reads the API with the token entered in it)", content_type = "text/html", body = String)))]
 pub(super) async fn page() -> impl IntoResponse {
     (
         [

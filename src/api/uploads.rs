@@ -17,7 +17,7 @@ use axum::http::{HeaderMap, StatusCode};
 use serde_json::Value;
 
 /// `POST /v1/components`: raw bytes → 201 `{"digest","size",…}`.
-#[utoipa::path(post, path = "/v1/components", tag = "components", responses((status = 201, description = "`{\"digest\",\"size\"}` of the uploaded component (tenant)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
+#[utoipa::path(post, path = "/v1/components", tag = "components", request_body(content = Vec<u8>, content_type = "application/wasm", description = "the component's bytes"), responses((status = 201, description = "`{\"digest\",\"size\"}` of the uploaded component (tenant)", body = crate::control::ComponentMeta), (status = "4XX", description = "the error, `param` naming the field at fault", body = crate::api::ErrorBody), (status = "5XX", description = "`internal`, `unavailable` or `storage_full` (503 with `Retry-After`)", body = crate::api::ErrorBody)))]
 pub(super) async fn push_component(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
@@ -60,7 +60,7 @@ pub(super) async fn push_component(
 }
 
 /// `GET /v1/components/{digest}`: metadata, 404 unless this tenant uploaded it.
-#[utoipa::path(get, path = "/v1/components/{digest}", tag = "components", params(("digest" = String, Path)), responses((status = 200, description = "component metadata (tenant)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
+#[utoipa::path(get, path = "/v1/components/{digest}", tag = "components", params(("digest" = String, Path)), responses((status = 200, description = "component metadata (tenant)", body = crate::control::ComponentMeta), (status = "4XX", description = "the error, `param` naming the field at fault", body = crate::api::ErrorBody), (status = "5XX", description = "`internal`, `unavailable` or `storage_full` (503 with `Retry-After`)", body = crate::api::ErrorBody)))]
 pub(super) async fn get_component(
     State(state): State<AppState>,
     Path(digest): Path<String>,
@@ -79,7 +79,7 @@ pub(super) async fn get_component(
 }
 
 /// `POST /v1/contexts`: JSON upload → 201 `{"name","digest","documents","dim"}`.
-#[utoipa::path(post, path = "/v1/contexts", tag = "contexts", responses((status = 201, description = "`{\"name\",\"digest\",\"documents\",\"dim\"}` (tenant)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
+#[utoipa::path(post, path = "/v1/contexts", tag = "contexts", request_body = crate::context::ContextUpload, responses((status = 201, description = "`{\"name\",\"digest\",\"documents\",\"dim\"}` (tenant)", body = crate::control::ContextMeta), (status = "4XX", description = "the error, `param` naming the field at fault", body = crate::api::ErrorBody), (status = "5XX", description = "`internal`, `unavailable` or `storage_full` (503 with `Retry-After`)", body = crate::api::ErrorBody)))]
 pub(super) async fn push_context(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
@@ -130,7 +130,7 @@ pub(super) async fn push_context(
 }
 
 /// `GET /v1/contexts/{name}`: metadata of this tenant's context.
-#[utoipa::path(get, path = "/v1/contexts/{name}", tag = "contexts", params(("name" = String, Path)), responses((status = 200, description = "context metadata (tenant)"), (status = "4XX", description = "`{\"error\":{\"code\",\"message\",\"request_id\",\"param\"?}}`")))]
+#[utoipa::path(get, path = "/v1/contexts/{name}", tag = "contexts", params(("name" = String, Path)), responses((status = 200, description = "context metadata (tenant)", body = crate::control::ContextMeta), (status = "4XX", description = "the error, `param` naming the field at fault", body = crate::api::ErrorBody), (status = "5XX", description = "`internal`, `unavailable` or `storage_full` (503 with `Retry-After`)", body = crate::api::ErrorBody)))]
 pub(super) async fn get_context(
     State(state): State<AppState>,
     Path(name): Path<String>,

@@ -287,6 +287,10 @@ pub struct SubmitArgs {
     /// Start no earlier than this many ms from now.
     #[arg(long)]
     pub delay_ms: Option<u64>,
+    /// POST the finished job here, signed (the deployment's
+    /// `--callback-allow` rules must allow it).
+    #[arg(long)]
+    pub callback_url: Option<String>,
     /// Makes the submission safe to retry: the same key and body give the same job.
     #[arg(long)]
     pub idempotency_key: Option<String>,
@@ -478,6 +482,7 @@ pub async fn job(cmd: JobCmd) -> anyhow::Result<ExitCode> {
                 timeout_ms: a.timeout_ms,
                 fuel: a.fuel,
                 delay_ms: a.delay_ms.unwrap_or(0),
+                callback_url: a.callback_url,
             };
             let c = client(&a.conn)?;
             let submitted = c.submit(&req, a.idempotency_key.as_deref()).await;

@@ -49,6 +49,58 @@ pub(super) fn admin_token(data_dir: &Path) -> anyhow::Result<(String, Option<Pat
     Ok((token, Some(path)))
 }
 
+/// 32 random bytes.
+pub(super) fn random_secret() -> [u8; 32] {
+    let mut secret = [0u8; 32];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut secret);
+    secret
+}
+
+/// The callback signing secret of `AGENTPLANE_CALLBACK_SECRET` (any text,
+/// hashed to 32 bytes), if set.
+pub(super) fn callback_secret_env() -> anyhow::Result<Option<[u8; 32]>> {
+    use sha2::Digest;
+    match std::env::var("AGENTPLANE_CALLBACK_SECRET") {
+        Ok(s) if s.trim().len() >= 16 => Ok(Some(sha2::Sha256::digest(s.trim().as_bytes()).into())),
+        Ok(s) if !s.trim().is_empty() => {
+            anyhow::bail!("AGENTPLANE_CALLBACK_SECRET must be at least 16 characters")
+        }
+        _ => Ok(None),
+    }
+}
+
+/// The callback signing secret: `AGENTPLANE_CALLBACK_SECRET` if set, else
+/// the one in `<data>/callback-secret`, generated (mode 0600) on first use,
+/// so tenants' keys survive a restart.
+pub(super) fn callback_secret(data_dir: &Path) -> anyhow::Result<[u8; 32]> {
+    if let Some(s) = callback_secret_env()? {
+        return Ok(s);
+    }
+    ensure_dir(data_dir)?;
+    let path = data_dir.join("callback-secret");
+    match std::fs::read_to_string(&path) {
+        Ok(t) => {
+            let mut out = [0u8; 32];
+            if hex::decode_to_slice(t.trim(), &mut out).is_ok() {
+                return Ok(out);
+            }
+            anyhow::bail!("{} is not 64 hex digits", path.display());
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+    let secret = random_secret();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    writeln!(f, "{}", hex::encode(secret))?;
+    f.sync_all()?;
+    Ok(secret)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

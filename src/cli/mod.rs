@@ -238,6 +238,16 @@ pub struct ApiLimitArgs {
     #[arg(long, env = "AGENTPLANE_MAX_BODIES_PER_TENANT", default_value_t = L::DEFAULT_MAX_BODIES_PER_TENANT as u32,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_bodies_per_tenant: u32,
+    /// Where job callbacks may go: `scheme://host[:port]` rules (`*.` for
+    /// any subdomain), comma-separated or repeated. Names must resolve to
+    /// public addresses; a private or loopback address must be named
+    /// itself. None (the default): every `callback_url` is refused.
+    #[arg(
+        long = "callback-allow",
+        env = "AGENTPLANE_CALLBACK_ALLOW",
+        value_delimiter = ','
+    )]
+    pub callback_allow: Vec<String>,
 }
 
 /// A default duration as the whole milliseconds its flag takes.
@@ -268,6 +278,9 @@ impl ApiLimitArgs {
             max_waits_per_tenant: self.max_waits_per_tenant as usize,
             write_timeout: Duration::from_millis(self.write_timeout_ms),
             max_bodies_per_tenant: self.max_bodies_per_tenant as usize,
+            // Set by `serve` and `api` from `--callback-allow` and the
+            // deployment's signing secret (none allowed until then).
+            callbacks: crate::callbacks::Callbacks::default(),
         }
     }
 }

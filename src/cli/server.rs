@@ -4,6 +4,7 @@
 use super::datadir;
 use super::{ApiArgs, ControlArgs, SchedulerArgs, ServeArgs, SlotArgs, WorkerArgs};
 use crate::api::{self, AppState};
+use crate::callbacks::run_dispatcher;
 use crate::control::{ControlConfig, ControlPlane};
 use crate::embedded::EmbeddedRedis;
 use crate::host::{CompileChild, Host, HostConfig};
@@ -194,22 +195,39 @@ async fn serve_parts(
         }
     );
 
-    let state = AppState::new(
+    let mut cfg = api_config(&args.limits);
+    cfg.callbacks = callbacks(&args.limits, datadir::callback_secret(&args.data)?)?;
+    let hooks = tokio::spawn(run_dispatcher(
         control.clone(),
-        host.clone(),
-        token,
-        api_config(&args.limits),
-    );
+        cfg.callbacks.clone(),
+        shutdown.clone(),
+    ));
+    let state = AppState::new(control.clone(), host.clone(), token, cfg);
     let api = tokio::spawn(api_until(listener, state, shutdown.clone()));
     let sched = tokio::spawn(run_scheduler(control.clone(), shutdown.clone()));
     let worker = tokio::spawn(run_worker(wcfg, control, host, shutdown.clone()));
     // Any part ending early (it failed) stops the others.
-    let (a, s, w) = tokio::join!(
+    let (a, s, w, h) = tokio::join!(
         stop_all_on_exit(api, shutdown.clone()),
         stop_all_on_exit(sched, shutdown.clone()),
         stop_all_on_exit(worker, shutdown.clone()),
+        stop_all_on_exit(hooks, shutdown.clone()),
     );
-    a.and(s).and(w)
+    a.and(s).and(w).and(h)
+}
+
+/// The callback rules of the flags, and the deployment's signing secret.
+fn callbacks(
+    limits: &super::ApiLimitArgs,
+    secret: [u8; 32],
+) -> anyhow::Result<crate::callbacks::Callbacks> {
+    let rules = limits
+        .callback_allow
+        .iter()
+        .filter(|r| !r.trim().is_empty())
+        .map(|r| r.trim().parse().map_err(anyhow::Error::msg))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(crate::callbacks::Callbacks::new(rules, secret))
 }
 
 async fn stop_all_on_exit(
@@ -356,8 +374,30 @@ pub async fn api(args: ApiArgs) -> anyhow::Result<()> {
         "agentplane api is listening on http://{}",
         listener.local_addr()?
     );
-    let state = AppState::new(control, host, token, api_config(&args.limits));
-    api_until(listener, state, shutdown).await
+    let mut cfg = api_config(&args.limits);
+    // Every API process signs with the same keys: the secret is shared.
+    let secret = match datadir::callback_secret_env()? {
+        Some(s) => s,
+        None if args.limits.callback_allow.is_empty() => datadir::random_secret(),
+        None => anyhow::bail!(
+            "`agentplane api` with --callback-allow needs the signing secret in AGENTPLANE_CALLBACK_SECRET"
+        ),
+    };
+    cfg.callbacks = callbacks(&args.limits, secret)?;
+    let hooks = tokio::spawn(run_dispatcher(
+        control.clone(),
+        cfg.callbacks.clone(),
+        shutdown.clone(),
+    ));
+    let state = AppState::new(control, host, token, cfg);
+    let (a, h) = tokio::join!(
+        stop_all_on_exit(
+            tokio::spawn(api_until(listener, state, shutdown.clone())),
+            shutdown.clone()
+        ),
+        stop_all_on_exit(hooks, shutdown.clone()),
+    );
+    a.and(h)
 }
 
 /// `agentplane scheduler`.

@@ -65,7 +65,7 @@ use serde::{Deserialize, Serialize};
 use std::sync::atomic::AtomicBool;
 
 /// One document of an upload (unknown fields refused).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Document {
     /// Unique within the context, non-empty.
@@ -79,7 +79,7 @@ pub struct Document {
 
 /// One tool of the registry (mirrors the WIT record `tool`; unknown
 /// fields refused).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Tool {
     /// Unique within the context, non-empty.
@@ -91,7 +91,7 @@ pub struct Tool {
 }
 
 /// The body of `POST /v1/contexts` (unknown fields refused).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ContextUpload {
     /// The tenant's name for the context (`crate::model::valid_name`).

@@ -17,7 +17,7 @@ const SHARE_MAX_JOBS: isize = 10_000;
 const SCAN_FACTOR: usize = 10;
 
 /// One tenant of `GET /v1/admin/tenants`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TenantRow {
     #[serde(flatten)]
     pub info: TenantInfo,

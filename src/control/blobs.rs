@@ -4,7 +4,7 @@
 use super::*;
 
 /// Metadata of an uploaded component, per tenant.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct ComponentMeta {
     pub digest: String,
     pub size: u64,
@@ -12,7 +12,7 @@ pub struct ComponentMeta {
 }
 
 /// Metadata of a named context, per tenant.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct ContextMeta {
     pub name: String,
     pub digest: String,

@@ -82,12 +82,25 @@ impl ControlPlane {
             agent_id: h.get("agent_id").filter(|a| !a.is_empty()).cloned(),
             gpus: num(h, "gpus") as u32,
             max_attempts: num(h, "max_attempts") as u32,
+            callback: h
+                .get("callback")
+                .filter(|c| !c.is_empty())
+                .map(|url| Callback {
+                    url: url.clone(),
+                    // Owed from the finish on; `pending` until a first try.
+                    state: h
+                        .get("cb_state")
+                        .filter(|s| !s.is_empty())
+                        .cloned()
+                        .unwrap_or_else(|| "pending".into()),
+                    attempts: num(h, "cb_attempts") as u32,
+                }),
         })
     }
 
     /// The fields of a job hash that [`Job`] shows, never the input (up to
     /// 1 MiB each: a page of whole records was 105 MB for 100 jobs).
-    const JOB_VIEW: [&'static str; 17] = [
+    const JOB_VIEW: [&'static str; 20] = [
         "tenant",
         "state",
         "component",
@@ -105,6 +118,9 @@ impl ControlPlane {
         "agent_id",
         "gpus",
         "max_attempts",
+        "callback",
+        "cb_state",
+        "cb_attempts",
     ];
 
     pub(super) fn view_cmd(&self, tenant: &str, id: &str) -> redis::Cmd {

@@ -48,6 +48,7 @@ mod cancel;
 mod claim;
 mod config;
 mod error;
+mod hooks;
 mod jobs;
 mod lease;
 mod log;
@@ -65,6 +66,7 @@ pub use claim::{Claim, Lease};
 pub use config::{ControlConfig, Prices};
 pub use error::CpError;
 use error::answer_lost;
+pub use hooks::{DueHook, HookOutcome};
 pub use jobs::LedgerEntry;
 pub use lease::{AttemptOutcome, Finalized, Finish, Settled, truncate_utf8};
 pub use log::{LogStored, LogTail};
@@ -81,7 +83,7 @@ pub use quota::Stored;
 pub use retain::{LedgerCheckpoint, Retained};
 
 use crate::model::{
-    ErrorKind, Job, JobError, JobState, Limits, TenantId, Usage, now_ms, rfc3339_ms,
+    Callback, ErrorKind, Job, JobError, JobState, Limits, TenantId, Usage, now_ms, rfc3339_ms,
 };
 use conn::{Conn, Target};
 use keys::KeySpace;

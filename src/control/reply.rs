@@ -194,6 +194,11 @@ impl<'a> Reply<'a> {
         })
     }
 
+    /// True once every field was read (answers of repeated records).
+    pub(super) fn is_done(&self) -> bool {
+        self.at >= self.items.len()
+    }
+
     /// Every field was read: a surplus one means the two sides disagree.
     pub(super) fn end(self) -> Result<(), CpError> {
         if self.at == self.items.len() {

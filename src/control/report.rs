@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 pub const USAGE_MAX_JOBS: usize = 50_000;
 
 /// One entry of a tenant's ledger as the API shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LedgerRow {
     /// The stream id: the cursor of the next page starts after it.
     pub id: String,
@@ -31,7 +31,7 @@ pub struct LedgerRow {
 
 /// `GET /v1/tenants/{id}/ledger`: a page, oldest first, and what retention
 /// already folded away (so `checkpoint + Σ entries` is the whole history).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LedgerPage {
     pub entries: Vec<LedgerRow>,
     pub next_cursor: Option<String>,
@@ -39,7 +39,7 @@ pub struct LedgerPage {
 }
 
 /// One bucket of `GET /v1/tenants/{id}/usage`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct UsageBucket {
     /// Start of the bucket (RFC 3339); empty for the total.
     pub start: String,
@@ -58,7 +58,7 @@ pub struct UsageBucket {
 }
 
 /// `GET /v1/tenants/{id}/usage?from=&to=&by=`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct UsageReport {
     pub tenant: String,
     pub from: String,

@@ -15,7 +15,7 @@ use serde::Serialize;
 /// nothing was folded yet). `granted = grant + Σ grant entries`, likewise
 /// for `settled`; `reserved = (reserve + Σ reserve) − (settle + Σ settle)
 /// − (release + Σ release)`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct LedgerCheckpoint {
     pub id: String,
     pub grant: i64,

@@ -38,6 +38,7 @@ scripts! {
     USAGE => "usage.lua",
     LOG => "log.lua",
     RETRY => "retry.lua",
+    HOOKS => "hooks.lua",
 }
 
 /// Rewrites each place a Lua runtime error names, `user_script:<line>` of

@@ -20,6 +20,9 @@ pub struct SubmitSpec {
     pub delay_ms: u64,
     /// `Idempotency-Key` header and the sha256 of the request body.
     pub idempotency: Option<(String, String)>,
+    /// Where the job's result is delivered once it is finished (already
+    /// checked against the deployment's egress rules).
+    pub callback_url: Option<String>,
 }
 
 /// What SUBMIT answered.
@@ -69,7 +72,8 @@ impl SubmitArgs<'_> {
                 .arg(opt(s.timeout_ms))
                 .arg(opt(s.fuel))
                 .arg(s.delay_ms)
-                .arg(j.body_hash);
+                .arg(j.body_hash)
+                .arg(s.callback_url.as_deref().unwrap_or_default());
         }
     }
 }

@@ -4,14 +4,14 @@
 use super::*;
 
 /// `{"balance","reserved"}`.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct Credits {
     pub balance: i64,
     pub reserved: i64,
 }
 
 /// `GET /v1/tenants/{id}`: config plus live counters.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct TenantInfo {
     pub id: String,
     pub weight: u32,
@@ -38,7 +38,7 @@ pub struct TenantInfo {
 }
 
 /// A tenant's byte quotas and usage (`GET /v1/tenants/{id}` `storage`).
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct Storage {
     pub max_component_bytes: u64,
     pub max_context_bytes: u64,

@@ -13,8 +13,9 @@ use std::str::FromStr;
 /// and `_`. Tenant ids appear inside Redis keys (`{shard}:t:<id>`) and
 /// tokens (`<id>.<secret>`), so they are kept to a small, unambiguous
 /// alphabet: no `:`, `{`, `}` or `.` that could forge another key or token.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, utoipa::ToSchema)]
 #[serde(transparent)]
+#[schema(value_type = String, pattern = "^[a-z0-9_-]{1,64}$")]
 pub struct TenantId(String);
 
 /// Why a string is not a [`TenantId`].

@@ -45,5 +45,6 @@ pub fn submit_spec(input: &str) -> SubmitSpec {
         fuel: None,
         delay_ms: 0,
         idempotency: None,
+        callback_url: None,
     }
 }

@@ -83,6 +83,7 @@ impl Default for Opts {
 
 impl Stack {
     pub async fn start(opts: Opts) -> Stack {
+        agentplane::client::tls_provider();
         let (redis, cluster, url, dir, shards) = match opts.cluster {
             None => {
                 let r = if opts.durable_redis {
@@ -113,6 +114,7 @@ impl Stack {
         let shutdown = CancellationToken::new();
         let mut tasks = Vec::new();
         let api_host = Arc::new(Host::new(HostConfig::admission()).expect("admission host"));
+        let callbacks = opts.api.callbacks.clone();
         let state = AppState::new(control.clone(), api_host, ADMIN.into(), opts.api);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
@@ -125,6 +127,13 @@ impl Stack {
         let (c, s) = (control.clone(), shutdown.clone());
         tasks.push(tokio::spawn(async move {
             agentplane::scheduler::run_scheduler(c, s).await.unwrap();
+        }));
+        // The API's callback dispatcher, as `serve` runs it.
+        let (c, s) = (control.clone(), shutdown.clone());
+        tasks.push(tokio::spawn(async move {
+            agentplane::callbacks::run_dispatcher(c, callbacks, s)
+                .await
+                .unwrap();
         }));
         if let Some(slots) = opts.worker_slots {
             let host = Arc::new(
@@ -406,6 +415,7 @@ pub fn job_request(component: &str, input: &str) -> JobRequest {
         timeout_ms: None,
         fuel: None,
         delay_ms: 0,
+        callback_url: None,
     }
 }
 

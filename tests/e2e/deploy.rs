@@ -228,6 +228,7 @@ async fn parts_run_as_separate_processes() {
     }
     // Each worker's own metrics endpoint counts what it ran.
     for port in metrics_ports {
+        agentplane::client::tls_provider();
         let m = reqwest::Client::new()
             .get(format!("http://127.0.0.1:{port}/metrics"))
             .send()

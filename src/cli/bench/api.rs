@@ -110,6 +110,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 timeout_ms: None,
                 fuel: None,
                 delay_ms: 0,
+                callback_url: None,
             };
             let start = Instant::now();
             let r = api.submit(&req, None).await;

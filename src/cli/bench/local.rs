@@ -224,6 +224,7 @@ pub fn job(component: &str, input: &str) -> SubmitSpec {
         fuel: None,
         delay_ms: 0,
         idempotency: None,
+        callback_url: None,
     }
 }
 

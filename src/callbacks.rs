@@ -1,0 +1,613 @@
+//! Job callbacks (README, "Callbacks"): a job submitted with a
+//! `callback_url` has its result POSTed there once it is finished, signed
+//! with its tenant's key, retried with backoff, under the deployment's
+//! egress rules.
+//!
+//! - **Durable, at least once.** The script that finishes the job adds it
+//!   to its shard's `hooks` set in the same step (`finish` in lua/lib.lua);
+//!   [`run_dispatcher`] (in every API process) takes due hooks under a
+//!   lease (`lua/hooks.lua`), so a process that dies mid-delivery leaves
+//!   them to be taken again. Receivers dedupe on `X-Agentplane-Delivery`.
+//! - **Signed.** `X-Agentplane-Signature: t=<unix s>,v1=<hex>` where
+//!   `hex = HMAC-SHA256(key, "<t>.<body>")` and `key` is the tenant's key
+//!   (`GET /v1/tenants/{id}/callback-key`), itself HMAC-SHA256 of the
+//!   deployment secret and the tenant id: one secret, a key per tenant.
+//! - **Egress rules.** Only URLs matching a `--callback-allow` rule
+//!   (`scheme://host[:port]`, `*.` for any subdomain) are accepted, checked
+//!   at submission and again before each attempt. Names are resolved on the
+//!   host, and only to public addresses: loopback, private, link-local
+//!   (metadata services), shared, multicast and unspecified addresses are
+//!   refused unless a rule names that address itself. No redirects, no
+//!   proxy, connect and total timeouts, the answer's body is not read.
+//! - **Bounded per tenant.** A tenant's receivers hold at most
+//!   [`Delivery::per_tenant`] deliveries at once, so one that never answers
+//!   does not stall the callbacks of others.
+
+use crate::control::{ControlPlane, DueHook, HookOutcome};
+use crate::model::Job;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Longest `callback_url` accepted.
+pub const MAX_URL_BYTES: usize = 2048;
+
+/// One `--callback-allow` rule: `scheme://host[:port]`, where `host` may
+/// start with `*.` (any subdomain, not the domain itself); without a port,
+/// the scheme's default.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    scheme: String,
+    host: HostRule,
+    port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum HostRule {
+    /// A name or an address, as `Url::host_str` writes it (lowercase,
+    /// IPv6 in brackets).
+    Exact(String),
+    /// `*.example.com` → `.example.com`.
+    Suffix(String),
+}
+
+/// Whether a URL's host is a name (not an address).
+fn is_name(url: &reqwest::Url) -> bool {
+    let h = url.host_str().unwrap_or_default();
+    h.trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<IpAddr>()
+        .is_err()
+}
+
+fn default_port(scheme: &str) -> Option<u16> {
+    match scheme {
+        "http" => Some(80),
+        "https" => Some(443),
+        _ => None,
+    }
+}
+
+impl std::str::FromStr for Rule {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Rule, String> {
+        let bad = |why: &str| format!("callback rule `{s}`: {why} (want `scheme://host[:port]`)");
+        let (scheme, rest) = s.split_once("://").ok_or_else(|| bad("no scheme"))?;
+        let scheme = scheme.to_ascii_lowercase();
+        let default = default_port(&scheme).ok_or_else(|| bad("scheme must be http or https"))?;
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        if rest.contains(['/', '@', '?', '#']) || rest.is_empty() {
+            return Err(bad("only a host and a port"));
+        }
+        let (wild, rest) = match rest.strip_prefix("*.") {
+            Some(r) => (true, r),
+            None => (false, rest),
+        };
+        // Parsed as a URL so the host is normalized the way a callback's is.
+        let url =
+            reqwest::Url::parse(&format!("{scheme}://{rest}/")).map_err(|e| bad(&e.to_string()))?;
+        let host = url.host_str().ok_or_else(|| bad("no host"))?.to_string();
+        let port = url.port().unwrap_or(default);
+        let host = if wild {
+            if !is_name(&url) {
+                return Err(bad("`*.` applies to names, not addresses"));
+            }
+            HostRule::Suffix(format!(".{host}"))
+        } else {
+            HostRule::Exact(host)
+        };
+        Ok(Rule { scheme, host, port })
+    }
+}
+
+impl Rule {
+    fn matches(&self, url: &reqwest::Url) -> bool {
+        let (Some(host), Some(port)) = (url.host_str(), url.port_or_known_default()) else {
+            return false;
+        };
+        if url.scheme() != self.scheme || port != self.port {
+            return false;
+        }
+        match &self.host {
+            HostRule::Exact(h) => h == host,
+            // Only names: `*.0.0.1` must not match an address.
+            HostRule::Suffix(sfx) => is_name(url) && host.ends_with(sfx.as_str()),
+        }
+    }
+}
+
+/// Retry and bounds of deliveries.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// Attempts before a callback is given up (`failed`).
+    pub max_attempts: u32,
+    /// Delay after the first failed attempt; doubles per attempt.
+    pub backoff_base: Duration,
+    /// Longest delay between attempts.
+    pub backoff_max: Duration,
+    pub connect_timeout: Duration,
+    /// Whole attempt: connect, send, answer's head.
+    pub timeout: Duration,
+    /// How long a taken hook is left to its dispatcher before another may
+    /// take it (longer than `timeout`).
+    pub lease: Duration,
+    /// Deliveries in flight per API process.
+    pub concurrency: usize,
+    /// Of those, how many one tenant's callbacks may hold.
+    pub per_tenant: usize,
+    /// How often due hooks are looked for.
+    pub poll: Duration,
+}
+
+impl Default for Delivery {
+    fn default() -> Self {
+        Delivery {
+            max_attempts: 8,
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(600),
+            connect_timeout: Duration::from_secs(5),
+            timeout: Duration::from_secs(10),
+            lease: Duration::from_secs(60),
+            concurrency: 64,
+            per_tenant: 4,
+            poll: Duration::from_millis(250),
+        }
+    }
+}
+
+impl Delivery {
+    /// The delay after `attempts` failed attempts.
+    pub fn backoff(&self, attempts: u32) -> Duration {
+        let factor = 1u32 << attempts.saturating_sub(1).min(20);
+        self.backoff_base
+            .saturating_mul(factor)
+            .min(self.backoff_max)
+    }
+}
+
+/// The egress rules and the signing secret of a deployment; cheap to clone.
+#[derive(Clone)]
+pub struct Callbacks {
+    rules: Arc<Vec<Rule>>,
+    secret: Arc<[u8; 32]>,
+    pub delivery: Delivery,
+}
+
+impl std::fmt::Debug for Callbacks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Callbacks")
+            .field("rules", &self.rules)
+            .field("secret", &"<hidden>")
+            .field("delivery", &self.delivery)
+            .finish()
+    }
+}
+
+/// No rules (every callback refused) and a random secret.
+impl Default for Callbacks {
+    fn default() -> Self {
+        let mut secret = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut rand::rng(), &mut secret);
+        Callbacks::new(Vec::new(), secret)
+    }
+}
+
+type HmacSha256 = Hmac<Sha256>;
+
+fn hmac_hex(key: &[u8], parts: &[&[u8]]) -> String {
+    // HMAC takes a key of any length.
+    let mut mac = HmacSha256::new_from_slice(key).expect("HMAC accepts any key length");
+    for p in parts {
+        mac.update(p);
+    }
+    hex::encode(mac.finalize().into_bytes())
+}
+
+/// The `X-Agentplane-Signature` value of `body` sent at `t` (unix seconds)
+/// under the tenant key `key`: `t=<t>,v1=<hex HMAC-SHA256(key, "<t>.<body>")>`.
+pub fn signature(key: &str, t: u64, body: &[u8]) -> String {
+    let ts = t.to_string();
+    format!(
+        "t={ts},v1={}",
+        hmac_hex(key.as_bytes(), &[ts.as_bytes(), b".", body])
+    )
+}
+
+/// Why a URL is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(pub String);
+
+impl Callbacks {
+    pub fn new(rules: Vec<Rule>, secret: [u8; 32]) -> Callbacks {
+        Callbacks {
+            rules: Arc::new(rules),
+            secret: Arc::new(secret),
+            delivery: Delivery::default(),
+        }
+    }
+
+    /// Whether any callback can be accepted.
+    pub fn enabled(&self) -> bool {
+        !self.rules.is_empty()
+    }
+
+    /// The tenant's signing key (64 hex digits; the HMAC key is this text).
+    pub fn tenant_key(&self, tenant: &str) -> String {
+        hmac_hex(
+            &self.secret[..],
+            &[b"agentplane callback key\0", tenant.as_bytes()],
+        )
+    }
+
+    /// Checks a `callback_url` against the rules; the message names the
+    /// field. Names are checked again (resolved) at each delivery.
+    pub fn check(&self, url: &str) -> Result<reqwest::Url, Refused> {
+        if !self.enabled() {
+            return Err(Refused(
+                "`callback_url`: callbacks are not enabled on this deployment (--callback-allow)"
+                    .into(),
+            ));
+        }
+        if url.len() > MAX_URL_BYTES {
+            return Err(Refused(format!(
+                "`callback_url` is longer than {MAX_URL_BYTES} bytes"
+            )));
+        }
+        let parsed = reqwest::Url::parse(url)
+            .map_err(|e| Refused(format!("`callback_url` is not a URL: {e}")))?;
+        if !matches!(parsed.scheme(), "http" | "https") {
+            return Err(Refused("`callback_url` must be http:// or https://".into()));
+        }
+        if !parsed.username().is_empty() || parsed.password().is_some() {
+            return Err(Refused(
+                "`callback_url` must not carry credentials; verify the signature instead".into(),
+            ));
+        }
+        if !self.rules.iter().any(|r| r.matches(&parsed)) {
+            return Err(Refused(format!(
+                "`callback_url`: {}://{} is not allowed by this deployment's callback rules",
+                parsed.scheme(),
+                parsed.host_str().unwrap_or_default()
+            )));
+        }
+        Ok(parsed)
+    }
+}
+
+/// Addresses a name may resolve to: no loopback, private, link-local
+/// (cloud metadata), shared (CGNAT), multicast, broadcast or unspecified.
+pub fn is_public(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            !(v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_multicast()
+                || v4.is_documentation()
+                || o[0] == 0
+                || (o[0] == 100 && (o[1] & 0xc0) == 64)
+                || (o[0] == 192 && o[1] == 0 && o[2] == 0)
+                || o[0] >= 240)
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_public(IpAddr::V4(v4));
+            }
+            let s = v6.segments();
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (s[0] & 0xfe00) == 0xfc00
+                || (s[0] & 0xffc0) == 0xfe80)
+        }
+    }
+}
+
+/// The resolver of deliveries: the system's, keeping public addresses only
+/// (an address named by a rule is used as it is and never resolved).
+struct PublicOnly;
+
+impl reqwest::dns::Resolve for PublicOnly {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let host = name.as_str().to_string();
+        Box::pin(async move {
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
+                .await?
+                .filter(|a| is_public(a.ip()))
+                .collect();
+            if addrs.is_empty() {
+                return Err(
+                    Box::new(Refused(format!("{host} resolves to no public address")))
+                        as Box<dyn std::error::Error + Send + Sync>,
+                );
+            }
+            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
+/// The HTTP client of deliveries: no redirects, no proxy, the filtering
+/// resolver, bounded connect and total time.
+fn client(d: &Delivery) -> reqwest::Result<reqwest::Client> {
+    crate::client::tls_provider();
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .dns_resolver(Arc::new(PublicOnly))
+        .connect_timeout(d.connect_timeout)
+        .timeout(d.timeout)
+        .pool_max_idle_per_host(1)
+        .user_agent(concat!("agentplane/", env!("CARGO_PKG_VERSION")))
+        .build()
+}
+
+/// What a receiver is sent: the finished job as `GET /v1/jobs/{id}` shows it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct CallbackBody {
+    /// `job.finished`.
+    pub event: String,
+    pub job: Job,
+}
+
+/// Delivers due callbacks until `shutdown`: takes due hooks on every shard
+/// (at most as many as it has free delivery places), and delivers each in
+/// its own task.
+pub async fn run_dispatcher(
+    cp: ControlPlane,
+    cb: Callbacks,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let d = cb.delivery.clone();
+    let http = client(&d)?;
+    let places = Arc::new(tokio::sync::Semaphore::new(d.concurrency.max(1)));
+    let busy: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+    let lease_ms = d.lease.as_millis() as u64;
+    loop {
+        for shard in 0..cp.keys().shards() {
+            let free = places.available_permits();
+            if free == 0 {
+                break;
+            }
+            let due = match cp.take_hooks(shard, free.min(1000) as u32, lease_ms).await {
+                Ok(due) => due,
+                Err(e) => {
+                    tracing::warn!(shard, error = %e, "taking due callbacks failed");
+                    continue;
+                }
+            };
+            for hook in due {
+                let held = {
+                    let mut b = busy.lock().unwrap_or_else(|e| e.into_inner());
+                    let n = b.entry(hook.tenant.to_string()).or_default();
+                    if *n >= d.per_tenant {
+                        None
+                    } else {
+                        *n += 1;
+                        Some(())
+                    }
+                };
+                let place = places.clone().try_acquire_owned().ok();
+                let (Some(()), Some(place)) = (held, place) else {
+                    if held.is_some() {
+                        release(&busy, &hook.tenant);
+                    }
+                    // The tenant's receivers hold all its places (or the
+                    // process is full): put off, no attempt counted.
+                    let _ = cp
+                        .hook_later(
+                            &hook,
+                            d.poll.as_millis() as u64 * 4,
+                            hook.attempts,
+                            hook.attempts > 0,
+                        )
+                        .await;
+                    continue;
+                };
+                let (cp, cb, http, busy) = (cp.clone(), cb.clone(), http.clone(), busy.clone());
+                tokio::spawn(async move {
+                    deliver(&cp, &cb, &http, &hook).await;
+                    release(&busy, &hook.tenant);
+                    drop(place);
+                });
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(d.poll) => {}
+        }
+    }
+}
+
+fn release(busy: &Mutex<HashMap<String, usize>>, tenant: &str) {
+    let mut b = busy.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(n) = b.get_mut(tenant) {
+        *n -= 1;
+        if *n == 0 {
+            b.remove(tenant);
+        }
+    }
+}
+
+/// Whether `err` (or a cause of it) is an egress refusal.
+fn refused(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut e = Some(err);
+    while let Some(x) = e {
+        if x.downcast_ref::<Refused>().is_some() {
+            return true;
+        }
+        e = x.source();
+    }
+    false
+}
+
+/// One attempt at one hook, and what follows from it.
+async fn deliver(cp: &ControlPlane, cb: &Callbacks, http: &reqwest::Client, hook: &DueHook) {
+    let d = &cb.delivery;
+    let attempts = hook.attempts + 1;
+    // A refusal made no request: it does not count as an attempt.
+    let end = |outcome: HookOutcome| async move {
+        metrics::counter!("agentplane_callbacks_total", "outcome" => outcome.as_str()).increment(1);
+        let made = if outcome == HookOutcome::Refused {
+            hook.attempts
+        } else {
+            attempts
+        };
+        if let Err(e) = cp.hook_done(hook, outcome, made).await {
+            tracing::warn!(job = %hook.job, error = %e, "recording a callback's outcome failed");
+        }
+    };
+    // The rules of now, not of the submission.
+    let url = match cb.check(&hook.url) {
+        Ok(u) => u,
+        Err(why) => {
+            tracing::info!(job = %hook.job, %why, "callback refused");
+            return end(HookOutcome::Refused).await;
+        }
+    };
+    let job = match cp.job(&hook.tenant, &hook.job).await {
+        Ok(Some(job)) => job,
+        Ok(None) => return end(HookOutcome::Failed).await,
+        Err(e) => {
+            tracing::warn!(job = %hook.job, error = %e, "reading a job to call back failed");
+            // Left to the lease: taken again later.
+            return;
+        }
+    };
+    let body = match serde_json::to_vec(&CallbackBody {
+        event: "job.finished".into(),
+        job,
+    }) {
+        Ok(b) => b,
+        Err(_) => return end(HookOutcome::Failed).await,
+    };
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let sig = signature(&cb.tenant_key(&hook.tenant), t, &body);
+    let sent = http
+        .post(url)
+        .header("content-type", "application/json")
+        .header("x-agentplane-signature", sig)
+        .header("x-agentplane-delivery", &hook.job)
+        .header("x-agentplane-attempt", attempts)
+        .body(body)
+        .send()
+        .await;
+    let why = match sent {
+        // The answer's body is not read: dropping it closes the connection.
+        Ok(resp) if resp.status().is_success() => return end(HookOutcome::Delivered).await,
+        Ok(resp) => format!("answered {}", resp.status()),
+        Err(e) if refused(&e) => {
+            tracing::info!(job = %hook.job, error = %e, "callback refused at delivery");
+            return end(HookOutcome::Refused).await;
+        }
+        Err(e) => format!("{e}"),
+    };
+    tracing::info!(job = %hook.job, attempts, %why, "callback attempt failed");
+    if attempts >= d.max_attempts {
+        return end(HookOutcome::Failed).await;
+    }
+    metrics::counter!("agentplane_callbacks_total", "outcome" => "retried").increment(1);
+    let delay = d.backoff(attempts).as_millis() as u64;
+    if let Err(e) = cp.hook_later(hook, delay, attempts, true).await {
+        tracing::warn!(job = %hook.job, error = %e, "rescheduling a callback failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cb(rules: &[&str]) -> Callbacks {
+        Callbacks::new(rules.iter().map(|r| r.parse().unwrap()).collect(), [7; 32])
+    }
+
+    #[test]
+    fn rules_match_scheme_host_and_port() {
+        let c = cb(&[
+            "https://*.example.com",
+            "http://127.0.0.1:9000",
+            "https://hooks.test:8443",
+        ]);
+        assert!(c.check("https://a.example.com/x?y").is_ok());
+        assert!(c.check("https://b.a.example.com/").is_ok());
+        assert!(c.check("https://example.com/").is_err());
+        assert!(c.check("http://a.example.com/").is_err());
+        assert!(c.check("https://a.example.com:444/").is_err());
+        assert!(c.check("https://a.example.com.evil.net/").is_err());
+        assert!(c.check("http://127.0.0.1:9000/cb").is_ok());
+        assert!(c.check("http://127.0.0.1:9001/cb").is_err());
+        assert!(
+            c.check("http://0x7f.0.0.1:9000/cb").is_ok(),
+            "normalized to 127.0.0.1"
+        );
+        assert!(c.check("https://hooks.test:8443/").is_ok());
+        assert!(c.check("https://u:p@a.example.com/").is_err());
+        assert!(c.check("ftp://a.example.com/").is_err());
+        assert!(cb(&[]).check("https://a.example.com/").is_err());
+        assert!(
+            "https://*.0.1".parse::<Rule>().is_err(),
+            "`*.` of an address"
+        );
+        assert!("example.com".parse::<Rule>().is_err());
+        assert!("https://example.com/path".parse::<Rule>().is_err());
+    }
+
+    #[test]
+    fn private_addresses_are_not_public() {
+        for ip in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "0.0.0.0",
+            "100.64.0.1",
+            "::1",
+            "fd00:ec2::254",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+            "255.255.255.255",
+        ] {
+            assert!(!is_public(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["1.1.1.1", "93.184.216.34", "2606:4700::1111"] {
+            assert!(is_public(ip.parse().unwrap()), "{ip}");
+        }
+    }
+
+    #[test]
+    fn signatures_are_stripe_style_hmacs() {
+        let c = cb(&[]);
+        let k = c.tenant_key("acme");
+        assert_eq!(k.len(), 64);
+        assert_ne!(k, c.tenant_key("beta"));
+        let s = signature(&k, 1_700_000_000, b"{}");
+        let mut mac = HmacSha256::new_from_slice(k.as_bytes()).unwrap();
+        mac.update(b"1700000000.{}");
+        assert_eq!(
+            s,
+            format!(
+                "t=1700000000,v1={}",
+                hex::encode(mac.finalize().into_bytes())
+            )
+        );
+    }
+
+    #[test]
+    fn backoff_doubles_to_its_cap() {
+        let d = Delivery::default();
+        assert_eq!(d.backoff(1), Duration::from_secs(1));
+        assert_eq!(d.backoff(3), Duration::from_secs(4));
+        assert_eq!(d.backoff(30), Duration::from_secs(600));
+    }
+}
