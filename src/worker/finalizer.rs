@@ -66,7 +66,9 @@ impl Finalizer {
 async fn send_ends(control: ControlPlane, mut rx: mpsc::UnboundedReceiver<End>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        metrics::histogram!("agentplane_finalize_batch_size").record(batch.len() as f64);
+        // attempts / calls is the group commit's batch size.
+        metrics::counter!("agentplane_finalize_calls_total").increment(1);
+        metrics::counter!("agentplane_finalize_attempts_total").increment(batch.len() as u64);
         let ends: Vec<(&Lease, &Finish)> = batch
             .iter()
             .map(|e| (e.lease.as_ref(), e.finish.as_ref()))
