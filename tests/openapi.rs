@@ -584,7 +584,10 @@ async fn real_answers_match_their_schemas() {
         None,
     )
     .await;
-    assert_eq!(st, 409, "already retried by its tenant: not failed any more");
+    assert_eq!(
+        st, 409,
+        "already retried by its tenant: not failed any more"
+    );
     for (path, token) in [
         ("/v1/jobs", tok.as_str()),
         ("/v1/admin/jobs", ADMIN),

@@ -41,6 +41,7 @@ pub(crate) fn compile(
         .arg(if cfg.fuel { "1" } else { "0" })
         .arg(if cfg.pooling { "1" } else { "0" })
         .arg(cfg.max_memory_per_instance.to_string())
+        .arg(if engine::compact(cfg) { "1" } else { "0" })
         .arg(cpu_secs.to_string())
         .arg(child.memory_bytes.to_string())
         .env_clear()
@@ -143,7 +144,8 @@ fn child(args: &[String]) -> Result<(), String> {
             .and_then(|a| a.parse().ok())
             .ok_or_else(|| "compiler process: bad arguments".to_string())
     };
-    let (fuel, pooling, max_mem, cpu, mem) = (num(0)?, num(1)?, num(2)?, num(3)?, num(4)?);
+    let (fuel, pooling, max_mem, compact, cpu, mem) =
+        (num(0)?, num(1)?, num(2)?, num(3)?, num(4)?, num(5)?);
     limit(libc::RLIMIT_CPU, cpu);
     limit(libc::RLIMIT_DATA, mem);
     let cfg = HostConfig {
@@ -153,7 +155,9 @@ fn child(args: &[String]) -> Result<(), String> {
         pooling: pooling == 1,
         ..HostConfig::default()
     };
-    let engine = engine::build(&cfg).map_err(|e| format!("compiler process: engine: {e}"))?;
+    // The worker's memory layout, whatever the size of this one-slot pool.
+    let engine = engine::build_as(&cfg, compact == 1)
+        .map_err(|e| format!("compiler process: engine: {e}"))?;
     let mut bytes = Vec::new();
     std::io::stdin()
         .read_to_end(&mut bytes)

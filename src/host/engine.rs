@@ -43,8 +43,36 @@ pub(crate) const TABLES_PER_SLOT: u32 = 8;
 const MAX_COMPONENT_INSTANCE_SIZE: usize = 4 << 20;
 const MAX_CORE_INSTANCE_SIZE: usize = 1 << 20;
 
-/// Builds the engine for `cfg`.
+/// Address space the pool's linear memories may reserve at the default
+/// layout. By default each memory reserves 4 GiB plus a guard, so compiled
+/// code needs no bounds checks; a node with many slots (10,000 slots hold
+/// 20,000 memories: over 80 TiB) would pass the 128 TiB of x86-64 user
+/// space and could not start. Past this budget the engine is built
+/// [`compact`]: each memory reserves only what it may ever grow to.
+const POOL_ADDRESS_SPACE: u64 = 16 << 40;
+
+/// What one memory reserves at the default layout (4 GiB and a 32 MiB guard).
+const DEFAULT_MEMORY_SLOT: u64 = (4 << 30) + (32 << 20);
+
+/// Whether the engine for `max_instances` slots is built compact: each
+/// linear memory reserves `max_memory_per_instance` and a 64 KiB guard,
+/// and the compiled code checks bounds explicitly (a few percent slower on
+/// memory-heavy guests). Compiled artifacts differ between the layouts, so
+/// the compiler process is told which to build for (`compile.rs`), and the
+/// disk cache is per engine (its compatibility hash).
+pub(crate) fn compact(cfg: &HostConfig) -> bool {
+    cfg.pooling
+        && u64::from(cfg.max_instances.max(1)) * u64::from(MEMORIES_PER_SLOT) * DEFAULT_MEMORY_SLOT
+            > POOL_ADDRESS_SPACE
+}
+
+/// Builds the engine for `cfg`, compact or not as [`compact`] says for it.
 pub(crate) fn build(cfg: &HostConfig) -> anyhow::Result<Engine> {
+    build_as(cfg, compact(cfg))
+}
+
+/// Builds the engine for `cfg` with the memory layout named by `compact`.
+pub(crate) fn build_as(cfg: &HostConfig, compact: bool) -> anyhow::Result<Engine> {
     let mut c = Config::new();
     c.wasm_component_model(true)
         .consume_fuel(cfg.fuel)
@@ -55,6 +83,13 @@ pub(crate) fn build(cfg: &HostConfig) -> anyhow::Result<Engine> {
         // image instead of copying data segments on every instantiation.
         .memory_init_cow(true)
         .parallel_compilation(true);
+    if compact {
+        // Whole wasm pages: what an instance may grow to, and no more.
+        let reserve = cfg.max_memory_per_instance.div_ceil(1 << 16) << 16;
+        c.memory_reservation(reserve)
+            .memory_reservation_for_growth(0)
+            .memory_guard_size(64 << 10);
+    }
     if cfg.pooling {
         let per_instance = usize::try_from(cfg.max_memory_per_instance)?;
         let n = cfg.max_instances.max(1);
@@ -79,6 +114,31 @@ pub(crate) fn build(cfg: &HostConfig) -> anyhow::Result<Engine> {
         c.allocation_strategy(InstanceAllocationStrategy::OnDemand);
     }
     Engine::new(&c).map_err(anyhow::Error::from)
+}
+
+/// Memory mappings a live instance may take (its memory's image and
+/// accessible part, its stack and guard, its tables): measured about 7 on
+/// Linux, with room.
+const MAPS_PER_INSTANCE: u64 = 8;
+
+/// Warns when the kernel's `vm.max_map_count` is too low for every slot to
+/// hold a live instance: past it, instantiations fail with ENOMEM (a node
+/// fault, requeued uncharged), so a dense node (thousands of slots) should
+/// raise it, as the README says.
+pub(crate) fn check_map_count(cfg: &HostConfig) {
+    let Ok(text) = std::fs::read_to_string("/proc/sys/vm/max_map_count") else {
+        return;
+    };
+    let need = u64::from(cfg.max_instances) * MAPS_PER_INSTANCE + 10_000;
+    if let Ok(have) = text.trim().parse::<u64>()
+        && have < need
+    {
+        tracing::warn!(
+            slots = cfg.max_instances,
+            max_map_count = have,
+            "vm.max_map_count is too low for every slot to run at once: raise it to at least {need} (sysctl -w vm.max_map_count={need})"
+        );
+    }
 }
 
 /// Starts the thread that advances the engine's epoch every [`EPOCH_TICK`].

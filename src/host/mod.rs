@@ -183,6 +183,7 @@ impl Host {
     pub fn new(cfg: HostConfig) -> anyhow::Result<Host> {
         let engine = engine::build(&cfg)?;
         engine::start_ticker(&engine)?;
+        engine::check_map_count(&cfg);
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
         bindings::Agent::add_to_linker::<_, HasSelf<state::RunState>>(&mut linker, |s| s)?;

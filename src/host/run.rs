@@ -317,10 +317,13 @@ enum Stop {
     Run(wasmtime::Error),
 }
 
-/// Instantiation failed. The pool being full is the node's fault (the job
-/// goes back to the queue uncharged); a limit the start code hit is that
-/// limit; anything else will fail the same way every time (a start function
-/// that traps, a data segment out of bounds): the component is invalid.
+/// Instantiation failed. The pool being full, or the operating system
+/// refusing the instance memory or mappings (`ENOMEM` once a dense node
+/// passes `vm.max_map_count`), is the node's fault: the job goes back to the
+/// queue uncharged, bounded per job as every node fault. A limit the start
+/// code hit is that limit; anything else will fail the same way every time
+/// (a start function that traps, a data segment out of bounds): the
+/// component is invalid.
 fn classify_instantiation(e: &wasmtime::Error, flags: &RunFlags, timeout_ms: u64) -> RunOutcome {
     if e.downcast_ref::<wasmtime::PoolConcurrencyLimitError>()
         .is_some()
@@ -328,6 +331,12 @@ fn classify_instantiation(e: &wasmtime::Error, flags: &RunFlags, timeout_ms: u64
         return RunOutcome::Failed {
             kind: ErrorKind::NodeFault,
             message: format!("this node is out of instance slots: {}", describe(e)),
+        };
+    }
+    if os_refused(e) {
+        return RunOutcome::Failed {
+            kind: ErrorKind::NodeFault,
+            message: format!("this node could not map the instance: {}", describe(e)),
         };
     }
     match classify(e, flags, timeout_ms) {
@@ -381,6 +390,13 @@ fn classify(e: &wasmtime::Error, flags: &RunFlags, timeout_ms: u64) -> RunOutcom
 }
 
 /// The error and its causes on one line, bounded.
+/// Whether an OS error (an `mmap` or `mprotect` the kernel refused) is in
+/// the error's chain: never the component's doing.
+fn os_refused(e: &wasmtime::Error) -> bool {
+    e.chain()
+        .any(|c| c.downcast_ref::<std::io::Error>().is_some())
+}
+
 fn describe(e: &wasmtime::Error) -> String {
     let mut s = e
         .chain()
@@ -404,5 +420,26 @@ fn host_failure(e: wasmtime::Error) -> RunOutcome {
     RunOutcome::Failed {
         kind: ErrorKind::NodeFault,
         message: format!("host error: {}", describe(&e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A dense node past `vm.max_map_count` fails to map an instance with
+    /// ENOMEM: the node's fault (requeued uncharged), never the tenant's
+    /// `invalid_component`, which is final.
+    #[test]
+    fn the_kernel_refusing_an_instance_is_a_node_fault() {
+        let e = wasmtime::Error::from(std::io::Error::from_raw_os_error(libc::ENOMEM))
+            .context("failed to map the memory image");
+        match classify_instantiation(&e, &RunFlags::default(), 1_000) {
+            RunOutcome::Failed { kind, message } => {
+                assert_eq!(kind, ErrorKind::NodeFault, "{message}");
+                assert!(message.contains("could not map"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

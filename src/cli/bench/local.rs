@@ -236,36 +236,54 @@ pub async fn submit_all(
     in_flight: usize,
 ) -> anyhow::Result<Vec<(TenantId, String)>> {
     use futures::StreamExt;
-    // Consecutive jobs of one tenant go in one SUBMIT call, up to
-    // SUBMIT_CHUNK (as BullMQ's `addBulk` takes a chunk); `in_flight` jobs
-    // are in flight at most, in whole chunks.
-    let mut chunks: Vec<(TenantId, Vec<SubmitSpec>)> = Vec::new();
-    for (tenant, spec) in jobs {
-        match chunks.last_mut() {
-            Some((t, specs)) if *t == tenant && specs.len() < SUBMIT_CHUNK => specs.push(spec),
-            _ => chunks.push((tenant, vec![spec])),
+    // Each tenant's jobs, in their order, go in SUBMIT calls of up to
+    // SUBMIT_CHUNK (as BullMQ's `addBulk` takes a chunk); about `in_flight`
+    // jobs are in flight, in whole chunks. Answers come back in the order
+    // of `jobs`.
+    let total = jobs.len();
+    let mut by_tenant: Vec<(TenantId, Vec<(usize, SubmitSpec)>)> = Vec::new();
+    let mut slot: std::collections::HashMap<TenantId, usize> = std::collections::HashMap::new();
+    for (i, (tenant, spec)) in jobs.into_iter().enumerate() {
+        let k = *slot.entry(tenant.clone()).or_insert_with(|| {
+            by_tenant.push((tenant.clone(), Vec::new()));
+            by_tenant.len() - 1
+        });
+        by_tenant[k].1.push((i, spec));
+    }
+    let mut chunks: Vec<(TenantId, Vec<(usize, SubmitSpec)>)> = Vec::new();
+    for (tenant, mut list) in by_tenant {
+        while !list.is_empty() {
+            let rest = list.split_off(list.len().min(SUBMIT_CHUNK));
+            chunks.push((tenant.clone(), std::mem::replace(&mut list, rest)));
         }
     }
     let calls = (in_flight / SUBMIT_CHUNK).max(2);
-    let results: Vec<anyhow::Result<Vec<(TenantId, String)>>> = futures::stream::iter(chunks)
-        .map(|(tenant, specs)| {
-            let cp = cp.clone();
-            async move {
-                let mut ids = Vec::with_capacity(specs.len());
-                for s in cp.submit_many(&tenant, &specs).await? {
-                    ids.push((tenant.clone(), s?.id));
+    let results: Vec<anyhow::Result<Vec<(usize, TenantId, String)>>> =
+        futures::stream::iter(chunks)
+            .map(|(tenant, list)| {
+                let cp = cp.clone();
+                async move {
+                    let (idx, specs): (Vec<usize>, Vec<SubmitSpec>) = list.into_iter().unzip();
+                    let mut ids = Vec::with_capacity(specs.len());
+                    for (i, s) in idx.into_iter().zip(cp.submit_many(&tenant, &specs).await?) {
+                        ids.push((i, tenant.clone(), s?.id));
+                    }
+                    Ok(ids)
                 }
-                Ok(ids)
-            }
-        })
-        .buffered(calls)
-        .collect()
-        .await;
-    let mut ids = Vec::new();
+            })
+            .buffered(calls)
+            .collect()
+            .await;
+    let mut out: Vec<Option<(TenantId, String)>> = vec![None; total];
     for r in results {
-        ids.extend(r?);
+        for (i, t, id) in r? {
+            out[i] = Some((t, id));
+        }
     }
-    Ok(ids)
+    Ok(out
+        .into_iter()
+        .map(|o| o.expect("every job answered"))
+        .collect())
 }
 
 /// Most jobs in one SUBMIT call of the bench's fill.
