@@ -58,7 +58,7 @@ impl CpError {
             CpError::InsufficientCredits => CpError::InsufficientCredits,
             CpError::IdempotencyConflict => CpError::IdempotencyConflict,
             CpError::Invalid(m) => CpError::Invalid(m.clone()),
-            CpError::NotFailed(m) => CpError::NotFailed(m.clone()),
+            CpError::NotFailed(m) => CpError::NotFailed(*m),
             CpError::StorageFull => CpError::StorageFull,
             CpError::QuotaExceeded(m) => CpError::QuotaExceeded(m.clone()),
             CpError::Redis(e) => CpError::Redis(redis::RedisError::from(std::io::Error::other(
