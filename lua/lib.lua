@@ -258,16 +258,24 @@ local function never_runs(J, T, P)
   return nil
 end
 
--- Ends a queued job that can never run: `failed` with kind `unschedulable`,
--- its stream entry (never delivered) deleted, nothing charged.
-local function fail_unschedulable(t, T, sid, jid, J, msg)
-  local now = now_ms()
-  redis.call('XDEL', qkey(t), sid)
-  redis.call('HSET', jkey(jid), 'ekind', 'unschedulable', 'emsg', msg, 'sid', '',
-    'finished', I(now))
-  set_state(jid, J, 'failed')
-  -- RETAIN removes it after the retention, like every finished job.
+-- `fields`: more job fields to write in the same HSET (flat name, value).
+local function finish(jid, J, state, now, fields)
+  move_state(jid, J, state)
+  local f = { 'state', state, 'finished', I(now) }
+  for _, x in ipairs(fields or {}) do f[#f + 1] = x end
+  redis.call('HSET', jkey(jid), unpack(f))
+  -- RETAIN removes it (with its log and index entries) after the retention.
   redis.call('ZADD', DONE, now, jid)
+  -- A job with a `callback_url` is owed a delivery (lua/hooks.lua).
+  if (J.callback or '') ~= '' then redis.call('ZADD', HOOKS, now, jid) end
+end
+
+-- Ends a queued job that can never run: `failed` with kind `unschedulable`,
+-- its stream entry (never delivered) deleted, nothing charged; finished as
+-- every job is (`finish`: retention, and its callback is owed).
+local function fail_unschedulable(t, T, sid, jid, J, msg)
+  redis.call('XDEL', qkey(t), sid)
+  finish(jid, J, 'failed', now_ms(), { 'ekind', 'unschedulable', 'emsg', msg, 'sid', '' })
   T.queued = n(T, 'queued') - 1
   redis.call('HSET', tkey(t), 'queued', I(T.queued))
 end
@@ -495,18 +503,6 @@ local function release_reservation(jid, J, T)
     ledger(J.tenant, 'release', jid, n(J, 'attempts'), r, T)
   end
   redis.call('HSET', jkey(jid), 'reserved', 0)
-end
-
--- `fields`: more job fields to write in the same HSET (flat name, value).
-local function finish(jid, J, state, now, fields)
-  move_state(jid, J, state)
-  local f = { 'state', state, 'finished', I(now) }
-  for _, x in ipairs(fields or {}) do f[#f + 1] = x end
-  redis.call('HSET', jkey(jid), unpack(f))
-  -- RETAIN removes it (with its log and index entries) after the retention.
-  redis.call('ZADD', DONE, now, jid)
-  -- A job with a `callback_url` is owed a delivery (lua/hooks.lua).
-  if (J.callback or '') ~= '' then redis.call('ZADD', HOOKS, now, jid) end
 end
 
 -- Attempts that count toward max_attempts. `attempts` numbers every run

@@ -206,6 +206,7 @@ pub(crate) async fn impossible_head_fails_and_frees_its_queue(url: &str, shards:
             &tid("i"),
             &SubmitSpec {
                 gpus: 2,
+                callback_url: Some("http://hooks.example/done".into()),
                 ..job("big")
             },
         )
@@ -229,6 +230,17 @@ pub(crate) async fn impossible_head_fails_and_frees_its_queue(url: &str, shards:
     let e = j.error.unwrap();
     assert_eq!(e.kind, ErrorKind::Unschedulable);
     assert!(e.message.contains("max_gpus"), "{}", e.message);
+    // A job failed this way is finished like any other: its callback is owed.
+    let mut owed = Vec::new();
+    for shard in 0..shards {
+        owed.extend(cp.take_hooks(shard, 100, 60_000).await.unwrap());
+    }
+    let owed: Vec<&str> = owed.iter().map(|h| h.job.as_str()).collect();
+    assert_eq!(
+        owed,
+        [big.id.as_str()],
+        "the unschedulable job's callback is owed"
+    );
 
     // Credits: the whole balance fell below the head's reservation.
     cp.create_tenant(&tenant("k", 2_000), "h").await.unwrap();
