@@ -27,7 +27,7 @@ use tracing::Instrument;
 mod decide;
 mod finalizer;
 mod lease;
-use decide::{Decision, Verdict, decide};
+use decide::{Decision, decide};
 use finalizer::Finalizer;
 use lease::{flush_log, renew_loop};
 
@@ -391,53 +391,68 @@ async fn run_claim(shared: &Shared, claim: Claim, hard_stop: CancellationToken) 
     tracing::info!("claimed");
 
     // `run` stops the instance: lease lost, cancelled, or the drain is over.
+    // The lease is renewed, and the agent's log lines pushed, by futures
+    // polled in this run's own task beside the attempt (`join!`): no task
+    // is spawned per job for either. A guest yields to them at least every
+    // epoch check, and whenever it waits in a host call.
     let run = hard_stop.child_token();
     let renew_stop = CancellationToken::new();
-    let renewer = tokio::spawn(renew_loop(
-        shared.control.clone(),
-        lease.clone(),
-        run.clone(),
-        renew_stop.clone(),
-    ));
-
     let started = Instant::now();
-    let report = match prepare(shared, &claim, run.clone()).await {
-        Ok(req) => {
-            // The agent's log lines go to the control plane in batches while
-            // it runs; FINALIZE then stores the attempt's whole log.
-            let live = shared.host.live_log();
-            let flush_stop = CancellationToken::new();
-            let flusher = tokio::spawn(flush_log(
-                shared.control.clone(),
-                lease.clone(),
-                live.clone(),
-                flush_stop.clone(),
-            ));
-            let report = shared.host.run_live(req, live).await;
-            flush_stop.cancel();
-            let _ = flusher.await;
-            report
-        }
-        Err(PrepError::Transient(msg)) => {
+    let attempt = async {
+        let prepared = prepare(shared, &claim, run.clone()).await;
+        let report = match prepared {
+            Ok(req) => {
+                // The agent's log lines go to the control plane in batches
+                // while it runs; FINALIZE then stores the attempt's whole log.
+                let live = shared.host.live_log();
+                let flush_stop = CancellationToken::new();
+                let (report, ()) = tokio::join!(
+                    async {
+                        let report = shared.host.run_live(req, live.clone()).await;
+                        flush_stop.cancel();
+                        report
+                    },
+                    flush_log(
+                        shared.control.clone(),
+                        lease.clone(),
+                        live.clone(),
+                        flush_stop.clone(),
+                    ),
+                );
+                Ok(report)
+            }
+            Err(PrepError::Transient(msg)) => Err(msg),
+            Err(PrepError::Fatal(kind, msg)) => Ok(RunReport {
+                outcome: RunOutcome::Failed { kind, message: msg },
+                fuel_used: 0,
+                wall_ms: started.elapsed().as_millis() as u64,
+                log: String::new(),
+                new_state: None,
+                memory_peak: 0,
+            }),
+        };
+        renew_stop.cancel();
+        report
+    };
+    let (report, verdict) = tokio::join!(
+        attempt,
+        renew_loop(
+            shared.control.clone(),
+            lease.clone(),
+            run.clone(),
+            renew_stop.clone(),
+        ),
+    );
+    let report = match report {
+        Ok(report) => report,
+        Err(msg) => {
             // The node's failure, not the guest's: handed back uncharged and
             // uncounted, but as a node fault, which the control plane bounds
             // per job (a job no node can start must not cycle forever).
             tracing::warn!(error = %msg, "could not prepare the run; releasing as a node fault");
-            renew_stop.cancel();
-            let _ = renewer.await;
             return release_fault(shared, &lease, &fault_for_tenant(&msg)).await;
         }
-        Err(PrepError::Fatal(kind, msg)) => RunReport {
-            outcome: RunOutcome::Failed { kind, message: msg },
-            fuel_used: 0,
-            wall_ms: started.elapsed().as_millis() as u64,
-            log: String::new(),
-            new_state: None,
-            memory_peak: 0,
-        },
     };
-    renew_stop.cancel();
-    let verdict = renewer.await.unwrap_or(Verdict::Held);
     metrics::histogram!("agentplane_run_seconds", "tenant" => tenant.clone())
         .record(report.wall_ms as f64 / 1000.0);
     metrics::counter!("agentplane_fuel_total", "tenant" => tenant.clone())
