@@ -9,7 +9,8 @@
 # Environment: PROFILE (cargo profile of agentplane, default release, as
 # issue 14 asks; `dev` reuses the test build), AOF (yes|no, default yes with
 # appendfsync everysec, as `serve` runs Redis), STREAM_NODE_MAX_ENTRIES
-# (default 16, as `serve` runs Redis; docs/OPERATIONS.md).
+# and HASH_MAX_LISTPACK_ENTRIES (default 16 each, as `serve` runs Redis;
+# docs/OPERATIONS.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-5000}
@@ -39,6 +40,7 @@ redis-server --port 0 --unixsocket "$SOCK" --unixsocketperm 700 --save "" \
   --appendonly "$AOF" --appendfsync everysec --dir "$RDIR" \
   --maxmemory 8gb --maxmemory-policy noeviction \
   --stream-node-max-entries "${STREAM_NODE_MAX_ENTRIES:-16}" \
+  --hash-max-listpack-entries "${HASH_MAX_LISTPACK_ENTRIES:-16}" \
   --logfile "$RDIR/redis.log" >/dev/null &
 RPID=$!
 cleanup() {

@@ -11,9 +11,10 @@
 #   scripts/bench-redis-ir.sh [N=1000]
 #
 # Environment: PROFILE (cargo profile, default dev: the worker's speed does
-# not change Redis's count much), STREAM_NODE_MAX_ENTRIES (default 16, as
-# `serve` runs Redis), KEEP (a directory to keep the callgrind files in,
-# for `callgrind_annotate --inclusive=yes`).
+# not change Redis's count much), STREAM_NODE_MAX_ENTRIES and
+# HASH_MAX_LISTPACK_ENTRIES (default 16 each, as `serve` runs Redis), KEEP
+# (a directory to keep the callgrind files in, for `callgrind_annotate
+# --inclusive=yes`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-1000}
@@ -36,7 +37,8 @@ count() {
   valgrind --tool=callgrind --callgrind-out-file="$d/callgrind.out" \
     redis-server --port 0 --unixsocket "$sock" --unixsocketperm 700 --save "" \
     --appendonly yes --appendfsync everysec --dir "$d" --logfile "$d/redis.log" \
-    --stream-node-max-entries "${STREAM_NODE_MAX_ENTRIES:-16}" >"$d/valgrind.log" 2>&1 &
+    --stream-node-max-entries "${STREAM_NODE_MAX_ENTRIES:-16}" \
+  --hash-max-listpack-entries "${HASH_MAX_LISTPACK_ENTRIES:-16}" >"$d/valgrind.log" 2>&1 &
   local vp=$!
   for _ in $(seq 300); do redis-cli -s "$sock" ping >/dev/null 2>&1 && break; sleep 0.2; done
   $2 "$sock" >"$d/run.log" 2>&1 || { tail -5 "$d/run.log" >&2; kill $vp; return 1; }
