@@ -1,7 +1,8 @@
 //! [`CpError`]: what callers of the control plane branch on.
 
-/// Errors callers branch on.
-#[derive(Debug, thiserror::Error)]
+/// Errors callers branch on. `Clone`: one error of a batched call (a
+/// FINALIZE of several attempts) is every caller's, kind and all.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum CpError {
     /// The lease is gone (reaped, finalized or superseded): change nothing.
     #[error("lease lost")]
@@ -41,36 +42,6 @@ pub enum CpError {
     /// of them; `done` jobs were moved on the others.
     #[error("{done} done; failed on {}", failed.join("; "))]
     Shards { done: u32, failed: Vec<String> },
-}
-
-impl CpError {
-    /// The same error for each of several callers whose requests went in
-    /// one call (a batched FINALIZE): the variants callers branch on are
-    /// kept; a Redis error keeps its text (an answer lost stays an I/O
-    /// error, so the callers still know the call may have run).
-    pub(crate) fn replicate(&self) -> CpError {
-        match self {
-            CpError::LeaseLost => CpError::LeaseLost,
-            CpError::Cancelled => CpError::Cancelled,
-            CpError::NotFound => CpError::NotFound,
-            CpError::TenantExists => CpError::TenantExists,
-            CpError::QueueFull => CpError::QueueFull,
-            CpError::InsufficientCredits => CpError::InsufficientCredits,
-            CpError::IdempotencyConflict => CpError::IdempotencyConflict,
-            CpError::Invalid(m) => CpError::Invalid(m.clone()),
-            CpError::NotFailed(m) => CpError::NotFailed(*m),
-            CpError::StorageFull => CpError::StorageFull,
-            CpError::QuotaExceeded(m) => CpError::QuotaExceeded(m.clone()),
-            CpError::Redis(e) => CpError::Redis(redis::RedisError::from(std::io::Error::other(
-                e.to_string(),
-            ))),
-            CpError::Internal(m) => CpError::Internal(m.clone()),
-            CpError::Shards { done, failed } => CpError::Shards {
-                done: *done,
-                failed: failed.clone(),
-            },
-        }
-    }
 }
 
 /// The command may have run and only its answer was lost: the connection

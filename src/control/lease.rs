@@ -241,7 +241,7 @@ impl ControlPlane {
                     // the error (it may have run; the worker retries, and a
                     // repeated attempt answers `lost`).
                     for &i in &idx {
-                        answers[i] = Some(Err(e.replicate()));
+                        answers[i] = Some(Err(e.clone()));
                     }
                 }
             }
