@@ -1,4 +1,5 @@
-//! Host benchmarks: instantiate-and-run per job (pooling vs on-demand), fuel
+//! Host benchmarks: instantiate-and-run per job (pooling vs on-demand, and
+//! a warm instance reused), fuel
 //! metering's cost on a CPU-bound agent, and loading a precompiled component
 //! from the disk cache vs compiling it.
 //!
@@ -18,11 +19,16 @@ use tokio::runtime::Runtime;
 use tokio_util::sync::CancellationToken;
 
 fn host(pooling: bool, fuel: bool, cache_dir: Option<&Path>) -> Host {
+    warm_host(pooling, fuel, cache_dir, 0)
+}
+
+fn warm_host(pooling: bool, fuel: bool, cache_dir: Option<&Path>, warm_instances: usize) -> Host {
     Host::new(HostConfig {
         max_instances: 64,
         pooling,
         fuel,
         cache_dir: cache_dir.map(Path::to_path_buf),
+        warm_instances,
         ..HostConfig::default()
     })
     .unwrap()
@@ -61,8 +67,14 @@ fn per_job(c: &mut Criterion) {
     let rt = Runtime::new().unwrap();
     let echo = guests::guest_bytes("echo");
     let mut g = c.benchmark_group("echo_per_job");
-    for (name, pooling) in [("pooling", true), ("on_demand", false)] {
-        let h = host(pooling, true, None);
+    // `warm`: the same tenant's next job on the instance the last one left
+    // (`--warm-instances`), every limit still set per run.
+    for (name, pooling, warm) in [
+        ("pooling", true, 0),
+        ("on_demand", false, 0),
+        ("warm", true, 1),
+    ] {
+        let h = warm_host(pooling, true, None, warm);
         let comp = load(&rt, &h, &echo);
         g.bench_function(name, |b| b.iter(|| run_ok(&rt, &h, &comp, "hello")));
     }

@@ -159,6 +159,15 @@ pub struct SlotArgs {
     /// and handed back to the queue uncharged.
     #[arg(long, default_value_t = 30_000)]
     pub drain_ms: u64,
+    /// Idle Wasm instances kept on this node for reuse: a job that ended
+    /// cleanly leaves its instance to the next job of the same tenant and
+    /// component, which skips instantiation. Such a job sees what the
+    /// tenant's earlier jobs left in the instance's memory; instances are
+    /// never shared across tenants. 0 (the default): a fresh instance per
+    /// job.
+    #[arg(long, env = "AGENTPLANE_WARM_INSTANCES", default_value_t = 0,
+          value_parser = clap::value_parser!(u32).range(0..=100_000))]
+    pub warm_instances: u32,
 }
 
 /// Limits of the API's HTTP edge: request sizes (413 beyond), request

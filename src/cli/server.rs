@@ -80,15 +80,21 @@ fn worker_config(s: &SlotArgs) -> WorkerConfig {
 }
 
 fn worker_host(
-    slots: u32,
+    slots: &SlotArgs,
     cache_dir: Option<std::path::PathBuf>,
     max_component_bytes: usize,
 ) -> anyhow::Result<Host> {
+    let running = worker_config(slots).slots;
     Host::new(HostConfig {
         max_component_bytes,
         // A few spare instance slots beyond the job slots: an instance is
-        // torn down just after its slot is given back.
-        max_instances: slots.saturating_mul(2).max(8),
+        // torn down just after its slot is given back. Idle warm instances
+        // hold slots of their own.
+        max_instances: running
+            .saturating_mul(2)
+            .max(8)
+            .saturating_add(slots.warm_instances),
+        warm_instances: slots.warm_instances as usize,
         cache_dir,
         compile_child: compile_child(),
         ..HostConfig::default()
@@ -171,7 +177,7 @@ async fn serve_parts(
     let control = connect(url, control_config(&args.control, args.lease.lease_ms)).await?;
     let wcfg = worker_config(&args.slots);
     let host = Arc::new(worker_host(
-        wcfg.slots,
+        &args.slots,
         Some(args.data.join("cache")),
         args.limits.max_component_bytes,
     )?);
@@ -320,7 +326,7 @@ pub async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     .await?;
     let wcfg = worker_config(&args.slots);
     let host = Arc::new(worker_host(
-        wcfg.slots,
+        &args.slots,
         args.cache_dir.clone(),
         args.max_component_bytes,
     )?);

@@ -24,11 +24,18 @@ pub(crate) struct RunFlags {
     pub host_fault: AtomicBool,
 }
 
-/// Memory held by the live instances of one tenant on this node.
-#[derive(Debug)]
+/// Frees memory the tenant holds without running anything (its idle warm
+/// instances); answers whether it freed any.
+pub(crate) type Reclaim = Box<dyn Fn() -> bool + Send + Sync>;
+
+/// Memory held by the live instances of one tenant on this node, idle warm
+/// ones included.
 pub(crate) struct TenantBudget {
     pub used: AtomicU64,
     pub limit: u64,
+    /// Called when a charge does not fit, before it is refused: an idle
+    /// instance must never cost its tenant a job that would otherwise fit.
+    reclaim: Option<Reclaim>,
 }
 
 impl TenantBudget {
@@ -36,11 +43,27 @@ impl TenantBudget {
         TenantBudget {
             used: AtomicU64::new(0),
             limit,
+            reclaim: None,
         }
     }
 
-    /// Takes `bytes` from the budget, or nothing if that would exceed it.
+    /// A budget that calls `reclaim` when a charge does not fit, then tries
+    /// once more.
+    pub fn with_reclaim(limit: u64, reclaim: Reclaim) -> Self {
+        TenantBudget {
+            reclaim: Some(reclaim),
+            ..TenantBudget::new(limit)
+        }
+    }
+
+    /// Takes `bytes` from the budget, or nothing if that would exceed it
+    /// even after reclaiming what the tenant's idle instances hold.
     fn try_charge(&self, bytes: u64) -> bool {
+        self.charge_now(bytes)
+            || (self.reclaim.as_ref().is_some_and(|r| r()) && self.charge_now(bytes))
+    }
+
+    fn charge_now(&self, bytes: u64) -> bool {
         self.used
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
                 u.checked_add(bytes).filter(|n| *n <= self.limit)
@@ -56,6 +79,20 @@ impl TenantBudget {
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
                 Some(u.saturating_sub(bytes))
             });
+    }
+}
+
+impl RunFlags {
+    /// Whether anything stopped the run or was refused to it.
+    pub fn any(&self) -> bool {
+        [
+            &self.memory_denied,
+            &self.timed_out,
+            &self.cancelled,
+            &self.host_fault,
+        ]
+        .iter()
+        .any(|f| f.load(Ordering::Acquire))
     }
 }
 
@@ -129,6 +166,17 @@ impl MemoryLimiter {
     /// ever held: wasm memories only grow.
     pub fn linear_bytes(&self) -> u64 {
         self.used
+    }
+
+    /// Makes the limiter of a warm instance ready for its next run: what the
+    /// last run's host calls held (an answer, a kept state) is given back,
+    /// and stops are recorded in `flags`. The linear memory the instance
+    /// holds stays charged: it is still there.
+    pub fn reuse(&mut self, flags: Arc<RunFlags>) {
+        self.release_answer();
+        self.tenant.release(std::mem::take(&mut self.kept));
+        self.pending = 0;
+        self.flags = flags;
     }
 
     /// Gives back the answer charged by [`MemoryLimiter::reserve_answer`]:

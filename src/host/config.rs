@@ -35,6 +35,18 @@ pub struct HostConfig {
     /// (`Some`), or in this process (`None`: tests and tools; the
     /// structural checks still apply).
     pub compile_child: Option<CompileChild>,
+    /// Idle instances kept on this node for reuse (`--warm-instances`): a
+    /// run that ended cleanly (its `run` returned) leaves its instance for
+    /// the next job of the same tenant, component, mounts and memory limit,
+    /// which then skips instantiation. 0 (the default) runs every job on a
+    /// fresh instance. A reused instance keeps what the tenant's earlier
+    /// jobs left in its memory: opt in only where that is acceptable
+    /// between one tenant's jobs. Never shared across tenants. Each idle
+    /// instance holds a slot of the instance pool (`max_instances`) and its
+    /// memory stays charged to its tenant (dropped when either is needed).
+    pub warm_instances: usize,
+    /// How long an instance may stay idle before it is dropped.
+    pub warm_idle_ttl: Duration,
 }
 
 impl Default for HostConfig {
@@ -51,6 +63,8 @@ impl Default for HostConfig {
             stdio_capture_bytes: 64 << 10,
             max_component_bytes: limits::DEFAULT_MAX_COMPONENT_BYTES,
             compile_child: None,
+            warm_instances: 0,
+            warm_idle_ttl: limits::WARM_IDLE_TTL,
         }
     }
 }

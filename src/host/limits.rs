@@ -15,6 +15,11 @@ pub const DEFAULT_COMPILE_TIMEOUT: std::time::Duration = std::time::Duration::fr
 /// Default heap bound of one compilation ([`super::CompileChild`]).
 pub const DEFAULT_COMPILE_MEMORY: u64 = 2 << 30;
 
+/// Default longest idle time of a warm instance
+/// ([`super::HostConfig::warm_idle_ttl`]): it holds a pool slot and its
+/// tenant's memory while nobody uses it.
+pub const WARM_IDLE_TTL: std::time::Duration = std::time::Duration::from_secs(30);
+
 // Host calls (enforced in `state`, where the imports are served). Results
 // per search and the longest query embedding are the context's own bounds
 // (`crate::context::{MAX_K, MAX_DIM}`), not restated here.

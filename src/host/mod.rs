@@ -23,7 +23,8 @@
 //! state      <- bindings, budget, sandbox, limits     (RunState + host imports)
 //! random     <- state, sandbox, limits                (wasi:random, charged)
 //! admission  <- config, bindings, state, structure, compile
-//! run        <- bindings, budget, engine, sandbox, state, limits
+//! warm       <- bindings, state                       (idle instances)
+//! run        <- bindings, budget, engine, sandbox, state, limits, warm
 //! mod        <- all of them: builds the engine, wires admission's compiler
 //!               and the contexts' decoder into the one `cache`, calls `run`
 //! ```
@@ -34,6 +35,7 @@
 //!
 //! Metrics: `agentplane_host_runs_total{outcome}`, `agentplane_host_run_seconds`,
 //! `agentplane_host_component_compiles_total`,
+//! `agentplane_host_warm_reuses_total`,
 //! `agentplane_host_component_disk_loads_total`.
 
 mod admission;
@@ -49,6 +51,7 @@ mod run;
 mod sandbox;
 mod state;
 mod structure;
+mod warm;
 
 pub use compile::child_main as compile_child_main;
 pub use config::{AdmissionError, Admitted, CompileChild, HostConfig, HostError};
@@ -172,6 +175,8 @@ pub struct Host {
     contexts: ContextCache,
     /// Memory in use per tenant on this node (`tenant_memory_budget` each).
     tenants: Mutex<HashMap<String, Arc<budget::TenantBudget>>>,
+    /// Idle instances for reuse; `None` when `warm_instances` is 0.
+    warm: Option<Arc<warm::WarmPool>>,
 }
 
 /// Tenants remembered before idle ones (nothing running) are forgotten:
@@ -189,7 +194,16 @@ impl Host {
         bindings::Agent::add_to_linker::<_, HasSelf<state::RunState>>(&mut linker, |s| s)?;
         random::shadow(&mut linker)?;
         let compiler = admission::Compiler::new(engine, linker, &cfg)?;
+        let warm = match cfg.warm_instances {
+            0 => None,
+            n => {
+                let pool = Arc::new(warm::WarmPool::new(n, cfg.warm_idle_ttl));
+                warm::start_sweeper(&pool)?;
+                Some(pool)
+            }
+        };
         Ok(Host {
+            warm,
             components: cache::Cache::new(
                 usize::try_from(cfg.component_cache_bytes).unwrap_or(usize::MAX),
             ),
@@ -295,6 +309,7 @@ impl Host {
             max_memory_per_instance: self.cfg.max_memory_per_instance,
             capture_bytes: self.cfg.stdio_capture_bytes,
             tenant: self.tenant_budget(&req.tenant),
+            warm: self.warm.clone(),
         };
         run::run(env, req, log).await
     }
@@ -310,7 +325,19 @@ impl Host {
         self.compiler.disk_loads.load(Ordering::Relaxed)
     }
 
-    /// Bytes of linear memory `tenant`'s live instances hold on this node.
+    /// Runs that took an idle warm instance instead of a fresh one
+    /// (always 0 with `warm_instances` 0).
+    pub fn warm_reuses(&self) -> u64 {
+        self.warm.as_ref().map_or(0, |w| w.reuses())
+    }
+
+    /// Warm instances idle on this node now.
+    pub fn warm_idle(&self) -> usize {
+        self.warm.as_ref().map_or(0, |w| w.len())
+    }
+
+    /// Bytes of linear memory `tenant`'s live instances hold on this node
+    /// (idle warm ones included).
     pub fn tenant_memory_in_use(&self, tenant: &str) -> u64 {
         self.tenants
             .lock()
@@ -325,8 +352,27 @@ impl Host {
             // Only budgets nobody holds (no live store) may go; they are zero.
             map.retain(|_, b| Arc::strong_count(b) > 1);
         }
+        if let Some(b) = map.get(tenant) {
+            return b.clone();
+        }
+        let limit = self.cfg.tenant_memory_budget;
         map.entry(tenant.to_string())
-            .or_insert_with(|| Arc::new(budget::TenantBudget::new(self.cfg.tenant_memory_budget)))
+            .or_insert_with(|| {
+                Arc::new(match &self.warm {
+                    None => budget::TenantBudget::new(limit),
+                    // A run refused memory first drops the tenant's idle
+                    // instances. Weak: the pool's stores hold this budget.
+                    Some(pool) => {
+                        let (pool, tenant) = (Arc::downgrade(pool), tenant.to_string());
+                        budget::TenantBudget::with_reclaim(
+                            limit,
+                            Box::new(move || {
+                                pool.upgrade().is_some_and(|p| p.evict_tenant(&tenant))
+                            }),
+                        )
+                    }
+                })
+            })
             .clone()
     }
 }

@@ -1,11 +1,13 @@
-//! One attempt: a fresh store under the job's limits, instantiate, call
-//! `run`, and classify exactly how it ended.
+//! One attempt: a fresh store under the job's limits (or a warm instance of
+//! the same tenant and component, see `warm`), instantiate, call `run`, and
+//! classify exactly how it ended.
 
-use super::bindings::AgentPre;
+use super::bindings::{Agent, AgentPre};
 use super::budget::{MemoryLimiter, RunFlags, TenantBudget};
 use super::engine::{EPOCH_TICK, ticks_for};
 use super::sandbox::{self, Capture, LiveLog};
-use super::state::{LoadedComponent, RunState};
+use super::state::{JobData, LoadedComponent, RunState};
+use super::warm::{Warm, WarmKey, WarmPool};
 use crate::context::HeavyContext;
 use crate::model::{ErrorKind, Limits, TenantId};
 use std::sync::Arc;
@@ -109,23 +111,14 @@ pub(crate) struct RunEnv {
     pub max_memory_per_instance: u64,
     pub capture_bytes: usize,
     pub tenant: Arc<TenantBudget>,
+    /// Idle instances to take from and park in (`None`: every run fresh).
+    pub warm: Option<Arc<WarmPool>>,
 }
 
 /// Runs `req` to its end; never panics on anything the guest does.
 pub(crate) async fn run(env: RunEnv, req: RunRequest, log: LiveLog) -> RunReport {
-    let span = tracing::debug_span!("run", tenant = %req.tenant, job = %req.job_id);
-    let report = tracing::Instrument::instrument(run_inner(env, req, log), span).await;
-    let outcome = match &report.outcome {
-        RunOutcome::Ok(_) => "ok",
-        RunOutcome::Failed { kind, .. } => kind.as_str(),
-        RunOutcome::Interrupted => "interrupted",
-    };
-    tracing::debug!(
-        outcome,
-        fuel = report.fuel_used,
-        wall_ms = report.wall_ms,
-        "run ended"
-    );
+    let report = run_inner(env, req, log).await;
+    let outcome = label(&report.outcome);
     metrics::counter!("agentplane_host_runs_total", "outcome" => outcome).increment(1);
     metrics::histogram!("agentplane_host_run_seconds").record(report.wall_ms as f64 / 1000.0);
     report
@@ -145,17 +138,36 @@ async fn run_inner(env: RunEnv, mut req: RunRequest, log: LiveLog) -> RunReport 
             memory_peak: 0,
         };
     }
-    let stdout = Capture::new(env.capture_bytes);
-    let stderr = Capture::new(env.capture_bytes);
-    let (outcome, fuel_used, new_state, memory_peak) =
-        attempt(env, req, started, &stdout, &stderr, log.clone()).await;
-    RunReport {
-        outcome,
-        fuel_used,
+    let (tenant, job) = (req.tenant.clone(), req.job_id.clone());
+    let ended = attempt(env, req, started, log.clone()).await;
+    let report = RunReport {
+        outcome: ended.outcome,
+        fuel_used: ended.fuel_used,
         wall_ms: started.elapsed().as_millis() as u64,
-        log: assemble_log(&log, &stdout, &stderr),
-        new_state,
-        memory_peak,
+        log: assemble_log(&log, &ended.stdout, &ended.stderr),
+        new_state: ended.new_state,
+        memory_peak: ended.memory_peak,
+    };
+    // Built here, not as a span around the run: a span per run cost more
+    // than a warm run itself, and only its end is worth a line.
+    tracing::debug!(
+        %tenant,
+        job,
+        warm = ended.warm,
+        outcome = label(&report.outcome),
+        fuel = report.fuel_used,
+        wall_ms = report.wall_ms,
+        "run ended"
+    );
+    report
+}
+
+/// The outcome as the metrics and traces name it.
+fn label(outcome: &RunOutcome) -> &'static str {
+    match outcome {
+        RunOutcome::Ok(_) => "ok",
+        RunOutcome::Failed { kind, .. } => kind.as_str(),
+        RunOutcome::Interrupted => "interrupted",
     }
 }
 
@@ -177,74 +189,72 @@ async fn backstop(started: Instant, timeout: Duration, cancel: &CancellationToke
     }
 }
 
-fn assemble_log(log: &LiveLog, stdout: &Capture, stderr: &Capture) -> String {
+fn assemble_log(log: &LiveLog, stdout: &str, stderr: &str) -> String {
     let mut out = log.text();
-    for (tag, cap) in [("stdout", stdout), ("stderr", stderr)] {
-        for line in cap.text().lines() {
+    for (tag, text) in [("stdout", stdout), ("stderr", stderr)] {
+        for line in text.lines() {
             out.push_str(&format!("[{tag}] {line}\n"));
         }
     }
     out
 }
 
-async fn attempt(
-    env: RunEnv,
-    req: RunRequest,
-    started: Instant,
-    stdout: &Capture,
-    stderr: &Capture,
-    log: LiveLog,
-) -> (RunOutcome, u64, Option<Vec<u8>>, u64) {
-    let RunRequest {
-        component,
-        input,
-        limits,
-        contexts,
-        state,
-        cancel,
-        ..
-    } = req;
-    let backstop_cancel = cancel.clone();
-    let pre: &AgentPre<RunState> = &component.pre;
-    let engine = pre.engine();
-    let flags = Arc::new(RunFlags::default());
-    let data = RunState {
-        wasi: sandbox::wasi_ctx(stdout, stderr),
-        table: {
-            let mut t = ResourceTable::new();
-            t.set_max_capacity(MAX_HOST_RESOURCES);
-            t
-        },
-        limiter: MemoryLimiter::new(
-            limits.memory_bytes.min(env.max_memory_per_instance),
-            env.tenant,
-            flags.clone(),
-        ),
-        contexts,
-        state,
-        new_state: None,
-        log,
-        flags: flags.clone(),
-        cancel: cancel.clone(),
-        deadline: started + Duration::from_millis(limits.timeout_ms),
-        fuel_on: env.fuel,
-        fuel_left: limits.fuel,
-        host_fuel: 0,
-    };
+/// How an attempt ended, with what its store had to say.
+struct Ended {
+    outcome: RunOutcome,
+    fuel_used: u64,
+    new_state: Option<Vec<u8>>,
+    memory_peak: u64,
+    stdout: String,
+    stderr: String,
+    /// It ran on a warm instance.
+    warm: bool,
+}
+
+impl Ended {
+    fn before_start(outcome: RunOutcome) -> Ended {
+        Ended {
+            outcome,
+            fuel_used: 0,
+            new_state: None,
+            memory_peak: 0,
+            stdout: String::new(),
+            stderr: String::new(),
+            warm: false,
+        }
+    }
+}
+
+/// A fresh store for `job`: a new WASI context and capture buffers, the
+/// memory limiter, and the epoch callback that checks the deadline,
+/// cancellation and fuel.
+fn fresh_store(
+    engine: &wasmtime::Engine,
+    env: &RunEnv,
+    memory_limit: u64,
+    job: JobData,
+) -> Store<RunState> {
+    let stdio = (
+        Capture::new(env.capture_bytes),
+        Capture::new(env.capture_bytes),
+    );
+    let mut table = ResourceTable::new();
+    table.set_max_capacity(MAX_HOST_RESOURCES);
+    let limiter = MemoryLimiter::new(memory_limit, env.tenant.clone(), job.flags.clone());
+    let data = RunState::new(
+        sandbox::wasi_ctx(&stdio.0, &stdio.1),
+        table,
+        stdio,
+        limiter,
+        env.fuel,
+        job,
+    );
     let mut store = Store::new(engine, data);
     store.limiter(|s| &mut s.limiter);
-    if env.fuel
-        && let Err(e) = store
-            .set_fuel(limits.fuel)
-            .and_then(|()| store.fuel_async_yield_interval(Some(FUEL_SYNC_INTERVAL)))
-    {
-        return (host_failure(e), 0, None, 0);
-    }
     // Every few ticks the guest stops to check its cancellation token and
     // deadline, then yields to the executor so one busy guest cannot starve
     // the other tasks of its tokio worker thread.
     let every = ticks_for(CHECK_EVERY.max(EPOCH_TICK));
-    store.set_epoch_deadline(every);
     store.epoch_deadline_callback(move |mut ctx| {
         if ctx.data().fuel_on {
             let fuel = ctx.get_fuel()?;
@@ -263,6 +273,76 @@ async fn attempt(
         }
         Ok(UpdateDeadline::Yield(every))
     });
+    store
+}
+
+/// Instantiates `pre`; when the node's instance pool is full and an idle
+/// warm instance holds a slot, that one goes and the instantiation is tried
+/// once more (an idle instance must never cost a job its run).
+async fn instantiate(
+    pre: &AgentPre<RunState>,
+    store: &mut Store<RunState>,
+    warm: Option<&WarmPool>,
+) -> wasmtime::Result<Agent> {
+    match pre.instantiate_async(&mut *store).await {
+        Err(e)
+            if e.downcast_ref::<wasmtime::PoolConcurrencyLimitError>()
+                .is_some()
+                && warm.is_some_and(WarmPool::evict_oldest) =>
+        {
+            pre.instantiate_async(store).await
+        }
+        r => r,
+    }
+}
+
+async fn attempt(env: RunEnv, req: RunRequest, started: Instant, log: LiveLog) -> Ended {
+    let RunRequest {
+        tenant,
+        component,
+        input,
+        limits,
+        contexts,
+        state,
+        cancel,
+        ..
+    } = req;
+    let pre: &AgentPre<RunState> = &component.pre;
+    let memory_limit = limits.memory_bytes.min(env.max_memory_per_instance);
+    let key = env
+        .warm
+        .as_ref()
+        .map(|_| WarmKey::new(tenant.as_str(), component.digest(), &contexts, memory_limit));
+    let flags = Arc::new(RunFlags::default());
+    let job = JobData {
+        contexts,
+        state,
+        log,
+        flags: flags.clone(),
+        cancel: cancel.clone(),
+        deadline: started + Duration::from_millis(limits.timeout_ms),
+        fuel: limits.fuel,
+    };
+    let taken = match (&env.warm, &key) {
+        (Some(pool), Some(key)) => pool.take(key),
+        _ => None,
+    };
+    let reused = taken.is_some();
+    let (mut store, agent) = match taken {
+        Some(mut w) => {
+            w.store.data_mut().begin(job);
+            (w.store, Some(w.agent))
+        }
+        None => (fresh_store(pre.engine(), &env, memory_limit, job), None),
+    };
+    if env.fuel
+        && let Err(e) = store
+            .set_fuel(limits.fuel)
+            .and_then(|()| store.fuel_async_yield_interval(Some(FUEL_SYNC_INTERVAL)))
+    {
+        return Ended::before_start(host_failure(e));
+    }
+    store.set_epoch_deadline(ticks_for(CHECK_EVERY.max(EPOCH_TICK)));
 
     // The call is raced against the backstop *inside* the store's owner:
     // dropping the call unwinds the guest's fiber but keeps the store, so
@@ -270,16 +350,24 @@ async fn attempt(
     // dropped while parked in a host call used to report 0 fuel: a guest
     // could compute, log its answer and sleep to its deadline for free.)
     let timeout = Duration::from_millis(limits.timeout_ms);
+    let warm = env.warm.as_deref();
     let call = async {
-        match pre.instantiate_async(&mut store).await {
-            Ok(agent) => agent.call_run(&mut store, &input).await.map_err(Stop::Run),
-            Err(e) => Err(Stop::Instantiate(e)),
-        }
+        let agent = match agent {
+            Some(a) => a,
+            None => instantiate(pre, &mut store, warm)
+                .await
+                .map_err(Stop::Instantiate)?,
+        };
+        let out = agent
+            .call_run(&mut store, &input)
+            .await
+            .map_err(Stop::Run)?;
+        Ok((agent, out))
     };
     let result = tokio::select! {
         biased;
         r = call => Ok(r),
-        stopped = backstop(started, timeout, &backstop_cancel) => Err(stopped),
+        stopped = backstop(started, timeout, &cancel) => Err(stopped),
     };
     let fuel_used = if env.fuel {
         // What wasm burnt plus what host calls charged, never past the
@@ -289,24 +377,47 @@ async fn attempt(
     } else {
         0
     };
-    let outcome = match result {
-        Ok(Ok(Ok(output))) => RunOutcome::Ok(output),
-        Ok(Ok(Err(message))) => RunOutcome::Failed {
-            kind: ErrorKind::AgentError,
-            message,
-        },
-        Ok(Err(Stop::Run(e))) => classify(&e, &flags, limits.timeout_ms),
-        Ok(Err(Stop::Instantiate(e))) => classify_instantiation(&e, &flags, limits.timeout_ms),
-        Err(stopped) => stopped,
+    let (outcome, agent) = match result {
+        Ok(Ok((agent, Ok(output)))) => (RunOutcome::Ok(output), Some(agent)),
+        Ok(Ok((agent, Err(message)))) => (
+            RunOutcome::Failed {
+                kind: ErrorKind::AgentError,
+                message,
+            },
+            Some(agent),
+        ),
+        Ok(Err(Stop::Run(e))) => (classify(&e, &flags, limits.timeout_ms), None),
+        Ok(Err(Stop::Instantiate(e))) => {
+            (classify_instantiation(&e, &flags, limits.timeout_ms), None)
+        }
+        Err(stopped) => (stopped, None),
     };
+    let data = store.data_mut();
     let new_state = match outcome {
-        RunOutcome::Ok(_) => store.data_mut().new_state.take(),
+        RunOutcome::Ok(_) => data.new_state.take(),
         // Only a success commits state (agent state is committed with success); don't hand the
         // worker something it must not write.
         _ => None,
     };
-    let memory_peak = store.data().limiter.linear_bytes();
-    (outcome, fuel_used, new_state, memory_peak)
+    let ended = Ended {
+        outcome,
+        fuel_used,
+        new_state,
+        memory_peak: data.limiter.linear_bytes(),
+        stdout: data.stdout.text(),
+        stderr: data.stderr.text(),
+        warm: reused,
+    };
+    // `run` returned a value: the instance is as the guest left it, with no
+    // limit hit and no stop requested. Anything else drops it.
+    if let (Some(pool), Some(key), Some(agent)) = (&env.warm, key, agent)
+        && !flags.any()
+        && !cancel.is_cancelled()
+    {
+        store.data_mut().park();
+        pool.put(key, Warm { store, agent });
+    }
+    ended
 }
 
 /// Where a run stopped with an error.

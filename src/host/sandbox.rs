@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use tokio::io::AsyncWrite;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder};
 
 /// Bytes one `wasi:random` call may ask for.
@@ -74,6 +75,16 @@ impl Capture {
         s
     }
 
+    /// Empties the buffer for the next run of a warm instance, whose guest
+    /// keeps the stream handles it already has: nothing written before this
+    /// call shows in what the next run reports (writes land synchronously,
+    /// see [`OutputStream`] below, so none is still in flight).
+    pub fn clear(&self) {
+        let mut b = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        b.bytes.clear();
+        b.truncated = false;
+    }
+
     fn write(&self, buf: &[u8]) {
         let mut b = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let room = b.cap.saturating_sub(b.bytes.len());
@@ -95,6 +106,38 @@ impl StdoutStream for Capture {
     fn async_stream(&self) -> Box<dyn AsyncWrite + Send + Sync> {
         Box::new(self.clone())
     }
+
+    /// The stream the guest writes to, writing straight into the buffer.
+    /// The default wraps [`Capture::async_stream`] in a stream that spawns a
+    /// tokio task per `get-stdout` (a few µs of every run) and writes
+    /// behind the guest's back, so output could land after the run ended.
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(self.clone())
+    }
+}
+
+/// Bytes a guest may hand over per write: what `check-write` permits.
+/// Writes past the capture's bound are accepted and dropped, so this only
+/// bounds the copy one call makes.
+const WRITE_PERMIT: usize = 64 << 10;
+
+impl OutputStream for Capture {
+    fn write(&mut self, bytes: bytes::Bytes) -> StreamResult<()> {
+        Capture::write(self, &bytes);
+        Ok(())
+    }
+    fn flush(&mut self) -> StreamResult<()> {
+        Ok(())
+    }
+    fn check_write(&mut self) -> StreamResult<usize> {
+        Ok(WRITE_PERMIT)
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl Pollable for Capture {
+    /// Always ready: writes never wait.
+    async fn ready(&mut self) {}
 }
 
 impl AsyncWrite for Capture {
@@ -103,7 +146,7 @@ impl AsyncWrite for Capture {
         _cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        self.write(buf);
+        Capture::write(&self, buf);
         // Report everything as written, kept or not: see the type's doc.
         Poll::Ready(Ok(buf.len()))
     }

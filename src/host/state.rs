@@ -17,7 +17,7 @@ use super::budget::{MemoryLimiter, RunFlags};
 use super::limits::{
     BYTES_PER_FUEL, CALL_FUEL, MAX_LOG_MESSAGE, MAX_QUERY_BYTES, MAX_RESULT_BYTES, MAX_STATE_BYTES,
 };
-use super::sandbox::LiveLog;
+use super::sandbox::{Capture, LiveLog};
 // Results per search and the longest query embedding are the context's
 // own bounds: a query longer than any context may hold can never match, so
 // it is refused before a scan is paid.
@@ -55,6 +55,10 @@ impl LoadedComponent {
 pub(crate) struct RunState {
     pub(crate) wasi: WasiCtx,
     pub(crate) table: ResourceTable,
+    /// Where `wasi` sends the guest's stdout and stderr: kept beside it so
+    /// a warm instance's next run starts them empty.
+    pub(crate) stdout: Capture,
+    pub(crate) stderr: Capture,
     pub(crate) limiter: MemoryLimiter,
     pub(crate) contexts: Vec<(String, Arc<HeavyContext>)>,
     pub(crate) state: Option<Vec<u8>>,
@@ -74,7 +78,79 @@ pub(crate) struct RunState {
     pub(crate) host_fuel: u64,
 }
 
+/// What one job brings to a store: all of a run's own state. A fresh store
+/// starts with it; a warm one swaps it in for the last run's
+/// ([`RunState::begin`]).
+pub(crate) struct JobData {
+    pub contexts: Vec<(String, Arc<HeavyContext>)>,
+    pub state: Option<Vec<u8>>,
+    pub log: LiveLog,
+    pub flags: Arc<RunFlags>,
+    pub cancel: CancellationToken,
+    pub deadline: Instant,
+    /// The job's fuel limit.
+    pub fuel: u64,
+}
+
 impl RunState {
+    /// The store data of a fresh instance for `job`.
+    pub(crate) fn new(
+        wasi: WasiCtx,
+        table: ResourceTable,
+        (stdout, stderr): (Capture, Capture),
+        limiter: MemoryLimiter,
+        fuel_on: bool,
+        job: JobData,
+    ) -> RunState {
+        RunState {
+            wasi,
+            table,
+            stdout,
+            stderr,
+            limiter,
+            contexts: job.contexts,
+            state: job.state,
+            new_state: None,
+            log: job.log,
+            flags: job.flags,
+            cancel: job.cancel,
+            deadline: job.deadline,
+            fuel_on,
+            fuel_left: job.fuel,
+            host_fuel: 0,
+        }
+    }
+
+    /// Starts `job` on a warm instance: nothing of the last run's own state
+    /// (log, captured output, flags, fuel, deadline, cancellation, agent
+    /// state, mounts) is left. The WASI context and its resource table stay:
+    /// the guest holds handles into them (its stdout stream, say).
+    pub(crate) fn begin(&mut self, job: JobData) {
+        self.stdout.clear();
+        self.stderr.clear();
+        self.limiter.reuse(job.flags.clone());
+        self.contexts = job.contexts;
+        self.state = job.state;
+        self.new_state = None;
+        self.log = job.log;
+        self.flags = job.flags;
+        self.cancel = job.cancel;
+        self.deadline = job.deadline;
+        self.fuel_left = job.fuel;
+        self.host_fuel = 0;
+    }
+
+    /// Lets go of what the finished run held on the host (agent state, the
+    /// mounts, its log, an answer charged to the tenant) before the
+    /// instance waits idle: an idle instance holds its linear memory only.
+    pub(crate) fn park(&mut self) {
+        self.limiter.reuse(self.flags.clone());
+        self.contexts = Vec::new();
+        self.state = None;
+        self.new_state = None;
+        self.log = LiveLog::new(0);
+    }
+
     /// Charges host-side work to the guest's fuel. A guest that cannot pay
     /// traps at once with `fuel_exhausted`, and the work is not done.
     pub(crate) fn charge(&mut self, fuel: u64) -> wasmtime::Result<()> {

@@ -119,6 +119,8 @@ impl WorkerProc {
             .arg("worker")
             .args(["--redis", &redis.url, "--prefix", &redis.prefix])
             .args(["--slots", &slots.to_string()])
+            // A fresh instance per job, whatever the environment says.
+            .args(["--warm-instances", "0"])
             .arg("--cache-dir")
             .arg(cache_dir)
             // Its info lines per job would cost the worker and flood the terminal.
