@@ -2,7 +2,8 @@
 -- BullMQ's `job.retry()`): back at the end of its tenant's ready queue
 -- under the same id, its counted attempts reset to 0 (so it has all of
 -- `max_attempts` again), its error, finish and start times cleared, and
--- out of the `done` index (RETAIN does not delete it while it is live).
+-- out of the `done` index (RETAIN does not delete it while it is live)
+-- and owed no callback until it finishes again.
 -- Its next claim is the next run number (`attempts` never goes back), so
 -- every reserve / settle / release in the ledger still names one run, and
 -- that run is reserved and settled as any other. Admitted as SUBMIT
@@ -38,8 +39,12 @@ local balance = n(T, 'granted') - n(T, 'settled')
 if balance < r then return { 'credits', r, balance } end
 
 redis.call('ZREM', DONE, jid)
+-- A live job is owed no callback: the failed run's, if still owed, is
+-- dropped, and the next finish owes one afresh (its delivery record too).
+redis.call('ZREM', HOOKS, jid)
 redis.call('HSET', KEYS[2], 'counted', 0, 'faults', 0, 'conflicts', 0, 'releases', 0,
-  'ekind', '', 'emsg', '', 'output', '', 'started', '', 'finished', '', 'cancel', 0)
+  'ekind', '', 'emsg', '', 'output', '', 'started', '', 'finished', '', 'cancel', 0,
+  'cb_state', '', 'cb_attempts', 0)
 requeue(jid, J, T)
 -- As SUBMIT: an eligible tenant stays eligible with one more job at the
 -- tail of its queue; any other is re-decided (and workers woken).

@@ -133,6 +133,7 @@ pub(crate) async fn retry_queues_a_failed_job_as_its_next_attempt(url: &str, sha
     cp.create_tenant(&spec, "h").await.unwrap();
     let mut one = job("x");
     one.max_attempts = 1;
+    one.callback_url = Some("http://hooks.example/done".into());
     let s = cp.submit(&tid("a"), &one).await.unwrap();
     // Not failed yet: refused with its state, nothing changed.
     assert!(matches!(
@@ -150,6 +151,20 @@ pub(crate) async fn retry_queues_a_failed_job_as_its_next_attempt(url: &str, sha
             .unwrap(),
         Finalized::Failed
     );
+    // Its callback is owed; two deliveries fail before the retry.
+    let owed = |cp: &agentplane::control::ControlPlane| {
+        let cp = cp.clone();
+        async move {
+            let mut due = Vec::new();
+            for shard in 0..shards {
+                due.extend(cp.take_hooks(shard, 100, 60_000).await.unwrap());
+            }
+            due
+        }
+    };
+    let due = owed(&cp).await;
+    assert_eq!(due.len(), 1);
+    assert!(cp.hook_later(&due[0], 0, 2, true).await.unwrap());
     // Another tenant's job, or none, is not found.
     cp.create_tenant(&tenant("b", 1_000), "h").await.unwrap();
     assert!(matches!(
@@ -172,6 +187,11 @@ pub(crate) async fn retry_queues_a_failed_job_as_its_next_attempt(url: &str, sha
     assert_eq!(j.state, JobState::Queued);
     assert_eq!(j.attempts, 0, "counted attempts reset");
     assert!(j.error.is_none() && j.finished_at.is_none(), "{j:?}");
+    // A live job is owed no callback: the failed run's is dropped, and its
+    // delivery record starts again for the next finish.
+    assert!(owed(&cp).await.is_empty(), "no callback for a live job");
+    let cb = j.callback.clone().unwrap();
+    assert_eq!((cb.state.as_str(), cb.attempts), ("pending", 0), "{cb:?}");
     let t = cp.tenant(&tid("a")).await.unwrap().unwrap();
     assert_eq!(t.queued, 1);
     // Out of the `done` index: retention does not delete a live job.
@@ -192,6 +212,14 @@ pub(crate) async fn retry_queues_a_failed_job_as_its_next_attempt(url: &str, sha
     assert_eq!(
         (j.state, j.attempts, j.output.as_deref()),
         (JobState::Succeeded, 1, Some("again"))
+    );
+    // The second finish owes its own callback, its delivery counted afresh.
+    let due = owed(&cp).await;
+    assert_eq!(
+        due.iter()
+            .map(|h| (h.job.as_str(), h.attempts))
+            .collect::<Vec<_>>(),
+        [(s.id.as_str(), 0)]
     );
     let ledger = cp.ledger(&tid("a")).await.unwrap();
     let runs: Vec<(String, u32)> = ledger
