@@ -100,8 +100,8 @@ local function finalize_one(x)
     local avg = n(T, 'avg_ms')
     if avg <= 0 then avg = wall else avg = avg * 0.8 + wall * 0.2 end
     T.avg_ms = math.max(avg, 1)
-    ledger(t, 'settle', jid, attempt, cost, T)
-    if r - cost > 0 then ledger(t, 'release', jid, attempt, r - cost, T) end
+    -- One entry: what was charged, and what of the reservation went back.
+    ledger(t, 'settle', jid, attempt, cost, T, r - cost)
     jf = { 'reserved', 0, 'u_fuel', I(n(J, 'u_fuel') + fuel),
       'u_wall', I(n(J, 'u_wall') + wall), 'u_credits', I(n(J, 'u_credits') + cost) }
   end

@@ -169,11 +169,23 @@ local function effective(J, T)
   return fuel, timeout, n(T, 'memory_bytes')
 end
 
-local function ledger(t, op, job, attempt, amount, T)
-  redis.call('XADD', ledgerkey(t), '*', 'op', op, 'job', job, 'attempt', I(attempt),
-    'amount', I(amount),
-    'balance', I(n(T, 'granted') - n(T, 'settled')),
-    'reserved', I(n(T, 'reserved')))
+-- One entry of tenant t's ledger, with its balance and reservation after
+-- it. `released` (a settle's only): the part of the attempt's reservation
+-- the settle handed back uncharged, so one entry ends an attempt (reserve
+-- = settle amount + released, or a `release` of it all for an attempt that
+-- was not the tenant's to pay).
+local function ledger(t, op, job, attempt, amount, T, released)
+  if released ~= nil and released > 0 then
+    redis.call('XADD', ledgerkey(t), '*', 'op', op, 'job', job, 'attempt', I(attempt),
+      'amount', I(amount), 'released', I(released),
+      'balance', I(n(T, 'granted') - n(T, 'settled')),
+      'reserved', I(n(T, 'reserved')))
+  else
+    redis.call('XADD', ledgerkey(t), '*', 'op', op, 'job', job, 'attempt', I(attempt),
+      'amount', I(amount),
+      'balance', I(n(T, 'granted') - n(T, 'settled')),
+      'reserved', I(n(T, 'reserved')))
+  end
   -- `ledgers`: tenant -> ms of its oldest unfolded entry, so RETAIN finds
   -- every ledger with entries past the retention (a tenant with only grants,
   -- or only live jobs, included) without scanning tenants. Set once (the

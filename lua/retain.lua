@@ -95,11 +95,19 @@ for _, t in ipairs(order) do
       local ids = {}
       for _, entry in ipairs(e) do
         local kv = entry[2]
-        local op, amount = nil, 0
+        local op, amount, released = nil, 0, 0
         for i = 1, #kv, 2 do
-          if kv[i] == 'op' then op = kv[i + 1] elseif kv[i] == 'amount' then amount = tonumber(kv[i + 1]) or 0 end
+          if kv[i] == 'op' then
+            op = kv[i + 1]
+          elseif kv[i] == 'amount' then
+            amount = tonumber(kv[i + 1]) or 0
+          elseif kv[i] == 'released' then
+            released = tonumber(kv[i + 1]) or 0
+          end
         end
         if sum[op] ~= nil then sum[op] = sum[op] + amount end
+        -- A settle's `released` is a release folded into the same entry.
+        sum.release = sum.release + released
         ids[#ids + 1] = entry[1]
       end
       -- Exact MINID: removes precisely the entries read above (every entry up

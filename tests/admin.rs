@@ -6,7 +6,7 @@
 mod common;
 
 use agentplane::client::{AdminJobsFilter, Page};
-use agentplane::model::{ErrorKind, JobState};
+use agentplane::model::{ErrorKind, JobState, TenantPatch};
 use common::stack::*;
 use reqwest::StatusCode;
 use serde_json::json;
@@ -137,6 +137,18 @@ async fn a_failed_job_is_retried_as_its_next_attempt_and_charged_as_usual() {
     let api = s.as_caller(&acme);
 
     // Two retries at once: exactly one wins, the other is 409 not_failed.
+    // The tenant runs nothing meanwhile, so the winner's job is still
+    // queued when the loser comes (else the worker could fail it again in
+    // between, and a second retry would rightly win too).
+    let max_running = s.tenant_info("acme").await["max_running"].as_u64().unwrap() as u32;
+    let hold = |n: u32| TenantPatch {
+        max_running: Some(n),
+        ..TenantPatch::default()
+    };
+    s.as_caller(ADMIN)
+        .patch_tenant("acme", &hold(0))
+        .await
+        .unwrap();
     let path = format!("/v1/jobs/{bad}/retry");
     let (a, b) = tokio::join!(
         s.post(&path, &acme, json!(null)),
@@ -153,6 +165,12 @@ async fn a_failed_job_is_retried_as_its_next_attempt_and_charged_as_usual() {
     // The same job, queued again (or already running its next attempt).
     assert_eq!(won["id"], bad.as_str(), "{won}");
     assert_eq!(error_code(&lost), "not_failed", "{lost}");
+    let queued = s.get(&format!("/v1/jobs/{bad}"), &acme).await.1;
+    assert_eq!(state(&queued), "queued", "{queued}");
+    s.as_caller(ADMIN)
+        .patch_tenant("acme", &hold(max_running))
+        .await
+        .unwrap();
     let job = s.wait_terminal(&acme, &bad, 60).await;
     // The same input fails the same way, as one counted attempt of its
     // own, and that run is charged as any.

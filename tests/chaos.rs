@@ -564,13 +564,17 @@ async fn chaos(backend: Backend) {
             match e.op.as_str() {
                 "grant" => grant += e.amount,
                 "reserve" => reserve += e.amount,
-                "settle" => settle += e.amount,
+                "settle" => {
+                    settle += e.amount;
+                    release += e.released;
+                }
                 "release" => release += e.amount,
                 other => panic!("unknown ledger op {other}"),
             }
             if e.op != "grant" {
-                // FINALIZE settles the cost and releases the rest of the
-                // reservation; REAP and RELEASE release it all.
+                // FINALIZE settles the cost, releasing the rest of the
+                // reservation in the same entry; REAP and RELEASE release
+                // it all.
                 *per.entry((e.op.clone(), e.job.clone(), e.attempt))
                     .or_default() += 1;
             }

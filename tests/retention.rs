@@ -88,6 +88,8 @@ async fn evalsha_usec(c: &mut redis::aio::MultiplexedConnection) -> u64 {
 async fn ledger_sums(cp: &ControlPlane, t: &str) -> HashMap<String, i64> {
     let mut sums = HashMap::new();
     for e in cp.ledger(&tid(t)).await.unwrap() {
+        // A settle's `released` is a release carried in the same entry.
+        *sums.entry("release".into()).or_insert(0) += e.released;
         *sums.entry(e.op).or_insert(0) += e.amount;
     }
     sums

@@ -74,13 +74,13 @@ pub(super) async fn ledger(
 }
 
 fn ledger_csv(page: &LedgerPage) -> Response {
-    let mut out = String::from("id,time,op,job,attempt,amount,balance,reserved\n");
+    let mut out = String::from("id,time,op,job,attempt,amount,released,balance,reserved\n");
     for e in &page.entries {
         // Every field is an id, a time, an op name or an integer: none can
         // hold a comma, quote or newline, so none needs quoting.
         out.push_str(&format!(
-            "{},{},{},{},{},{},{},{}\n",
-            e.id, e.time, e.op, e.job, e.attempt, e.amount, e.balance, e.reserved
+            "{},{},{},{},{},{},{},{},{}\n",
+            e.id, e.time, e.op, e.job, e.attempt, e.amount, e.released, e.balance, e.reserved
         ));
     }
     let mut resp = ([(CONTENT_TYPE, "text/csv; charset=utf-8")], out).into_response();

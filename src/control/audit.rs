@@ -241,6 +241,9 @@ impl ControlPlane {
             for e in &page.ids {
                 let get = |k: &str| e.map.get(k).map(super::v_str).unwrap_or_default();
                 *sums.entry(get("op")).or_insert(0) += get("amount").parse::<i64>().unwrap_or(0);
+                // A settle's `released`: the release it carries.
+                *sums.entry("release".into()).or_insert(0) +=
+                    get("released").parse::<i64>().unwrap_or(0);
             }
             match page.ids.last() {
                 Some(last) if page.ids.len() == PAGE => from = format!("({}", last.id),

@@ -11,6 +11,9 @@ pub struct LedgerEntry {
     pub job: String,
     pub attempt: u32,
     pub amount: i64,
+    /// A settle's: the part of the attempt's reservation handed back
+    /// uncharged (0 otherwise).
+    pub released: i64,
 }
 
 impl ControlPlane {
@@ -227,6 +230,10 @@ impl ControlPlane {
                     attempt: u32::try_from(attempt)
                         .map_err(|_| bad(format!("ledger attempt {attempt} out of range")))?,
                     amount: exact_int("amount", Some(&get("amount")))?,
+                    released: match e.map.get("released") {
+                        Some(r) => exact_int("released", Some(&v_str(r)))?,
+                        None => 0,
+                    },
                 })
             })
             .collect()

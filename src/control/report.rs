@@ -24,6 +24,10 @@ pub struct LedgerRow {
     /// The job's run number (0 for a grant).
     pub attempt: u32,
     pub amount: i64,
+    /// A settle's: the part of the attempt's reservation handed back
+    /// uncharged with it (reserve = settle amount + released); 0 otherwise.
+    #[serde(default)]
+    pub released: i64,
     /// The tenant's balance and reservation just after this entry.
     pub balance: i64,
     pub reserved: i64,
@@ -129,6 +133,10 @@ impl ControlPlane {
                 attempt: u32::try_from(attempt)
                     .map_err(|_| bad(format!("ledger attempt {attempt} out of range")))?,
                 amount: int("amount")?,
+                released: match e.map.get("released") {
+                    Some(_) => int("released")?,
+                    None => 0,
+                },
                 balance: int("balance")?,
                 reserved: int("reserved")?,
                 id: e.id,

@@ -17,10 +17,15 @@ pub async fn check_credits(cp: &ControlPlane, t: &str) {
     assert!(info.credits.reserved <= info.credits.balance, "{info:?}");
     let ledger = cp.ledger(t).await.unwrap();
     let sum = |op: &str| -> i64 { ledger.iter().filter(|e| e.op == op).map(|e| e.amount).sum() };
+    let released: i64 = ledger.iter().map(|e| e.released).sum();
+    assert!(
+        ledger.iter().all(|e| e.released == 0 || e.op == "settle"),
+        "only a settle releases with it: {ledger:?}"
+    );
     assert_eq!(sum("grant"), info.granted, "grants in the ledger");
     assert_eq!(sum("settle"), info.settled, "settles in the ledger");
     assert_eq!(
-        sum("reserve") - sum("settle") - sum("release"),
+        sum("reserve") - sum("settle") - released - sum("release"),
         info.credits.reserved,
         "reservations in the ledger"
     );
@@ -34,24 +39,25 @@ pub async fn check_credits(cp: &ControlPlane, t: &str) {
 
 /// No two runs of a job share an attempt number in the ledger: at most one
 /// reserve per (job, attempt), and every settle/release follows its reserve.
+/// A run is ended by one entry: a settle (carrying what it released) or a
+/// release, never both, never twice.
 pub async fn check_runs_are_unique(cp: &ControlPlane, t: &str) {
     let t = &tid(t);
     let ledger = cp.ledger(t).await.unwrap();
     let mut reserves: HashMap<(String, u32), u32> = HashMap::new();
-    let mut settles: HashMap<(String, u32), u32> = HashMap::new();
+    let mut ends: HashMap<(String, u32), u32> = HashMap::new();
     for e in &ledger {
         let k = (e.job.clone(), e.attempt);
         match e.op.as_str() {
             "reserve" => *reserves.entry(k).or_default() += 1,
-            "settle" => {
-                assert!(reserves.contains_key(&k), "{e:?} settles no reserve");
-                *settles.entry(k).or_default() += 1;
+            "settle" | "release" => {
+                assert!(reserves.contains_key(&k), "{e:?} ends no reserve");
+                *ends.entry(k).or_default() += 1;
             }
-            "release" => assert!(reserves.contains_key(&k), "{e:?} releases no reserve"),
             _ => {}
         }
     }
-    for (k, n) in reserves.iter().chain(settles.iter()) {
+    for (k, n) in reserves.iter().chain(ends.iter()) {
         assert_eq!(*n, 1, "{k:?} names {n} runs in the ledger: {ledger:?}");
     }
 }
