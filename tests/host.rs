@@ -10,11 +10,10 @@ use agentplane::host::{
 };
 use agentplane::model::{ErrorKind, Limits};
 use common::guests::guest_bytes;
-use common::host::{load, load_bytes};
+use common::host::{limits, load, load_bytes};
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio_util::sync::CancellationToken;
 
 const MIB: u64 = 1 << 20;
 
@@ -28,25 +27,8 @@ fn cfg() -> HostConfig {
     }
 }
 
-fn limits() -> Limits {
-    Limits {
-        fuel: 5_000_000_000,
-        memory_bytes: 64 * MIB,
-        timeout_ms: 20_000,
-    }
-}
-
 fn request(c: &Arc<LoadedComponent>, input: &str, limits: Limits) -> RunRequest {
-    RunRequest {
-        tenant: "t1".parse().unwrap(),
-        job_id: "job-1".into(),
-        component: c.clone(),
-        input: input.into(),
-        limits,
-        contexts: Vec::new(),
-        state: None,
-        cancel: CancellationToken::new(),
-    }
+    common::host::request("t1", c, input, limits)
 }
 
 fn failed(r: &RunReport) -> (ErrorKind, &str) {

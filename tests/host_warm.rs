@@ -6,12 +6,11 @@
 
 mod common;
 
-use agentplane::host::{Host, HostConfig, LoadedComponent, RunOutcome, RunReport, RunRequest};
+use agentplane::host::{Host, HostConfig, LoadedComponent, RunOutcome, RunReport};
 use agentplane::model::{ErrorKind, Limits};
-use common::host::load;
+use common::host::{limits, load, request};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio_util::sync::CancellationToken;
 
 const MIB: u64 = 1 << 20;
 
@@ -24,27 +23,6 @@ fn warm_cfg(n: usize) -> HostConfig {
         tenant_memory_budget: 1 << 30,
         warm_instances: n,
         ..HostConfig::default()
-    }
-}
-
-fn limits() -> Limits {
-    Limits {
-        fuel: 5_000_000_000,
-        memory_bytes: 64 * MIB,
-        timeout_ms: 20_000,
-    }
-}
-
-fn request(tenant: &str, c: &Arc<LoadedComponent>, input: &str, limits: Limits) -> RunRequest {
-    RunRequest {
-        tenant: tenant.parse().unwrap(),
-        job_id: "job".into(),
-        component: c.clone(),
-        input: input.into(),
-        limits,
-        contexts: Vec::new(),
-        state: None,
-        cancel: CancellationToken::new(),
     }
 }
 

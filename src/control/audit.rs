@@ -230,28 +230,6 @@ impl ControlPlane {
         }
     }
 
-    /// Sums of the tenant's ledger entries by op, read a page at a time.
-    async fn ledger_sums(&self, t: &str) -> Result<HashMap<String, i64>, CpError> {
-        let key = self.keys.ledger(t);
-        let mut sums: HashMap<String, i64> = HashMap::new();
-        let mut from = "-".to_string();
-        loop {
-            let page: redis::streams::StreamRangeReply =
-                self.conn().xrange_count(&key, &from, "+", PAGE).await?;
-            for e in &page.ids {
-                let get = |k: &str| e.map.get(k).map(super::v_str).unwrap_or_default();
-                *sums.entry(get("op")).or_insert(0) += get("amount").parse::<i64>().unwrap_or(0);
-                // A settle's `released`: the release it carries.
-                *sums.entry("release".into()).or_insert(0) +=
-                    get("released").parse::<i64>().unwrap_or(0);
-            }
-            match page.ids.last() {
-                Some(last) if page.ids.len() == PAGE => from = format!("({}", last.id),
-                _ => return Ok(sums),
-            }
-        }
-    }
-
     /// Audits one tenant; answers how many jobs it has.
     async fn audit_tenant(
         &self,
@@ -263,7 +241,7 @@ impl ControlPlane {
         let th: HashMap<String, String> = self.conn().hgetall(self.keys.tenant(t)).await?;
 
         // Money: checkpoint + remaining entries = counters.
-        let s = self.ledger_sums(t).await?;
+        let s = self.ledger_sums(t, PAGE).await?;
         let sum = |op: &str| s.get(op).copied().unwrap_or(0);
         let (granted, settled, reserved) =
             (v(&th, "granted"), v(&th, "settled"), v(&th, "reserved"));

@@ -94,6 +94,33 @@ impl UsageBucket {
 }
 
 impl ControlPlane {
+    /// Sums of the tenant's ledger entries by op, read `page` entries at a
+    /// time (the audit's check of the books against the counters). A
+    /// settle's `released` counts as the release it carries.
+    pub(super) async fn ledger_sums(
+        &self,
+        t: &str,
+        page: usize,
+    ) -> Result<std::collections::HashMap<String, i64>, CpError> {
+        let key = self.keys.ledger(t);
+        let mut sums = std::collections::HashMap::new();
+        let mut from = "-".to_string();
+        loop {
+            let reply: redis::streams::StreamRangeReply =
+                self.conn().xrange_count(&key, &from, "+", page).await?;
+            for e in &reply.ids {
+                let get = |k: &str| e.map.get(k).map(v_str).unwrap_or_default();
+                *sums.entry(get("op")).or_insert(0) += get("amount").parse::<i64>().unwrap_or(0);
+                *sums.entry("release".into()).or_insert(0) +=
+                    get("released").parse::<i64>().unwrap_or(0);
+            }
+            match reply.ids.last() {
+                Some(last) if reply.ids.len() == page => from = format!("({}", last.id),
+                _ => return Ok(sums),
+            }
+        }
+    }
+
     /// Up to `limit` ledger entries after stream id `cursor`, oldest first.
     pub async fn ledger_page(
         &self,

@@ -1,10 +1,38 @@
 //! The Wasm host helpers the host-level tests share: a guest component
-//! admitted and compiled the way the worker does it, and this process's
-//! resident memory for the tests that measure it.
+//! admitted and compiled the way the worker does it, a run request under
+//! roomy limits, and this process's resident memory for the tests that
+//! measure it.
 
 use super::guests::guest_bytes;
-use agentplane::host::{Host, LoadedComponent};
+use agentplane::host::{Host, LoadedComponent, RunRequest};
+use agentplane::model::Limits;
 use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+const MIB: u64 = 1 << 20;
+
+/// Limits no well-behaved guest reaches.
+pub fn limits() -> Limits {
+    Limits {
+        fuel: 5_000_000_000,
+        memory_bytes: 64 * MIB,
+        timeout_ms: 20_000,
+    }
+}
+
+/// A run of `c` with `input` for `tenant`, no contexts, no state.
+pub fn request(tenant: &str, c: &Arc<LoadedComponent>, input: &str, limits: Limits) -> RunRequest {
+    RunRequest {
+        tenant: tenant.parse().unwrap(),
+        job_id: "job".into(),
+        component: c.clone(),
+        input: input.into(),
+        limits,
+        contexts: Vec::new(),
+        state: None,
+        cancel: CancellationToken::new(),
+    }
+}
 
 /// The built guest `name` (see [`guest_bytes`]), admitted and compiled.
 pub async fn load(host: &Host, name: &str) -> Arc<LoadedComponent> {
