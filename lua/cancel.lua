@@ -14,7 +14,7 @@ if J.tenant ~= t then return { 'not_found' } end
 local now = now_ms()
 local was = J.state
 if J.state == 'queued' or J.state == 'delayed' then
-  local T = hgetall(tkey(t))
+  local T = tenant_meta(tkey(t))
   if J.state == 'queued' then
     if (J.sid or '') ~= '' then redis.call('XDEL', qkey(t), J.sid) end
   else

@@ -35,6 +35,7 @@ if worker == '' or max_n == nil or free_gpus == nil or lease == nil or lease == 
   return fail('malformed arguments')
 end
 local now = now_ms()
+local now_s, until_s = I(now), I(now + lease)
 local out = {}
 local gpus_left = free_gpus
 local record = B .. 'claim:' .. worker .. ':' .. cid
@@ -70,10 +71,10 @@ local prev = redis.call('GET', record)
 if prev then
   for jid, token in string.gmatch(prev, '([^ ]+) ([^ ]+)\n') do
     local J = job_meta(jkey(jid))
-    if J.state == 'running' and J.worker == worker and J.token == token then
-      redis.call('HSET', jkey(jid), 'lease_until', I(now + lease))
-      redis.call('ZADD', LEASES, now + lease, jid)
-      out[#out + 1] = entry(jid, J.tenant, J, hgetall(tkey(J.tenant)), tonumber(token), n(J, 'attempts'))
+    if J.state == 'running' and J.worker == worker and n(J, 'token') == tonumber(token) then
+      redis.call('HSET', jkey(jid), 'lease_until', until_s)
+      redis.call('ZADD', LEASES, until_s, jid)
+      out[#out + 1] = entry(jid, J.tenant, J, tenant_meta(tkey(J.tenant)), tonumber(token), n(J, 'attempts'))
     end
   end
   return out
@@ -169,7 +170,7 @@ while #out < max_n and passes < 4 * max_n + 64 do
   passes = passes + 1
   local t, from = pick()
   if t == nil then break end
-  local T = tenants[t] or hgetall(tkey(t))
+  local T = tenants[t] or tenant_meta(tkey(t))
   tenants[t] = T
   local sid, jid, J
   local h = heads[t]
@@ -219,15 +220,15 @@ while #out < max_n and passes < 4 * max_n + 64 do
       dirty[#dirty + 1] = t
     end
     local started = J.started
-    if started == nil or started == '' then started = now end
+    if started == nil or started == '' then started = now_s end
     -- `cw`: the weight `est` is charged at, which FINALIZE, RELEASE and
     -- REAP correct with (the tenant's weight may change meanwhile).
     move_state(jid, J, 'running')
     redis.call('HSET', jkey(jid), 'state', 'running', 'attempts', I(attempt),
-      'counted', I(counted(J) + 1), 'token', token, 'worker', worker,
-      'lease_until', I(now + lease), 'reserved', I(r), 'est', est, 'cw', I(weight),
+      'counted', I(counted(J) + 1), 'token', I(token), 'worker', worker,
+      'lease_until', until_s, 'reserved', I(r), 'est', est, 'cw', I(weight),
       'started', started, 'sid', sid)
-    redis.call('ZADD', LEASES, now + lease, jid)
+    redis.call('ZADD', LEASES, until_s, jid)
     ledger(t, 'reserve', jid, attempt, r, T)
     -- Re-score (at its new virtual time) or park the tenant for its next
     -- job, and keep that job for the next pick of this tenant.
@@ -243,6 +244,7 @@ for _, t in ipairs(dirty) do
   redis.call('HSET', tkey(t), 'vtime', T.vtime, 'qlast', T.qlast, 'running', I(T.running),
     'gpus', I(T.gpus), 'reserved', I(T.reserved), 'queued', I(T.queued))
 end
+flush_vclock()
 if #leased > 0 then
   redis.call('SET', record, table.concat(leased), 'PX', lease)
 end

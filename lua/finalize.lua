@@ -72,7 +72,7 @@ local function finalize_one(x)
   local t = J.tenant
   local T = tenants[t]
   if T == nil then
-    T = hgetall(tkey(t))
+    T = tenant_meta(tkey(t))
     tenants[t] = T
     was_eligible[t] = (T.parked or '') == ''
     order[#order + 1] = t
@@ -102,7 +102,7 @@ local function finalize_one(x)
     T.avg_ms = math.max(avg, 1)
     -- One entry: what was charged, and what of the reservation went back.
     ledger(t, 'settle', jid, attempt, cost, T, r - cost)
-    jf = { 'reserved', 0, 'u_fuel', I(n(J, 'u_fuel') + fuel),
+    jf = { 'reserved', '0', 'u_fuel', I(n(J, 'u_fuel') + fuel),
       'u_wall', I(n(J, 'u_wall') + wall), 'u_credits', I(n(J, 'u_credits') + cost) }
   end
 
@@ -112,7 +112,16 @@ local function finalize_one(x)
   else
     correct_vtime(t, J, T, wall * (1 + g * P.gpuw), true)
   end
-  end_attempt(jid, J, T, nil, jf, retire)
+  -- The job's fields of the attempt's end join the HSET of its outcome
+  -- (`hold`): one write of the job hash on the common path.
+  local hold = {}
+  end_attempt(jid, J, T, nil, jf, retire, hold)
+  local function flush()
+    if #hold > 0 then
+      redis.call('HSET', x.key, unpack(hold))
+      hold = {}
+    end
+  end
 
   -- The log is this attempt's: written if any, and a previous attempt's
   -- removed (a first attempt has none to remove).
@@ -123,6 +132,7 @@ local function finalize_one(x)
   end
 
   local result
+  if outcome ~= 'ok' or J.cancel == '1' or (J.agent_id or '') ~= '' then flush() end
   if outcome == 'cancelled' or J.cancel == '1' then
     -- The tenant's cancel wins on every path: no retry, no requeue on a
     -- state conflict, no commit of the agent's state.
@@ -167,7 +177,14 @@ local function finalize_one(x)
         result = { 'conflict' }
       end
     else
-      finish(jid, J, 'succeeded', now, { 'output', x.text, 'ekind', '', 'emsg', '' })
+      hold[#hold + 1] = 'output'
+      hold[#hold + 1] = x.text
+      hold[#hold + 1] = 'ekind'
+      hold[#hold + 1] = ''
+      hold[#hold + 1] = 'emsg'
+      hold[#hold + 1] = ''
+      finish(jid, J, 'succeeded', now, hold)
+      hold = {}
       result = { 'succeeded' }
     end
   elseif fault then
@@ -189,7 +206,23 @@ for _, c in ipairs(retire) do retire_consumer(c[1], c[2]) end
 local woken = false
 for _, t in ipairs(order) do
   local T = tenants[t]
-  if refresh(t, T, P) and not was_eligible[t] then woken = true end
+  if was_eligible[t] and (T.parked or '') == '' then
+    -- Still eligible, with the same head: ending runs only lowers its
+    -- running count and GPUs and frees credits (free credits grow by the
+    -- reservation less the cost), and the balance still covers the head
+    -- (it covers the free credits, which cover the head). Only its virtual
+    -- time moved: re-score it where it is.
+    local v = n(T, 'vtime')
+    if (T.agpus or '') ~= '' then
+      redis.call('ZADD', ACT_GPU, v, t)
+      redis.call('ZADD', gbucket(T.agpus), v, t)
+    else
+      redis.call('ZADD', ACT_CPU, v, t)
+    end
+    T._vmoved = nil
+  elseif refresh(t, T, P) and not was_eligible[t] then
+    woken = true
+  end
   local f = { 'running', I(n(T, 'running')), 'gpus', I(n(T, 'gpus')),
     'settled', I(n(T, 'settled')), 'reserved', I(n(T, 'reserved')), 'vtime', n(T, 'vtime') }
   if T.avg_ms ~= nil then

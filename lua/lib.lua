@@ -61,10 +61,19 @@ local function vclock()
   end
   return vclock_cached
 end
+-- Moved in the call's copy; written once, by `flush_vclock` at the end
+-- of the call (CLAIM advances it at every job it serves).
+local vclock_moved = false
 local function advance_vclock(v)
   if v > vclock() then
-    redis.call('SET', VCLOCK, v)
     vclock_cached = v
+    vclock_moved = true
+  end
+end
+local function flush_vclock()
+  if vclock_moved then
+    redis.call('SET', VCLOCK, vclock_cached)
+    vclock_moved = false
   end
 end
 
@@ -124,11 +133,38 @@ local JOB_FIELDS = { 'state', 'tenant', 'sid', 'agent_id', 'gpus', 'worker', 'at
   'counted', 'token', 'cancel', 'timeout_ms', 'reserved', 'max_attempts', 'lease_until',
   'fuel', 'u_wall', 'u_fuel', 'u_credits', 'sver', 'started', 'releases', 'faults', 'est',
   'cw', 'contexts', 'conflicts', 'component', 'callback' }
+-- The numeric ones among them are numbers in the table, converted once
+-- here rather than at each read (`n`).
+local JOB_NUMS = { gpus = true, attempts = true, counted = true, token = true,
+  reserved = true, max_attempts = true, lease_until = true, u_wall = true, u_fuel = true,
+  u_credits = true, sver = true, releases = true, faults = true, est = true, cw = true,
+  conflicts = true }
 local function job_meta(key)
   local vals = redis.call('HMGET', key, unpack(JOB_FIELDS))
   local h = {}
   for i, f in ipairs(JOB_FIELDS) do
-    if vals[i] then h[f] = vals[i] end
+    local v = vals[i]
+    if v then
+      if JOB_NUMS[f] then v = tonumber(v) or 0 end
+      h[f] = v
+    end
+  end
+  return h
+end
+
+-- A tenant's hash, its counters, limits and fair-share figures as numbers
+-- (converted once, as `job_meta` does), the rest as strings.
+local TENANT_NUMS = { granted = true, settled = true, reserved = true, running = true,
+  gpus = true, queued = true, max_running = true, max_queued = true, max_gpus = true,
+  fuel = true, timeout_ms = true, memory_bytes = true, weight = true, vtime = true,
+  avg_ms = true }
+local function tenant_meta(key)
+  local flat = redis.call('HGETALL', key)
+  local h = {}
+  for i = 1, #flat, 2 do
+    local f, v = flat[i], flat[i + 1]
+    if TENANT_NUMS[f] then v = tonumber(v) or 0 end
+    h[f] = v
   end
   return h
 end
@@ -209,7 +245,7 @@ local function move_state(jid, J, state)
   if J.state ~= nil and J.state ~= '' then
     redis.call('ZREM', statekey(t, J.state), jid)
   end
-  redis.call('ZADD', statekey(t, state), 0, jid)
+  redis.call('ZADD', statekey(t, state), '0', jid)
   J.state = state
 end
 
@@ -273,13 +309,14 @@ end
 -- `fields`: more job fields to write in the same HSET (flat name, value).
 local function finish(jid, J, state, now, fields)
   move_state(jid, J, state)
-  local f = { 'state', state, 'finished', I(now) }
+  local now_s = I(now)
+  local f = { 'state', state, 'finished', now_s }
   for _, x in ipairs(fields or {}) do f[#f + 1] = x end
   redis.call('HSET', jkey(jid), unpack(f))
   -- RETAIN removes it (with its log and index entries) after the retention.
-  redis.call('ZADD', DONE, now, jid)
+  redis.call('ZADD', DONE, now_s, jid)
   -- A job with a `callback_url` is owed a delivery (lua/hooks.lua).
-  if (J.callback or '') ~= '' then redis.call('ZADD', HOOKS, now, jid) end
+  if (J.callback or '') ~= '' then redis.call('ZADD', HOOKS, now_s, jid) end
 end
 
 -- Ends a queued job that can never run: `failed` with kind `unschedulable`,
@@ -441,7 +478,7 @@ end
 -- Puts a job whose attempt ended back into the delayed queue.
 local function to_delayed(jid, J, T, due)
   set_state(jid, J, 'delayed')
-  redis.call('ZADD', DELAYED, due, jid)
+  redis.call('ZADD', DELAYED, I(due), jid)
   add_queued(J.tenant, T, 1)
 end
 
@@ -475,8 +512,9 @@ end
 -- caller writes each hash once. With `batch` (FINALIZE's, ending several
 -- attempts), the tenant's counts are left in T for the caller to write once
 -- per tenant (`tfields` then unused), and the worker's consumer is noted in
--- `batch` for the caller to retire once, after all its attempts.
-local function end_attempt(jid, J, T, tfields, jfields, batch)
+-- `batch` for the caller to retire once, after all its attempts. With
+-- `hold` (a list), the job's fields are appended to it instead of written.
+local function end_attempt(jid, J, T, tfields, jfields, batch, hold)
   local t = J.tenant
   if (J.sid or '') ~= '' then
     redis.call('XACK', qkey(t), GROUP, J.sid)
@@ -501,9 +539,11 @@ local function end_attempt(jid, J, T, tfields, jfields, batch)
     for _, x in ipairs(tfields or {}) do tf[#tf + 1] = x end
     redis.call('HSET', tkey(t), unpack(tf))
   end
-  local jf = { 'sid', '', 'worker', '', 'lease_until', 0 }
+  local jf = hold or {}
+  for _, x in ipairs({ 'sid', '', 'worker', '', 'lease_until', '0' }) do jf[#jf + 1] = x end
   for _, x in ipairs(jfields or {}) do jf[#jf + 1] = x end
-  redis.call('HSET', jkey(jid), unpack(jf))
+  -- `hold`: the caller writes these with its own next HSET of the job.
+  if not hold then redis.call('HSET', jkey(jid), unpack(jf)) end
 end
 
 -- Releases the attempt's whole reservation uncharged.
@@ -514,7 +554,7 @@ local function release_reservation(jid, J, T)
     T.reserved = n(T, 'reserved') - r
     ledger(J.tenant, 'release', jid, n(J, 'attempts'), r, T)
   end
-  redis.call('HSET', jkey(jid), 'reserved', 0)
+  redis.call('HSET', jkey(jid), 'reserved', '0')
 end
 
 -- Attempts that count toward max_attempts. `attempts` numbers every run

@@ -15,7 +15,7 @@ for _, jid in ipairs(due) do
   redis.call('ZREM', DELAYED, jid)
   local J = job_meta(jkey(jid))
   if J.state == 'delayed' then
-    local T = hgetall(tkey(J.tenant))
+    local T = tenant_meta(tkey(J.tenant))
     to_ready(jid, J, T)
     refresh(J.tenant, T, P)
     moved = moved + 1

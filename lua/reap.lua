@@ -29,7 +29,7 @@ for _, jid in ipairs(due) do
     redis.call('ZREM', LEASES, jid)
   elseif n(J, 'lease_until') <= now then
     local t = J.tenant
-    local T = hgetall(tkey(t))
+    local T = tenant_meta(tkey(t))
     if (J.sid or '') ~= '' then
       redis.call('XCLAIM', qkey(t), GROUP, 'reaper', 0, J.sid, 'JUSTID')
     end

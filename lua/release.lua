@@ -31,7 +31,7 @@ end
 local J = job_meta(KEYS[2])
 if J.state ~= 'running' or n(J, 'token') ~= token then return { 'lost' } end
 local t = J.tenant
-local T = hgetall(tkey(t))
+local T = tenant_meta(tkey(t))
 local now = now_ms()
 release_reservation(jid, J, T)
 end_attempt(jid, J, T)

@@ -50,12 +50,13 @@ for i = 1, count do
 end
 
 local out = {}
-local T = hgetall(KEYS[2])
+local T = tenant_meta(KEYS[2])
 if next(T) == nil then
   for i = 1, count do out[i] = { 'no_tenant' } end
   return out
 end
 local now = now_ms()
+local now_s = I(now)
 
 local function submit_one(x)
   local jid = x.jid
@@ -82,15 +83,26 @@ local function submit_one(x)
 
   -- The job's hash is written once, with its state (and, ready at once, its
   -- stream entry).
+  -- Only what is set: a field a job does not carry reads as 0 or '' (the
+  -- scripts' `n` and `or ''`, the Rust side's readers), so a plain job is a
+  -- small hash: fewer bytes to write, keep and log to the AOF.
   local fields = { 'tenant', t, 'component', x.component, 'input', x.input,
-    'agent_id', x.agent, 'contexts', x.contexts, 'gpus', I(x.gpus),
-    'max_attempts', I(x.max_attempts), 'timeout_ms', x.timeout_ms, 'fuel', x.fuel,
-    'attempts', 0, 'counted', 0, 'conflicts', 0, 'token', 0, 'reserved', 0, 'u_fuel', 0,
-    'u_wall', 0, 'u_credits', 0, 'created', I(now), 'cancel', 0, 'callback', x.callback }
+    'contexts', x.contexts, 'max_attempts', I(x.max_attempts), 'created', now_s }
+  local function opt(name, v)
+    if v ~= '' then
+      fields[#fields + 1] = name
+      fields[#fields + 1] = v
+    end
+  end
+  opt('agent_id', x.agent)
+  opt('timeout_ms', x.timeout_ms)
+  opt('fuel', x.fuel)
+  opt('callback', x.callback)
+  if x.gpus > 0 then opt('gpus', I(x.gpus)) end
   local state = 'queued'
   if x.delay > 0 then
     state = 'delayed'
-    redis.call('ZADD', DELAYED, now + x.delay, jid)
+    redis.call('ZADD', DELAYED, I(now + x.delay), jid)
   else
     local sid = redis.call('XADD', qkey(t), '*', 'j', jid)
     fields[#fields + 1] = 'sid'
@@ -99,7 +111,7 @@ local function submit_one(x)
   fields[#fields + 1] = 'state'
   fields[#fields + 1] = state
   redis.call('HSET', x.key, unpack(fields))
-  redis.call('ZADD', jobskey(t), 0, jid)
+  redis.call('ZADD', jobskey(t), '0', jid)
   J.state = ''
   move_state(jid, J, state)
   T.queued = n(T, 'queued') + 1
