@@ -20,17 +20,35 @@
 -- (its run is settled, its state not committed). Kind `node_fault` is the
 -- node's failure: uncharged, not counted toward max_attempts, requeued
 -- with backoff until the job's faults reach ARGV[8].
+-- Then, optionally, the worker's next CLAIM, made by the same call once
+-- every attempt is ended (as BullMQ's moveToFinished fetches the next
+-- job): 4 more fields, worker id, max jobs, lease ms, claim id (see CLAIM;
+-- no GPUs). The worker hands the slots these attempts held to the jobs it
+-- gets, so a busy worker makes one call per batch, not two.
 -- Returns: an array with one answer per attempt, in order, each
 --          {status, ..., credits}: {'succeeded'} | {'failed'} | {'cancelled'}
 --          | {'retry', delay_ms} | {'conflict'} | {'lost'}, followed (but for
 --          'lost') by the job's credits settled over all its attempts.
+--          With a CLAIM: {answers, claims}, claims as CLAIM answers them.
 -- Errors:  malformed arguments (nothing written, for any attempt).
 local base, maxd, max_conflicts = uint(ARGV[1]), uint(ARGV[2]), uint(ARGV[3])
 local P = prices(ARGV[4], ARGV[5], ARGV[6], ARGV[7])
 local max_faults, count = uint(ARGV[8]), uint(ARGV[9])
 local STRIDE = 11
 if base == nil or maxd == nil or max_conflicts == nil or P == nil or max_faults == nil
-  or count == nil or count < 1 or #ARGV ~= 9 + STRIDE * count or #KEYS ~= count + 2 then
+  or count == nil or count < 1 or #KEYS ~= count + 2 then
+  return fail('malformed arguments')
+end
+local next_claim = nil
+if #ARGV == 9 + STRIDE * count + 4 then
+  local a = 9 + STRIDE * count
+  next_claim = { ARGV[a + 1], ARGV[a + 2], '0', ARGV[a + 3], ARGV[4], ARGV[5], ARGV[6], ARGV[7],
+    ARGV[a + 4] }
+  local max_n, lease = uint(next_claim[2]), uint(next_claim[4])
+  if next_claim[1] == '' or max_n == nil or lease == nil or lease == 0 or next_claim[9] == '' then
+    return fail('malformed arguments')
+  end
+elseif #ARGV ~= 9 + STRIDE * count then
   return fail('malformed arguments')
 end
 local kinds = { agent_error = true, trap = true, fuel_exhausted = true, memory_limit = true,
@@ -60,8 +78,8 @@ end
 local now = now_ms()
 -- Tenants read in this call (each once; their counts, money and virtual
 -- time are written once, at the end), whether each was eligible before
--- it, and the consumers to retire once all the attempts are ended.
-local tenants, was_eligible, order, retire = {}, {}, {}, {}
+-- it.
+local tenants, was_eligible, order = {}, {}, {}
 
 local function finalize_one(x)
   local jid, token, outcome, kind, fuel, wall, smode = x.jid, x.token, x.outcome, x.kind, x.fuel,
@@ -115,7 +133,7 @@ local function finalize_one(x)
   -- The job's fields of the attempt's end join the HSET of its outcome
   -- (`hold`): one write of the job hash on the common path.
   local hold = {}
-  end_attempt(jid, J, T, nil, jf, retire, hold)
+  end_attempt(jid, J, T, nil, jf, true, hold)
   local function flush()
     if #hold > 0 then
       redis.call('HSET', x.key, unpack(hold))
@@ -199,7 +217,6 @@ end
 
 local out = {}
 for i, x in ipairs(attempts) do out[i] = finalize_one(x) end
-for _, c in ipairs(retire) do retire_consumer(c[1], c[2]) end
 -- Each tenant is re-decided once. Workers waiting for work are woken only
 -- when one becomes eligible: while it was, no worker that could take its
 -- head waits (a CLAIM would have taken it), as in SUBMIT.
@@ -230,6 +247,11 @@ for _, t in ipairs(order) do
     f[#f + 1] = T.avg_ms
   end
   redis.call('HSET', tkey(t), unpack(f))
+  -- No run of the tenant is left: its group's consumers hold nothing.
+  if n(T, 'running') == 0 then retire_idle_consumers(t) end
 end
 if woken then wake() end
+if next_claim then
+  return { out, run_claim({ KEYS[1], KEYS[#KEYS] }, next_claim) }
+end
 return out

@@ -1,5 +1,9 @@
--- lib.lua: helpers prepended to every script (the Rust side concatenates
--- this file with each script, so a script is still one atomic EVAL).
+-- lib.lua: helpers shared by every script. The Rust side
+-- (`src/control/scripts.rs`) loads this file and the scripts as one Redis
+-- function library: this file first, defined once per node, then each
+-- script as the body of a function `run_<script>(KEYS, ARGV)`, registered
+-- as `agentplane_<hash>_<script>` and called with FCALL after `enter`
+-- (below). A call is still one atomic script.
 --
 -- Conventions shared by all scripts:
 --   KEYS[1] is the shard's anchor, e.g. `{ap:s0}:anchor`: a key that always
@@ -15,7 +19,7 @@
 --   target TRYAGAIN), so no script ever runs on a shard split between two
 --   nodes: it would read half the data, or fail part-way on a key already
 --   moved, after some of its writes. The Rust side retries until the move
---   is done. The gate below refuses a call that does not declare it.
+--   is done. The gate (`enter`) refuses a call that does not declare it.
 --   The anchor's value pauses the shard: anything but 'ready' (an operator
 --   sets 'moving' before a slot migration, see docs/OPERATIONS.md) makes
 --   every script refuse with a TRYAGAIN error before it reads or writes
@@ -26,10 +30,10 @@
 --   word ('ok', 'lost', 'exists', ...). Malformed arguments raise an error
 --   (`error_reply`) before anything is written.
 
--- The shard's tag (`{ap:s0}`) with the separator. Also accepts a bare tag
--- as KEYS[1] (then the anchor is still checked, below).
-local B = string.match(KEYS[1], '^{[^}]*}') .. ':'
-local ANCHOR = B .. 'anchor'
+-- The shard's tag (`{ap:s0}:`, the separator included) and the shard's
+-- own keys: set by `enter` at the start of every call, from KEYS[1] (which
+-- may also be a bare tag; the anchor is still checked).
+local B, ANCHOR
 local GROUP = 'g'
 
 local function tkey(t) return B .. 't:' .. t end
@@ -43,15 +47,15 @@ local function agentkey(t, a) return B .. 'agent:' .. t .. ':' .. a end
 -- agent: no two tenants or agents ever share one, and FINALIZE deletes the
 -- superseded version in the same step that commits the next.
 local function stateblobkey(t, a, v) return B .. 'state:' .. t .. ':' .. a .. ':' .. v end
-local ACT_CPU = B .. 'act:cpu'   -- eligible tenants whose next job needs no GPU
-local ACT_GPU = B .. 'act:gpu'   -- eligible tenants whose next job needs GPUs
-local VCLOCK = B .. 'vclock'
-local FENCE = B .. 'fence'
-local DELAYED = B .. 'delayed'
-local LEASES = B .. 'leases'
-local WAKE = B .. 'wake'
-local DONE = B .. 'done'         -- finished jobs by finish time, for RETAIN
-local HOOKS = B .. 'hooks'       -- callbacks owed, by due time (lua/hooks.lua)
+local ACT_CPU   -- act:cpu, eligible tenants whose next job needs no GPU
+local ACT_GPU   -- act:gpu, eligible tenants whose next job needs GPUs
+local VCLOCK    -- vclock
+local FENCE     -- fence
+local DELAYED   -- delayed
+local LEASES    -- leases
+local WAKE      -- wake
+local DONE      -- done, finished jobs by finish time, for RETAIN
+local HOOKS     -- hooks, callbacks owed, by due time (lua/hooks.lua)
 
 -- The shard's virtual clock (see CLAIM), read at most once per call.
 local vclock_cached = nil
@@ -133,40 +137,43 @@ local JOB_FIELDS = { 'state', 'tenant', 'sid', 'agent_id', 'gpus', 'worker', 'at
   'counted', 'token', 'cancel', 'timeout_ms', 'reserved', 'max_attempts', 'lease_until',
   'fuel', 'u_wall', 'u_fuel', 'u_credits', 'sver', 'started', 'releases', 'faults', 'est',
   'cw', 'contexts', 'conflicts', 'component', 'callback' }
--- The numeric ones among them are numbers in the table, converted once
--- here rather than at each read (`n`).
-local JOB_NUMS = { gpus = true, attempts = true, counted = true, token = true,
-  reserved = true, max_attempts = true, lease_until = true, u_wall = true, u_fuel = true,
-  u_credits = true, sver = true, releases = true, faults = true, est = true, cw = true,
-  conflicts = true }
+-- The numeric ones among them (counts, tokens, money, times) are numbers
+-- in the table, converted once here rather than at each read (`n`); the
+-- table is built in one constructor, sized once, in JOB_FIELDS' order (the
+-- unit test checks the order). A field the job lacks is nil.
 local function job_meta(key)
-  local vals = redis.call('HMGET', key, unpack(JOB_FIELDS))
-  local h = {}
-  for i, f in ipairs(JOB_FIELDS) do
-    local v = vals[i]
-    if v then
-      if JOB_NUMS[f] then v = tonumber(v) or 0 end
-      h[f] = v
-    end
-  end
-  return h
+  local v = redis.call('HMGET', key, unpack(JOB_FIELDS))
+  return { state = v[1] or nil, tenant = v[2] or nil, sid = v[3] or nil, agent_id = v[4] or nil,
+    gpus = tonumber(v[5]), worker = v[6] or nil, attempts = tonumber(v[7]),
+    counted = tonumber(v[8]), token = tonumber(v[9]), cancel = v[10] or nil,
+    timeout_ms = v[11] or nil, reserved = tonumber(v[12]), max_attempts = tonumber(v[13]),
+    lease_until = tonumber(v[14]), fuel = v[15] or nil, u_wall = tonumber(v[16]),
+    u_fuel = tonumber(v[17]), u_credits = tonumber(v[18]), sver = tonumber(v[19]),
+    started = v[20] or nil, releases = tonumber(v[21]), faults = tonumber(v[22]),
+    est = tonumber(v[23]), cw = tonumber(v[24]), contexts = v[25] or nil,
+    conflicts = tonumber(v[26]), component = v[27] or nil, callback = v[28] or nil }
 end
 
--- A tenant's hash, its counters, limits and fair-share figures as numbers
--- (converted once, as `job_meta` does), the rest as strings.
-local TENANT_NUMS = { granted = true, settled = true, reserved = true, running = true,
-  gpus = true, queued = true, max_running = true, max_queued = true, max_gpus = true,
-  fuel = true, timeout_ms = true, memory_bytes = true, weight = true, vtime = true,
-  avg_ms = true }
+-- A tenant's fields as the hot scripts read them: one HMGET of the fields
+-- below (never the checkpoint, byte counters or token hash), counters,
+-- limits and fair-share figures as numbers (converted once, as
+-- `job_meta` does), the rest as strings; built in one table constructor,
+-- sized once. TENANT_FIELDS must name every field a script reads from a
+-- tenant table (`T.x`, `n(T, 'x')`), in the constructor's order: a Rust
+-- unit test (`control::scripts`) checks both. A tenant that does not exist
+-- (no `weight`, which every tenant has) reads as an empty table.
+local TENANT_FIELDS = { 'granted', 'settled', 'reserved', 'running', 'gpus', 'queued',
+  'max_running', 'max_queued', 'max_gpus', 'fuel', 'timeout_ms', 'memory_bytes', 'weight',
+  'vtime', 'avg_ms', 'parked', 'agpus', 'qlast' }
 local function tenant_meta(key)
-  local flat = redis.call('HGETALL', key)
-  local h = {}
-  for i = 1, #flat, 2 do
-    local f, v = flat[i], flat[i + 1]
-    if TENANT_NUMS[f] then v = tonumber(v) or 0 end
-    h[f] = v
-  end
-  return h
+  local v = redis.call('HMGET', key, unpack(TENANT_FIELDS))
+  if not v[13] then return {} end
+  return { granted = tonumber(v[1]), settled = tonumber(v[2]), reserved = tonumber(v[3]),
+    running = tonumber(v[4]), gpus = tonumber(v[5]), queued = tonumber(v[6]),
+    max_running = tonumber(v[7]), max_queued = tonumber(v[8]), max_gpus = tonumber(v[9]),
+    fuel = tonumber(v[10]), timeout_ms = tonumber(v[11]), memory_bytes = tonumber(v[12]),
+    weight = tonumber(v[13]), vtime = tonumber(v[14]), avg_ms = tonumber(v[15]),
+    parked = v[16] or nil, agpus = v[17] or nil, qlast = v[18] or nil }
 end
 
 local function n(h, field)
@@ -269,7 +276,7 @@ end
 -- buckets), so CLAIM finds the lowest-vtime tenant whose job fits a worker's
 -- free GPUs in O(buckets * log n), however many tenants wait for more GPUs
 -- than that worker has. `agpus` in the tenant hash names its bucket.
-local GBUCKETS = B .. 'act:gpu:n'
+local GBUCKETS -- act:gpu:n
 local function gbucket(g) return B .. 'act:gpu:' .. g end
 
 -- Takes tenant t out of every active set (it stays parked until refresh).
@@ -506,29 +513,37 @@ local function retire_consumer(t, consumer)
   if #p == 0 then redis.call('XGROUP', 'DELCONSUMER', qkey(t), GROUP, consumer) end
 end
 
+-- Every consumer of t's group that holds nothing goes, at once: FINALIZE
+-- calls this when the tenant has no run left on the shard (then no
+-- consumer holds a running job's entry), rather than asking after each
+-- worker's consumer at every call while runs go on.
+local function retire_idle_consumers(t)
+  local cs = redis.pcall('XINFO', 'CONSUMERS', qkey(t), GROUP)
+  if type(cs) ~= 'table' or cs.err then return end
+  for _, c in ipairs(cs) do
+    local name, pending = nil, nil
+    for i = 1, #c, 2 do
+      if c[i] == 'name' then name = c[i + 1] elseif c[i] == 'pending' then pending = c[i + 1] end
+    end
+    if name and pending == 0 then redis.call('XGROUP', 'DELCONSUMER', qkey(t), GROUP, name) end
+  end
+end
+
 -- Ends an attempt's hold on the worker: PEL entry, lease, running count,
 -- GPU slots. Shared by FINALIZE, REAP and RELEASE. `tfields` and `jfields`
 -- (flat name, value lists, optional) join its tenant and job HSETs, so a
 -- caller writes each hash once. With `batch` (FINALIZE's, ending several
 -- attempts), the tenant's counts are left in T for the caller to write once
--- per tenant (`tfields` then unused), and the worker's consumer is noted in
--- `batch` for the caller to retire once, after all its attempts. With
--- `hold` (a list), the job's fields are appended to it instead of written.
+-- per tenant (`tfields` then unused), and so is retiring the worker's
+-- consumer (`retire_idle_consumers`). With `hold` (a list), the job's
+-- fields are appended to it instead of written.
 local function end_attempt(jid, J, T, tfields, jfields, batch, hold)
   local t = J.tenant
   if (J.sid or '') ~= '' then
     redis.call('XACK', qkey(t), GROUP, J.sid)
     redis.call('XDEL', qkey(t), J.sid)
   end
-  if batch then
-    local k = t .. '\n' .. (J.worker or '')
-    if not batch[k] then
-      batch[k] = true
-      batch[#batch + 1] = { t, J.worker }
-    end
-  else
-    retire_consumer(t, J.worker)
-  end
+  if not batch then retire_consumer(t, J.worker) end
   redis.call('ZREM', LEASES, jid)
   local g = n(J, 'gpus')
   T.running = n(T, 'running') - 1
@@ -631,11 +646,19 @@ local function node_fault(jid, J, T, msg, max_faults, base, maxd, jitter, now)
   return { 'retry', d }
 end
 
--- The shard gate (see the header): runs before any script's own code.
+-- Starts a call: the shard's keys from KEYS[1], this call's caches reset,
+-- then the shard gate (see the header), before any script's own code.
+-- Answers the error to return instead of running the script, or nil.
 -- A missing anchor means a fresh (or flushed) Redis: while a slot migrates
--- the anchor is on exactly one node and a cluster routes this script there,
+-- the anchor is on exactly one node and a cluster routes this call there,
 -- so creating it here never forks it.
-do
+local function enter(KEYS)
+  B = string.match(KEYS[1], '^{[^}]*}') .. ':'
+  ANCHOR = B .. 'anchor'
+  ACT_CPU, ACT_GPU, GBUCKETS = B .. 'act:cpu', B .. 'act:gpu', B .. 'act:gpu:n'
+  VCLOCK, FENCE, DELAYED, LEASES = B .. 'vclock', B .. 'fence', B .. 'delayed', B .. 'leases'
+  WAKE, DONE, HOOKS = B .. 'wake', B .. 'done', B .. 'hooks'
+  vclock_cached, vclock_moved = nil, false
   if KEYS[#KEYS] ~= B .. 'absent' then
     return redis.error_reply('ERR agentplane: the last key must be ' .. B .. 'absent')
   end
@@ -645,4 +668,5 @@ do
   elseif a ~= 'ready' then
     return redis.error_reply('TRYAGAIN agentplane: shard ' .. B .. ' is paused (' .. a .. ')')
   end
+  return nil
 end

@@ -9,6 +9,8 @@
 //!   instance and finalizes the attempt as cancelled.
 //! - Beside each run a log task stores the agent's new log lines every
 //!   250 ms (or 4 KiB), so readers see them while it runs (`lua/log.lua`).
+//! - Without GPUs, the FINALIZE of ended runs also claims jobs for their
+//!   slots (`finalizer::Handoff`): one call per batch, not two.
 //! - Shutdown: stop claiming, let runs finish for up to the drain timeout,
 //!   then stop the rest and RELEASE their leases, which puts the jobs back
 //!   in the queue uncharged.
@@ -19,17 +21,18 @@ use crate::model::{ErrorKind, JobState};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 mod decide;
 mod finalizer;
 mod lease;
+mod slots;
 use decide::{Decision, decide};
-use finalizer::Finalizer;
+use finalizer::{Finalizer, Handoff};
 use lease::{flush_log, renew_loop};
+use slots::{hand_back, recv, start_handed, start_run};
 
 /// Longest a worker with runs in flight waits to gather half its slots
 /// free before it claims: bounds the latency batching adds.
@@ -111,43 +114,40 @@ struct Shared {
     host: Arc<Host>,
     free_gpus: AtomicU32,
     finalizer: Finalizer,
-}
-
-/// Returns GPU slots when a run ends, however it ends.
-struct GpuGuard {
-    shared: Arc<Shared>,
-    n: u32,
-}
-
-impl Drop for GpuGuard {
-    fn drop(&mut self) {
-        self.shared.free_gpus.fetch_add(self.n, Ordering::SeqCst);
-    }
+    /// Jobs FINALIZE claims for the slots it frees (workers without GPUs).
+    handoff: Option<Arc<Handoff>>,
 }
 
 /// A worker: owns its slots and its runs.
 pub struct Worker {
     shared: Arc<Shared>,
+    handed: Option<mpsc::UnboundedReceiver<Claim>>,
 }
 
 impl Worker {
     /// Needs a Tokio runtime (it starts the task that sends FINALIZEs).
     pub fn new(cfg: WorkerConfig, control: ControlPlane, host: Arc<Host>) -> Worker {
         let gpus = cfg.gpus;
+        // FINALIZE claims CPU jobs only: a GPU worker's claims stay with the
+        // loop, which counts its free GPUs.
+        let (handoff, handed) = (gpus == 0).then(|| Handoff::new(cfg.id.clone())).unzip();
         Worker {
             shared: Arc::new(Shared {
                 cfg,
-                finalizer: Finalizer::start(control.clone()),
+                finalizer: Finalizer::start(control.clone(), handoff.clone()),
                 control,
                 host,
                 free_gpus: AtomicU32::new(gpus),
+                handoff,
             }),
+            handed,
         }
     }
 
     /// Runs until `shutdown` is cancelled and the drain is over.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let shared = self.shared;
+        let mut handed = self.handed;
         let cfg = &shared.cfg;
         let slots = Arc::new(Semaphore::new(cfg.slots.max(1) as usize));
         // Cancelled only when the drain timeout is over: stops what still runs.
@@ -162,7 +162,12 @@ impl Worker {
             while let Some(done) = runs.try_join_next() {
                 log_join(done);
             }
-            let free = slots.available_permits() as u32;
+            while let Some(claim) = handed.as_mut().and_then(|rx| rx.try_recv().ok()) {
+                start_handed(&shared, &mut runs, &slots, claim, &hard_stop).await;
+            }
+            // Slots whose jobs a FINALIZE in flight is claiming are taken.
+            let spoken_for = shared.handoff.as_ref().map_or(0, |h| h.spoken_for());
+            let free = (slots.available_permits() as u32).saturating_sub(spoken_for);
             metrics::gauge!("agentplane_worker_busy_slots").set((cfg.slots.max(1) - free) as f64);
             if free == 0 {
                 tokio::select! {
@@ -170,6 +175,9 @@ impl Worker {
                         if let Some(done) = done {
                             log_join(done);
                         }
+                    }
+                    Some(claim) = recv(&mut handed) => {
+                        start_handed(&shared, &mut runs, &slots, claim, &hard_stop).await;
                     }
                     _ = shutdown.cancelled() => break,
                 }
@@ -188,6 +196,9 @@ impl Worker {
                             if let Some(done) = done {
                                 log_join(done);
                             }
+                        }
+                        Some(claim) = recv(&mut handed) => {
+                            start_handed(&shared, &mut runs, &slots, claim, &hard_stop).await;
                         }
                         _ = tokio::time::sleep_until(until.into()) => {}
                         _ = shutdown.cancelled() => break,
@@ -228,6 +239,9 @@ impl Worker {
                     done = runs.join_next(), if !runs.is_empty() => {
                         if let Some(done) = done { log_join(done) }
                     }
+                    Some(claim) = recv(&mut handed) => {
+                        start_handed(&shared, &mut runs, &slots, claim, &hard_stop).await;
+                    }
                     _ = shutdown.cancelled() => {}
                 }
                 continue;
@@ -242,43 +256,25 @@ impl Worker {
                     let _ = shared.control.release(&claim.lease).await;
                     continue;
                 };
-                // Saturating: CLAIM respects `free_gpus`, but a control-plane
-                // bug must not wrap the counter into "billions free".
-                let _ = shared
-                    .free_gpus
-                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |g| {
-                        Some(g.saturating_sub(claim.gpus))
-                    });
-                let guard = GpuGuard {
-                    shared: shared.clone(),
-                    n: claim.gpus,
-                };
-                let shared = shared.clone();
-                let stop = hard_stop.child_token();
-                let span = tracing::info_span!(
-                    "run",
-                    job = %claim.lease.job_id,
-                    tenant = %claim.lease.tenant,
-                    attempt = claim.attempt
-                );
-                runs.spawn(
-                    async move {
-                        let end = run_claim(&shared, claim, stop).await;
-                        drop(guard);
-                        drop(permit);
-                        end
-                    }
-                    .instrument(span),
-                );
+                start_run(&shared, &mut runs, claim, permit, &hard_stop);
             }
         }
 
-        // Drain.
+        // Drain. FINALIZE claims no more; what it claimed meanwhile goes back.
+        if let Some(h) = &shared.handoff {
+            h.disable();
+        }
         if !runs.is_empty() {
             tracing::info!(running = runs.len(), timeout = ?cfg.drain_timeout, "draining");
             let drained = tokio::time::timeout(cfg.drain_timeout, async {
-                while let Some(done) = runs.join_next().await {
-                    log_join(done);
+                loop {
+                    tokio::select! {
+                        done = runs.join_next() => match done {
+                            Some(done) => log_join(done),
+                            None => break,
+                        },
+                        Some(claim) = recv(&mut handed) => hand_back(&shared, claim).await,
+                    }
                 }
             })
             .await;
@@ -292,6 +288,9 @@ impl Worker {
                     log_join(done);
                 }
             }
+        }
+        while let Some(claim) = handed.as_mut().and_then(|rx| rx.try_recv().ok()) {
+            hand_back(&shared, claim).await;
         }
         tracing::info!(worker = %cfg.id, "worker stopped");
         Ok(())

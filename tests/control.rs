@@ -99,4 +99,5 @@ conformance!(
     a_batch_finalize_settles_each_attempt_alone,
     live_log_is_fenced_and_capped,
     retry_queues_a_failed_job_as_its_next_attempt,
+    a_node_without_the_scripts_gets_them_back,
 );

@@ -70,15 +70,15 @@ async fn info_field(c: &mut redis::aio::MultiplexedConnection, section: &str, fi
         .unwrap_or_else(|| panic!("INFO {section} has no {field}"))
 }
 
-/// Server-side microseconds spent in EVALSHA since the last CONFIG RESETSTAT.
-async fn evalsha_usec(c: &mut redis::aio::MultiplexedConnection) -> u64 {
+/// Server-side microseconds spent in FCALL (the scripts) since the last CONFIG RESETSTAT.
+async fn fcall_usec(c: &mut redis::aio::MultiplexedConnection) -> u64 {
     let info: String = redis::cmd("INFO")
         .arg("commandstats")
         .query_async(c)
         .await
         .unwrap();
     info.lines()
-        .find_map(|l| l.strip_prefix("cmdstat_evalsha:"))
+        .find_map(|l| l.strip_prefix("cmdstat_fcall:"))
         .and_then(|v| v.split(',').find_map(|kv| kv.strip_prefix("usec=")))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
@@ -359,7 +359,7 @@ async fn scripts_do_not_copy_job_inputs() {
         {
             cp.cancel(&tid(t), &id).await.unwrap();
         }
-        usec.push(evalsha_usec(&mut c).await);
+        usec.push(fcall_usec(&mut c).await);
     }
     eprintln!(
         "promote+cancel of {n} heads: small inputs {} us, 1 MiB inputs {} us",

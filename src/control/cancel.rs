@@ -10,7 +10,7 @@ struct CancelArgs<'a> {
 }
 
 impl CancelArgs<'_> {
-    fn write(&self, inv: &mut redis::ScriptInvocation<'_>) {
+    fn write(&self, inv: &mut super::scripts::Invocation) {
         inv.arg(self.tenant).arg(self.job);
         for p in self.prices {
             inv.arg(p);

@@ -29,17 +29,17 @@ pub struct Claim {
 }
 
 /// ARGV of `lua/claim.lua`, in its header's order.
-struct ClaimArgs<'a> {
-    worker: &'a str,
-    max: u32,
-    free_gpus: u32,
-    lease_ms: u64,
-    prices: [u64; 4],
-    claim_id: &'a str,
+pub(super) struct ClaimArgs<'a> {
+    pub(super) worker: &'a str,
+    pub(super) max: u32,
+    pub(super) free_gpus: u32,
+    pub(super) lease_ms: u64,
+    pub(super) prices: [u64; 4],
+    pub(super) claim_id: &'a str,
 }
 
 impl ClaimArgs<'_> {
-    fn write(&self, inv: &mut redis::ScriptInvocation<'_>) {
+    fn write(&self, inv: &mut super::scripts::Invocation) {
         inv.arg(self.worker)
             .arg(self.max)
             .arg(self.free_gpus)
@@ -228,7 +228,14 @@ impl ControlPlane {
                 Err(e) => return Err(e),
             }
         };
-        let Value::Array(records) = &v else {
+        self.claims_from(&v).await
+    }
+
+    /// The claims of CLAIM's answer (or of FINALIZE's, which may claim the
+    /// worker's next jobs in the same call). A record that cannot be read
+    /// fails its job alone.
+    pub(super) async fn claims_from(&self, v: &Value) -> Result<Vec<Claim>, CpError> {
+        let Value::Array(records) = v else {
             return Err(bad(format!("CLAIM answered {v:?}, not an array")));
         };
         let mut out = Vec::new();

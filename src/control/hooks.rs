@@ -56,7 +56,7 @@ enum HooksArgs<'a> {
 }
 
 impl HooksArgs<'_> {
-    fn write(&self, inv: &mut redis::ScriptInvocation<'_>) {
+    fn write(&self, inv: &mut super::scripts::Invocation) {
         match self {
             HooksArgs::Take { most, lease_ms } => {
                 inv.arg("take").arg(*most).arg(*lease_ms);

@@ -82,6 +82,15 @@ struct FinalizeArgs<'a> {
     attempts: Vec<FinalizeAttempt<'a>>,
 }
 
+/// The worker's next CLAIM, made by the FINALIZE call that ends its runs
+/// ([`ControlPlane::finalize_many_then_claim`]).
+#[derive(Debug, Clone, Copy)]
+pub struct NextClaim<'a> {
+    pub worker: &'a str,
+    /// At most this many jobs (the slots the ended runs free).
+    pub max: u32,
+}
+
 /// One attempt's fields in FINALIZE's ARGV.
 struct FinalizeAttempt<'a> {
     job: &'a str,
@@ -98,7 +107,7 @@ struct FinalizeAttempt<'a> {
 }
 
 impl FinalizeArgs<'_> {
-    fn write(&self, inv: &mut redis::ScriptInvocation<'_>) {
+    fn write(&self, inv: &mut super::scripts::Invocation) {
         inv.arg(self.retry.base_ms)
             .arg(self.retry.max_ms)
             .arg(self.max_conflicts);
@@ -134,7 +143,7 @@ struct ReleaseArgs<'a> {
 }
 
 impl ReleaseArgs<'_> {
-    fn write(&self, inv: &mut redis::ScriptInvocation<'_>) {
+    fn write(&self, inv: &mut super::scripts::Invocation) {
         inv.arg(self.job).arg(self.token);
         for p in self.prices {
             inv.arg(p);
@@ -152,7 +161,7 @@ struct RenewArgs<'a> {
 }
 
 impl RenewArgs<'_> {
-    fn write(&self, inv: &mut redis::ScriptInvocation<'_>) {
+    fn write(&self, inv: &mut super::scripts::Invocation) {
         inv.arg(self.job).arg(self.token).arg(self.lease_ms);
     }
 }
@@ -196,6 +205,22 @@ impl ControlPlane {
     /// attempt is settled on its own (its token checked, its cost, its
     /// outcome), exactly as if it came alone; answers are in order.
     pub async fn finalize_many(&self, ends: &[(&Lease, &Finish)]) -> Vec<Result<Settled, CpError>> {
+        self.finalize_many_then_claim(ends, None).await.0
+    }
+
+    /// [`finalize_many`](Self::finalize_many), and in the same call (the
+    /// first shard's, when the attempts span several) up to `next.max` more
+    /// CPU jobs for `next.worker`, as CLAIM picks them: a worker hands the
+    /// slots these runs held straight to the jobs it gets, so a busy worker
+    /// makes one call per batch instead of a FINALIZE and a CLAIM. A call
+    /// whose answer is lost is sent again under the same claim id (the
+    /// jobs it leased come back; an attempt it ended answers `lost`).
+    pub async fn finalize_many_then_claim(
+        &self,
+        ends: &[(&Lease, &Finish)],
+        mut next: Option<NextClaim<'_>>,
+    ) -> (Vec<Result<Settled, CpError>>, Vec<Claim>) {
+        let mut claimed = Vec::new();
         let mut answers: Vec<Option<Result<Settled, CpError>>> =
             ends.iter().map(|_| None).collect();
         // Over `max_state_bytes`, the attempt fails and no state is written.
@@ -230,10 +255,26 @@ impl ControlPlane {
                 .iter()
                 .map(|&i| (ends[i].0, finishes[i].as_ref().unwrap_or(ends[i].1)))
                 .collect();
-            match self.finalize_script(&batch, shard).await {
-                Ok(done) => {
+            let cid = ulid::Ulid::new().to_string();
+            let ask = next.take().map(|n| (n, cid.as_str()));
+            let mut result = self.finalize_script(&batch, shard, ask).await;
+            if ask.is_some() && matches!(&result, Err(CpError::Redis(e)) if answer_lost(e)) {
+                result = self.finalize_script(&batch, shard, ask).await;
+            }
+            match result {
+                Ok((done, claims)) => {
                     for (&i, d) in idx.iter().zip(done) {
                         answers[i] = Some(d);
+                    }
+                    if let Some(v) = claims {
+                        // Boxed: a record that cannot run is failed by a FINALIZE of
+                        // its own, which comes back through here.
+                        match Box::pin(self.claims_from(&v)).await {
+                            Ok(c) => claimed = c,
+                            // The jobs' leases run out and the reaper
+                            // takes them back, uncharged.
+                            Err(e) => tracing::error!(error = %e, "FINALIZE's claims unreadable"),
+                        }
                     }
                 }
                 Err(e) => {
@@ -269,14 +310,17 @@ impl ControlPlane {
             }
             out.push(done);
         }
-        out
+        (out, claimed)
     }
 
+    /// One FINALIZE call; with `next`, the worker's next CLAIM rides along
+    /// (its claims answered raw, for [`claims_from`](Self::claims_from)).
     async fn finalize_script(
         &self,
         ends: &[(&Lease, &Finish)],
         shard: u32,
-    ) -> Result<Vec<Result<Settled, CpError>>, CpError> {
+        next: Option<(NextClaim<'_>, &str)>,
+    ) -> Result<(Vec<Result<Settled, CpError>>, Option<Value>), CpError> {
         let mut attempts = Vec::with_capacity(ends.len());
         let mut inv = scripts::FINALIZE.prepare_invoke();
         inv.key(self.keys.anchor(shard));
@@ -329,14 +373,26 @@ impl ControlPlane {
             attempts,
         }
         .write(&mut inv);
+        if let Some((n, cid)) = next {
+            inv.arg(n.worker).arg(n.max).arg(self.cfg.lease_ms).arg(cid);
+        }
         let v: Value = self.eval(&mut inv, shard).await?;
-        let mut all = Reply::new("FINALIZE", &v)?;
+        let (answers, claims) = match (&v, next) {
+            (Value::Array(two), Some(_)) if two.len() == 2 => (&two[0], Some(two[1].clone())),
+            (_, Some(_)) => {
+                return Err(bad(format!(
+                    "FINALIZE answered {v:?}, not [answers, claims]"
+                )));
+            }
+            (_, None) => (&v, None),
+        };
+        let mut all = Reply::new("FINALIZE", answers)?;
         let mut out = Vec::with_capacity(ends.len());
         for _ in ends {
             out.push(Self::finalized(all.item("answer")?));
         }
         all.end()?;
-        Ok(out)
+        Ok((out, claims))
     }
 
     /// One attempt's answer in FINALIZE's reply.

@@ -13,7 +13,7 @@ struct LogArgs<'a> {
 }
 
 impl LogArgs<'_> {
-    fn write(&self, inv: &mut redis::ScriptInvocation<'_>) {
+    fn write(&self, inv: &mut super::scripts::Invocation) {
         inv.arg(self.job)
             .arg(self.token)
             .arg(self.offset)

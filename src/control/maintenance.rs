@@ -20,8 +20,8 @@ impl ControlPlane {
     /// ([`CpError::Shards`]).
     async fn on_every_shard(
         &self,
-        script: &redis::Script,
-        args: impl Fn(&mut redis::ScriptInvocation<'_>),
+        script: &'static super::scripts::Function,
+        args: impl Fn(&mut super::scripts::Invocation),
     ) -> Result<u32, CpError> {
         let mut total = 0;
         let mut failed = Vec::new();

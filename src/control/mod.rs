@@ -68,7 +68,7 @@ pub use error::CpError;
 use error::answer_lost;
 pub use hooks::{DueHook, HookOutcome};
 pub use jobs::LedgerEntry;
-pub use lease::{AttemptOutcome, Finalized, Finish, Settled, truncate_utf8};
+pub use lease::{AttemptOutcome, Finalized, Finish, NextClaim, Settled, truncate_utf8};
 pub use log::{LogStored, LogTail};
 use reply::*;
 pub use report::{LedgerPage, LedgerRow, UsageBucket, UsageReport};
@@ -105,7 +105,7 @@ struct Retry {
 }
 
 impl Retry {
-    fn write(&self, inv: &mut redis::ScriptInvocation<'_>) {
+    fn write(&self, inv: &mut scripts::Invocation) {
         inv.arg(self.base_ms).arg(self.max_ms).arg(self.jitter);
     }
 }
@@ -165,7 +165,7 @@ impl ControlPlane {
     /// slot is split between two nodes.
     async fn eval<T: redis::FromRedisValue>(
         &self,
-        inv: &mut redis::ScriptInvocation<'_>,
+        inv: &mut scripts::Invocation,
         shard: u32,
     ) -> Result<T, CpError> {
         inv.key(self.keys.absent(shard));

@@ -65,7 +65,7 @@ struct UsageArgs<'a> {
 }
 
 impl UsageArgs<'_> {
-    fn write(&self, inv: &mut redis::ScriptInvocation<'_>) {
+    fn write(&self, inv: &mut super::scripts::Invocation) {
         inv.arg(self.tenant)
             .arg(self.what.kind())
             .arg(self.item)

@@ -41,7 +41,7 @@ struct RetainArgs {
 }
 
 impl RetainArgs {
-    fn write(&self, inv: &mut redis::ScriptInvocation<'_>) {
+    fn write(&self, inv: &mut super::scripts::Invocation) {
         inv.arg(self.batch)
             .arg(self.retention_ms)
             .arg(self.fold_batch);

@@ -11,7 +11,7 @@ struct RetryArgs<'a> {
 }
 
 impl RetryArgs<'_> {
-    fn write(&self, inv: &mut redis::ScriptInvocation<'_>) {
+    fn write(&self, inv: &mut super::scripts::Invocation) {
         inv.arg(self.tenant).arg(self.job);
         for p in self.prices {
             inv.arg(p);

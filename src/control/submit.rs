@@ -53,7 +53,7 @@ struct SubmitJob<'a> {
 }
 
 impl SubmitArgs<'_> {
-    fn write(&self, inv: &mut redis::ScriptInvocation<'_>) {
+    fn write(&self, inv: &mut super::scripts::Invocation) {
         inv.arg(self.tenant).arg(self.idempotency_ttl_s);
         for p in self.prices {
             inv.arg(p);

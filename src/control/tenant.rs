@@ -59,7 +59,7 @@ struct TenantArgs<'a> {
 }
 
 impl TenantArgs<'_> {
-    fn write(&self, inv: &mut redis::ScriptInvocation<'_>) {
+    fn write(&self, inv: &mut super::scripts::Invocation) {
         inv.arg(self.op).arg(self.tenant);
         for p in self.prices {
             inv.arg(p);

@@ -129,3 +129,40 @@ pub(crate) async fn claims_and_maintenance_go_on_past_a_failing_shard(url: &str,
     }
     assert_eq!(cp.tenant(&tid(&b)).await.unwrap().unwrap().queued, 8);
 }
+
+/// The scripts live in Redis as a function library. A node that lost it
+/// (a Redis restarted without persistence, `FUNCTION FLUSH`, a node added
+/// to a cluster) gets it back on the first call that misses it: that call
+/// and every later one run as if nothing happened.
+pub(crate) async fn a_node_without_the_scripts_gets_them_back(url: &str, shards: u32) {
+    let cp = connect(url, cfg(shards)).await;
+    cp.create_tenant(&tenant("fl", 1_000_000), "h")
+        .await
+        .unwrap();
+    let first = cp.submit(&tid("fl"), &job("a")).await.unwrap();
+    let mut raw = raw(url).await;
+    let libs = |v: redis::Value| format!("{v:?}").matches("agentplane_").count();
+    let listed: redis::Value = raw.q(&cmd(&["FUNCTION", "LIST"])).await.unwrap();
+    assert!(libs(listed) >= 1, "the library is loaded");
+    let _: () = raw.q(&cmd(&["FUNCTION", "FLUSH"])).await.unwrap();
+    let listed: redis::Value = raw.q(&cmd(&["FUNCTION", "LIST"])).await.unwrap();
+    assert_eq!(libs(listed), 0, "flushed");
+
+    let second = cp.submit(&tid("fl"), &job("b")).await.unwrap();
+    assert_eq!(second.state, JobState::Queued);
+    let mut claimed: Vec<String> = Vec::new();
+    for _ in 0..10 {
+        for c in cp.claim("w", 10, 0).await.unwrap() {
+            claimed.push(c.lease.job_id.clone());
+        }
+        if claimed.len() == 2 {
+            break;
+        }
+    }
+    claimed.sort();
+    let mut want = vec![first.id, second.id];
+    want.sort();
+    assert_eq!(claimed, want, "both jobs, each once");
+    let listed: redis::Value = raw.q(&cmd(&["FUNCTION", "LIST"])).await.unwrap();
+    assert!(libs(listed) >= 1, "loaded again");
+}

@@ -367,7 +367,7 @@ impl RedisStats {
 
     /// What happened between `self` and `later`, per job: Redis CPU µs and,
     /// per command, calls and µs of Redis time. Commands a script runs are
-    /// counted both under their own name and inside EVALSHA's time, so the
+    /// counted both under their own name and inside FCALL's time, so the
     /// per-command times do not add up to the CPU.
     pub fn per_job(&self, later: &RedisStats, jobs: u64) -> Value {
         let n = jobs.max(1) as f64;
