@@ -146,13 +146,32 @@ pub(crate) fn check_map_count(cfg: &HostConfig) {
 /// clone (the `Host`) is dropped instead of keeping the engine alive forever.
 pub(crate) fn start_ticker(engine: &Engine) -> anyhow::Result<()> {
     let weak = engine.weak();
+    spawn_periodic(
+        "agentplane-epoch",
+        EPOCH_TICK,
+        move || weak.upgrade(),
+        |engine| engine.increment_epoch(),
+    )?;
+    Ok(())
+}
+
+/// Starts a named thread that, every `every`, upgrades a weak handle
+/// (`upgrade`) and calls `tick` on what it holds; it ends once the handle's
+/// owner is gone, so it never keeps the host alive. The host's background
+/// threads (epoch ticker, warm-instance sweeper) are this.
+pub(crate) fn spawn_periodic<T>(
+    name: &str,
+    every: Duration,
+    upgrade: impl Fn() -> Option<T> + Send + 'static,
+    tick: impl Fn(T) + Send + 'static,
+) -> std::io::Result<()> {
     std::thread::Builder::new()
-        .name("agentplane-epoch".into())
+        .name(name.into())
         .spawn(move || {
             loop {
-                std::thread::sleep(EPOCH_TICK);
-                match weak.upgrade() {
-                    Some(engine) => engine.increment_epoch(),
+                std::thread::sleep(every);
+                match upgrade() {
+                    Some(owner) => tick(owner),
                     None => break,
                 }
             }

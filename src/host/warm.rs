@@ -177,16 +177,10 @@ impl WarmPool {
 /// by. It holds a weak handle and ends once the pool (its `Host`) is gone.
 pub(crate) fn start_sweeper(pool: &Arc<WarmPool>) -> std::io::Result<()> {
     let weak: Weak<WarmPool> = Arc::downgrade(pool);
-    std::thread::Builder::new()
-        .name("agentplane-warm".into())
-        .spawn(move || {
-            loop {
-                std::thread::sleep(SWEEP_EVERY);
-                match weak.upgrade() {
-                    Some(pool) => pool.sweep(),
-                    None => break,
-                }
-            }
-        })?;
-    Ok(())
+    super::engine::spawn_periodic(
+        "agentplane-warm",
+        SWEEP_EVERY,
+        move || weak.upgrade(),
+        |pool| pool.sweep(),
+    )
 }
