@@ -144,8 +144,10 @@ end
 -- the cap is a backstop against a loop this file did not foresee.
 local passes = 0
 -- Tenant hashes read in this call: every write below updates the table
--- with the hash, so a tenant picked again is not read again.
-local tenants = {}
+-- with the hash, so a tenant picked again is not read again. The call's
+-- shared cache (`call_tenants`): a FINALIZE that goes on to claim has read
+-- and written its tenants there already.
+local tenants = call_tenants
 -- Each served tenant's next head, as the `refresh` after its claim read
 -- it: valid while its `qlast` is unchanged (nothing else in this call
 -- touches its stream without clearing the entry).

@@ -77,9 +77,9 @@ end
 
 local now = now_ms()
 -- Tenants read in this call (each once; their counts, money and virtual
--- time are written once, at the end), whether each was eligible before
--- it.
-local tenants, was_eligible, order = {}, {}, {}
+-- time are written once, at the end; kept in the call's cache for the
+-- CLAIM that may follow), whether each was eligible before it.
+local tenants, was_eligible, order = call_tenants, {}, {}
 
 local function finalize_one(x)
   local jid, token, outcome, kind, fuel, wall, smode = x.jid, x.token, x.outcome, x.kind, x.fuel,
@@ -131,14 +131,13 @@ local function finalize_one(x)
     correct_vtime(t, J, T, wall * (1 + g * P.gpuw), true)
   end
   -- The job's fields of the attempt's end join the HSET of its outcome
-  -- (`hold`): one write of the job hash on the common path.
+  -- (`hold`): one write of the job hash on the common path, a success
+  -- with no agent state; every other path writes them first.
   local hold = {}
   end_attempt(jid, J, T, nil, jf, true, hold)
-  local function flush()
-    if #hold > 0 then
-      redis.call('HSET', x.key, unpack(hold))
-      hold = {}
-    end
+  if outcome ~= 'ok' or J.cancel == '1' or (J.agent_id or '') ~= '' then
+    redis.call('HSET', x.key, unpack(hold))
+    hold = {}
   end
 
   -- The log is this attempt's: written if any, and a previous attempt's
@@ -150,7 +149,6 @@ local function finalize_one(x)
   end
 
   local result
-  if outcome ~= 'ok' or J.cancel == '1' or (J.agent_id or '') ~= '' then flush() end
   if outcome == 'cancelled' or J.cancel == '1' then
     -- The tenant's cancel wins on every path: no retry, no requeue on a
     -- state conflict, no commit of the agent's state.
@@ -195,14 +193,8 @@ local function finalize_one(x)
         result = { 'conflict' }
       end
     else
-      hold[#hold + 1] = 'output'
-      hold[#hold + 1] = x.text
-      hold[#hold + 1] = 'ekind'
-      hold[#hold + 1] = ''
-      hold[#hold + 1] = 'emsg'
-      hold[#hold + 1] = ''
+      for _, f in ipairs({ 'output', x.text, 'ekind', '', 'emsg', '' }) do hold[#hold + 1] = f end
       finish(jid, J, 'succeeded', now, hold)
-      hold = {}
       result = { 'succeeded' }
     end
   elseif fault then
@@ -229,14 +221,7 @@ for _, t in ipairs(order) do
     -- reservation less the cost), and the balance still covers the head
     -- (it covers the free credits, which cover the head). Only its virtual
     -- time moved: re-score it where it is.
-    local v = n(T, 'vtime')
-    if (T.agpus or '') ~= '' then
-      redis.call('ZADD', ACT_GPU, v, t)
-      redis.call('ZADD', gbucket(T.agpus), v, t)
-    else
-      redis.call('ZADD', ACT_CPU, v, t)
-    end
-    T._vmoved = nil
+    rescore(t, T, n(T, 'vtime'))
   elseif refresh(t, T, P) and not was_eligible[t] then
     woken = true
   end

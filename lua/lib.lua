@@ -176,6 +176,11 @@ local function tenant_meta(key)
     parked = v[16] or nil, agpus = v[17] or nil, qlast = v[18] or nil }
 end
 
+-- Tenant tables read by this call's FINALIZE and CLAIM (tenant id ->
+-- `tenant_meta` table, kept equal to the hash by every write): a FINALIZE
+-- that claims hands CLAIM the tenants it already read. Reset by `enter`.
+local call_tenants = {}
+
 local function n(h, field)
   return tonumber(h[field] or 0) or 0
 end
@@ -341,6 +346,18 @@ end
 -- fails the next batch).
 local UNSCHEDULABLE_BATCH = 32
 
+-- Moves eligible tenant t, staying in its set (and GPU bucket, `agpus`),
+-- to virtual time v.
+local function rescore(t, T, v)
+  if (T.agpus or '') ~= '' then
+    redis.call('ZADD', ACT_GPU, v, t)
+    redis.call('ZADD', gbucket(T.agpus), v, t)
+  else
+    redis.call('ZADD', ACT_CPU, v, t)
+  end
+  T._vmoved = nil
+end
+
 -- Re-decides whether tenant t may be claimed from: it has a ready job, is
 -- below max_running and max_gpus for that job, and its free credits cover the
 -- job's reservation. Eligible tenants sit in one of the two active sets
@@ -416,10 +433,7 @@ local function refresh(t, T, P, served)
         redis.call('HSET', tkey(t), 'vtime', v)
       end
     end
-    if T._vmoved or served ~= nil then
-      redis.call('ZADD', set, v, t)
-      if set == ACT_GPU then redis.call('ZADD', gbucket(bucket), v, t) end
-    end
+    if T._vmoved or served ~= nil then rescore(t, T, v) end
   else
     -- Parked, or moving between sets or buckets: start from no set. The
     -- score carries over a move (a tenant keeps its place in line; an
@@ -658,7 +672,7 @@ local function enter(KEYS)
   ACT_CPU, ACT_GPU, GBUCKETS = B .. 'act:cpu', B .. 'act:gpu', B .. 'act:gpu:n'
   VCLOCK, FENCE, DELAYED, LEASES = B .. 'vclock', B .. 'fence', B .. 'delayed', B .. 'leases'
   WAKE, DONE, HOOKS = B .. 'wake', B .. 'done', B .. 'hooks'
-  vclock_cached, vclock_moved = nil, false
+  vclock_cached, vclock_moved, call_tenants = nil, false, {}
   if KEYS[#KEYS] ~= B .. 'absent' then
     return redis.error_reply('ERR agentplane: the last key must be ' .. B .. 'absent')
   end
