@@ -51,10 +51,15 @@ impl Handoff {
 
     /// One handed-over job started, or handed back.
     pub(super) fn settled_one(&self) {
+        self.unspeak(1);
+    }
+
+    /// `n` slots no longer spoken for.
+    fn unspeak(&self, n: u32) {
         let _ = self
             .spoken_for
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                Some(n.saturating_sub(1))
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |s| {
+                Some(s.saturating_sub(n))
             });
     }
 
@@ -146,11 +151,7 @@ async fn send_ends(
         let (answers, claims) = control.finalize_many_then_claim(&ends, next).await;
         if let Some((h, n)) = ask {
             let got = claims.len() as u32;
-            let _ = h
-                .spoken_for
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |s| {
-                    Some(s.saturating_sub(n.saturating_sub(got)))
-                });
+            h.unspeak(n.saturating_sub(got));
             metrics::counter!("agentplane_claimed_total").increment(got as u64);
             for claim in claims {
                 // Before the answers: the runs let go of their slots only then.
