@@ -55,6 +55,7 @@ fn request(c: &Arc<LoadedComponent>, input: &str) -> RunRequest {
         contexts: Vec::new(),
         state: None,
         cancel: CancellationToken::new(),
+        egress: Default::default(),
     }
 }
 

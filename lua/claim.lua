@@ -19,7 +19,11 @@
 --          instead of leasing more, so a lost answer strands nothing.
 -- Returns: array of claims, each an array:
 --   {job, tenant, token, attempt, component, input, contexts, gpus, fuel,
---    memory_bytes, timeout_ms, agent_id, state|'', legacy_state_ptr|'', state_version}
+--    memory_bytes, timeout_ms, agent_id, state|'', legacy_state_ptr|'', state_version,
+--    egress}
+--   `egress` is the tenant's `allowed_outbound_hosts` as stored (rules one
+--   per line, '' for none), read with the tenant: the run gets the policy
+--   as of its claim.
 --   `attempt` is the run number: every claim of a job takes the next one.
 --   `state` carries the agent's state whether stored inline or as a large
 --   blob (read here, atomically with the version, so a concurrent FINALIZE
@@ -61,7 +65,8 @@ local function entry(jid, t, J, T, token, attempt)
     redis.call('HSET', jkey(jid), 'sver', I(sver))
   end
   return { jid, t, token, attempt, J.component, redis.call('HGET', jkey(jid), 'input'),
-    J.contexts or '[]', g, fuel, memory, timeout, J.agent_id or '', sinline, sptr, sver }
+    J.contexts or '[]', g, fuel, memory, timeout, J.agent_id or '', sinline, sptr, sver,
+    T.egress or '' }
 end
 
 -- A retried call: answer what the first one leased, if still this

@@ -164,7 +164,7 @@ end
 -- (no `weight`, which every tenant has) reads as an empty table.
 local TENANT_FIELDS = { 'granted', 'settled', 'reserved', 'running', 'gpus', 'queued',
   'max_running', 'max_queued', 'max_gpus', 'fuel', 'timeout_ms', 'memory_bytes', 'weight',
-  'vtime', 'avg_ms', 'parked', 'agpus', 'qlast' }
+  'vtime', 'avg_ms', 'parked', 'agpus', 'qlast', 'egress' }
 local function tenant_meta(key)
   local v = redis.call('HMGET', key, unpack(TENANT_FIELDS))
   if not v[13] then return {} end
@@ -173,7 +173,7 @@ local function tenant_meta(key)
     max_running = tonumber(v[7]), max_queued = tonumber(v[8]), max_gpus = tonumber(v[9]),
     fuel = tonumber(v[10]), timeout_ms = tonumber(v[11]), memory_bytes = tonumber(v[12]),
     weight = tonumber(v[13]), vtime = tonumber(v[14]), avg_ms = tonumber(v[15]),
-    parked = v[16] or nil, agpus = v[17] or nil, qlast = v[18] or nil }
+    parked = v[16] or nil, agpus = v[17] or nil, qlast = v[18] or nil, egress = v[19] or nil }
 end
 
 -- Tenant tables read by this call's FINALIZE and CLAIM (tenant id ->

@@ -10,7 +10,10 @@
 --         max_context_bytes, max_state_bytes): the defaults live in the Rust
 --         side only (`TenantSpec`, `ControlConfig::default_limits`), so a
 --         create without one of them is refused as malformed.
--- update: field/value pairs from ARGV[7] (same fields)
+--         and `egress` (the tenant's `allowed_outbound_hosts`, rules one per
+--         line in normal form, '' for none: checked by the Rust side, here
+--         only bounded in size; the one field that is not an integer)
+-- update: field/value pairs from ARGV[7] (same fields, each optional)
 -- grant:  ARGV[7] amount (may be negative); with an Idempotency-Key, KEYS[3] is the
 --         grant's key S:gidem:<tenant>:<sha256(key)> (the shard's absent key is then
 --         KEYS[4]) and ARGV[8] its TTL in seconds: a replay with the same amount
@@ -28,15 +31,25 @@ local allowed = { weight = true, max_running = true, max_queued = true, max_gpus
   fuel = true, memory_bytes = true, timeout_ms = true,
   max_component_bytes = true, max_context_bytes = true, max_state_bytes = true }
 
+-- Text fields and their longest value (bytes).
+local text = { egress = 64 * 260 }
+
 local function pairs_from(i)
   local kv = {}
   if (#ARGV - i + 1) % 2 ~= 0 then return nil, 'odd field list' end
   for j = i, #ARGV, 2 do
-    if not allowed[ARGV[j]] then return nil, 'unknown field ' .. ARGV[j] end
-    local v = uint(ARGV[j + 1])
-    if v == nil then return nil, 'field ' .. ARGV[j] .. ' is not an integer in 0..2^53-1' end
-    kv[#kv + 1] = ARGV[j]
-    kv[#kv + 1] = I(v)
+    local f, v = ARGV[j], ARGV[j + 1]
+    if text[f] then
+      if #v > text[f] then return nil, 'field ' .. f .. ' is too long' end
+    elseif not allowed[f] then
+      return nil, 'unknown field ' .. f
+    else
+      v = uint(v)
+      if v == nil then return nil, 'field ' .. f .. ' is not an integer in 0..2^53-1' end
+      v = I(v)
+    end
+    kv[#kv + 1] = f
+    kv[#kv + 1] = v
   end
   return kv
 end

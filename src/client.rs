@@ -93,6 +93,8 @@ pub struct NewTenant {
     pub max_context_bytes: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_state_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_outbound_hosts: Option<Vec<String>>,
 }
 
 /// `GET /v1/jobs` filter and page.

@@ -25,6 +25,8 @@
 //! - [`num`]: the 2^53 − 1 bound on every integer the API accepts.
 //! - [`callbacks`]: job callbacks: egress rules, signing, the dispatcher
 //!   that delivers them (run by every API process).
+//! - [`egress`]: outbound HTTP rules and the addresses a name may reach,
+//!   shared by callbacks and agents' `wasi:http` requests.
 //! - [`embedded`]: the `redis-server` that `serve` starts when given no `--redis`.
 //! - [`client`]: the typed HTTP client of the API (CLI, `bench`, tests).
 //! - [`cli`]: command-line parsing and the client commands over the API.
@@ -35,6 +37,7 @@ pub mod cli;
 pub mod client;
 pub mod context;
 pub mod control;
+pub mod egress;
 pub mod embedded;
 pub mod host;
 pub mod model;

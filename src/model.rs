@@ -256,6 +256,11 @@ pub struct TenantSpec {
     /// (default 1 GiB).
     #[serde(default, deserialize_with = "crate::num::opt_u53")]
     pub max_state_bytes: Option<u64>,
+    /// Where the tenant's agents may send HTTP requests (`wasi:http`):
+    /// `scheme://host[:port]` rules, `*.` for any subdomain (default: none,
+    /// every request refused). See README, "Outbound HTTP".
+    #[serde(default)]
+    pub allowed_outbound_hosts: Vec<String>,
 }
 
 fn one() -> u32 {
@@ -292,6 +297,8 @@ pub struct TenantPatch {
     pub max_context_bytes: Option<u64>,
     #[serde(default, deserialize_with = "crate::num::opt_u53")]
     pub max_state_bytes: Option<u64>,
+    /// Replaces the whole list (`[]` allows nothing again).
+    pub allowed_outbound_hosts: Option<Vec<String>>,
 }
 
 #[cfg(test)]

@@ -372,6 +372,7 @@ async fn prepare(
         contexts,
         state: claim.state.clone(),
         cancel,
+        egress: claim.egress.clone(),
     })
 }
 
@@ -421,14 +422,10 @@ async fn run_claim(shared: &Shared, claim: Claim, hard_stop: CancellationToken) 
                 Ok(report)
             }
             Err(PrepError::Transient(msg)) => Err(msg),
-            Err(PrepError::Fatal(kind, msg)) => Ok(RunReport {
-                outcome: RunOutcome::Failed { kind, message: msg },
-                fuel_used: 0,
-                wall_ms: started.elapsed().as_millis() as u64,
-                log: String::new(),
-                new_state: None,
-                memory_peak: 0,
-            }),
+            Err(PrepError::Fatal(kind, msg)) => Ok(RunReport::unrun(
+                RunOutcome::Failed { kind, message: msg },
+                started.elapsed().as_millis() as u64,
+            )),
         };
         renew_stop.cancel();
         report

@@ -83,6 +83,7 @@ fn request_without_context(c: &Arc<LoadedComponent>, input: &str) -> RunRequest 
         contexts: Vec::new(),
         state: None,
         cancel: CancellationToken::new(),
+        egress: Default::default(),
     }
 }
 

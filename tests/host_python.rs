@@ -139,6 +139,7 @@ async fn a_componentize_py_agent_is_admitted_and_runs() {
         contexts: Vec::new(),
         state,
         cancel: CancellationToken::new(),
+        egress: Default::default(),
     };
     let r = host.run(req("hello", None)).await;
     assert_eq!(

@@ -22,6 +22,7 @@ fn request(c: &Arc<LoadedComponent>, limits: Limits) -> RunRequest {
         contexts: Vec::new(),
         state: None,
         cancel: CancellationToken::new(),
+        egress: Default::default(),
     }
 }
 

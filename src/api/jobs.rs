@@ -512,6 +512,7 @@ mod tests {
             settled: 0,
             storage: Default::default(),
             parked: None,
+            allowed_outbound_hosts: Vec::new(),
         }
     }
 

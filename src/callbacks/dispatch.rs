@@ -5,7 +5,6 @@ use super::*;
 use crate::control::{ControlPlane, DueHook, HookOutcome};
 use crate::model::Job;
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use tokio_util::sync::CancellationToken;
 
@@ -17,16 +16,7 @@ impl reqwest::dns::Resolve for PublicOnly {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
         let host = name.as_str().to_string();
         Box::pin(async move {
-            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
-                .await?
-                .filter(|a| is_public(a.ip()))
-                .collect();
-            if addrs.is_empty() {
-                return Err(
-                    Box::new(Refused(format!("{host} resolves to no public address")))
-                        as Box<dyn std::error::Error + Send + Sync>,
-                );
-            }
+            let addrs = crate::egress::public_addresses(&host, 0).await?;
             Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
         })
     }

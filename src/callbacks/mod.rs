@@ -23,98 +23,14 @@
 //!   [`Delivery::per_tenant`] deliveries at once, so one that never answers
 //!   does not stall the callbacks of others.
 
+pub use crate::egress::{Refused, Rule};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 /// Longest `callback_url` accepted.
 pub const MAX_URL_BYTES: usize = 2048;
-
-/// One `--callback-allow` rule: `scheme://host[:port]`, where `host` may
-/// start with `*.` (any subdomain, not the domain itself); without a port,
-/// the scheme's default.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rule {
-    scheme: String,
-    host: HostRule,
-    port: u16,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum HostRule {
-    /// A name or an address, as `Url::host_str` writes it (lowercase,
-    /// IPv6 in brackets).
-    Exact(String),
-    /// `*.example.com` → `.example.com`.
-    Suffix(String),
-}
-
-/// Whether a URL's host is a name (not an address).
-fn is_name(url: &reqwest::Url) -> bool {
-    let h = url.host_str().unwrap_or_default();
-    h.trim_start_matches('[')
-        .trim_end_matches(']')
-        .parse::<IpAddr>()
-        .is_err()
-}
-
-fn default_port(scheme: &str) -> Option<u16> {
-    match scheme {
-        "http" => Some(80),
-        "https" => Some(443),
-        _ => None,
-    }
-}
-
-impl std::str::FromStr for Rule {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Rule, String> {
-        let bad = |why: &str| format!("callback rule `{s}`: {why} (want `scheme://host[:port]`)");
-        let (scheme, rest) = s.split_once("://").ok_or_else(|| bad("no scheme"))?;
-        let scheme = scheme.to_ascii_lowercase();
-        let default = default_port(&scheme).ok_or_else(|| bad("scheme must be http or https"))?;
-        let rest = rest.strip_suffix('/').unwrap_or(rest);
-        if rest.contains(['/', '@', '?', '#']) || rest.is_empty() {
-            return Err(bad("only a host and a port"));
-        }
-        let (wild, rest) = match rest.strip_prefix("*.") {
-            Some(r) => (true, r),
-            None => (false, rest),
-        };
-        // Parsed as a URL so the host is normalized the way a callback's is.
-        let url =
-            reqwest::Url::parse(&format!("{scheme}://{rest}/")).map_err(|e| bad(&e.to_string()))?;
-        let host = url.host_str().ok_or_else(|| bad("no host"))?.to_string();
-        let port = url.port().unwrap_or(default);
-        let host = if wild {
-            if !is_name(&url) {
-                return Err(bad("`*.` applies to names, not addresses"));
-            }
-            HostRule::Suffix(format!(".{host}"))
-        } else {
-            HostRule::Exact(host)
-        };
-        Ok(Rule { scheme, host, port })
-    }
-}
-
-impl Rule {
-    fn matches(&self, url: &reqwest::Url) -> bool {
-        let (Some(host), Some(port)) = (url.host_str(), url.port_or_known_default()) else {
-            return false;
-        };
-        if url.scheme() != self.scheme || port != self.port {
-            return false;
-        }
-        match &self.host {
-            HostRule::Exact(h) => h == host,
-            // Only names: `*.0.0.1` must not match an address.
-            HostRule::Suffix(sfx) => is_name(url) && host.ends_with(sfx.as_str()),
-        }
-    }
-}
 
 /// Retry and bounds of deliveries.
 #[derive(Debug, Clone)]
@@ -213,11 +129,6 @@ pub fn signature(key: &str, t: u64, body: &[u8]) -> String {
     )
 }
 
-/// Why a URL is refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct Refused(pub String);
-
 impl Callbacks {
     pub fn new(rules: Vec<Rule>, secret: [u8; 32]) -> Callbacks {
         Callbacks {
@@ -275,38 +186,6 @@ impl Callbacks {
     }
 }
 
-/// Addresses a name may resolve to: no loopback, private, link-local
-/// (cloud metadata), shared (CGNAT), multicast, broadcast or unspecified.
-pub fn is_public(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => {
-            let o = v4.octets();
-            !(v4.is_loopback()
-                || v4.is_private()
-                || v4.is_link_local()
-                || v4.is_unspecified()
-                || v4.is_broadcast()
-                || v4.is_multicast()
-                || v4.is_documentation()
-                || o[0] == 0
-                || (o[0] == 100 && (o[1] & 0xc0) == 64)
-                || (o[0] == 192 && o[1] == 0 && o[2] == 0)
-                || o[0] >= 240)
-        }
-        IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return is_public(IpAddr::V4(v4));
-            }
-            let s = v6.segments();
-            !(v6.is_loopback()
-                || v6.is_unspecified()
-                || v6.is_multicast()
-                || (s[0] & 0xfe00) == 0xfc00
-                || (s[0] & 0xffc0) == 0xfe80)
-        }
-    }
-}
-
 mod dispatch;
 pub use dispatch::{CallbackBody, run_dispatcher};
 
@@ -347,29 +226,6 @@ mod tests {
         );
         assert!("example.com".parse::<Rule>().is_err());
         assert!("https://example.com/path".parse::<Rule>().is_err());
-    }
-
-    #[test]
-    fn private_addresses_are_not_public() {
-        for ip in [
-            "127.0.0.1",
-            "10.1.2.3",
-            "172.16.0.1",
-            "192.168.1.1",
-            "169.254.169.254",
-            "0.0.0.0",
-            "100.64.0.1",
-            "::1",
-            "fd00:ec2::254",
-            "fe80::1",
-            "::ffff:127.0.0.1",
-            "255.255.255.255",
-        ] {
-            assert!(!is_public(ip.parse().unwrap()), "{ip}");
-        }
-        for ip in ["1.1.1.1", "93.184.216.34", "2606:4700::1111"] {
-            assert!(is_public(ip.parse().unwrap()), "{ip}");
-        }
     }
 
     #[test]

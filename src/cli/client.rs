@@ -58,6 +58,10 @@ pub enum TenantCmd {
         /// Default wall-clock limit per attempt.
         #[arg(long)]
         timeout_ms: Option<u64>,
+        /// Where its agents may send HTTP requests: `scheme://host[:port]`,
+        /// `*.` for any subdomain (repeat for more; default none).
+        #[arg(long = "allow-outbound", value_name = "RULE")]
+        allow_outbound: Vec<String>,
         #[command(flatten)]
         conn: Conn,
     },
@@ -149,6 +153,12 @@ pub struct PatchArgs {
     /// Largest agent state.
     #[arg(long)]
     pub max_state_bytes: Option<u64>,
+    /// Replaces where its agents may send HTTP requests (repeat for more).
+    #[arg(long = "allow-outbound", value_name = "RULE")]
+    pub allow_outbound: Vec<String>,
+    /// Allows its agents no HTTP request at all.
+    #[arg(long, conflicts_with = "allow_outbound")]
+    pub no_outbound: bool,
     #[command(flatten)]
     pub conn: Conn,
 }
@@ -353,6 +363,7 @@ pub async fn tenant(cmd: TenantCmd) -> anyhow::Result<ExitCode> {
             fuel,
             memory_bytes,
             timeout_ms,
+            allow_outbound,
             conn,
         } => {
             let limits = LimitsPatch {
@@ -368,6 +379,7 @@ pub async fn tenant(cmd: TenantCmd) -> anyhow::Result<ExitCode> {
                 max_queued,
                 max_gpus,
                 limits: (limits != LimitsPatch::default()).then_some(limits),
+                allowed_outbound_hosts: (!allow_outbound.is_empty()).then_some(allow_outbound),
                 ..NewTenant::default()
             };
             finish(conn.output, client(&conn)?.create_tenant(&spec).await)
@@ -401,6 +413,8 @@ pub async fn tenant(cmd: TenantCmd) -> anyhow::Result<ExitCode> {
                 max_component_bytes: a.max_component_bytes,
                 max_context_bytes: a.max_context_bytes,
                 max_state_bytes: a.max_state_bytes,
+                allowed_outbound_hosts: (a.no_outbound || !a.allow_outbound.is_empty())
+                    .then_some(a.allow_outbound),
             };
             finish(
                 a.conn.output,

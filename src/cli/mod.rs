@@ -11,6 +11,7 @@ mod server;
 
 use crate::api::limits as L;
 use crate::control::{ControlConfig, Prices};
+use crate::host::limits as HL;
 use crate::model::Limits;
 use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
@@ -168,6 +169,54 @@ pub struct SlotArgs {
     #[arg(long, env = "AGENTPLANE_WARM_INSTANCES", default_value_t = 0,
           value_parser = clap::value_parser!(u32).range(0..=100_000))]
     pub warm_instances: u32,
+    #[command(flatten)]
+    pub egress: EgressArgs,
+}
+
+/// Bounds of agents' outgoing HTTP requests on a worker node (README,
+/// "Outbound HTTP"). A guest's request options may shorten the timeouts,
+/// never lengthen them; none runs past the job's wall clock.
+#[derive(Debug, Clone, Args)]
+pub struct EgressArgs {
+    /// Time to resolve a name and connect (TLS included), in ms.
+    #[arg(long, env = "AGENTPLANE_EGRESS_CONNECT_TIMEOUT_MS",
+          default_value_t = HL::EGRESS_CONNECT_TIMEOUT.as_millis() as u64)]
+    pub egress_connect_timeout_ms: u64,
+    /// Time from a request sent to its response's head, in ms.
+    #[arg(long, env = "AGENTPLANE_EGRESS_FIRST_BYTE_TIMEOUT_MS",
+          default_value_t = HL::EGRESS_FIRST_BYTE_TIMEOUT.as_millis() as u64)]
+    pub egress_first_byte_timeout_ms: u64,
+    /// Time between two frames of a response's body, in ms.
+    #[arg(long, env = "AGENTPLANE_EGRESS_BETWEEN_BYTES_TIMEOUT_MS",
+          default_value_t = HL::EGRESS_BETWEEN_BYTES_TIMEOUT.as_millis() as u64)]
+    pub egress_between_bytes_timeout_ms: u64,
+    /// Body bytes one response may carry.
+    #[arg(long, env = "AGENTPLANE_EGRESS_MAX_RESPONSE_BYTES",
+          default_value_t = HL::EGRESS_MAX_RESPONSE_BYTES)]
+    pub egress_max_response_bytes: u64,
+    /// Requests one job may make, refused ones included.
+    #[arg(long, env = "AGENTPLANE_EGRESS_MAX_REQUESTS_PER_JOB",
+          default_value_t = HL::EGRESS_MAX_REQUESTS_PER_JOB)]
+    pub egress_max_requests_per_job: u32,
+    /// Requests one tenant may have in flight on this node.
+    #[arg(long, env = "AGENTPLANE_EGRESS_MAX_IN_FLIGHT_PER_TENANT",
+          default_value_t = HL::EGRESS_MAX_IN_FLIGHT_PER_TENANT,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub egress_max_in_flight_per_tenant: u32,
+}
+
+impl EgressArgs {
+    pub fn limits(&self) -> crate::host::EgressLimits {
+        let ms = std::time::Duration::from_millis;
+        crate::host::EgressLimits {
+            connect_timeout: ms(self.egress_connect_timeout_ms),
+            first_byte_timeout: ms(self.egress_first_byte_timeout_ms),
+            between_bytes_timeout: ms(self.egress_between_bytes_timeout_ms),
+            max_response_bytes: self.egress_max_response_bytes,
+            max_requests_per_job: self.egress_max_requests_per_job,
+            max_in_flight_per_tenant: self.egress_max_in_flight_per_tenant,
+        }
+    }
 }
 
 /// Limits of the API's HTTP edge: request sizes (413 beyond), request

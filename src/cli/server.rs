@@ -95,6 +95,7 @@ fn worker_host(
             .max(8)
             .saturating_add(slots.warm_instances),
         warm_instances: slots.warm_instances as usize,
+        egress: slots.egress.limits(),
         cache_dir,
         compile_child: compile_child(),
         ..HostConfig::default()

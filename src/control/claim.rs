@@ -2,6 +2,7 @@
 //! every shard; every leased job reaches a run or is failed alone.
 
 use super::*;
+use std::sync::Arc;
 
 /// Who holds a job and with which fencing token.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,6 +27,8 @@ pub struct Claim {
     pub agent_id: Option<String>,
     pub state: Option<Vec<u8>>,
     pub state_version: u64,
+    /// The tenant's `allowed_outbound_hosts` as of the claim.
+    pub egress: Arc<crate::egress::Policy>,
 }
 
 /// ARGV of `lua/claim.lua`, in its header's order.
@@ -54,7 +57,7 @@ impl ClaimArgs<'_> {
 /// One record of CLAIM's answer, read in the order `lua/claim.lua` lists:
 /// `{job, tenant, token, attempt, component, input, contexts, gpus, fuel,
 /// memory_bytes, timeout_ms, agent_id, state, legacy_state_ptr,
-/// state_version}`.
+/// state_version, egress}`.
 struct ClaimRecord {
     attempt: u32,
     component: String,
@@ -66,6 +69,7 @@ struct ClaimRecord {
     state: Vec<u8>,
     legacy_ptr: Option<String>,
     state_version: u64,
+    egress: Arc<crate::egress::Policy>,
 }
 
 impl ClaimRecord {
@@ -104,6 +108,11 @@ impl ClaimRecord {
                 state: r.bytes("state")?,
                 legacy_ptr: Some(r.string("legacy_state_ptr")?).filter(|p| !p.is_empty()),
                 state_version: r.uint("state_version")?,
+                egress: {
+                    let text = r.string("egress")?;
+                    crate::egress::Policy::shared(&text)
+                        .map_err(|e| bad(format!("CLAIM: egress {text:?}: {e}")))?
+                },
             };
             r.end()?;
             Ok::<_, CpError>(rec)
@@ -287,6 +296,7 @@ impl ControlPlane {
                 agent_id: rec.agent_id,
                 state,
                 state_version: rec.state_version,
+                egress: rec.egress,
             });
         }
         Ok(out)

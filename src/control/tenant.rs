@@ -35,6 +35,9 @@ pub struct TenantInfo {
     pub parked: Option<String>,
     /// Byte quotas and what is stored against them.
     pub storage: Storage,
+    /// Where the tenant's agents may send HTTP requests, each rule in
+    /// normal form (`scheme://host:port`).
+    pub allowed_outbound_hosts: Vec<String>,
 }
 
 /// A tenant's byte quotas and usage (`GET /v1/tenants/{id}` `storage`).
@@ -68,6 +71,14 @@ impl TenantArgs<'_> {
             inv.arg(a);
         }
     }
+}
+
+/// The `egress` field of TENANT's field list: `allowed_outbound_hosts`
+/// checked and stored in normal form.
+fn egress_field(list: &[String]) -> Result<[String; 2], CpError> {
+    let policy = crate::egress::Policy::parse(list)
+        .map_err(|e| CpError::Invalid(format!("allowed_outbound_hosts: {e}")))?;
+    Ok(["egress".to_string(), policy.to_stored()])
 }
 
 impl ControlPlane {
@@ -145,6 +156,7 @@ impl ControlPlane {
             extra.push(k);
             extra.push(v.to_string());
         }
+        extra.extend(egress_field(&spec.allowed_outbound_hosts)?);
         let v = self.tenant_script(&spec.id, "create", &extra).await?;
         match Reply::status("TENANT create", &v)? {
             (Status::Ok, r) => r.end(),
@@ -178,10 +190,13 @@ impl ControlPlane {
             }
         }
         Self::tenant_fields(patch.limits.as_ref(), &mut fields);
-        let extra: Vec<String> = fields
+        let mut extra: Vec<String> = fields
             .into_iter()
             .flat_map(|(k, v)| [k, v.to_string()])
             .collect();
+        if let Some(list) = &patch.allowed_outbound_hosts {
+            extra.extend(egress_field(list)?);
+        }
         let v = self.tenant_script(id, "update", &extra).await?;
         match Reply::status("TENANT update", &v)? {
             (Status::Ok, r) => r.end(),
@@ -298,6 +313,13 @@ impl ControlPlane {
                 context_bytes: num(&h, "context_bytes") as u64,
                 state_bytes: num(&h, "state_bytes") as u64,
             },
+            allowed_outbound_hosts: h
+                .get("egress")
+                .map(|t| crate::egress::Policy::from_stored(t))
+                .transpose()
+                .map_err(|e| bad(format!("tenant {id}: egress: {e}")))?
+                .unwrap_or_default()
+                .list(),
             parked: h
                 .get("parked")
                 .filter(|p| !p.is_empty() && p.as_str() != "empty")

@@ -36,6 +36,9 @@ pub(crate) struct TenantBudget {
     /// Called when a charge does not fit, before it is refused: an idle
     /// instance must never cost its tenant a job that would otherwise fit.
     reclaim: Option<Reclaim>,
+    /// The tenant's outgoing HTTP requests in flight on this node
+    /// (`EgressLimits::max_in_flight_per_tenant` places).
+    pub egress: Arc<tokio::sync::Semaphore>,
 }
 
 impl TenantBudget {
@@ -44,7 +47,16 @@ impl TenantBudget {
             used: AtomicU64::new(0),
             limit,
             reclaim: None,
+            egress: Arc::new(tokio::sync::Semaphore::new(
+                super::limits::EGRESS_MAX_IN_FLIGHT_PER_TENANT as usize,
+            )),
         }
+    }
+
+    /// The same budget with `n` places for outgoing requests in flight.
+    pub fn with_egress_in_flight(mut self, n: u32) -> Self {
+        self.egress = Arc::new(tokio::sync::Semaphore::new(n as usize));
+        self
     }
 
     /// A budget that calls `reclaim` when a charge does not fit, then tries

@@ -47,6 +47,43 @@ pub struct HostConfig {
     pub warm_instances: usize,
     /// How long an instance may stay idle before it is dropped.
     pub warm_idle_ttl: Duration,
+    /// Bounds of agents' outgoing HTTP requests (`wasi:http`).
+    pub egress: EgressLimits,
+}
+
+/// Bounds of agents' outgoing HTTP requests on this node (`wasi:http`,
+/// sent under each tenant's `allowed_outbound_hosts`). A guest's request
+/// options may shorten the timeouts, never lengthen them; none runs past
+/// the job's wall clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EgressLimits {
+    /// Resolving the name and connecting (TLS included).
+    pub connect_timeout: Duration,
+    /// From the request sent to the response's head.
+    pub first_byte_timeout: Duration,
+    /// Between two frames of the response's body.
+    pub between_bytes_timeout: Duration,
+    /// Body bytes one response may carry; past them the guest's read fails
+    /// with `HTTP-response-body-size`.
+    pub max_response_bytes: u64,
+    /// Requests one job may make, refused ones included.
+    pub max_requests_per_job: u32,
+    /// Requests one tenant may have in flight on this node (until each
+    /// response body is read or dropped).
+    pub max_in_flight_per_tenant: u32,
+}
+
+impl Default for EgressLimits {
+    fn default() -> Self {
+        EgressLimits {
+            connect_timeout: limits::EGRESS_CONNECT_TIMEOUT,
+            first_byte_timeout: limits::EGRESS_FIRST_BYTE_TIMEOUT,
+            between_bytes_timeout: limits::EGRESS_BETWEEN_BYTES_TIMEOUT,
+            max_response_bytes: limits::EGRESS_MAX_RESPONSE_BYTES,
+            max_requests_per_job: limits::EGRESS_MAX_REQUESTS_PER_JOB,
+            max_in_flight_per_tenant: limits::EGRESS_MAX_IN_FLIGHT_PER_TENANT,
+        }
+    }
 }
 
 impl Default for HostConfig {
@@ -65,6 +102,7 @@ impl Default for HostConfig {
             compile_child: None,
             warm_instances: 0,
             warm_idle_ttl: limits::WARM_IDLE_TTL,
+            egress: EgressLimits::default(),
         }
     }
 }

@@ -20,6 +20,22 @@ pub const DEFAULT_COMPILE_MEMORY: u64 = 2 << 30;
 /// tenant's memory while nobody uses it.
 pub const WARM_IDLE_TTL: std::time::Duration = std::time::Duration::from_secs(30);
 
+// Agents' outgoing HTTP: defaults of [`super::EgressLimits`] (`--egress-*`
+// flags of `worker`), enforced in `http`.
+
+/// Default time to resolve a name and connect (TLS included).
+pub const EGRESS_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Default time from a request sent to its response's head.
+pub const EGRESS_FIRST_BYTE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// Default time between two frames of a response's body.
+pub const EGRESS_BETWEEN_BYTES_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// Default body bytes one response may carry.
+pub const EGRESS_MAX_RESPONSE_BYTES: u64 = 16 << 20;
+/// Default requests one job may make (refused ones included).
+pub const EGRESS_MAX_REQUESTS_PER_JOB: u32 = 64;
+/// Default requests one tenant may have in flight on a node.
+pub const EGRESS_MAX_IN_FLIGHT_PER_TENANT: u32 = 32;
+
 // Host calls (enforced in `state`, where the imports are served). Results
 // per search and the longest query embedding are the context's own bounds
 // (`crate::context::{MAX_K, MAX_DIM}`), not restated here.

@@ -20,11 +20,12 @@
 //! engine     <- config
 //! structure  <- config
 //! compile    <- config, engine
-//! state      <- bindings, budget, sandbox, limits     (RunState + host imports)
+//! http       <- config, sandbox                       (wasi:http under the egress policy)
+//! state      <- bindings, budget, http, sandbox, limits (RunState + host imports)
 //! random     <- state, sandbox, limits                (wasi:random, charged)
 //! admission  <- config, bindings, state, structure, compile
 //! warm       <- bindings, state                       (idle instances)
-//! run        <- bindings, budget, engine, sandbox, state, limits, warm
+//! run        <- bindings, budget, config, engine, http, sandbox, state, limits, warm
 //! mod        <- all of them: builds the engine, wires admission's compiler
 //!               and the contexts' decoder into the one `cache`, calls `run`
 //! ```
@@ -36,7 +37,9 @@
 //! Metrics: `agentplane_host_runs_total{outcome}`, `agentplane_host_run_seconds`,
 //! `agentplane_host_component_compiles_total`,
 //! `agentplane_host_warm_reuses_total`,
-//! `agentplane_host_component_disk_loads_total`.
+//! `agentplane_host_component_disk_loads_total`,
+//! `agentplane_egress_requests_total{tenant,outcome}`,
+//! `agentplane_egress_bytes_total{tenant,direction}`.
 
 mod admission;
 mod bindings;
@@ -45,6 +48,7 @@ mod cache;
 mod compile;
 mod config;
 mod engine;
+mod http;
 pub mod limits;
 mod random;
 mod run;
@@ -54,7 +58,8 @@ mod structure;
 mod warm;
 
 pub use compile::child_main as compile_child_main;
-pub use config::{AdmissionError, Admitted, CompileChild, HostConfig, HostError};
+pub use config::{AdmissionError, Admitted, CompileChild, EgressLimits, HostConfig, HostError};
+pub use http::EgressUse;
 pub use run::{RunOutcome, RunReport, RunRequest};
 pub use sandbox::{LIVE_FLUSH_BYTES, LiveLog};
 pub use state::LoadedComponent;
@@ -191,6 +196,8 @@ impl Host {
         engine::check_map_count(&cfg);
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        // `wasi:http/outgoing-handler` and its types, sent by `http::Egress`.
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
         bindings::Agent::add_to_linker::<_, HasSelf<state::RunState>>(&mut linker, |s| s)?;
         random::shadow(&mut linker)?;
         let compiler = admission::Compiler::new(engine, linker, &cfg)?;
@@ -309,6 +316,7 @@ impl Host {
             max_memory_per_instance: self.cfg.max_memory_per_instance,
             capture_bytes: self.cfg.stdio_capture_bytes,
             tenant: self.tenant_budget(&req.tenant),
+            egress: self.cfg.egress,
             warm: self.warm.clone(),
         };
         run::run(env, req, log).await
@@ -356,22 +364,26 @@ impl Host {
             return b.clone();
         }
         let limit = self.cfg.tenant_memory_budget;
+        let in_flight = self.cfg.egress.max_in_flight_per_tenant;
         map.entry(tenant.to_string())
             .or_insert_with(|| {
-                Arc::new(match &self.warm {
-                    None => budget::TenantBudget::new(limit),
-                    // A run refused memory first drops the tenant's idle
-                    // instances. Weak: the pool's stores hold this budget.
-                    Some(pool) => {
-                        let (pool, tenant) = (Arc::downgrade(pool), tenant.to_string());
-                        budget::TenantBudget::with_reclaim(
-                            limit,
-                            Box::new(move || {
-                                pool.upgrade().is_some_and(|p| p.evict_tenant(&tenant))
-                            }),
-                        )
+                Arc::new(
+                    match &self.warm {
+                        None => budget::TenantBudget::new(limit),
+                        // A run refused memory first drops the tenant's idle
+                        // instances. Weak: the pool's stores hold this budget.
+                        Some(pool) => {
+                            let (pool, tenant) = (Arc::downgrade(pool), tenant.to_string());
+                            budget::TenantBudget::with_reclaim(
+                                limit,
+                                Box::new(move || {
+                                    pool.upgrade().is_some_and(|p| p.evict_tenant(&tenant))
+                                }),
+                            )
+                        }
                     }
-                })
+                    .with_egress_in_flight(in_flight),
+                )
             })
             .clone()
     }

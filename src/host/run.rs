@@ -4,7 +4,9 @@
 
 use super::bindings::{Agent, AgentPre};
 use super::budget::{MemoryLimiter, RunFlags, TenantBudget};
+use super::config::EgressLimits;
 use super::engine::{EPOCH_TICK, ticks_for};
+use super::http::{Egress, EgressUse};
 use super::sandbox::{self, Capture, LiveLog};
 use super::state::{JobData, LoadedComponent, RunState};
 use super::warm::{Warm, WarmKey, WarmPool};
@@ -35,6 +37,9 @@ pub struct RunRequest {
     pub state: Option<Vec<u8>>,
     /// Cancelled when the lease is lost or the job cancelled: the instance stops at once.
     pub cancel: CancellationToken,
+    /// The tenant's `allowed_outbound_hosts`: where its `wasi:http`
+    /// requests may go (the default, empty, allows none).
+    pub egress: Arc<crate::egress::Policy>,
 }
 
 /// How an attempt ended.
@@ -65,6 +70,23 @@ pub struct RunReport {
     /// The most linear memory the instance held (bytes). Shows which bound
     /// stopped a guest: the limits all end as the same `memory_limit`.
     pub memory_peak: u64,
+    /// What its outgoing HTTP requests used.
+    pub egress: EgressUse,
+}
+
+impl RunReport {
+    /// The report of an attempt that never ran: nothing used, no log.
+    pub fn unrun(outcome: RunOutcome, wall_ms: u64) -> RunReport {
+        RunReport {
+            outcome,
+            fuel_used: 0,
+            wall_ms,
+            log: String::new(),
+            new_state: None,
+            memory_peak: 0,
+            egress: EgressUse::default(),
+        }
+    }
 }
 
 /// How often a running guest checks its deadline and cancellation token.
@@ -111,6 +133,8 @@ pub(crate) struct RunEnv {
     pub max_memory_per_instance: u64,
     pub capture_bytes: usize,
     pub tenant: Arc<TenantBudget>,
+    /// Bounds of outgoing HTTP requests.
+    pub egress: EgressLimits,
     /// Idle instances to take from and park in (`None`: every run fresh).
     pub warm: Option<Arc<WarmPool>>,
 }
@@ -129,14 +153,7 @@ async fn run_inner(env: RunEnv, mut req: RunRequest, log: LiveLog) -> RunReport 
     req.limits.timeout_ms = req.limits.timeout_ms.min(MAX_TIMEOUT_MS);
     if req.cancel.is_cancelled() {
         // Cancelled before it started (lease already lost): don't run at all.
-        return RunReport {
-            outcome: RunOutcome::Interrupted,
-            fuel_used: 0,
-            wall_ms: 0,
-            log: String::new(),
-            new_state: None,
-            memory_peak: 0,
-        };
+        return RunReport::unrun(RunOutcome::Interrupted, 0);
     }
     let (tenant, job) = (req.tenant.clone(), req.job_id.clone());
     let ended = attempt(env, req, started, log.clone()).await;
@@ -147,7 +164,20 @@ async fn run_inner(env: RunEnv, mut req: RunRequest, log: LiveLog) -> RunReport 
         log: assemble_log(&log, &ended.stdout, &ended.stderr),
         new_state: ended.new_state,
         memory_peak: ended.memory_peak,
+        egress: ended.egress,
     };
+    let e = report.egress;
+    if e != EgressUse::default() {
+        let t = tenant.to_string();
+        metrics::counter!("agentplane_egress_requests_total", "tenant" => t.clone(), "outcome" => "sent")
+            .increment(e.requests);
+        metrics::counter!("agentplane_egress_requests_total", "tenant" => t.clone(), "outcome" => "refused")
+            .increment(e.refused);
+        metrics::counter!("agentplane_egress_bytes_total", "tenant" => t.clone(), "direction" => "out")
+            .increment(e.bytes_out);
+        metrics::counter!("agentplane_egress_bytes_total", "tenant" => t, "direction" => "in")
+            .increment(e.bytes_in);
+    }
     // Built here, not as a span around the run: a span per run cost more
     // than a warm run itself, and only its end is worth a line.
     tracing::debug!(
@@ -205,6 +235,7 @@ struct Ended {
     fuel_used: u64,
     new_state: Option<Vec<u8>>,
     memory_peak: u64,
+    egress: EgressUse,
     stdout: String,
     stderr: String,
     /// It ran on a warm instance.
@@ -218,6 +249,7 @@ impl Ended {
             fuel_used: 0,
             new_state: None,
             memory_peak: 0,
+            egress: EgressUse::default(),
             stdout: String::new(),
             stderr: String::new(),
             warm: false,
@@ -247,6 +279,7 @@ fn fresh_store(
         stdio,
         limiter,
         env.fuel,
+        |j| Egress::new(env.egress, env.tenant.egress.clone(), j),
         job,
     );
     let mut store = Store::new(engine, data);
@@ -305,6 +338,7 @@ async fn attempt(env: RunEnv, req: RunRequest, started: Instant, log: LiveLog) -
         contexts,
         state,
         cancel,
+        egress,
         ..
     } = req;
     let pre: &AgentPre<RunState> = &component.pre;
@@ -322,6 +356,7 @@ async fn attempt(env: RunEnv, req: RunRequest, started: Instant, log: LiveLog) -
         cancel: cancel.clone(),
         deadline: started + Duration::from_millis(limits.timeout_ms),
         fuel: limits.fuel,
+        egress,
     };
     let taken = match (&env.warm, &key) {
         (Some(pool), Some(key)) => pool.take(key),
@@ -404,6 +439,7 @@ async fn attempt(env: RunEnv, req: RunRequest, started: Instant, log: LiveLog) -
         fuel_used,
         new_state,
         memory_peak: data.limiter.linear_bytes(),
+        egress: data.egress.used(),
         stdout: data.stdout.text(),
         stderr: data.stderr.text(),
         warm: reused,

@@ -14,6 +14,7 @@
 use super::bindings::AgentPre;
 use super::bindings::agentplane::agent::{context, log, state};
 use super::budget::{MemoryLimiter, RunFlags};
+use super::http::{Egress, EgressJob};
 use super::limits::{
     BYTES_PER_FUEL, CALL_FUEL, MAX_LOG_MESSAGE, MAX_QUERY_BYTES, MAX_RESULT_BYTES, MAX_STATE_BYTES,
 };
@@ -29,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use wasmtime::Trap;
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 /// A compiled component ready to instantiate.
 pub struct LoadedComponent {
@@ -55,6 +57,10 @@ impl LoadedComponent {
 pub(crate) struct RunState {
     pub(crate) wasi: WasiCtx,
     pub(crate) table: ResourceTable,
+    /// `wasi:http`'s own state, and the hooks that send its requests
+    /// under the tenant's egress policy.
+    pub(crate) http: WasiHttpCtx,
+    pub(crate) egress: Egress,
     /// Where `wasi` sends the guest's stdout and stderr: kept beside it so
     /// a warm instance's next run starts them empty.
     pub(crate) stdout: Capture,
@@ -90,21 +96,37 @@ pub(crate) struct JobData {
     pub deadline: Instant,
     /// The job's fuel limit.
     pub fuel: u64,
+    /// The tenant's `allowed_outbound_hosts`.
+    pub egress: Arc<crate::egress::Policy>,
+}
+
+impl JobData {
+    /// The job's part of the store's [`Egress`].
+    fn egress(&self) -> EgressJob {
+        EgressJob {
+            policy: self.egress.clone(),
+            log: self.log.clone(),
+        }
+    }
 }
 
 impl RunState {
-    /// The store data of a fresh instance for `job`.
+    /// The store data of a fresh instance for `job`; `egress` makes its
+    /// [`Egress`] from the job's part of it.
     pub(crate) fn new(
         wasi: WasiCtx,
         table: ResourceTable,
         (stdout, stderr): (Capture, Capture),
         limiter: MemoryLimiter,
         fuel_on: bool,
+        egress: impl FnOnce(EgressJob) -> Egress,
         job: JobData,
     ) -> RunState {
         RunState {
             wasi,
             table,
+            http: WasiHttpCtx::new(),
+            egress: egress(job.egress()),
             stdout,
             stderr,
             limiter,
@@ -126,6 +148,7 @@ impl RunState {
     /// state, mounts) is left. The WASI context and its resource table stay:
     /// the guest holds handles into them (its stdout stream, say).
     pub(crate) fn begin(&mut self, job: JobData) {
+        self.egress.begin(job.egress());
         self.stdout.clear();
         self.stderr.clear();
         self.limiter.reuse(job.flags.clone());
@@ -149,6 +172,10 @@ impl RunState {
         self.state = None;
         self.new_state = None;
         self.log = LiveLog::new(0);
+        self.egress.begin(EgressJob {
+            policy: Arc::default(),
+            log: self.log.clone(),
+        });
     }
 
     /// Charges host-side work to the guest's fuel. A guest that cannot pay
@@ -246,6 +273,16 @@ impl WasiView for RunState {
         WasiCtxView {
             ctx: &mut self.wasi,
             table: &mut self.table,
+        }
+    }
+}
+
+impl WasiHttpView for RunState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.egress,
         }
     }
 }

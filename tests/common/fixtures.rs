@@ -29,6 +29,7 @@ pub fn tenant_spec(id: &str, credits: i64) -> TenantSpec {
         max_component_bytes: None,
         max_context_bytes: None,
         max_state_bytes: None,
+        allowed_outbound_hosts: Default::default(),
     }
 }
 

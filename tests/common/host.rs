@@ -31,6 +31,7 @@ pub fn request(tenant: &str, c: &Arc<LoadedComponent>, input: &str, limits: Limi
         contexts: Vec::new(),
         state: None,
         cancel: CancellationToken::new(),
+        egress: Default::default(),
     }
 }
 

@@ -2,7 +2,8 @@
 //! (standalone and cluster) started per test (`redis`, `proxy`), the guest
 //! components built from `guest-examples/` (`guests`) and loaded into a host
 //! (`host`), the process stack and worker processes (`stack`), the control
-//! fixtures (`fixtures`) and the ledger checks (`books`).
+//! fixtures (`fixtures`), the ledger checks (`books`) and an HTTP server
+//! for agents to call (`upstream`).
 #![allow(dead_code)]
 
 pub mod books;
@@ -12,3 +13,4 @@ pub mod host;
 pub mod proxy;
 pub mod redis;
 pub mod stack;
+pub mod upstream;

@@ -193,6 +193,7 @@ pub async fn create_tenant(cp: &ControlPlane, id: &str, weight: u32) -> anyhow::
             max_component_bytes: None,
             max_context_bytes: None,
             max_state_bytes: None,
+            allowed_outbound_hosts: Default::default(),
         },
         &sha256_hex(id.as_bytes()),
     )

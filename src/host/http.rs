@@ -1,0 +1,509 @@
+//! Agents' outgoing HTTP (`wasi:http/outgoing-handler`), sent by the host
+//! under the tenant's egress policy (`allowed_outbound_hosts`,
+//! [`crate::egress`]):
+//!
+//! - **Allowed or refused before anything leaves.** A request whose
+//!   scheme, host and port no rule of the policy allows gets
+//!   `HTTP-request-denied`; an empty policy (the default) allows nothing.
+//! - **No way around it.** A name is resolved here, once, and the
+//!   connection goes to an address from that answer: only public ones,
+//!   unless a rule names the address itself (`destination-IP-prohibited`
+//!   otherwise), so DNS rebinding and internal addresses (loopback, private
+//!   ranges, the cloud metadata service) are out of reach. Redirects are
+//!   answers, never followed here: a guest that follows one sends a new
+//!   request, checked again. Sockets stay denied (`sandbox`).
+//! - **Bounded.** Connect, first-byte and between-bytes timeouts (the
+//!   guest's request options may shorten them, never lengthen them), all
+//!   within the job's wall clock, which keeps running while the guest
+//!   waits; a response body cap (`HTTP-response-body-size`); requests per
+//!   job, refused ones included (`HTTP-request-denied`); requests in flight
+//!   per tenant per node (`connection-limit-reached`).
+//! - **Metered.** Requests sent and bytes each way are counted per run
+//!   ([`EgressUse`]), for the run's report and the tenant's metrics.
+//!
+//! Each refusal also writes an `[egress]` line to the job's log, naming the
+//! rule it broke.
+
+use super::config::EgressLimits;
+use super::sandbox::LiveLog;
+use crate::egress::{Policy, Refused};
+use bytes::Bytes;
+use http_body::{Body, Frame};
+use http_body_util::BodyExt;
+use hyper_util::rt::TokioIo;
+use std::future::Future;
+use std::pin::{Pin, pin};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
+
+/// What one run's requests used.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EgressUse {
+    /// Requests sent (allowed and connected to); refused ones are not.
+    pub requests: u64,
+    /// Bytes sent: request heads and bodies.
+    pub bytes_out: u64,
+    /// Bytes received: response heads and the body bytes read.
+    pub bytes_in: u64,
+    /// Requests refused (policy, address, per-job or per-tenant bound).
+    pub refused: u64,
+}
+
+/// The counters behind [`EgressUse`], shared with the bodies in flight.
+#[derive(Debug, Default)]
+pub(crate) struct Meter {
+    requests: AtomicU64,
+    bytes_out: AtomicU64,
+    bytes_in: AtomicU64,
+    refused: AtomicU64,
+    /// Every request the guest made, refused ones included (the per-job cap).
+    attempts: AtomicU64,
+}
+
+impl Meter {
+    pub(crate) fn used(&self) -> EgressUse {
+        EgressUse {
+            requests: self.requests.load(Ordering::Acquire),
+            bytes_out: self.bytes_out.load(Ordering::Acquire),
+            bytes_in: self.bytes_in.load(Ordering::Acquire),
+            refused: self.refused.load(Ordering::Acquire),
+        }
+    }
+}
+
+/// What a run's outgoing requests go through: the hooks `wasi:http` calls
+/// to send each one. One per store; [`Egress::begin`] gives it the next
+/// job's policy, counters and log.
+pub(crate) struct Egress {
+    policy: Arc<Policy>,
+    limits: EgressLimits,
+    /// The tenant's requests in flight on this node.
+    slots: Arc<Semaphore>,
+    meter: Arc<Meter>,
+    log: LiveLog,
+}
+
+/// One job's part of [`Egress`].
+pub(crate) struct EgressJob {
+    pub policy: Arc<Policy>,
+    pub log: LiveLog,
+}
+
+impl Egress {
+    pub(crate) fn new(limits: EgressLimits, slots: Arc<Semaphore>, job: EgressJob) -> Egress {
+        Egress {
+            policy: job.policy,
+            limits,
+            slots,
+            meter: Arc::default(),
+            log: job.log,
+        }
+    }
+
+    /// Starts the next job on this store: its policy and log, fresh counters.
+    pub(crate) fn begin(&mut self, job: EgressJob) {
+        self.policy = job.policy;
+        self.log = job.log;
+        self.meter = Arc::default();
+    }
+
+    pub(crate) fn used(&self) -> EgressUse {
+        self.meter.used()
+    }
+
+    fn refuse(&self, what: &str, why: String, error: Error) -> Error {
+        refuse(&self.meter, &self.log, what, why, error)
+    }
+
+    /// Decides a request before anything is sent: its URL, and the place
+    /// among the tenant's requests in flight that it holds until its
+    /// response body is done.
+    fn admit(
+        &mut self,
+        request: &http::Request<WasiBody>,
+    ) -> Result<(reqwest::Url, OwnedSemaphorePermit), Error> {
+        let what = format!("{} {}", request.method(), request.uri());
+        let n = self.meter.attempts.fetch_add(1, Ordering::AcqRel) + 1;
+        if n > u64::from(self.limits.max_requests_per_job) {
+            return Err(self.refuse(
+                &what,
+                format!(
+                    "the job made {} requests, at most {} are allowed per job",
+                    n, self.limits.max_requests_per_job
+                ),
+                Error::HttpRequestDenied,
+            ));
+        }
+        let url = match reqwest::Url::parse(&request.uri().to_string()) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() => u,
+            _ => {
+                return Err(self.refuse(
+                    &what,
+                    "not an http:// or https:// URL with a host".into(),
+                    Error::HttpRequestUriInvalid,
+                ));
+            }
+        };
+        if !self.policy.allows(&url) {
+            let port = url.port_or_known_default().unwrap_or(0);
+            return Err(self.refuse(
+                &what,
+                format!(
+                    "{}://{}:{port} is not in the tenant's allowed_outbound_hosts",
+                    url.scheme(),
+                    url.host_str().unwrap_or_default()
+                ),
+                Error::HttpRequestDenied,
+            ));
+        }
+        let permit = self.slots.clone().try_acquire_owned().map_err(|_| {
+            self.refuse(
+                &what,
+                format!(
+                    "the tenant has {} requests in flight on this node, the most allowed",
+                    self.limits.max_in_flight_per_tenant
+                ),
+                Error::ConnectionLimitReached,
+            )
+        })?;
+        Ok((url, permit))
+    }
+
+    /// The timeouts of a request: the node's, shortened by the guest's
+    /// options. The job's wall clock bounds them too: at its deadline the
+    /// run is dropped, requests in flight with it (`run::backstop`), and
+    /// the job ends as a `timeout`.
+    fn timeouts(&self, options: Option<RequestOptions>) -> Timeouts {
+        let pick = |node: Duration, guest: Option<Duration>| guest.map_or(node, |g| g.min(node));
+        let o = options.unwrap_or_default();
+        Timeouts {
+            connect: pick(self.limits.connect_timeout, o.connect_timeout),
+            first_byte: pick(self.limits.first_byte_timeout, o.first_byte_timeout),
+            between_bytes: pick(self.limits.between_bytes_timeout, o.between_bytes_timeout),
+        }
+    }
+}
+
+fn refuse(meter: &Meter, log: &LiveLog, what: &str, why: String, error: Error) -> Error {
+    meter.refused.fetch_add(1, Ordering::AcqRel);
+    log.push("egress", &format!("{what} refused: {why}"));
+    error
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Timeouts {
+    connect: Duration,
+    first_byte: Duration,
+    between_bytes: Duration,
+}
+
+type Sent = Result<
+    (
+        http::Response<WasiBody>,
+        Box<dyn Future<Output = Result<(), Error>> + Send>,
+    ),
+    Error,
+>;
+
+impl WasiHttpHooks for Egress {
+    fn send_request(
+        &mut self,
+        request: http::Request<WasiBody>,
+        options: Option<RequestOptions>,
+        _fut: Box<dyn Future<Output = Result<(), Error>> + Send>,
+    ) -> Box<dyn Future<Output = Sent> + Send> {
+        let (url, permit) = match self.admit(&request) {
+            Ok(x) => x,
+            Err(e) => return Box::new(async move { Err(e) }),
+        };
+        let call = Call {
+            url,
+            timeouts: self.timeouts(options),
+            meter: self.meter.clone(),
+            log: self.log.clone(),
+            max_body: self.limits.max_response_bytes,
+            permit,
+        };
+        Box::new(call.send(request))
+    }
+}
+
+/// A stream a request goes over: TCP, or TLS over TCP.
+trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
+
+/// One admitted request on its way.
+struct Call {
+    url: reqwest::Url,
+    timeouts: Timeouts,
+    meter: Arc<Meter>,
+    log: LiveLog,
+    max_body: u64,
+    permit: OwnedSemaphorePermit,
+}
+
+impl Call {
+    fn refuse(&self, why: String, error: Error) -> Error {
+        let what = format!("request to {}", self.url);
+        refuse(&self.meter, &self.log, &what, why, error)
+    }
+
+    /// Connects to an address the policy allows: a name's public addresses
+    /// as resolved here, or the address a rule names.
+    async fn connect(&self) -> Result<Box<dyn Io>, Error> {
+        let t = self.timeouts.connect;
+        let addrs = match tokio::time::timeout(t, crate::egress::addresses(&self.url)).await {
+            Err(_) => return Err(Error::DnsTimeout),
+            Ok(Ok(a)) => a,
+            Ok(Err(e)) => {
+                return Err(match e.downcast_ref::<Refused>() {
+                    Some(r) => self.refuse(r.0.clone(), Error::DestinationIpProhibited),
+                    None => Error::DnsError {
+                        rcode: Some(e.to_string()),
+                        info_code: None,
+                    },
+                });
+            }
+        };
+        let mut last = Error::DestinationUnavailable;
+        let mut tcp = None;
+        for addr in addrs {
+            match tokio::time::timeout(t, TcpStream::connect(addr)).await {
+                Ok(Ok(s)) => {
+                    tcp = Some(s);
+                    break;
+                }
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    last = Error::ConnectionRefused
+                }
+                Ok(Err(e)) => last = Error::Connect(e),
+                Err(_) => last = Error::ConnectionTimeout,
+            }
+        }
+        let tcp = tcp.ok_or(last)?;
+        let _ = tcp.set_nodelay(true);
+        if self.url.scheme() != "https" {
+            return Ok(Box::new(tcp));
+        }
+        let host = self.url.host_str().unwrap_or_default();
+        let name = rustls::pki_types::ServerName::try_from(
+            host.trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string(),
+        )
+        .map_err(|_| Error::HttpRequestUriInvalid)?;
+        let tls = tokio::time::timeout(t, tls().connect(name, tcp))
+            .await
+            .map_err(|_| Error::ConnectionTimeout)?
+            .map_err(|_| Error::TlsCertificateError)?;
+        Ok(Box::new(tls))
+    }
+
+    async fn send(self, request: http::Request<WasiBody>) -> Sent {
+        let stream = self.connect().await?;
+        let (mut sender, conn) = tokio::time::timeout(
+            self.timeouts.connect,
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)),
+        )
+        .await
+        .map_err(|_| Error::ConnectionTimeout)??;
+        // Sent in origin form (`/path?query`); `Host` is already set.
+        let (mut parts, body) = request.into_parts();
+        parts.uri = http::Uri::builder()
+            .path_and_query(parts.uri.path_and_query().map_or("/", |p| p.as_str()))
+            .build()
+            .map_err(|_| Error::HttpRequestUriInvalid)?;
+        self.meter.bytes_out.fetch_add(
+            head_bytes(&parts.headers) + parts.uri.to_string().len() as u64 + 16,
+            Ordering::AcqRel,
+        );
+        self.meter.requests.fetch_add(1, Ordering::AcqRel);
+        let out = Metered::new(body, self.meter.clone(), Direction::Out);
+        let request = http::Request::from_parts(parts, out);
+
+        // Waits for the response's head while driving the connection.
+        let mut conn = Some(Box::pin(conn));
+        let mut response = pin!(sender.send_request(request));
+        let head = std::future::poll_fn(|cx| {
+            if let Poll::Ready(r) = response.as_mut().poll(cx) {
+                return Poll::Ready(r.map_err(Error::from));
+            }
+            if let Some(c) = conn.as_mut()
+                && let Poll::Ready(r) = c.as_mut().poll(cx)
+            {
+                conn = None;
+                if let Err(e) = r {
+                    return Poll::Ready(Err(Error::from(e)));
+                }
+                return response.as_mut().poll(cx).map_err(Error::from);
+            }
+            Poll::Pending
+        });
+        let res = tokio::time::timeout(self.timeouts.first_byte, head)
+            .await
+            .map_err(|_| Error::ConnectionReadTimeout)??;
+        self.meter
+            .bytes_in
+            .fetch_add(head_bytes(res.headers()) + 16, Ordering::AcqRel);
+        let Call {
+            meter,
+            log,
+            max_body,
+            permit,
+            timeouts,
+            url,
+        } = self;
+        let res = res.map(|incoming| {
+            Metered::new(incoming, meter, Direction::In)
+                .capped(max_body, log, url.to_string())
+                .idle(timeouts.between_bytes)
+                .holding(permit)
+                .boxed_unsync()
+        });
+        let io: Box<dyn Future<Output = Result<(), Error>> + Send> = Box::new(async move {
+            match conn {
+                Some(c) => c.await.map_err(Error::from),
+                None => Ok(()),
+            }
+        });
+        Ok((res, io))
+    }
+}
+
+/// Bytes of a header section as sent (`name: value\r\n` each).
+fn head_bytes(h: &http::HeaderMap) -> u64 {
+    h.iter()
+        .map(|(k, v)| (k.as_str().len() + v.len() + 4) as u64)
+        .sum()
+}
+
+/// The client TLS configuration of agents' `https://` requests: the ring
+/// provider and the Mozilla roots.
+fn tls() -> &'static tokio_rustls::TlsConnector {
+    static TLS: OnceLock<tokio_rustls::TlsConnector> = OnceLock::new();
+    TLS.get_or_init(|| {
+        let roots = rustls::RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        };
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("the ring provider supports the default TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+    })
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    In,
+    Out,
+}
+
+/// A body counted into the run's [`Meter`] as it flows; a response body
+/// also capped in bytes, bounded in the time between frames, and holding
+/// its request's place among the tenant's requests in flight.
+struct Metered<B> {
+    inner: B,
+    meter: Arc<Meter>,
+    direction: Direction,
+    seen: u64,
+    cap: Option<(u64, LiveLog, String)>,
+    idle: Option<(Duration, Pin<Box<tokio::time::Sleep>>)>,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+impl<B> Metered<B> {
+    fn new(inner: B, meter: Arc<Meter>, direction: Direction) -> Self {
+        Metered {
+            inner,
+            meter,
+            direction,
+            seen: 0,
+            cap: None,
+            idle: None,
+            _permit: None,
+        }
+    }
+
+    fn capped(mut self, bytes: u64, log: LiveLog, url: String) -> Self {
+        self.cap = Some((bytes, log, url));
+        self
+    }
+
+    fn idle(mut self, t: Duration) -> Self {
+        self.idle = Some((t, Box::pin(tokio::time::sleep(t))));
+        self
+    }
+
+    fn holding(mut self, permit: OwnedSemaphorePermit) -> Self {
+        self._permit = Some(permit);
+        self
+    }
+}
+
+impl<B> Body for Metered<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<Error>,
+{
+    type Data = Bytes;
+    type Error = Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some((t, sleep)) = this.idle.as_mut() {
+                    sleep.as_mut().reset(tokio::time::Instant::now() + *t);
+                }
+                let n = frame.data_ref().map_or(0, |d| d.len() as u64);
+                this.seen += n;
+                let counter = match this.direction {
+                    Direction::In => &this.meter.bytes_in,
+                    Direction::Out => &this.meter.bytes_out,
+                };
+                counter.fetch_add(n, Ordering::AcqRel);
+                if let Some((cap, log, url)) = &this.cap
+                    && this.seen > *cap
+                {
+                    log.push(
+                        "egress",
+                        &format!("response of {url} stopped: its body passed {cap} bytes"),
+                    );
+                    return Poll::Ready(Some(Err(Error::HttpResponseBodySize(Some(*cap)))));
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => {
+                if let Some((_, sleep)) = this.idle.as_mut()
+                    && sleep.as_mut().poll(cx).is_ready()
+                {
+                    return Poll::Ready(Some(Err(Error::ConnectionReadTimeout)));
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
