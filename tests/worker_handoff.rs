@@ -53,12 +53,24 @@ async fn drain(s: &Stack, tenant: &str, jobs: usize, extra: &[&str]) -> (f64, f6
         assert_eq!(state(&job), "succeeded", "{job}");
         assert_eq!(job["attempts"], 1, "{job}");
     }
-    let page = reqwest::get(format!("http://{addr}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    // A job shows `succeeded` as soon as its FINALIZE ran in Redis; the
+    // worker counts the claims that call made once its answer is back, so
+    // the page is read until it has caught up (or the wait runs out).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let page = loop {
+        let page = reqwest::get(format!("http://{addr}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if metric(&page, "agentplane_claimed_total") >= jobs as f64
+            || std::time::Instant::now() > deadline
+        {
+            break page;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
     drop(w);
     s.assert_books_balance(tenant).await;
     (

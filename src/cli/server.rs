@@ -345,8 +345,12 @@ async fn spawn_metrics(
         .await
         .with_context(|| format!("binding {addr}"))?;
     tracing::info!(addr = %listener.local_addr()?, "serving /metrics");
+    // Built (and the recorder installed) before this returns, not in the
+    // task: what the worker counts before the task first ran was lost (a
+    // worker's first CLAIM went uncounted).
+    let app = api::metrics_app();
     tokio::spawn(async move {
-        let r = axum::serve(listener, api::metrics_app())
+        let r = axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
             .await;
         if let Err(e) = r {
