@@ -37,6 +37,7 @@ fn done() -> Finish {
         wall_ms: 10,
         log: String::new(),
         new_state: None,
+        http: Default::default(),
     }
 }
 

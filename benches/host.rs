@@ -56,6 +56,7 @@ fn request(c: &Arc<LoadedComponent>, input: &str) -> RunRequest {
         state: None,
         cancel: CancellationToken::new(),
         egress: Default::default(),
+        config: Vec::new(),
     }
 }
 

@@ -207,7 +207,7 @@ while #out < max_n and passes < 4 * max_n + 64 do
   else
     local g = n(J, 'gpus')
     local fuel, timeout, memory = effective(J, T)
-    local r = reservation(fuel, timeout, g, P)
+    local r = reservation(fuel, timeout, g, P, J)
     local token = next_token()
     local attempt = n(J, 'attempts') + 1
     local est = math.max(n(T, 'avg_ms'), 1) * (1 + g * P.gpuw)

@@ -9,13 +9,15 @@
 -- ARGV[3]  max state conflicts before the job fails
 -- ARGV[4..7] prices (see SUBMIT)
 -- ARGV[8]  node faults after which the job fails with `node_fault`
--- ARGV[9]  N, the number of attempts; then for each attempt i, 11 fields
---          from ARGV[10 + 11 * (i - 1)]:
+-- ARGV[9]  N, the number of attempts; then for each attempt i, 14 fields
+--          from ARGV[10 + 14 * (i - 1)]:
 --   job id, fencing token, outcome ('ok' | 'failed' | 'cancelled'),
 --   error kind (failed), output (ok) or error message (failed), fuel used,
 --   wall ms, log (already bounded), new state mode ('none' | 'inline' |
 --   'blob'), the state's bytes ('blob': stored under its own key,
---   state:<tenant>:<agent>:<version>), retry jitter 0..999
+--   state:<tenant>:<agent>:<version>), retry jitter 0..999, outgoing HTTP
+--   requests sent, their bytes both ways, and their price (credits, added
+--   to the run's charge, which stays within its reservation)
 -- A tenant's cancel wins on every path: a flagged job ends `cancelled`
 -- (its run is settled, its state not committed). Kind `node_fault` is the
 -- node's failure: uncharged, not counted toward max_attempts, requeued
@@ -34,7 +36,7 @@
 local base, maxd, max_conflicts = uint(ARGV[1]), uint(ARGV[2]), uint(ARGV[3])
 local P = prices(ARGV[4], ARGV[5], ARGV[6], ARGV[7])
 local max_faults, count = uint(ARGV[8]), uint(ARGV[9])
-local STRIDE = 11
+local STRIDE = 14
 if base == nil or maxd == nil or max_conflicts == nil or P == nil or max_faults == nil
   or count == nil or count < 1 or #KEYS ~= count + 2 then
   return fail('malformed arguments')
@@ -61,8 +63,10 @@ for i = 1, count do
   local x = { jid = ARGV[a + 1], token = uint(ARGV[a + 2]), outcome = ARGV[a + 3],
     kind = ARGV[a + 4], text = ARGV[a + 5], fuel = uint(ARGV[a + 6]), wall = uint(ARGV[a + 7]),
     log = ARGV[a + 8], smode = ARGV[a + 9], state = ARGV[a + 10], jitter = uint(ARGV[a + 11]),
+    http_req = uint(ARGV[a + 12]), http_bytes = uint(ARGV[a + 13]), http_cost = uint(ARGV[a + 14]),
     key = KEYS[1 + i] }
-  if x.token == nil or x.fuel == nil or x.wall == nil or x.jitter == nil or x.key ~= jkey(x.jid) then
+  if x.token == nil or x.fuel == nil or x.wall == nil or x.jitter == nil or x.key ~= jkey(x.jid)
+    or x.http_req == nil or x.http_bytes == nil or x.http_cost == nil then
     return fail('malformed arguments')
   end
   if x.outcome ~= 'ok' and x.outcome ~= 'failed' and x.outcome ~= 'cancelled' then
@@ -108,7 +112,7 @@ local function finalize_one(x)
   if fault then
     release_reservation(jid, J, T)
   else
-    local cost = charge(fuel, wall, g, P)
+    local cost = charge(fuel, wall, g, P) + x.http_cost
     if cost > r then cost = r end
     x.cost = cost
     T.settled = n(T, 'settled') + cost
@@ -122,6 +126,10 @@ local function finalize_one(x)
     ledger(t, 'settle', jid, attempt, cost, T, r - cost)
     jf = { 'reserved', '0', 'u_fuel', I(n(J, 'u_fuel') + fuel),
       'u_wall', I(n(J, 'u_wall') + wall), 'u_credits', I(n(J, 'u_credits') + cost) }
+    if x.http_req > 0 or x.http_bytes > 0 then
+      for _, f in ipairs({ 'u_http_req', I(n(J, 'u_http_req') + x.http_req),
+        'u_http_bytes', I(n(J, 'u_http_bytes') + x.http_bytes) }) do jf[#jf + 1] = f end
+    end
   end
 
   -- Fairness: replace the claim's estimate by the actual slot-time.

@@ -136,7 +136,8 @@ end
 local JOB_FIELDS = { 'state', 'tenant', 'sid', 'agent_id', 'gpus', 'worker', 'attempts',
   'counted', 'token', 'cancel', 'timeout_ms', 'reserved', 'max_attempts', 'lease_until',
   'fuel', 'u_wall', 'u_fuel', 'u_credits', 'sver', 'started', 'releases', 'faults', 'est',
-  'cw', 'contexts', 'conflicts', 'component', 'callback' }
+  'cw', 'contexts', 'conflicts', 'component', 'callback', 'egress_r', 'u_http_req',
+  'u_http_bytes' }
 -- The numeric ones among them (counts, tokens, money, times) are numbers
 -- in the table, converted once here rather than at each read (`n`); the
 -- table is built in one constructor, sized once, in JOB_FIELDS' order (the
@@ -151,7 +152,8 @@ local function job_meta(key)
     u_fuel = tonumber(v[17]), u_credits = tonumber(v[18]), sver = tonumber(v[19]),
     started = v[20] or nil, releases = tonumber(v[21]), faults = tonumber(v[22]),
     est = tonumber(v[23]), cw = tonumber(v[24]), contexts = v[25] or nil,
-    conflicts = tonumber(v[26]), component = v[27] or nil, callback = v[28] or nil }
+    conflicts = tonumber(v[26]), component = v[27] or nil, callback = v[28] or nil,
+    egress_r = tonumber(v[29]), u_http_req = tonumber(v[30]), u_http_bytes = tonumber(v[31]) }
 end
 
 -- A tenant's fields as the hot scripts read them: one HMGET of the fields
@@ -204,9 +206,11 @@ local function charge(fuel, wall_ms, gpus, P)
 end
 
 -- The worst case of an attempt, reserved at CLAIM (and checked at SUBMIT):
--- all its fuel and its whole timeout.
-local function reservation(fuel, timeout_ms, gpus, P)
-  return charge(fuel, timeout_ms, gpus, P)
+-- all its fuel and its whole timeout, and for a job whose component can
+-- make outgoing HTTP requests, the price of its whole egress budget
+-- (`egress_r`, fixed at SUBMIT; the host lets no run spend more).
+local function reservation(fuel, timeout_ms, gpus, P, J)
+  return charge(fuel, timeout_ms, gpus, P) + n(J, 'egress_r')
 end
 
 local function effective(J, T)
@@ -309,7 +313,7 @@ local function never_runs(J, T, P)
       .. n(T, 'max_gpus') .. ' (max_gpus)'
   end
   local fuel, timeout = effective(J, T)
-  local r = reservation(fuel, timeout, g, P)
+  local r = reservation(fuel, timeout, g, P, J)
   local balance = n(T, 'granted') - n(T, 'settled')
   if r > balance then
     return 'the job reserves ' .. string.format('%d', r) .. ' credits but its tenant\'s balance is '
@@ -391,7 +395,7 @@ local function refresh(t, T, P, served)
         reason = 'max_running'
       else
         local fuel, timeout = effective(J, T)
-        local r = reservation(fuel, timeout, g, P)
+        local r = reservation(fuel, timeout, g, P, J)
         if n(T, 'gpus') + g > n(T, 'max_gpus') then
           reason = 'max_gpus'
         elseif n(T, 'granted') - n(T, 'settled') - n(T, 'reserved') < r then

@@ -34,7 +34,7 @@ if n(T, 'queued') >= n(T, 'max_queued') then return { 'queue_full' } end
 local g = n(J, 'gpus')
 if g > n(T, 'max_gpus') then return { 'insufficient', g, n(T, 'max_gpus') } end
 local fuel, timeout = effective(J, T)
-local r = reservation(fuel, timeout, g, P)
+local r = reservation(fuel, timeout, g, P, J)
 local balance = n(T, 'granted') - n(T, 'settled')
 if balance < r then return { 'credits', r, balance } end
 

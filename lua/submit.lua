@@ -8,12 +8,14 @@
 -- KEYS[2 + 2i]  idempotency string    KEYS[1]:idem:<tenant>:<sha256(key)>
 -- ARGV[1]  tenant id            ARGV[2]  idempotency TTL (s)
 -- ARGV[3..6] prices: credits/Mfuel, credits/GPU-s, GPU slot weight, credits/slot-s
--- ARGV[7]  N, the number of jobs; then for each job i, 12 fields from
---          ARGV[8 + 12 * (i - 1)]:
+-- ARGV[7]  N, the number of jobs; then for each job i, 13 fields from
+--          ARGV[8 + 13 * (i - 1)]:
 --   new job id (ULID), component digest, input, agent id or '', contexts
 --   (JSON [[name, digest], ...]), gpus, max_attempts (>= 1), timeout_ms or '',
 --   fuel or '', delay_ms, sha256 of the body ('' without an idempotency key),
---   callback_url or '' (checked by the API against the egress rules)
+--   callback_url or '' (checked by the API against the egress rules),
+--   credits each attempt reserves for outgoing HTTP requests (0 for a
+--   component that makes none; stored as the job's `egress_r`)
 -- Returns: an array with one answer per job, in order, each
 --          {'created', id, state} | {'exists', id, state} | {'conflict'}
 --          | {'no_tenant'} | {'queue_full'} | {'credits', reservation, balance}
@@ -21,7 +23,7 @@
 local t, ttl = ARGV[1], uint(ARGV[2])
 local P = prices(ARGV[3], ARGV[4], ARGV[5], ARGV[6])
 local count = uint(ARGV[7])
-local STRIDE = 12
+local STRIDE = 13
 if t == '' or ttl == nil or P == nil or count == nil or count < 1
   or #ARGV ~= 7 + STRIDE * count or #KEYS ~= 3 + 2 * count then
   return fail('malformed arguments')
@@ -36,9 +38,10 @@ for i = 1, count do
     agent = ARGV[a + 4], contexts = ARGV[a + 5], gpus = uint(ARGV[a + 6]),
     max_attempts = uint(ARGV[a + 7]), timeout_ms = ARGV[a + 8], fuel = ARGV[a + 9],
     delay = uint(ARGV[a + 10]), body_hash = ARGV[a + 11], callback = ARGV[a + 12],
-    key = KEYS[1 + 2 * i], idem = KEYS[2 + 2 * i] }
+    http_r = uint(ARGV[a + 13]), key = KEYS[1 + 2 * i], idem = KEYS[2 + 2 * i] }
   if x.jid == '' or x.component == '' then return fail('empty tenant, job or component') end
-  if x.gpus == nil or x.max_attempts == nil or x.max_attempts < 1 or x.delay == nil then
+  if x.gpus == nil or x.max_attempts == nil or x.max_attempts < 1 or x.delay == nil
+    or x.http_r == nil then
     return fail('malformed numeric argument')
   end
   if x.timeout_ms ~= '' and uint(x.timeout_ms) == nil then return fail('malformed timeout_ms') end
@@ -75,9 +78,9 @@ local function submit_one(x)
   -- `queued` may pass max_queued, but queued + running stays within
   -- max_queued + max_running: only SUBMIT adds, and only below max_queued.
   if n(T, 'queued') >= n(T, 'max_queued') then return { 'queue_full' } end
-  local J = { fuel = x.fuel, timeout_ms = x.timeout_ms, tenant = t }
+  local J = { fuel = x.fuel, timeout_ms = x.timeout_ms, tenant = t, egress_r = x.http_r }
   local fuel, timeout = effective(J, T)
-  local r = reservation(fuel, timeout, x.gpus, P)
+  local r = reservation(fuel, timeout, x.gpus, P, J)
   local balance = n(T, 'granted') - n(T, 'settled')
   if balance < r then return { 'credits', r, balance } end
 
@@ -99,6 +102,7 @@ local function submit_one(x)
   opt('fuel', x.fuel)
   opt('callback', x.callback)
   if x.gpus > 0 then opt('gpus', I(x.gpus)) end
+  if x.http_r > 0 then opt('egress_r', I(x.http_r)) end
   local state = 'queued'
   if x.delay > 0 then
     state = 'delayed'

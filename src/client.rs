@@ -297,6 +297,26 @@ impl ApiClient {
         self.call(url, req.json(patch)).await
     }
 
+    /// `PUT /v1/tenants/{id}/secrets/{name}` (admin, that tenant): sets a
+    /// secret its agents read through `wasi:config/store`.
+    pub async fn set_secret(&self, id: &str, name: &str, value: &str) -> ClientResult<()> {
+        let (url, req) = self.request(Method::PUT, &format!("/v1/tenants/{id}/secrets/{name}"));
+        self.send(url, req.json(&serde_json::json!({ "value": value })))
+            .await
+            .map(|_| ())
+    }
+
+    /// `DELETE /v1/tenants/{id}/secrets/{name}` (admin, that tenant).
+    pub async fn delete_secret(&self, id: &str, name: &str) -> ClientResult<()> {
+        let (url, req) = self.request(Method::DELETE, &format!("/v1/tenants/{id}/secrets/{name}"));
+        self.send(url, req).await.map(|_| ())
+    }
+
+    /// `GET /v1/tenants/{id}/secrets` (admin, that tenant): names only.
+    pub async fn secrets(&self, id: &str) -> ClientResult<crate::api::SecretList> {
+        self.get(&format!("/v1/tenants/{id}/secrets")).await
+    }
+
     /// `POST /v1/tenants/{id}/credits` (admin): grants `amount` (negative
     /// takes back); the new balance.
     pub async fn grant_credits(&self, id: &str, amount: i64) -> ClientResult<Balance> {

@@ -27,6 +27,7 @@
 //!   that delivers them (run by every API process).
 //! - [`egress`]: outbound HTTP rules and the addresses a name may reach,
 //!   shared by callbacks and agents' `wasi:http` requests.
+//! - [`secrets`]: tenants' secrets: sealing, names and values, redaction.
 //! - [`embedded`]: the `redis-server` that `serve` starts when given no `--redis`.
 //! - [`client`]: the typed HTTP client of the API (CLI, `bench`, tests).
 //! - [`cli`]: command-line parsing and the client commands over the API.
@@ -43,4 +44,5 @@ pub mod host;
 pub mod model;
 pub mod num;
 pub mod scheduler;
+pub mod secrets;
 pub mod worker;

@@ -155,6 +155,12 @@ pub struct Usage {
     pub fuel: u64,
     pub wall_ms: u64,
     pub credits: i64,
+    /// Outgoing HTTP requests its agent sent (`wasi:http`), all attempts.
+    #[serde(default)]
+    pub http_requests: u64,
+    /// Their bytes, both ways (heads and bodies).
+    #[serde(default)]
+    pub http_bytes: u64,
 }
 
 /// `{"kind", "message"}` of a failed job.

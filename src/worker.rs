@@ -15,9 +15,9 @@
 //!   then stop the rest and RELEASE their leases, which puts the jobs back
 //!   in the queue uncharged.
 
-use crate::control::{Claim, ControlPlane, CpError, Finalized, Finish, Lease, Settled};
-use crate::host::{Host, HostError, RunOutcome, RunReport, RunRequest};
-use crate::model::{ErrorKind, JobState};
+use crate::control::{Claim, ControlPlane, CpError, Finalized, Finish, HttpUse, Lease, Settled};
+use crate::host::{Host, RunOutcome, RunReport};
+use crate::model::JobState;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -28,10 +28,12 @@ use tokio_util::sync::CancellationToken;
 mod decide;
 mod finalizer;
 mod lease;
+mod prepare;
 mod slots;
 use decide::{Decision, decide};
 use finalizer::{Finalizer, Handoff};
 use lease::{flush_log, renew_loop};
+use prepare::{PrepError, prepare};
 use slots::{hand_back, recv, start_handed, start_run};
 
 /// Longest a worker with runs in flight waits to gather half its slots
@@ -314,76 +316,6 @@ fn log_join(done: Result<RunEnd, tokio::task::JoinError>) {
     }
 }
 
-/// Loads what the claim needs from the host caches.
-async fn prepare(
-    shared: &Shared,
-    claim: &Claim,
-    cancel: CancellationToken,
-) -> Result<RunRequest, PrepError> {
-    let control = shared.control.clone();
-    let digest = claim.component.clone();
-    let component = shared
-        .host
-        .component(&claim.component, || async move {
-            control
-                .component_bytes(&digest)
-                .await
-                .map_err(anyhow::Error::from)
-        })
-        .await
-        .map_err(|e| match e {
-            // Not the guest's doing (a store that lost it, a replica that
-            // lags): a node fault, released uncharged and bounded per job
-            // by the control plane, never a `trap` charged to the tenant.
-            HostError::NotFound(d) => {
-                // "stage: cause", as `fault_for_tenant` shows the tenant only the stage.
-                PrepError::Fatal(
-                    ErrorKind::NodeFault,
-                    format!("loading the component: {d} not found"),
-                )
-            }
-            // Will never compile here: a final failure, not a release (a
-            // release would hand it to the next worker to fail again, forever).
-            HostError::Invalid(why) => PrepError::Fatal(ErrorKind::InvalidComponent, why),
-            HostError::Other(e) => PrepError::Transient(format!("loading the component: {e:#}")),
-        })?;
-    let mut contexts = Vec::with_capacity(claim.contexts.len());
-    for (name, digest) in &claim.contexts {
-        let control = shared.control.clone();
-        let d = digest.clone();
-        let ctx = shared
-            .host
-            .context(digest, || async move {
-                control
-                    .context_bytes(&d)
-                    .await?
-                    .ok_or_else(|| anyhow::anyhow!("context {d} not found"))
-            })
-            .await
-            .map_err(|e| PrepError::Transient(format!("loading context `{name}`: {e:#}")))?;
-        contexts.push((name.clone(), ctx));
-    }
-    Ok(RunRequest {
-        tenant: claim.lease.tenant.clone(),
-        job_id: claim.lease.job_id.clone(),
-        component,
-        input: claim.input.clone(),
-        limits: claim.limits,
-        contexts,
-        state: claim.state.clone(),
-        cancel,
-        egress: claim.egress.clone(),
-    })
-}
-
-enum PrepError {
-    /// Will not get better by retrying on this node soon (Redis hiccup,
-    /// cache pressure): give the job back uncharged.
-    Transient(String),
-    /// The job cannot run at all: fail the attempt with this kind.
-    Fatal(ErrorKind, String),
-}
-
 /// One attempt, from claim to FINALIZE (or to giving the job back).
 async fn run_claim(shared: &Shared, claim: Claim, hard_stop: CancellationToken) -> RunEnd {
     let lease = claim.lease.clone();
@@ -486,6 +418,10 @@ async fn run_claim(shared: &Shared, claim: Claim, hard_stop: CancellationToken) 
             .max(started.elapsed().as_millis().try_into().unwrap_or(u64::MAX)),
         log: report.log,
         new_state: report.new_state,
+        http: HttpUse {
+            requests: report.egress.requests,
+            bytes: report.egress.bytes(),
+        },
     };
     finalize(shared, Arc::new(lease), Arc::new(finish)).await
 }

@@ -59,6 +59,7 @@ fn finish_with_state(state: Option<Vec<u8>>) -> Finish {
         wall_ms: 3,
         log: "l".into(),
         new_state: state,
+        http: Default::default(),
     }
 }
 

@@ -6,8 +6,15 @@
 //!         + ceil(wall_ms × (price_slot × (1 + gpus × gpu_weight) + gpus × price_gpu) / 1000)
 //! ```
 //!
-//! reserved at CLAIM with all the job's fuel and its whole timeout, and
-//! settled at FINALIZE never above that reservation. Each test runs a real
+//! plus, for an agent that can make outgoing HTTP requests,
+//!
+//! ```text
+//!           requests × price_http_request + ceil(bytes / 1024) × price_http_kib
+//! ```
+//!
+//! reserved at CLAIM with all the job's fuel and its whole timeout (and the
+//! whole egress budget), and settled at FINALIZE never above that
+//! reservation. Each test runs a real
 //! worker process given non-default prices as flags (the API gets the same
 //! ones) and checks the job's usage, the ledger's reserve and settle entries
 //! and the tenant's balance against the hand-computed figures.
@@ -15,7 +22,7 @@
 mod common;
 
 use crate::common::fixtures::tid;
-use agentplane::control::{ControlConfig, ControlPlane, LedgerEntry, Prices};
+use agentplane::control::{ControlConfig, ControlPlane, EgressBudget, LedgerEntry, Prices};
 use common::stack::{Opts, Stack, WorkerProc, proc_opts, state};
 use serde_json::{Value, json};
 
@@ -39,9 +46,21 @@ fn stack_opts(prices: Prices) -> Opts {
     }
 }
 
-/// A worker process with `prices` as flags.
+/// A worker process with `prices` (and the default egress budget) as flags.
 fn worker(s: &Stack, prices: &Prices, gpus: u32) -> WorkerProc {
+    worker_with(s, prices, &EgressBudget::default(), gpus)
+}
+
+fn worker_with(s: &Stack, prices: &Prices, egress: &EgressBudget, gpus: u32) -> WorkerProc {
     let flags: Vec<String> = vec![
+        "--price-http-request".into(),
+        prices.credits_per_http_request.to_string(),
+        "--price-http-kib".into(),
+        prices.credits_per_http_kib.to_string(),
+        "--egress-requests-per-job".into(),
+        egress.requests_per_job.to_string(),
+        "--egress-kib-per-job".into(),
+        egress.kib_per_job.to_string(),
         "--price-slot-second".into(),
         prices.credits_per_slot_second.to_string(),
         "--price-gpu-second".into(),
@@ -183,6 +202,7 @@ async fn gpu_wall_time_is_priced_per_gpu_and_by_the_slot_weight() {
         credits_per_gpu_second: 100,
         gpu_slot_weight: 10,
         credits_per_mfuel: 1,
+        ..Prices::default()
     };
     let s = Stack::start(stack_opts(prices)).await;
     let token = s.tenant_with("acme", json!({"max_gpus": 2})).await;
@@ -220,6 +240,117 @@ async fn gpu_wall_time_is_priced_per_gpu_and_by_the_slot_weight() {
         "{job}"
     );
     assert_balance(&s, "acme", expected + credits).await;
+    drop(w);
+    s.stop().await;
+}
+
+/// Outgoing HTTP requests: a job of an agent that can make them reserves
+/// the price of the whole egress budget with its fuel and time, and pays
+/// for the requests it sent and their bytes, exactly; one that cannot
+/// reserves nothing for them; a job that runs out of its byte budget is
+/// stopped there and pays for what it used, never more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn outgoing_requests_are_reserved_and_billed_exactly() {
+    let up = common::upstream::Upstream::start().await;
+    let prices = Prices {
+        credits_per_slot_second: 1000,
+        credits_per_http_request: 5,
+        credits_per_http_kib: 2,
+        ..Prices::default()
+    };
+    let egress = EgressBudget {
+        requests_per_job: 4,
+        kib_per_job: 32,
+    };
+    let s = Stack::start(Opts {
+        egress,
+        ..stack_opts(prices)
+    })
+    .await;
+    let token = s
+        .tenant_with("acme", json!({"allowed_outbound_hosts": [up.base()]}))
+        .await;
+    let fetch = s.push(&token, "fetch").await;
+    let echo = s.push(&token, "echo").await;
+    let w = worker_with(&s, &prices, &egress, 0);
+    let (fuel, timeout) = (2_000_000i64, 5_000i64);
+    // The egress budget's price: 4 requests and 32 KiB.
+    let http_reserve = 4 * 5 + 32 * 2;
+
+    let hello = json!({"url": format!("{}/hello", up.base()), "repeat": 2}).to_string();
+    let two = s
+        .submit(
+            &token,
+            json!({"component": fetch, "input": hello, "fuel": fuel, "timeout_ms": timeout}),
+        )
+        .await;
+    let job = s.wait_terminal(&token, &two, 30).await;
+    assert_eq!(state(&job), "succeeded", "{job}");
+    let (f, wall, credits) = usage(&job);
+    let requests = job["usage"]["http_requests"].as_i64().unwrap();
+    let bytes = job["usage"]["http_bytes"].as_i64().unwrap();
+    assert_eq!(requests, 2, "{job}");
+    assert!(bytes > 0 && bytes < 2048, "two short exchanges: {job}");
+    let expected = formula(&prices, f, wall, 0) + 2 * 5 + ceil_div(bytes, 1024) * 2;
+    assert_eq!(credits, expected, "{job}");
+    let l = ledger(&s, "acme").await;
+    assert_eq!(
+        amounts(&l, &two, "reserve"),
+        vec![2 + 5_000 + http_reserve],
+        "{l:?}"
+    );
+    assert_eq!(amounts(&l, &two, "settle"), vec![expected], "{l:?}");
+    assert_eq!(
+        released(&l, &two),
+        vec![2 + 5_000 + http_reserve - expected],
+        "{l:?}"
+    );
+
+    // An agent that cannot make requests reserves nothing for them.
+    let plain = s
+        .submit(
+            &token,
+            json!({"component": echo, "input": "x", "fuel": fuel, "timeout_ms": timeout}),
+        )
+        .await;
+    let job = s.wait_terminal(&token, &plain, 30).await;
+    assert_eq!(state(&job), "succeeded", "{job}");
+    assert_eq!(job["usage"]["http_requests"], 0, "{job}");
+    let (f2, wall2, credits2) = usage(&job);
+    assert_eq!(credits2, formula(&prices, f2, wall2, 0), "{job}");
+    let l = ledger(&s, "acme").await;
+    assert_eq!(amounts(&l, &plain, "reserve"), vec![2 + 5_000], "{l:?}");
+
+    // 1 MiB asked for, 32 KiB granted: stopped at the budget, and billed
+    // for the bytes it took, which never pass it.
+    let huge = json!({"url": format!("{}/huge?mib=1", up.base())}).to_string();
+    let big = s
+        .submit(
+            &token,
+            json!({"component": fetch, "input": huge, "fuel": fuel, "timeout_ms": timeout,
+                   "max_attempts": 1}),
+        )
+        .await;
+    let job = s.wait_terminal(&token, &big, 30).await;
+    assert_eq!(job["error"]["kind"], "agent_error", "{job}");
+    let (f3, wall3, credits3) = usage(&job);
+    let bytes3 = job["usage"]["http_bytes"].as_i64().unwrap();
+    assert!(bytes3 > 16 << 10 && bytes3 <= 32 << 10, "{job}");
+    assert_eq!(job["usage"]["http_requests"], 1, "{job}");
+    let expected3 = formula(&prices, f3, wall3, 0) + 5 + ceil_div(bytes3, 1024) * 2;
+    assert_eq!(credits3, expected3, "{job}");
+
+    // The usage report counts them too.
+    let report = s
+        .as_caller(&token)
+        .usage("acme", &Default::default())
+        .await
+        .unwrap();
+    let report = serde_json::to_value(report).unwrap();
+    assert_eq!(report["total"]["http_requests"], 3, "{report}");
+    assert_eq!(report["total"]["http_bytes"], bytes + bytes3, "{report}");
+
+    assert_balance(&s, "acme", expected + credits2 + expected3).await;
     drop(w);
     s.stop().await;
 }

@@ -455,3 +455,104 @@ async fn every_route_has_a_command_and_exit_statuses_differ() {
     assert!(quiet.stderr.is_empty(), "{quiet:?}");
     s.stop().await;
 }
+
+/// `tenant secret-set` reads the value from stdin (never an argument);
+/// `tenant secrets` lists names only; `tenant patch --allow-outbound` sets
+/// the egress policy in normal form.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tenant_secrets_and_outbound_rules() {
+    let s = Stack::start(Opts {
+        worker_slots: None,
+        ..Opts::default()
+    })
+    .await;
+    let token = s.tenant("acme").await;
+    let base = s.base.clone();
+    let value = "sk-cli-0123456789";
+    let out = {
+        let mut cmd = Command::new(bin());
+        cmd.args(["tenant", "secret-set", "acme", "api_key"])
+            .env("AGENTPLANE_URL", &base)
+            .env("AGENTPLANE_TOKEN", &token)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        tokio::task::spawn_blocking(move || {
+            let mut child = cmd.spawn().unwrap();
+            use std::io::Write;
+            writeln!(child.stdin.take().unwrap(), "{value}").unwrap();
+            child.wait_with_output().unwrap()
+        })
+        .await
+        .unwrap()
+    };
+    assert_eq!(json(&out)["name"], "api_key");
+    let list = cli(&base, Some(&token), &["tenant", "secrets", "acme"]).await;
+    let l = json(&list);
+    assert_eq!(l["secrets"][0]["name"], "api_key", "{l}");
+    assert!(!String::from_utf8_lossy(&list.stdout).contains(value));
+    refused(
+        &cli(
+            &base,
+            Some(&token),
+            &["tenant", "secret-delete", "acme", "nope"],
+        )
+        .await,
+        "not_found",
+    );
+    let d = json(
+        &cli(
+            &base,
+            Some(&token),
+            &["tenant", "secret-delete", "acme", "api_key"],
+        )
+        .await,
+    );
+    assert_eq!(d["deleted"], "api_key");
+
+    let t = json(
+        &cli(
+            &base,
+            Some(ADMIN),
+            &[
+                "tenant",
+                "patch",
+                "acme",
+                "--allow-outbound",
+                "https://*.Example.com",
+                "--allow-outbound",
+                "http://10.0.0.5:8080",
+            ],
+        )
+        .await,
+    );
+    assert_eq!(
+        t["allowed_outbound_hosts"],
+        json!(["https://*.example.com:443", "http://10.0.0.5:8080"])
+    );
+    let t = json(
+        &cli(
+            &base,
+            Some(ADMIN),
+            &["tenant", "patch", "acme", "--no-outbound"],
+        )
+        .await,
+    );
+    assert_eq!(t["allowed_outbound_hosts"], json!([]));
+    refused(
+        &cli(
+            &base,
+            Some(ADMIN),
+            &[
+                "tenant",
+                "patch",
+                "acme",
+                "--allow-outbound",
+                "ftp://x.test",
+            ],
+        )
+        .await,
+        "invalid_request",
+    );
+    s.stop().await;
+}

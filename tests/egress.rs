@@ -8,7 +8,9 @@
 mod common;
 
 use agentplane::egress::Policy;
-use agentplane::host::{EgressLimits, Host, HostConfig, RunOutcome, RunReport, RunRequest};
+use agentplane::host::{
+    EgressGrant, EgressLimits, Host, HostConfig, RunOutcome, RunReport, RunRequest,
+};
 use agentplane::model::{ErrorKind, Limits};
 use common::host::{limits, load};
 use common::upstream::Upstream;
@@ -30,30 +32,34 @@ fn tight() -> EgressLimits {
         first_byte_timeout: Duration::from_millis(400),
         between_bytes_timeout: Duration::from_millis(400),
         max_response_bytes: 1 << 20,
-        max_requests_per_job: 5,
         max_in_flight_per_tenant: 1,
         ..EgressLimits::default()
     }
 }
 
-fn policy(rules: &[String]) -> Arc<Policy> {
-    Arc::new(Policy::parse(rules).unwrap())
+/// A grant of `rules`, 5 requests and 64 MiB.
+fn grant(rules: &[String]) -> EgressGrant {
+    EgressGrant {
+        policy: Arc::new(Policy::parse(rules).unwrap()),
+        max_requests: 5,
+        max_bytes: 64 << 20,
+    }
 }
 
 async fn fetch(host: &Host, tenant: &str, rules: &[String], input: Value) -> RunReport {
-    fetch_with(host, tenant, rules, input, limits()).await
+    fetch_with(host, tenant, grant(rules), input, limits()).await
 }
 
 async fn fetch_with(
     host: &Host,
     tenant: &str,
-    rules: &[String],
+    egress: EgressGrant,
     input: Value,
     limits: Limits,
 ) -> RunReport {
     let c = load(host, "fetch").await;
     let req = RunRequest {
-        egress: policy(rules),
+        egress,
         ..common::host::request(tenant, &c, &input.to_string(), limits)
     };
     host.run(req).await
@@ -235,7 +241,7 @@ async fn a_slow_server_times_out_in_its_own_job_only() {
     let r = fetch_with(
         &patient,
         "t1",
-        &rules,
+        grant(&rules),
         json!({"url": format!("{}/slow?ms=5000", up.base())}),
         Limits {
             timeout_ms: 1000,
@@ -287,6 +293,33 @@ async fn a_huge_response_stops_at_the_cap() {
     )
     .await;
     assert_eq!(output(&r)["status"], 200);
+
+    // The job's byte grant, both ways, under the response cap: what was
+    // counted (and will be billed) never passes it.
+    let small = EgressGrant {
+        max_bytes: 100 << 10,
+        ..grant(&[up.base()])
+    };
+    let r = fetch_with(
+        &h,
+        "t1",
+        small,
+        json!({"url": format!("{}/huge?mib=1", up.base())}),
+        limits(),
+    )
+    .await;
+    assert!(
+        refused(&r).contains("response body size exceeds limit"),
+        "{r:?}"
+    );
+    assert!(
+        r.log
+            .contains("the job's 102400 bytes of outgoing traffic are spent"),
+        "log:\n{}",
+        r.log
+    );
+    assert!(r.egress.bytes() <= 100 << 10, "{:?}", r.egress);
+    assert!(r.egress.bytes() > 50 << 10, "{:?}", r.egress);
 }
 
 #[tokio::test]

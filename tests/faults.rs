@@ -21,6 +21,7 @@ fn succeed(output: &str) -> Finish {
         wall_ms: 10,
         log: String::new(),
         new_state: None,
+        http: Default::default(),
     }
 }
 

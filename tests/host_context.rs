@@ -84,6 +84,7 @@ fn request_without_context(c: &Arc<LoadedComponent>, input: &str) -> RunRequest 
         state: None,
         cancel: CancellationToken::new(),
         egress: Default::default(),
+        config: Vec::new(),
     }
 }
 

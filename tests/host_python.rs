@@ -140,6 +140,7 @@ async fn a_componentize_py_agent_is_admitted_and_runs() {
         state,
         cancel: CancellationToken::new(),
         egress: Default::default(),
+        config: Vec::new(),
     };
     let r = host.run(req("hello", None)).await;
     assert_eq!(

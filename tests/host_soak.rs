@@ -23,6 +23,7 @@ fn request(c: &Arc<LoadedComponent>, limits: Limits) -> RunRequest {
         state: None,
         cancel: CancellationToken::new(),
         egress: Default::default(),
+        config: Vec::new(),
     }
 }
 

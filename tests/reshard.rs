@@ -137,6 +137,7 @@ async fn move_under_load(paused: bool) {
                             wall_ms: 200,
                             log: String::new(),
                             new_state: None,
+                            http: Default::default(),
                         };
                         match cp.finalize(&c.lease, &fin).await {
                             Ok(_) => {}

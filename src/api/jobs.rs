@@ -195,7 +195,8 @@ async fn submit_one(
     idempotency: Option<(String, String)>,
 ) -> ApiResult<crate::control::Submitted> {
     let cp = state.control();
-    cp.component_meta(tenant, &req.component)
+    let component = cp
+        .component_meta(tenant, &req.component)
         .await
         .map_err(|e| ApiError::from_cp(e, "component"))?
         .ok_or(ApiError::NotFound("component"))?;
@@ -220,6 +221,7 @@ async fn submit_one(
         delay_ms: req.delay_ms,
         idempotency,
         callback_url: req.callback_url,
+        outbound_http: component.outbound_http,
     };
     cp.submit(tenant, &spec)
         .await

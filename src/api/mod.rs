@@ -25,6 +25,8 @@ mod path;
 mod prom;
 mod query;
 mod report;
+mod secrets;
+pub use secrets::SecretList;
 mod tenants;
 mod types;
 mod ui;
@@ -269,6 +271,8 @@ fn routes() -> utoipa_axum::router::OpenApiRouter<AppState> {
         .routes(routes!(tenants::get, tenants::patch))
         .routes(routes!(tenants::credits))
         .routes(routes!(tenants::callback_key))
+        .routes(routes!(secrets::list))
+        .routes(routes!(secrets::put, secrets::delete))
         .routes(routes!(report::ledger))
         .routes(routes!(report::usage))
         .routes(routes!(admin::tenants))

@@ -56,6 +56,28 @@ impl<S: Send + Sync> FromRequestParts<S> for TenantJobPath {
     }
 }
 
+/// `{id}/secrets/{name}` of a tenant's secret routes; a malformed tenant
+/// id is 404 `tenant`, a name no secret can have 404 `secret`.
+#[derive(Debug, Clone)]
+pub(crate) struct TenantSecretPath(pub TenantId, pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for TenantSecretPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Path((tenant, name)) = Path::<(String, String)>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::Invalid(e.body_text()))?;
+        let tenant = TenantId::parse(&tenant).map_err(|_| ApiError::NotFound("tenant"))?;
+        if !crate::secrets::valid_name(&name) {
+            return Err(ApiError::Invalid(
+                "a secret's name is 1-64 characters of a-z, A-Z, 0-9 and _".into(),
+            ));
+        }
+        Ok(TenantSecretPath(tenant, name))
+    }
+}
+
 /// `{id}` of the `/v1/jobs/{id}` routes; an id no job can have is 404
 /// `job` before any lookup.
 #[derive(Debug, Clone)]

@@ -52,7 +52,7 @@ pub(super) async fn push_component(
     })?;
     let meta = state
         .control()
-        .put_component(&tenant, &admitted.digest, &bytes)
+        .put_component(&tenant, &admitted.digest, &bytes, admitted.outbound_http)
         .await
         .map_err(|e| ApiError::from_cp(e, "component"))?;
     tracing::info!(%tenant, digest = %meta.digest, size = meta.size, "component stored");

@@ -87,6 +87,32 @@ pub enum TenantCmd {
     },
     /// Changes a tenant's weight, quotas or limits (only what is given).
     Patch(PatchArgs),
+    /// Sets a secret its agents read through `wasi:config/store`; the value
+    /// is read from standard input (never an argument, which `ps` shows).
+    SecretSet {
+        /// Tenant id.
+        id: String,
+        /// Secret name: 1-64 characters of a-z, A-Z, 0-9 and _.
+        name: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Deletes one of a tenant's secrets.
+    SecretDelete {
+        /// Tenant id.
+        id: String,
+        /// Secret name.
+        name: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Lists a tenant's secrets by name (values are never shown).
+    Secrets {
+        /// Tenant id.
+        id: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Prints a page of the tenant's ledger, oldest first (admin, or the
     /// tenant itself).
     Ledger {
@@ -398,6 +424,21 @@ pub async fn tenant(cmd: TenantCmd) -> anyhow::Result<ExitCode> {
             };
             finish(conn.output, r)
         }
+        TenantCmd::SecretSet { id, name, conn } => {
+            let mut value = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut value)?;
+            let value = value.strip_suffix('\n').unwrap_or(&value);
+            let r = client(&conn)?.set_secret(&id, &name, value).await;
+            finish(conn.output, r.map(|()| serde_json::json!({ "name": name })))
+        }
+        TenantCmd::SecretDelete { id, name, conn } => {
+            let r = client(&conn)?.delete_secret(&id, &name).await;
+            finish(
+                conn.output,
+                r.map(|()| serde_json::json!({ "deleted": name })),
+            )
+        }
+        TenantCmd::Secrets { id, conn } => finish(conn.output, client(&conn)?.secrets(&id).await),
         TenantCmd::Patch(a) => {
             let limits = LimitsPatch {
                 fuel: a.fuel,

@@ -101,6 +101,46 @@ pub(super) fn callback_secret(data_dir: &Path) -> anyhow::Result<[u8; 32]> {
     Ok(secret)
 }
 
+/// The secrets key of `AGENTPLANE_SECRETS_KEY` (at least 16 characters),
+/// if set.
+pub(super) fn secrets_key_env() -> anyhow::Result<Option<crate::secrets::SecretsKey>> {
+    match std::env::var("AGENTPLANE_SECRETS_KEY") {
+        Ok(s) if !s.trim().is_empty() => crate::secrets::SecretsKey::from_passphrase(s.trim())
+            .map(Some)
+            .map_err(|e| anyhow::anyhow!("AGENTPLANE_SECRETS_KEY: {e}")),
+        _ => Ok(None),
+    }
+}
+
+/// The secrets key: `AGENTPLANE_SECRETS_KEY` if set, else the one in
+/// `<data>/secrets-key`, generated (mode 0600) on first use, so `serve`
+/// keeps tenants' secrets across restarts.
+pub(super) fn secrets_key(data_dir: &Path) -> anyhow::Result<crate::secrets::SecretsKey> {
+    if let Some(k) = secrets_key_env()? {
+        return Ok(k);
+    }
+    ensure_dir(data_dir)?;
+    let path = data_dir.join("secrets-key");
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t.trim().to_string(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let text = hex::encode(random_secret());
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .with_context(|| format!("writing {}", path.display()))?;
+            writeln!(f, "{text}")?;
+            f.sync_all()?;
+            text
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    crate::secrets::SecretsKey::from_passphrase(&text)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -94,6 +94,22 @@ pub struct ControlArgs {
     #[arg(long, env = "AGENTPLANE_PRICE_GPU_SECOND", default_value_t = Prices::default().credits_per_gpu_second,
           value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     pub price_gpu_second: u64,
+    /// Credits per outgoing HTTP request an agent sends.
+    #[arg(long, env = "AGENTPLANE_PRICE_HTTP_REQUEST", default_value_t = Prices::default().credits_per_http_request,
+          value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    pub price_http_request: u64,
+    /// Credits per KiB of agents' HTTP traffic, both ways.
+    #[arg(long, env = "AGENTPLANE_PRICE_HTTP_KIB", default_value_t = Prices::default().credits_per_http_kib,
+          value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    pub price_http_kib: u64,
+    /// HTTP requests one job may make (its reservation covers them).
+    #[arg(long, env = "AGENTPLANE_EGRESS_REQUESTS_PER_JOB", default_value_t = crate::control::EgressBudget::default().requests_per_job,
+          value_parser = clap::value_parser!(u32).range(0..=100_000))]
+    pub egress_requests_per_job: u32,
+    /// KiB of HTTP traffic one job may send and receive in all.
+    #[arg(long, env = "AGENTPLANE_EGRESS_KIB_PER_JOB", default_value_t = crate::control::EgressBudget::default().kib_per_job,
+          value_parser = clap::value_parser!(u64).range(0..=1 << 30))]
+    pub egress_kib_per_job: u64,
     /// How much slot-time one GPU weighs, in fair share and in the slot
     /// price, relative to a CPU slot.
     #[arg(long, env = "AGENTPLANE_GPU_SLOT_WEIGHT", default_value_t = Prices::default().gpu_slot_weight,
@@ -194,10 +210,6 @@ pub struct EgressArgs {
     #[arg(long, env = "AGENTPLANE_EGRESS_MAX_RESPONSE_BYTES",
           default_value_t = HL::EGRESS_MAX_RESPONSE_BYTES)]
     pub egress_max_response_bytes: u64,
-    /// Requests one job may make, refused ones included.
-    #[arg(long, env = "AGENTPLANE_EGRESS_MAX_REQUESTS_PER_JOB",
-          default_value_t = HL::EGRESS_MAX_REQUESTS_PER_JOB)]
-    pub egress_max_requests_per_job: u32,
     /// Requests one tenant may have in flight on this node.
     #[arg(long, env = "AGENTPLANE_EGRESS_MAX_IN_FLIGHT_PER_TENANT",
           default_value_t = HL::EGRESS_MAX_IN_FLIGHT_PER_TENANT,
@@ -213,7 +225,6 @@ impl EgressArgs {
             first_byte_timeout: ms(self.egress_first_byte_timeout_ms),
             between_bytes_timeout: ms(self.egress_between_bytes_timeout_ms),
             max_response_bytes: self.egress_max_response_bytes,
-            max_requests_per_job: self.egress_max_requests_per_job,
             max_in_flight_per_tenant: self.egress_max_in_flight_per_tenant,
         }
     }

@@ -29,8 +29,11 @@ macro_rules! say {
 /// included) once shutdown starts.
 const API_GRACE: Duration = Duration::from_secs(5);
 
-fn control_config(c: &ControlArgs, lease_ms: u64) -> ControlConfig {
-    ControlConfig {
+/// The control-plane settings of the flags; the secrets key from
+/// `AGENTPLANE_SECRETS_KEY` (`serve` falls back to its data dir's).
+fn control_config(c: &ControlArgs, lease_ms: u64) -> anyhow::Result<ControlConfig> {
+    Ok(ControlConfig {
+        secrets_key: datadir::secrets_key_env()?,
         prefix: c.prefix.clone(),
         shards: c.shards,
         lease_ms,
@@ -40,6 +43,12 @@ fn control_config(c: &ControlArgs, lease_ms: u64) -> ControlConfig {
             credits_per_gpu_second: c.price_gpu_second,
             gpu_slot_weight: c.gpu_slot_weight,
             credits_per_slot_second: c.price_slot_second,
+            credits_per_http_request: c.price_http_request,
+            credits_per_http_kib: c.price_http_kib,
+        },
+        egress: crate::control::EgressBudget {
+            requests_per_job: c.egress_requests_per_job,
+            kib_per_job: c.egress_kib_per_job,
         },
         idempotency_ttl_s: c.idempotency_ttl_s,
         retry_base_ms: c.retry_base_ms,
@@ -52,7 +61,7 @@ fn control_config(c: &ControlArgs, lease_ms: u64) -> ControlConfig {
         },
         log_max_bytes: c.log_max_bytes,
         max_node_faults: c.max_node_faults,
-    }
+    })
 }
 
 async fn connect(url: &str, cfg: ControlConfig) -> anyhow::Result<ControlPlane> {
@@ -175,7 +184,14 @@ async fn serve_parts(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     api::install_metrics();
-    let control = connect(url, control_config(&args.control, args.lease.lease_ms)).await?;
+    let control = connect(
+        url,
+        ControlConfig {
+            secrets_key: Some(datadir::secrets_key(&args.data)?),
+            ..control_config(&args.control, args.lease.lease_ms)?
+        },
+    )
+    .await?;
     let wcfg = worker_config(&args.slots);
     let host = Arc::new(worker_host(
         &args.slots,
@@ -322,7 +338,7 @@ pub async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     let shutdown = shutdown_on_signals();
     let control = connect(
         &args.redis,
-        control_config(&args.control, args.lease.lease_ms),
+        control_config(&args.control, args.lease.lease_ms)?,
     )
     .await?;
     let wcfg = worker_config(&args.slots);
@@ -369,7 +385,7 @@ pub async fn api(args: ApiArgs) -> anyhow::Result<()> {
         .map(|t| t.trim().to_string())
         .filter(|t| !t.is_empty())
         .context("`agentplane api` needs the admin token in AGENTPLANE_ADMIN_TOKEN")?;
-    let control = connect(&args.redis, control_config(&args.control, 10_000)).await?;
+    let control = connect(&args.redis, control_config(&args.control, 10_000)?).await?;
     let host = Arc::new(
         Host::new(HostConfig {
             compile_child: compile_child(),
@@ -416,7 +432,7 @@ pub async fn scheduler(args: SchedulerArgs) -> anyhow::Result<()> {
     let shutdown = shutdown_on_signals();
     let control = connect(
         &args.redis,
-        control_config(&args.control, args.lease.lease_ms),
+        control_config(&args.control, args.lease.lease_ms)?,
     )
     .await?;
     spawn_metrics(args.metrics_listen, shutdown.clone()).await?;

@@ -9,6 +9,10 @@ pub struct ComponentMeta {
     pub digest: String,
     pub size: u64,
     pub created_at: String,
+    /// It imports `wasi:http/outgoing-handler`: its jobs reserve for
+    /// outgoing requests (README, "Outbound HTTP").
+    #[serde(default)]
+    pub outbound_http: bool,
 }
 
 /// Metadata of a named context, per tenant.
@@ -21,18 +25,23 @@ pub struct ContextMeta {
 }
 
 impl ControlPlane {
+    /// Stores an admitted component for `tenant`; `outbound_http`: it
+    /// imports `wasi:http/outgoing-handler` (`Admitted::outbound_http`).
     pub async fn put_component(
         &self,
         tenant: &TenantId,
         digest: &str,
         bytes: &[u8],
+        outbound_http: bool,
     ) -> Result<ComponentMeta, CpError> {
         // The quota first: a refused upload writes nothing; a write that
         // fails gives the charge back.
         let charge = self
             .charge_bytes(tenant, Stored::Component, digest, bytes.len() as u64)
             .await?;
-        let write = self.write_component(tenant, digest, bytes).await;
+        let write = self
+            .write_component(tenant, digest, bytes, outbound_http)
+            .await;
         self.refund_on_err(charge, write).await
     }
 
@@ -41,6 +50,7 @@ impl ControlPlane {
         tenant: &str,
         digest: &str,
         bytes: &[u8],
+        outbound_http: bool,
     ) -> Result<ComponentMeta, CpError> {
         let mut c = self.conn();
         // The blob first: metadata must never point at missing bytes.
@@ -50,6 +60,7 @@ impl ControlPlane {
             digest: digest.to_string(),
             size: bytes.len() as u64,
             created_at: rfc3339_ms(now_ms()),
+            outbound_http,
         };
         let key = self.keys.component(tenant, digest);
         let _: () = c
@@ -58,6 +69,7 @@ impl ControlPlane {
                 &[
                     ("size", meta.size.to_string()),
                     ("created_at", meta.created_at.clone()),
+                    ("http", u8::from(outbound_http).to_string()),
                 ],
             )
             .await?;
@@ -77,6 +89,7 @@ impl ControlPlane {
             digest: digest.to_string(),
             size: num(&h, "size") as u64,
             created_at: h.get("created_at").cloned().unwrap_or_default(),
+            outbound_http: num(&h, "http") == 1,
         }))
     }
 

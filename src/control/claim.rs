@@ -190,6 +190,7 @@ impl ControlPlane {
             wall_ms: 0,
             log: String::new(),
             new_state: None,
+            http: Default::default(),
         };
         if let Err(e) = self.finalize(lease, &finish).await {
             tracing::warn!(job = %lease.job_id, error = %e, "FINALIZE of an unrunnable claim failed; releasing");

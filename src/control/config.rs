@@ -25,6 +25,45 @@ pub struct Prices {
     /// Credits per slot-second of wall time: capacity is paid for even
     /// when the guest burns no fuel (parked in a host call, sleeping).
     pub credits_per_slot_second: u64,
+    /// Credits per outgoing HTTP request an agent sends (`wasi:http`).
+    pub credits_per_http_request: u64,
+    /// Credits per KiB of outgoing HTTP traffic, both ways together
+    /// (heads and bodies; a started KiB counts whole).
+    pub credits_per_http_kib: u64,
+}
+
+impl Prices {
+    /// What a run's outgoing requests cost: `requests` sent and `bytes`
+    /// both ways.
+    pub fn http_cost(&self, requests: u64, bytes: u64) -> u64 {
+        requests
+            .saturating_mul(self.credits_per_http_request)
+            .saturating_add(
+                bytes
+                    .div_ceil(1024)
+                    .saturating_mul(self.credits_per_http_kib),
+            )
+    }
+}
+
+/// What one job may spend on outgoing HTTP requests (`wasi:http`): the
+/// host refuses past it, and a job that can make requests reserves its
+/// price ([`Prices::http_cost`] of the whole budget) at the claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EgressBudget {
+    /// Requests one job may make, refused ones included.
+    pub requests_per_job: u32,
+    /// KiB one job may send and receive, heads and bodies, in all.
+    pub kib_per_job: u64,
+}
+
+impl Default for EgressBudget {
+    fn default() -> Self {
+        EgressBudget {
+            requests_per_job: 64,
+            kib_per_job: 64 << 10,
+        }
+    }
 }
 
 impl Default for Prices {
@@ -34,6 +73,8 @@ impl Default for Prices {
             credits_per_gpu_second: 100,
             gpu_slot_weight: 10,
             credits_per_slot_second: 1,
+            credits_per_http_request: 1,
+            credits_per_http_kib: 0,
         }
     }
 }
@@ -47,6 +88,11 @@ pub struct ControlConfig {
     pub shards: u32,
     pub lease_ms: u64,
     pub prices: Prices,
+    /// What one job may spend on outgoing HTTP requests.
+    pub egress: EgressBudget,
+    /// Seals tenants' secrets (API) and opens them (workers); `None`: no
+    /// secrets on this deployment. Every process must hold the same.
+    pub secrets_key: Option<crate::secrets::SecretsKey>,
     pub idempotency_ttl_s: u64,
     pub retry_base_ms: u64,
     pub retry_max_ms: u64,
@@ -74,6 +120,8 @@ impl Default for ControlConfig {
             shards: 1,
             lease_ms: 10_000,
             prices: Prices::default(),
+            egress: EgressBudget::default(),
+            secrets_key: None,
             idempotency_ttl_s: 24 * 3600,
             retry_base_ms: 500,
             retry_max_ms: 60_000,

@@ -78,6 +78,8 @@ impl ControlPlane {
                 fuel: num(h, "u_fuel") as u64,
                 wall_ms: num(h, "u_wall") as u64,
                 credits: num(h, "u_credits"),
+                http_requests: num(h, "u_http_req") as u64,
+                http_bytes: num(h, "u_http_bytes") as u64,
             },
             created_at: rfc3339_ms(num(h, "created") as u64),
             started_at: opt_time(h, "started"),
@@ -103,7 +105,7 @@ impl ControlPlane {
 
     /// The fields of a job hash that [`Job`] shows, never the input (up to
     /// 1 MiB each: a page of whole records was 105 MB for 100 jobs).
-    const JOB_VIEW: [&'static str; 20] = [
+    const JOB_VIEW: [&'static str; 22] = [
         "tenant",
         "state",
         "component",
@@ -115,6 +117,8 @@ impl ControlPlane {
         "u_fuel",
         "u_wall",
         "u_credits",
+        "u_http_req",
+        "u_http_bytes",
         "created",
         "started",
         "finished",

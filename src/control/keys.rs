@@ -122,6 +122,11 @@ impl KeySpace {
         )
     }
 
+    /// The tenant's sealed secrets, name -> `<ms set>:<sealed value>`.
+    pub fn secrets(&self, tenant: &str) -> String {
+        format!("{}:secrets:{}", self.tenant_tag(tenant), tenant)
+    }
+
     pub fn component(&self, tenant: &str, digest: &str) -> String {
         format!("{}:comp:{}:{}", self.tenant_tag(tenant), tenant, digest)
     }

@@ -27,6 +27,17 @@ pub struct Finish {
     pub log: String,
     /// The state the agent set (committed only with success).
     pub new_state: Option<Vec<u8>>,
+    /// What the run's outgoing HTTP requests used: billed with the run.
+    pub http: HttpUse,
+}
+
+/// A run's outgoing HTTP requests (`wasi:http`), as its bill counts them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HttpUse {
+    /// Requests sent.
+    pub requests: u64,
+    /// Bytes both ways, heads and bodies.
+    pub bytes: u64,
 }
 
 /// What FINALIZE did with the job.
@@ -104,6 +115,8 @@ struct FinalizeAttempt<'a> {
     state_mode: &'a str,
     state: &'a [u8],
     jitter: u32,
+    http: HttpUse,
+    http_cost: u64,
 }
 
 impl FinalizeArgs<'_> {
@@ -126,7 +139,10 @@ impl FinalizeArgs<'_> {
                 .arg(a.log.as_ref())
                 .arg(a.state_mode)
                 .arg(a.state)
-                .arg(a.jitter);
+                .arg(a.jitter)
+                .arg(a.http.requests)
+                .arg(a.http.bytes)
+                .arg(a.http_cost);
         }
     }
 }
@@ -362,6 +378,11 @@ impl ControlPlane {
                 state_mode,
                 state,
                 jitter: self.retry().jitter,
+                http: finish.http,
+                http_cost: self
+                    .cfg
+                    .prices
+                    .http_cost(finish.http.requests, finish.http.bytes),
             });
         }
         let retry = self.retry();

@@ -56,6 +56,7 @@ mod maintenance;
 mod reply;
 mod report;
 mod retry;
+mod secrets;
 mod submit;
 mod tenant;
 mod wake;
@@ -63,15 +64,16 @@ mod wake;
 pub use admin::TenantRow;
 pub use blobs::{ComponentMeta, ContextMeta};
 pub use claim::{Claim, Lease};
-pub use config::{ControlConfig, Prices};
+pub use config::{ControlConfig, EgressBudget, Prices};
 pub use error::CpError;
 use error::answer_lost;
 pub use hooks::{DueHook, HookOutcome};
 pub use jobs::LedgerEntry;
-pub use lease::{AttemptOutcome, Finalized, Finish, NextClaim, Settled, truncate_utf8};
+pub use lease::{AttemptOutcome, Finalized, Finish, HttpUse, NextClaim, Settled, truncate_utf8};
 pub use log::{LogStored, LogTail};
 use reply::*;
 pub use report::{LedgerPage, LedgerRow, UsageBucket, UsageReport};
+pub use secrets::SecretInfo;
 pub use submit::{SubmitSpec, Submitted};
 use wake::WaitState;
 
@@ -189,6 +191,22 @@ impl ControlPlane {
             p.gpu_slot_weight,
             p.credits_per_slot_second,
         ]
+    }
+
+    /// Credits an attempt that can make outgoing HTTP requests reserves
+    /// for them: the price of the whole egress budget.
+    fn http_reserve(&self) -> u64 {
+        let b = self.cfg.egress;
+        self.cfg.prices.http_cost(
+            u64::from(b.requests_per_job),
+            b.kib_per_job.saturating_mul(1024),
+        )
+    }
+
+    /// What a claimed job of this deployment may spend on outgoing HTTP
+    /// requests: the egress budget, as the host enforces it.
+    pub fn egress_budget(&self) -> EgressBudget {
+        self.cfg.egress
     }
 
     /// The retry rule's arguments for this call (a fresh jitter each time).

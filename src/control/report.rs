@@ -54,6 +54,12 @@ pub struct UsageBucket {
     pub gpu_ms: u64,
     /// Credits settled for these jobs.
     pub credits: i64,
+    /// Outgoing HTTP requests their agents sent, and those requests'
+    /// bytes both ways.
+    #[serde(default)]
+    pub http_requests: u64,
+    #[serde(default)]
+    pub http_bytes: u64,
     /// Jobs by state now (`succeeded`, `failed`, `cancelled`, or still
     /// `queued`, `delayed`, `running`).
     pub jobs: BTreeMap<String, u64>,
@@ -83,6 +89,8 @@ impl UsageBucket {
         self.slot_ms += wall;
         self.gpu_ms += wall * num(h, "gpus").max(0) as u64;
         self.credits += num(h, "u_credits");
+        self.http_requests += num(h, "u_http_req").max(0) as u64;
+        self.http_bytes += num(h, "u_http_bytes").max(0) as u64;
         let state = h.get("state").cloned().unwrap_or_default();
         if state == "failed"
             && let Some(k) = h.get("ekind").filter(|k| !k.is_empty())
@@ -215,6 +223,8 @@ impl ControlPlane {
             "u_fuel",
             "u_wall",
             "u_credits",
+            "u_http_req",
+            "u_http_bytes",
             "gpus",
             "created",
         ];

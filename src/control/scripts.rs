@@ -53,6 +53,7 @@ scripts! {
     LOG => "log",
     RETRY => "retry",
     HOOKS => "hooks",
+    SECRET => "secret",
 }
 
 /// The library as loaded: its name, its text, and where each file starts.

@@ -23,6 +23,10 @@ pub struct SubmitSpec {
     /// Where the job's result is delivered once it is finished (already
     /// checked against the deployment's egress rules).
     pub callback_url: Option<String>,
+    /// Its component can make outgoing HTTP requests
+    /// (`ComponentMeta::outbound_http`): each attempt reserves the price of
+    /// the whole egress budget ([`EgressBudget`]) with its fuel and time.
+    pub outbound_http: bool,
 }
 
 /// What SUBMIT answered.
@@ -50,6 +54,8 @@ struct SubmitJob<'a> {
     spec: &'a SubmitSpec,
     contexts: String,
     body_hash: &'a str,
+    /// Credits each attempt reserves for its outgoing requests.
+    http_reserve: u64,
 }
 
 impl SubmitArgs<'_> {
@@ -73,7 +79,8 @@ impl SubmitArgs<'_> {
                 .arg(opt(s.fuel))
                 .arg(s.delay_ms)
                 .arg(j.body_hash)
-                .arg(s.callback_url.as_deref().unwrap_or_default());
+                .arg(s.callback_url.as_deref().unwrap_or_default())
+                .arg(j.http_reserve);
         }
     }
 }
@@ -122,6 +129,11 @@ impl ControlPlane {
                 spec,
                 contexts: serde_json::to_string(&spec.contexts).map_err(|e| bad(e.to_string()))?,
                 body_hash,
+                http_reserve: if spec.outbound_http {
+                    self.http_reserve()
+                } else {
+                    0
+                },
             });
         }
         SubmitArgs {

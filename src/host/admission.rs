@@ -117,6 +117,17 @@ pub(crate) fn check_component(
     })
 }
 
+/// Whether `component` imports an interface whose name starts with
+/// `prefix` (`wasi:http/outgoing-handler@`: it can make outgoing requests,
+/// so its jobs reserve for them; `wasi:config/store@`: it reads its
+/// tenant's secrets).
+fn imports(engine: &Engine, component: &Component, prefix: &str) -> bool {
+    component
+        .component_type()
+        .imports(engine)
+        .any(|(name, _)| name.starts_with(prefix))
+}
+
 /// `sha256:<hex>` of `bytes`.
 pub(crate) fn digest_of(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
@@ -231,6 +242,8 @@ impl Compiler {
         }
         Ok(LoadedComponent {
             size: in_memory_size(&component, bytes.len()),
+            outbound_http: imports(&self.engine, &component, "wasi:http/outgoing-handler@"),
+            reads_config: imports(&self.engine, &component, "wasi:config/store@"),
             digest,
             pre,
         })
@@ -248,6 +261,8 @@ impl Compiler {
             digest: digest.to_string(),
             pre,
             size: in_memory_size(&component, upload_size),
+            outbound_http: imports(&self.engine, &component, "wasi:http/outgoing-handler@"),
+            reads_config: imports(&self.engine, &component, "wasi:config/store@"),
         })
     }
 }

@@ -64,10 +64,9 @@ pub struct EgressLimits {
     /// Between two frames of the response's body.
     pub between_bytes_timeout: Duration,
     /// Body bytes one response may carry; past them the guest's read fails
-    /// with `HTTP-response-body-size`.
+    /// with `HTTP-response-body-size`. (What a job may spend in all is its
+    /// grant, `EgressGrant`, set by the control plane's budget.)
     pub max_response_bytes: u64,
-    /// Requests one job may make, refused ones included.
-    pub max_requests_per_job: u32,
     /// Requests one tenant may have in flight on this node (until each
     /// response body is read or dropped).
     pub max_in_flight_per_tenant: u32,
@@ -80,7 +79,6 @@ impl Default for EgressLimits {
             first_byte_timeout: limits::EGRESS_FIRST_BYTE_TIMEOUT,
             between_bytes_timeout: limits::EGRESS_BETWEEN_BYTES_TIMEOUT,
             max_response_bytes: limits::EGRESS_MAX_RESPONSE_BYTES,
-            max_requests_per_job: limits::EGRESS_MAX_REQUESTS_PER_JOB,
             max_in_flight_per_tenant: limits::EGRESS_MAX_IN_FLIGHT_PER_TENANT,
         }
     }
@@ -146,6 +144,8 @@ pub struct Admitted {
     pub digest: String,
     /// Bytes uploaded.
     pub size: usize,
+    /// It imports `wasi:http/outgoing-handler`.
+    pub outbound_http: bool,
 }
 
 /// Where and how components are compiled out of process.

@@ -15,11 +15,13 @@
 //! - **Bounded.** Connect, first-byte and between-bytes timeouts (the
 //!   guest's request options may shorten them, never lengthen them), all
 //!   within the job's wall clock, which keeps running while the guest
-//!   waits; a response body cap (`HTTP-response-body-size`); requests per
-//!   job, refused ones included (`HTTP-request-denied`); requests in flight
-//!   per tenant per node (`connection-limit-reached`).
+//!   waits; a response body cap; requests in flight per tenant per node
+//!   (`connection-limit-reached`); and the job's grant ([`EgressGrant`]):
+//!   requests per job, refused ones included (`HTTP-request-denied`), and
+//!   bytes per job, both ways, which is what its reservation covers.
 //! - **Metered.** Requests sent and bytes each way are counted per run
-//!   ([`EgressUse`]), for the run's report and the tenant's metrics.
+//!   ([`EgressUse`]), for the run's bill, its report and the tenant's
+//!   metrics; a byte past the grant is never delivered, so never counted.
 //!
 //! Each refusal also writes an `[egress]` line to the job's log, naming the
 //! rule it broke.
@@ -55,6 +57,25 @@ pub struct EgressUse {
     pub refused: u64,
 }
 
+/// What one job may spend on outgoing requests: where (its tenant's
+/// `allowed_outbound_hosts`) and how much. The control plane reserves the
+/// most it can cost at the claim; the host never lets it spend more.
+#[derive(Debug, Clone, Default)]
+pub struct EgressGrant {
+    pub policy: Arc<Policy>,
+    /// Requests the job may make, refused ones included.
+    pub max_requests: u32,
+    /// Bytes the job may send and receive, heads and bodies, in all.
+    pub max_bytes: u64,
+}
+
+impl EgressUse {
+    /// Bytes both ways.
+    pub fn bytes(&self) -> u64 {
+        self.bytes_in.saturating_add(self.bytes_out)
+    }
+}
+
 /// The counters behind [`EgressUse`], shared with the bodies in flight.
 #[derive(Debug, Default)]
 pub(crate) struct Meter {
@@ -64,9 +85,38 @@ pub(crate) struct Meter {
     refused: AtomicU64,
     /// Every request the guest made, refused ones included (the per-job cap).
     attempts: AtomicU64,
+    /// Bytes both ways, never past `max_bytes`.
+    total: AtomicU64,
+    max_bytes: u64,
 }
 
 impl Meter {
+    fn new(max_bytes: u64) -> Meter {
+        Meter {
+            max_bytes,
+            ..Meter::default()
+        }
+    }
+
+    /// Counts `n` bytes going `direction` if the grant has room for them;
+    /// `false` (nothing counted) if not.
+    fn take(&self, direction: Direction, n: u64) -> bool {
+        let room = self
+            .total
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| {
+                t.checked_add(n).filter(|t| *t <= self.max_bytes)
+            })
+            .is_ok();
+        if room {
+            match direction {
+                Direction::In => &self.bytes_in,
+                Direction::Out => &self.bytes_out,
+            }
+            .fetch_add(n, Ordering::AcqRel);
+        }
+        room
+    }
+
     pub(crate) fn used(&self) -> EgressUse {
         EgressUse {
             requests: self.requests.load(Ordering::Acquire),
@@ -81,7 +131,7 @@ impl Meter {
 /// to send each one. One per store; [`Egress::begin`] gives it the next
 /// job's policy, counters and log.
 pub(crate) struct Egress {
-    policy: Arc<Policy>,
+    grant: EgressGrant,
     limits: EgressLimits,
     /// The tenant's requests in flight on this node.
     slots: Arc<Semaphore>,
@@ -91,26 +141,26 @@ pub(crate) struct Egress {
 
 /// One job's part of [`Egress`].
 pub(crate) struct EgressJob {
-    pub policy: Arc<Policy>,
+    pub grant: EgressGrant,
     pub log: LiveLog,
 }
 
 impl Egress {
     pub(crate) fn new(limits: EgressLimits, slots: Arc<Semaphore>, job: EgressJob) -> Egress {
         Egress {
-            policy: job.policy,
+            meter: Arc::new(Meter::new(job.grant.max_bytes)),
+            grant: job.grant,
             limits,
             slots,
-            meter: Arc::default(),
             log: job.log,
         }
     }
 
     /// Starts the next job on this store: its policy and log, fresh counters.
     pub(crate) fn begin(&mut self, job: EgressJob) {
-        self.policy = job.policy;
+        self.meter = Arc::new(Meter::new(job.grant.max_bytes));
+        self.grant = job.grant;
         self.log = job.log;
-        self.meter = Arc::default();
     }
 
     pub(crate) fn used(&self) -> EgressUse {
@@ -130,12 +180,12 @@ impl Egress {
     ) -> Result<(reqwest::Url, OwnedSemaphorePermit), Error> {
         let what = format!("{} {}", request.method(), request.uri());
         let n = self.meter.attempts.fetch_add(1, Ordering::AcqRel) + 1;
-        if n > u64::from(self.limits.max_requests_per_job) {
+        if n > u64::from(self.grant.max_requests) {
             return Err(self.refuse(
                 &what,
                 format!(
                     "the job made {} requests, at most {} are allowed per job",
-                    n, self.limits.max_requests_per_job
+                    n, self.grant.max_requests
                 ),
                 Error::HttpRequestDenied,
             ));
@@ -150,7 +200,7 @@ impl Egress {
                 ));
             }
         };
-        if !self.policy.allows(&url) {
+        if !self.grant.policy.allows(&url) {
             let port = url.port_or_known_default().unwrap_or(0);
             return Err(self.refuse(
                 &what,
@@ -254,6 +304,17 @@ impl Call {
         refuse(&self.meter, &self.log, &what, why, error)
     }
 
+    fn over_budget(&self) -> Error {
+        self.log.push(
+            "egress",
+            &format!(
+                "request to {} stopped: the job's {} bytes of outgoing traffic are spent",
+                self.url, self.meter.max_bytes
+            ),
+        );
+        Error::HttpRequestDenied
+    }
+
     /// Connects to an address the policy allows: a name's public addresses
     /// as resolved here, or the address a rule names.
     async fn connect(&self) -> Result<Box<dyn Io>, Error> {
@@ -319,12 +380,13 @@ impl Call {
             .path_and_query(parts.uri.path_and_query().map_or("/", |p| p.as_str()))
             .build()
             .map_err(|_| Error::HttpRequestUriInvalid)?;
-        self.meter.bytes_out.fetch_add(
-            head_bytes(&parts.headers) + parts.uri.to_string().len() as u64 + 16,
-            Ordering::AcqRel,
-        );
+        let head = head_bytes(&parts.headers) + parts.uri.to_string().len() as u64 + 16;
+        if !self.meter.take(Direction::Out, head) {
+            return Err(self.over_budget());
+        }
         self.meter.requests.fetch_add(1, Ordering::AcqRel);
-        let out = Metered::new(body, self.meter.clone(), Direction::Out);
+        let out = Metered::new(body, self.meter.clone(), Direction::Out)
+            .budgeted(self.log.clone(), self.url.to_string());
         let request = http::Request::from_parts(parts, out);
 
         // Waits for the response's head while driving the connection.
@@ -348,9 +410,12 @@ impl Call {
         let res = tokio::time::timeout(self.timeouts.first_byte, head)
             .await
             .map_err(|_| Error::ConnectionReadTimeout)??;
-        self.meter
-            .bytes_in
-            .fetch_add(head_bytes(res.headers()) + 16, Ordering::AcqRel);
+        if !self
+            .meter
+            .take(Direction::In, head_bytes(res.headers()) + 16)
+        {
+            return Err(self.over_budget());
+        }
         let Call {
             meter,
             log,
@@ -361,7 +426,8 @@ impl Call {
         } = self;
         let res = res.map(|incoming| {
             Metered::new(incoming, meter, Direction::In)
-                .capped(max_body, log, url.to_string())
+                .budgeted(log, url.to_string())
+                .capped(max_body)
                 .idle(timeouts.between_bytes)
                 .holding(permit)
                 .boxed_unsync()
@@ -408,15 +474,18 @@ enum Direction {
     Out,
 }
 
-/// A body counted into the run's [`Meter`] as it flows; a response body
-/// also capped in bytes, bounded in the time between frames, and holding
-/// its request's place among the tenant's requests in flight.
+/// A body counted into the run's [`Meter`] as it flows, within the job's
+/// byte grant; a response body also capped in bytes, bounded in the time
+/// between frames, and holding its request's place among the tenant's
+/// requests in flight. A frame past either bound is not delivered.
 struct Metered<B> {
     inner: B,
     meter: Arc<Meter>,
     direction: Direction,
+    /// The job's log and the request's URL, to say why a body stopped.
+    about: Option<(LiveLog, String)>,
     seen: u64,
-    cap: Option<(u64, LiveLog, String)>,
+    cap: Option<u64>,
     idle: Option<(Duration, Pin<Box<tokio::time::Sleep>>)>,
     _permit: Option<OwnedSemaphorePermit>,
 }
@@ -427,6 +496,7 @@ impl<B> Metered<B> {
             inner,
             meter,
             direction,
+            about: None,
             seen: 0,
             cap: None,
             idle: None,
@@ -434,8 +504,13 @@ impl<B> Metered<B> {
         }
     }
 
-    fn capped(mut self, bytes: u64, log: LiveLog, url: String) -> Self {
-        self.cap = Some((bytes, log, url));
+    fn budgeted(mut self, log: LiveLog, url: String) -> Self {
+        self.about = Some((log, url));
+        self
+    }
+
+    fn capped(mut self, bytes: u64) -> Self {
+        self.cap = Some(bytes);
         self
     }
 
@@ -447,6 +522,17 @@ impl<B> Metered<B> {
     fn holding(mut self, permit: OwnedSemaphorePermit) -> Self {
         self._permit = Some(permit);
         self
+    }
+
+    fn stop(&self, why: String, error: Error) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        if let Some((log, url)) = &self.about {
+            let what = match self.direction {
+                Direction::In => "response of",
+                Direction::Out => "request to",
+            };
+            log.push("egress", &format!("{what} {url} stopped: {why}"));
+        }
+        Poll::Ready(Some(Err(error)))
     }
 }
 
@@ -469,21 +555,25 @@ where
                     sleep.as_mut().reset(tokio::time::Instant::now() + *t);
                 }
                 let n = frame.data_ref().map_or(0, |d| d.len() as u64);
-                this.seen += n;
-                let counter = match this.direction {
-                    Direction::In => &this.meter.bytes_in,
-                    Direction::Out => &this.meter.bytes_out,
-                };
-                counter.fetch_add(n, Ordering::AcqRel);
-                if let Some((cap, log, url)) = &this.cap
-                    && this.seen > *cap
+                if let Some(cap) = this.cap
+                    && this.seen + n > cap
                 {
-                    log.push(
-                        "egress",
-                        &format!("response of {url} stopped: its body passed {cap} bytes"),
+                    return this.stop(
+                        format!("its body passed {cap} bytes"),
+                        Error::HttpResponseBodySize(Some(cap)),
                     );
-                    return Poll::Ready(Some(Err(Error::HttpResponseBodySize(Some(*cap)))));
                 }
+                if !this.meter.take(this.direction, n) {
+                    let max = this.meter.max_bytes;
+                    return this.stop(
+                        format!("the job's {max} bytes of outgoing traffic are spent"),
+                        match this.direction {
+                            Direction::In => Error::HttpResponseBodySize(None),
+                            Direction::Out => Error::HttpRequestBodySize(None),
+                        },
+                    );
+                }
+                this.seen += n;
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),

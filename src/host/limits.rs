@@ -31,8 +31,6 @@ pub const EGRESS_FIRST_BYTE_TIMEOUT: std::time::Duration = std::time::Duration::
 pub const EGRESS_BETWEEN_BYTES_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// Default body bytes one response may carry.
 pub const EGRESS_MAX_RESPONSE_BYTES: u64 = 16 << 20;
-/// Default requests one job may make (refused ones included).
-pub const EGRESS_MAX_REQUESTS_PER_JOB: u32 = 64;
 /// Default requests one tenant may have in flight on a node.
 pub const EGRESS_MAX_IN_FLIGHT_PER_TENANT: u32 = 32;
 

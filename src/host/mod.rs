@@ -59,7 +59,7 @@ mod warm;
 
 pub use compile::child_main as compile_child_main;
 pub use config::{AdmissionError, Admitted, CompileChild, EgressLimits, HostConfig, HostError};
-pub use http::EgressUse;
+pub use http::{EgressGrant, EgressUse};
 pub use run::{RunOutcome, RunReport, RunRequest};
 pub use sandbox::{LIVE_FLUSH_BYTES, LiveLog};
 pub use state::LoadedComponent;
@@ -198,6 +198,10 @@ impl Host {
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
         // `wasi:http/outgoing-handler` and its types, sent by `http::Egress`.
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
+        // `wasi:config/store`: the job's tenant's secrets.
+        wasmtime_wasi_config::add_to_linker(&mut linker, |s: &mut state::RunState| {
+            wasmtime_wasi_config::WasiConfig::from(&*s.config)
+        })?;
         bindings::Agent::add_to_linker::<_, HasSelf<state::RunState>>(&mut linker, |s| s)?;
         random::shadow(&mut linker)?;
         let compiler = admission::Compiler::new(engine, linker, &cfg)?;
@@ -240,6 +244,7 @@ impl Host {
         let admitted = Admitted {
             digest: loaded.digest.clone(),
             size: bytes.len(),
+            outbound_http: loaded.outbound_http,
         };
         self.components.insert(&admitted.digest, Arc::new(loaded));
         Ok(admitted)

@@ -6,12 +6,13 @@ use super::bindings::{Agent, AgentPre};
 use super::budget::{MemoryLimiter, RunFlags, TenantBudget};
 use super::config::EgressLimits;
 use super::engine::{EPOCH_TICK, ticks_for};
-use super::http::{Egress, EgressUse};
+use super::http::{Egress, EgressGrant, EgressUse};
 use super::sandbox::{self, Capture, LiveLog};
 use super::state::{JobData, LoadedComponent, RunState};
 use super::warm::{Warm, WarmKey, WarmPool};
 use crate::context::HeavyContext;
 use crate::model::{ErrorKind, Limits, TenantId};
+use crate::secrets::Redactor;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -37,9 +38,14 @@ pub struct RunRequest {
     pub state: Option<Vec<u8>>,
     /// Cancelled when the lease is lost or the job cancelled: the instance stops at once.
     pub cancel: CancellationToken,
-    /// The tenant's `allowed_outbound_hosts`: where its `wasi:http`
-    /// requests may go (the default, empty, allows none).
-    pub egress: Arc<crate::egress::Policy>,
+    /// Where its `wasi:http` requests may go (the tenant's
+    /// `allowed_outbound_hosts`) and how many bytes and requests it may
+    /// spend; the default allows none.
+    pub egress: EgressGrant,
+    /// What its agent reads through `wasi:config/store`: its tenant's
+    /// secrets, by name. Every value is replaced by `[redacted]` in what
+    /// the run hands back (log, output, error message).
+    pub config: Vec<(String, String)>,
 }
 
 /// How an attempt ended.
@@ -156,8 +162,14 @@ async fn run_inner(env: RunEnv, mut req: RunRequest, log: LiveLog) -> RunReport 
         return RunReport::unrun(RunOutcome::Interrupted, 0);
     }
     let (tenant, job) = (req.tenant.clone(), req.job_id.clone());
+    // The tenant's secret values never leave in what the run hands back.
+    let secrets = Redactor::new(req.config.iter().map(|(_, v)| v.as_str()));
+    let secrets = (!secrets.is_empty()).then(|| Arc::new(secrets));
+    if let Some(r) = &secrets {
+        log.redact_with(r.clone());
+    }
     let ended = attempt(env, req, started, log.clone()).await;
-    let report = RunReport {
+    let mut report = RunReport {
         outcome: ended.outcome,
         fuel_used: ended.fuel_used,
         wall_ms: started.elapsed().as_millis() as u64,
@@ -166,6 +178,15 @@ async fn run_inner(env: RunEnv, mut req: RunRequest, log: LiveLog) -> RunReport 
         memory_peak: ended.memory_peak,
         egress: ended.egress,
     };
+    if let Some(r) = &secrets {
+        report.log = r.redact(&report.log);
+        match &mut report.outcome {
+            RunOutcome::Ok(text) | RunOutcome::Failed { message: text, .. } => {
+                *text = r.redact(text)
+            }
+            RunOutcome::Interrupted => {}
+        }
+    }
     let e = report.egress;
     if e != EgressUse::default() {
         let t = tenant.to_string();
@@ -339,6 +360,7 @@ async fn attempt(env: RunEnv, req: RunRequest, started: Instant, log: LiveLog) -
         state,
         cancel,
         egress,
+        config,
         ..
     } = req;
     let pre: &AgentPre<RunState> = &component.pre;
@@ -357,6 +379,7 @@ async fn attempt(env: RunEnv, req: RunRequest, started: Instant, log: LiveLog) -
         deadline: started + Duration::from_millis(limits.timeout_ms),
         fuel: limits.fuel,
         egress,
+        config: Arc::new(config.into_iter().collect()),
     };
     let taken = match (&env.warm, &key) {
         (Some(pool), Some(key)) => pool.take(key),

@@ -202,6 +202,8 @@ pub const LIVE_FLUSH_BYTES: usize = 4 << 10;
 
 struct LiveInner {
     lines: Mutex<LogLines>,
+    /// The tenant's secret values, replaced in every line pushed.
+    redactor: std::sync::OnceLock<Arc<crate::secrets::Redactor>>,
     /// Bytes the reader has taken (set by [`LiveLog::taken`]).
     taken: std::sync::atomic::AtomicUsize,
     grown: tokio::sync::Notify,
@@ -219,6 +221,7 @@ impl LiveLog {
     pub fn new(cap: usize) -> LiveLog {
         LiveLog(Arc::new(LiveInner {
             lines: Mutex::new(LogLines::new(cap)),
+            redactor: Default::default(),
             taken: Default::default(),
             grown: tokio::sync::Notify::new(),
         }))
@@ -228,8 +231,22 @@ impl LiveLog {
         self.0.lines.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Replaces `r`'s values in every line pushed from now on (set once,
+    /// before the run starts).
+    pub(crate) fn redact_with(&self, r: Arc<crate::secrets::Redactor>) {
+        let _ = self.0.redactor.set(r);
+    }
+
     pub(crate) fn push(&self, level: &str, message: &str) {
         use std::sync::atomic::Ordering;
+        let redacted;
+        let message = match self.0.redactor.get() {
+            Some(r) => {
+                redacted = r.redact(message);
+                redacted.as_str()
+            }
+            None => message,
+        };
         let len = {
             let mut l = self.lines();
             l.push(level, message);

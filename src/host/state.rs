@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use wasmtime::Trap;
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_config::WasiConfigVariables;
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 /// A compiled component ready to instantiate.
@@ -38,12 +39,28 @@ pub struct LoadedComponent {
     pub(crate) pre: AgentPre<RunState>,
     /// Bytes it holds in memory (what the component cache budget counts).
     pub(crate) size: usize,
+    /// It imports `wasi:http/outgoing-handler`.
+    pub(crate) outbound_http: bool,
+    /// It imports `wasi:config/store`.
+    pub(crate) reads_config: bool,
 }
 
 impl LoadedComponent {
     /// `sha256:<hex>` of the uploaded bytes it was compiled from.
     pub fn digest(&self) -> &str {
         &self.digest
+    }
+
+    /// Whether it can make outgoing HTTP requests (imports
+    /// `wasi:http/outgoing-handler`): its jobs reserve for them.
+    pub fn outbound_http(&self) -> bool {
+        self.outbound_http
+    }
+
+    /// Whether it reads `wasi:config/store`: its runs need their tenant's
+    /// secrets.
+    pub fn reads_config(&self) -> bool {
+        self.reads_config
     }
 
     /// Approximate bytes of compiled code and metadata held in memory.
@@ -61,6 +78,8 @@ pub(crate) struct RunState {
     /// under the tenant's egress policy.
     pub(crate) http: WasiHttpCtx,
     pub(crate) egress: Egress,
+    /// What `wasi:config/store` answers: the job's tenant's secrets.
+    pub(crate) config: Arc<WasiConfigVariables>,
     /// Where `wasi` sends the guest's stdout and stderr: kept beside it so
     /// a warm instance's next run starts them empty.
     pub(crate) stdout: Capture,
@@ -96,15 +115,17 @@ pub(crate) struct JobData {
     pub deadline: Instant,
     /// The job's fuel limit.
     pub fuel: u64,
-    /// The tenant's `allowed_outbound_hosts`.
-    pub egress: Arc<crate::egress::Policy>,
+    /// Where and how much it may send and receive over HTTP.
+    pub egress: super::http::EgressGrant,
+    /// What it reads through `wasi:config/store`: its tenant's secrets.
+    pub config: Arc<WasiConfigVariables>,
 }
 
 impl JobData {
     /// The job's part of the store's [`Egress`].
     fn egress(&self) -> EgressJob {
         EgressJob {
-            policy: self.egress.clone(),
+            grant: self.egress.clone(),
             log: self.log.clone(),
         }
     }
@@ -127,6 +148,7 @@ impl RunState {
             table,
             http: WasiHttpCtx::new(),
             egress: egress(job.egress()),
+            config: job.config,
             stdout,
             stderr,
             limiter,
@@ -149,6 +171,7 @@ impl RunState {
     /// the guest holds handles into them (its stdout stream, say).
     pub(crate) fn begin(&mut self, job: JobData) {
         self.egress.begin(job.egress());
+        self.config = job.config;
         self.stdout.clear();
         self.stderr.clear();
         self.limiter.reuse(job.flags.clone());
@@ -172,8 +195,9 @@ impl RunState {
         self.state = None;
         self.new_state = None;
         self.log = LiveLog::new(0);
+        self.config = Arc::default();
         self.egress.begin(EgressJob {
-            policy: Arc::default(),
+            grant: Default::default(),
             log: self.log.clone(),
         });
     }
@@ -486,6 +510,7 @@ impl log::Host for RunState {
             log::Level::Error => "error",
         };
         let mut end = message.len().min(MAX_LOG_MESSAGE);
+        // (Secret values are replaced in `LiveLog::push`.)
         while !message.is_char_boundary(end) {
             end -= 1;
         }

@@ -47,5 +47,6 @@ pub fn submit_spec(input: &str) -> SubmitSpec {
         delay_ms: 0,
         idempotency: None,
         callback_url: None,
+        outbound_http: false,
     }
 }

@@ -32,6 +32,7 @@ pub fn request(tenant: &str, c: &Arc<LoadedComponent>, input: &str, limits: Limi
         state: None,
         cancel: CancellationToken::new(),
         egress: Default::default(),
+        config: Vec::new(),
     }
 }
 

@@ -8,7 +8,7 @@ use super::redis::{RedisCluster, RedisServer};
 use agentplane::api::JobRequest;
 use agentplane::api::{self, ApiConfig, AppState};
 use agentplane::client::{ApiClient, NewTenant};
-use agentplane::control::{ControlConfig, ControlPlane, Prices};
+use agentplane::control::{ControlConfig, ControlPlane, EgressBudget, Prices};
 use agentplane::host::{Host, HostConfig};
 use agentplane::worker::{WorkerConfig, run_worker};
 use reqwest::StatusCode;
@@ -23,6 +23,14 @@ pub const ADMIN: &str = "test-admin-token";
 /// The `agentplane` binary under test. `AGENTPLANE_BIN` overrides the one
 /// cargo built, for checkouts that share a target dir (where another
 /// checkout's build may replace `target/debug/agentplane` mid-run).
+/// The secrets key of the stacks' deployments (a worker process is given
+/// it as `AGENTPLANE_SECRETS_KEY`).
+pub const SECRETS_PASSPHRASE: &str = "the test deployment's secrets passphrase";
+
+pub fn test_secrets_key() -> agentplane::secrets::SecretsKey {
+    agentplane::secrets::SecretsKey::from_passphrase(SECRETS_PASSPHRASE).unwrap()
+}
+
 pub fn bin() -> std::path::PathBuf {
     std::env::var_os("AGENTPLANE_BIN")
         .map(Into::into)
@@ -64,6 +72,10 @@ pub struct Opts {
     /// Prices of the API, scheduler and in-process worker (a worker
     /// process must be given the same as flags).
     pub prices: Prices,
+    /// What one job may spend on outgoing HTTP requests (the same rule).
+    pub egress: EgressBudget,
+    /// Seals and opens tenants' secrets (API and in-process worker).
+    pub secrets_key: Option<agentplane::secrets::SecretsKey>,
 }
 
 impl Default for Opts {
@@ -77,6 +89,8 @@ impl Default for Opts {
             durable_redis: false,
             max_instances: 16,
             prices: Prices::default(),
+            egress: EgressBudget::default(),
+            secrets_key: Some(test_secrets_key()),
         }
     }
 }
@@ -106,6 +120,8 @@ impl Stack {
             shards,
             retention_ms: opts.retention_ms.unwrap_or(d.retention_ms),
             prices: opts.prices,
+            egress: opts.egress,
+            secrets_key: opts.secrets_key,
             ..d
         };
         let control = ControlPlane::connect(&url, cfg)

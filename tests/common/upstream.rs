@@ -13,14 +13,15 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub struct Upstream {
     /// `127.0.0.1:<port>`.
     pub addr: std::net::SocketAddr,
     hits: Arc<AtomicU64>,
+    keys: Arc<Mutex<Vec<String>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -29,8 +30,16 @@ type Q = Query<HashMap<String, String>>;
 impl Upstream {
     pub async fn start() -> Upstream {
         let hits = Arc::new(AtomicU64::new(0));
+        let keys: Arc<Mutex<Vec<String>>> = Arc::default();
+        let seen = keys.clone();
         let app = Router::new()
-            .route("/hello", get(hello))
+            .route(
+                "/hello",
+                get(move |h: HeaderMap| {
+                    let seen = seen.clone();
+                    async move { hello(h, &seen) }
+                }),
+            )
             .route("/redirect", get(redirect))
             .route("/slow", get(slow))
             .route("/huge", get(huge))
@@ -42,7 +51,12 @@ impl Upstream {
         let task = tokio::spawn(async move {
             axum::serve(listener, app).await.unwrap();
         });
-        Upstream { addr, hits, task }
+        Upstream {
+            addr,
+            hits,
+            keys,
+            task,
+        }
     }
 
     /// `http://127.0.0.1:<port>`.
@@ -52,6 +66,11 @@ impl Upstream {
 
     pub fn port(&self) -> u16 {
         self.addr.port()
+    }
+
+    /// The `x-key` headers `/hello` was sent, in order.
+    pub fn keys(&self) -> Vec<String> {
+        self.keys.lock().unwrap().clone()
     }
 
     /// Requests that reached this server.
@@ -75,11 +94,12 @@ async fn count(
     next.run(req).await
 }
 
-async fn hello(headers: HeaderMap) -> String {
+fn hello(headers: HeaderMap, seen: &Mutex<Vec<String>>) -> String {
     let key = headers
         .get("x-key")
         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
         .unwrap_or_default();
+    seen.lock().unwrap().push(key.clone());
     format!("hello from upstream; x-key={key}")
 }
 

@@ -330,6 +330,7 @@ pub(crate) async fn slot_time_is_billed_exactly(url: &str, shards: u32) {
                 credits_per_gpu_second: 100,
                 gpu_slot_weight: 10,
                 credits_per_slot_second: 7,
+                ..Prices::default()
             },
             ..cfg(shards)
         },

@@ -40,6 +40,7 @@ pub(crate) fn ok(output: &str, wall_ms: u64) -> Finish {
         wall_ms,
         log: String::new(),
         new_state: None,
+        http: Default::default(),
     }
 }
 
@@ -53,6 +54,7 @@ pub(crate) fn failed(kind: ErrorKind) -> Finish {
         wall_ms: 5,
         log: "log line".into(),
         new_state: None,
+        http: Default::default(),
     }
 }
 

@@ -2,8 +2,11 @@
 //! under its tenant's `allowed_outbound_hosts`.
 //!
 //! Input (JSON): `{"url": "http://host:port/path", "method": "GET",
-//! "headers": [["name", "value"]], "body": "...", "follow": 0,
-//! "first_byte_timeout_ms": 0, "repeat": 1}`; only `url` is required.
+//! "headers": [["name", "value"]], "secret_headers": [["name", "secret"]],
+//! "body": "...", "follow": 0, "first_byte_timeout_ms": 0, "repeat": 1}`;
+//! only `url` is required. `secret_headers`: headers whose values are the
+//! tenant's secrets of those names, read through `wasi:config/store` (an
+//! API key the job's input never carries).
 //! `follow`: redirects to follow (each one a new request, checked against
 //! the policy like any other). `repeat`: the same request, this many times.
 //!
@@ -12,16 +15,20 @@
 //! the code as WASI HTTP names it (`HttpRequestDenied`,
 //! `DestinationIpProhibited`, `ConnectionReadTimeout`, ...).
 
-wit_bindgen::generate!({ world: "agent", path: "../../wit" });
+wit_bindgen::generate!({
+    world: "agentplane:fetch/fetch",
+    path: ["../../wit", "wit"],
+    generate_all,
+});
 
-use agentplane::agent::log::{Level, write};
-use serde_json::{Value, json};
-use wasi::http::outgoing_handler;
-use wasi::http::types::{
+use ::wasi::http::outgoing_handler;
+use ::wasi::http::types::{
     ErrorCode, Fields, IncomingResponse, Method, OutgoingBody, OutgoingRequest, RequestOptions,
     Scheme,
 };
-use wasi::io::streams::StreamError;
+use ::wasi::io::streams::StreamError;
+use agentplane::agent::log::{Level, write};
+use serde_json::{Value, json};
 
 /// Body bytes echoed back in the output.
 const SHOWN: usize = 4096;
@@ -55,6 +62,17 @@ impl Guest for Fetch {
                     .collect()
             })
             .unwrap_or_default();
+        let mut headers: Vec<(String, String)> = headers;
+        for h in v["secret_headers"].as_array().into_iter().flatten() {
+            let (Some(name), Some(secret)) = (h[0].as_str(), h[1].as_str()) else {
+                return Err("input: `secret_headers` are [name, secret] pairs".into());
+            };
+            let value = crate::wasi::config::store::get(secret)
+                .map_err(|e| format!("reading secret {secret}: {e:?}"))?
+                .ok_or_else(|| format!("no secret named {secret}"))?;
+            write(Level::Info, &format!("sending {name}: {value}"));
+            headers.push((name.to_string(), value));
+        }
         let mut req = Request {
             method: v["method"].as_str().unwrap_or("GET"),
             url,
@@ -181,7 +199,7 @@ fn read(resp: IncomingResponse) -> Result<Response, ErrorCode> {
             }
             Err(StreamError::Closed) => break,
             Err(StreamError::LastOperationFailed(e)) => {
-                return Err(wasi::http::types::http_error_code(&e)
+                return Err(::wasi::http::types::http_error_code(&e)
                     .unwrap_or(ErrorCode::InternalError(Some(e.to_debug_string()))));
             }
         }

@@ -38,6 +38,7 @@ fn done() -> Finish {
         wall_ms: 1,
         log: String::new(),
         new_state: None,
+        http: Default::default(),
     }
 }
 

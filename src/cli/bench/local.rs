@@ -210,7 +210,7 @@ pub async fn put_component(
     wasm: &[u8],
 ) -> anyhow::Result<String> {
     let digest = format!("sha256:{}", sha256_hex(wasm));
-    cp.put_component(tenant, &digest, wasm).await?;
+    cp.put_component(tenant, &digest, wasm, false).await?;
     Ok(digest)
 }
 
@@ -228,6 +228,7 @@ pub fn job(component: &str, input: &str) -> SubmitSpec {
         delay_ms: 0,
         idempotency: None,
         callback_url: None,
+        outbound_http: false,
     }
 }
 
