@@ -461,16 +461,7 @@ async fn the_tenant_api_sets_the_policy_and_the_worker_runs_under_it() {
             .ends_with("HttpRequestDenied"),
         "{job}"
     );
-    let log = s
-        .http
-        .get(format!("{}/v1/jobs/{id}/log", s.base))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let log = s.as_caller(&token).log(&id).await.unwrap();
     assert!(
         log.contains("[egress] GET") && log.contains("not in the tenant's allowed_outbound_hosts"),
         "{log}"

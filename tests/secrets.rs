@@ -133,16 +133,7 @@ async fn a_secret_reaches_its_agent_and_nowhere_else() {
         out["body"], "hello from upstream; x-key=[redacted]",
         "{job}"
     );
-    let log = s
-        .http
-        .get(format!("{}/v1/jobs/{id}/log", s.base))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let log = s.as_caller(&token).log(&id).await.unwrap();
     assert!(log.contains("sending x-key: [redacted]"), "{log}");
 
     // Nothing the API answers carries it.

@@ -30,7 +30,8 @@ pub(super) fn readable(caller: &Caller, id: &TenantId) -> ApiResult<()> {
     Ok(())
 }
 
-async fn exists(state: &AppState, id: &TenantId) -> ApiResult<()> {
+/// 404 `tenant` unless the tenant exists.
+pub(super) async fn exists(state: &AppState, id: &TenantId) -> ApiResult<()> {
     state
         .control()
         .tenant(id)

@@ -90,11 +90,6 @@ pub(super) async fn list(
     TenantPath(id): TenantPath,
 ) -> ApiResult<Json<SecretList>> {
     super::report::readable(&caller, &id)?;
-    state
-        .control()
-        .tenant(&id)
-        .await
-        .map_err(|e| ApiError::from_cp(e, "tenant"))?
-        .ok_or(ApiError::NotFound("tenant"))?;
+    super::report::exists(&state, &id).await?;
     names(&state, &id).await
 }

@@ -162,12 +162,7 @@ pub(super) async fn callback_key(
 ) -> ApiResult<Json<super::types::CallbackKey>> {
     // Another tenant's existence is not revealed.
     super::report::readable(&caller, &id)?;
-    state
-        .control()
-        .tenant(&id)
-        .await
-        .map_err(|e| ApiError::from_cp(e, "tenant"))?
-        .ok_or(ApiError::NotFound("tenant"))?;
+    super::report::exists(&state, &id).await?;
     let key = state.config().callbacks.tenant_key(&id);
     Ok(Json(super::types::CallbackKey {
         tenant: id.into_string(),

@@ -37,16 +37,27 @@ pub(super) fn admin_token(data_dir: &Path) -> anyhow::Result<(String, Option<Pat
     let mut secret = [0u8; 32];
     rand::RngCore::fill_bytes(&mut rand::rng(), &mut secret);
     let token = format!("admin.{}", hex::encode(secret));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    writeln!(f, "{token}")?;
-    f.sync_all()?;
+    write_private(&path, &token, true)?;
     Ok((token, Some(path)))
+}
+
+/// Writes `text` and a newline to `path`, mode 0600, synced; `replace`:
+/// over whatever is there, else only if nothing is (two processes starting
+/// at once must not each write their own secret).
+fn write_private(path: &Path, text: &str, replace: bool) -> anyhow::Result<()> {
+    let mut open = std::fs::OpenOptions::new();
+    open.write(true).mode(0o600);
+    if replace {
+        open.create(true).truncate(true);
+    } else {
+        open.create_new(true);
+    }
+    let mut f = open
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    writeln!(f, "{text}")?;
+    f.sync_all()?;
+    Ok(())
 }
 
 /// 32 random bytes.
@@ -90,14 +101,7 @@ pub(super) fn callback_secret(data_dir: &Path) -> anyhow::Result<[u8; 32]> {
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     }
     let secret = random_secret();
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    writeln!(f, "{}", hex::encode(secret))?;
-    f.sync_all()?;
+    write_private(&path, &hex::encode(secret), false)?;
     Ok(secret)
 }
 
@@ -125,14 +129,7 @@ pub(super) fn secrets_key(data_dir: &Path) -> anyhow::Result<crate::secrets::Sec
         Ok(t) => t.trim().to_string(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let text = hex::encode(random_secret());
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path)
-                .with_context(|| format!("writing {}", path.display()))?;
-            writeln!(f, "{text}")?;
-            f.sync_all()?;
+            write_private(&path, &text, false)?;
             text
         }
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
