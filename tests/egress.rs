@@ -418,6 +418,25 @@ async fn the_tenant_api_sets_the_policy_and_the_worker_runs_under_it() {
     assert_eq!(out["body"], "hello from upstream; x-key=");
     assert_eq!(up.hits(), 1);
 
+    // A tenant cannot widen its own policy: only the admin sets it.
+    let (st, v) = s
+        .call(
+            Method::PATCH,
+            "/v1/tenants/acme",
+            Some(&token),
+            Some(json!({"allowed_outbound_hosts": ["http://169.254.169.254"]})),
+        )
+        .await;
+    assert_eq!(
+        (st.as_u16(), common::stack::error_code(&v)),
+        (403, "forbidden"),
+        "{v}"
+    );
+    assert_eq!(
+        s.tenant_info("acme").await["allowed_outbound_hosts"],
+        json!([up.base()])
+    );
+
     // Emptied: the next job's call is refused, and its log says why.
     let (st, v) = s
         .call(

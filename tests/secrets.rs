@@ -180,6 +180,41 @@ async fn a_secret_reaches_its_agent_and_nowhere_else() {
         s.dir.display()
     );
 
+    // At most 64 per tenant: the 65th name is refused, nothing written;
+    // replacing one that exists is still allowed.
+    for i in 0..62 {
+        let (st, v) = put(
+            &token,
+            &format!("/v1/tenants/acme/secrets/k{i}"),
+            "value-12345",
+        )
+        .await;
+        assert_eq!(st.as_u16(), 200, "{i}: {v}");
+    }
+    let (st, v) = put(
+        &token,
+        "/v1/tenants/acme/secrets/one_too_many",
+        "value-12345",
+    )
+    .await;
+    assert_eq!(
+        (st.as_u16(), common::stack::error_code(&v)),
+        (413, "quota_exceeded"),
+        "{v}"
+    );
+    let (st, _) = put(&token, path, SECRET).await;
+    assert_eq!(st.as_u16(), 200, "replacing is not adding");
+    for i in 0..62 {
+        let p = format!("/v1/tenants/acme/secrets/k{i}");
+        assert_eq!(
+            s.call(Method::DELETE, &p, Some(&token), None)
+                .await
+                .0
+                .as_u16(),
+            200
+        );
+    }
+
     // Deleted: the next run reads none.
     let (st, v) = s.call(Method::DELETE, path, Some(&token), None).await;
     assert_eq!(st.as_u16(), 200);
