@@ -25,7 +25,8 @@
 //! random     <- state, sandbox, limits                (wasi:random, charged)
 //! admission  <- config, bindings, state, structure, compile
 //! warm       <- bindings, state                       (idle instances)
-//! run        <- bindings, budget, config, engine, http, sandbox, state, limits, warm
+//! classify   <- budget                               (how a failed run ended)
+//! run        <- bindings, budget, classify, config, engine, http, sandbox, state, limits, warm
 //! mod        <- all of them: builds the engine, wires admission's compiler
 //!               and the contexts' decoder into the one `cache`, calls `run`
 //! ```
@@ -45,6 +46,7 @@ mod admission;
 mod bindings;
 mod budget;
 mod cache;
+mod classify;
 mod compile;
 mod config;
 mod engine;
