@@ -138,6 +138,20 @@ pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &st
 
 /// Serializes an answer; a value that cannot serialize is our bug, not the
 /// caller's, so it is a 500 without details.
+/// Reads a settings route's small JSON body (tenants, credits, secrets;
+/// at most `MAX_ADMIN_BODY`, bounded in time) straight into `T`, whose type
+/// refuses unknown fields; errors name the field.
+pub(crate) async fn small_json<T: serde::de::DeserializeOwned>(
+    headers: &HeaderMap,
+    body: Body,
+    cfg: &ApiConfig,
+    what: &str,
+) -> ApiResult<T> {
+    expect_json(headers)?;
+    let bytes = read_body(headers, body, super::limits::MAX_ADMIN_BODY, cfg, what).await?;
+    parse_json(&bytes, what)
+}
+
 pub(crate) fn to_json<T: serde::Serialize>(v: &T) -> ApiResult<axum::Json<serde_json::Value>> {
     serde_json::to_value(v)
         .map(axum::Json)

@@ -36,6 +36,17 @@ impl<S: Send + Sync> FromRequestParts<S> for TenantPath {
     }
 }
 
+/// The route's two path segments (not UTF-8: 400, as [`segment`]).
+async fn segments<S: Send + Sync>(
+    parts: &mut Parts,
+    state: &S,
+) -> Result<(String, String), ApiError> {
+    Path::<(String, String)>::from_request_parts(parts, state)
+        .await
+        .map(|Path(p)| p)
+        .map_err(|e| ApiError::Invalid(e.body_text()))
+}
+
 /// `{tenant}/jobs/{id}` of the admin's job routes; a malformed tenant or
 /// job id is 404 `job`.
 #[derive(Debug, Clone)]
@@ -45,9 +56,7 @@ impl<S: Send + Sync> FromRequestParts<S> for TenantJobPath {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        let Path((tenant, id)) = Path::<(String, String)>::from_request_parts(parts, state)
-            .await
-            .map_err(|e| ApiError::Invalid(e.body_text()))?;
+        let (tenant, id) = segments(parts, state).await?;
         let tenant = TenantId::parse(&tenant).map_err(|_| ApiError::NotFound("job"))?;
         if !job_id_ok(&id) {
             return Err(ApiError::NotFound("job"));
@@ -57,7 +66,8 @@ impl<S: Send + Sync> FromRequestParts<S> for TenantJobPath {
 }
 
 /// `{id}/secrets/{name}` of a tenant's secret routes; a malformed tenant
-/// id is 404 `tenant`, a name no secret can have 404 `secret`.
+/// id is 404 `tenant`, a name no secret can have 400 `invalid_request`
+/// (it names the rule).
 #[derive(Debug, Clone)]
 pub(crate) struct TenantSecretPath(pub TenantId, pub String);
 
@@ -65,9 +75,7 @@ impl<S: Send + Sync> FromRequestParts<S> for TenantSecretPath {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        let Path((tenant, name)) = Path::<(String, String)>::from_request_parts(parts, state)
-            .await
-            .map_err(|e| ApiError::Invalid(e.body_text()))?;
+        let (tenant, name) = segments(parts, state).await?;
         let tenant = TenantId::parse(&tenant).map_err(|_| ApiError::NotFound("tenant"))?;
         if !crate::secrets::valid_name(&name) {
             return Err(ApiError::Invalid(

@@ -4,9 +4,8 @@
 
 use super::AppState;
 use super::auth::Caller;
-use super::body::{expect_json, parse_json, read_body};
+use super::body::small_json;
 use super::error::{ApiError, ApiResult};
-use super::limits::MAX_ADMIN_BODY;
 use super::path::{TenantPath, TenantSecretPath};
 use crate::control::SecretInfo;
 use axum::Json;
@@ -38,16 +37,7 @@ pub(super) async fn put(
     body: Body,
 ) -> ApiResult<Json<SecretList>> {
     super::report::readable(&caller, &id)?;
-    expect_json(&headers)?;
-    let bytes = read_body(
-        &headers,
-        body,
-        MAX_ADMIN_BODY,
-        state.config(),
-        "secret body",
-    )
-    .await?;
-    let SecretValue { value } = parse_json(&bytes, "secret body")?;
+    let SecretValue { value } = small_json(&headers, body, state.config(), "secret body").await?;
     state
         .control()
         .set_secret(&id, &name, &value)

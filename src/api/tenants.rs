@@ -2,7 +2,7 @@
 
 use super::AppState;
 use super::auth::{Admin, Caller, new_tenant_token, token_hash};
-use super::body::{expect_json, parse_json, read_body};
+use super::body::small_json;
 use super::error::{ApiError, ApiResult};
 use super::path::TenantPath;
 use super::types::{Balance, TenantToken};
@@ -13,21 +13,6 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use serde_json::Value;
-
-use super::limits::MAX_ADMIN_BODY;
-
-/// Reads an admin route's JSON body (bounded in size and time) straight
-/// into `T`, whose type refuses unknown fields; errors name the field.
-async fn admin_json<T: serde::de::DeserializeOwned>(
-    state: &AppState,
-    headers: &HeaderMap,
-    body: Body,
-    what: &str,
-) -> ApiResult<T> {
-    expect_json(headers)?;
-    let bytes = read_body(headers, body, MAX_ADMIN_BODY, state.config(), what).await?;
-    parse_json(&bytes, what)
-}
 
 /// `POST /v1/tenants/{id}/credits` body.
 #[derive(serde::Deserialize, utoipa::ToSchema)]
@@ -71,7 +56,7 @@ pub(super) async fn create(
     body: Body,
 ) -> ApiResult<(StatusCode, Json<TenantToken>)> {
     // `id` is a `TenantId`: a malformed one fails here, naming `id`.
-    let spec: TenantSpec = admin_json(&state, &headers, body, "tenant body").await?;
+    let spec: TenantSpec = small_json(&headers, body, state.config(), "tenant body").await?;
     validate_weight(Some(spec.weight))?;
     validate_limits(&spec.limits)?;
     if spec.credits < 0 {
@@ -114,7 +99,7 @@ pub(super) async fn patch(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Json<Value>> {
-    let patch: TenantPatch = admin_json(&state, &headers, body, "patch body").await?;
+    let patch: TenantPatch = small_json(&headers, body, state.config(), "patch body").await?;
     validate_weight(patch.weight)?;
     validate_limits(&patch.limits)?;
     state
@@ -137,7 +122,7 @@ pub(super) async fn credits(
     body: Body,
 ) -> ApiResult<Json<Balance>> {
     let key = super::jobs::idempotency_key(&headers)?;
-    let Grant { amount } = admin_json(&state, &headers, body, "credits body").await?;
+    let Grant { amount } = small_json(&headers, body, state.config(), "credits body").await?;
     let cp = state.control();
     // With an Idempotency-Key, a retried grant (its answer lost) credits
     // once and answers the first grant's balance.

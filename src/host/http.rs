@@ -74,6 +74,27 @@ impl EgressUse {
     pub fn bytes(&self) -> u64 {
         self.bytes_in.saturating_add(self.bytes_out)
     }
+
+    /// Adds a run's use to its tenant's series (nothing for a run that
+    /// made no request).
+    pub(crate) fn record(&self, tenant: &str) {
+        if *self == EgressUse::default() {
+            return;
+        }
+        let t = tenant.to_string();
+        let requests = |outcome: &'static str, n: u64| {
+            metrics::counter!("agentplane_egress_requests_total", "tenant" => t.clone(), "outcome" => outcome)
+                .increment(n)
+        };
+        requests("sent", self.requests);
+        requests("refused", self.refused);
+        let bytes = |direction: &'static str, n: u64| {
+            metrics::counter!("agentplane_egress_bytes_total", "tenant" => t.clone(), "direction" => direction)
+                .increment(n)
+        };
+        bytes("out", self.bytes_out);
+        bytes("in", self.bytes_in);
+    }
 }
 
 /// The counters behind [`EgressUse`], shared with the bodies in flight.

@@ -184,18 +184,7 @@ async fn run_inner(env: RunEnv, mut req: RunRequest, log: LiveLog) -> RunReport 
             RunOutcome::Interrupted => {}
         }
     }
-    let e = report.egress;
-    if e != EgressUse::default() {
-        let t = tenant.to_string();
-        metrics::counter!("agentplane_egress_requests_total", "tenant" => t.clone(), "outcome" => "sent")
-            .increment(e.requests);
-        metrics::counter!("agentplane_egress_requests_total", "tenant" => t.clone(), "outcome" => "refused")
-            .increment(e.refused);
-        metrics::counter!("agentplane_egress_bytes_total", "tenant" => t.clone(), "direction" => "out")
-            .increment(e.bytes_out);
-        metrics::counter!("agentplane_egress_bytes_total", "tenant" => t, "direction" => "in")
-            .increment(e.bytes_in);
-    }
+    report.egress.record(&tenant);
     // Built here, not as a span around the run: a span per run cost more
     // than a warm run itself, and only its end is worth a line.
     tracing::debug!(
