@@ -38,6 +38,7 @@ fn done() -> Finish {
         log: String::new(),
         new_state: None,
         http: Default::default(),
+        tokens: Default::default(),
     }
 }
 

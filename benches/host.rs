@@ -57,6 +57,7 @@ fn request(c: &Arc<LoadedComponent>, input: &str) -> RunRequest {
         cancel: CancellationToken::new(),
         egress: Default::default(),
         config: Vec::new(),
+        inference: Default::default(),
     }
 }
 

@@ -9,15 +9,16 @@
 -- ARGV[3]  max state conflicts before the job fails
 -- ARGV[4..7] prices (see SUBMIT)
 -- ARGV[8]  node faults after which the job fails with `node_fault`
--- ARGV[9]  N, the number of attempts; then for each attempt i, 14 fields
---          from ARGV[10 + 14 * (i - 1)]:
+-- ARGV[9]  N, the number of attempts; then for each attempt i, 17 fields
+--          from ARGV[10 + 17 * (i - 1)]:
 --   job id, fencing token, outcome ('ok' | 'failed' | 'cancelled'),
 --   error kind (failed), output (ok) or error message (failed), fuel used,
 --   wall ms, log (already bounded), new state mode ('none' | 'inline' |
 --   'blob'), the state's bytes ('blob': stored under its own key,
 --   state:<tenant>:<agent>:<version>), retry jitter 0..999, outgoing HTTP
 --   requests sent, their bytes both ways, and their price (credits, added
---   to the run's charge, which stays within its reservation)
+--   to the run's charge, which stays within its reservation), inference
+--   tokens in, tokens out, and their price (credits, added the same way)
 -- A tenant's cancel wins on every path: a flagged job ends `cancelled`
 -- (its run is settled, its state not committed). Kind `node_fault` is the
 -- node's failure: uncharged, not counted toward max_attempts, requeued
@@ -36,7 +37,7 @@
 local base, maxd, max_conflicts = uint(ARGV[1]), uint(ARGV[2]), uint(ARGV[3])
 local P = prices(ARGV[4], ARGV[5], ARGV[6], ARGV[7])
 local max_faults, count = uint(ARGV[8]), uint(ARGV[9])
-local STRIDE = 14
+local STRIDE = 17
 if base == nil or maxd == nil or max_conflicts == nil or P == nil or max_faults == nil
   or count == nil or count < 1 or #KEYS ~= count + 2 then
   return fail('malformed arguments')
@@ -64,9 +65,11 @@ for i = 1, count do
     kind = ARGV[a + 4], text = ARGV[a + 5], fuel = uint(ARGV[a + 6]), wall = uint(ARGV[a + 7]),
     log = ARGV[a + 8], smode = ARGV[a + 9], state = ARGV[a + 10], jitter = uint(ARGV[a + 11]),
     http_req = uint(ARGV[a + 12]), http_bytes = uint(ARGV[a + 13]), http_cost = uint(ARGV[a + 14]),
+    tok_in = uint(ARGV[a + 15]), tok_out = uint(ARGV[a + 16]), tok_cost = uint(ARGV[a + 17]),
     key = KEYS[1 + i] }
   if x.token == nil or x.fuel == nil or x.wall == nil or x.jitter == nil or x.key ~= jkey(x.jid)
-    or x.http_req == nil or x.http_bytes == nil or x.http_cost == nil then
+    or x.http_req == nil or x.http_bytes == nil or x.http_cost == nil or x.tok_in == nil
+    or x.tok_out == nil or x.tok_cost == nil then
     return fail('malformed arguments')
   end
   if x.outcome ~= 'ok' and x.outcome ~= 'failed' and x.outcome ~= 'cancelled' then
@@ -112,7 +115,7 @@ local function finalize_one(x)
   if fault then
     release_reservation(jid, J, T)
   else
-    local cost = charge(fuel, wall, g, P) + x.http_cost
+    local cost = charge(fuel, wall, g, P) + x.http_cost + x.tok_cost
     if cost > r then cost = r end
     x.cost = cost
     T.settled = n(T, 'settled') + cost
@@ -129,6 +132,10 @@ local function finalize_one(x)
     if x.http_req > 0 or x.http_bytes > 0 then
       for _, f in ipairs({ 'u_http_req', I(n(J, 'u_http_req') + x.http_req),
         'u_http_bytes', I(n(J, 'u_http_bytes') + x.http_bytes) }) do jf[#jf + 1] = f end
+    end
+    if x.tok_in > 0 or x.tok_out > 0 then
+      for _, f in ipairs({ 'u_tok_in', I(n(J, 'u_tok_in') + x.tok_in),
+        'u_tok_out', I(n(J, 'u_tok_out') + x.tok_out) }) do jf[#jf + 1] = f end
     end
   end
 

@@ -8,14 +8,17 @@
 -- KEYS[2 + 2i]  idempotency string    KEYS[1]:idem:<tenant>:<sha256(key)>
 -- ARGV[1]  tenant id            ARGV[2]  idempotency TTL (s)
 -- ARGV[3..6] prices: credits/Mfuel, credits/GPU-s, GPU slot weight, credits/slot-s
--- ARGV[7]  N, the number of jobs; then for each job i, 13 fields from
---          ARGV[8 + 13 * (i - 1)]:
+-- ARGV[7]  N, the number of jobs; then for each job i, 15 fields from
+--          ARGV[8 + 15 * (i - 1)]:
 --   new job id (ULID), component digest, input, agent id or '', contexts
 --   (JSON [[name, digest], ...]), gpus, max_attempts (>= 1), timeout_ms or '',
 --   fuel or '', delay_ms, sha256 of the body ('' without an idempotency key),
 --   callback_url or '' (checked by the API against the egress rules),
 --   credits each attempt reserves for outgoing HTTP requests (0 for a
---   component that makes none; stored as the job's `egress_r`)
+--   component that makes none; stored as the job's `egress_r`),
+--   tokens its attempts may spend on inference (0 for a component that
+--   calls no model; stored as `max_tokens`), and the credits each attempt
+--   reserves for them (stored as `tokens_r`)
 -- Returns: an array with one answer per job, in order, each
 --          {'created', id, state} | {'exists', id, state} | {'conflict'}
 --          | {'no_tenant'} | {'queue_full'} | {'credits', reservation, balance}
@@ -23,7 +26,7 @@
 local t, ttl = ARGV[1], uint(ARGV[2])
 local P = prices(ARGV[3], ARGV[4], ARGV[5], ARGV[6])
 local count = uint(ARGV[7])
-local STRIDE = 13
+local STRIDE = 15
 if t == '' or ttl == nil or P == nil or count == nil or count < 1
   or #ARGV ~= 7 + STRIDE * count or #KEYS ~= 3 + 2 * count then
   return fail('malformed arguments')
@@ -38,10 +41,11 @@ for i = 1, count do
     agent = ARGV[a + 4], contexts = ARGV[a + 5], gpus = uint(ARGV[a + 6]),
     max_attempts = uint(ARGV[a + 7]), timeout_ms = ARGV[a + 8], fuel = ARGV[a + 9],
     delay = uint(ARGV[a + 10]), body_hash = ARGV[a + 11], callback = ARGV[a + 12],
-    http_r = uint(ARGV[a + 13]), key = KEYS[1 + 2 * i], idem = KEYS[2 + 2 * i] }
+    http_r = uint(ARGV[a + 13]), max_tokens = uint(ARGV[a + 14]), tokens_r = uint(ARGV[a + 15]),
+    key = KEYS[1 + 2 * i], idem = KEYS[2 + 2 * i] }
   if x.jid == '' or x.component == '' then return fail('empty tenant, job or component') end
   if x.gpus == nil or x.max_attempts == nil or x.max_attempts < 1 or x.delay == nil
-    or x.http_r == nil then
+    or x.http_r == nil or x.max_tokens == nil or x.tokens_r == nil then
     return fail('malformed numeric argument')
   end
   if x.timeout_ms ~= '' and uint(x.timeout_ms) == nil then return fail('malformed timeout_ms') end
@@ -78,7 +82,8 @@ local function submit_one(x)
   -- `queued` may pass max_queued, but queued + running stays within
   -- max_queued + max_running: only SUBMIT adds, and only below max_queued.
   if n(T, 'queued') >= n(T, 'max_queued') then return { 'queue_full' } end
-  local J = { fuel = x.fuel, timeout_ms = x.timeout_ms, tenant = t, egress_r = x.http_r }
+  local J = { fuel = x.fuel, timeout_ms = x.timeout_ms, tenant = t, egress_r = x.http_r,
+    tokens_r = x.tokens_r }
   local fuel, timeout = effective(J, T)
   local r = reservation(fuel, timeout, x.gpus, P, J)
   local balance = n(T, 'granted') - n(T, 'settled')
@@ -103,6 +108,8 @@ local function submit_one(x)
   opt('callback', x.callback)
   if x.gpus > 0 then opt('gpus', I(x.gpus)) end
   if x.http_r > 0 then opt('egress_r', I(x.http_r)) end
+  if x.max_tokens > 0 then opt('max_tokens', I(x.max_tokens)) end
+  if x.tokens_r > 0 then opt('tokens_r', I(x.tokens_r)) end
   local state = 'queued'
   if x.delay > 0 then
     state = 'delayed'

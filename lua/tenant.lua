@@ -11,8 +11,10 @@
 --         side only (`TenantSpec`, `ControlConfig::default_limits`), so a
 --         create without one of them is refused as malformed.
 --         and `egress` (the tenant's `allowed_outbound_hosts`, rules one per
---         line in normal form, '' for none: checked by the Rust side, here
---         only bounded in size; the one field that is not an integer)
+--         line in normal form, '' for none) and `models` (its model grants,
+--         `model in out` one per line): checked by the Rust side, here only
+--         bounded in size; the two fields that are not integers.
+--         `max_tokens` (tokens one job may spend on inference) is optional.
 -- update: field/value pairs from ARGV[7] (same fields, each optional)
 -- grant:  ARGV[7] amount (may be negative); with an Idempotency-Key, KEYS[3] is the
 --         grant's key S:gidem:<tenant>:<sha256(key)> (the shard's absent key is then
@@ -29,10 +31,11 @@ local P = prices(ARGV[3], ARGV[4], ARGV[5], ARGV[6])
 if P == nil or KEYS[2] ~= tkey(t) then return fail('malformed arguments') end
 local allowed = { weight = true, max_running = true, max_queued = true, max_gpus = true,
   fuel = true, memory_bytes = true, timeout_ms = true,
-  max_component_bytes = true, max_context_bytes = true, max_state_bytes = true }
+  max_component_bytes = true, max_context_bytes = true, max_state_bytes = true,
+  max_tokens = true }
 
 -- Text fields and their longest value (bytes).
-local text = { egress = 64 * 260 }
+local text = { egress = 64 * 260, models = 64 * 110 }
 
 local function pairs_from(i)
   local kv = {}

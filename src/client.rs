@@ -95,6 +95,10 @@ pub struct NewTenant {
     pub max_state_bytes: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allowed_outbound_hosts: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub models: Option<Vec<crate::model::grants::ModelGrant>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens_per_job: Option<u64>,
 }
 
 /// `GET /v1/jobs` filter and page.

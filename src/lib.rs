@@ -27,6 +27,8 @@
 //!   that delivers them (run by every API process).
 //! - [`egress`]: outbound HTTP rules and the addresses a name may reach,
 //!   shared by callbacks and agents' `wasi:http` requests.
+//! - [`inference`]: models as node resources: loaded once per worker,
+//!   driven by one thread each that serves tenants in turn.
 //! - [`secrets`]: tenants' secrets: sealing, names and values, redaction.
 //! - [`embedded`]: the `redis-server` that `serve` starts when given no `--redis`.
 //! - [`client`]: the typed HTTP client of the API (CLI, `bench`, tests).
@@ -41,6 +43,7 @@ pub mod control;
 pub mod egress;
 pub mod embedded;
 pub mod host;
+pub mod inference;
 pub mod model;
 pub mod num;
 pub mod scheduler;

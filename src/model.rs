@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
 
+pub mod grants;
 mod ids;
 pub use ids::{InvalidTenantId, TenantId};
 
@@ -161,6 +162,13 @@ pub struct Usage {
     /// Their bytes, both ways (heads and bodies).
     #[serde(default)]
     pub http_bytes: u64,
+    /// Tokens its inference calls read (prompts, embedded texts), all
+    /// attempts.
+    #[serde(default)]
+    pub tokens_in: u64,
+    /// Tokens they generated.
+    #[serde(default)]
+    pub tokens_out: u64,
 }
 
 /// `{"kind", "message"}` of a failed job.
@@ -267,6 +275,14 @@ pub struct TenantSpec {
     /// every request refused). See README, "Outbound HTTP".
     #[serde(default)]
     pub allowed_outbound_hosts: Vec<String>,
+    /// The node models its agents may call (`inference`), each at a price
+    /// per 1,000 tokens in and out (default: none).
+    #[serde(default)]
+    pub models: Vec<grants::ModelGrant>,
+    /// Tokens in and out one job may spend on inference: a job may ask
+    /// for fewer (`max_tokens`), never more (default 4096).
+    #[serde(default, deserialize_with = "crate::num::opt_u53")]
+    pub max_tokens_per_job: Option<u64>,
 }
 
 fn one() -> u32 {
@@ -305,6 +321,10 @@ pub struct TenantPatch {
     pub max_state_bytes: Option<u64>,
     /// Replaces the whole list (`[]` allows nothing again).
     pub allowed_outbound_hosts: Option<Vec<String>>,
+    /// Replaces the whole list of model grants (`[]` allows none again).
+    pub models: Option<Vec<grants::ModelGrant>>,
+    #[serde(default, deserialize_with = "crate::num::opt_u53")]
+    pub max_tokens_per_job: Option<u64>,
 }
 
 #[cfg(test)]

@@ -422,6 +422,7 @@ async fn run_claim(shared: &Shared, claim: Claim, hard_stop: CancellationToken) 
             requests: report.egress.requests,
             bytes: report.egress.bytes(),
         },
+        tokens: report.tokens,
     };
     finalize(shared, Arc::new(lease), Arc::new(finish)).await
 }

@@ -60,6 +60,7 @@ fn finish_with_state(state: Option<Vec<u8>>) -> Finish {
         log: "l".into(),
         new_state: state,
         http: Default::default(),
+        tokens: Default::default(),
     }
 }
 

@@ -166,6 +166,7 @@ async fn a_cancel_during_a_failing_attempt_ends_cancelled_without_a_retry() {
         log: String::new(),
         new_state: None,
         http: Default::default(),
+        tokens: Default::default(),
     };
     let f = cp.finalize(&claimed[0].lease, &finish).await.unwrap();
     assert_eq!(f, Finalized::Cancelled);

@@ -22,6 +22,7 @@ fn succeed(output: &str) -> Finish {
         log: String::new(),
         new_state: None,
         http: Default::default(),
+        tokens: Default::default(),
     }
 }
 

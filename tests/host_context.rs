@@ -85,6 +85,7 @@ fn request_without_context(c: &Arc<LoadedComponent>, input: &str) -> RunRequest 
         cancel: CancellationToken::new(),
         egress: Default::default(),
         config: Vec::new(),
+        inference: Default::default(),
     }
 }
 

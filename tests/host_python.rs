@@ -141,6 +141,7 @@ async fn a_componentize_py_agent_is_admitted_and_runs() {
         cancel: CancellationToken::new(),
         egress: Default::default(),
         config: Vec::new(),
+        inference: Default::default(),
     };
     let r = host.run(req("hello", None)).await;
     assert_eq!(

@@ -24,6 +24,7 @@ fn request(c: &Arc<LoadedComponent>, limits: Limits) -> RunRequest {
         cancel: CancellationToken::new(),
         egress: Default::default(),
         config: Vec::new(),
+        inference: Default::default(),
     }
 }
 

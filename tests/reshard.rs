@@ -138,6 +138,7 @@ async fn move_under_load(paused: bool) {
                             log: String::new(),
                             new_state: None,
                             http: Default::default(),
+                            tokens: Default::default(),
                         };
                         match cp.finalize(&c.lease, &fin).await {
                             Ok(_) => {}

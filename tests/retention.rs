@@ -48,6 +48,7 @@ fn ok_finish(log: &str) -> Finish {
         log: log.into(),
         new_state: None,
         http: Default::default(),
+        tokens: Default::default(),
     }
 }
 
@@ -247,7 +248,7 @@ async fn the_scheduler_expires_finished_jobs() {
     let cp = ControlPlane::connect(&stack.url, ControlConfig::default())
         .await
         .unwrap();
-    cp.put_component(&tid("sched"), FAKE_DIGEST, b"not wasm", false)
+    cp.put_component(&tid("sched"), FAKE_DIGEST, b"not wasm", Default::default())
         .await
         .unwrap();
     let id = stack
@@ -400,7 +401,7 @@ async fn a_full_redis_is_a_clear_503_and_writes_nothing() {
     let cp = ControlPlane::connect(&stack.url, ControlConfig::default())
         .await
         .unwrap();
-    cp.put_component(&tid("filler"), FAKE_DIGEST, b"not wasm", false)
+    cp.put_component(&tid("filler"), FAKE_DIGEST, b"not wasm", Default::default())
         .await
         .unwrap();
     let mut c = raw(&stack.url).await;
@@ -859,13 +860,13 @@ async fn a_failed_upload_is_not_counted() {
     let meta = cp.keys().component(t, FAKE_DIGEST);
     let _: () = c.set(&meta, "in the way").await.unwrap();
     assert!(
-        cp.put_component(&tid(t), FAKE_DIGEST, &[7u8; 5_000], false)
+        cp.put_component(&tid(t), FAKE_DIGEST, &[7u8; 5_000], Default::default())
             .await
             .is_err()
     );
     assert_eq!(usage_of(&cp, &r.url, t, "component").await, (0, 0));
     let _: () = c.del(&meta).await.unwrap();
-    cp.put_component(&tid(t), FAKE_DIGEST, &[7u8; 5_000], false)
+    cp.put_component(&tid(t), FAKE_DIGEST, &[7u8; 5_000], Default::default())
         .await
         .unwrap();
     let want = 5_000 + ITEM_OVERHEAD_BYTES;

@@ -5,7 +5,7 @@
 // Input (JSON): {"url": "..."}. Output (JSON): {"status", "body"} (a
 // redirect comes back as it is: the host follows none); a refused or
 // failed request rejects, and the agent answers Err("fetch <url>: <why>").
-import { write } from 'agentplane:agent/log@0.1.0';
+import { write } from 'agentplane:agent/log@0.1.1';
 
 export async function run(input) {
   const req = JSON.parse(input);

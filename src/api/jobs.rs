@@ -100,6 +100,14 @@ fn validate(req: &JobRequest, tenant: &TenantInfo, max_input: usize) -> ApiResul
             "`max_attempts` must be between 1 and {MAX_ATTEMPTS_CAP}"
         )));
     }
+    if let Some(v) = req.max_tokens
+        && v > tenant.max_tokens_per_job
+    {
+        return Err(ApiError::Invalid(format!(
+            "`max_tokens` is {v} but the tenant's limit is {}; a job may only lower it",
+            tenant.max_tokens_per_job
+        )));
+    }
     for (name, asked, cap) in [
         ("timeout_ms", req.timeout_ms, tenant.limits.timeout_ms),
         ("fuel", req.fuel, tenant.limits.fuel),
@@ -170,7 +178,7 @@ pub(super) async fn submit(
     check_callback(&state, &req)?;
     // The raw body is hashed, so a replay must repeat it byte for byte.
     let idem = idem.map(|k| (k, hex::encode(Sha256::digest(&bytes))));
-    let submitted = submit_one(&state, &tenant, req, idem).await?;
+    let submitted = submit_one(&state, &tenant, &info, req, idem).await?;
     let status = if submitted.created {
         metrics::counter!("agentplane_jobs_submitted_total", "tenant" => tenant.clone())
             .increment(1);
@@ -191,6 +199,7 @@ pub(super) async fn submit(
 async fn submit_one(
     state: &AppState,
     tenant: &TenantId,
+    info: &TenantInfo,
     req: JobRequest,
     idempotency: Option<(String, String)>,
 ) -> ApiResult<crate::control::Submitted> {
@@ -209,6 +218,13 @@ async fn submit_one(
             .ok_or(ApiError::NotFound("context"))?;
         contexts.push((name.clone(), meta.digest));
     }
+    // A component that calls the node's models reserves its whole token
+    // allowance at the tenant's dearest granted rate.
+    let max_tokens = if component.inference {
+        req.max_tokens.unwrap_or(info.max_tokens_per_job)
+    } else {
+        0
+    };
     let spec = SubmitSpec {
         component: req.component,
         input: req.input,
@@ -222,6 +238,8 @@ async fn submit_one(
         idempotency,
         callback_url: req.callback_url,
         outbound_http: component.outbound_http,
+        max_tokens,
+        tokens_reserve: crate::model::grants::reserve(max_tokens, &info.models),
     };
     cp.submit(tenant, &spec)
         .await
@@ -319,7 +337,7 @@ pub(super) async fn batch(
             let req = parse_job_request(&raw, &info, cfg.max_input_bytes)?;
             check_callback(&state, &req)?;
             let idem = key.map(|k| (k, hex::encode(Sha256::digest(&raw))));
-            submit_one(&state, &tenant, req, idem).await
+            submit_one(&state, &tenant, &info, req, idem).await
         };
         results.push(match one.await {
             Ok(s) => {
@@ -515,6 +533,8 @@ mod tests {
             storage: Default::default(),
             parked: None,
             allowed_outbound_hosts: Vec::new(),
+            models: Vec::new(),
+            max_tokens_per_job: 4096,
         }
     }
 

@@ -31,6 +31,15 @@ pub struct JobRequest {
     /// `http://` or `https://`, allowed by the deployment's egress rules.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub callback_url: Option<String>,
+    /// Tokens in and out each attempt may spend on inference; at most the
+    /// tenant's `max_tokens_per_job` (the default). Only a component that
+    /// imports `agentplane:agent/inference` reserves for them.
+    #[serde(
+        default,
+        deserialize_with = "crate::num::opt_u53",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub max_tokens: Option<u64>,
 }
 
 /// `POST /v1/jobs` and `POST /v1/jobs/{id}/cancel`: `{"id","state"}`.

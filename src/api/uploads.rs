@@ -52,7 +52,15 @@ pub(super) async fn push_component(
     })?;
     let meta = state
         .control()
-        .put_component(&tenant, &admitted.digest, &bytes, admitted.outbound_http)
+        .put_component(
+            &tenant,
+            &admitted.digest,
+            &bytes,
+            crate::control::Imports {
+                outbound_http: admitted.outbound_http,
+                inference: admitted.inference,
+            },
+        )
         .await
         .map_err(|e| ApiError::from_cp(e, "component"))?;
     tracing::info!(%tenant, digest = %meta.digest, size = meta.size, "component stored");

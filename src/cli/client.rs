@@ -71,7 +71,7 @@ pub enum ContextCmd {
 #[derive(Debug, Subcommand)]
 pub enum JobCmd {
     /// Submits a job and prints `{"id","state"}` (or the finished job with `--wait`).
-    Submit(SubmitArgs),
+    Submit(Box<SubmitArgs>),
     /// Prints a job.
     Get {
         /// Job id.
@@ -167,6 +167,10 @@ pub struct SubmitArgs {
     /// `--callback-allow` rules must allow it).
     #[arg(long)]
     pub callback_url: Option<String>,
+    /// Tokens each attempt may spend on inference (only lower than the
+    /// tenant's `max_tokens_per_job`).
+    #[arg(long)]
+    pub max_tokens: Option<u64>,
     /// Makes the submission safe to retry: the same key and body give the same job.
     #[arg(long)]
     pub idempotency_key: Option<String>,
@@ -259,6 +263,7 @@ pub async fn job(cmd: JobCmd) -> anyhow::Result<ExitCode> {
                 fuel: a.fuel,
                 delay_ms: a.delay_ms.unwrap_or(0),
                 callback_url: a.callback_url,
+                max_tokens: a.max_tokens,
             };
             let c = client(&a.conn)?;
             let submitted = c.submit(&req, a.idempotency_key.as_deref()).await;

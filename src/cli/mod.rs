@@ -62,6 +62,26 @@ pub enum Command {
     /// Checks every control-plane invariant against a live deployment
     /// (read-only); prints each violation and exits 1 if there is any.
     Audit(audit::AuditArgs),
+    /// Writes a Llama model of random weights (config.json,
+    /// tokenizer.json, model.safetensors) to try `--model` with, nothing
+    /// downloaded. Its tokenizer makes one token of each byte.
+    RandomModel(RandomModelArgs),
+}
+
+/// `agentplane random-model DIR`.
+#[derive(Debug, Clone, Args)]
+pub struct RandomModelArgs {
+    /// Directory to write the model to (created if missing).
+    pub dir: std::path::PathBuf,
+    /// Width of the model.
+    #[arg(long, default_value_t = crate::inference::random::Shape::TINY.hidden)]
+    pub hidden: usize,
+    /// Transformer layers.
+    #[arg(long, default_value_t = crate::inference::random::Shape::TINY.layers)]
+    pub layers: usize,
+    /// Seed of the weights.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
 }
 
 /// Control-plane settings every process of one deployment must agree on.
@@ -187,6 +207,15 @@ pub struct SlotArgs {
     pub warm_instances: u32,
     #[command(flatten)]
     pub egress: EgressArgs,
+    /// A model this node loads at start and shares across every instance
+    /// (`agentplane:agent/inference`), as NAME=PATH: a Hugging Face model
+    /// directory of the Llama architecture (config.json, tokenizer.json,
+    /// *.safetensors); or NAME=URL: an OpenAI-compatible server on the
+    /// node (`http://127.0.0.1:8000/v1`). Repeat for more models. Which
+    /// tenants may call it, and at what price, is set on each tenant
+    /// (`models`).
+    #[arg(long = "model", value_name = "NAME=PATH|URL")]
+    pub models: Vec<crate::inference::ModelSpec>,
 }
 
 /// Bounds of agents' outgoing HTTP requests on a worker node (README,
@@ -476,6 +505,21 @@ pub fn run(cli: Cli) -> ExitCode {
                 bench::bench(a).await
             }
             Command::Audit(a) => audit::audit(a).await,
+            Command::RandomModel(a) => {
+                let tiny = crate::inference::random::Shape::TINY;
+                let shape = crate::inference::random::Shape {
+                    hidden: a.hidden,
+                    layers: a.layers,
+                    intermediate: 2 * a.hidden,
+                    ..tiny
+                };
+                crate::inference::random::write(&a.dir, shape, a.seed)?;
+                println!(
+                    "{}",
+                    serde_json::json!({"dir": a.dir, "bytes": shape.bytes()})
+                );
+                Ok(ExitCode::SUCCESS)
+            }
         }
     });
     match result {

@@ -105,6 +105,7 @@ fn worker_host(
             .saturating_add(slots.warm_instances),
         warm_instances: slots.warm_instances as usize,
         egress: slots.egress.limits(),
+        models: slots.models.clone(),
         cache_dir,
         compile_child: compile_child(),
         ..HostConfig::default()

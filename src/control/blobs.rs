@@ -13,6 +13,19 @@ pub struct ComponentMeta {
     /// outgoing requests (README, "Outbound HTTP").
     #[serde(default)]
     pub outbound_http: bool,
+    /// It imports `agentplane:agent/inference`: its jobs reserve for
+    /// tokens (README, "Models").
+    #[serde(default)]
+    pub inference: bool,
+}
+
+/// What an admitted component imports that its jobs pay for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Imports {
+    /// `wasi:http/outgoing-handler` (`Admitted::outbound_http`).
+    pub outbound_http: bool,
+    /// `agentplane:agent/inference` (`Admitted::inference`).
+    pub inference: bool,
 }
 
 /// Metadata of a named context, per tenant.
@@ -25,23 +38,21 @@ pub struct ContextMeta {
 }
 
 impl ControlPlane {
-    /// Stores an admitted component for `tenant`; `outbound_http`: it
-    /// imports `wasi:http/outgoing-handler` (`Admitted::outbound_http`).
+    /// Stores an admitted component for `tenant`, with what it imports
+    /// that its jobs pay for.
     pub async fn put_component(
         &self,
         tenant: &TenantId,
         digest: &str,
         bytes: &[u8],
-        outbound_http: bool,
+        imports: Imports,
     ) -> Result<ComponentMeta, CpError> {
         // The quota first: a refused upload writes nothing; a write that
         // fails gives the charge back.
         let charge = self
             .charge_bytes(tenant, Stored::Component, digest, bytes.len() as u64)
             .await?;
-        let write = self
-            .write_component(tenant, digest, bytes, outbound_http)
-            .await;
+        let write = self.write_component(tenant, digest, bytes, imports).await;
         self.refund_on_err(charge, write).await
     }
 
@@ -50,7 +61,7 @@ impl ControlPlane {
         tenant: &str,
         digest: &str,
         bytes: &[u8],
-        outbound_http: bool,
+        imports: Imports,
     ) -> Result<ComponentMeta, CpError> {
         let mut c = self.conn();
         // The blob first: metadata must never point at missing bytes.
@@ -60,7 +71,8 @@ impl ControlPlane {
             digest: digest.to_string(),
             size: bytes.len() as u64,
             created_at: rfc3339_ms(now_ms()),
-            outbound_http,
+            outbound_http: imports.outbound_http,
+            inference: imports.inference,
         };
         let key = self.keys.component(tenant, digest);
         let _: () = c
@@ -69,7 +81,8 @@ impl ControlPlane {
                 &[
                     ("size", meta.size.to_string()),
                     ("created_at", meta.created_at.clone()),
-                    ("http", u8::from(outbound_http).to_string()),
+                    ("http", u8::from(imports.outbound_http).to_string()),
+                    ("inf", u8::from(imports.inference).to_string()),
                 ],
             )
             .await?;
@@ -90,6 +103,7 @@ impl ControlPlane {
             size: num(&h, "size") as u64,
             created_at: h.get("created_at").cloned().unwrap_or_default(),
             outbound_http: num(&h, "http") == 1,
+            inference: num(&h, "inf") == 1,
         }))
     }
 

@@ -29,6 +29,10 @@ pub struct Claim {
     pub state_version: u64,
     /// The tenant's `allowed_outbound_hosts` as of the claim.
     pub egress: Arc<crate::egress::Policy>,
+    /// Tokens the job may spend on inference (fixed at submission).
+    pub max_tokens: u64,
+    /// The tenant's model grants as of the claim.
+    pub models: Arc<Vec<crate::model::grants::ModelGrant>>,
 }
 
 /// ARGV of `lua/claim.lua`, in its header's order.
@@ -57,7 +61,7 @@ impl ClaimArgs<'_> {
 /// One record of CLAIM's answer, read in the order `lua/claim.lua` lists:
 /// `{job, tenant, token, attempt, component, input, contexts, gpus, fuel,
 /// memory_bytes, timeout_ms, agent_id, state, legacy_state_ptr,
-/// state_version, egress}`.
+/// state_version, egress, max_tokens, models}`.
 struct ClaimRecord {
     attempt: u32,
     component: String,
@@ -70,6 +74,8 @@ struct ClaimRecord {
     legacy_ptr: Option<String>,
     state_version: u64,
     egress: Arc<crate::egress::Policy>,
+    max_tokens: u64,
+    models: Arc<Vec<crate::model::grants::ModelGrant>>,
 }
 
 impl ClaimRecord {
@@ -112,6 +118,18 @@ impl ClaimRecord {
                     let text = r.string("egress")?;
                     crate::egress::Policy::shared(&text)
                         .map_err(|e| bad(format!("CLAIM: egress {text:?}: {e}")))?
+                },
+                max_tokens: r.uint("max_tokens")?,
+                models: {
+                    let text = r.string("models")?;
+                    if text.is_empty() {
+                        Arc::default()
+                    } else {
+                        Arc::new(
+                            crate::model::grants::from_stored(&text)
+                                .map_err(|e| bad(format!("CLAIM: models: {e}")))?,
+                        )
+                    }
                 },
             };
             r.end()?;
@@ -191,6 +209,7 @@ impl ControlPlane {
             log: String::new(),
             new_state: None,
             http: Default::default(),
+            tokens: Default::default(),
         };
         if let Err(e) = self.finalize(lease, &finish).await {
             tracing::warn!(job = %lease.job_id, error = %e, "FINALIZE of an unrunnable claim failed; releasing");
@@ -298,6 +317,8 @@ impl ControlPlane {
                 state,
                 state_version: rec.state_version,
                 egress: rec.egress,
+                max_tokens: rec.max_tokens,
+                models: rec.models,
             });
         }
         Ok(out)

@@ -80,6 +80,8 @@ impl ControlPlane {
                 credits: num(h, "u_credits"),
                 http_requests: num(h, "u_http_req") as u64,
                 http_bytes: num(h, "u_http_bytes") as u64,
+                tokens_in: num(h, "u_tok_in") as u64,
+                tokens_out: num(h, "u_tok_out") as u64,
             },
             created_at: rfc3339_ms(num(h, "created") as u64),
             started_at: opt_time(h, "started"),
@@ -105,7 +107,7 @@ impl ControlPlane {
 
     /// The fields of a job hash that [`Job`] shows, never the input (up to
     /// 1 MiB each: a page of whole records was 105 MB for 100 jobs).
-    const JOB_VIEW: [&'static str; 22] = [
+    const JOB_VIEW: [&'static str; 24] = [
         "tenant",
         "state",
         "component",
@@ -119,6 +121,8 @@ impl ControlPlane {
         "u_credits",
         "u_http_req",
         "u_http_bytes",
+        "u_tok_in",
+        "u_tok_out",
         "created",
         "started",
         "finished",

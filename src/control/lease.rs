@@ -29,6 +29,9 @@ pub struct Finish {
     pub new_state: Option<Vec<u8>>,
     /// What the run's outgoing HTTP requests used: billed with the run.
     pub http: HttpUse,
+    /// What its inference calls used, priced at its tenant's grants:
+    /// billed with the run.
+    pub tokens: crate::model::grants::TokenUse,
 }
 
 /// A run's outgoing HTTP requests (`wasi:http`), as its bill counts them.
@@ -117,6 +120,7 @@ struct FinalizeAttempt<'a> {
     jitter: u32,
     http: HttpUse,
     http_cost: u64,
+    tokens: crate::model::grants::TokenUse,
 }
 
 impl FinalizeArgs<'_> {
@@ -142,7 +146,10 @@ impl FinalizeArgs<'_> {
                 .arg(a.jitter)
                 .arg(a.http.requests)
                 .arg(a.http.bytes)
-                .arg(a.http_cost);
+                .arg(a.http_cost)
+                .arg(a.tokens.tokens_in)
+                .arg(a.tokens.tokens_out)
+                .arg(a.tokens.credits());
         }
     }
 }
@@ -383,6 +390,7 @@ impl ControlPlane {
                     .cfg
                     .prices
                     .http_cost(finish.http.requests, finish.http.bytes),
+                tokens: finish.tokens,
             });
         }
         let retry = self.retry();

@@ -62,7 +62,7 @@ mod tenant;
 mod wake;
 
 pub use admin::TenantRow;
-pub use blobs::{ComponentMeta, ContextMeta};
+pub use blobs::{ComponentMeta, ContextMeta, Imports};
 pub use claim::{Claim, Lease};
 pub use config::{ControlConfig, EgressBudget, Prices};
 pub use error::CpError;

@@ -60,6 +60,11 @@ pub struct UsageBucket {
     pub http_requests: u64,
     #[serde(default)]
     pub http_bytes: u64,
+    /// Inference tokens their agents read and generated.
+    #[serde(default)]
+    pub tokens_in: u64,
+    #[serde(default)]
+    pub tokens_out: u64,
     /// Jobs by state now (`succeeded`, `failed`, `cancelled`, or still
     /// `queued`, `delayed`, `running`).
     pub jobs: BTreeMap<String, u64>,
@@ -91,6 +96,8 @@ impl UsageBucket {
         self.credits += num(h, "u_credits");
         self.http_requests += num(h, "u_http_req").max(0) as u64;
         self.http_bytes += num(h, "u_http_bytes").max(0) as u64;
+        self.tokens_in += num(h, "u_tok_in").max(0) as u64;
+        self.tokens_out += num(h, "u_tok_out").max(0) as u64;
         let state = h.get("state").cloned().unwrap_or_default();
         if state == "failed"
             && let Some(k) = h.get("ekind").filter(|k| !k.is_empty())
@@ -225,6 +232,8 @@ impl ControlPlane {
             "u_credits",
             "u_http_req",
             "u_http_bytes",
+            "u_tok_in",
+            "u_tok_out",
             "gpus",
             "created",
         ];

@@ -27,6 +27,12 @@ pub struct SubmitSpec {
     /// (`ComponentMeta::outbound_http`): each attempt reserves the price of
     /// the whole egress budget ([`EgressBudget`]) with its fuel and time.
     pub outbound_http: bool,
+    /// Tokens each attempt may spend on inference (0: its component calls
+    /// no model), at most the tenant's `max_tokens_per_job`.
+    pub max_tokens: u64,
+    /// Credits each attempt reserves for them
+    /// (`model::grants::reserve` at the tenant's prices).
+    pub tokens_reserve: u64,
 }
 
 /// What SUBMIT answered.
@@ -80,7 +86,9 @@ impl SubmitArgs<'_> {
                 .arg(s.delay_ms)
                 .arg(j.body_hash)
                 .arg(s.callback_url.as_deref().unwrap_or_default())
-                .arg(j.http_reserve);
+                .arg(j.http_reserve)
+                .arg(s.max_tokens)
+                .arg(s.tokens_reserve);
         }
     }
 }

@@ -38,6 +38,10 @@ pub struct TenantInfo {
     /// Where the tenant's agents may send HTTP requests, each rule in
     /// normal form (`scheme://host:port`).
     pub allowed_outbound_hosts: Vec<String>,
+    /// The node models its agents may call, at its prices.
+    pub models: Vec<crate::model::grants::ModelGrant>,
+    /// Tokens in and out one job may spend on inference.
+    pub max_tokens_per_job: u64,
 }
 
 /// A tenant's byte quotas and usage (`GET /v1/tenants/{id}` `storage`).
@@ -79,6 +83,24 @@ fn egress_field(list: &[String]) -> Result<[String; 2], CpError> {
     let policy = crate::egress::Policy::parse(list)
         .map_err(|e| CpError::Invalid(format!("allowed_outbound_hosts: {e}")))?;
     Ok(["egress".to_string(), policy.to_stored()])
+}
+
+/// The `models` field of TENANT's field list: the grants checked and
+/// stored one per line.
+fn models_field(list: &[crate::model::grants::ModelGrant]) -> Result<[String; 2], CpError> {
+    crate::model::grants::check(list).map_err(|e| CpError::Invalid(format!("models: {e}")))?;
+    Ok(["models".to_string(), crate::model::grants::to_stored(list)])
+}
+
+/// Checks a tenant's per-job token allowance.
+fn max_tokens_field(v: u64) -> Result<(String, u64), CpError> {
+    use crate::model::grants::MAX_TOKENS_PER_JOB;
+    if v > MAX_TOKENS_PER_JOB {
+        return Err(CpError::Invalid(format!(
+            "max_tokens_per_job must be at most {MAX_TOKENS_PER_JOB}"
+        )));
+    }
+    Ok(("max_tokens".into(), v))
 }
 
 impl ControlPlane {
@@ -149,6 +171,10 @@ impl ControlPlane {
             ("fuel".into(), d.fuel),
             ("memory_bytes".into(), d.memory_bytes),
             ("timeout_ms".into(), d.timeout_ms),
+            max_tokens_field(
+                spec.max_tokens_per_job
+                    .unwrap_or(crate::model::grants::DEFAULT_MAX_TOKENS_PER_JOB),
+            )?,
         ];
         Self::tenant_fields(spec.limits.as_ref(), &mut fields);
         let mut extra = vec![token_hash.to_string(), spec.credits.to_string()];
@@ -157,6 +183,7 @@ impl ControlPlane {
             extra.push(v.to_string());
         }
         extra.extend(egress_field(&spec.allowed_outbound_hosts)?);
+        extra.extend(models_field(&spec.models)?);
         let v = self.tenant_script(&spec.id, "create", &extra).await?;
         match Reply::status("TENANT create", &v)? {
             (Status::Ok, r) => r.end(),
@@ -190,12 +217,18 @@ impl ControlPlane {
             }
         }
         Self::tenant_fields(patch.limits.as_ref(), &mut fields);
+        if let Some(v) = patch.max_tokens_per_job {
+            fields.push(max_tokens_field(v)?);
+        }
         let mut extra: Vec<String> = fields
             .into_iter()
             .flat_map(|(k, v)| [k, v.to_string()])
             .collect();
         if let Some(list) = &patch.allowed_outbound_hosts {
             extra.extend(egress_field(list)?);
+        }
+        if let Some(list) = &patch.models {
+            extra.extend(models_field(list)?);
         }
         let v = self.tenant_script(id, "update", &extra).await?;
         match Reply::status("TENANT update", &v)? {
@@ -320,6 +353,13 @@ impl ControlPlane {
                 .map_err(|e| bad(format!("tenant {id}: egress: {e}")))?
                 .unwrap_or_default()
                 .list(),
+            models: crate::model::grants::from_stored(h.get("models").map_or("", String::as_str))
+                .map_err(|e| bad(format!("tenant {id}: models: {e}")))?,
+            max_tokens_per_job: h
+                .get("max_tokens")
+                .map_or(crate::model::grants::DEFAULT_MAX_TOKENS_PER_JOB, |_| {
+                    num(&h, "max_tokens") as u64
+                }),
             parked: h
                 .get("parked")
                 .filter(|p| !p.is_empty() && p.as_str() != "empty")

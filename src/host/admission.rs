@@ -15,12 +15,22 @@ use wasmtime::component::types::ComponentItem;
 use wasmtime::component::{Component, Linker};
 use wasmtime::wasmparser::Parser;
 
-/// The imports of this world a component may use, besides WASI 0.2.
-const AGENT_INTERFACES: [&str; 3] = [
+/// The imports of this world a component may use, besides WASI 0.2: those
+/// of 0.1.0, and of 0.1.1, which added `inference` (a 0.1.0 import is
+/// served by the 0.1.1 definition: wasmtime links compatible versions).
+const AGENT_INTERFACES: [&str; 7] = [
     "agentplane:agent/context@0.1.0",
     "agentplane:agent/state@0.1.0",
     "agentplane:agent/log@0.1.0",
+    "agentplane:agent/context@0.1.1",
+    "agentplane:agent/state@0.1.1",
+    "agentplane:agent/log@0.1.1",
+    INFERENCE,
 ];
+
+/// The interface of the node's models: its components' jobs reserve for
+/// tokens.
+const INFERENCE: &str = "agentplane:agent/inference@0.1.1";
 
 /// Whether `name` is an interface of WASI 0.2.x (`wasi:<pkg>/<iface>@0.2.<n>`).
 fn is_wasi_p2(name: &str) -> bool {
@@ -81,8 +91,8 @@ pub(crate) fn check_component(
     for (name, _) in ty.imports(engine) {
         if !is_wasi_p2(name) && !AGENT_INTERFACES.contains(&name) {
             return Err(invalid(format!(
-                "component imports `{name}`, which is not WASI 0.2 or agentplane:agent@0.1.0 \
-                 (context, state, log)"
+                "component imports `{name}`, which is not WASI 0.2 or agentplane:agent@0.1.1 \
+                 (context, state, log, inference)"
             )));
         }
     }
@@ -244,6 +254,7 @@ impl Compiler {
             size: in_memory_size(&component, bytes.len()),
             outbound_http: imports(&self.engine, &component, "wasi:http/outgoing-handler@"),
             reads_config: imports(&self.engine, &component, "wasi:config/store@"),
+            inference: imports(&self.engine, &component, INFERENCE),
             digest,
             pre,
         })
@@ -263,6 +274,7 @@ impl Compiler {
             size: in_memory_size(&component, upload_size),
             outbound_http: imports(&self.engine, &component, "wasi:http/outgoing-handler@"),
             reads_config: imports(&self.engine, &component, "wasi:config/store@"),
+            inference: imports(&self.engine, &component, INFERENCE),
         })
     }
 }

@@ -49,6 +49,9 @@ pub struct HostConfig {
     pub warm_idle_ttl: Duration,
     /// Bounds of agents' outgoing HTTP requests (`wasi:http`).
     pub egress: EgressLimits,
+    /// Models loaded at start and shared by every instance
+    /// (`--model NAME=PATH`); none by default.
+    pub models: Vec<crate::inference::ModelSpec>,
 }
 
 /// Bounds of agents' outgoing HTTP requests on this node (`wasi:http`,
@@ -101,6 +104,7 @@ impl Default for HostConfig {
             warm_instances: 0,
             warm_idle_ttl: limits::WARM_IDLE_TTL,
             egress: EgressLimits::default(),
+            models: Vec::new(),
         }
     }
 }
@@ -146,6 +150,8 @@ pub struct Admitted {
     pub size: usize,
     /// It imports `wasi:http/outgoing-handler`.
     pub outbound_http: bool,
+    /// It imports `agentplane:agent/inference`.
+    pub inference: bool,
 }
 
 /// Where and how components are compiled out of process.

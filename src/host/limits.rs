@@ -62,3 +62,16 @@ pub const CALL_FUEL: u64 = 1_000;
 /// Bytes copied in or out of the guest per unit of fuel (state, log lines,
 /// hits, tools).
 pub const BYTES_PER_FUEL: u64 = 4;
+
+/// Bytes of one `inference.complete` prompt (a chat rendered), or of all
+/// the texts of one `inference.embed` call.
+pub const MAX_PROMPT_BYTES: usize = 256 << 10;
+
+/// Texts one `inference.embed` call may embed.
+pub const MAX_EMBED_TEXTS: usize = 256;
+
+/// Fuel per byte of text an inference call tokenizes, charged before the
+/// tokenizer runs: the host's CPU for it is the guest's to pay, whether
+/// the call then fits the job's token allowance or not (about what the
+/// guest would burn walking the bytes itself).
+pub const TOKENIZE_FUEL_PER_BYTE: u64 = 64;

@@ -21,7 +21,8 @@
 //! structure  <- config
 //! compile    <- config, engine
 //! http       <- config, sandbox                       (wasi:http under the egress policy)
-//! state      <- bindings, budget, http, sandbox, limits (RunState + host imports)
+//! inference  <- bindings, limits, state               (agentplane:agent/inference)
+//! state      <- bindings, budget, http, inference, sandbox, limits (RunState + host imports)
 //! random     <- state, sandbox, limits                (wasi:random, charged)
 //! admission  <- config, bindings, state, structure, compile
 //! warm       <- bindings, state                       (idle instances)
@@ -40,7 +41,8 @@
 //! `agentplane_host_warm_reuses_total`,
 //! `agentplane_host_component_disk_loads_total`,
 //! `agentplane_egress_requests_total{tenant,outcome}`,
-//! `agentplane_egress_bytes_total{tenant,direction}`.
+//! `agentplane_egress_bytes_total{tenant,direction}`; the inference
+//! series are listed in `crate::inference`.
 
 mod admission;
 mod bindings;
@@ -51,6 +53,7 @@ mod compile;
 mod config;
 mod engine;
 mod http;
+mod inference;
 pub mod limits;
 mod random;
 mod run;
@@ -62,6 +65,7 @@ mod warm;
 pub use compile::child_main as compile_child_main;
 pub use config::{AdmissionError, Admitted, CompileChild, EgressLimits, HostConfig, HostError};
 pub use http::{EgressGrant, EgressUse};
+pub use inference::InferenceGrant;
 pub use run::{RunOutcome, RunReport, RunRequest};
 pub use sandbox::{LIVE_FLUSH_BYTES, LiveLog};
 pub use state::LoadedComponent;
@@ -184,6 +188,8 @@ pub struct Host {
     tenants: Mutex<HashMap<String, Arc<budget::TenantBudget>>>,
     /// Idle instances for reuse; `None` when `warm_instances` is 0.
     warm: Option<Arc<warm::WarmPool>>,
+    /// The node's models (`HostConfig::models`), loaded once.
+    models: Arc<crate::inference::Models>,
 }
 
 /// Tenants remembered before idle ones (nothing running) are forgotten:
@@ -207,6 +213,7 @@ impl Host {
         bindings::Agent::add_to_linker::<_, HasSelf<state::RunState>>(&mut linker, |s| s)?;
         random::shadow(&mut linker)?;
         let compiler = admission::Compiler::new(engine, linker, &cfg)?;
+        let models = Arc::new(crate::inference::Models::load(&cfg.models)?);
         let warm = match cfg.warm_instances {
             0 => None,
             n => {
@@ -217,6 +224,7 @@ impl Host {
         };
         Ok(Host {
             warm,
+            models,
             components: cache::Cache::new(
                 usize::try_from(cfg.component_cache_bytes).unwrap_or(usize::MAX),
             ),
@@ -247,6 +255,7 @@ impl Host {
             digest: loaded.digest.clone(),
             size: bytes.len(),
             outbound_http: loaded.outbound_http,
+            inference: loaded.inference,
         };
         self.components.insert(&admitted.digest, Arc::new(loaded));
         Ok(admitted)
@@ -325,8 +334,14 @@ impl Host {
             tenant: self.tenant_budget(&req.tenant),
             egress: self.cfg.egress,
             warm: self.warm.clone(),
+            models: self.models.clone(),
         };
         run::run(env, req, log).await
+    }
+
+    /// The node's models, loaded at start (`HostConfig::models`).
+    pub fn models(&self) -> &Arc<crate::inference::Models> {
+        &self.models
     }
 
     /// Components compiled from bytes by this host (not loaded from the disk

@@ -8,10 +8,13 @@ use super::classify::{classify, classify_instantiation, host_failure};
 use super::config::EgressLimits;
 use super::engine::{EPOCH_TICK, ticks_for};
 use super::http::{Egress, EgressGrant, EgressUse};
+use super::inference::{InferenceGrant, InferenceJob};
 use super::sandbox::{self, Capture, LiveLog};
 use super::state::{JobData, LoadedComponent, RunState};
 use super::warm::{Warm, WarmKey, WarmPool};
 use crate::context::HeavyContext;
+use crate::inference::Models;
+use crate::model::grants::TokenUse;
 use crate::model::{ErrorKind, Limits, TenantId};
 use crate::secrets::Redactor;
 use std::sync::Arc;
@@ -47,6 +50,9 @@ pub struct RunRequest {
     /// secrets, by name. Every value is replaced by `[redacted]` in what
     /// the run hands back (log, output, error message).
     pub config: Vec<(String, String)>,
+    /// The models it may call (its tenant's grants) and how many tokens it
+    /// may spend; the default allows none.
+    pub inference: InferenceGrant,
 }
 
 /// How an attempt ended.
@@ -79,6 +85,8 @@ pub struct RunReport {
     pub memory_peak: u64,
     /// What its outgoing HTTP requests used.
     pub egress: EgressUse,
+    /// What its inference calls used.
+    pub tokens: TokenUse,
 }
 
 impl RunReport {
@@ -92,6 +100,7 @@ impl RunReport {
             new_state: None,
             memory_peak: 0,
             egress: EgressUse::default(),
+            tokens: TokenUse::default(),
         }
     }
 }
@@ -140,6 +149,8 @@ pub(crate) struct RunEnv {
     pub egress: EgressLimits,
     /// Idle instances to take from and park in (`None`: every run fresh).
     pub warm: Option<Arc<WarmPool>>,
+    /// The node's models.
+    pub models: Arc<Models>,
 }
 
 /// Runs `req` to its end; never panics on anything the guest does.
@@ -174,6 +185,7 @@ async fn run_inner(env: RunEnv, mut req: RunRequest, log: LiveLog) -> RunReport 
         new_state: ended.new_state,
         memory_peak: ended.memory_peak,
         egress: ended.egress,
+        tokens: ended.tokens,
     };
     if let Some(r) = &secrets {
         report.log = r.redact(&report.log);
@@ -243,6 +255,7 @@ struct Ended {
     new_state: Option<Vec<u8>>,
     memory_peak: u64,
     egress: EgressUse,
+    tokens: TokenUse,
     stdout: String,
     stderr: String,
     /// It ran on a warm instance.
@@ -257,6 +270,7 @@ impl Ended {
             new_state: None,
             memory_peak: 0,
             egress: EgressUse::default(),
+            tokens: TokenUse::default(),
             stdout: String::new(),
             stderr: String::new(),
             warm: false,
@@ -347,6 +361,7 @@ async fn attempt(env: RunEnv, req: RunRequest, started: Instant, log: LiveLog) -
         cancel,
         egress,
         config,
+        inference,
         ..
     } = req;
     let pre: &AgentPre<RunState> = &component.pre;
@@ -366,6 +381,7 @@ async fn attempt(env: RunEnv, req: RunRequest, started: Instant, log: LiveLog) -
         fuel: limits.fuel,
         egress,
         config: Arc::new(config.into_iter().collect()),
+        inference: InferenceJob::new(inference, env.models.clone(), tenant.as_str()),
     };
     let taken = match (&env.warm, &key) {
         (Some(pool), Some(key)) => pool.take(key),
@@ -449,6 +465,7 @@ async fn attempt(env: RunEnv, req: RunRequest, started: Instant, log: LiveLog) -
         new_state,
         memory_peak: data.limiter.linear_bytes(),
         egress: data.egress.used(),
+        tokens: data.inference.used(),
         stdout: data.stdout.text(),
         stderr: data.stderr.text(),
         warm: reused,

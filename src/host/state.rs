@@ -15,6 +15,7 @@ use super::bindings::AgentPre;
 use super::bindings::agentplane::agent::{context, log, state};
 use super::budget::{MemoryLimiter, RunFlags};
 use super::http::{Egress, EgressJob};
+use super::inference::InferenceJob;
 use super::limits::{
     BYTES_PER_FUEL, CALL_FUEL, MAX_LOG_MESSAGE, MAX_QUERY_BYTES, MAX_RESULT_BYTES, MAX_STATE_BYTES,
 };
@@ -43,6 +44,8 @@ pub struct LoadedComponent {
     pub(crate) outbound_http: bool,
     /// It imports `wasi:config/store`.
     pub(crate) reads_config: bool,
+    /// It imports `agentplane:agent/inference`.
+    pub(crate) inference: bool,
 }
 
 impl LoadedComponent {
@@ -63,6 +66,12 @@ impl LoadedComponent {
         self.reads_config
     }
 
+    /// Whether it can call the node's models (imports
+    /// `agentplane:agent/inference`): its jobs reserve for tokens.
+    pub fn inference(&self) -> bool {
+        self.inference
+    }
+
     /// Approximate bytes of compiled code and metadata held in memory.
     pub fn size_bytes(&self) -> usize {
         self.size
@@ -80,6 +89,8 @@ pub(crate) struct RunState {
     pub(crate) egress: Egress,
     /// What `wasi:config/store` answers: the job's tenant's secrets.
     pub(crate) config: Arc<WasiConfigVariables>,
+    /// Its calls into the node's models, and what they used.
+    pub(crate) inference: InferenceJob,
     /// Where `wasi` sends the guest's stdout and stderr: kept beside it so
     /// a warm instance's next run starts them empty.
     pub(crate) stdout: Capture,
@@ -119,6 +130,8 @@ pub(crate) struct JobData {
     pub egress: super::http::EgressGrant,
     /// What it reads through `wasi:config/store`: its tenant's secrets.
     pub config: Arc<WasiConfigVariables>,
+    /// The models it may call and its token allowance.
+    pub inference: InferenceJob,
 }
 
 impl JobData {
@@ -149,6 +162,7 @@ impl RunState {
             http: WasiHttpCtx::new(),
             egress: egress(job.egress()),
             config: job.config,
+            inference: job.inference,
             stdout,
             stderr,
             limiter,
@@ -172,6 +186,7 @@ impl RunState {
     pub(crate) fn begin(&mut self, job: JobData) {
         self.egress.begin(job.egress());
         self.config = job.config;
+        self.inference = job.inference;
         self.stdout.clear();
         self.stderr.clear();
         self.limiter.reuse(job.flags.clone());
@@ -196,6 +211,7 @@ impl RunState {
         self.new_state = None;
         self.log = LiveLog::new(0);
         self.config = Arc::default();
+        self.inference = InferenceJob::default();
         self.egress.begin(EgressJob {
             grant: Default::default(),
             log: self.log.clone(),
@@ -312,7 +328,7 @@ impl WasiHttpView for RunState {
 }
 
 /// Fuel for `bytes` copied.
-fn byte_fuel(bytes: usize) -> u64 {
+pub(crate) fn byte_fuel(bytes: usize) -> u64 {
     (bytes as u64).div_ceil(BYTES_PER_FUEL)
 }
 

@@ -4,7 +4,7 @@
 
 use super::Shared;
 use crate::control::{Claim, CpError};
-use crate::host::{EgressGrant, HostError, RunRequest};
+use crate::host::{EgressGrant, HostError, InferenceGrant, RunRequest};
 use crate::model::ErrorKind;
 use tokio_util::sync::CancellationToken;
 
@@ -85,6 +85,10 @@ pub(super) async fn prepare(
         cancel,
         egress: grant(shared, claim),
         config,
+        inference: InferenceGrant {
+            models: claim.models.clone(),
+            max_tokens: claim.max_tokens,
+        },
     })
 }
 

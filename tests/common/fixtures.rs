@@ -30,6 +30,8 @@ pub fn tenant_spec(id: &str, credits: i64) -> TenantSpec {
         max_context_bytes: None,
         max_state_bytes: None,
         allowed_outbound_hosts: Default::default(),
+        models: Vec::new(),
+        max_tokens_per_job: None,
     }
 }
 
@@ -48,5 +50,7 @@ pub fn submit_spec(input: &str) -> SubmitSpec {
         idempotency: None,
         callback_url: None,
         outbound_http: false,
+        max_tokens: 0,
+        tokens_reserve: 0,
     }
 }

@@ -33,6 +33,7 @@ pub fn request(tenant: &str, c: &Arc<LoadedComponent>, input: &str, limits: Limi
         cancel: CancellationToken::new(),
         egress: Default::default(),
         config: Vec::new(),
+        inference: Default::default(),
     }
 }
 

@@ -432,6 +432,7 @@ pub fn job_request(component: &str, input: &str) -> JobRequest {
         fuel: None,
         delay_ms: 0,
         callback_url: None,
+        max_tokens: None,
     }
 }
 

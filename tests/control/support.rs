@@ -41,6 +41,7 @@ pub(crate) fn ok(output: &str, wall_ms: u64) -> Finish {
         log: String::new(),
         new_state: None,
         http: Default::default(),
+        tokens: Default::default(),
     }
 }
 
@@ -55,6 +56,7 @@ pub(crate) fn failed(kind: ErrorKind) -> Finish {
         log: "log line".into(),
         new_state: None,
         http: Default::default(),
+        tokens: Default::default(),
     }
 }
 

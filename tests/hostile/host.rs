@@ -252,7 +252,7 @@ async fn a_component_workers_cannot_run_is_refused_or_fails_for_good() {
         .unwrap();
     let digest = digest_of(&nine);
     control
-        .put_component(&tid("mallory"), &digest, &nine, false)
+        .put_component(&tid("mallory"), &digest, &nine, Default::default())
         .await
         .unwrap();
     let mut ids = Vec::new();

@@ -111,6 +111,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 fuel: None,
                 delay_ms: 0,
                 callback_url: None,
+                max_tokens: None,
             };
             let start = Instant::now();
             let r = api.submit(&req, None).await;

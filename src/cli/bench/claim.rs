@@ -39,6 +39,7 @@ fn done() -> Finish {
         log: String::new(),
         new_state: None,
         http: Default::default(),
+        tokens: Default::default(),
     }
 }
 

@@ -194,6 +194,8 @@ pub async fn create_tenant(cp: &ControlPlane, id: &str, weight: u32) -> anyhow::
             max_context_bytes: None,
             max_state_bytes: None,
             allowed_outbound_hosts: Default::default(),
+            models: Vec::new(),
+            max_tokens_per_job: None,
         },
         &sha256_hex(id.as_bytes()),
     )
@@ -210,7 +212,8 @@ pub async fn put_component(
     wasm: &[u8],
 ) -> anyhow::Result<String> {
     let digest = format!("sha256:{}", sha256_hex(wasm));
-    cp.put_component(tenant, &digest, wasm, false).await?;
+    cp.put_component(tenant, &digest, wasm, Default::default())
+        .await?;
     Ok(digest)
 }
 
@@ -229,6 +232,8 @@ pub fn job(component: &str, input: &str) -> SubmitSpec {
         idempotency: None,
         callback_url: None,
         outbound_http: false,
+        max_tokens: 0,
+        tokens_reserve: 0,
     }
 }
 

@@ -5,6 +5,7 @@ use super::super::output::finish;
 use super::{Conn, PageArgs, client};
 use crate::client::{NewTenant, Page, UsageWindow};
 use crate::control::{LimitsPatch, TenantPatch};
+use crate::model::grants::ModelGrant;
 use clap::{Args, Subcommand};
 use std::process::ExitCode;
 
@@ -43,6 +44,13 @@ pub enum TenantCmd {
         /// `*.` for any subdomain (repeat for more; default none).
         #[arg(long = "allow-outbound", value_name = "RULE")]
         allow_outbound: Vec<String>,
+        /// A node model its agents may call, at credits per 1,000 tokens
+        /// in and out (repeat for more; default none).
+        #[arg(long = "model", value_name = "MODEL:IN:OUT")]
+        models: Vec<ModelGrant>,
+        /// Tokens one job may spend on inference (default 4096).
+        #[arg(long)]
+        max_tokens_per_job: Option<u64>,
         #[command(flatten)]
         conn: Conn,
     },
@@ -166,6 +174,15 @@ pub struct PatchArgs {
     /// Allows its agents no HTTP request at all.
     #[arg(long, conflicts_with = "allow_outbound")]
     pub no_outbound: bool,
+    /// Replaces the node models its agents may call (repeat for more).
+    #[arg(long = "model", value_name = "MODEL:IN:OUT")]
+    pub models: Vec<ModelGrant>,
+    /// Allows its agents no model at all.
+    #[arg(long, conflicts_with = "models")]
+    pub no_models: bool,
+    /// Tokens one job may spend on inference.
+    #[arg(long)]
+    pub max_tokens_per_job: Option<u64>,
     #[command(flatten)]
     pub conn: Conn,
 }
@@ -184,6 +201,8 @@ pub async fn tenant(cmd: TenantCmd) -> anyhow::Result<ExitCode> {
             memory_bytes,
             timeout_ms,
             allow_outbound,
+            models,
+            max_tokens_per_job,
             conn,
         } => {
             let limits = LimitsPatch {
@@ -200,6 +219,8 @@ pub async fn tenant(cmd: TenantCmd) -> anyhow::Result<ExitCode> {
                 max_gpus,
                 limits: (limits != LimitsPatch::default()).then_some(limits),
                 allowed_outbound_hosts: (!allow_outbound.is_empty()).then_some(allow_outbound),
+                models: (!models.is_empty()).then_some(models),
+                max_tokens_per_job,
                 ..NewTenant::default()
             };
             finish(conn.output, client(&conn)?.create_tenant(&spec).await)
@@ -250,6 +271,8 @@ pub async fn tenant(cmd: TenantCmd) -> anyhow::Result<ExitCode> {
                 max_state_bytes: a.max_state_bytes,
                 allowed_outbound_hosts: (a.no_outbound || !a.allow_outbound.is_empty())
                     .then_some(a.allow_outbound),
+                models: (a.no_models || !a.models.is_empty()).then_some(a.models),
+                max_tokens_per_job: a.max_tokens_per_job,
             };
             finish(
                 a.conn.output,
