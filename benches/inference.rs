@@ -1,6 +1,8 @@
 //! Inference through an agent against the same model called directly from
-//! Rust, in the same run: tokens per second of one generation, and the
-//! cost of a call (a prompt and one token) both ways.
+//! Rust, in the same run: tokens per second of one generation (a model of
+//! 4 layers, 256 wide), and the cost of a call (a prompt and one token) on
+//! the smallest model (2 layers, 64 wide), where the host's part shows
+//! most.
 //!
 //! `direct/*` loads the model directory with candle and tokenizers and
 //! runs the forward loop itself; `agent/*` runs the `infer` guest on a
@@ -104,18 +106,22 @@ fn request(c: &Arc<agentplane::host::LoadedComponent>, input: String) -> RunRequ
         egress: Default::default(),
         config: Vec::new(),
         inference: InferenceGrant {
-            models: Arc::new(vec![ModelGrant {
-                model: "m".into(),
-                credits_per_1k_tokens_in: 1,
-                credits_per_1k_tokens_out: 1,
-            }]),
+            models: Arc::new(
+                ["m", "t"]
+                    .map(|m| ModelGrant {
+                        model: m.into(),
+                        credits_per_1k_tokens_in: 1,
+                        credits_per_1k_tokens_out: 1,
+                    })
+                    .to_vec(),
+            ),
             max_tokens: 1_000_000,
         },
     }
 }
 
-fn calls(n: usize, max_tokens: usize) -> String {
-    let one = serde_json::json!({"complete": {"model": "m", "prompt": PROMPT,
+fn calls(model: &str, n: usize, max_tokens: usize) -> String {
+    let one = serde_json::json!({"complete": {"model": model, "prompt": PROMPT,
                                               "max_tokens": max_tokens}});
     serde_json::json!({"calls": [one], "repeat": n}).to_string()
 }
@@ -124,10 +130,16 @@ fn inference(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     random::write(dir.path(), SHAPE, 1).unwrap();
     let direct = Direct::load(dir.path());
+    let tiny_dir = tempfile::tempdir().unwrap();
+    random::write(tiny_dir.path(), Shape::TINY, 1).unwrap();
+    let tiny = Direct::load(tiny_dir.path());
     let rt = Runtime::new().unwrap();
     let host = Host::new(HostConfig {
         max_instances: 8,
-        models: vec![ModelSpec::dir("m", dir.path().to_path_buf())],
+        models: vec![
+            ModelSpec::dir("m", dir.path().to_path_buf()),
+            ModelSpec::dir("t", tiny_dir.path().to_path_buf()),
+        ],
         ..HostConfig::default()
     })
     .unwrap();
@@ -144,7 +156,7 @@ fn inference(c: &mut Criterion) {
     let mut g = c.benchmark_group("generate");
     g.throughput(Throughput::Elements(TOKENS as u64));
     g.bench_function("direct", |b| b.iter(|| direct.generate(PROMPT, TOKENS)));
-    g.bench_function("agent", |b| b.iter(|| run(calls(1, TOKENS))));
+    g.bench_function("agent", |b| b.iter(|| run(calls("m", 1, TOKENS))));
     g.finish();
 
     // A call of one token: a prompt read and one token out. The agent's
@@ -154,11 +166,11 @@ fn inference(c: &mut Criterion) {
     g.bench_function("direct", |b| {
         b.iter(|| {
             for _ in 0..CALLS {
-                direct.generate(PROMPT, 1);
+                tiny.generate(PROMPT, 1);
             }
         })
     });
-    g.bench_function("agent", |b| b.iter(|| run(calls(CALLS, 1))));
+    g.bench_function("agent", |b| b.iter(|| run(calls("t", CALLS, 1))));
     g.finish();
 }
 
