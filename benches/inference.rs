@@ -30,13 +30,8 @@ use std::sync::Arc;
 use tokio::runtime::Runtime;
 use tokio_util::sync::CancellationToken;
 
-const SHAPE: Shape = Shape {
-    hidden: 256,
-    layers: 4,
-    heads: 4,
-    intermediate: 512,
-    context: 1024,
-};
+/// A model slow enough that a few hundred tokens take seconds.
+const SHAPE: Shape = Shape::SMALL;
 const PROMPT: &str = "once upon a time";
 const TOKENS: usize = 64;
 const CALLS: usize = 16;

@@ -21,8 +21,8 @@
 
 mod common;
 
-use crate::common::fixtures::tid;
-use agentplane::control::{ControlConfig, ControlPlane, EgressBudget, LedgerEntry, Prices};
+use agentplane::control::{EgressBudget, LedgerEntry, Prices};
+use common::books::amounts;
 use common::stack::{Opts, Stack, WorkerProc, proc_opts, state};
 use serde_json::{Value, json};
 
@@ -77,17 +77,7 @@ fn worker_with(s: &Stack, prices: &Prices, egress: &EgressBudget, gpus: u32) -> 
 }
 
 async fn ledger(s: &Stack, tenant: &str) -> Vec<LedgerEntry> {
-    let cp = ControlPlane::connect(&s.url, ControlConfig::default())
-        .await
-        .unwrap();
-    cp.ledger(&tid(tenant)).await.unwrap()
-}
-
-fn amounts(l: &[LedgerEntry], job: &str, op: &str) -> Vec<i64> {
-    l.iter()
-        .filter(|e| e.job == job && e.op == op)
-        .map(|e| e.amount)
-        .collect()
+    common::books::ledger(&s.url, tenant).await
 }
 
 /// What each of `job`'s settles handed back of its reservation.

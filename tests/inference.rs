@@ -10,9 +10,9 @@
 
 mod common;
 
-use agentplane::control::{ControlConfig, ControlPlane, LedgerEntry, Prices};
+use agentplane::control::Prices;
 use agentplane::inference::random::{self, Shape};
-use common::fixtures::tid;
+use common::books::{amounts, ledger};
 use common::stack::{Opts, Stack, WorkerProc, proc_opts, state};
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
@@ -58,22 +58,12 @@ fn answers(job: &Value) -> Vec<Value> {
     serde_json::from_str(job["output"].as_str().unwrap()).unwrap()
 }
 
-async fn ledger(s: &Stack, tenant: &str) -> Vec<LedgerEntry> {
-    let cp = ControlPlane::connect(&s.url, ControlConfig::default())
-        .await
-        .unwrap();
-    cp.ledger(&tid(tenant)).await.unwrap()
-}
-
-fn amounts(l: &[LedgerEntry], job: &str, op: &str) -> Vec<i64> {
-    l.iter()
-        .filter(|e| e.job == job && e.op == op)
-        .map(|e| e.amount)
-        .collect()
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn tokens_are_reserved_counted_and_billed_exactly() {
+/// A stack whose slot-seconds cost 1,000 credits, its model written to
+/// `<dir>/tiny`, and the tenant `alice` granted `tiny` at 3,000 and 7,000
+/// credits per 1,000 tokens in and out (and `extra` grants), 100 tokens a
+/// job; answers the stack, the prices, the model's directory and alice's
+/// token.
+async fn billing_stack(extra: &[Value]) -> (Stack, Prices, std::path::PathBuf, String) {
     let prices = Prices {
         credits_per_slot_second: 1000,
         ..Prices::default()
@@ -85,13 +75,20 @@ async fn tokens_are_reserved_counted_and_billed_exactly() {
     .await;
     let dir = s.dir.join("tiny");
     random::write(&dir, Shape::TINY, 7).unwrap();
+    let mut models = vec![grant("tiny", 3000, 7000)];
+    models.extend_from_slice(extra);
     let alice = s
         .tenant_with(
             "alice",
-            json!({"models": [grant("tiny", 3000, 7000), grant("ghost", 1, 1)],
-                   "max_tokens_per_job": 100}),
+            json!({"models": models, "max_tokens_per_job": 100}),
         )
         .await;
+    (s, prices, dir, alice)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tokens_are_reserved_counted_and_billed_exactly() {
+    let (s, prices, dir, alice) = billing_stack(&[grant("ghost", 1, 1)]).await;
     let bob = s.tenant("bob").await;
     let infer = s.push(&alice, "infer").await;
     let infer_bob = s.push(&bob, "infer").await;
@@ -137,7 +134,7 @@ async fn tokens_are_reserved_counted_and_billed_exactly() {
     assert_eq!(job["usage"]["credits"], expected, "{job}");
     // The reservation held the whole allowance at the dearest rate:
     // 100 tokens × 7000 / 1000.
-    let l = ledger(&s, "alice").await;
+    let l = ledger(&s.url, "alice").await;
     let reserve = formula(&prices, fuel, timeout) + 700;
     assert_eq!(amounts(&l, &id, "reserve"), vec![reserve], "{l:?}");
     assert_eq!(amounts(&l, &id, "settle"), vec![expected], "{l:?}");
@@ -179,7 +176,7 @@ async fn tokens_are_reserved_counted_and_billed_exactly() {
     // 13 × 3000 + 7 × 7000 = 88,000 thousandths.
     let expected2 = formula(&prices, f2, wall2) + 88;
     assert_eq!(job2["usage"]["credits"], expected2, "{job2}");
-    let l = ledger(&s, "alice").await;
+    let l = ledger(&s.url, "alice").await;
     assert_eq!(
         amounts(&l, &id2, "reserve"),
         vec![formula(&prices, fuel, timeout) + 140],
@@ -393,24 +390,8 @@ async fn many_instances_share_one_copy_of_the_model() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_model_behind_a_url_is_governed_and_billed_the_same_way() {
-    let prices = Prices {
-        credits_per_slot_second: 1000,
-        ..Prices::default()
-    };
-    let s = Stack::start(Opts {
-        prices,
-        ..proc_opts()
-    })
-    .await;
-    let dir = s.dir.join("tiny");
-    random::write(&dir, Shape::TINY, 9).unwrap();
+    let (s, prices, dir, alice) = billing_stack(&[]).await;
     let server = common::openai::ModelServer::start("tiny", &dir).await;
-    let alice = s
-        .tenant_with(
-            "alice",
-            json!({"models": [grant("tiny", 3000, 7000)], "max_tokens_per_job": 100}),
-        )
-        .await;
     let bob = s.tenant("bob").await;
     let infer = s.push(&alice, "infer").await;
     let infer_bob = s.push(&bob, "infer").await;
@@ -486,4 +467,58 @@ async fn a_model_behind_a_url_is_governed_and_billed_the_same_way() {
     assert_eq!(job["usage"]["tokens_in"], 0, "{job}");
     drop(w);
     s.stop().await;
+}
+
+#[test]
+fn random_model_writes_a_model_a_worker_loads_and_bad_models_stop_the_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    let out = std::process::Command::new(common::stack::bin())
+        .args(["random-model", model.to_str().unwrap(), "--hidden", "32"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let printed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let shape = Shape {
+        hidden: 32,
+        intermediate: 64,
+        ..Shape::TINY
+    };
+    assert_eq!(printed["bytes"], shape.bytes());
+    for f in ["config.json", "tokenizer.json", "model.safetensors"] {
+        assert!(model.join(f).exists(), "{f}");
+    }
+    // The safetensors file holds exactly the weights the shape counts
+    // (its JSON header aside).
+    let size = std::fs::metadata(model.join("model.safetensors"))
+        .unwrap()
+        .len();
+    assert!(
+        size >= shape.bytes() && size < shape.bytes() + 8192,
+        "{size}"
+    );
+
+    // A worker refuses a malformed flag (usage, 2) and a model that does
+    // not load (1), saying why, before it claims anything.
+    let worker = |flag: &str| {
+        std::process::Command::new(common::stack::bin())
+            .args(["worker", "--redis", "redis://127.0.0.1:1", "--model", flag])
+            .output()
+            .unwrap()
+    };
+    let out = worker("no-equals-sign");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("NAME=PATH"),
+        "{out:?}"
+    );
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let out = worker(&format!("m={}", empty.display()));
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("loading model `m`") && err.contains("config.json"),
+        "{err}"
+    );
 }

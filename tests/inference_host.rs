@@ -16,13 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// A model slow enough that a few hundred tokens take seconds.
-const SHAPE: Shape = Shape {
-    hidden: 256,
-    layers: 4,
-    heads: 4,
-    intermediate: 512,
-    context: 1024,
-};
+const SHAPE: Shape = Shape::SMALL;
 
 fn host(dir: &std::path::Path) -> Arc<Host> {
     Arc::new(
@@ -229,4 +223,54 @@ async fn tokenizing_is_paid_in_fuel_before_it_runs() {
     let r = host.run(req).await;
     assert_eq!(output(&r)[0]["err"]["kind"], "too_long", "{r:?}");
     assert_eq!(r.tokens.tokens(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_tenant_holds_at_most_a_quarter_of_a_model_servers_places() {
+    let dir = tempfile::tempdir().unwrap();
+    random::write(dir.path(), Shape::TINY, 5).unwrap();
+    let server = common::openai::ModelServer::start("m", dir.path()).await;
+    let host = Arc::new(
+        Host::new(HostConfig {
+            max_instances: 32,
+            models: vec![ModelSpec {
+                name: "m".into(),
+                source: agentplane::inference::Source::Url(server.url.clone()),
+            }],
+            ..HostConfig::default()
+        })
+        .unwrap(),
+    );
+    let infer = load(&host, "infer").await;
+    let run_all = |tenants: Vec<&'static str>| {
+        let (host, infer) = (host.clone(), infer.clone());
+        async move {
+            let runs: Vec<_> = tenants
+                .into_iter()
+                .map(|t| {
+                    let (host, infer) = (host.clone(), infer.clone());
+                    tokio::spawn(async move {
+                        let req = agentplane::host::RunRequest {
+                            inference: grant(10_000),
+                            ..request(t, &infer, &completion(100), limits())
+                        };
+                        host.run(req).await
+                    })
+                })
+                .collect();
+            for r in runs {
+                let r = r.await.unwrap();
+                assert_eq!(output(&r)[0]["ok"]["tokens_out"], 100, "{r:?}");
+            }
+        }
+    };
+    // Eight calls of one tenant at once: four reach the server, the rest
+    // wait on this node.
+    run_all(vec!["hog"; 8]).await;
+    assert_eq!(server.take_most_in_flight(), 4);
+    // Another tenant's call meanwhile has places of its own.
+    let mut both = vec!["hog"; 8];
+    both.push("light");
+    run_all(both).await;
+    assert_eq!(server.take_most_in_flight(), 5);
 }

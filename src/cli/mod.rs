@@ -7,6 +7,7 @@ mod bench;
 mod client;
 mod datadir;
 mod output;
+mod random_model;
 mod server;
 
 use crate::api::limits as L;
@@ -65,23 +66,7 @@ pub enum Command {
     /// Writes a Llama model of random weights (config.json,
     /// tokenizer.json, model.safetensors) to try `--model` with, nothing
     /// downloaded. Its tokenizer makes one token of each byte.
-    RandomModel(RandomModelArgs),
-}
-
-/// `agentplane random-model DIR`.
-#[derive(Debug, Clone, Args)]
-pub struct RandomModelArgs {
-    /// Directory to write the model to (created if missing).
-    pub dir: std::path::PathBuf,
-    /// Width of the model.
-    #[arg(long, default_value_t = crate::inference::random::Shape::TINY.hidden)]
-    pub hidden: usize,
-    /// Transformer layers.
-    #[arg(long, default_value_t = crate::inference::random::Shape::TINY.layers)]
-    pub layers: usize,
-    /// Seed of the weights.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    RandomModel(random_model::RandomModelArgs),
 }
 
 /// Control-plane settings every process of one deployment must agree on.
@@ -505,21 +490,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 bench::bench(a).await
             }
             Command::Audit(a) => audit::audit(a).await,
-            Command::RandomModel(a) => {
-                let tiny = crate::inference::random::Shape::TINY;
-                let shape = crate::inference::random::Shape {
-                    hidden: a.hidden,
-                    layers: a.layers,
-                    intermediate: 2 * a.hidden,
-                    ..tiny
-                };
-                crate::inference::random::write(&a.dir, shape, a.seed)?;
-                println!(
-                    "{}",
-                    serde_json::json!({"dir": a.dir, "bytes": shape.bytes()})
-                );
-                Ok(ExitCode::SUCCESS)
-            }
+            Command::RandomModel(a) => random_model::random_model(&a),
         }
     });
     match result {

@@ -337,17 +337,19 @@ fn api_config(limits: &super::ApiLimitArgs) -> api::ApiConfig {
 /// `agentplane worker`.
 pub async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     let shutdown = shutdown_on_signals();
+    // The node first (its models load here): a worker whose `--model` does
+    // not load stops with the reason before it touches the deployment.
+    let host = Arc::new(worker_host(
+        &args.slots,
+        args.cache_dir.clone(),
+        args.max_component_bytes,
+    )?);
     let control = connect(
         &args.redis,
         control_config(&args.control, args.lease.lease_ms)?,
     )
     .await?;
     let wcfg = worker_config(&args.slots);
-    let host = Arc::new(worker_host(
-        &args.slots,
-        args.cache_dir.clone(),
-        args.max_component_bytes,
-    )?);
     spawn_metrics(args.metrics_listen, shutdown.clone()).await?;
     run_worker(wcfg, control, host, shutdown).await
 }

@@ -35,6 +35,15 @@ impl Shape {
         context: 1024,
     };
 
+    /// About 12 MB: a few hundred tokens take a second or more on a CPU.
+    pub const SMALL: Shape = Shape {
+        hidden: 256,
+        layers: 4,
+        heads: 4,
+        intermediate: 512,
+        context: 1024,
+    };
+
     /// Bytes of f32 weights a model of this shape holds.
     pub fn bytes(&self) -> u64 {
         let (h, i) = (self.hidden as u64, self.intermediate as u64);

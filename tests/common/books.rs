@@ -122,3 +122,17 @@ pub async fn reader(url: &str) -> ControlPlane {
         .await
         .expect("connect a ledger reader")
 }
+
+/// `tenant`'s ledger, read from the Redis at `url`.
+pub async fn ledger(url: &str, tenant: &str) -> Vec<agentplane::control::LedgerEntry> {
+    reader(url).await.ledger(&tid(tenant)).await.unwrap()
+}
+
+/// The amounts of `job`'s ledger entries of kind `op` (`reserve`,
+/// `settle`, ...), in order.
+pub fn amounts(l: &[agentplane::control::LedgerEntry], job: &str, op: &str) -> Vec<i64> {
+    l.iter()
+        .filter(|e| e.job == job && e.op == op)
+        .map(|e| e.amount)
+        .collect()
+}

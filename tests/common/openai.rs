@@ -26,6 +26,25 @@ struct Served {
     models: Models,
     requests: AtomicU64,
     huge_mib: AtomicU64,
+    in_flight: AtomicU64,
+    most_in_flight: AtomicU64,
+}
+
+/// Counts a completion in flight while it lives.
+struct InFlight<'a>(&'a Served);
+
+impl<'a> InFlight<'a> {
+    fn new(s: &'a Served) -> Self {
+        let now = s.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        s.most_in_flight.fetch_max(now, Ordering::SeqCst);
+        InFlight(s)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 type S = State<Arc<Served>>;
@@ -38,6 +57,8 @@ impl ModelServer {
             models,
             requests: AtomicU64::new(0),
             huge_mib: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            most_in_flight: AtomicU64::new(0),
         });
         let app = Router::new()
             .route("/tokenize", post(tokenize))
@@ -56,6 +77,12 @@ impl ModelServer {
     /// Completions and embeddings served (not `/tokenize`).
     pub fn requests(&self) -> u64 {
         self.state.requests.load(Ordering::SeqCst)
+    }
+
+    /// The most completions it had in flight at once since the last call
+    /// (which starts the count again).
+    pub fn take_most_in_flight(&self) -> u64 {
+        self.state.most_in_flight.swap(0, Ordering::SeqCst)
     }
 
     /// From now on, answer completions with `mib` MiB of text.
@@ -112,6 +139,7 @@ async fn tokenize(State(s): S, axum::Json(body): axum::Json<Value>) -> axum::Jso
 
 async fn completions(State(s): S, axum::Json(body): axum::Json<Value>) -> axum::Json<Value> {
     s.requests.fetch_add(1, Ordering::SeqCst);
+    let _counted = InFlight::new(&s);
     let huge = s.huge_mib.load(Ordering::SeqCst);
     if huge > 0 {
         let text = "x".repeat((huge << 20) as usize);
