@@ -28,8 +28,14 @@ fn formula(p: &Prices, fuel: i64, wall_ms: i64) -> i64 {
 }
 
 /// A worker process with `prices` as flags and `models` (name, directory
-/// or URL) loaded.
-fn worker(s: &Stack, prices: &Prices, slots: u32, models: &[(&str, &str)]) -> WorkerProc {
+/// or URL) loaded, and `extra` flags.
+fn worker(
+    s: &Stack,
+    prices: &Prices,
+    slots: u32,
+    models: &[(&str, &str)],
+    extra: &[&str],
+) -> WorkerProc {
     let mut flags: Vec<String> = vec![
         "--price-slot-second".into(),
         prices.credits_per_slot_second.to_string(),
@@ -40,6 +46,7 @@ fn worker(s: &Stack, prices: &Prices, slots: u32, models: &[(&str, &str)]) -> Wo
         flags.push("--model".into());
         flags.push(format!("{name}={at}"));
     }
+    flags.extend(extra.iter().map(|f| f.to_string()));
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     WorkerProc::spawn_with(&s.url, slots, 1_000, &flags, &s.dir.join("worker.log"))
 }
@@ -92,7 +99,7 @@ async fn tokens_are_reserved_counted_and_billed_exactly() {
     let bob = s.tenant("bob").await;
     let infer = s.push(&alice, "infer").await;
     let infer_bob = s.push(&bob, "infer").await;
-    let w = worker(&s, &prices, 2, &[("tiny", dir.to_str().unwrap())]);
+    let w = worker(&s, &prices, 2, &[("tiny", dir.to_str().unwrap())], &[]);
     let (fuel, timeout) = (2_000_000i64, 20_000i64);
 
     // 11 + 5 tokens from the prompt "hello world" and two texts, 5 out.
@@ -348,7 +355,13 @@ async fn many_instances_share_one_copy_of_the_model() {
         .tenant_with("t", json!({"models": [grant("m", 1, 1)]}))
         .await;
     let infer = s.push(&token, "infer").await;
-    let w = worker(&s, &Prices::default(), 16, &[("m", dir.to_str().unwrap())]);
+    let w = worker(
+        &s,
+        &Prices::default(),
+        16,
+        &[("m", dir.to_str().unwrap())],
+        &[],
+    );
     let pid = w.child.id();
 
     // One run first: the worker is up, the model loaded, the component
@@ -395,7 +408,7 @@ async fn a_model_behind_a_url_is_governed_and_billed_the_same_way() {
     let bob = s.tenant("bob").await;
     let infer = s.push(&alice, "infer").await;
     let infer_bob = s.push(&bob, "infer").await;
-    let w = worker(&s, &prices, 2, &[("tiny", &server.url)]);
+    let w = worker(&s, &prices, 2, &[("tiny", &server.url)], &[]);
 
     let input = json!({"calls": [
         complete("tiny", "hello world", 5),
@@ -521,4 +534,176 @@ fn random_model_writes_a_model_a_worker_loads_and_bad_models_stop_the_worker() {
         err.contains("loading model `m`") && err.contains("config.json"),
         "{err}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_rag_example_retrieves_then_asks_the_model_and_the_worker_counts_it() {
+    let (s, prices, dir, alice) = billing_stack(&[]).await;
+    let (st, ctx) = s
+        .post(
+            "/v1/contexts",
+            &alice,
+            json!({"name": "docs", "tools": [], "documents": [
+                {"id": "billing", "text": "jobs are billed for fuel and slot time"},
+                {"id": "leases", "text": "a lease expires when its worker dies"},
+                {"id": "secrets", "text": "secrets are sealed before they reach redis"},
+            ]}),
+        )
+        .await;
+    assert_eq!(st, 201, "{ctx}");
+    let rag = s.push(&alice, "rag-ask").await;
+    // The passages make a prompt of a few hundred tokens: the admin raises
+    // alice's allowance, and the grants stay as they were.
+    let (st, body) = s
+        .call(
+            reqwest::Method::PATCH,
+            "/v1/tenants/alice",
+            Some(common::stack::ADMIN),
+            Some(json!({"max_tokens_per_job": 1000})),
+        )
+        .await;
+    assert_eq!(st, 200, "{body}");
+    let (_, info) = s
+        .call(
+            reqwest::Method::GET,
+            "/v1/tenants/alice",
+            Some(common::stack::ADMIN),
+            None,
+        )
+        .await;
+    assert_eq!(info["max_tokens_per_job"], 1000, "{info}");
+    assert_eq!(info["models"][0]["model"], "tiny", "{info}");
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let w = worker(
+        &s,
+        &prices,
+        2,
+        &[("tiny", dir.to_str().unwrap())],
+        &["--metrics-listen", &addr],
+    );
+    let question = json!({"question": "how are jobs billed", "model": "tiny", "k": 2,
+                          "max_tokens": 8})
+    .to_string();
+    let id = s
+        .submit(
+            &alice,
+            json!({"component": rag, "input": question, "contexts": ["docs"]}),
+        )
+        .await;
+    let job = s.wait_terminal(&alice, &id, 60).await;
+    assert_eq!(state(&job), "succeeded", "{job}");
+    let out: Value = serde_json::from_str(job["output"].as_str().unwrap()).unwrap();
+    assert_eq!(out["sources"][0], "billing", "{out}");
+    assert_eq!(out["tokens_out"], 8, "{out}");
+    // The prompt carries the passages it found: their bytes are its
+    // tokens, all of them billed.
+    let tokens_in = out["tokens_in"].as_u64().unwrap();
+    assert!(
+        tokens_in > "jobs are billed for fuel and slot time".len() as u64,
+        "{out}"
+    );
+    assert_eq!(job["usage"]["tokens_in"], tokens_in, "{job}");
+    assert_eq!(job["usage"]["tokens_out"], 8, "{job}");
+
+    let page = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let line = |direction: &str| {
+        page.lines()
+            .find(|l| {
+                l.starts_with("agentplane_inference_tokens_total{")
+                    && l.contains("tenant=\"alice\"")
+                    && l.contains("model=\"tiny\"")
+                    && l.contains(&format!("direction=\"{direction}\""))
+            })
+            .unwrap_or_else(|| panic!("no {direction} tokens in:\n{page}"))
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+    };
+    assert_eq!(line("in"), tokens_in);
+    assert_eq!(line("out"), 8);
+    assert!(
+        page.lines()
+            .any(|l| l.starts_with("agentplane_inference_calls_total{")
+                && l.contains("outcome=\"ok\"")),
+        "{page}"
+    );
+    drop(w);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn only_the_admin_grants_models_and_bad_grants_change_nothing() {
+    let (s, _, _, alice) = billing_stack(&[]).await;
+    let patch = |token: String, body: Value| {
+        let s = &s;
+        async move {
+            s.call(
+                reqwest::Method::PATCH,
+                "/v1/tenants/alice",
+                Some(&token),
+                Some(body),
+            )
+            .await
+        }
+    };
+    let admin = common::stack::ADMIN.to_string();
+    // A tenant cannot grant itself a model, or a cheaper price.
+    let (st, body) = patch(alice.clone(), json!({"models": [grant("tiny", 0, 0)]})).await;
+    assert_eq!(st, 403, "{body}");
+    for (bad, why) in [
+        (json!({"models": [grant("a b", 1, 1)]}), "model name"),
+        (
+            json!({"models": [grant("x", 1, 1), grant("x", 2, 2)]}),
+            "twice",
+        ),
+        (json!({"models": [grant("x", 100_000_001, 1)]}), "price"),
+        (
+            json!({"max_tokens_per_job": 10_000_001}),
+            "max_tokens_per_job",
+        ),
+        (
+            json!({"models": [{"model": "x", "credits_per_1k_tokens_in": -1}]}),
+            "models",
+        ),
+    ] {
+        let (st, body) = patch(admin.clone(), bad.clone()).await;
+        assert_eq!(st, 400, "{bad}: {body}");
+        assert_eq!(body["error"]["code"], "invalid_request", "{body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(why), "{bad}: {message}");
+    }
+    let (_, info) = s
+        .call(
+            reqwest::Method::GET,
+            "/v1/tenants/alice",
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(info["models"], json!([grant("tiny", 3000, 7000)]), "{info}");
+    assert_eq!(info["max_tokens_per_job"], 100, "{info}");
+    // `[]` takes every grant back.
+    let (st, body) = patch(admin.clone(), json!({"models": []})).await;
+    assert_eq!(st, 200, "{body}");
+    let (_, info) = s
+        .call(
+            reqwest::Method::GET,
+            "/v1/tenants/alice",
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(info["models"], json!([]), "{info}");
+    s.stop().await;
 }
