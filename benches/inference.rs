@@ -111,6 +111,7 @@ fn request(c: &Arc<agentplane::host::LoadedComponent>, input: String) -> RunRequ
                     .to_vec(),
             ),
             max_tokens: 1_000_000,
+            weight: 1,
         },
     }
 }

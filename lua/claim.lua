@@ -20,12 +20,13 @@
 -- Returns: array of claims, each an array:
 --   {job, tenant, token, attempt, component, input, contexts, gpus, fuel,
 --    memory_bytes, timeout_ms, agent_id, state|'', legacy_state_ptr|'', state_version,
---    egress, max_tokens, models}
+--    egress, max_tokens, models, weight}
 --   `egress` is the tenant's `allowed_outbound_hosts` as stored (rules one
 --   per line, '' for none), read with the tenant: the run gets the policy
 --   as of its claim. `max_tokens` is the job's token allowance (fixed at
 --   SUBMIT) and `models` the tenant's model grants as stored (`model in
---   out` per line), read with the tenant like `egress`.
+--   out` per line), read with the tenant like `egress`; `weight` is the
+--   tenant's, which the node's models share their turns by.
 --   `attempt` is the run number: every claim of a job takes the next one.
 --   `state` carries the agent's state whether stored inline or as a large
 --   blob (read here, atomically with the version, so a concurrent FINALIZE
@@ -68,7 +69,7 @@ local function entry(jid, t, J, T, token, attempt)
   end
   return { jid, t, token, attempt, J.component, redis.call('HGET', jkey(jid), 'input'),
     J.contexts or '[]', g, fuel, memory, timeout, J.agent_id or '', sinline, sptr, sver,
-    T.egress or '', n(J, 'max_tokens'), T.models or '' }
+    T.egress or '', n(J, 'max_tokens'), T.models or '', n(T, 'weight') }
 end
 
 -- A retried call: answer what the first one leased, if still this

@@ -554,5 +554,44 @@ async fn tenant_secrets_and_outbound_rules() {
         .await,
         "invalid_request",
     );
+
+    // Model grants: `--model NAME:IN:OUT`, the allowance, then none again.
+    let t = json(
+        &cli(
+            &base,
+            Some(ADMIN),
+            &[
+                "tenant",
+                "patch",
+                "acme",
+                "--model",
+                "tiny:3:7",
+                "--model",
+                "big:10:20",
+                "--max-tokens-per-job",
+                "500",
+            ],
+        )
+        .await,
+    );
+    assert_eq!(t["models"][1]["model"], "big", "{t}");
+    assert_eq!(t["models"][1]["credits_per_1k_tokens_out"], 20, "{t}");
+    assert_eq!(t["max_tokens_per_job"], 500, "{t}");
+    let out = cli(
+        &base,
+        Some(ADMIN),
+        &["tenant", "patch", "acme", "--model", "tiny:3"],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let t = json(
+        &cli(
+            &base,
+            Some(ADMIN),
+            &["tenant", "patch", "acme", "--no-models"],
+        )
+        .await,
+    );
+    assert_eq!(t["models"], json!([]), "{t}");
     s.stop().await;
 }

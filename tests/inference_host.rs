@@ -37,6 +37,7 @@ fn grant(max_tokens: u64) -> InferenceGrant {
             credits_per_1k_tokens_out: 1,
         }]),
         max_tokens,
+        weight: 1,
     }
 }
 
@@ -273,4 +274,46 @@ async fn one_tenant_holds_at_most_a_quarter_of_a_model_servers_places() {
     both.push("light");
     run_all(both).await;
     assert_eq!(server.take_most_in_flight(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tenants_share_the_model_by_their_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    random::write(dir.path(), SHAPE, 6).unwrap();
+    let host = host(dir.path());
+    let infer = load(&host, "infer").await;
+    // Two tenants, one long generation each, started together: the one of
+    // weight 3 gets three turns' tokens for each of the other's, so it is
+    // done when the other is about a third of the way.
+    let started = Instant::now();
+    let runs: Vec<_> = [("heavy", 3), ("light", 1)]
+        .into_iter()
+        .map(|(tenant, weight)| {
+            let (host, infer) = (host.clone(), infer.clone());
+            tokio::spawn(async move {
+                let req = agentplane::host::RunRequest {
+                    inference: InferenceGrant {
+                        weight,
+                        ..grant(10_000)
+                    },
+                    ..request(tenant, &infer, &completion(600), limits())
+                };
+                let r = host.run(req).await;
+                assert_eq!(output(&r)[0]["ok"]["tokens_out"], 600, "{r:?}");
+                started.elapsed()
+            })
+        })
+        .collect();
+    let mut done = Vec::new();
+    for r in runs {
+        done.push(r.await.unwrap());
+    }
+    let (heavy, light) = (done[0], done[1]);
+    println!("weight 3 done at {heavy:?}, weight 1 at {light:?}");
+    // Evenly shared, both would end together; by weight, the heavy one
+    // ends at about 800 of the 1,200 tokens, two thirds of the time.
+    assert!(
+        heavy.as_secs_f64() < 0.8 * light.as_secs_f64(),
+        "weight 3 done at {heavy:?}, weight 1 at {light:?}"
+    );
 }

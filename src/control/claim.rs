@@ -33,6 +33,9 @@ pub struct Claim {
     pub max_tokens: u64,
     /// The tenant's model grants as of the claim.
     pub models: Arc<Vec<crate::model::grants::ModelGrant>>,
+    /// The tenant's weight as of the claim: its share of the node's
+    /// models, as of its slots.
+    pub weight: u32,
 }
 
 /// ARGV of `lua/claim.lua`, in its header's order.
@@ -61,7 +64,7 @@ impl ClaimArgs<'_> {
 /// One record of CLAIM's answer, read in the order `lua/claim.lua` lists:
 /// `{job, tenant, token, attempt, component, input, contexts, gpus, fuel,
 /// memory_bytes, timeout_ms, agent_id, state, legacy_state_ptr,
-/// state_version, egress, max_tokens, models}`.
+/// state_version, egress, max_tokens, models, weight}`.
 struct ClaimRecord {
     attempt: u32,
     component: String,
@@ -76,6 +79,7 @@ struct ClaimRecord {
     egress: Arc<crate::egress::Policy>,
     max_tokens: u64,
     models: Arc<Vec<crate::model::grants::ModelGrant>>,
+    weight: u32,
 }
 
 impl ClaimRecord {
@@ -131,6 +135,7 @@ impl ClaimRecord {
                         )
                     }
                 },
+                weight: r.uint("weight")?,
             };
             r.end()?;
             Ok::<_, CpError>(rec)
@@ -319,6 +324,7 @@ impl ControlPlane {
                 egress: rec.egress,
                 max_tokens: rec.max_tokens,
                 models: rec.models,
+                weight: rec.weight,
             });
         }
         Ok(out)

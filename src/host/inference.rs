@@ -28,6 +28,9 @@ pub struct InferenceGrant {
     /// Tokens in and out the job may spend over all its calls (its
     /// reservation holds their price).
     pub max_tokens: u64,
+    /// Its tenant's weight: a call of a tenant of weight w gets w times
+    /// the model's time per round of a tenant of weight 1 (0 reads as 1).
+    pub weight: u32,
 }
 
 /// A run's part of the node's models.
@@ -167,7 +170,14 @@ impl RunState {
         }
         let tenant = self.inference.tenant.clone();
         let made = m
-            .complete(tenant, prepared, max_new, temperature, self.deadline)
+            .complete(
+                tenant,
+                self.inference.grant.weight,
+                prepared,
+                max_new,
+                temperature,
+                self.deadline,
+            )
             .await;
         let (g, read) = match made {
             Ok(x) => x,
@@ -244,7 +254,8 @@ impl RunState {
             return Ok(Err(wit::Error::OverBudget(left)));
         }
         let tenant = self.inference.tenant.clone();
-        let (vectors, read) = match m.embed(tenant, prepared, self.deadline).await {
+        let weight = self.inference.grant.weight;
+        let (vectors, read) = match m.embed(tenant, weight, prepared, self.deadline).await {
             Ok(v) => v,
             Err(e) => return Ok(Err(wit::Error::Failed(e.to_string()))),
         };

@@ -286,12 +286,13 @@ impl Model {
     }
 
     /// Generates at most `max_new` tokens after `prompt` (queued behind
-    /// other tenants' turns, or sent to the model's server); gives up at
-    /// `deadline`. Answers the completion and the tokens read, as the
+    /// other tenants' turns, `weight` the tenant's share of them, or sent
+    /// to the model's server); gives up at `deadline`. Answers the completion and the tokens read, as the
     /// model counted them.
     pub async fn complete(
         &self,
         tenant: Arc<str>,
+        weight: u32,
         prompt: Prepared,
         max_new: u64,
         temperature: f32,
@@ -306,7 +307,7 @@ impl Model {
                     seed: rand::random(),
                 };
                 let Done::Completion { tokens, stopped } =
-                    driver.call(tenant, work, deadline).await?
+                    driver.call(tenant, weight, work, deadline).await?
                 else {
                     anyhow::bail!("the model answered a completion with embeddings");
                 };
@@ -334,13 +335,14 @@ impl Model {
     pub async fn embed(
         &self,
         tenant: Arc<str>,
+        weight: u32,
         texts: PreparedTexts,
         deadline: Instant,
     ) -> anyhow::Result<(Vec<Vec<f32>>, u64)> {
         match (&self.backend, texts.inner) {
             (Backend::Local { driver, .. }, PreparedTextsInner::Tokens(t)) => {
                 match driver
-                    .call(tenant, Work::Embed { texts: t }, deadline)
+                    .call(tenant, weight, Work::Embed { texts: t }, deadline)
                     .await?
                 {
                     Done::Embeddings(v) => Ok((v, texts.tokens_in)),

@@ -2,8 +2,10 @@
 //!
 //! Calls from every instance on the node queue here, per tenant. The driver
 //! serves tenants in turn: each turn feeds one call of the next tenant for
-//! at most [`TURN_TOKENS`] generated tokens (a prompt goes in whole, an
-//! embedding is one text), then moves on. A tenant with a hundred long
+//! at most [`TURN_TOKENS`] generated tokens times the tenant's weight (a
+//! prompt goes in whole; an embedding turn is as many texts as the
+//! weight), then moves on: tenants share the model by their weights, as
+//! they share slots. A tenant with a hundred long
 //! generations in flight therefore gets one turn in each round, like a
 //! tenant with one short call: it cannot hold the model. A call whose run
 //! has ended (its deadline passed, its job was cancelled) is dropped at its
@@ -16,8 +18,12 @@ use std::sync::mpsc;
 use std::time::Instant;
 use tokio::sync::oneshot;
 
-/// Tokens a call may generate in one turn before the next tenant's.
+/// Tokens a call of a tenant of weight 1 may generate in one turn before
+/// the next tenant's.
 pub(crate) const TURN_TOKENS: usize = 8;
+
+/// Weights above this count as this (a turn stays short).
+pub(crate) const MAX_TURN_WEIGHT: u32 = 16;
 
 /// What a call asks of the model.
 pub(crate) enum Work {
@@ -46,6 +52,7 @@ type Reply = oneshot::Sender<anyhow::Result<Done>>;
 
 struct Task {
     tenant: Arc<str>,
+    weight: u32,
     work: Work,
     deadline: Instant,
     reply: Reply,
@@ -72,6 +79,7 @@ impl Driver {
     pub(crate) async fn call(
         &self,
         tenant: Arc<str>,
+        weight: u32,
         work: Work,
         deadline: Instant,
     ) -> anyhow::Result<Done> {
@@ -79,6 +87,7 @@ impl Driver {
         self.tx
             .send(Task {
                 tenant,
+                weight: weight.clamp(1, MAX_TURN_WEIGHT),
                 work,
                 deadline,
                 reply,
@@ -101,6 +110,8 @@ enum Active {
 
 struct InFlight {
     active: Active,
+    /// Generated tokens (or texts embedded) per turn, in weight-1 turns.
+    per_turn: usize,
     deadline: Instant,
     reply: Reply,
 }
@@ -146,7 +157,7 @@ fn drive(model: &LocalModel, rx: &mpsc::Receiver<Task>) {
             if call.reply.is_closed() || Instant::now() >= call.deadline {
                 // Its run ended: nobody waits for the answer.
             } else {
-                match turn(model, &mut call.active) {
+                match turn(model, &mut call.active, call.per_turn) {
                     Ok(false) => q.push_front(call),
                     Ok(true) => {
                         let _ = call.reply.send(Ok(finish(call.active)));
@@ -188,18 +199,21 @@ fn start(model: &LocalModel, queues: &mut Queues, task: Task) {
         task.tenant,
         InFlight {
             active,
+            per_turn: task.weight as usize,
             deadline: task.deadline,
             reply: task.reply,
         },
     );
 }
 
-/// One turn of a call; answers whether it is done.
-fn turn(model: &LocalModel, active: &mut Active) -> anyhow::Result<bool> {
+/// One turn of a call, `weight` times a weight-1 tenant's; answers
+/// whether it is done.
+fn turn(model: &LocalModel, active: &mut Active, weight: usize) -> anyhow::Result<bool> {
     match active {
-        Active::Complete(seq) => seq.advance(model, TURN_TOKENS),
+        Active::Complete(seq) => seq.advance(model, TURN_TOKENS * weight),
         Active::Embed { texts, done } => {
-            if let Some(t) = texts.pop_front() {
+            for _ in 0..weight {
+                let Some(t) = texts.pop_front() else { break };
                 done.push(model.embed(&t)?);
             }
             Ok(texts.is_empty())

@@ -88,6 +88,7 @@ pub(super) async fn prepare(
         inference: InferenceGrant {
             models: claim.models.clone(),
             max_tokens: claim.max_tokens,
+            weight: claim.weight,
         },
     })
 }

@@ -154,7 +154,7 @@ async fn completions(State(s): S, axum::Json(body): axum::Json<Value>) -> axum::
     let max = body["max_tokens"].as_u64().unwrap_or(16);
     let temperature = body["temperature"].as_f64().unwrap_or(0.0) as f32;
     let (g, read) = m
-        .complete("server".into(), p, max, temperature, deadline())
+        .complete("server".into(), 1, p, max, temperature, deadline())
         .await
         .unwrap();
     let finish = if g.stopped { "stop" } else { "length" };
@@ -179,7 +179,7 @@ async fn embeddings(State(s): S, axum::Json(body): axum::Json<Value>) -> axum::J
         .map(|t| t.as_str().unwrap_or_default().to_string())
         .collect();
     let p = m.prepare_texts(texts, deadline()).await.unwrap();
-    let (vectors, read) = m.embed("server".into(), p, deadline()).await.unwrap();
+    let (vectors, read) = m.embed("server".into(), 1, p, deadline()).await.unwrap();
     let data: Vec<Value> = vectors
         .into_iter()
         .enumerate()
