@@ -25,7 +25,7 @@
 --   per line, '' for none), read with the tenant: the run gets the policy
 --   as of its claim. `max_tokens` is the job's token allowance (fixed at
 --   SUBMIT) and `models` the tenant's model grants as stored (`model in
---   out` per line), read with the tenant like `egress`; `weight` is the
+--   out` per line), read for a job with an allowance only; `weight` is the
 --   tenant's, which the node's models share their turns by.
 --   `attempt` is the run number: every claim of a job takes the next one.
 --   `state` carries the agent's state whether stored inline or as a large
@@ -67,9 +67,14 @@ local function entry(jid, t, J, T, token, attempt)
     end
     redis.call('HSET', jkey(jid), 'sver', I(sver))
   end
-  return { jid, t, token, attempt, J.component, redis.call('HGET', jkey(jid), 'input'),
+  -- The input (large) and the token allowance (only jobs that call
+  -- models have one) are read here only, with one command.
+  local iv = redis.call('HMGET', jkey(jid), 'input', 'max_tokens')
+  local max_tokens, models = tonumber(iv[2] or 0) or 0, ''
+  if max_tokens > 0 then models = redis.call('HGET', tkey(t), 'models') or '' end
+  return { jid, t, token, attempt, J.component, iv[1],
     J.contexts or '[]', g, fuel, memory, timeout, J.agent_id or '', sinline, sptr, sver,
-    T.egress or '', n(J, 'max_tokens'), T.models or '', n(T, 'weight') }
+    T.egress or '', max_tokens, models, n(T, 'weight') }
 end
 
 -- A retried call: answer what the first one leased, if still this

@@ -133,10 +133,10 @@ local function finalize_one(x)
       for _, f in ipairs({ 'u_http_req', I(n(J, 'u_http_req') + x.http_req),
         'u_http_bytes', I(n(J, 'u_http_bytes') + x.http_bytes) }) do jf[#jf + 1] = f end
     end
-    if x.tok_in > 0 or x.tok_out > 0 then
-      for _, f in ipairs({ 'u_tok_in', I(n(J, 'u_tok_in') + x.tok_in),
-        'u_tok_out', I(n(J, 'u_tok_out') + x.tok_out) }) do jf[#jf + 1] = f end
-    end
+    -- Added where they are kept: only jobs that call models have them,
+    -- so no other job reads them.
+    if x.tok_in > 0 then redis.call('HINCRBY', x.key, 'u_tok_in', x.tok_in) end
+    if x.tok_out > 0 then redis.call('HINCRBY', x.key, 'u_tok_out', x.tok_out) end
   end
 
   -- Fairness: replace the claim's estimate by the actual slot-time.

@@ -137,7 +137,7 @@ local JOB_FIELDS = { 'state', 'tenant', 'sid', 'agent_id', 'gpus', 'worker', 'at
   'counted', 'token', 'cancel', 'timeout_ms', 'reserved', 'max_attempts', 'lease_until',
   'fuel', 'u_wall', 'u_fuel', 'u_credits', 'sver', 'started', 'releases', 'faults', 'est',
   'cw', 'contexts', 'conflicts', 'component', 'callback', 'egress_r', 'u_http_req',
-  'u_http_bytes', 'tokens_r', 'max_tokens', 'u_tok_in', 'u_tok_out' }
+  'u_http_bytes', 'tokens_r' }
 -- The numeric ones among them (counts, tokens, money, times) are numbers
 -- in the table, converted once here rather than at each read (`n`); the
 -- table is built in one constructor, sized once, in JOB_FIELDS' order (the
@@ -154,8 +154,7 @@ local function job_meta(key)
     est = tonumber(v[23]), cw = tonumber(v[24]), contexts = v[25] or nil,
     conflicts = tonumber(v[26]), component = v[27] or nil, callback = v[28] or nil,
     egress_r = tonumber(v[29]), u_http_req = tonumber(v[30]), u_http_bytes = tonumber(v[31]),
-    tokens_r = tonumber(v[32]), max_tokens = tonumber(v[33]), u_tok_in = tonumber(v[34]),
-    u_tok_out = tonumber(v[35]) }
+    tokens_r = tonumber(v[32]) }
 end
 
 -- A tenant's fields as the hot scripts read them: one HMGET of the fields
@@ -168,7 +167,7 @@ end
 -- (no `weight`, which every tenant has) reads as an empty table.
 local TENANT_FIELDS = { 'granted', 'settled', 'reserved', 'running', 'gpus', 'queued',
   'max_running', 'max_queued', 'max_gpus', 'fuel', 'timeout_ms', 'memory_bytes', 'weight',
-  'vtime', 'avg_ms', 'parked', 'agpus', 'qlast', 'egress', 'models' }
+  'vtime', 'avg_ms', 'parked', 'agpus', 'qlast', 'egress' }
 local function tenant_meta(key)
   local v = redis.call('HMGET', key, unpack(TENANT_FIELDS))
   if not v[13] then return {} end
@@ -177,8 +176,7 @@ local function tenant_meta(key)
     max_running = tonumber(v[7]), max_queued = tonumber(v[8]), max_gpus = tonumber(v[9]),
     fuel = tonumber(v[10]), timeout_ms = tonumber(v[11]), memory_bytes = tonumber(v[12]),
     weight = tonumber(v[13]), vtime = tonumber(v[14]), avg_ms = tonumber(v[15]),
-    parked = v[16] or nil, agpus = v[17] or nil, qlast = v[18] or nil, egress = v[19] or nil,
-    models = v[20] or nil }
+    parked = v[16] or nil, agpus = v[17] or nil, qlast = v[18] or nil, egress = v[19] or nil }
 end
 
 -- Tenant tables read by this call's FINALIZE and CLAIM (tenant id ->
