@@ -235,7 +235,7 @@ impl RunState {
             ))));
         }
         self.charge(TOKENIZE_FUEL_PER_BYTE * bytes as u64)?;
-        let prepared = match m.prepare_texts(texts, self.deadline).await {
+        let prepared = match m.prepare_texts(texts).await {
             Ok(p) => p,
             Err(e) => return Ok(Err(wit::Error::Failed(e.to_string()))),
         };

@@ -248,12 +248,9 @@ impl Model {
         }
     }
 
-    /// Counts each text's tokens, as [`Model::prepare`] does.
-    pub async fn prepare_texts(
-        &self,
-        texts: Vec<String>,
-        deadline: Instant,
-    ) -> anyhow::Result<PreparedTexts> {
+    /// Counts each text's tokens with the model's tokenizer; for a model
+    /// server, bounds them from above (one token per byte and a few).
+    pub async fn prepare_texts(&self, texts: Vec<String>) -> anyhow::Result<PreparedTexts> {
         let counts: Vec<u64>;
         let inner = match &self.backend {
             Backend::Local { weights, .. } => {
@@ -269,12 +266,10 @@ impl Model {
                 counts = tokens.iter().map(|t| t.len() as u64).collect();
                 PreparedTextsInner::Tokens(tokens)
             }
-            Backend::Remote(r) => {
-                let mut c = Vec::with_capacity(texts.len());
-                for t in &texts {
-                    c.push(r.count(&Prompt::Text(t.clone()), deadline).await);
-                }
-                counts = c;
+            Backend::Remote(_) => {
+                // Not one `/tokenize` per text: the upper bound is checked,
+                // and the server's own count billed.
+                counts = texts.iter().map(|t| remote::upper_bound(t)).collect();
                 PreparedTextsInner::Remote(texts)
             }
         };

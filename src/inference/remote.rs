@@ -78,7 +78,7 @@ impl Remote {
                 .or_else(|| v["tokens"].as_array().map(|t| t.len() as u64)),
             Err(_) => None,
         }
-        .unwrap_or(text.len() as u64 + SPECIAL_TOKENS)
+        .unwrap_or_else(|| upper_bound(&text))
     }
 
     pub(crate) async fn complete(
@@ -216,6 +216,12 @@ impl Remote {
             .await
             .map_err(|_| anyhow::anyhow!("the model server did not answer before the deadline"))?
     }
+}
+
+/// The most tokens a tokenizer may make of `text`: one per byte, and a few
+/// special ones.
+pub(crate) fn upper_bound(text: &str) -> u64 {
+    text.len() as u64 + SPECIAL_TOKENS
 }
 
 /// `usage.prompt_tokens` and `usage.completion_tokens` of an answer.

@@ -157,7 +157,13 @@ fn drive(model: &LocalModel, rx: &mpsc::Receiver<Task>) {
             if call.reply.is_closed() || Instant::now() >= call.deadline {
                 // Its run ended: nobody waits for the answer.
             } else {
-                match turn(model, &mut call.active, call.per_turn) {
+                // A panic in the model code fails this call, not the
+                // thread every other call of the node waits on.
+                let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    turn(model, &mut call.active, call.per_turn)
+                }))
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("the model failed on this call")));
+                match step {
                     Ok(false) => q.push_front(call),
                     Ok(true) => {
                         let _ = call.reply.send(Ok(finish(call.active)));

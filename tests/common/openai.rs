@@ -178,7 +178,7 @@ async fn embeddings(State(s): S, axum::Json(body): axum::Json<Value>) -> axum::J
         .iter()
         .map(|t| t.as_str().unwrap_or_default().to_string())
         .collect();
-    let p = m.prepare_texts(texts, deadline()).await.unwrap();
+    let p = m.prepare_texts(texts).await.unwrap();
     let (vectors, read) = m.embed("server".into(), 1, p, deadline()).await.unwrap();
     let data: Vec<Value> = vectors
         .into_iter()
