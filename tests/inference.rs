@@ -27,6 +27,12 @@ fn formula(p: &Prices, fuel: i64, wall_ms: i64) -> i64 {
         + ceil_div(wall_ms * p.credits_per_slot_second as i64, 1000)
 }
 
+/// [`formula`] of what `job` used (its fuel and wall time).
+fn run_cost(p: &Prices, job: &Value) -> i64 {
+    let used = |k: &str| job["usage"][k].as_i64().unwrap();
+    formula(p, used("fuel"), used("wall_ms"))
+}
+
 /// A worker process with `prices` as flags and `models` (name, directory
 /// or URL) loaded, and `extra` flags.
 fn worker(
@@ -133,11 +139,7 @@ async fn tokens_are_reserved_counted_and_billed_exactly() {
     assert_eq!(job["usage"]["tokens_in"], 16, "{job}");
     assert_eq!(job["usage"]["tokens_out"], 5, "{job}");
     // 16 × 3000 + 5 × 7000 thousandths: 83 credits for the tokens.
-    let (f, wall) = (
-        job["usage"]["fuel"].as_i64().unwrap(),
-        job["usage"]["wall_ms"].as_i64().unwrap(),
-    );
-    let expected = formula(&prices, f, wall) + 83;
+    let expected = run_cost(&prices, &job) + 83;
     assert_eq!(job["usage"]["credits"], expected, "{job}");
     // The reservation held the whole allowance at the dearest rate:
     // 100 tokens × 7000 / 1000.
@@ -176,12 +178,8 @@ async fn tokens_are_reserved_counted_and_billed_exactly() {
         (&json!(13), &json!(7)),
         "{job2}"
     );
-    let (f2, wall2) = (
-        job2["usage"]["fuel"].as_i64().unwrap(),
-        job2["usage"]["wall_ms"].as_i64().unwrap(),
-    );
     // 13 × 3000 + 7 × 7000 = 88,000 thousandths.
-    let expected2 = formula(&prices, f2, wall2) + 88;
+    let expected2 = run_cost(&prices, &job2) + 88;
     assert_eq!(job2["usage"]["credits"], expected2, "{job2}");
     let l = ledger(&s.url, "alice").await;
     assert_eq!(
@@ -438,13 +436,9 @@ async fn a_model_behind_a_url_is_governed_and_billed_the_same_way() {
         "{job}"
     );
     // 35 × 3000 + 8 × 7000 thousandths.
-    let (f, wall) = (
-        job["usage"]["fuel"].as_i64().unwrap(),
-        job["usage"]["wall_ms"].as_i64().unwrap(),
-    );
     assert_eq!(
         job["usage"]["credits"],
-        formula(&prices, f, wall) + 161,
+        run_cost(&prices, &job) + 161,
         "{job}"
     );
 
