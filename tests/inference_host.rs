@@ -317,3 +317,41 @@ async fn tenants_share_the_model_by_their_weights() {
         "weight 3 done at {heavy:?}, weight 1 at {light:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_calls_key_value_cache_is_paid_from_its_tenants_node_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    random::write(dir.path(), SHAPE, 7).unwrap();
+    // 8 KiB of cache a token (2 × 4 layers × 256 wide × 4 bytes); the
+    // tenant may hold 6 MiB on the node, its instance included.
+    let host = Arc::new(
+        Host::new(HostConfig {
+            max_instances: 8,
+            tenant_memory_budget: 6 << 20,
+            models: vec![ModelSpec::dir("m", dir.path().to_path_buf())],
+            ..HostConfig::default()
+        })
+        .unwrap(),
+    );
+    let infer = load(&host, "infer").await;
+    let run = |max_tokens: u64| {
+        let req = agentplane::host::RunRequest {
+            inference: grant(10_000),
+            ..request("t", &infer, &completion(max_tokens), limits())
+        };
+        host.run(req)
+    };
+    // About 8 MiB of cache: refused before it runs, nothing billed.
+    let r = run(1000).await;
+    let out = output(&r);
+    assert_eq!(out[0]["err"]["kind"], "failed", "{out}");
+    assert!(
+        out[0]["err"]["detail"].as_str().unwrap().contains("memory"),
+        "{out}"
+    );
+    assert_eq!(r.tokens.tokens(), 0);
+    // About 1 MiB fits; and it was given back: the tenant holds nothing.
+    let r = run(100).await;
+    assert_eq!(output(&r)[0]["ok"]["tokens_out"], 100);
+    assert_eq!(host.tenant_memory_in_use("t"), 0);
+}

@@ -94,6 +94,20 @@ impl TenantBudget {
     }
 }
 
+/// Bytes charged to a tenant's node budget for something the host holds
+/// on its behalf outside any instance (a model call's key/value cache),
+/// given back when dropped, however the holder ends.
+pub(crate) struct Held {
+    tenant: Arc<TenantBudget>,
+    bytes: u64,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.tenant.release(self.bytes);
+    }
+}
+
 impl RunFlags {
     /// Whether anything stopped the run or was refused to it.
     pub fn any(&self) -> bool {
@@ -194,6 +208,16 @@ impl MemoryLimiter {
     /// Gives back the answer charged by [`MemoryLimiter::reserve_answer`]:
     /// the guest made another host call, so the last answer has been copied
     /// into its memory (or dropped) by now.
+    /// Charges `bytes` the host is about to hold for this run outside its
+    /// instance to the tenant's node budget, if they fit; they are given
+    /// back when the answer is dropped.
+    pub fn hold(&self, bytes: u64) -> Option<Held> {
+        self.tenant.try_charge(bytes).then(|| Held {
+            tenant: self.tenant.clone(),
+            bytes,
+        })
+    }
+
     pub fn release_answer(&mut self) {
         self.tenant.release(std::mem::take(&mut self.answer));
     }

@@ -168,6 +168,15 @@ impl RunState {
         if n_in > left || (max_new == 0 && max_tokens > 0) {
             return Ok(Err(wit::Error::OverBudget(left)));
         }
+        // The call's key/value cache lives on the host while it runs: the
+        // tenant's node memory pays for it, or the call does not run.
+        let kv = m.info().kv_bytes_per_token.saturating_mul(n_in + max_new);
+        let Some(_kv) = self.limiter.hold(kv) else {
+            return Ok(Err(wit::Error::Failed(format!(
+                "the call's key/value cache ({kv} bytes) does not fit this tenant's memory \
+                 on this node; nothing was run"
+            ))));
+        };
         let tenant = self.inference.tenant.clone();
         let made = m
             .complete(

@@ -108,6 +108,13 @@ impl LocalModel {
         self.config.hidden_size
     }
 
+    /// Bytes of key/value cache one token of a sequence holds.
+    pub(crate) fn kv_bytes_per_token(&self) -> u64 {
+        let c = &self.config;
+        let head = c.hidden_size / c.num_attention_heads;
+        (2 * c.num_hidden_layers * c.num_key_value_heads * head * self.dtype.size_in_bytes()) as u64
+    }
+
     /// Bytes of weights this model holds.
     pub(crate) fn bytes(&self) -> u64 {
         self.bytes

@@ -103,6 +103,9 @@ pub struct ModelInfo {
     pub dimensions: u32,
     /// Bytes of weights held in this process.
     pub bytes: u64,
+    /// Bytes of key/value cache a token of a call holds in this process
+    /// (0 for a model server's).
+    pub kv_bytes_per_token: u64,
 }
 
 /// What an agent asks a model to continue.
@@ -202,6 +205,7 @@ impl Model {
                     can_embed: true,
                     dimensions: u32::try_from(weights.dimensions()).unwrap_or(u32::MAX),
                     bytes: weights.bytes(),
+                    kv_bytes_per_token: weights.kv_bytes_per_token(),
                 };
                 let driver = Driver::start(&spec.name, weights.clone())?;
                 Ok(Model {
@@ -217,6 +221,7 @@ impl Model {
                     can_embed: true,
                     dimensions: 0,
                     bytes: 0,
+                    kv_bytes_per_token: 0,
                 },
                 backend: Backend::Remote(Remote::new(&spec.name, url)?),
             }),
