@@ -20,7 +20,8 @@
 //! engine     <- config
 //! structure  <- config
 //! compile    <- config, engine
-//! http       <- config, sandbox                       (wasi:http under the egress policy)
+//! http       <- config, sandbox                       (wasi:http under the egress policy;
+//!                                                     http/meter: what its requests use)
 //! inference  <- bindings, limits, state               (agentplane:agent/inference)
 //! state      <- bindings, budget, http, inference, sandbox, limits (RunState + host imports)
 //! random     <- state, sandbox, limits                (wasi:random, charged)
