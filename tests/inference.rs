@@ -33,6 +33,20 @@ fn run_cost(p: &Prices, job: &Value) -> i64 {
     formula(p, used("fuel"), used("wall_ms"))
 }
 
+/// `GET /v1/tenants/alice`, as the admin.
+async fn alice_as_admin(s: &Stack) -> Value {
+    let (st, info) = s
+        .call(
+            reqwest::Method::GET,
+            "/v1/tenants/alice",
+            Some(common::stack::ADMIN),
+            None,
+        )
+        .await;
+    assert_eq!(st, 200, "{info}");
+    info
+}
+
 /// A worker process with `prices` as flags and `models` (name, directory
 /// or URL) loaded, and `extra` flags.
 fn worker(
@@ -557,14 +571,7 @@ async fn the_rag_example_retrieves_then_asks_the_model_and_the_worker_counts_it(
         )
         .await;
     assert_eq!(st, 200, "{body}");
-    let (_, info) = s
-        .call(
-            reqwest::Method::GET,
-            "/v1/tenants/alice",
-            Some(common::stack::ADMIN),
-            None,
-        )
-        .await;
+    let info = alice_as_admin(&s).await;
     assert_eq!(info["max_tokens_per_job"], 1000, "{info}");
     assert_eq!(info["models"][0]["model"], "tiny", "{info}");
     let addr = std::net::TcpListener::bind("127.0.0.1:0")
@@ -677,27 +684,13 @@ async fn only_the_admin_grants_models_and_bad_grants_change_nothing() {
         let message = body["error"]["message"].as_str().unwrap();
         assert!(message.contains(why), "{bad}: {message}");
     }
-    let (_, info) = s
-        .call(
-            reqwest::Method::GET,
-            "/v1/tenants/alice",
-            Some(&admin),
-            None,
-        )
-        .await;
+    let info = alice_as_admin(&s).await;
     assert_eq!(info["models"], json!([grant("tiny", 3000, 7000)]), "{info}");
     assert_eq!(info["max_tokens_per_job"], 100, "{info}");
     // `[]` takes every grant back.
     let (st, body) = patch(admin.clone(), json!({"models": []})).await;
     assert_eq!(st, 200, "{body}");
-    let (_, info) = s
-        .call(
-            reqwest::Method::GET,
-            "/v1/tenants/alice",
-            Some(&admin),
-            None,
-        )
-        .await;
+    let info = alice_as_admin(&s).await;
     assert_eq!(info["models"], json!([]), "{info}");
     s.stop().await;
 }

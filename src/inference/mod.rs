@@ -127,9 +127,9 @@ impl Prompt {
 
     /// The text a model without a chat template reads: one `role: content`
     /// line per message, then `assistant:`.
-    pub fn render(&self) -> String {
+    pub fn render(&self) -> std::borrow::Cow<'_, str> {
         match self {
-            Prompt::Text(t) => t.clone(),
+            Prompt::Text(t) => std::borrow::Cow::Borrowed(t),
             Prompt::Chat(ms) => {
                 let mut s = String::new();
                 for (role, content) in ms {
@@ -139,7 +139,7 @@ impl Prompt {
                     s.push('\n');
                 }
                 s.push_str("assistant:");
-                s
+                std::borrow::Cow::Owned(s)
             }
         }
     }
